@@ -1,0 +1,135 @@
+"""The table of named steps a supervisor can run.
+
+Register steps with the :meth:`StepRegistry.step` decorator (or :meth:`StepRegistry.register`)
+at a module's top level; the supervisor takes a :meth:`~StepRegistry.snapshot` when it
+starts and sends it to its workers.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Iterator
+from typing import Any, Callable, Optional, TypeVar
+
+from governor.errors import RegistrationError, UnknownStep
+from governor.limits import Limits
+from steps.classifier import StepClassifier
+from steps.spec import Classification, StepSpec
+
+StepCallable = TypeVar("StepCallable", bound=Callable[..., Any])
+
+
+class StepRegistry:
+    """Named steps, in registration order, and the classifier that assigns their lanes.
+
+    Registration is thread-safe. Lanes are not stored: :meth:`classify` asks
+    :attr:`classifier` each time, so rules added after a step was registered still apply.
+
+    Args:
+        classifier: decides the lane of steps that do not declare ``critical``
+            (default: :meth:`StepClassifier.with_defaults`).
+
+    Attributes:
+        classifier: the registry's :class:`~steps.classifier.StepClassifier`; add rules to it.
+    """
+
+    def __init__(self, classifier: Optional[StepClassifier] = None):
+        self.classifier = StepClassifier.with_defaults() if classifier is None else classifier
+        self._specs: dict[str, StepSpec] = {}
+        self._lock = threading.Lock()
+
+    def step(self, fn: Optional[StepCallable] = None, *, name: Optional[str] = None,
+             critical: Optional[bool] = None, category: Optional[str] = None, tags: Iterable[str] = (),
+             limits: Optional[Limits] = None, description: Optional[str] = None) -> Any:
+        """Register the decorated function or class as a step and return it unchanged.
+
+        Usable bare (``@registry.step``) or with the keywords of :meth:`register`
+        (``@registry.step(name="git.status", critical=False)``). Returning the original
+        keeps it directly callable and picklable by reference.
+
+        Raises:
+            RegistrationError: as :meth:`register`.
+        """
+        if isinstance(fn, str):
+            raise RegistrationError(f"pass the step's name as a keyword: @registry.step(name={fn!r})")
+
+        def decorate(target: StepCallable) -> StepCallable:
+            self.register(target, name=name, critical=critical, category=category, tags=tags,
+                          limits=limits, description=description)
+            return target
+
+        return decorate if fn is None else decorate(fn)
+
+    def register(self, fn: Callable[..., Any], *, name: Optional[str] = None,
+                 critical: Optional[bool] = None, category: Optional[str] = None,
+                 tags: Iterable[str] = (), limits: Optional[Limits] = None,
+                 description: Optional[str] = None) -> StepSpec:
+        """Register ``fn`` as a step.
+
+        Args:
+            fn: a function, or a class whose instances have a ``run`` method (instantiated
+                with no arguments for each call), e.g. a :class:`~steps.spec.Step` subclass.
+            name: the step's unique name (default: a ``Step`` subclass's ``name``, else
+                ``fn.__name__``). Surrounding whitespace is stripped; none is allowed inside.
+            critical: ``True`` for the serial critical lane, ``False`` for the pool, ``None``
+                to let the classifier decide.
+            category: an optional category, matched by the classifier like a tag.
+            tags: labels for the classifier's tag rules.
+            limits: the step's own :class:`~governor.limits.Limits`.
+            description: one line for humans (default: first line of the docstring).
+
+        For a :class:`~steps.spec.Step` subclass, arguments left ``None`` (or ``tags`` left
+        empty) come from its class attributes.
+
+        Returns:
+            The registered spec.
+
+        Raises:
+            RegistrationError: for a duplicate name or an invalid declaration.
+        """
+        spec = StepSpec.declare(fn, name=name, critical=critical, category=category, tags=tags,
+                                limits=limits, description=description)
+        with self._lock:
+            existing = self._specs.get(spec.name)
+            if existing is not None:
+                raise RegistrationError(f"step {spec.name!r} is already registered (by {existing.fn!r})")
+            self._specs[spec.name] = spec
+        return spec
+
+    def get(self, name: str) -> StepSpec:
+        """The step called ``name``.
+
+        Raises:
+            UnknownStep: when there is none; it suggests close registered names.
+        """
+        spec = self._specs.get(name)
+        if spec is None:
+            raise UnknownStep.for_name(name, self.names())
+        return spec
+
+    def classify(self, name: str) -> Classification:
+        """The lane the step called ``name`` runs in, and why.
+
+        Raises:
+            UnknownStep: when no step has that name.
+        """
+        return self.classifier.classify(self.get(name))
+
+    def names(self) -> list[str]:
+        """The registered names, in registration order."""
+        with self._lock:
+            return list(self._specs)
+
+    def snapshot(self) -> dict[str, StepSpec]:
+        """A copy of the table, name -> spec, unaffected by later registrations."""
+        with self._lock:
+            return dict(self._specs)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._specs
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())

@@ -1,0 +1,206 @@
+"""What a registered step is: its callable plus everything declared about it.
+
+A :class:`StepSpec` is an immutable, validated value. It is built by
+:meth:`StepSpec.declare` (which :class:`~steps.registry.StepRegistry` calls), sent to the
+worker processes by pickle, and run there with :meth:`StepSpec.invoke`. Pickling sends the
+step's function or class *by reference* (module and qualified name), so a step must be
+defined at a module's top level for workers that import rather than fork.
+
+Every invalid declaration raises :class:`~governor.errors.RegistrationError` naming the
+step, except bad ``Limits`` values, which ``Limits`` itself rejects when it is built.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterable
+from typing import Any, Callable, ClassVar, Optional
+
+import attrs
+
+from governor.errors import RegistrationError
+from governor.limits import Lane, Limits
+
+
+class Step:
+    """Optional base class for class-based steps.
+
+    Subclass it, implement :meth:`run` and register the class. Its class attributes are
+    the declaration's defaults; arguments given to the registry's ``step``/``register``
+    win over them. The class is instantiated with no arguments for every call (steps are
+    stateless), and its docstring's first line is the step's description.
+
+    Example::
+
+        @registry.step
+        class CreateChat(Step):
+            \"\"\"Create a chat session.\"\"\"
+            name = "chat.create"
+            tags = ("write",)
+
+            def run(self, title: str) -> str:
+                ...
+
+    Attributes:
+        name: the step's name (default: the class's ``__name__``).
+        critical: ``True``/``False`` to choose the lane, ``None`` to let the classifier decide.
+        category: an optional category, matched by the classifier like a tag.
+        tags: strings the classifier matches against its tag rules.
+        limits: the step's :class:`~governor.limits.Limits` (default: none of its own).
+    """
+
+    name: ClassVar[Optional[str]] = None
+    critical: ClassVar[Optional[bool]] = None
+    category: ClassVar[Optional[str]] = None
+    tags: ClassVar[Iterable[str]] = ()
+    limits: ClassVar[Optional[Limits]] = None
+
+    def run(self, **params: Any) -> Any:
+        """Do the step's work and return its result (it must pickle)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement run()")
+
+
+def require_word(value: Any, what: str) -> str:
+    """``value`` stripped, if it is a non-empty string without whitespace inside.
+
+    Step names, categories, tags and the classifier's rules all obey this, so a rule can
+    always be written for any step.
+
+    Raises:
+        RegistrationError: otherwise, saying ``what`` was wrong.
+    """
+    word = value.strip() if isinstance(value, str) else None
+    if not word or any(char.isspace() for char in word):
+        raise RegistrationError(f"{what} must be a non-empty string without whitespace, "
+                                f"got {type(value).__name__} {value!r}")
+    return word
+
+
+def _check_runnable(fn: Any, name: Optional[str]) -> None:
+    """Raise unless ``fn`` is a callable, or a class whose instances have a ``run`` method."""
+    step = f"step {name!r}" if name else repr(fn)
+    if inspect.isclass(fn):
+        if not callable(getattr(fn, "run", None)):
+            raise RegistrationError(f"{step}: class {fn.__qualname__} has no run() method")
+        if issubclass(fn, Step) and fn.run is Step.run:
+            raise RegistrationError(f"{step}: class {fn.__qualname__} does not override Step.run()")
+    elif not callable(fn):
+        raise RegistrationError(f"{step}: {type(fn).__name__} {fn!r} is not callable; a step is "
+                                "a function or a class with a run() method")
+
+
+def _step_name(value: Any) -> str:
+    return require_word(value, "step name")
+
+
+def _check_fn(spec: "StepSpec", attribute: attrs.Attribute, fn: Any) -> None:
+    _check_runnable(fn, spec.name)
+
+
+def _category(value: Any, spec: "StepSpec") -> Optional[str]:
+    return None if value is None else require_word(value, f"category of step {spec.name!r}")
+
+
+def _tag_set(value: Any, spec: "StepSpec") -> frozenset[str]:
+    # frozenset("write") would silently become the tags {"w", "r", "i", "t", "e"}.
+    if isinstance(value, str) or not isinstance(value, Iterable):
+        raise RegistrationError(f"step {spec.name!r}: tags must be an iterable of strings such as "
+                                f"('write',), got {type(value).__name__} {value!r}")
+    return frozenset(require_word(tag, f"each tag of step {spec.name!r}") for tag in value)
+
+
+def _check_critical(spec: "StepSpec", attribute: attrs.Attribute, value: Any) -> None:
+    if value is not None and not isinstance(value, bool):
+        raise RegistrationError(f"step {spec.name!r}: critical must be True, False or None (let the "
+                                f"classifier decide), got {type(value).__name__} {value!r}")
+
+
+def _check_limits(spec: "StepSpec", attribute: attrs.Attribute, value: Any) -> None:
+    if not isinstance(value, Limits):
+        raise RegistrationError(f"step {spec.name!r}: limits must be a Limits instance such as "
+                                f"Limits(timeout_s=5), got {type(value).__name__} {value!r}")
+
+
+@attrs.frozen
+class StepSpec:
+    """A registered step.
+
+    Attributes:
+        name: the unique name steps are submitted by.
+        fn: a function, or a class whose instances have a ``run(*args, **kwargs)`` method.
+        critical: the declared lane (``True``: critical, ``False``: pool), or ``None`` to
+            let the :class:`~steps.classifier.StepClassifier` decide.
+        category: an optional category; the classifier matches it like a tag.
+        tags: free-form labels, matched case-insensitively by the classifier.
+        limits: the step's own limits; fields left ``None`` inherit the supervisor's.
+        description: one line for humans (default: the first line of ``fn``'s docstring).
+    """
+
+    name: str = attrs.field(converter=_step_name)
+    fn: Callable[..., Any] = attrs.field(validator=_check_fn)
+    critical: Optional[bool] = attrs.field(default=None, validator=_check_critical)
+    # These converters take the spec: name is converted before them, so their errors can name the step.
+    category: Optional[str] = attrs.field(
+        default=None, converter=attrs.Converter(_category, takes_self=True))
+    tags: frozenset[str] = attrs.field(
+        default=frozenset(), converter=attrs.Converter(_tag_set, takes_self=True))
+    limits: Limits = attrs.field(factory=Limits, validator=_check_limits)
+    description: str = attrs.field(validator=attrs.validators.instance_of(str))
+
+    @description.default
+    def _first_docstring_line(self) -> str:
+        # fn.__doc__, not inspect.getdoc: a Step subclass without a docstring would
+        # otherwise be described by Step's own.
+        lines = (self.fn.__doc__ or "").strip().splitlines()
+        return lines[0].strip() if lines else ""
+
+    @classmethod
+    def declare(cls, fn: Any, *, name: Optional[str] = None, critical: Optional[bool] = None,
+                category: Optional[str] = None, tags: Iterable[str] = (),
+                limits: Optional[Limits] = None, description: Optional[str] = None) -> "StepSpec":
+        """Build the spec for ``fn`` from what was declared about it.
+
+        An argument left ``None`` (or ``tags`` left empty) takes the value of the same-named
+        class attribute when ``fn`` is a :class:`Step` subclass, else the field's default.
+        ``name`` falls back to ``fn.__name__``.
+
+        Raises:
+            RegistrationError: when any part of the declaration is invalid.
+        """
+        _check_runnable(fn, name)  # first, or a non-callable would be reported as nameless
+        explicit = {"name": name, "critical": critical, "category": category,
+                    "tags": tags or None, "limits": limits, "description": description}
+        inherited = ({"name": fn.name, "critical": fn.critical, "category": fn.category,
+                      "tags": fn.tags or None, "limits": fn.limits}
+                     if inspect.isclass(fn) and issubclass(fn, Step) else {})
+        fields = {key: inherited.get(key) if value is None else value for key, value in explicit.items()}
+        fields = {key: value for key, value in fields.items() if value is not None}
+        if "name" not in fields:
+            if not hasattr(fn, "__name__"):
+                raise RegistrationError(f"{fn!r} has no __name__ to name the step after: pass name=...")
+            fields["name"] = fn.__name__
+        return cls(fn=fn, **fields)
+
+    @property
+    def is_class_based(self) -> bool:
+        """True when ``fn`` is a class (instantiated per call, its ``run`` method invoked)."""
+        return inspect.isclass(self.fn)
+
+    def invoke(self, args: tuple, kwargs: dict) -> Any:
+        """Run the step once in this process and return its result."""
+        if self.is_class_based:
+            return self.fn().run(*args, **kwargs)
+        return self.fn(*args, **kwargs)
+
+
+@attrs.frozen
+class Classification:
+    """Which lane a step runs in, and why.
+
+    Attributes:
+        lane: :attr:`Lane.CRITICAL` or :attr:`Lane.POOL`.
+        reason: which rule decided, for humans, e.g. ``"tag 'workflow' is critical"``.
+    """
+
+    lane: Lane = attrs.field(validator=attrs.validators.instance_of(Lane))
+    reason: str = attrs.field(validator=attrs.validators.instance_of(str))
