@@ -1,0 +1,718 @@
+"""The supervisor's manager thread: the one owner of lanes, slots, timers and running tasks.
+
+Data flow::
+
+    user threads ── submit / cancel / shutdown ──┐
+    loky threads ── a slot's future is done ─────┤   (messages on the inbox, then a byte
+    spawn threads ── a slot's worker is warm ────┘    on the wakeup pipe)
+                                                 v
+                     manager thread: selector.select(timeout = next timer)
+                       ├─ wakeup pipe    -> drain the inbox
+                       ├─ control socket -> a new worker says hello (pid)
+                       ├─ worker socket  -> EOF: that worker is dead (killed or crashed)
+                       └─ timers         -> timeouts, cancel grace, memory samples
+                                                 v
+                     dispatch: queued task -> idle slot -> loky executor.submit(run_task)
+
+A *slot* is one loky ``ProcessPoolExecutor`` with a single worker. One dead worker breaks
+a whole loky executor and fails every future on it (loky ``terminate_broken``); with one
+worker per executor a death breaks exactly one slot, whose one task is the only one that
+can fail. The broken executor is shut down in the background and an idle spare takes
+the slot's place at once, so killing a worker costs neither innocent tasks nor capacity.
+
+Each lane keeps ``workers + spares`` live slots and runs at most ``workers`` tasks at a
+time: the critical lane is one worker (strict order) plus a warm spare.
+
+Only this thread touches lanes, slots, timers and the running-task table. Other threads
+put messages on the inbox; the one exception is cancelling a queued task (see
+``governor.task``). Done-callbacks of the users' futures run on this thread.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import enum
+import functools
+import logging
+import os
+import re
+import selectors
+import shutil
+import socket
+import tempfile
+import threading
+import traceback
+from multiprocessing.connection import Connection
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence
+
+import attrs
+import loky
+from loky.process_executor import BrokenProcessPool
+
+from governor import worker
+from governor.errors import (InvalidTransition, MemoryLimitExceeded, StepFailed, StepTimeout,
+                             WorkerCrashed, WorkerStartFailed)
+from governor.limits import Lane
+from governor.metrics import MetricsRecorder
+from governor.proctree import TreeSampler, exit_status, kill_tree
+from governor.task import CancelRequest, Task, TaskState
+from governor.timers import Timers
+
+log = logging.getLogger("governor")
+
+#: How often the RSS of each memory-limited task's process tree is sampled. At 10 ms a step
+#: allocating 500 MB/s overshoots by about 5 MB before it is seen.
+MEMORY_SAMPLE_INTERVAL_S = 0.01
+
+#: How long a killed worker may take to show it is dead (EOF on its socket) before the
+#: slot is written off anyway. SIGKILL is not refusable; this only guards a socket leaked
+#: into a process that escaped the kill.
+KILL_CONFIRM_S = 2.0
+
+#: How long a new worker may take to start and warm up before the start counts as failed.
+WORKER_START_TIMEOUT_S = 60.0
+
+#: Back-off between attempts to replace a worker when starting one fails.
+RESPAWN_BACKOFF_S = (0.1, 0.5, 2.0, 10.0)
+
+#: After this many failed starts in a row, a lane with no worker fails its queued tasks.
+MAX_START_FAILURES = 3
+
+
+class SlotState(enum.Enum):
+    """A slot's life: STARTING -> IDLE <-> BUSY -> (KILLING ->) DEAD, or -> RETIRING."""
+
+    STARTING = "starting"
+    IDLE = "idle"
+    BUSY = "busy"
+    KILLING = "killing"
+    RETIRING = "retiring"
+    DEAD = "dead"
+
+
+@attrs.frozen
+class KillOrder:
+    """Why the governor is killing a slot's worker, and how its task will end."""
+
+    reason: str
+    state: TaskState
+    error: BaseException
+
+
+@attrs.define(eq=False)
+class Slot:
+    """One single-worker loky executor and what the manager knows about its worker."""
+
+    id: int
+    lane: Lane
+    state: SlotState = SlotState.STARTING
+    executor: Optional[loky.ProcessPoolExecutor] = None
+    pid: Optional[int] = None
+    control: Optional[Connection] = None
+    task: Optional[Task] = None
+    loky_future: Optional[concurrent.futures.Future] = None
+    sampler: Optional[TreeSampler] = None
+    kill: Optional[KillOrder] = None
+    tasks_run: int = 0
+
+    @property
+    def ready(self) -> bool:
+        return self.executor is not None and self.control is not None
+
+
+@attrs.define(eq=False)
+class LaneState:
+    """A lane's queue and slots, as the manager sees them."""
+
+    lane: Lane
+    workers: int
+    spares: int
+    queue: Deque[Task] = attrs.field(factory=collections.deque)
+    slots: Dict[int, Slot] = attrs.field(factory=dict)
+    idle: List[Slot] = attrs.field(factory=list)
+    start_failures: int = 0
+    respawn_pending: bool = False
+
+    def count(self, *states: SlotState) -> int:
+        return sum(1 for slot in self.slots.values() if slot.state in states)
+
+    @property
+    def live(self) -> int:
+        """Slots that are or will be able to run a task."""
+        return self.count(SlotState.STARTING, SlotState.IDLE, SlotState.BUSY)
+
+
+@attrs.frozen
+class ManagerConfig:
+    """What the manager needs to know to run the lanes; built by the Supervisor."""
+
+    steps: Dict[str, Any]
+    step_modules: Sequence[str]
+    workers: Dict[Lane, int]
+    spares: int
+    max_tasks_per_worker: Optional[int]
+    recycle_rss_mb: Optional[float]
+
+
+class Manager(threading.Thread):
+    """The manager thread. Public methods other threads may call: ``post``, ``start``,
+    ``warm`` (an Event) and ``start_error``; everything else runs on this thread."""
+
+    def __init__(self, config: ManagerConfig, metrics: MetricsRecorder,
+                 on_left_queue: Callable[[Task], None], clock: Callable[[], float]):
+        super().__init__(name="governor-manager", daemon=True)
+        self._config = config
+        self._metrics = metrics
+        self._on_left_queue = on_left_queue
+        self._clock = clock
+        self.warm = threading.Event()
+        self.start_error: Optional[BaseException] = None
+
+        self._inbox: Deque[tuple] = collections.deque()
+        self._wakeup_reader, self._wakeup_writer = os.pipe()
+        os.set_blocking(self._wakeup_reader, False)
+        os.set_blocking(self._wakeup_writer, False)
+
+        self._socket_dir = tempfile.mkdtemp(prefix="governor-")
+        self._control_address = os.path.join(self._socket_dir, "control")
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(self._control_address)
+        self._listener.listen(64)
+        self._listener.setblocking(False)
+
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._wakeup_reader, selectors.EVENT_READ, ("wakeup", None))
+        self._selector.register(self._listener, selectors.EVENT_READ, ("accept", None))
+
+        self._lanes: Dict[Lane, LaneState] = {
+            lane: LaneState(lane, count, config.spares) for lane, count in config.workers.items()}
+        self._slots: Dict[int, Slot] = {}
+        self._slot_ids = iter(range(1, 2 ** 62))
+        self._running: Dict[int, Slot] = {}
+        self._memory_watched: Dict[int, Task] = {}
+        self._next_sample_at: Optional[float] = None
+        self._timers = Timers(clock)
+        self._spawner = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="governor-spawn")
+        self._pending_spawns = 0
+        self._closing = False
+
+    # ----------------------------------------------------------------- other threads
+
+    def post(self, *message: Any) -> None:
+        """Put a message on the inbox and wake the manager (any thread)."""
+        self._inbox.append(message)
+        try:
+            os.write(self._wakeup_writer, b"\0")
+        except BlockingIOError:
+            pass  # the pipe is full, so a wake-up is already pending
+        except OSError:
+            pass  # closed: the manager has exited and nothing is listening
+
+    # ----------------------------------------------------------------- the loop
+
+    def run(self) -> None:
+        try:
+            for lane in self._lanes.values():
+                for _ in range(lane.workers + lane.spares):
+                    self._spawn(lane)
+            while not self._finished():
+                self._wait_for_events()
+                self._drain_inbox()
+                self._fire_timers()
+                self._dispatch()
+                self._keep_lanes_full()
+        except BaseException as exc:  # a bug here must not leave workers behind
+            log.critical("governor manager thread failed", exc_info=True)
+            self.start_error = self.start_error or exc
+            self._fail_everything(exc)
+        finally:
+            self.warm.set()
+            self._close()
+
+    def _finished(self) -> bool:
+        if not self._closing:
+            return False
+        return not self._running and self._pending_spawns == 0 and not any(
+            task.state is TaskState.QUEUED for lane in self._lanes.values() for task in lane.queue)
+
+    def _wait_for_events(self) -> None:
+        due = [when for when in (self._timers.next_due(), self._next_sample_at) if when is not None]
+        timeout = max(0.0, min(due) - self._clock()) if due else None
+        for key, _ in self._selector.select(timeout):
+            kind, slot = key.data
+            if kind == "wakeup":
+                self._drain_wakeups()
+            elif kind == "accept":
+                self._accept_worker()
+            elif kind == "hello":
+                self._read_hello(key.fileobj)
+            else:
+                self._read_control(slot)
+
+    def _drain_wakeups(self) -> None:
+        try:
+            while os.read(self._wakeup_reader, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _drain_inbox(self) -> None:
+        while self._inbox:
+            kind, *args = self._inbox.popleft()
+            getattr(self, f"_on_{kind}")(*args)
+
+    # ----------------------------------------------------------------- inbox messages
+
+    def _on_submit(self, tasks: Sequence[Task]) -> None:
+        for task in tasks:
+            self._lanes[task.lane].queue.append(task)
+
+    def _on_cancel(self, task: Task) -> None:
+        """A cancel was recorded on ``task``: stop it if it runs, settle its workflow if queued."""
+        if task.state is TaskState.CANCELLED:
+            self._metrics.task_finished(task)
+            self._settle_workflow(task, None)
+            return
+        slot = self._running.get(task.id)
+        if slot is None or slot.state is not SlotState.BUSY:
+            return  # it already ended, or its worker is being killed anyway
+        request = task.cancel_request
+        grace = task.limits.effective_cancel_grace_s
+        try:
+            slot.control.send(("cancel", task.id, request.reason, request.detail))
+        except OSError:
+            pass  # the worker just died: its EOF settles the task
+        if grace == 0:
+            self._kill(slot, "cancel", TaskState.CANCELLED, task.cancelled_error(killed=True))
+        else:
+            self._timers.after(grace, "grace", task)
+
+    def _on_shutdown(self, cancel_pending: bool, cancel_running: bool) -> None:
+        self._closing = True
+        request = CancelRequest("shutdown", "the supervisor is shutting down")
+        for lane in self._lanes.values():
+            for task in list(lane.queue):
+                if cancel_pending and task.request_cancel(request)[1]:
+                    self._on_left_queue(task)
+                    task.resolve()
+                    self._on_cancel(task)
+        if cancel_running:
+            for slot in list(self._running.values()):
+                if slot.task.request_cancel(request)[0]:
+                    self._on_cancel(slot.task)
+
+    def _on_loky_done(self, slot: Slot, task: Task, future: concurrent.futures.Future) -> None:
+        if slot.task is not task:
+            return  # the slot already settled this task (its worker died first)
+        error = future.exception()
+        if isinstance(error, BrokenProcessPool):
+            if slot.state is SlotState.DEAD:  # we saw the death first and waited for this
+                self._crashed(slot, task, *_exit_from_loky_error(error))
+            else:  # loky saw the death before our socket did (a forked child kept it open)
+                self._on_worker_gone(slot, loky_error=error)
+            return
+        if slot.state is SlotState.KILLING:
+            return  # the result crossed our kill; the kill decides how the task ends
+        self._release(slot)
+        if error is not None:
+            # The step ran, but loky could not send its outcome back (unpicklable result).
+            self._finish(task, TaskState.FAILED, error=self._transport_error(task, error))
+        else:
+            self._finish_from_outcome(task, future.result())
+        self._after_task(slot, future)
+
+    def _on_started(self, slot: Slot, start: concurrent.futures.Future) -> None:
+        """The spawn thread finished starting ``slot``'s worker (or failed to)."""
+        self._pending_spawns -= 1
+        lane = self._lanes[slot.lane]
+        error = start.exception()
+        if error is not None:
+            self._start_failed(slot, error)
+            return
+        slot.executor, slot.pid = start.result()
+        if self._closing:
+            self._retire(slot)
+            return
+        if slot.state is SlotState.STARTING and slot.ready:
+            self._slot_ready(slot)
+        lane.start_failures = 0
+
+    # ----------------------------------------------------------------- worker sockets
+
+    def _accept_worker(self) -> None:
+        try:
+            connection, _ = self._listener.accept()
+        except BlockingIOError:
+            return
+        connection.setblocking(True)
+        control = Connection(connection.detach())
+        self._selector.register(control, selectors.EVENT_READ, ("hello", None))
+
+    def _read_hello(self, control: Connection) -> None:
+        self._selector.unregister(control)
+        try:
+            kind, slot_id, pid = control.recv()
+        except (EOFError, OSError):
+            control.close()
+            return  # a worker that died during its own start: the spawn fails too
+        slot = self._slots.get(slot_id)
+        if kind != "hello" or slot is None or slot.control is not None:
+            log.error("unexpected control connection from pid %s (slot %s)", pid, slot_id)
+            control.close()
+            return
+        slot.control, slot.pid = control, pid
+        slot.sampler = TreeSampler(pid, self._clock)
+        self._selector.register(control, selectors.EVENT_READ, ("control", slot))
+        if slot.state is SlotState.STARTING and slot.ready:
+            self._slot_ready(slot)
+
+    def _read_control(self, slot: Slot) -> None:
+        try:
+            message = slot.control.recv()
+        except (EOFError, OSError):
+            self._on_worker_gone(slot)
+            return
+        log.error("unexpected message from worker %s: %r", slot.pid, message)
+
+    # ----------------------------------------------------------------- dispatch
+
+    def _dispatch(self) -> None:
+        for lane in self._lanes.values():
+            while lane.queue and lane.idle and lane.count(SlotState.BUSY) < lane.workers:
+                task = lane.queue.popleft()
+                try:
+                    task.transition(TaskState.RUNNING)
+                except InvalidTransition:
+                    continue  # cancelled or skipped while it waited: lazy removal
+                self._on_left_queue(task)
+                self._start_task(lane.idle.pop(), task)
+
+    def _start_task(self, slot: Slot, task: Task) -> None:
+        limits = task.limits
+        now = self._clock()
+        slot.state, slot.task = SlotState.BUSY, task
+        task.dispatched_at, task.pid = now, slot.pid
+        self._running[task.id] = slot
+        hard_cap = limits.effective_memory_mb if limits.memory_hard_cap else None
+        future = slot.executor.submit(worker.run_task, task.id, task.step, task.args, task.kwargs, hard_cap)
+        slot.loky_future = future
+        future.add_done_callback(functools.partial(self._post_loky_done, slot, task))
+        if limits.effective_timeout_s is not None:
+            self._timers.after(limits.effective_timeout_s, "timeout", task)
+        if limits.effective_memory_mb is not None:
+            self._memory_watched[task.id] = task
+            if self._next_sample_at is None:
+                self._next_sample_at = now + MEMORY_SAMPLE_INTERVAL_S
+        log.debug("task %s (%s) started on worker %s", task.id, task.step, slot.pid)
+
+    def _post_loky_done(self, slot: Slot, task: Task, future: concurrent.futures.Future) -> None:
+        # Runs on a loky thread: only hand the news over (FIELD-NOTES: no heavy work here).
+        self.post("loky_done", slot, task, future)
+
+    # ----------------------------------------------------------------- ending tasks
+
+    def _finish_from_outcome(self, task: Task, outcome: worker.Outcome) -> None:
+        task.started_at, task.ended_at = outcome.started_at, outcome.ended_at
+        if outcome.peak_rss_bytes is not None:
+            task.peak_rss_bytes = max(task.peak_rss_bytes or 0, outcome.peak_rss_bytes)
+        if outcome.kind == "ok":
+            self._finish(task, TaskState.DONE, result=outcome.value)
+        elif outcome.kind == "cancelled":
+            self._finish(task, TaskState.CANCELLED, error=task.cancelled_error())
+        elif outcome.kind == "over_memory":
+            limit = task.limits.effective_memory_mb
+            self._finish(task, TaskState.OVER_MEMORY, error=MemoryLimitExceeded(
+                task.step, task.id, limit, _mib(task.peak_rss_bytes), outcome.pid, killed=False))
+        else:
+            self._finish(task, TaskState.FAILED, error=StepFailed(
+                task.step, task.id, outcome.exc_type, outcome.exc_message, outcome.traceback_text,
+                outcome.exception))
+
+    @staticmethod
+    def _transport_error(task: Task, error: BaseException) -> StepFailed:
+        remote = getattr(error.__cause__, "tb", None) or "".join(traceback.format_exception(error))
+        return StepFailed(task.step, task.id, type(error).__qualname__,
+                          f"its result could not be sent back from the worker: {error}", remote)
+
+    def _finish(self, task: Task, state: TaskState, result: Any = None,
+                error: Optional[BaseException] = None) -> None:
+        if task.cancel_request is not None and state is not TaskState.CANCELLED:
+            # cancel() returned True to someone: the task ends cancelled, whatever came back.
+            state, result, error = TaskState.CANCELLED, None, task.cancelled_error()
+        try:
+            task.transition(state)
+        except InvalidTransition:
+            log.exception("task %s ended twice", task.id)
+            return
+        task.error = error
+        if task.ended_at is None:
+            task.ended_at = self._clock()
+        self._running.pop(task.id, None)
+        self._memory_watched.pop(task.id, None)
+        self._metrics.task_finished(task)
+        log.debug("task %s (%s) %s", task.id, task.step, state.value)
+        task.resolve(result)
+        self._settle_workflow(task, result)
+
+    def _settle_workflow(self, task: Task, result: Any) -> None:
+        if task.workflow is None:
+            return
+        for later in task.workflow.step_finished(task, result):
+            try:
+                later.transition(TaskState.SKIPPED)
+            except InvalidTransition:
+                continue  # cancelled meanwhile: it is settled already
+            self._on_left_queue(later)
+            self._metrics.task_finished(later)
+            later.resolve()
+
+    def _release(self, slot: Slot) -> None:
+        slot.task = slot.loky_future = None
+        slot.tasks_run += 1
+
+    def _after_task(self, slot: Slot, future: concurrent.futures.Future) -> None:
+        """Put a slot back to work, or recycle its worker if it leaked or ran its quota."""
+        config = self._config
+        outcome = future.result() if future.exception() is None else None
+        rss = outcome.rss_bytes if outcome is not None else None
+        if config.max_tasks_per_worker is not None and slot.tasks_run >= config.max_tasks_per_worker:
+            self._recycle(slot, "max_tasks")
+        elif config.recycle_rss_mb is not None and rss is not None and rss > config.recycle_rss_mb * 2 ** 20:
+            self._recycle(slot, "leak")
+        else:
+            slot.state = SlotState.IDLE
+            self._lanes[slot.lane].idle.append(slot)
+
+    # ----------------------------------------------------------------- limits and kills
+
+    def _fire_timers(self) -> None:
+        if self._next_sample_at is not None and self._clock() >= self._next_sample_at:
+            self._sample_memory()
+        for kind, target in self._timers.pop_due():
+            if kind == "respawn":
+                target.respawn_pending = False  # _keep_lanes_full starts the replacement
+                continue
+            task = target
+            slot = self._running.get(task.id)
+            if slot is None or slot.task is not task:
+                continue  # the task ended before its timer: a stale entry
+            if kind == "crash_report" and slot.state is SlotState.DEAD:
+                self._crashed(slot, task, None, None)
+            elif kind == "confirm" and slot.state is SlotState.KILLING:
+                log.warning("worker %s showed no sign of death %ss after SIGKILL; writing it off",
+                            slot.pid, KILL_CONFIRM_S)
+                self._on_worker_gone(slot)
+            elif kind == "timeout" and slot.state is SlotState.BUSY:
+                elapsed = self._clock() - task.dispatched_at
+                self._kill(slot, "timeout", TaskState.TIMED_OUT, StepTimeout(
+                    task.step, task.id, task.limits.effective_timeout_s, elapsed, slot.pid))
+            elif kind == "grace" and slot.state is SlotState.BUSY:
+                self._kill(slot, "cancel", TaskState.CANCELLED, task.cancelled_error(killed=True))
+        if len(self._timers) > 64 and len(self._timers) > 4 * len(self._running):
+            self._timers.prune(lambda kind, target: kind == "respawn" or target.state is TaskState.RUNNING)
+
+    def _sample_memory(self) -> None:
+        for task in list(self._memory_watched.values()):
+            slot = self._running.get(task.id)
+            if slot is None or slot.state is not SlotState.BUSY:
+                continue
+            rss = slot.sampler.rss_bytes()
+            task.peak_rss_bytes = max(task.peak_rss_bytes or 0, rss)
+            limit_mb = task.limits.effective_memory_mb
+            if rss <= limit_mb * 2 ** 20:
+                continue
+            # Confirm before acting: the task may have just finished (its result is on the
+            # way), or the figure was a transient one.
+            if slot.loky_future.done() or slot.sampler.rss_bytes() <= limit_mb * 2 ** 20:
+                continue
+            self._kill(slot, "memory", TaskState.OVER_MEMORY, MemoryLimitExceeded(
+                task.step, task.id, limit_mb, _mib(task.peak_rss_bytes), slot.pid))
+        self._next_sample_at = (self._clock() + MEMORY_SAMPLE_INTERVAL_S) if self._memory_watched else None
+
+    def _kill(self, slot: Slot, reason: str, state: TaskState, error: BaseException) -> None:
+        """Kill the worker running a task and its whole process tree; the task ends on its EOF."""
+        task = slot.task
+        slot.kill = KillOrder(reason, state, error)
+        slot.state = SlotState.KILLING
+        kill_tree(slot.pid, slot.sampler.descendants(rescan=True))
+        self._metrics.worker_killed(slot.lane, reason)
+        self._timers.after(KILL_CONFIRM_S, "confirm", task)
+        log.warning("killed worker %s: %s", slot.pid, error, extra={
+            "task_id": task.id, "step": task.step, "lane": slot.lane.value, "pid": slot.pid,
+            "reason": reason})
+
+    def _on_worker_gone(self, slot: Slot, loky_error: Optional[BaseException] = None) -> None:
+        """A worker's socket closed (or loky reported it dead): it died, was killed, or retired."""
+        if slot.state is SlotState.DEAD:
+            return
+        previous, slot.state = slot.state, SlotState.DEAD
+        self._drop(slot)  # the lane counts one live slot fewer: a replacement starts now
+        if previous is SlotState.RETIRING:
+            return
+        task = slot.task
+        if task is None:
+            if slot.kill is None:
+                log.warning("idle worker %s of the %s lane died", slot.pid, slot.lane.value)
+            self._stop_executor(slot)
+        elif slot.kill is not None:
+            slot.task = None
+            self._finish(task, slot.kill.state, error=slot.kill.error)
+            self._stop_executor(slot)
+        else:
+            exitcode, signal_number = exit_status(slot.pid)
+            if exitcode is None and signal_number is None and loky_error is None:
+                # loky reaped the worker before we could read its status; loky's own
+                # error, which names the exit code, follows within ~250 ms.
+                self._timers.after(KILL_CONFIRM_S, "crash_report", task)
+                return
+            if exitcode is None and signal_number is None:
+                exitcode, signal_number = _exit_from_loky_error(loky_error)
+            self._crashed(slot, task, exitcode, signal_number)
+
+    def _crashed(self, slot: Slot, task: Task, exitcode: Optional[int], signal_number: Optional[int]) -> None:
+        slot.task = None
+        crash = WorkerCrashed(task.step, task.id, slot.pid, exitcode, signal_number)
+        self._metrics.worker_killed(slot.lane, "crash")
+        log.warning("%s", crash, extra={"task_id": task.id, "step": task.step, "lane": slot.lane.value,
+                                        "pid": slot.pid, "reason": "crash"})
+        self._finish(task, TaskState.CRASHED, error=crash)
+        self._stop_executor(slot)
+
+    # ----------------------------------------------------------------- slots
+
+    def _spawn(self, lane: LaneState) -> None:
+        slot = Slot(next(self._slot_ids), lane.lane)
+        lane.slots[slot.id] = slot
+        self._slots[slot.id] = slot
+        self._pending_spawns += 1
+        start = self._spawner.submit(_start_worker, slot.id, self._control_address,
+                                     self._config.steps, self._config.step_modules)
+        start.add_done_callback(lambda done: self.post("started", slot, done))
+
+    def _slot_ready(self, slot: Slot) -> None:
+        slot.state = SlotState.IDLE
+        lane = self._lanes[slot.lane]
+        lane.idle.append(slot)
+        self._metrics.worker_spawned(slot.lane)
+        if not self.warm.is_set() and all(
+                lane.count(SlotState.IDLE) == lane.workers + lane.spares for lane in self._lanes.values()):
+            self.warm.set()
+
+    def _start_failed(self, slot: Slot, error: BaseException) -> None:
+        lane = self._lanes[slot.lane]
+        self._drop(slot)
+        slot.state = SlotState.DEAD
+        lane.start_failures += 1
+        log.error("could not start a worker for the %s lane (attempt %d): %s",
+                  slot.lane.value, lane.start_failures, error)
+        if not self.warm.is_set():
+            self.start_error = WorkerStartFailed(f"a {slot.lane.value} worker did not start: {error}")
+            self.start_error.__cause__ = error
+            self.warm.set()
+            self._closing = True
+            return
+        if lane.start_failures >= MAX_START_FAILURES and lane.count(SlotState.IDLE, SlotState.BUSY) == 0:
+            failure = WorkerStartFailed(f"no {slot.lane.value} worker could be started "
+                                        f"({lane.start_failures} attempts): {error}")
+            for task in list(lane.queue):
+                task.error = failure
+                try:
+                    task.transition(TaskState.FAILED)
+                except InvalidTransition:
+                    continue
+                self._on_left_queue(task)
+                self._metrics.task_finished(task)
+                task.resolve()
+                self._settle_workflow(task, None)
+            lane.queue.clear()
+        lane.respawn_pending = True
+        backoff = RESPAWN_BACKOFF_S[min(lane.start_failures, len(RESPAWN_BACKOFF_S)) - 1]
+        self._timers.after(backoff, "respawn", lane)
+
+    def _keep_lanes_full(self) -> None:
+        if self._closing:
+            return
+        for lane in self._lanes.values():
+            if lane.respawn_pending:
+                continue
+            for _ in range(lane.workers + lane.spares - lane.live):
+                self._spawn(lane)
+
+    def _recycle(self, slot: Slot, reason: str) -> None:
+        self._metrics.worker_recycled(slot.lane, reason)
+        log.info("recycling worker %s (%s) after %d tasks", slot.pid, reason, slot.tasks_run)
+        self._retire(slot)
+
+    def _retire(self, slot: Slot) -> None:
+        """Shut a healthy worker down gracefully, in the background."""
+        slot.state = SlotState.RETIRING
+        if slot in self._lanes[slot.lane].idle:
+            self._lanes[slot.lane].idle.remove(slot)
+        self._lanes[slot.lane].slots.pop(slot.id, None)
+        self._stop_executor(slot)
+
+    def _drop(self, slot: Slot) -> None:
+        lane = self._lanes[slot.lane]
+        lane.slots.pop(slot.id, None)
+        if slot in lane.idle:
+            lane.idle.remove(slot)
+        if slot.control is not None:
+            self._selector.unregister(slot.control)
+            slot.control.close()
+            slot.control = None
+        self._slots.pop(slot.id, None)
+
+    def _stop_executor(self, slot: Slot) -> None:
+        if slot.executor is not None:
+            self._spawner.submit(slot.executor.shutdown, wait=True, kill_workers=slot.state is SlotState.DEAD)
+
+    # ----------------------------------------------------------------- the end
+
+    def _fail_everything(self, error: BaseException) -> None:
+        for lane in self._lanes.values():
+            for task in lane.queue:
+                if task.request_cancel(CancelRequest("shutdown", f"manager failed: {error}"))[1]:
+                    task.resolve()
+        for slot in list(self._slots.values()):
+            if slot.pid is not None:
+                kill_tree(slot.pid, [])
+
+    def _close(self) -> None:
+        for slot in list(self._slots.values()):
+            if slot.state is not SlotState.DEAD:
+                self._retire(slot)
+        self._spawner.shutdown(wait=True)
+        for slot in list(self._slots.values()):
+            self._drop(slot)
+        self._selector.close()
+        self._listener.close()
+        shutil.rmtree(self._socket_dir, ignore_errors=True)
+        os.close(self._wakeup_reader)
+        os.close(self._wakeup_writer)
+
+
+def _start_worker(slot_id: int, control_address: str, steps: Dict[str, Any], modules: Sequence[str]):
+    """Start one single-worker loky executor and warm its worker (runs on a spawn thread)."""
+    executor = loky.ProcessPoolExecutor(
+        max_workers=1, initializer=worker.initialize,
+        initargs=(slot_id, control_address, steps, list(modules)), env=worker.WORKER_ENV)
+    try:
+        pid = executor.submit(worker.warm_up).result(timeout=WORKER_START_TIMEOUT_S)
+    except BaseException:
+        executor.shutdown(wait=True, kill_workers=True)
+        raise
+    return executor, pid
+
+
+def _exit_from_loky_error(error: BaseException) -> tuple:
+    """``(exitcode, signal)`` from loky's "The exit codes of the workers are {EXIT(3)}"."""
+    match = re.search(r"exit codes of the workers are \{\w+\((-?\d+)\)", str(error))
+    if match is None:
+        return None, None
+    code = int(match.group(1))
+    return (code, None) if code >= 0 else (None, -code)
+
+
+def _mib(size_bytes: Optional[int]) -> Optional[float]:
+    return None if size_bytes is None else size_bytes / 2 ** 20

@@ -1,0 +1,406 @@
+"""The public face of Governor: :class:`Supervisor` and its cancellation groups, :class:`Scope`.
+
+A ``Supervisor`` takes a snapshot of a step registry, classifies every step into the
+critical or the pool lane once, starts both lanes' workers (warm: spawned, step modules
+imported) and then only records intent: ``submit`` validates, numbers the task and puts it
+on the manager's inbox; the manager thread (``governor.manager``) does the rest.
+"""
+
+from __future__ import annotations
+
+import atexit
+import concurrent.futures
+import inspect
+import itertools
+import os
+import threading
+import time
+import weakref
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+
+from governor.errors import InvalidParameters, QueueFull, SupervisorClosed, UnknownStep, WorkerStartFailed
+from governor.limits import Lane, Limits
+from governor.manager import Manager, ManagerConfig
+from governor.metrics import MetricsRecorder
+from governor.task import CancelRequest, Call, Task, TaskFuture, TaskState, Workflow, WorkflowFuture
+
+#: Tasks a lane may hold waiting before ``submit`` raises ``QueueFull``.
+DEFAULT_QUEUE_SIZE = 10_000
+
+#: How long ``start()`` waits for every worker to be spawned and warm.
+DEFAULT_START_TIMEOUT_S = 120.0
+
+
+def default_workers() -> int:
+    """Pool workers when none are given: ``2 x CPUs``, at least 4, at most 16.
+
+    Steps in the pool lane are mostly I/O-bound (git, SQLite, sockets), so more workers
+    than cores pays; each idle worker costs about 10-15 MB of private memory.
+    """
+    return max(4, min(16, 2 * (os.cpu_count() or 1)))
+
+
+class _Route:
+    """Where a step runs and with what, fixed when the supervisor is built."""
+
+    __slots__ = ("spec", "lane", "reason", "limits", "signature")
+
+    def __init__(self, spec: Any, lane: Lane, reason: str, limits: Limits):
+        self.spec, self.lane, self.reason, self.limits = spec, lane, reason, limits
+        fn = spec.fn
+        self.signature = inspect.signature(fn.run if inspect.isclass(fn) else fn)
+        if inspect.isclass(fn):  # bind as if through an instance: drop ``self``
+            self.signature = self.signature.replace(parameters=list(self.signature.parameters.values())[1:])
+
+
+class Supervisor:
+    """Runs registered steps in worker processes: a serial critical lane and a parallel pool.
+
+    Args:
+        registry: a ``steps.StepRegistry``; its steps are snapshotted at construction,
+            so steps registered later are unknown to this supervisor.
+        workers: processes in the pool lane (default: :func:`default_workers`).
+        limits: default limits for every step; a step's own limits, then a submission's,
+            override them field by field.
+        queue_size: tasks each lane may hold waiting before ``submit`` raises ``QueueFull``.
+        spares: warm idle workers kept per lane beyond ``workers``, so a killed or crashed
+            worker is replaced without a cold spawn.
+        max_tasks_per_worker: replace a worker after this many tasks (``None``: never).
+        recycle_rss_mb: replace a worker whose RSS after a task exceeds this (a leak).
+        clock: the monotonic clock deadlines are read from (tests inject one).
+
+    Use it as a context manager (``with Supervisor(registry) as sup:``), or call
+    :meth:`start` and :meth:`shutdown`.
+    """
+
+    def __init__(self, registry: Any, workers: Optional[int] = None, *, limits: Optional[Limits] = None,
+                 queue_size: int = DEFAULT_QUEUE_SIZE, spares: int = 1,
+                 max_tasks_per_worker: Optional[int] = None, recycle_rss_mb: Optional[float] = None,
+                 clock: Callable[[], float] = time.monotonic):
+        workers = default_workers() if workers is None else workers
+        _require_int("workers", workers, minimum=1)
+        _require_int("queue_size", queue_size, minimum=1)
+        _require_int("spares", spares, minimum=0)
+        if max_tasks_per_worker is not None:
+            _require_int("max_tasks_per_worker", max_tasks_per_worker, minimum=1)
+        if limits is not None and not isinstance(limits, Limits):
+            raise TypeError(f"limits must be a Limits, not {type(limits).__name__}")
+        if recycle_rss_mb is not None and not recycle_rss_mb > 0:
+            raise ValueError(f"recycle_rss_mb must be > 0, got {recycle_rss_mb!r}")
+        defaults = limits or Limits()
+        specs = registry.snapshot()
+        self._routes: Dict[str, _Route] = {}
+        for name, spec in specs.items():
+            classification = registry.classify(name)
+            self._routes[name] = _Route(spec, classification.lane, classification.reason,
+                                        spec.limits.over(defaults))
+        self.workers = workers
+        self.queue_size = queue_size
+        self._clock = clock
+        self._config = ManagerConfig(
+            steps=specs,
+            step_modules=sorted({spec.fn.__module__ for spec in specs.values()} - {"__main__"}),
+            workers={Lane.CRITICAL: 1, Lane.POOL: workers}, spares=spares,
+            max_tasks_per_worker=max_tasks_per_worker, recycle_rss_mb=recycle_rss_mb)
+        self._metrics = MetricsRecorder()
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._queued = {Lane.CRITICAL: 0, Lane.POOL: 0}
+        self._manager: Optional[Manager] = None
+        self._accepting = False
+
+    # ----------------------------------------------------------------- life
+
+    def start(self, timeout: float = DEFAULT_START_TIMEOUT_S) -> "Supervisor":
+        """Start both lanes and return once every worker is spawned and warm.
+
+        Raises:
+            WorkerStartFailed: a worker could not be started (the cause is chained).
+        """
+        with self._lock:
+            if self._manager is not None:
+                raise SupervisorClosed("this supervisor was already started")
+            self._manager = Manager(self._config, self._metrics, self._left_queue, self._clock)
+        self._manager.start()
+        _live_supervisors.add(self)
+        if not self._manager.warm.wait(timeout):
+            self.shutdown(wait=True)
+            raise WorkerStartFailed(f"workers were not warm after {timeout}s")
+        if self._manager.start_error is not None:
+            self._manager.join()
+            raise self._manager.start_error
+        with self._lock:
+            self._accepting = True
+        return self
+
+    def shutdown(self, wait: bool = True, cancel_pending: bool = False, cancel_running: bool = False) -> None:
+        """Stop taking work; finish (or cancel) what was accepted; stop every worker.
+
+        Args:
+            wait: block until every worker process has exited.
+            cancel_pending: cancel queued tasks instead of running them.
+            cancel_running: also cancel running tasks (cooperatively, then by killing
+                their workers after their ``cancel_grace_s``).
+
+        Safe to call more than once and from a done-callback (it then does not wait).
+        """
+        with self._lock:
+            self._accepting = False
+            manager = self._manager
+        if manager is None or not manager.is_alive():
+            return
+        manager.post("shutdown", cancel_pending, cancel_running)
+        if wait and threading.current_thread() is not manager:
+            manager.join()
+
+    def __enter__(self) -> "Supervisor":
+        return self.start()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.shutdown(wait=True)
+
+    # ----------------------------------------------------------------- submitting
+
+    def submit(self, step: str, /, *args: Any, **kwargs: Any) -> TaskFuture:
+        """Run ``step(*args, **kwargs)`` in its lane; return its future.
+
+        Raises:
+            UnknownStep: no step has that name (close matches are suggested).
+            InvalidParameters: the arguments do not fit the step's signature.
+            QueueFull: the step's lane has ``queue_size`` tasks waiting.
+            SupervisorClosed: not started, or shut down.
+        """
+        return self.submit_call(Call(step, args, kwargs))
+
+    def submit_call(self, call: Call) -> TaskFuture:
+        """Like :meth:`submit`, for a :class:`~governor.task.Call` (which may carry its own limits)."""
+        task = self._new_task(call)
+        self._enqueue([task])
+        return task.future
+
+    def run_batch(self, calls: Iterable[Any], *, return_exceptions: bool = False,
+                  timeout: Optional[float] = None) -> List[Any]:
+        """Submit many steps at once, each in its own lane, and wait for all of them.
+
+        Args:
+            calls: ``Call`` objects, names, ``(name, kwargs)`` or ``(name, args, kwargs)``.
+            return_exceptions: put each failed step's error in its place in the list
+                instead of raising.
+            timeout: seconds to wait for the whole batch; on expiry the unfinished steps
+                are cancelled and ``TimeoutError`` is raised.
+
+        Returns:
+            the results in the order of ``calls``.
+
+        Raises:
+            the first failed step's error (in the order of ``calls``), once every step of
+            the batch has ended, unless ``return_exceptions``. Nothing is submitted if any
+            call names an unknown step or has bad parameters.
+        """
+        tasks = [self._new_task(Call.of(item)) for item in calls]
+        self._enqueue(tasks)
+        return _gather([task.future for task in tasks], return_exceptions, timeout)
+
+    def workflow(self, calls: Iterable[Any]) -> WorkflowFuture:
+        """Run steps one after another in the critical lane, whatever their class.
+
+        The workflow is queued as one block: no other critical step runs between its
+        steps. It stops at the first step that does not succeed; the later ones are
+        skipped (their futures raise ``StepSkipped``).
+
+        Returns:
+            a future of the list of results, which raises ``WorkflowFailed`` (with the
+            failed step's error, the results so far and the skipped names) on failure.
+        """
+        tasks = [self._new_task(Call.of(item), lane=Lane.CRITICAL) for item in calls]
+        if not tasks:
+            raise ValueError("a workflow needs at least one step")
+        future = WorkflowFuture([task.future for task in tasks])
+        flow = Workflow(tasks, future)
+        for task in tasks:
+            task.workflow = flow
+        self._enqueue(tasks)
+        return future
+
+    def scope(self) -> "Scope":
+        """A cancellation group: ``scope.cancel()`` stops every step submitted through it."""
+        return Scope(self)
+
+    # ----------------------------------------------------------------- reading
+
+    def classify(self, step: str) -> tuple:
+        """``(lane, reason)``: where ``step`` runs under this supervisor, and why."""
+        route = self._route(step)
+        return route.lane, route.reason
+
+    def metrics(self) -> Dict[str, Any]:
+        """A JSON-serialisable snapshot of the supervisor's counters and queue depths."""
+        snapshot = self._metrics.snapshot()
+        with self._lock:
+            snapshot["queued"] = {lane.value: count for lane, count in self._queued.items()}
+        return snapshot
+
+    # ----------------------------------------------------------------- internals
+
+    def _route(self, step: str) -> _Route:
+        route = self._routes.get(step)
+        if route is None:
+            raise UnknownStep.for_name(step, self._routes)
+        return route
+
+    def _new_task(self, call: Call, lane: Optional[Lane] = None) -> Task:
+        route = self._route(call.step)
+        try:
+            route.signature.bind(*call.args, **call.kwargs)
+        except TypeError as exc:
+            raise InvalidParameters(f"bad parameters for step {call.step!r}{route.signature}: {exc}") from None
+        limits = route.limits if call.limits is None else call.limits.over(route.limits)
+        task = Task(0, call.step, lane or route.lane, call.args, call.kwargs, limits, self._clock())
+        task.future = TaskFuture(task, self._cancel)
+        return task
+
+    def _enqueue(self, tasks: Sequence[Task]) -> None:
+        # Numbering and posting under one lock fixes the submission order across threads,
+        # which is the critical lane's execution order.
+        with self._lock:
+            if not self._accepting:
+                raise SupervisorClosed("the supervisor is not running (start() it, or it was shut down)")
+            wanted = {lane: sum(1 for task in tasks if task.lane is lane) for lane in self._queued}
+            for lane, count in wanted.items():
+                if self._queued[lane] + count > self.queue_size:
+                    raise QueueFull(lane.value, self.queue_size)
+            for lane, count in wanted.items():
+                self._queued[lane] += count
+            for task in tasks:
+                task.id = next(self._ids)
+            self._manager.post("submit", tasks)
+
+    def _left_queue(self, task: Task) -> None:
+        with self._lock:
+            self._queued[task.lane] -= 1
+
+    def _cancel(self, task: Task, request: CancelRequest) -> bool:
+        accepted, cancelled_now = task.request_cancel(request)
+        if cancelled_now:
+            self._left_queue(task)
+            task.resolve()
+        if accepted and self._manager is not None:
+            self._manager.post("cancel", task)
+        return accepted
+
+
+class Scope:
+    """A cancellation group, like a browser's AbortController.
+
+    Steps submitted through a scope can be stopped together with :meth:`cancel` (queued
+    ones are dropped, running ones get a cooperative cancel, then are killed after their
+    grace). As a context manager, leaving the block normally waits for every step of the
+    scope; leaving it with an exception cancels them instead.
+    """
+
+    def __init__(self, supervisor: Supervisor):
+        self._supervisor = supervisor
+        self._lock = threading.Lock()
+        self._futures: List[concurrent.futures.Future] = []
+        self._cancel_request: Optional[CancelRequest] = None
+
+    @property
+    def cancelled(self) -> bool:
+        """Whether :meth:`cancel` was called."""
+        return self._cancel_request is not None
+
+    def submit(self, step: str, /, *args: Any, **kwargs: Any) -> TaskFuture:
+        """:meth:`Supervisor.submit`, in this scope."""
+        return self._adopt(self._supervisor.submit_call(Call(step, args, kwargs)))
+
+    def submit_call(self, call: Call) -> TaskFuture:
+        """:meth:`Supervisor.submit_call`, in this scope."""
+        return self._adopt(self._supervisor.submit_call(call))
+
+    def workflow(self, calls: Iterable[Any]) -> WorkflowFuture:
+        """:meth:`Supervisor.workflow`, in this scope."""
+        return self._adopt(self._supervisor.workflow(calls))
+
+    def run_batch(self, calls: Iterable[Any], *, return_exceptions: bool = False,
+                  timeout: Optional[float] = None) -> List[Any]:
+        """:meth:`Supervisor.run_batch`, in this scope (a cancel stops the batch's steps)."""
+        futures = [self.submit_call(Call.of(item)) for item in calls]
+        return _gather(futures, return_exceptions, timeout)
+
+    def cancel(self, detail: Optional[str] = None) -> int:
+        """Cancel every unfinished step of the scope, and any submitted through it later.
+
+        Returns:
+            how many steps were asked to stop.
+        """
+        with self._lock:
+            if self._cancel_request is None:
+                self._cancel_request = CancelRequest("scope", detail)
+            futures, self._futures = self._futures, []
+        return sum(self._stop(future) for future in futures)
+
+    def _stop(self, future: concurrent.futures.Future) -> bool:
+        steps = future.steps if isinstance(future, WorkflowFuture) else [future]
+        return any([self._supervisor._cancel(step.task, self._cancel_request)
+                    for step in steps if not step.done()])
+
+    def _adopt(self, future: concurrent.futures.Future) -> Any:
+        with self._lock:
+            if self._cancel_request is None:
+                self._futures = [kept for kept in self._futures if not kept.done()]
+                self._futures.append(future)
+                return future
+        self._stop(future)  # submitted into a scope already cancelled: stop it at once
+        return future
+
+    def __enter__(self) -> "Scope":
+        return self
+
+    def __exit__(self, exc_type: Any, *exc_info: Any) -> None:
+        if exc_type is not None:
+            self.cancel(f"the scope's block raised {exc_type.__name__}")
+            return
+        with self._lock:
+            futures = list(self._futures)
+        concurrent.futures.wait(futures)
+
+
+def _gather(futures: Sequence[concurrent.futures.Future], return_exceptions: bool,
+            timeout: Optional[float]) -> List[Any]:
+    _, not_done = concurrent.futures.wait(futures, timeout)
+    if not_done:
+        for future in not_done:
+            future.cancel("the batch timed out")
+        raise TimeoutError(f"{len(not_done)} of {len(futures)} steps had not finished after {timeout}s")
+    errors = [future.exception() if not future.cancelled() else _cancel_error(future) for future in futures]
+    if not return_exceptions:
+        first = next((error for error in errors if error is not None), None)
+        if first is not None:
+            raise first
+        return [future.result() for future in futures]
+    return [error if error is not None else future.result() for future, error in zip(futures, errors)]
+
+
+def _cancel_error(future: concurrent.futures.Future) -> BaseException:
+    try:
+        future.result()
+    except concurrent.futures.CancelledError as cancelled:
+        return cancelled
+    raise AssertionError("unreachable: the future was cancelled")
+
+
+def _require_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+_live_supervisors: "weakref.WeakSet[Supervisor]" = weakref.WeakSet()
+
+
+@atexit.register
+def _shutdown_live_supervisors() -> None:
+    # An interpreter that exits with a supervisor still running must not leave workers.
+    for supervisor in list(_live_supervisors):
+        supervisor.shutdown(wait=True, cancel_pending=True, cancel_running=True)

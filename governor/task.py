@@ -1,0 +1,303 @@
+"""A task's life: its states, the one function that moves it between them, and its future.
+
+::
+
+    QUEUED ──> RUNNING ──> DONE | FAILED | TIMED_OUT | OVER_MEMORY | CANCELLED | CRASHED
+       │
+       └────> CANCELLED | SKIPPED | FAILED (no worker could be started)
+
+Transitions happen under the task's lock through :meth:`Task.transition`, which raises
+:class:`~governor.errors.InvalidTransition` on a move the diagram does not allow; terminal
+states stay terminal. The supervisor's manager thread makes every transition except one:
+cancelling a task that is still queued, which the cancelling thread does itself so that
+``future.cancel()`` followed by ``future.cancelled()`` is ``True`` at once, as with any
+``concurrent.futures.Future``. When the two race (the manager dispatching, a user
+cancelling), whoever transitions first wins and the other catches ``InvalidTransition``.
+
+The future is resolved after the lock is released: done-callbacks never run under it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import enum
+import threading
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+
+import attrs
+
+from governor.errors import InvalidTransition, StepCancelled, StepSkipped, WorkflowFailed
+from governor.limits import Lane, Limits
+
+
+class TaskState(enum.Enum):
+    """Where a task is in its life."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    OVER_MEMORY = "over_memory"
+    CANCELLED = "cancelled"
+    CRASHED = "crashed"
+    SKIPPED = "skipped"
+
+    @property
+    def terminal(self) -> bool:
+        """Whether the task's life is over (its future is resolved or about to be)."""
+        return self not in (TaskState.QUEUED, TaskState.RUNNING)
+
+
+_ALLOWED: Dict[TaskState, frozenset] = {
+    TaskState.QUEUED: frozenset({TaskState.RUNNING, TaskState.CANCELLED, TaskState.SKIPPED,
+                                 TaskState.FAILED}),
+    TaskState.RUNNING: frozenset({TaskState.DONE, TaskState.FAILED, TaskState.TIMED_OUT,
+                                  TaskState.OVER_MEMORY, TaskState.CANCELLED, TaskState.CRASHED}),
+}
+
+
+@attrs.frozen
+class Call:
+    """One step invocation: the step's name, its arguments, and optional limits for this call.
+
+    Args:
+        step: the registered step name.
+        args: positional arguments.
+        kwargs: keyword arguments.
+        limits: limits for this submission only; fields left ``None`` inherit the step's.
+    """
+
+    step: str = attrs.field(validator=attrs.validators.instance_of(str))
+    args: Tuple[Any, ...] = attrs.field(default=(), converter=tuple)
+    kwargs: Dict[str, Any] = attrs.field(factory=dict, converter=dict)
+    limits: Optional[Limits] = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.instance_of(Limits)))
+
+    @classmethod
+    def of(cls, item: Any) -> "Call":
+        """Accept a ``Call``, a name, ``(name, kwargs)`` or ``(name, args, kwargs)``."""
+        if isinstance(item, Call):
+            return item
+        if isinstance(item, str):
+            return cls(item)
+        if isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], dict):
+            return cls(item[0], kwargs=item[1])
+        if isinstance(item, tuple) and len(item) == 3:
+            return cls(item[0], item[1], item[2])
+        raise TypeError(f"expected a Call, a step name, (name, kwargs) or (name, args, kwargs), got {item!r}")
+
+
+@attrs.frozen
+class CancelRequest:
+    """Why a task was asked to stop: ``reason`` is a short source, ``detail`` free text."""
+
+    reason: str
+    detail: Optional[str] = None
+
+
+@attrs.define(eq=False)
+class Task:
+    """One submitted step: an identity record whose state only moves forward.
+
+    Timestamps are ``time.monotonic()`` values (comparable across processes on Linux).
+    """
+
+    id: int
+    step: str
+    lane: Lane
+    args: Tuple[Any, ...]
+    kwargs: Dict[str, Any]
+    limits: Limits
+    submitted_at: float
+    future: "TaskFuture" = attrs.field(default=None)
+    workflow: Optional["Workflow"] = None
+    state: TaskState = TaskState.QUEUED
+    dispatched_at: Optional[float] = None
+    started_at: Optional[float] = None
+    ended_at: Optional[float] = None
+    pid: Optional[int] = None
+    peak_rss_bytes: Optional[int] = None
+    cancel_request: Optional[CancelRequest] = None
+    error: Optional[BaseException] = None
+    _lock: threading.Lock = attrs.field(factory=threading.Lock, repr=False)
+
+    def transition(self, new: TaskState) -> None:
+        """Move to ``new``; raise ``InvalidTransition`` if the task's life forbids it."""
+        with self._lock:
+            self._transition_locked(new)
+
+    def _transition_locked(self, new: TaskState) -> None:
+        if new not in _ALLOWED.get(self.state, ()):
+            raise InvalidTransition(f"task {self.id} ({self.step}): {self.state.value} -> {new.value}")
+        self.state = new
+
+    def request_cancel(self, request: CancelRequest) -> Tuple[bool, bool]:
+        """Record a cancel request; a queued task is cancelled on the spot.
+
+        The first request's reason is kept: later ones do not overwrite why.
+
+        Returns:
+            ``(accepted, cancelled_now)``: whether the task was still unfinished, and
+            whether it was queued and so is now ``CANCELLED`` (the caller resolves it).
+        """
+        with self._lock:
+            if self.state.terminal:
+                return self.state is TaskState.CANCELLED, False
+            if self.cancel_request is None:
+                self.cancel_request = request
+            if self.state is TaskState.QUEUED:
+                self._transition_locked(TaskState.CANCELLED)
+                self.error = self.cancelled_error()
+                return True, True
+            return True, False
+
+    def cancelled_error(self, killed: bool = False) -> StepCancelled:
+        """The ``StepCancelled`` that says why this task was cancelled."""
+        request = self.cancel_request or CancelRequest("explicit")
+        return StepCancelled(self.step, self.id, request.reason, request.detail, killed)
+
+    def resolve(self, result: Any = None) -> None:
+        """Resolve the future from the (terminal) state; call without holding the lock."""
+        if self.state is TaskState.DONE:
+            self.future.set_result(result)
+        elif self.state is TaskState.CANCELLED:
+            # Base-class cancel: ours would route back to the supervisor.
+            concurrent.futures.Future.cancel(self.future)
+            self.future.set_running_or_notify_cancel()
+        else:
+            self.future.set_exception(self.error)
+
+
+class _ExplainedCancelFuture(concurrent.futures.Future):
+    """A future whose ``result()``/``exception()`` raise ``StepCancelled`` (saying why)
+    instead of a bare ``CancelledError``."""
+
+    def _cancel_error(self) -> StepCancelled:
+        raise NotImplementedError
+
+    def result(self, timeout: Optional[float] = None) -> Any:
+        return self._explaining_cancel(super().result, timeout)
+
+    def exception(self, timeout: Optional[float] = None) -> Optional[BaseException]:
+        return self._explaining_cancel(super().exception, timeout)
+
+    def _explaining_cancel(self, method: Callable[[Optional[float]], Any], timeout: Optional[float]) -> Any:
+        try:
+            return method(timeout)
+        except concurrent.futures.CancelledError as cancelled:
+            if isinstance(cancelled, StepCancelled):
+                raise
+            raise self._cancel_error() from None
+
+
+class TaskFuture(_ExplainedCancelFuture):
+    """The future of one task; works with ``concurrent.futures.wait`` and ``as_completed``.
+
+    Differences from a plain ``Future``:
+
+    * ``cancel()`` also stops a *running* step: the step gets a cooperative cancel, then
+      its worker is killed after ``cancel_grace_s``. It returns ``True`` whenever the
+      task had not finished, and the future then always ends cancelled, even if the step
+      finished within the grace period (its result is discarded).
+    * ``cancelled()`` is ``True`` for every cancelled task, and ``result()`` /
+      ``exception()`` raise :class:`~governor.errors.StepCancelled` (a
+      ``concurrent.futures.CancelledError``) saying why.
+    * ``running()`` is ``True`` while the step runs in a worker.
+    """
+
+    def __init__(self, task: Task, canceller: Callable[[Task, CancelRequest], bool]):
+        super().__init__()
+        self.task = task
+        self._canceller = canceller
+
+    @property
+    def task_id(self) -> int:
+        """The task's id within its supervisor."""
+        return self.task.id
+
+    @property
+    def step(self) -> str:
+        """The step's name."""
+        return self.task.step
+
+    @property
+    def state(self) -> TaskState:
+        """The task's current state."""
+        return self.task.state
+
+    def cancel(self, detail: Optional[str] = None) -> bool:
+        """Cancel the task: drop it if queued, stop it if running.
+
+        Args:
+            detail: free text saying why; it reaches ``StepCancelled``'s message.
+
+        Returns:
+            ``True`` if the task had not finished (it will end cancelled), else whether it
+            was already cancelled.
+        """
+        return self._canceller(self.task, CancelRequest("explicit", detail))
+
+    def running(self) -> bool:
+        return self.task.state is TaskState.RUNNING
+
+    def _cancel_error(self) -> StepCancelled:
+        return self.task.error
+
+
+class Workflow:
+    """Steps that run in order in the critical lane, stopping at the first failure.
+
+    Owned by the supervisor's manager thread, which calls :meth:`step_finished` as each
+    of its tasks ends.
+    """
+
+    def __init__(self, tasks: Sequence[Task], future: "WorkflowFuture"):
+        self.tasks = list(tasks)
+        self.future = future
+        self._results: list = []
+
+    def step_finished(self, task: Task, result: Any) -> Sequence[Task]:
+        """Record one step's end.
+
+        Returns:
+            the tasks to skip now (every later step, when this one did not succeed).
+        """
+        if task.state is TaskState.DONE:
+            self._results.append(result)
+            if len(self._results) == len(self.tasks):
+                self.future.set_result(list(self._results))
+            return ()
+        if task.state is TaskState.SKIPPED:
+            return ()
+        index = self.tasks.index(task)
+        rest = [later for later in self.tasks[index + 1:] if later.state is TaskState.QUEUED]
+        for later in rest:
+            later.error = StepSkipped(later.step, later.id, task.step)
+        if task.state is TaskState.CANCELLED:
+            concurrent.futures.Future.cancel(self.future)
+            self.future.set_running_or_notify_cancel()
+        else:
+            self.future.set_exception(WorkflowFailed(index, task.error, self._results,
+                                                     [later.step for later in self.tasks[index + 1:]]))
+        return rest
+
+
+class WorkflowFuture(_ExplainedCancelFuture):
+    """The future of a workflow: the list of its steps' results, or ``WorkflowFailed``.
+
+    ``steps`` holds each step's own :class:`TaskFuture`. ``cancel()`` cancels every step
+    that has not finished; the workflow then ends cancelled and ``result()`` raises the
+    first step's ``StepCancelled``.
+    """
+
+    def __init__(self, steps: Sequence[TaskFuture]):
+        super().__init__()
+        self.steps = list(steps)
+
+    def cancel(self, detail: Optional[str] = None) -> bool:
+        accepted = [step.cancel(detail) for step in self.steps if not step.done()]
+        return any(accepted) or self.cancelled()
+
+    def _cancel_error(self) -> StepCancelled:
+        return next(step.task.error for step in self.steps if step.task.state is TaskState.CANCELLED)

@@ -1,0 +1,48 @@
+"""Deadlines on the monotonic clock: a heap with lazy deletion.
+
+Entries are ``(when, seq, kind, target)``. Nothing is removed when a task ends early: the
+owner checks, as each entry comes due, whether it still applies, and :meth:`Timers.prune`
+rebuilds the heap when stale entries outnumber live ones. The clock is injected so the
+logic can be tested without waiting (trio's ``Deadlines``, ``run(clock=...)``).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import time
+from typing import Any, Callable, Iterator, List, Optional, Tuple
+
+
+class Timers:
+    """A heap of ``(when, seq, kind, target)`` entries, ordered by time, then insertion."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self.clock = clock
+        self._heap: List[Tuple[float, int, str, Any]] = []
+        self._seq = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def after(self, delay: float, kind: str, target: Any) -> float:
+        """Schedule ``(kind, target)`` ``delay`` seconds from now; return the due time."""
+        when = self.clock() + delay
+        heapq.heappush(self._heap, (when, next(self._seq), kind, target))
+        return when
+
+    def next_due(self) -> Optional[float]:
+        """When the earliest entry is due, or ``None`` if there is none."""
+        return self._heap[0][0] if self._heap else None
+
+    def pop_due(self) -> Iterator[Tuple[str, Any]]:
+        """Yield ``(kind, target)`` of every entry due by now, earliest first."""
+        now = self.clock()
+        while self._heap and self._heap[0][0] <= now:
+            _, _, kind, target = heapq.heappop(self._heap)
+            yield kind, target
+
+    def prune(self, still_applies: Callable[[str, Any], bool]) -> None:
+        """Drop every entry for which ``still_applies(kind, target)`` is false."""
+        self._heap = [entry for entry in self._heap if still_applies(entry[2], entry[3])]
+        heapq.heapify(self._heap)

@@ -1,0 +1,72 @@
+"""Fixtures shared by the tests: a running supervisor, and the leak check every test gets.
+
+The leak check runs after every test: within a patience budget, the test process must have
+no child process left but the two per-interpreter resource trackers (loky reaps its workers
+when a supervisor shuts down), and the manager and spawn threads must be gone.
+"""
+
+import faulthandler
+import sys
+import threading
+import time
+
+import psutil
+import pytest
+
+from governor import Supervisor
+from step_library import registry
+
+#: How long after a test its processes and threads may take to disappear.
+LEAK_PATIENCE_S = 15.0
+
+faulthandler.enable(file=sys.stderr)
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie is dead: it only waits to be reaped)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def wait_until(predicate, timeout: float = LEAK_PATIENCE_S, interval: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
+    return True
+
+
+def is_resource_tracker(process: psutil.Process) -> bool:
+    """loky's and multiprocessing's resource trackers: one each per interpreter, started on
+    first use and ended when the interpreter exits. They run no step and are not workers;
+    stopping them from a library would break other users of multiprocessing in-process."""
+    try:
+        return "resource_tracker import main" in " ".join(process.cmdline())
+    except psutil.NoSuchProcess:
+        return False
+
+
+def live_children():
+    """Every live descendant of the test process except the two resource trackers."""
+    return [child for child in psutil.Process().children(recursive=True)
+            if alive(child.pid) and not is_resource_tracker(child)]
+
+
+def governor_threads():
+    return [thread for thread in threading.enumerate() if thread.name.startswith("governor-")]
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_processes():
+    yield
+    assert wait_until(lambda: not live_children()), f"leaked processes: {live_children()}"
+    assert wait_until(lambda: not governor_threads()), f"leaked threads: {governor_threads()}"
+
+
+@pytest.fixture
+def supervisor():
+    with Supervisor(registry, workers=4) as sup:
+        yield sup

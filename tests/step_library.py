@@ -1,0 +1,195 @@
+"""Steps the tests run in real worker processes.
+
+They live at module level so workers import them by reference. Steps that must meet each
+other synchronise through files in a directory the test owns (a cross-process barrier
+without sleeps as ordering), and report the monotonic timestamps they ran at, so tests
+assert overlap or order from what happened, not from wall-clock bounds.
+"""
+
+import ctypes
+import os
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+from governor import Limits
+from steps import StepRegistry, current_context
+
+registry = StepRegistry()
+
+
+def wait_for_path(path: str, timeout: float = 60.0) -> None:
+    """Block until ``path`` exists (a cross-process event); fail loudly after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} never appeared")
+        time.sleep(0.002)
+
+
+@registry.step(critical=False)
+def noop():
+    return None
+
+
+@registry.step(critical=False)
+def echo(value):
+    return value
+
+
+@registry.step(critical=False)
+def timed_sleep(ms: float, tag: str = ""):
+    """Sleep ``ms`` milliseconds; return (tag, start, end, pid, task_id)."""
+    start = time.monotonic()
+    time.sleep(ms / 1000)
+    return tag, start, time.monotonic(), os.getpid(), current_context().task_id
+
+
+@registry.step(critical=True)
+def critical_record(ms: float, tag: str = ""):
+    """A state-changing step: sleeps ``ms`` and returns (tag, start, end, pid, task_id)."""
+    start = time.monotonic()
+    time.sleep(ms / 1000)
+    return tag, start, time.monotonic(), os.getpid(), current_context().task_id
+
+
+@registry.step(name="chat.history", critical=False)
+def chat_history(chat_id: int = 1):
+    return timed_sleep(117, "chat.history")
+
+
+@registry.step(name="git.status", critical=False)
+def git_status(repo: str = "."):
+    return timed_sleep(19, "git.status")
+
+
+@registry.step(name="git.current_branch", critical=False)
+def current_branch(repo: str = "."):
+    return timed_sleep(9, "git.current_branch")
+
+
+@registry.step(critical=False)
+def boom(message: str = "boom"):
+    raise ValueError(message)
+
+
+@registry.step(critical=True)
+def critical_boom():
+    raise RuntimeError("critical boom")
+
+
+@registry.step(critical=False)
+def unpicklable_result():
+    return threading.Lock()
+
+
+@registry.step(critical=False)
+def busy_loop(marker: str = ""):
+    if marker:
+        Path(marker).write_text(str(os.getpid()))
+    while True:
+        pass
+
+
+@registry.step(critical=True)
+def critical_busy_loop(marker: str = ""):
+    busy_loop(marker)
+
+
+@registry.step(critical=False)
+def sleep_in_c(marker: str = ""):
+    if marker:
+        Path(marker).write_text(str(os.getpid()))
+    time.sleep(10 ** 6)
+
+
+@registry.step(critical=False)
+def child_sleeper(marker: str):
+    """Start ``sleep 1000`` as a child, publish its pid in ``marker``, and wait on it."""
+    child = subprocess.Popen(["sleep", "1000"])
+    Path(marker + ".tmp").write_text(str(child.pid))
+    os.rename(marker + ".tmp", marker)
+    child.wait()
+
+
+@registry.step(critical=False)
+def daemonised_grandchild(marker: str):
+    """Start a grandchild that leaves the worker's process group, then hang."""
+    child = subprocess.Popen(["sleep", "1000"], start_new_session=True)
+    Path(marker + ".tmp").write_text(str(child.pid))
+    os.rename(marker + ".tmp", marker)
+    time.sleep(10 ** 6)
+
+
+@registry.step(critical=False)
+def allocate(chunk_mb: int = 50, total_mb: int = 2048, pause_s: float = 0.02):
+    """Allocate ``chunk_mb`` at a time (touching every page) up to ``total_mb``."""
+    chunks = []
+    for _ in range(total_mb // chunk_mb):
+        chunks.append(bytearray(chunk_mb * 2 ** 20))
+        time.sleep(pause_s)
+    return len(chunks)
+
+
+@registry.step(critical=False)
+def die(code: int = 3):
+    os._exit(code)
+
+
+@registry.step(critical=False)
+def segfault():
+    ctypes.string_at(0)
+
+
+@registry.step(critical=False)
+def cooperative(marker: str = ""):
+    """Wait for a cancel through the context; stop by raising StepCancelled."""
+    if marker:
+        Path(marker).write_text(str(os.getpid()))
+    ctx = current_context()
+    while not ctx.wait(0.01):
+        pass
+    ctx.check()
+
+
+@registry.step(critical=False)
+def meet(directory: str, name: str, expected: int, go: str = ""):
+    """Announce ``name`` in ``directory``, wait until ``expected`` peers did (or ``go`` exists)."""
+    Path(directory, name).write_text(str(os.getpid()))
+    deadline = time.monotonic() + 60
+    while len(os.listdir(directory)) < expected and not (go and os.path.exists(go)):
+        if time.monotonic() > deadline:
+            raise TimeoutError("peers never arrived")
+        time.sleep(0.002)
+    return name
+
+
+@registry.step(critical=False)
+def hold_until(marker: str, go: str):
+    """Say we started (``marker``), then wait for ``go``: a sibling kept in flight."""
+    Path(marker).write_text(str(os.getpid()))
+    wait_for_path(go)
+    return os.getpid()
+
+
+@registry.step(critical=False)
+def grow_idle_memory(mb: int):
+    """Leave ``mb`` MiB allocated in the worker after the step returns (a leak)."""
+    global _leak
+    _leak = bytearray(mb * 2 ** 20)
+    return os.getpid()
+
+
+@registry.step(critical=False)
+def pid():
+    return os.getpid()
+
+
+@registry.step(critical=False, limits=Limits(timeout_s=0.3))
+def declared_timeout_loop():
+    while True:
+        pass
+
+
+_leak = None

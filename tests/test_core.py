@@ -1,0 +1,198 @@
+"""The core executor: lanes, ordering, batches, workflows, errors, shutdown."""
+
+import concurrent.futures
+import threading
+
+import psutil
+import pytest
+
+from conftest import live_children
+from governor import (Call, InvalidParameters, Limits, QueueFull, StepFailed, StepSkipped, Supervisor,
+                      SupervisorClosed, TaskState, UnknownStep, WorkflowFailed)
+from governor.limits import Lane
+from step_library import registry, wait_for_path
+
+
+def overlapped(spans):
+    """Whether every span in ``spans`` ((start, end) pairs) was running at one moment."""
+    return max(start for start, _ in spans) < min(end for _, end in spans)
+
+
+def test_view_switch_steps_overlap_and_beat_their_sum(supervisor):
+    results = supervisor.run_batch([("chat.history", {"chat_id": 1}), ("git.status", {"repo": "."}),
+                                    ("git.current_branch", {"repo": "."})])
+    spans = [(start, end) for _, start, end, _, _ in results]
+    assert overlapped(spans)
+    assert len({pid for _, _, _, pid, _ in results}) == 3
+    batch_span = max(end for _, end in spans) - min(start for start, _ in spans)
+    assert batch_span < 0.117 + 0.019 + 0.009
+
+
+def test_mixed_submissions_from_threads_keep_critical_order(supervisor):
+    barrier = threading.Barrier(4)
+    futures = [[] for _ in range(4)]
+
+    def submitter(index):
+        barrier.wait()
+        for n in range(50):
+            if n % 2:
+                futures[index].append(supervisor.submit("critical_record", 2, tag=f"{index}-{n}"))
+            else:
+                futures[index].append(supervisor.submit("timed_sleep", 40, tag=f"{index}-{n}"))
+
+    threads = [threading.Thread(target=submitter, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    every = [future for per_thread in futures for future in per_thread]
+    assert len(every) == 200
+    concurrent.futures.wait(every, timeout=100)
+    critical = sorted((f.result() for f in every if f.step == "critical_record"), key=lambda r: r[4])
+    pool = [f.result() for f in every if f.step == "timed_sleep"]
+    # One at a time, in submission order (task ids are handed out in submission order).
+    for earlier, later in zip(critical, critical[1:]):
+        assert earlier[2] <= later[1], "critical steps overlapped or ran out of order"
+    # Pool steps ran side by side: some pair of them overlapped in time.
+    spans = sorted((start, end) for _, start, end, _, _ in pool)
+    assert any(spans[i + 1][0] < spans[i][1] for i in range(len(spans) - 1))
+    assert len({pid for *_, pid, _ in pool}) > 1
+
+
+def test_workflow_runs_in_order_in_the_critical_lane(supervisor):
+    flow = supervisor.workflow([("critical_record", {"ms": 1, "tag": "a"}), ("timed_sleep", {"ms": 1, "tag": "b"}),
+                                Call("echo", ("c",))])
+    first, second, third = flow.result(timeout=30)
+    assert (first[0], second[0], third) == ("a", "b", "c")
+    assert first[2] <= second[1]
+    assert first[3] == second[3], "every workflow step runs in the one critical worker"
+
+
+def test_workflow_stops_at_first_failure(supervisor):
+    flow = supervisor.workflow([("echo", {"value": 1}), ("boom", {}), ("echo", {"value": 3}), ("echo", {"value": 4})])
+    with pytest.raises(WorkflowFailed) as failed:
+        flow.result(timeout=30)
+    assert failed.value.index == 1
+    assert isinstance(failed.value.error, StepFailed)
+    assert failed.value.results == [1]
+    assert failed.value.skipped == ["echo", "echo"]
+    for skipped in flow.steps[2:]:
+        with pytest.raises(StepSkipped):
+            skipped.result()
+        assert skipped.state is TaskState.SKIPPED
+
+
+def test_unknown_step_fails_at_once_with_suggestions(supervisor):
+    with pytest.raises(UnknownStep) as unknown:
+        supervisor.submit("git.stats")
+    assert "git.status" in unknown.value.suggestions
+    assert "did you mean 'git.status'" in str(unknown.value)
+
+
+def test_bad_parameters_fail_at_submit(supervisor):
+    with pytest.raises(InvalidParameters, match="timed_sleep"):
+        supervisor.submit("timed_sleep", nonsense=1)
+    with pytest.raises(InvalidParameters):
+        supervisor.run_batch([("echo", {"value": 1}), ("echo", {})])
+
+
+def test_raising_step_gives_step_failed_with_remote_traceback(supervisor):
+    with pytest.raises(StepFailed) as failed:
+        supervisor.submit("boom", "it broke").result(timeout=30)
+    error = failed.value
+    assert error.exc_type == "ValueError"
+    assert error.exc_message == "it broke"
+    assert "in boom" in error.remote_traceback
+    assert isinstance(error.original, ValueError)
+    assert "in boom" in str(error.__cause__)
+    assert supervisor.submit("echo", 5).result(timeout=30) == 5, "the worker survives a raising step"
+
+
+def test_unpicklable_result_is_a_clear_step_failure(supervisor):
+    with pytest.raises(StepFailed, match="could not be sent back"):
+        supervisor.submit("unpicklable_result").result(timeout=30)
+    assert supervisor.submit("echo", 1).result(timeout=30) == 1
+
+
+def test_run_batch_returns_exceptions_in_place_when_asked(supervisor):
+    ok, failed = supervisor.run_batch([("echo", {"value": 1}), ("boom", {})], return_exceptions=True)
+    assert ok == 1
+    assert isinstance(failed, StepFailed)
+    with pytest.raises(StepFailed):
+        supervisor.run_batch([("echo", {"value": 1}), ("boom", {})])
+
+
+def test_futures_work_with_as_completed(supervisor):
+    futures = [supervisor.submit("echo", n) for n in range(20)]
+    assert sorted(f.result() for f in concurrent.futures.as_completed(futures, timeout=60)) == list(range(20))
+
+
+def test_classification_is_visible(supervisor):
+    assert supervisor.classify("critical_record")[0] is Lane.CRITICAL
+    lane, reason = supervisor.classify("echo")
+    assert lane is Lane.POOL and "declared" in reason
+
+
+def test_queue_full_refuses_and_queues_nothing(tmp_path):
+    with Supervisor(registry, workers=1, queue_size=2) as sup:
+        running = sup.submit("hold_until", str(tmp_path / "started"), str(tmp_path / "go"))
+        wait_for_path(str(tmp_path / "started"))
+        queued = [sup.submit("echo", n) for n in range(2)]
+        with pytest.raises(QueueFull):
+            sup.submit("echo", 3)
+        with pytest.raises(QueueFull):
+            sup.run_batch([("echo", {"value": 4})])
+        assert sup.metrics()["queued"]["pool"] == 2
+        (tmp_path / "go").touch()
+        running.result(timeout=30)
+        assert [f.result(timeout=30) for f in queued] == [0, 1]
+        assert sup.submit("echo", 5).result(timeout=30) == 5, "capacity is back once the queue drains"
+
+
+def test_submit_after_shutdown_is_refused():
+    sup = Supervisor(registry, workers=1)
+    with pytest.raises(SupervisorClosed):
+        sup.submit("echo", 1)
+    sup.start()
+    sup.shutdown()
+    with pytest.raises(SupervisorClosed):
+        sup.submit("echo", 1)
+
+
+def test_shutdown_runs_queued_work_then_leaves_no_process():
+    sup = Supervisor(registry, workers=2).start()
+    workers = live_children()
+    assert len(workers) >= 2 + 1 + 2, "pool + spare + critical + spare are warm after start"
+    futures = [sup.submit("timed_sleep", 20) for _ in range(6)]
+    sup.shutdown(wait=True)
+    assert all(f.done() and f.exception() is None for f in futures)
+    assert not live_children()
+    assert not any(psutil.pid_exists(w.pid) and w.status() != psutil.STATUS_ZOMBIE for w in workers)
+
+
+def test_shutdown_can_cancel_pending(tmp_path):
+    sup = Supervisor(registry, workers=1).start()
+    running = sup.submit("hold_until", str(tmp_path / "started"), str(tmp_path / "go"))
+    wait_for_path(str(tmp_path / "started"))
+    pending = [sup.submit("echo", n) for n in range(5)]
+    sup.shutdown(wait=False, cancel_pending=True)
+    (tmp_path / "go").touch()
+    sup.shutdown(wait=True)
+    assert running.result() > 0, "a running step finishes"
+    assert all(f.cancelled() for f in pending)
+
+
+def test_per_submission_limits_override_the_step():
+    with Supervisor(registry, workers=1, limits=Limits(timeout_s=30)) as sup:
+        future = sup.submit_call(Call("busy_loop", limits=Limits(timeout_s=0.2)))
+        with pytest.raises(TimeoutError):
+            future.result(timeout=30)
+
+
+def test_bad_supervisor_arguments():
+    with pytest.raises(ValueError):
+        Supervisor(registry, workers=0)
+    with pytest.raises(TypeError):
+        Supervisor(registry, workers="4")
+    with pytest.raises(TypeError):
+        Supervisor(registry, limits={"timeout_s": 1})
