@@ -63,11 +63,14 @@ class Limits:
             worker is killed: ``MemoryLimitExceeded``.
         cancel_grace_s: after a cancel, how long a running step has to notice its
             context's ``cancelled`` flag and stop before its worker is killed.
-        memory_hard_cap: also set ``RLIMIT_AS`` in the worker for the task's duration, so
-            an allocation past ``max_memory_mb`` of *address space* fails at once with
-            ``MemoryError`` (reported as ``MemoryLimitExceeded``; the worker survives).
-            Exact, but it counts virtual memory, which runs well above RSS (thread stacks,
-            malloc arenas), and covers the worker alone, not its children.
+        memory_hard_cap: also cap the worker's address space (``RLIMIT_AS``) for the
+            task's duration at its current size plus the RSS headroom left under
+            ``max_memory_mb``, so the allocation that would cross the limit fails at once
+            with ``MemoryError`` (reported as ``MemoryLimitExceeded`` with
+            ``killed=False``: the worker survives and stays warm). It covers the worker
+            alone (children are still sampled), and address space reserved but never
+            touched counts against it, so a step that maps large sparse regions may be
+            refused below the limit.
     """
 
     timeout_s: Optional[float] = attrs.field(default=None, validator=_positive_or_none)

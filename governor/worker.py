@@ -191,11 +191,17 @@ def _rss_figures() -> tuple:
 
 
 def _apply_hard_cap(limit_mb: float):
-    """Cap the worker's address space at its current size plus ``limit_mb`` for one task."""
+    """Cap the worker's address space for one task so its RSS cannot pass ``limit_mb``.
+
+    The task may grow its address space by the headroom its RSS has left: every new
+    allocation it touches becomes RSS, so the cap fails an allocation before the RSS
+    reaches the limit, and before the supervisor's sampler would have to kill.
+    """
     with open("/proc/self/statm", "rb") as statm:
-        current = int(statm.read().split()[0]) * _PAGE_SIZE
+        size_pages, resident_pages = (int(field) for field in statm.read().split()[:2])
+    headroom = max(0, int(limit_mb * 2 ** 20) - resident_pages * _PAGE_SIZE)
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    cap = current + int(limit_mb * 2 ** 20)
+    cap = size_pages * _PAGE_SIZE + headroom
     if hard != resource.RLIM_INFINITY:
         cap = min(cap, hard)
     resource.setrlimit(resource.RLIMIT_AS, (cap, hard))

@@ -1,0 +1,244 @@
+"""The resource governor, with real processes: timeouts, memory, cancellation, crashes, recovery.
+
+Every assertion about a process's death is checked with psutil; ordering comes from marker
+files the steps write (cross-process events), never from sleeps.
+"""
+
+import concurrent.futures
+import os
+import signal
+
+import pytest
+
+from conftest import alive, wait_until
+from governor import (Call, Limits, MemoryLimitExceeded, StepCancelled, StepTimeout, Supervisor, TaskState,
+                      WorkerCrashed)
+from step_library import registry, wait_for_path
+
+
+def read_pid(path) -> int:
+    wait_for_path(str(path))
+    return int(path.read_text())
+
+
+def with_limits(step, *args, **limits):
+    return Call(step, args, limits=Limits(**limits))
+
+
+@pytest.mark.parametrize("step", ["busy_loop", "sleep_in_c"])
+def test_timeout_kills_a_step_in_python_or_in_c(supervisor, tmp_path, step):
+    marker = tmp_path / "pid"
+    future = supervisor.submit_call(with_limits(step, str(marker), timeout_s=0.3))
+    with pytest.raises(StepTimeout) as timed_out:
+        future.result(timeout=30)
+    error = timed_out.value
+    assert error.limit_s == 0.3
+    assert error.elapsed_s >= 0.3
+    assert error.pid == read_pid(marker)
+    assert not alive(error.pid)
+    assert future.state is TaskState.TIMED_OUT
+    assert supervisor.submit("echo", "still serving").result(timeout=30) == "still serving"
+
+
+def test_timeout_kills_the_child_process_too(supervisor, tmp_path):
+    marker = tmp_path / "child"
+    future = supervisor.submit_call(with_limits("child_sleeper", str(marker), timeout_s=0.5))
+    child = read_pid(marker)
+    with pytest.raises(StepTimeout):
+        future.result(timeout=30)
+    assert wait_until(lambda: not alive(child), timeout=5), "the step's `sleep 1000` outlived the kill"
+
+
+def test_kill_reaches_a_grandchild_that_left_the_process_group(supervisor, tmp_path):
+    marker = tmp_path / "grandchild"
+    future = supervisor.submit_call(with_limits("daemonised_grandchild", str(marker), timeout_s=0.5))
+    grandchild = read_pid(marker)
+    with pytest.raises(StepTimeout):
+        future.result(timeout=30)
+    assert wait_until(lambda: not alive(grandchild), timeout=5)
+
+
+def test_declared_step_timeout_applies(supervisor):
+    with pytest.raises(StepTimeout):
+        supervisor.submit("declared_timeout_loop").result(timeout=30)
+
+
+def test_queue_wait_does_not_count_against_the_timeout(tmp_path):
+    with Supervisor(registry, workers=1) as sup:
+        first = sup.submit("timed_sleep", 600)
+        second = sup.submit_call(Call("timed_sleep", (100,), limits=Limits(timeout_s=0.4)))
+        assert first.result(timeout=30)
+        assert second.result(timeout=30), "waited 600 ms in the queue, ran 100 ms: no timeout"
+
+
+def test_memory_limit_kills_a_growing_step(supervisor):
+    future = supervisor.submit_call(Call("allocate", kwargs={"chunk_mb": 50, "total_mb": 2048},
+                                         limits=Limits(max_memory_mb=200)))
+    with pytest.raises(MemoryLimitExceeded) as over:
+        future.result(timeout=60)
+    error = over.value
+    assert error.limit_mb == 200
+    assert error.peak_mb >= 200
+    assert error.killed
+    assert not alive(error.pid)
+    assert future.state is TaskState.OVER_MEMORY
+    assert supervisor.submit("echo", 1).result(timeout=30) == 1
+
+
+def test_memory_hard_cap_refuses_the_allocation_and_keeps_the_worker(supervisor):
+    future = supervisor.submit_call(Call("allocate", kwargs={"chunk_mb": 50, "total_mb": 2048, "pause_s": 0},
+                                         limits=Limits(max_memory_mb=300, memory_hard_cap=True)))
+    with pytest.raises(MemoryLimitExceeded) as over:
+        future.result(timeout=60)
+    assert not over.value.killed
+    assert alive(over.value.pid), "the hard cap fails the allocation; the worker lives on"
+
+
+def test_cancel_kills_a_running_busy_step_and_its_worker(supervisor, tmp_path):
+    marker = tmp_path / "pid"
+    future = supervisor.submit("busy_loop", str(marker))
+    worker = read_pid(marker)
+    assert future.running()
+    assert future.cancel("user navigated away")
+    with pytest.raises(StepCancelled) as cancelled:
+        future.result(timeout=30)
+    assert future.cancelled()
+    assert cancelled.value.reason == "explicit"
+    assert cancelled.value.detail == "user navigated away"
+    assert cancelled.value.killed
+    assert wait_until(lambda: not alive(worker), timeout=5)
+    assert future.cancel(), "cancel() stays True once cancelled"
+
+
+def test_cooperative_cancel_keeps_the_worker(supervisor, tmp_path):
+    marker = tmp_path / "pid"
+    future = supervisor.submit_call(Call("cooperative", (str(marker),), limits=Limits(cancel_grace_s=30)))
+    worker = read_pid(marker)
+    future.cancel()
+    with pytest.raises(StepCancelled) as cancelled:
+        future.result(timeout=30)
+    assert not cancelled.value.killed
+    assert alive(worker)
+
+
+def test_cancel_of_a_queued_step_never_runs_it(tmp_path):
+    with Supervisor(registry, workers=1) as sup:
+        blocker = sup.submit("hold_until", str(tmp_path / "started"), str(tmp_path / "go"))
+        wait_for_path(str(tmp_path / "started"))
+        queued = sup.submit("hold_until", str(tmp_path / "never"), str(tmp_path / "go"))
+        assert queued.cancel()
+        assert queued.cancelled() and queued.done()
+        (tmp_path / "go").touch()
+        blocker.result(timeout=30)
+        assert sup.submit("echo", 1).result(timeout=30) == 1
+        assert not (tmp_path / "never").exists()
+
+
+def test_scope_cancel_stops_running_and_drops_queued(tmp_path):
+    with Supervisor(registry, workers=2) as sup:
+        with pytest.raises(RuntimeError):
+            with sup.scope() as scope:
+                running = [scope.submit("busy_loop", str(tmp_path / f"running-{n}")) for n in range(2)]
+                pids = [read_pid(tmp_path / f"running-{n}") for n in range(2)]
+                queued = [scope.submit("hold_until", str(tmp_path / f"queued-{n}"), str(tmp_path / "go"))
+                          for n in range(5)]
+                assert scope.cancel("view switched") == 7
+                late = scope.submit("echo", 1)
+                raise RuntimeError("leave the block")
+        for future in running + queued + [late]:
+            with pytest.raises(StepCancelled) as cancelled:
+                future.result(timeout=30)
+            assert cancelled.value.reason == "scope"
+        assert not any((tmp_path / f"queued-{n}").exists() for n in range(5))
+        assert all(wait_until(lambda pid=pid: not alive(pid), timeout=5) for pid in pids)
+
+
+@pytest.mark.parametrize("step, exitcode, signal_number", [("die", 3, None), ("segfault", None, signal.SIGSEGV)])
+def test_a_crash_fails_only_its_own_task(tmp_path, step, exitcode, signal_number):
+    go = str(tmp_path / "go")
+    with Supervisor(registry, workers=9) as sup:
+        siblings = [sup.submit("hold_until", str(tmp_path / f"sibling-{n}"), go) for n in range(8)]
+        for n in range(8):
+            wait_for_path(str(tmp_path / f"sibling-{n}"))
+        crashing = sup.submit(step)
+        with pytest.raises(WorkerCrashed) as crashed:
+            crashing.result(timeout=30)
+        assert crashed.value.exitcode == exitcode
+        assert crashed.value.signal == signal_number
+        assert crashing.state is TaskState.CRASHED
+        (tmp_path / "go").touch()
+        assert all(future.result(timeout=30) > 0 for future in siblings), "no sibling paid for the crash"
+
+
+def test_twenty_kills_then_full_parallel_capacity(tmp_path):
+    workers = 4
+    with Supervisor(registry, workers=workers) as sup:
+        for round_ in range(5):
+            doomed = [
+                sup.submit_call(with_limits("busy_loop", timeout_s=0.2)),
+                sup.submit_call(Call("allocate", kwargs={"chunk_mb": 50, "total_mb": 2048},
+                                     limits=Limits(max_memory_mb=150))),
+                sup.submit("die", 5),
+                sup.submit("busy_loop", str(tmp_path / f"cancel-{round_}")),
+            ]
+            read_pid(tmp_path / f"cancel-{round_}")
+            doomed[3].cancel()
+            concurrent.futures.wait(doomed, timeout=60)
+            assert [type(f.exception()) if not f.cancelled() else StepCancelled for f in doomed] == [
+                StepTimeout, MemoryLimitExceeded, WorkerCrashed, StepCancelled]
+        meeting = tmp_path / "meeting"
+        meeting.mkdir()
+        names = sup.run_batch([("meet", {"directory": str(meeting), "name": f"w{n}", "expected": workers})
+                               for n in range(workers)], timeout=60)
+        assert names == [f"w{n}" for n in range(workers)], f"{workers} steps ran at once after 20 kills"
+        assert sup.metrics()["worker_kills"]["pool"] == {"timeout": 5, "memory": 5, "crash": 5, "cancel": 5}
+
+
+def test_critical_lane_recovers_in_order_after_a_timeout(supervisor):
+    first = supervisor.submit("critical_record", 1, tag="first")
+    killed = supervisor.submit_call(with_limits("critical_busy_loop", timeout_s=0.3))
+    after = [supervisor.submit("critical_record", 1, tag=f"after-{n}") for n in range(3)]
+    with pytest.raises(StepTimeout):
+        killed.result(timeout=30)
+    records = [first.result(timeout=30)] + [f.result(timeout=30) for f in after]
+    assert [r[0] for r in records] == ["first", "after-0", "after-1", "after-2"]
+    starts = [r[1] for r in records]
+    assert starts == sorted(starts)
+    assert records[0][3] != records[1][3], "a new worker took over the critical lane"
+
+
+def test_a_warm_spare_takes_over_after_a_kill(tmp_path):
+    with Supervisor(registry, workers=1, spares=1) as sup:
+        marker = tmp_path / "pid"
+        doomed = sup.submit_call(with_limits("busy_loop", str(marker), timeout_s=0.3))
+        killed_pid = read_pid(marker)
+        with pytest.raises(StepTimeout):
+            doomed.result(timeout=30)
+        survivor = sup.submit("pid").result(timeout=30)
+        assert survivor != killed_pid
+
+
+def test_workers_are_recycled_after_max_tasks():
+    with Supervisor(registry, workers=1, spares=0, max_tasks_per_worker=3) as sup:
+        pids = [sup.submit("pid").result(timeout=30) for _ in range(6)]
+        assert pids[0] == pids[1] == pids[2]
+        assert pids[3] == pids[4] == pids[5] != pids[0]
+        assert sup.metrics()["worker_recycles"]["pool"]["max_tasks"] >= 1
+
+
+def test_a_leaking_worker_is_recycled():
+    with Supervisor(registry, workers=1, spares=0, recycle_rss_mb=150) as sup:
+        leaky = sup.submit("grow_idle_memory", 200).result(timeout=30)
+        assert sup.submit("pid").result(timeout=30) != leaky
+        assert wait_until(lambda: not alive(leaky), timeout=10)
+
+
+def test_limits_are_validated_where_they_are_built():
+    with pytest.raises(ValueError):
+        Limits(timeout_s=0)
+    with pytest.raises(TypeError):
+        Limits(max_memory_mb="lots")
+    with pytest.raises(ValueError):
+        Limits(memory_hard_cap=True)
+    with pytest.raises(TypeError):
+        Call("echo", limits={"timeout_s": 1})
