@@ -133,6 +133,7 @@ class LaneState:
     idle: List[Slot] = attrs.field(factory=list)
     start_failures: int = 0
     respawn_pending: bool = False
+    published: tuple = ()
 
     def count(self, *states: SlotState) -> int:
         return sum(1 for slot in self.slots.values() if slot.state in states)
@@ -222,6 +223,7 @@ class Manager(threading.Thread):
                 self._fire_timers()
                 self._dispatch()
                 self._keep_lanes_full()
+                self._publish_lanes()
         except BaseException as exc:  # a bug here must not leave workers behind
             log.critical("governor manager thread failed", exc_info=True)
             self.start_error = self.start_error or exc
@@ -265,8 +267,12 @@ class Manager(threading.Thread):
     # ----------------------------------------------------------------- inbox messages
 
     def _on_submit(self, tasks: Sequence[Task]) -> None:
+        debug = log.isEnabledFor(logging.DEBUG)
         for task in tasks:
             self._lanes[task.lane].queue.append(task)
+            if debug:
+                log.debug("task %s (%s) queued", task.id, task.step,
+                          extra={"task_id": task.id, "step": task.step, "lane": task.lane.value})
 
     def _on_cancel(self, task: Task) -> None:
         """A cancel was recorded on ``task``: stop it if it runs, settle its workflow if queued."""
@@ -284,7 +290,7 @@ class Manager(threading.Thread):
         except OSError:
             pass  # the worker just died: its EOF settles the task
         if grace == 0:
-            self._kill(slot, "cancel", TaskState.CANCELLED, task.cancelled_error(killed=True))
+            self._kill(slot, "cancel", TaskState.CANCELLED, task.cancelled_error(killed=True), 0.0, None)
         else:
             self._timers.after(grace, "grace", task)
 
@@ -404,7 +410,9 @@ class Manager(threading.Thread):
             self._memory_watched[task.id] = task
             if self._next_sample_at is None:
                 self._next_sample_at = now + MEMORY_SAMPLE_INTERVAL_S
-        log.debug("task %s (%s) started on worker %s", task.id, task.step, slot.pid)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("task %s (%s) started on worker %s", task.id, task.step, slot.pid,
+                      extra={"task_id": task.id, "step": task.step, "lane": task.lane.value, "pid": slot.pid})
 
     def _post_loky_done(self, slot: Slot, task: Task, future: concurrent.futures.Future) -> None:
         # Runs on a loky thread: only hand the news over (FIELD-NOTES: no heavy work here).
@@ -451,7 +459,10 @@ class Manager(threading.Thread):
         self._running.pop(task.id, None)
         self._memory_watched.pop(task.id, None)
         self._metrics.task_finished(task)
-        log.debug("task %s (%s) %s", task.id, task.step, state.value)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("task %s (%s) %s", task.id, task.step, state.value,
+                      extra={"task_id": task.id, "step": task.step, "lane": task.lane.value, "pid": task.pid,
+                             "reason": state.value})
         task.resolve(result)
         self._settle_workflow(task, result)
 
@@ -505,10 +516,12 @@ class Manager(threading.Thread):
                 self._on_worker_gone(slot)
             elif kind == "timeout" and slot.state is SlotState.BUSY:
                 elapsed = self._clock() - task.dispatched_at
-                self._kill(slot, "timeout", TaskState.TIMED_OUT, StepTimeout(
-                    task.step, task.id, task.limits.effective_timeout_s, elapsed, slot.pid))
+                limit = task.limits.effective_timeout_s
+                self._kill(slot, "timeout", TaskState.TIMED_OUT,
+                           StepTimeout(task.step, task.id, limit, elapsed, slot.pid), limit, elapsed)
             elif kind == "grace" and slot.state is SlotState.BUSY:
-                self._kill(slot, "cancel", TaskState.CANCELLED, task.cancelled_error(killed=True))
+                self._kill(slot, "cancel", TaskState.CANCELLED, task.cancelled_error(killed=True),
+                           task.limits.effective_cancel_grace_s, None)
         if len(self._timers) > 64 and len(self._timers) > 4 * len(self._running):
             self._timers.prune(lambda kind, target: kind == "respawn" or target.state is TaskState.RUNNING)
 
@@ -526,21 +539,27 @@ class Manager(threading.Thread):
             # way), or the figure was a transient one.
             if slot.loky_future.done() or slot.sampler.rss_bytes() <= limit_mb * 2 ** 20:
                 continue
-            self._kill(slot, "memory", TaskState.OVER_MEMORY, MemoryLimitExceeded(
-                task.step, task.id, limit_mb, _mib(task.peak_rss_bytes), slot.pid))
+            peak_mb = _mib(task.peak_rss_bytes)
+            self._kill(slot, "memory", TaskState.OVER_MEMORY,
+                       MemoryLimitExceeded(task.step, task.id, limit_mb, peak_mb, slot.pid), limit_mb, peak_mb)
         self._next_sample_at = (self._clock() + MEMORY_SAMPLE_INTERVAL_S) if self._memory_watched else None
 
-    def _kill(self, slot: Slot, reason: str, state: TaskState, error: BaseException) -> None:
-        """Kill the worker running a task and its whole process tree; the task ends on its EOF."""
+    def _kill(self, slot: Slot, reason: str, state: TaskState, error: BaseException,
+              limit: Optional[float], observed: Optional[float]) -> None:
+        """Kill the worker running a task and its whole process tree; the task ends on its EOF.
+
+        Args:
+            reason: timeout, memory or cancel (the metrics label and the log's reason).
+            state, error: how the task will end once the worker is seen dead.
+            limit, observed: the limit enforced and the value seen, for the log record.
+        """
         task = slot.task
         slot.kill = KillOrder(reason, state, error)
         slot.state = SlotState.KILLING
         kill_tree(slot.pid, slot.sampler.descendants(rescan=True))
         self._metrics.worker_killed(slot.lane, reason)
         self._timers.after(KILL_CONFIRM_S, "confirm", task)
-        log.warning("killed worker %s: %s", slot.pid, error, extra={
-            "task_id": task.id, "step": task.step, "lane": slot.lane.value, "pid": slot.pid,
-            "reason": reason})
+        _log_death(task, slot, reason, limit, observed, f"killed worker {slot.pid}: {error}")
 
     def _on_worker_gone(self, slot: Slot, loky_error: Optional[BaseException] = None) -> None:
         """A worker's socket closed (or loky reported it dead): it died, was killed, or retired."""
@@ -574,8 +593,7 @@ class Manager(threading.Thread):
         slot.task = None
         crash = WorkerCrashed(task.step, task.id, slot.pid, exitcode, signal_number)
         self._metrics.worker_killed(slot.lane, "crash")
-        log.warning("%s", crash, extra={"task_id": task.id, "step": task.step, "lane": slot.lane.value,
-                                        "pid": slot.pid, "reason": "crash"})
+        _log_death(task, slot, "crash", None, exitcode if signal_number is None else -signal_number, str(crash))
         self._finish(task, TaskState.CRASHED, error=crash)
         self._stop_executor(slot)
 
@@ -638,6 +656,16 @@ class Manager(threading.Thread):
                 continue
             for _ in range(lane.workers + lane.spares - lane.live):
                 self._spawn(lane)
+
+    def _publish_lanes(self) -> None:
+        for lane in self._lanes.values():
+            busy, idle = lane.count(SlotState.BUSY), len(lane.idle)
+            pids = tuple(slot.pid for slot in lane.slots.values() if slot.pid is not None)
+            state = (busy, idle, lane.count(SlotState.STARTING), pids)
+            if state != lane.published:
+                lane.published = state
+                self._metrics.lane_state(lane.lane, busy=busy, idle=idle, starting=state[2],
+                                         spares_ready=max(0, idle - (lane.workers - busy)), worker_pids=pids)
 
     def _recycle(self, slot: Slot, reason: str) -> None:
         self._metrics.worker_recycled(slot.lane, reason)
@@ -703,6 +731,13 @@ def _start_worker(slot_id: int, control_address: str, steps: Dict[str, Any], mod
         executor.shutdown(wait=True, kill_workers=True)
         raise
     return executor, pid
+
+
+def _log_death(task: Task, slot: Slot, reason: str, limit: Optional[float], observed: Optional[float],
+               message: str) -> None:
+    """One WARNING per worker death, with the fields an operator filters on."""
+    log.warning(message, extra={"task_id": task.id, "step": task.step, "lane": slot.lane.value,
+                                "pid": slot.pid, "reason": reason, "limit": limit, "observed": observed})
 
 
 def _exit_from_loky_error(error: BaseException) -> tuple:

@@ -1,61 +1,283 @@
-"""What the supervisor counts, and the snapshot users read.
+"""What the supervisor counts and measures, read as a dict snapshot or as Prometheus text.
 
-The manager thread records; any thread may read a snapshot. Each record and each snapshot
-takes one short lock: recording costs a dict update, never a syscall.
+One recorder per supervisor holds every figure; both views are built from it at read time:
+
+* :meth:`MetricsRecorder.snapshot` -> a JSON-serialisable dict (``Supervisor.metrics()``);
+* :class:`PrometheusCollector` -> Prometheus families on a ``CollectorRegistry`` owned by
+  the supervisor (``Supervisor.prometheus_text()``), so two supervisors in one process never
+  mix their series.
+
+Recording happens on the manager thread, once per finished task: a handful of dict updates
+and one ``bisect`` per histogram under one short lock, never a syscall and never a
+prometheus_client call (those run only when someone scrapes). Histograms keep exact bucket
+counts, sum and count for Prometheus, plus the last :data:`RESERVOIR_SIZE` samples for the
+p50/p95/p99 of the snapshot.
 """
 
 from __future__ import annotations
 
+import bisect
 import collections
+import math
 import threading
-from typing import Any, Dict
+from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import psutil
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.exposition import generate_latest
 
 from governor.limits import Lane
-from governor.task import Task
+from governor.task import Task, TaskState
+
+#: Samples kept per histogram for quantiles: enough for a stable p99 (about 20 samples
+#: above it), small enough that sorting at snapshot time costs well under a millisecond.
+RESERVOIR_SIZE = 2048
+
+#: Bucket bounds in seconds: from 100 us (a no-op's queue wait) to 5 min (a long step).
+SECONDS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                   1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+
+#: Bucket bounds in bytes for a task's peak RSS: 16 MiB to 8 GiB.
+BYTES_BUCKETS = tuple(2 ** power for power in range(24, 34))
+
+#: How each terminal state is counted in ``governor_tasks_total{outcome=...}``.
+OUTCOMES = {
+    TaskState.DONE: "ok", TaskState.FAILED: "failed", TaskState.TIMED_OUT: "timeout",
+    TaskState.OVER_MEMORY: "memory", TaskState.CANCELLED: "cancelled", TaskState.CRASHED: "crashed",
+    TaskState.SKIPPED: "skipped",
+}
+
+#: The histograms recorded per (lane, step): name -> (bucket bounds, help text).
+HISTOGRAMS = {
+    "queue_wait_seconds": (SECONDS_BUCKETS, "Time a task waited in its lane's queue before a worker took it."),
+    "duration_seconds": (SECONDS_BUCKETS, "Time a task ran in its worker."),
+    "latency_seconds": (SECONDS_BUCKETS, "Time from submit to the task's end, as its caller saw it."),
+    "peak_rss_bytes": (BYTES_BUCKETS, "Peak RSS of the task's worker (and sampled children) while it ran."),
+}
+
+
+class Histogram:
+    """Exact bucket counts, sum and count, plus a reservoir of recent samples for quantiles."""
+
+    __slots__ = ("bounds", "buckets", "sum", "count", "recent")
+
+    def __init__(self, bounds: Sequence[float]):
+        self.bounds = bounds
+        self.buckets = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.sum = 0.0
+        self.count = 0
+        self.recent: Deque[float] = collections.deque(maxlen=RESERVOIR_SIZE)
+
+    def observe(self, value: float) -> None:
+        self.buckets[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+        self.count += 1
+        self.recent.append(value)
+
+    def summary(self) -> Dict[str, Any]:
+        """count, sum, and p50/p95/p99 of the recent samples (``None`` when empty)."""
+        ordered = sorted(self.recent)
+        return {"count": self.count, "sum": self.sum,
+                **{f"p{q}": quantile(ordered, q / 100) for q in (50, 95, 99)}}
+
+    def cumulative(self) -> List[Tuple[str, int]]:
+        """Prometheus buckets: ``(le, cumulative count)``, ending with ``+Inf``."""
+        running, result = 0, []
+        for bound, count in zip([*map(_float_label, self.bounds), "+Inf"], self.buckets):
+            running += count
+            result.append((bound, running))
+        return result
+
+
+def quantile(ordered: Sequence[float], q: float) -> Optional[float]:
+    """The ``q`` quantile (0..1) of sorted samples, nearest-rank; ``None`` when empty."""
+    if not ordered:
+        return None
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+def _float_label(value: float) -> str:
+    return repr(float(value))
 
 
 class MetricsRecorder:
-    """Counters the manager updates as tasks end and workers come and go."""
+    """Every figure of one supervisor. The manager thread records; any thread reads."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._outcomes: Dict[tuple, int] = collections.Counter()
+        self._outcomes: Dict[Tuple[str, str, str], int] = collections.Counter()
+        self._histograms: Dict[Tuple[str, str, str], Histogram] = {}
         self._spawns: Dict[str, int] = collections.Counter()
-        self._kills: Dict[tuple, int] = collections.Counter()
-        self._recycles: Dict[tuple, int] = collections.Counter()
+        self._kills: Dict[Tuple[str, str], int] = collections.Counter()
+        self._recycles: Dict[Tuple[str, str], int] = collections.Counter()
+        self._lanes: Dict[str, Dict[str, Any]] = {}
+
+    # ------------------------------------------------------------ recording (manager thread)
 
     def task_finished(self, task: Task) -> None:
+        """Count a task's outcome and observe its timings (once, as it ends)."""
+        lane, step = task.lane.value, task.step
+        observations = []
+        if task.dispatched_at is not None:
+            observations.append(("queue_wait_seconds", task.dispatched_at - task.submitted_at))
+            started = task.started_at if task.started_at is not None else task.dispatched_at
+            if task.ended_at is not None:
+                observations.append(("duration_seconds", max(0.0, task.ended_at - started)))
+            if task.peak_rss_bytes is not None:
+                observations.append(("peak_rss_bytes", task.peak_rss_bytes))
+        if task.ended_at is not None:
+            observations.append(("latency_seconds", max(0.0, task.ended_at - task.submitted_at)))
         with self._lock:
-            self._outcomes[(task.lane.value, task.step, task.state.value)] += 1
+            self._outcomes[(lane, step, OUTCOMES[task.state])] += 1
+            for name, value in observations:
+                histogram = self._histograms.get((name, lane, step))
+                if histogram is None:
+                    histogram = self._histograms[(name, lane, step)] = Histogram(HISTOGRAMS[name][0])
+                histogram.observe(value)
 
     def worker_spawned(self, lane: Lane) -> None:
         with self._lock:
             self._spawns[lane.value] += 1
 
     def worker_killed(self, lane: Lane, reason: str) -> None:
+        """Count a worker that died: ``reason`` is timeout, memory, cancel or crash."""
         with self._lock:
             self._kills[(lane.value, reason)] += 1
 
     def worker_recycled(self, lane: Lane, reason: str) -> None:
+        """Count a healthy worker replaced: ``reason`` is leak or max_tasks."""
         with self._lock:
             self._recycles[(lane.value, reason)] += 1
 
-    def snapshot(self) -> Dict[str, Any]:
-        """A JSON-serialisable copy of every counter."""
+    def lane_state(self, lane: Lane, *, busy: int, idle: int, starting: int, spares_ready: int,
+                   worker_pids: Tuple[int, ...]) -> None:
+        """Publish a lane's gauges (the manager calls this when they change)."""
+        with self._lock:
+            self._lanes[lane.value] = {"busy": busy, "idle": idle, "starting": starting,
+                                       "spares_ready": spares_ready, "worker_pids": worker_pids}
+
+    # ------------------------------------------------------------ reading (any thread)
+
+    def histogram_buckets(self, name: str) -> Dict[Tuple[str, str], Tuple[List[Tuple[str, int]], float]]:
+        """For one histogram, ``{(lane, step): (cumulative buckets, sum)}``."""
+        with self._lock:
+            return {(lane, step): (histogram.cumulative(), histogram.sum)
+                    for (kind, lane, step), histogram in self._histograms.items() if kind == name}
+
+    def snapshot(self, queue_depth: Dict[str, int]) -> Dict[str, Any]:
+        """Every figure as a JSON-serialisable dict.
+
+        Args:
+            queue_depth: tasks waiting per lane, as counted at submit (exact, unlike the
+                manager's view, which lags by one inbox drain).
+        """
         with self._lock:
             tasks: Dict[str, Dict[str, Dict[str, int]]] = {}
             for (lane, step, outcome), count in self._outcomes.items():
                 tasks.setdefault(lane, {}).setdefault(step, {})[outcome] = count
-            return {
-                "tasks": tasks,
-                "worker_spawns": dict(self._spawns),
-                "worker_kills": _nest(self._kills),
-                "worker_recycles": _nest(self._recycles),
-            }
+            timings: Dict[str, Dict[str, Dict[str, Any]]] = {}
+            for (name, lane, step), histogram in self._histograms.items():
+                timings.setdefault(lane, {}).setdefault(step, {})[name] = histogram.summary()
+            lanes = {lane: dict(state) for lane, state in self._lanes.items()}
+            spawns, kills, recycles = dict(self._spawns), _nest(self._kills), _nest(self._recycles)
+        memory = memory_figures(pid for state in lanes.values() for pid in state["worker_pids"])
+        return {
+            "tasks": tasks,
+            "timings": timings,
+            "queue_depth": dict(queue_depth),
+            "in_flight": {lane: state["busy"] for lane, state in lanes.items()},
+            "workers": {lane: {key: state[key] for key in ("busy", "idle", "starting")}
+                        for lane, state in lanes.items()},
+            "warm_spares": {lane: state["spares_ready"] for lane, state in lanes.items()},
+            "memory": memory,
+            "worker_spawns": spawns,
+            "worker_kills": kills,
+            "worker_recycles": recycles,
+        }
 
 
-def _nest(counter: Dict[tuple, int]) -> Dict[str, Dict[str, int]]:
+def memory_figures(worker_pids: Iterable[int]) -> Dict[str, int]:
+    """The supervisor's RSS, and the summed RSS of its workers (the additional memory)."""
+    total = 0
+    for pid in worker_pids:
+        try:
+            total += psutil.Process(pid).memory_info().rss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return {"supervisor_rss_bytes": psutil.Process().memory_info().rss, "workers_rss_bytes": total}
+
+
+def _nest(counter: Dict[Tuple[str, str], int]) -> Dict[str, Dict[str, int]]:
     nested: Dict[str, Dict[str, int]] = {}
     for (lane, reason), count in counter.items():
         nested.setdefault(lane, {})[reason] = count
     return nested
+
+
+class PrometheusCollector:
+    """Builds Prometheus families from a snapshot at scrape time (prometheus_client's custom
+    collector protocol), so recording never touches prometheus_client."""
+
+    def __init__(self, recorder: MetricsRecorder, queue_depth: Callable[[], Dict[str, int]]) -> None:
+        self._recorder = recorder
+        self._queue_depth = queue_depth
+
+    def collect(self):
+        snapshot = self._recorder.snapshot(self._queue_depth())
+        yield _family(CounterMetricFamily, "governor_tasks", "Tasks that ended, by lane, step and outcome.",
+                      ("lane", "step", "outcome"), snapshot["tasks"])
+        for name, (_, help_text) in HISTOGRAMS.items():
+            family = HistogramMetricFamily(f"governor_task_{name}", help_text, labels=("lane", "step"))
+            for (lane, step), (buckets, total) in sorted(self._recorder.histogram_buckets(name).items()):
+                family.add_metric((lane, step), buckets, total)
+            yield family
+        for kind, name, help_text, labels, values in (
+                (GaugeMetricFamily, "governor_queue_depth", "Tasks waiting in the lane's queue.",
+                 ("lane",), snapshot["queue_depth"]),
+                (GaugeMetricFamily, "governor_tasks_in_flight", "Tasks running in the lane's workers.",
+                 ("lane",), snapshot["in_flight"]),
+                (GaugeMetricFamily, "governor_warm_spares", "Idle warm workers ready to replace a lost one.",
+                 ("lane",), snapshot["warm_spares"]),
+                (GaugeMetricFamily, "governor_workers", "Worker processes by lane and state.",
+                 ("lane", "state"), snapshot["workers"]),
+                (CounterMetricFamily, "governor_worker_spawns", "Worker processes started.",
+                 ("lane",), snapshot["worker_spawns"]),
+                (CounterMetricFamily, "governor_worker_kills",
+                 "Workers that died: killed for a timeout, memory or cancel, or crashed.",
+                 ("lane", "reason"), snapshot["worker_kills"]),
+                (CounterMetricFamily, "governor_worker_recycles", "Healthy workers replaced (leak, max_tasks).",
+                 ("lane", "reason"), snapshot["worker_recycles"])):
+            yield _family(kind, name, help_text, labels, values)
+        yield GaugeMetricFamily("governor_supervisor_rss_bytes", "RSS of the supervisor process.",
+                                value=snapshot["memory"]["supervisor_rss_bytes"])
+        yield GaugeMetricFamily("governor_workers_rss_bytes", "Summed RSS of every worker process.",
+                                value=snapshot["memory"]["workers_rss_bytes"])
+
+
+def _family(kind: type, name: str, help_text: str, labels: Tuple[str, ...], nested: Dict[str, Any]):
+    """A metric family with one sample per leaf of ``nested`` (keyed by the label values)."""
+    family = kind(name, help_text, labels=labels)
+    for label_values, value in _leaves(nested, len(labels)):
+        family.add_metric(label_values, value)
+    return family
+
+
+def _leaves(nested: Dict[str, Any], depth: int, prefix: Tuple[str, ...] = ()):
+    for key, value in nested.items():
+        if depth == 1:
+            yield (*prefix, key), value
+        else:
+            yield from _leaves(value, depth - 1, (*prefix, key))
+
+
+def prometheus_registry(recorder: MetricsRecorder, queue_depth: Callable[[], Dict[str, int]]) -> CollectorRegistry:
+    """A registry of one supervisor's metrics (never the global default registry)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(PrometheusCollector(recorder, queue_depth))
+    return registry
+
+
+def prometheus_text(registry: CollectorRegistry) -> str:
+    """The Prometheus text exposition of ``registry``."""
+    return generate_latest(registry).decode("utf-8")

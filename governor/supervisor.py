@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 from governor.errors import InvalidParameters, QueueFull, SupervisorClosed, UnknownStep, WorkerStartFailed
 from governor.limits import Lane, Limits
 from governor.manager import Manager, ManagerConfig
-from governor.metrics import MetricsRecorder
+from governor.metrics import MetricsRecorder, prometheus_registry, prometheus_text
 from governor.task import CancelRequest, Call, Task, TaskFuture, TaskState, Workflow, WorkflowFuture
 
 #: Tasks a lane may hold waiting before ``submit`` raises ``QueueFull``.
@@ -103,6 +103,7 @@ class Supervisor:
             workers={Lane.CRITICAL: 1, Lane.POOL: workers}, spares=spares,
             max_tasks_per_worker=max_tasks_per_worker, recycle_rss_mb=recycle_rss_mb)
         self._metrics = MetricsRecorder()
+        self._prometheus = prometheus_registry(self._metrics, self._queue_depth)
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._queued = {Lane.CRITICAL: 0, Lane.POOL: 0}
@@ -234,11 +235,24 @@ class Supervisor:
         return route.lane, route.reason
 
     def metrics(self) -> Dict[str, Any]:
-        """A JSON-serialisable snapshot of the supervisor's counters and queue depths."""
-        snapshot = self._metrics.snapshot()
+        """A JSON-serialisable snapshot of every figure (see README, "Metrics").
+
+        Keys: ``tasks`` (lane -> step -> outcome -> count), ``timings`` (lane -> step ->
+        queue_wait_seconds / duration_seconds / latency_seconds / peak_rss_bytes -> count,
+        sum, p50, p95, p99), ``queue_depth``, ``in_flight``, ``workers`` (busy / idle /
+        starting), ``warm_spares`` (per lane), ``memory`` (supervisor_rss_bytes,
+        workers_rss_bytes), ``worker_spawns``, ``worker_kills`` (lane -> reason),
+        ``worker_recycles`` (lane -> reason).
+        """
+        return self._metrics.snapshot(self._queue_depth())
+
+    def prometheus_text(self) -> str:
+        """The same figures in the Prometheus text format, from this supervisor's own registry."""
+        return prometheus_text(self._prometheus)
+
+    def _queue_depth(self) -> Dict[str, int]:
         with self._lock:
-            snapshot["queued"] = {lane.value: count for lane, count in self._queued.items()}
-        return snapshot
+            return {lane.value: count for lane, count in self._queued.items()}
 
     # ----------------------------------------------------------------- internals
 

@@ -13,19 +13,18 @@ from governor.limits import Lane
 from step_library import registry, wait_for_path
 
 
-def overlapped(spans):
-    """Whether every span in ``spans`` ((start, end) pairs) was running at one moment."""
-    return max(start for start, _ in spans) < min(end for _, end in spans)
-
-
 def test_view_switch_steps_overlap_and_beat_their_sum(supervisor):
     results = supervisor.run_batch([("chat.history", {"chat_id": 1}), ("git.status", {"repo": "."}),
                                     ("git.current_branch", {"repo": "."})])
     spans = [(start, end) for _, start, end, _, _ in results]
-    assert overlapped(spans)
-    assert len({pid for _, _, _, pid, _ in results}) == 3
+    assert len({pid for _, _, _, pid, _ in results}) == 3, "three workers ran the three steps"
+    # The steps' own recorded times, not wall-clock bounds: if the batch's span is shorter
+    # than the sum of its steps' durations, they overlapped (and the batch beat the sum).
     batch_span = max(end for _, end in spans) - min(start for start, _ in spans)
-    assert batch_span < 0.117 + 0.019 + 0.009
+    assert batch_span < sum(end - start for start, end in spans)
+    chat_start, chat_end = spans[0]
+    assert any(start < chat_end and chat_start < end for start, end in spans[1:]), \
+        "a short step ran while the chat history was loading"
 
 
 def test_mixed_submissions_from_threads_keep_critical_order(supervisor):
@@ -142,7 +141,7 @@ def test_queue_full_refuses_and_queues_nothing(tmp_path):
             sup.submit("echo", 3)
         with pytest.raises(QueueFull):
             sup.run_batch([("echo", {"value": 4})])
-        assert sup.metrics()["queued"]["pool"] == 2
+        assert sup.metrics()["queue_depth"]["pool"] == 2
         (tmp_path / "go").touch()
         running.result(timeout=30)
         assert [f.result(timeout=30) for f in queued] == [0, 1]
