@@ -1,0 +1,203 @@
+"""Process pools measured side by side: Governor's Supervisor and its peers, behind one adapter.
+
+Every peer is a :class:`Peer`: ``start()``, ``submit(step, *args) -> Future``, ``shutdown()``,
+usable as a context manager. Steps are named as in :mod:`bench.bench_steps`'s registry; the
+Supervisor runs them by name, the others get the function itself. So a scenario measures
+every peer with one loop and never has per-peer code.
+
+* ``governor``: :class:`governor.Supervisor` (pool lane, one loky executor per worker).
+* ``loky``: a ``loky.ProcessPoolExecutor`` of our own (not the process-wide reusable one, so
+  shutting it down cannot disturb anything else).
+* ``stdlib``: ``concurrent.futures.ProcessPoolExecutor`` with the platform's default start
+  method (``fork`` on Linux, which launches every worker at the first submission).
+* ``pebble``: ``pebble.ProcessPool``; optional (the ``bench`` extra), skipped when missing.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import importlib.util
+import multiprocessing
+from typing import Any, Callable, Dict, List, Optional, Type
+
+import loky
+from governor import Supervisor
+
+from bench import bench_steps
+
+#: Tasks a warm-up runs at once per worker: two 20 ms sleeps each keep every worker busy at
+#: the same time, so each one imports the step module and pays its first-call costs.
+WARMUP_TASKS_PER_WORKER = 2
+WARMUP_SLEEP_MS = 20
+
+#: How many warm-up waves at most before giving up on seeing every worker's pid.
+WARMUP_MAX_WAVES = 10
+
+
+class Peer:
+    """A process pool under test (abstract).
+
+    Args:
+        workers: worker processes to give it.
+    """
+
+    #: The peer's name in the figures.
+    name: str = ""
+
+    def __init__(self, workers: int):
+        self.workers = workers
+
+    @classmethod
+    def unavailable(cls) -> Optional[str]:
+        """Why this peer cannot run here (a missing package), or ``None`` if it can."""
+        return None
+
+    def start(self) -> "Peer":
+        """Start the pool's workers; return ``self``."""
+        raise NotImplementedError
+
+    def submit(self, step: str, *args: Any) -> concurrent.futures.Future:
+        """Run the bench step called ``step`` with ``args``; return its future."""
+        raise NotImplementedError
+
+    def shutdown(self) -> None:
+        """Stop every worker and wait for them to exit."""
+        raise NotImplementedError
+
+    def describe(self) -> Dict[str, Any]:
+        """The peer's configuration, for the JSON."""
+        return {"workers": self.workers}
+
+    def warm(self) -> int:
+        """Run warm-up waves until every worker has run a step; return the pids seen."""
+        seen = set()
+        for _ in range(WARMUP_MAX_WAVES):
+            wave = [self.submit("sleep_ms", WARMUP_SLEEP_MS)
+                    for _ in range(WARMUP_TASKS_PER_WORKER * self.workers)]
+            seen.update(future.result() for future in wave)
+            if len(seen) >= self.workers:
+                break
+        for _ in range(self.workers):
+            self.submit("noop").result()
+        return len(seen)
+
+    def __enter__(self) -> "Peer":
+        return self.start()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.shutdown()
+
+
+class GovernorPeer(Peer):
+    """Governor's Supervisor: steps go through the pool lane by name."""
+
+    name = "governor"
+
+    def __init__(self, workers: int):
+        super().__init__(workers)
+        self._supervisor = None
+
+    def start(self) -> "GovernorPeer":
+        self._supervisor = Supervisor(bench_steps.registry, workers=self.workers).start()
+        return self
+
+    def submit(self, step: str, *args: Any) -> concurrent.futures.Future:
+        return self._supervisor.submit(step, *args)
+
+    def shutdown(self) -> None:
+        if self._supervisor is not None:
+            self._supervisor.shutdown(wait=True)
+
+
+class _FunctionPeer(Peer):
+    """A peer that runs the step's function itself through an executor-like ``_submit``."""
+
+    def __init__(self, workers: int):
+        super().__init__(workers)
+        self._functions: Dict[str, Callable[..., Any]] = {
+            name: bench_steps.registry.get(name).fn for name in bench_steps.registry.names()}
+
+    def submit(self, step: str, *args: Any) -> concurrent.futures.Future:
+        return self._submit(self._functions[step], args)
+
+    def _submit(self, fn: Callable[..., Any], args: tuple) -> concurrent.futures.Future:
+        raise NotImplementedError
+
+
+class _ExecutorPeer(_FunctionPeer):
+    """A peer that is a ``concurrent.futures.Executor``: only its constructor differs."""
+
+    def __init__(self, workers: int):
+        super().__init__(workers)
+        self._executor: Optional[concurrent.futures.Executor] = None
+
+    def _make(self) -> concurrent.futures.Executor:
+        raise NotImplementedError
+
+    def start(self) -> "_ExecutorPeer":
+        self._executor = self._make()
+        return self
+
+    def _submit(self, fn: Callable[..., Any], args: tuple) -> concurrent.futures.Future:
+        return self._executor.submit(fn, *args)
+
+    def shutdown(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+
+
+class LokyPeer(_ExecutorPeer):
+    """Raw loky: one ``loky.ProcessPoolExecutor`` with all the workers."""
+
+    name = "loky"
+
+    def _make(self) -> concurrent.futures.Executor:
+        return loky.ProcessPoolExecutor(max_workers=self.workers)
+
+
+class StdlibPeer(_ExecutorPeer):
+    """The standard library's ``ProcessPoolExecutor``, default start method."""
+
+    name = "stdlib"
+
+    def _make(self) -> concurrent.futures.Executor:
+        return concurrent.futures.ProcessPoolExecutor(max_workers=self.workers)
+
+    def describe(self) -> Dict[str, Any]:
+        return {**super().describe(), "start_method": multiprocessing.get_start_method()}
+
+
+class PebblePeer(_FunctionPeer):
+    """pebble's ``ProcessPool`` (futures from ``schedule``)."""
+
+    name = "pebble"
+
+    def __init__(self, workers: int):
+        super().__init__(workers)
+        self._pool = None
+
+    @classmethod
+    def unavailable(cls) -> Optional[str]:
+        if importlib.util.find_spec("pebble") is None:
+            return "pebble is not installed (pip install '.[bench]')"
+        return None
+
+    def start(self) -> "PebblePeer":
+        import pebble  # optional: imported only when available (see unavailable())
+
+        self._pool = pebble.ProcessPool(max_workers=self.workers)
+        return self
+
+    def _submit(self, fn: Callable[..., Any], args: tuple) -> concurrent.futures.Future:
+        return self._pool.schedule(fn, args=args)
+
+    def shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool.join()
+
+
+#: Every peer, in the order they are started. The stdlib pool comes first: with ``fork`` it
+#: copies the parent, and a fork taken before the other pools' threads exist cannot inherit
+#: a lock one of them held.
+PEERS: List[Type[Peer]] = [StdlibPeer, PebblePeer, LokyPeer, GovernorPeer]

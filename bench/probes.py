@@ -1,0 +1,185 @@
+"""Instruments the scenarios measure with: when a future resolved, when a process died,
+when a file appeared, which processes are Governor's workers, when a lane is full again,
+how deep a lane's queue is.
+
+Clocks: latencies measured only in this process use ``time.perf_counter``. Wherever a
+figure is compared with a timestamp the governor or a worker took (``Task.dispatched_at``,
+a worker's ``time.monotonic()``), ``time.monotonic`` is used instead: on Linux it reads the
+system-wide ``CLOCK_MONOTONIC``, the same clock in every process.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import select
+import threading
+import time
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import psutil
+from governor import Supervisor
+
+#: How often a file or a counter is polled while waiting for it. 1 ms bounds the added
+#: error of an ordering wait while costing the (2-core) machine little.
+POLL_S = 0.001
+
+#: How long any wait of the harness may take before it counts as a hang and raises.
+PATIENCE_S = 60.0
+
+
+class ResolutionStamp:
+    """Records the moment a future resolves, from a done-callback (no waiter wake-up in it).
+
+    Args:
+        future: the future to watch.
+        clock: the clock to read (``time.perf_counter`` or ``time.monotonic``).
+
+    Attributes:
+        at: the clock's reading when the future resolved (``None`` until then).
+    """
+
+    def __init__(self, future: concurrent.futures.Future, clock: Callable[[], float] = time.perf_counter):
+        self.at: Optional[float] = None
+        self._clock = clock
+        self._done = threading.Event()
+        future.add_done_callback(self._stamp)
+
+    def _stamp(self, _future: concurrent.futures.Future) -> None:
+        self.at = self._clock()
+        self._done.set()
+
+    def wait(self, timeout: float = PATIENCE_S) -> float:
+        """Block until the future resolved; return :attr:`at`.
+
+        Raises:
+            TimeoutError: if it did not resolve within ``timeout``.
+        """
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"a future did not resolve within {timeout}s")
+        return self.at
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie is dead: it only waits to be reaped)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+class DeathWatch:
+    """Tells when a process died, without reaping it (its parent, loky, reaps it).
+
+    Opened while the process is alive, so a recycled pid cannot fool it. On Linux >= 5.3
+    it waits on a pidfd, which becomes readable the moment the process exits; elsewhere it
+    polls psutil every :data:`POLL_S`.
+
+    Args:
+        pid: the process to watch.
+    """
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self._fd: Optional[int] = None
+        try:
+            self._fd = os.pidfd_open(pid)
+        except (AttributeError, OSError):
+            self._fd = None
+
+    def wait(self, clock: Callable[[], float] = time.perf_counter, timeout: float = PATIENCE_S) -> float:
+        """Block until the process is dead; return ``clock()`` read right then.
+
+        Raises:
+            TimeoutError: if it still lives after ``timeout``.
+        """
+        if self._fd is not None:
+            ready, _, _ = select.select([self._fd], [], [], timeout)
+            if not ready:
+                raise TimeoutError(f"process {self.pid} still alive after {timeout}s")
+            return clock()
+        deadline = time.monotonic() + timeout
+        while alive(self.pid):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"process {self.pid} still alive after {timeout}s")
+            time.sleep(POLL_S)
+        return clock()
+
+    def close(self) -> None:
+        """Release the pidfd."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "DeathWatch":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def wait_for(predicate: Callable[[], bool], what: str, timeout: float = PATIENCE_S) -> None:
+    """Poll ``predicate`` every :data:`POLL_S` until it holds.
+
+    Raises:
+        TimeoutError: naming ``what`` when it does not hold within ``timeout``.
+    """
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(POLL_S)
+
+
+def read_pid(marker: Path, timeout: float = PATIENCE_S) -> int:
+    """Wait for a step's marker file (see ``bench_steps._announce``) and return its pid."""
+    wait_for(marker.exists, f"marker {marker}", timeout)
+    return int(marker.read_text())
+
+
+def live_workers(supervisor: Supervisor, lane: str = "pool") -> int:
+    """How many warm, live workers ``supervisor``'s ``lane`` has (busy or idle)."""
+    counts = supervisor.metrics()["workers"][lane]
+    return counts["busy"] + counts["idle"]
+
+
+def queue_depth(supervisor: Supervisor, lane: str = "pool") -> int:
+    """Tasks waiting in ``lane``'s queue, from ``Supervisor.metrics()``."""
+    return supervisor.metrics()["queue_depth"].get(lane, 0)
+
+
+def wait_restaffed(supervisor: Supervisor, expected: int, lane: str = "pool", timeout: float = PATIENCE_S) -> None:
+    """Wait until ``lane`` is back to ``expected`` warm workers (after a kill, a spare is
+    consumed and a replacement spawns in the background, taking ~0.2 s).
+
+    Raises:
+        TimeoutError: if the lane does not recover within ``timeout``.
+    """
+    wait_for(lambda: live_workers(supervisor, lane) >= expected, f"the {lane} lane to restaff", timeout)
+
+
+def loky_worker_processes() -> List[psutil.Process]:
+    """This process's children that are loky workers (resource trackers excluded)."""
+    workers = []
+    for child in psutil.Process().children():
+        try:
+            command = " ".join(child.cmdline())
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if "loky" in command and "resource_tracker" not in command:
+            workers.append(child)
+    return workers
+
+
+def leftover_children() -> List[psutil.Process]:
+    """Live descendants of this process other than the per-interpreter resource trackers."""
+    left = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if "resource_tracker" in " ".join(child.cmdline()) or not alive(child.pid):
+                continue
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        left.append(child)
+    return left

@@ -1,0 +1,13 @@
+"""The scenarios, registered in :data:`bench.core.SCENARIOS` as their modules are imported.
+
+Import order is run order (cheap and headline scenarios first), hence one import per line.
+To add a scenario, write one function decorated with :func:`bench.core.scenario` in a
+module here and import that module below.
+"""
+
+# isort: off
+from bench.scenarios import view_switch  # noqa: F401
+from bench.scenarios import overhead  # noqa: F401
+from bench.scenarios import governor_limits  # noqa: F401
+from bench.scenarios import memory  # noqa: F401
+from bench.scenarios import scaling  # noqa: F401

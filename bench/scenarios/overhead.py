@@ -1,0 +1,116 @@
+"""Scenario ``overhead``: what a task costs beyond its work, Governor next to its peers.
+
+Two measurements of the no-op step, on every peer of :mod:`bench.peers` in the same run:
+
+* round trip: submit one no-op, wait for its result, repeat (a closed loop of one), timed
+  with ``perf_counter`` around each ``submit(...).result()``;
+* throughput: submit ``throughput_tasks`` no-ops at once, wait for all, tasks / wall time.
+
+Every peer is started and warmed (each worker ran a step) before anything is measured,
+and all of them stay up for the whole scenario; the measurements are taken in rounds that
+rotate the peers' order, so a noisy spell on the shared machine is spread over all of them.
+Ratios are ours / theirs: below 1 is better for latency, above 1 is better for throughput.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import time
+from typing import Dict, List
+
+from bench.core import ScenarioContext, ScenarioResult, scenario
+from bench.peers import PEERS, Peer
+from bench.stats import Summary, Throughput, ratio, to_ms
+
+#: Unmeasured round trips per peer and per ``Size.warmup`` before the first round: enough
+#: to settle each pool's threads and caches after the warm-up's sleeps.
+ROUNDTRIP_WARMUP_PER_UNIT = 25
+
+#: The issue's target: our no-op round-trip p50 at most this many times raw loky's.
+ROUNDTRIP_RATIO_TARGET = 1.5
+
+OURS = "governor"
+
+
+def _rotated(peers: List[Peer], shift: int) -> List[Peer]:
+    shift %= len(peers)
+    return peers[shift:] + peers[:shift]
+
+
+def _roundtrips(peer: Peer, count: int) -> List[float]:
+    samples = []
+    for _ in range(count):
+        start = time.perf_counter()
+        peer.submit("noop").result()
+        samples.append(time.perf_counter() - start)
+    return samples
+
+
+def _throughput(peer: Peer, tasks: int) -> Throughput:
+    start = time.perf_counter()
+    futures = [peer.submit("noop") for _ in range(tasks)]
+    done, _ = concurrent.futures.wait(futures)
+    seconds = time.perf_counter() - start
+    failed = sum(1 for future in done if future.exception() is not None)
+    if failed:
+        raise RuntimeError(f"{failed} of {tasks} no-ops failed on {peer.name}")
+    return Throughput(tasks, seconds)
+
+
+@scenario("overhead")
+def overhead(ctx: ScenarioContext) -> ScenarioResult:
+    """No-op round trip and throughput: Supervisor vs raw loky, stdlib ProcessPoolExecutor, pebble."""
+    size, result = ctx.size, ScenarioResult()
+    with contextlib.ExitStack() as stack:
+        peers: List[Peer] = []
+        for peer_class in PEERS:
+            reason = peer_class.unavailable()
+            if reason is not None:
+                result.note(f"peer {peer_class.name} skipped: {reason}")
+                continue
+            ctx.progress(f"starting and warming {peer_class.name} ({size.peer_workers} workers)")
+            peer = stack.enter_context(peer_class(size.peer_workers))
+            peer.warm()  # at once: a forking pool must fork before the next pool's threads exist
+            _roundtrips(peer, ROUNDTRIP_WARMUP_PER_UNIT * size.warmup)
+            peers.append(peer)
+
+        per_round = max(1, size.roundtrips // size.roundtrip_rounds)
+        roundtrips: Dict[str, List[float]] = {peer.name: [] for peer in peers}
+        ctx.progress(f"round trips: {per_round * size.roundtrip_rounds} per peer in {size.roundtrip_rounds} rounds")
+        for round_number in range(size.roundtrip_rounds):
+            for peer in _rotated(peers, round_number):
+                roundtrips[peer.name].extend(_roundtrips(peer, per_round))
+
+        runs: Dict[str, List[Throughput]] = {peer.name: [] for peer in peers}
+        ctx.progress(f"throughput: {size.throughput_tasks} no-ops x {size.throughput_repeats} per peer")
+        for repeat in range(size.throughput_repeats):
+            for peer in _rotated(peers, repeat):
+                runs[peer.name].append(_throughput(peer, size.throughput_tasks))
+        configs = {peer.name: peer.describe() for peer in peers}
+        ctx.progress("shutting the peers down")
+
+    summaries = {name: Summary.of_seconds(samples) for name, samples in roundtrips.items()}
+    throughputs = {name: sorted(found, key=lambda run: run.per_s)[len(found) // 2] for name, found in runs.items()}
+    for name in summaries:
+        result.put(f"peers.{name}.config", configs[name])
+        result.put(f"peers.{name}.roundtrip", summaries[name], f"{name}: no-op round trip")
+        result.put(f"peers.{name}.throughput", throughputs[name], f"{name}: throughput (median run)")
+        result.put(f"peers.{name}.throughput_runs_per_s", [round(run.per_s, 1) for run in runs[name]])
+        result.distribution("No-op round trip by peer", name, to_ms(roundtrips[name]))
+    if OURS in summaries:
+        for name in summaries:
+            if name == OURS:
+                continue
+            result.put(f"ratios.{name}.roundtrip_p50", ratio(summaries[OURS].p50, summaries[name].p50),
+                       f"round-trip p50, ours / {name}", "x")
+            result.put(f"ratios.{name}.throughput", ratio(throughputs[OURS].per_s, throughputs[name].per_s),
+                       f"throughput, ours / {name}", "x")
+    loky_ratio = result.figures.get("ratios", {}).get("loky", {}).get("roundtrip_p50")
+    result.target(f"round-trip p50 <= {ROUNDTRIP_RATIO_TARGET:g}x raw loky's", loky_ratio,
+                  ROUNDTRIP_RATIO_TARGET, "x")
+    result.note("Every peer gets the same worker count; the stdlib pool uses the platform's default start "
+                "method. Round trips are timed one at a time with perf_counter around submit().result(); "
+                f"throughput is the median of {size.throughput_repeats} run(s) of {size.throughput_tasks} "
+                "no-ops submitted at once. Ratios are ours / theirs.")
+    return result
