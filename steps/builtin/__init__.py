@@ -1,0 +1,81 @@
+"""The built-in steps the Governor daemon and CLI run, and :func:`default_registry`.
+
+==========================  ========  ==========================================================
+step                        lane      function
+==========================  ========  ==========================================================
+``git.status``              pool      :func:`steps.builtin.git.status`
+``git.current_branch``      pool      :func:`steps.builtin.git.current_branch`
+``git.log``                 pool      :func:`steps.builtin.git.log`
+``chat.history``            pool      :func:`steps.builtin.chat.history`
+``chat.create``             critical  :func:`steps.builtin.chat.create`
+``chat.send_message``       critical  :func:`steps.builtin.chat.send_message`
+``task.execute``            critical  :func:`steps.builtin.sequence.execute_task`
+``workflow.execute``        critical  :func:`steps.builtin.sequence.execute_workflow`
+==========================  ========  ==========================================================
+
+Every step is a module-level function, so worker processes import it by reference, and
+each declares its lane explicitly (read-only steps ``critical=False`` with the
+``read-only`` tag; the others ``critical=True``, which the default classifier would also
+decide from their names) and its own outer :class:`~governor.limits.Limits`.
+
+Usage::
+
+    from governor import Supervisor
+    from steps.builtin import default_registry
+
+    with Supervisor(default_registry()) as sup:
+        branch, status = sup.run_batch([("git.current_branch", {"repo": "/abs/repo"}),
+                                        ("git.status", {"repo": "/abs/repo"})])
+
+Steps run in the workers' current directory and environment (the supervisor's), so pass
+absolute ``repo`` paths, and set ``GOVERNOR_CHAT_STORE`` in the daemon (or pass
+``store=``) to choose the chat store. Errors a step raises on purpose are in
+:mod:`steps.builtin.errors`.
+"""
+
+from __future__ import annotations
+
+from steps.builtin import chat, git, sequence
+from steps.builtin.errors import (BuiltinStepError, ChatNotFound, ChatStoreError, GitCommandError, GitTimeout,
+                                  GitUnavailable, NotAGitRepository, StepInputError, StepInputTypeError,
+                                  SubStepFailed)
+from steps.builtin.sequence import WORKFLOWS, Param, Result, Workflow, WorkflowStep
+from steps.registry import StepRegistry
+
+#: The tag of the steps that only read, which the default classifier puts in the pool lane.
+READ_ONLY = ("read-only",)
+
+
+def default_registry() -> StepRegistry:
+    """A new :class:`~steps.registry.StepRegistry` holding every built-in step.
+
+    A new one on every call, so callers (and tests) may add their own steps or classifier
+    rules without affecting anyone else.
+    """
+    registry = StepRegistry()
+    # Read-only: parallel in the pool lane.
+    registry.register(git.status, name="git.status", critical=False, category="git", tags=READ_ONLY,
+                      limits=git.STEP_LIMITS)
+    registry.register(git.current_branch, name="git.current_branch", critical=False, category="git",
+                      tags=READ_ONLY, limits=git.STEP_LIMITS)
+    registry.register(git.log, name="git.log", critical=False, category="git", tags=READ_ONLY,
+                      limits=git.STEP_LIMITS)
+    registry.register(chat.history, name="chat.history", critical=False, category="chat", tags=READ_ONLY,
+                      limits=chat.STEP_LIMITS)
+    # State-changing: one at a time, in submission order, in the critical lane.
+    registry.register(chat.create, name="chat.create", critical=True, category="chat", tags=("write",),
+                      limits=chat.STEP_LIMITS)
+    registry.register(chat.send_message, name="chat.send_message", critical=True, category="chat",
+                      tags=("write",), limits=chat.STEP_LIMITS)
+    registry.register(sequence.execute_task, name="task.execute", critical=True, tags=("task",),
+                      limits=sequence.STEP_LIMITS)
+    registry.register(sequence.execute_workflow, name="workflow.execute", critical=True, tags=("workflow",),
+                      limits=sequence.STEP_LIMITS)
+    return registry
+
+
+__all__ = [
+    "BuiltinStepError", "ChatNotFound", "ChatStoreError", "GitCommandError", "GitTimeout", "GitUnavailable",
+    "NotAGitRepository", "Param", "READ_ONLY", "Result", "StepInputError", "StepInputTypeError", "SubStepFailed",
+    "WORKFLOWS", "Workflow", "WorkflowStep", "default_registry",
+]
