@@ -8,22 +8,36 @@ process tree, and one worker's death fails only the task it was running.
     from steps import StepRegistry
     from governor import Supervisor, Limits
 
-See README.md for the whole API.
+The engine (``Supervisor``, ``Scope``, and with them loky, psutil and prometheus_client)
+is imported on first use, not with the package: worker processes import ``governor`` for
+its values and errors, and each module they do not load is private memory they do not
+pay for, times every worker. See README.md for the whole API.
 """
 
 import logging
 
+from governor.context import StepContext, current_context
 from governor.errors import (GovernorError, InvalidParameters, MemoryLimitExceeded, QueueFull, StepCancelled,
                              StepFailed, StepSkipped, StepTimeout, SupervisorClosed, UnknownStep,
                              WorkerCrashed, WorkerStartFailed, WorkflowFailed)
 from governor.limits import Lane, Limits
-from governor.supervisor import Scope, Supervisor
 from governor.task import Call, TaskFuture, TaskState, WorkflowFuture
-from governor.context import StepContext, current_context
 
 # A library logs; the application decides where to: without this, Python's last-resort
 # handler would print every WARNING (kills, crashes) to stderr.
 logging.getLogger("governor").addHandler(logging.NullHandler())
+
+_ENGINE = {"Supervisor": "governor.supervisor", "Scope": "governor.supervisor"}
+
+
+def __getattr__(name: str):
+    module = _ENGINE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'governor' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
 
 __all__ = [
     "Call", "GovernorError", "InvalidParameters", "Lane", "Limits", "MemoryLimitExceeded", "QueueFull",

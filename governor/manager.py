@@ -73,6 +73,11 @@ KILL_CONFIRM_S = 2.0
 #: How long a new worker may take to start and warm up before the start counts as failed.
 WORKER_START_TIMEOUT_S = 60.0
 
+#: How long a lane that still has a warm spare waits before starting a replacement for a
+#: lost worker. Starting a worker costs a core for ~0.1 s (a new interpreter), and doing it
+#: at once slowed the confirmation of the kill that caused it; the spare covers capacity.
+REPLACE_DELAY_S = 0.05
+
 #: Back-off between attempts to replace a worker when starting one fails.
 RESPAWN_BACKOFF_S = (0.1, 0.5, 2.0, 10.0)
 
@@ -123,7 +128,11 @@ class Slot:
 
 @attrs.define(eq=False)
 class LaneState:
-    """A lane's queue and slots, as the manager sees them."""
+    """A lane's queue and slots, as the manager sees them.
+
+    Slot states change only through :meth:`move`, which keeps the per-state counts and the
+    idle stack in step, so the hot loop reads them in O(1).
+    """
 
     lane: Lane
     workers: int
@@ -131,17 +140,47 @@ class LaneState:
     queue: Deque[Task] = attrs.field(factory=collections.deque)
     slots: Dict[int, Slot] = attrs.field(factory=dict)
     idle: List[Slot] = attrs.field(factory=list)
+    counts: collections.Counter = attrs.field(factory=collections.Counter)
     start_failures: int = 0
     respawn_pending: bool = False
-    published: tuple = ()
+    changed: bool = True
+
+    def add(self, slot: Slot) -> None:
+        self.slots[slot.id] = slot
+        self.counts[slot.state] += 1
+        self.changed = True
+
+    def move(self, slot: Slot, state: SlotState) -> None:
+        """Put ``slot`` in ``state``; DEAD and RETIRING slots leave the lane."""
+        if slot.id in self.slots:
+            self.counts[slot.state] -= 1
+            if slot.state is SlotState.IDLE:
+                if self.idle and self.idle[-1] is slot:
+                    self.idle.pop()
+                else:
+                    self.idle.remove(slot)
+        slot.state = state
+        if state in (SlotState.DEAD, SlotState.RETIRING):
+            self.slots.pop(slot.id, None)
+        else:
+            self.slots[slot.id] = slot
+            self.counts[state] += 1
+            if state is SlotState.IDLE:
+                self.idle.append(slot)
+        self.changed = True
 
     def count(self, *states: SlotState) -> int:
-        return sum(1 for slot in self.slots.values() if slot.state in states)
+        return sum(self.counts[state] for state in states)
 
     @property
     def live(self) -> int:
         """Slots that are or will be able to run a task."""
         return self.count(SlotState.STARTING, SlotState.IDLE, SlotState.BUSY)
+
+    @property
+    def spares_ready(self) -> int:
+        """Idle warm workers beyond those the lane may still put to work."""
+        return max(0, len(self.idle) - (self.workers - self.counts[SlotState.BUSY]))
 
 
 @attrs.frozen
@@ -385,19 +424,20 @@ class Manager(threading.Thread):
 
     def _dispatch(self) -> None:
         for lane in self._lanes.values():
-            while lane.queue and lane.idle and lane.count(SlotState.BUSY) < lane.workers:
+            while lane.queue and lane.idle and lane.counts[SlotState.BUSY] < lane.workers:
                 task = lane.queue.popleft()
                 try:
                     task.transition(TaskState.RUNNING)
                 except InvalidTransition:
                     continue  # cancelled or skipped while it waited: lazy removal
                 self._on_left_queue(task)
-                self._start_task(lane.idle.pop(), task)
+                self._start_task(lane.idle[-1], task)
 
     def _start_task(self, slot: Slot, task: Task) -> None:
         limits = task.limits
         now = self._clock()
-        slot.state, slot.task = SlotState.BUSY, task
+        self._lanes[slot.lane].move(slot, SlotState.BUSY)
+        slot.task = task
         task.dispatched_at, task.pid = now, slot.pid
         self._running[task.id] = slot
         hard_cap = limits.effective_memory_mb if limits.memory_hard_cap else None
@@ -492,8 +532,7 @@ class Manager(threading.Thread):
         elif config.recycle_rss_mb is not None and rss is not None and rss > config.recycle_rss_mb * 2 ** 20:
             self._recycle(slot, "leak")
         else:
-            slot.state = SlotState.IDLE
-            self._lanes[slot.lane].idle.append(slot)
+            self._lanes[slot.lane].move(slot, SlotState.IDLE)
 
     # ----------------------------------------------------------------- limits and kills
 
@@ -502,7 +541,9 @@ class Manager(threading.Thread):
             self._sample_memory()
         for kind, target in self._timers.pop_due():
             if kind == "respawn":
-                target.respawn_pending = False  # _keep_lanes_full starts the replacement
+                target.respawn_pending = False
+                if not self._closing:
+                    self._fill(target)
                 continue
             task = target
             slot = self._running.get(task.id)
@@ -555,8 +596,8 @@ class Manager(threading.Thread):
         """
         task = slot.task
         slot.kill = KillOrder(reason, state, error)
-        slot.state = SlotState.KILLING
-        kill_tree(slot.pid, slot.sampler.descendants(rescan=True))
+        self._lanes[slot.lane].move(slot, SlotState.KILLING)
+        kill_tree(slot.pid, slot.sampler)
         self._metrics.worker_killed(slot.lane, reason)
         self._timers.after(KILL_CONFIRM_S, "confirm", task)
         _log_death(task, slot, reason, limit, observed, f"killed worker {slot.pid}: {error}")
@@ -565,8 +606,8 @@ class Manager(threading.Thread):
         """A worker's socket closed (or loky reported it dead): it died, was killed, or retired."""
         if slot.state is SlotState.DEAD:
             return
-        previous, slot.state = slot.state, SlotState.DEAD
-        self._drop(slot)  # the lane counts one live slot fewer: a replacement starts now
+        previous = slot.state
+        self._drop(slot)  # the lane counts one live slot fewer: a replacement starts
         if previous is SlotState.RETIRING:
             return
         task = slot.task
@@ -601,7 +642,7 @@ class Manager(threading.Thread):
 
     def _spawn(self, lane: LaneState) -> None:
         slot = Slot(next(self._slot_ids), lane.lane)
-        lane.slots[slot.id] = slot
+        lane.add(slot)
         self._slots[slot.id] = slot
         self._pending_spawns += 1
         start = self._spawner.submit(_start_worker, slot.id, self._control_address,
@@ -609,18 +650,15 @@ class Manager(threading.Thread):
         start.add_done_callback(lambda done: self.post("started", slot, done))
 
     def _slot_ready(self, slot: Slot) -> None:
-        slot.state = SlotState.IDLE
-        lane = self._lanes[slot.lane]
-        lane.idle.append(slot)
+        self._lanes[slot.lane].move(slot, SlotState.IDLE)
         self._metrics.worker_spawned(slot.lane)
         if not self.warm.is_set() and all(
-                lane.count(SlotState.IDLE) == lane.workers + lane.spares for lane in self._lanes.values()):
+                len(lane.idle) == lane.workers + lane.spares for lane in self._lanes.values()):
             self.warm.set()
 
     def _start_failed(self, slot: Slot, error: BaseException) -> None:
         lane = self._lanes[slot.lane]
         self._drop(slot)
-        slot.state = SlotState.DEAD
         lane.start_failures += 1
         log.error("could not start a worker for the %s lane (attempt %d): %s",
                   slot.lane.value, lane.start_failures, error)
@@ -652,20 +690,26 @@ class Manager(threading.Thread):
         if self._closing:
             return
         for lane in self._lanes.values():
-            if lane.respawn_pending:
+            if lane.respawn_pending or lane.live >= lane.workers + lane.spares:
                 continue
-            for _ in range(lane.workers + lane.spares - lane.live):
-                self._spawn(lane)
+            if lane.spares_ready > 0:
+                lane.respawn_pending = True
+                self._timers.after(REPLACE_DELAY_S, "respawn", lane)
+            else:
+                self._fill(lane)
+
+    def _fill(self, lane: LaneState) -> None:
+        for _ in range(lane.workers + lane.spares - lane.live):
+            self._spawn(lane)
 
     def _publish_lanes(self) -> None:
         for lane in self._lanes.values():
-            busy, idle = lane.count(SlotState.BUSY), len(lane.idle)
-            pids = tuple(slot.pid for slot in lane.slots.values() if slot.pid is not None)
-            state = (busy, idle, lane.count(SlotState.STARTING), pids)
-            if state != lane.published:
-                lane.published = state
-                self._metrics.lane_state(lane.lane, busy=busy, idle=idle, starting=state[2],
-                                         spares_ready=max(0, idle - (lane.workers - busy)), worker_pids=pids)
+            if lane.changed:
+                lane.changed = False
+                self._metrics.lane_state(
+                    lane.lane, busy=lane.counts[SlotState.BUSY], idle=len(lane.idle),
+                    starting=lane.counts[SlotState.STARTING], spares_ready=lane.spares_ready,
+                    worker_pids=tuple(slot.pid for slot in lane.slots.values() if slot.pid is not None))
 
     def _recycle(self, slot: Slot, reason: str) -> None:
         self._metrics.worker_recycled(slot.lane, reason)
@@ -674,17 +718,12 @@ class Manager(threading.Thread):
 
     def _retire(self, slot: Slot) -> None:
         """Shut a healthy worker down gracefully, in the background."""
-        slot.state = SlotState.RETIRING
-        if slot in self._lanes[slot.lane].idle:
-            self._lanes[slot.lane].idle.remove(slot)
-        self._lanes[slot.lane].slots.pop(slot.id, None)
+        self._lanes[slot.lane].move(slot, SlotState.RETIRING)
         self._stop_executor(slot)
 
     def _drop(self, slot: Slot) -> None:
-        lane = self._lanes[slot.lane]
-        lane.slots.pop(slot.id, None)
-        if slot in lane.idle:
-            lane.idle.remove(slot)
+        """The slot's worker is gone: it leaves its lane and its socket is closed."""
+        self._lanes[slot.lane].move(slot, SlotState.DEAD)
         if slot.control is not None:
             self._selector.unregister(slot.control)
             slot.control.close()
@@ -703,8 +742,8 @@ class Manager(threading.Thread):
                 if task.request_cancel(CancelRequest("shutdown", f"manager failed: {error}"))[1]:
                     task.resolve()
         for slot in list(self._slots.values()):
-            if slot.pid is not None:
-                kill_tree(slot.pid, [])
+            if slot.sampler is not None:
+                kill_tree(slot.pid, slot.sampler)
 
     def _close(self) -> None:
         for slot in list(self._slots.values()):

@@ -68,23 +68,33 @@ class TreeSampler:
         return total
 
 
-def kill_tree(pid: int, descendants: List[psutil.Process]) -> None:
-    """SIGKILL a worker's process group and every descendant found before the kill.
+def kill_tree(pid: int, sampler: TreeSampler) -> None:
+    """Kill a worker's process group and every descendant of the worker.
+
+    The group is frozen first (SIGSTOP): the step stops at once, and the worker stays
+    alive, so the parent links that lead to descendants which left the group (a
+    daemonising grandchild) survive the scan that finds them. Then SIGKILL for all.
 
     No SIGTERM phase: by the time the supervisor kills, the step already had its polite
     signal (the cooperative cancel and its grace), or it broke a hard limit whose point is
     that it ends now. ``psutil.Process.kill`` checks the process's creation time, so a
     recycled pid is never hit.
     """
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+    _signal_group(pid, signal.SIGSTOP)
+    descendants = sampler.descendants(rescan=True)
+    _signal_group(pid, signal.SIGKILL)
     for process in descendants:
         try:
             process.kill()
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
+
+
+def _signal_group(pgid: int, signal_number: int) -> None:
+    try:
+        os.killpg(pgid, signal_number)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def exit_status(pid: int, patience_s: float = EXIT_STATUS_PATIENCE_S) -> Tuple[Optional[int], Optional[int]]:
