@@ -44,7 +44,7 @@ import tempfile
 import threading
 import traceback
 from multiprocessing.connection import Connection
-from typing import Any, Callable, Deque, Dict, List, Optional, Sequence
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 import attrs
 import loky
@@ -130,8 +130,10 @@ class Slot:
 class LaneState:
     """A lane's queue and slots, as the manager sees them.
 
-    Slot states change only through :meth:`move`, which keeps the per-state counts and the
-    idle stack in step, so the hot loop reads them in O(1).
+    Slot states change only through :meth:`move`, which keeps the per-state counts, the
+    idle stack and the tuple of worker pids in step, so the hot loop reads them in O(1)
+    and :meth:`gauges` can be read from any thread without a lock (each read is one int,
+    one ``len`` or one tuple: a snapshot may be a task apart, never torn).
     """
 
     lane: Lane
@@ -143,15 +145,15 @@ class LaneState:
     counts: collections.Counter = attrs.field(factory=collections.Counter)
     start_failures: int = 0
     respawn_pending: bool = False
-    changed: bool = True
+    pids: Tuple[int, ...] = ()
 
     def add(self, slot: Slot) -> None:
         self.slots[slot.id] = slot
         self.counts[slot.state] += 1
-        self.changed = True
 
     def move(self, slot: Slot, state: SlotState) -> None:
         """Put ``slot`` in ``state``; DEAD and RETIRING slots leave the lane."""
+        joins_or_leaves = slot.state is SlotState.STARTING or state in (SlotState.DEAD, SlotState.RETIRING)
         if slot.id in self.slots:
             self.counts[slot.state] -= 1
             if slot.state is SlotState.IDLE:
@@ -167,7 +169,9 @@ class LaneState:
             self.counts[state] += 1
             if state is SlotState.IDLE:
                 self.idle.append(slot)
-        self.changed = True
+        if joins_or_leaves:
+            self.pids = tuple(slot.pid for slot in self.slots.values()
+                              if slot.pid is not None and slot.state is not SlotState.STARTING)
 
     def count(self, *states: SlotState) -> int:
         return sum(self.counts[state] for state in states)
@@ -181,6 +185,12 @@ class LaneState:
     def spares_ready(self) -> int:
         """Idle warm workers beyond those the lane may still put to work."""
         return max(0, len(self.idle) - (self.workers - self.counts[SlotState.BUSY]))
+
+    def gauges(self) -> Dict[str, Any]:
+        """The lane's gauges for metrics (safe to call from any thread)."""
+        return {"busy": self.counts[SlotState.BUSY], "idle": len(self.idle),
+                "starting": self.counts[SlotState.STARTING], "spares_ready": self.spares_ready,
+                "worker_pids": self.pids}
 
 
 @attrs.frozen
@@ -236,6 +246,7 @@ class Manager(threading.Thread):
         self._spawner = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="governor-spawn")
         self._pending_spawns = 0
         self._closing = False
+        metrics.lane_gauges = lambda: {lane.lane.value: lane.gauges() for lane in self._lanes.values()}
 
     # ----------------------------------------------------------------- other threads
 
@@ -262,7 +273,6 @@ class Manager(threading.Thread):
                 self._fire_timers()
                 self._dispatch()
                 self._keep_lanes_full()
-                self._publish_lanes()
         except BaseException as exc:  # a bug here must not leave workers behind
             log.critical("governor manager thread failed", exc_info=True)
             self.start_error = self.start_error or exc
@@ -347,10 +357,17 @@ class Manager(threading.Thread):
                 if slot.task.request_cancel(request)[0]:
                     self._on_cancel(slot.task)
 
-    def _on_loky_done(self, slot: Slot, task: Task, future: concurrent.futures.Future) -> None:
+    def _on_loky_done(self, slot: Slot, task: Task, future: concurrent.futures.Future, ended: bool) -> None:
+        """A slot's loky future is done; ``ended`` says the loky thread already ended the task."""
         if slot.task is not task:
             return  # the slot already settled this task (its worker died first)
         error = future.exception()
+        if ended:
+            self._release(slot)
+            self._task_ended(task, future.result().value)
+            if slot.state is SlotState.BUSY:  # not if the worker died after sending the outcome
+                self._after_task(slot, future)
+            return
         if isinstance(error, BrokenProcessPool):
             if slot.state is SlotState.DEAD:  # we saw the death first and waited for this
                 self._crashed(slot, task, *_exit_from_loky_error(error))
@@ -358,13 +375,10 @@ class Manager(threading.Thread):
                 self._on_worker_gone(slot, loky_error=error)
             return
         if slot.state is SlotState.KILLING:
-            return  # the result crossed our kill; the kill decides how the task ends
+            return  # claimed for a kill before its outcome came back: the kill decides
         self._release(slot)
-        if error is not None:
-            # The step ran, but loky could not send its outcome back (unpicklable result).
-            self._finish(task, TaskState.FAILED, error=self._transport_error(task, error))
-        else:
-            self._finish_from_outcome(task, future.result())
+        # The step ran, but loky could not send its outcome back (unpicklable result).
+        self._finish(task, TaskState.FAILED, self._transport_error(task, error))
         self._after_task(slot, future)
 
     def _on_started(self, slot: Slot, start: concurrent.futures.Future) -> None:
@@ -455,27 +469,38 @@ class Manager(threading.Thread):
                       extra={"task_id": task.id, "step": task.step, "lane": task.lane.value, "pid": slot.pid})
 
     def _post_loky_done(self, slot: Slot, task: Task, future: concurrent.futures.Future) -> None:
-        # Runs on a loky thread: only hand the news over (FIELD-NOTES: no heavy work here).
-        self.post("loky_done", slot, task, future)
+        """Done-callback, on the slot's loky thread: end the task if its outcome came back.
+
+        Ending it here hands the caller its result without a hop through the manager; the
+        task's lock settles the race with a kill (see ``Task.claim_for_kill``). Everything
+        else (slot, metrics, workflow) is the manager's, so only the news goes on.
+        """
+        ended = future.exception() is None and self._end_from_outcome(task, future.result())
+        self.post("loky_done", slot, task, future, ended)
 
     # ----------------------------------------------------------------- ending tasks
 
-    def _finish_from_outcome(self, task: Task, outcome: worker.Outcome) -> None:
+    def _end_from_outcome(self, task: Task, outcome: worker.Outcome) -> bool:
         task.started_at, task.ended_at = outcome.started_at, outcome.ended_at
         if outcome.peak_rss_bytes is not None:
             task.peak_rss_bytes = max(task.peak_rss_bytes or 0, outcome.peak_rss_bytes)
         if outcome.kind == "ok":
-            self._finish(task, TaskState.DONE, result=outcome.value)
+            state, error = TaskState.DONE, None
         elif outcome.kind == "cancelled":
-            self._finish(task, TaskState.CANCELLED, error=task.cancelled_error())
+            state, error = TaskState.CANCELLED, task.cancelled_error()
         elif outcome.kind == "over_memory":
-            limit = task.limits.effective_memory_mb
-            self._finish(task, TaskState.OVER_MEMORY, error=MemoryLimitExceeded(
-                task.step, task.id, limit, _mib(task.peak_rss_bytes), outcome.pid, killed=False))
+            state, error = TaskState.OVER_MEMORY, MemoryLimitExceeded(
+                task.step, task.id, task.limits.effective_memory_mb, _mib(task.peak_rss_bytes), outcome.pid,
+                killed=False)
         else:
-            self._finish(task, TaskState.FAILED, error=StepFailed(
+            state, error = TaskState.FAILED, StepFailed(
                 task.step, task.id, outcome.exc_type, outcome.exc_message, outcome.traceback_text,
-                outcome.exception))
+                outcome.exception)
+        if not task.end(state, error):
+            return False
+        self._metrics.task_finished(task)  # before resolving: a caller that got its result sees it counted
+        task.resolve(outcome.value)
+        return True
 
     @staticmethod
     def _transport_error(task: Task, error: BaseException) -> StepFailed:
@@ -483,27 +508,25 @@ class Manager(threading.Thread):
         return StepFailed(task.step, task.id, type(error).__qualname__,
                           f"its result could not be sent back from the worker: {error}", remote)
 
-    def _finish(self, task: Task, state: TaskState, result: Any = None,
-                error: Optional[BaseException] = None) -> None:
-        if task.cancel_request is not None and state is not TaskState.CANCELLED:
-            # cancel() returned True to someone: the task ends cancelled, whatever came back.
-            state, result, error = TaskState.CANCELLED, None, task.cancelled_error()
-        try:
-            task.transition(state)
-        except InvalidTransition:
-            log.exception("task %s ended twice", task.id)
+    def _finish(self, task: Task, state: TaskState, error: Optional[BaseException], by_kill: bool = False) -> None:
+        """End a running task from the manager (a kill, a crash, a transport failure)."""
+        if not task.end(state, error, by_kill):
+            log.error("task %s (%s) had already ended when it was to end %s", task.id, task.step, state.value)
             return
-        task.error = error
         if task.ended_at is None:
             task.ended_at = self._clock()
+        self._metrics.task_finished(task)
+        task.resolve()
+        self._task_ended(task, None)
+
+    def _task_ended(self, task: Task, result: Any) -> None:
+        """The manager's share of a task's end: tables, log, workflow."""
         self._running.pop(task.id, None)
         self._memory_watched.pop(task.id, None)
-        self._metrics.task_finished(task)
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("task %s (%s) %s", task.id, task.step, state.value,
+            log.debug("task %s (%s) %s", task.id, task.step, task.state.value,
                       extra={"task_id": task.id, "step": task.step, "lane": task.lane.value, "pid": task.pid,
-                             "reason": state.value})
-        task.resolve(result)
+                             "reason": task.state.value})
         self._settle_workflow(task, result)
 
     def _settle_workflow(self, task: Task, result: Any) -> None:
@@ -595,6 +618,8 @@ class Manager(threading.Thread):
             limit, observed: the limit enforced and the value seen, for the log record.
         """
         task = slot.task
+        if not task.claim_for_kill():
+            return  # its outcome came back first and ended it: nothing to kill
         slot.kill = KillOrder(reason, state, error)
         self._lanes[slot.lane].move(slot, SlotState.KILLING)
         kill_tree(slot.pid, slot.sampler)
@@ -617,7 +642,11 @@ class Manager(threading.Thread):
             self._stop_executor(slot)
         elif slot.kill is not None:
             slot.task = None
-            self._finish(task, slot.kill.state, error=slot.kill.error)
+            self._finish(task, slot.kill.state, slot.kill.error, by_kill=True)
+            self._stop_executor(slot)
+        elif task.state.terminal:
+            # Its outcome came back (and ended it) before the worker died: the pending
+            # loky_done message settles the task; only the executor is left to stop.
             self._stop_executor(slot)
         else:
             exitcode, signal_number = exit_status(slot.pid)
@@ -635,7 +664,7 @@ class Manager(threading.Thread):
         crash = WorkerCrashed(task.step, task.id, slot.pid, exitcode, signal_number)
         self._metrics.worker_killed(slot.lane, "crash")
         _log_death(task, slot, "crash", None, exitcode if signal_number is None else -signal_number, str(crash))
-        self._finish(task, TaskState.CRASHED, error=crash)
+        self._finish(task, TaskState.CRASHED, crash)
         self._stop_executor(slot)
 
     # ----------------------------------------------------------------- slots
@@ -701,15 +730,6 @@ class Manager(threading.Thread):
     def _fill(self, lane: LaneState) -> None:
         for _ in range(lane.workers + lane.spares - lane.live):
             self._spawn(lane)
-
-    def _publish_lanes(self) -> None:
-        for lane in self._lanes.values():
-            if lane.changed:
-                lane.changed = False
-                self._metrics.lane_state(
-                    lane.lane, busy=lane.counts[SlotState.BUSY], idle=len(lane.idle),
-                    starting=lane.counts[SlotState.STARTING], spares_ready=lane.spares_ready,
-                    worker_pids=tuple(slot.pid for slot in lane.slots.values() if slot.pid is not None))
 
     def _recycle(self, slot: Slot, reason: str) -> None:
         self._metrics.worker_recycled(slot.lane, reason)

@@ -111,7 +111,10 @@ class MetricsRecorder:
         self._spawns: Dict[str, int] = collections.Counter()
         self._kills: Dict[Tuple[str, str], int] = collections.Counter()
         self._recycles: Dict[Tuple[str, str], int] = collections.Counter()
-        self._lanes: Dict[str, Dict[str, Any]] = {}
+        #: Set by the manager: lane name -> busy, idle, starting, spares_ready, worker_pids.
+        #: Read live at snapshot time rather than published per task: gauges change with
+        #: every task, and publishing them cost the manager time on every round trip.
+        self.lane_gauges: Callable[[], Dict[str, Dict[str, Any]]] = dict
 
     # ------------------------------------------------------------ recording (manager thread)
 
@@ -150,13 +153,6 @@ class MetricsRecorder:
         with self._lock:
             self._recycles[(lane.value, reason)] += 1
 
-    def lane_state(self, lane: Lane, *, busy: int, idle: int, starting: int, spares_ready: int,
-                   worker_pids: Tuple[int, ...]) -> None:
-        """Publish a lane's gauges (the manager calls this when they change)."""
-        with self._lock:
-            self._lanes[lane.value] = {"busy": busy, "idle": idle, "starting": starting,
-                                       "spares_ready": spares_ready, "worker_pids": worker_pids}
-
     # ------------------------------------------------------------ reading (any thread)
 
     def histogram_buckets(self, name: str) -> Dict[Tuple[str, str], Tuple[List[Tuple[str, int]], float]]:
@@ -179,8 +175,8 @@ class MetricsRecorder:
             timings: Dict[str, Dict[str, Dict[str, Any]]] = {}
             for (name, lane, step), histogram in self._histograms.items():
                 timings.setdefault(lane, {}).setdefault(step, {})[name] = histogram.summary()
-            lanes = {lane: dict(state) for lane, state in self._lanes.items()}
             spawns, kills, recycles = dict(self._spawns), _nest(self._kills), _nest(self._recycles)
+        lanes = self.lane_gauges()
         memory = memory_figures(pid for state in lanes.values() for pid in state["worker_pids"])
         return {
             "tasks": tasks,

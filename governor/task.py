@@ -8,11 +8,18 @@
 
 Transitions happen under the task's lock through :meth:`Task.transition`, which raises
 :class:`~governor.errors.InvalidTransition` on a move the diagram does not allow; terminal
-states stay terminal. The supervisor's manager thread makes every transition except one:
-cancelling a task that is still queued, which the cancelling thread does itself so that
-``future.cancel()`` followed by ``future.cancelled()`` is ``True`` at once, as with any
-``concurrent.futures.Future``. When the two race (the manager dispatching, a user
-cancelling), whoever transitions first wins and the other catches ``InvalidTransition``.
+states stay terminal. Three threads may move a task, each in one place:
+
+* the cancelling thread cancels a task that is still queued, so that ``future.cancel()``
+  followed by ``future.cancelled()`` is ``True`` at once, as with any ``Future``;
+* the slot's loky thread ends a task whose outcome came back (:meth:`Task.end`), so the
+  caller gets its result without a hop through the manager;
+* the manager thread does the rest: dispatch, kills, crashes, skips.
+
+Races are settled by the lock, not by checking first: when the manager dispatches while a
+user cancels, whoever transitions first wins and the other catches ``InvalidTransition``;
+before it kills a worker, the manager *claims* the task (:meth:`Task.claim_for_kill`), and
+an outcome arriving after the claim no longer ends it.
 
 The future is resolved after the lock is released: done-callbacks never run under it.
 """
@@ -120,6 +127,7 @@ class Task:
     peak_rss_bytes: Optional[int] = None
     cancel_request: Optional[CancelRequest] = None
     error: Optional[BaseException] = None
+    kill_claimed: bool = False
     _lock: threading.Lock = attrs.field(factory=threading.Lock, repr=False)
 
     def transition(self, new: TaskState) -> None:
@@ -131,6 +139,30 @@ class Task:
         if new not in _ALLOWED.get(self.state, ()):
             raise InvalidTransition(f"task {self.id} ({self.step}): {self.state.value} -> {new.value}")
         self.state = new
+
+    def end(self, state: TaskState, error: Optional[BaseException] = None, by_kill: bool = False) -> bool:
+        """End a running task in ``state``; return whether this call ended it.
+
+        A task with a cancel request ends ``CANCELLED`` whatever came back: ``cancel()``
+        returned ``True`` to someone, and that promises no result. Once the manager has
+        claimed the task for a kill, only the kill (``by_kill``) may end it.
+        """
+        with self._lock:
+            if self.state is not TaskState.RUNNING or (self.kill_claimed and not by_kill):
+                return False
+            if self.cancel_request is not None and state is not TaskState.CANCELLED:
+                state, error = TaskState.CANCELLED, self.cancelled_error()
+            self._transition_locked(state)
+            self.error = error
+            return True
+
+    def claim_for_kill(self) -> bool:
+        """Reserve a running task's end for a kill; ``False`` if it has already ended."""
+        with self._lock:
+            if self.state is not TaskState.RUNNING:
+                return False
+            self.kill_claimed = True
+            return True
 
     def request_cancel(self, request: CancelRequest) -> Tuple[bool, bool]:
         """Record a cancel request; a queued task is cancelled on the spot.
