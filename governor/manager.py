@@ -203,6 +203,7 @@ class ManagerConfig:
     spares: int
     max_tasks_per_worker: Optional[int]
     recycle_rss_mb: Optional[float]
+    on_dispatch: Optional[Callable[[Task], None]] = None
 
 
 class Manager(threading.Thread):
@@ -357,6 +358,20 @@ class Manager(threading.Thread):
                 if slot.task.request_cancel(request)[0]:
                     self._on_cancel(slot.task)
 
+    def _on_describe(self, reply: concurrent.futures.Future) -> None:
+        """Answer ``Supervisor.describe_workers()``: one dict per live worker."""
+        now = self._clock()
+        described = []
+        for lane in self._lanes.values():
+            for slot in lane.slots.values():
+                task = slot.task
+                described.append({
+                    "pid": slot.pid, "lane": lane.lane.value, "state": slot.state.value,
+                    "task_id": task.id if task else None, "step": task.step if task else None,
+                    "running_s": (now - task.dispatched_at) if task else None, "tasks_run": slot.tasks_run,
+                    "rss_bytes": slot.sampler.rss_bytes() if slot.sampler else None})
+        reply.set_result(described)
+
     def _on_loky_done(self, slot: Slot, task: Task, future: concurrent.futures.Future, ended: bool) -> None:
         """A slot's loky future is done; ``ended`` says the loky thread already ended the task."""
         if slot.task is not task:
@@ -445,7 +460,25 @@ class Manager(threading.Thread):
                 except InvalidTransition:
                     continue  # cancelled or skipped while it waited: lazy removal
                 self._on_left_queue(task)
-                self._start_task(lane.idle[-1], task)
+                if self._record_dispatch(task):
+                    self._start_task(lane.idle[-1], task)
+
+    def _record_dispatch(self, task: Task) -> bool:
+        """Run the ``on_dispatch`` hook (a journal's durable "started"); fail the task if it fails.
+
+        A step whose start could not be recorded must not run: after a crash nobody could
+        tell that it had, and a critical step would run twice.
+        """
+        if self._config.on_dispatch is None:
+            return True
+        try:
+            self._config.on_dispatch(task)
+        except Exception as exc:
+            log.exception("could not record the start of task %s (%s)", task.id, task.step)
+            self._finish(task, TaskState.FAILED, WorkerStartFailed(
+                f"the start of step {task.step!r} could not be recorded, so it was not run: {exc}"))
+            return False
+        return True
 
     def _start_task(self, slot: Slot, task: Task) -> None:
         limits = task.limits

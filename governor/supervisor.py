@@ -27,6 +27,9 @@ from governor.task import CancelRequest, Call, Task, TaskFuture, TaskState, Work
 #: Tasks a lane may hold waiting before ``submit`` raises ``QueueFull``.
 DEFAULT_QUEUE_SIZE = 10_000
 
+#: Supersede keys remembered before finished ones are forgotten (see ``Supervisor.scope``).
+MAX_KEYED_SCOPES = 1024
+
 #: How long ``start()`` waits for every worker to be spawned and warm.
 DEFAULT_START_TIMEOUT_S = 120.0
 
@@ -67,6 +70,10 @@ class Supervisor:
             worker is replaced without a cold spawn.
         max_tasks_per_worker: replace a worker after this many tasks (``None``: never).
         recycle_rss_mb: replace a worker whose RSS after a task exceeds this (a leak).
+        on_dispatch: called on the manager thread with each task right before it is handed
+            to its worker (a journal records "started" here, durably, so a critical step
+            is never run twice). If it raises, the task fails and is not run. Keep it fast:
+            the manager waits for it.
         clock: the monotonic clock deadlines are read from (tests inject one).
 
     Use it as a context manager (``with Supervisor(registry) as sup:``), or call
@@ -76,6 +83,7 @@ class Supervisor:
     def __init__(self, registry: Any, workers: Optional[int] = None, *, limits: Optional[Limits] = None,
                  queue_size: int = DEFAULT_QUEUE_SIZE, spares: int = 1,
                  max_tasks_per_worker: Optional[int] = None, recycle_rss_mb: Optional[float] = None,
+                 on_dispatch: Optional[Callable[[Task], None]] = None,
                  clock: Callable[[], float] = time.monotonic):
         workers = default_workers() if workers is None else workers
         _require_int("workers", workers, minimum=1)
@@ -101,7 +109,7 @@ class Supervisor:
             steps=specs,
             step_modules=sorted({spec.fn.__module__ for spec in specs.values()} - {"__main__"}),
             workers={Lane.CRITICAL: 1, Lane.POOL: workers}, spares=spares,
-            max_tasks_per_worker=max_tasks_per_worker, recycle_rss_mb=recycle_rss_mb)
+            max_tasks_per_worker=max_tasks_per_worker, recycle_rss_mb=recycle_rss_mb, on_dispatch=on_dispatch)
         self._metrics = MetricsRecorder()
         self._prometheus = prometheus_registry(self._metrics, self._queue_depth)
         self._lock = threading.Lock()
@@ -109,6 +117,7 @@ class Supervisor:
         self._queued = {Lane.CRITICAL: 0, Lane.POOL: 0}
         self._manager: Optional[Manager] = None
         self._accepting = False
+        self._keyed_scopes: Dict[str, Scope] = {}
 
     # ----------------------------------------------------------------- life
 
@@ -223,11 +232,39 @@ class Supervisor:
         self._enqueue(tasks)
         return future
 
-    def scope(self) -> "Scope":
-        """A cancellation group: ``scope.cancel()`` stops every step submitted through it."""
-        return Scope(self)
+    def scope(self, key: Optional[str] = None) -> "Scope":
+        """A cancellation group: ``scope.cancel()`` stops every step submitted through it.
+
+        Args:
+            key: supersede what came before under this key: a new scope with the key
+                of an earlier one cancels that one's unfinished steps (reason
+                ``"superseded"``). The pattern of a view switch: ``sup.scope(key="view")``
+                per switch, and the last view's steps are the only ones left running.
+        """
+        scope = Scope(self)
+        if key is None:
+            return scope
+        with self._lock:
+            previous = self._keyed_scopes.pop(key, None)
+            if len(self._keyed_scopes) >= MAX_KEYED_SCOPES:  # forget keys whose work is over
+                self._keyed_scopes = {k: kept for k, kept in self._keyed_scopes.items() if not kept.finished}
+            self._keyed_scopes[key] = scope
+        if previous is not None:
+            previous.cancel_for(CancelRequest("superseded", f"a newer submission with key {key!r}"))
+        return scope
 
     # ----------------------------------------------------------------- reading
+
+    def describe_workers(self, timeout: float = 10.0) -> List[Dict[str, Any]]:
+        """One dict per live worker: pid, lane, state, task_id, step, running_s, tasks_run, rss_bytes.
+
+        Asked of the manager thread, which owns the slots (so it costs a round trip).
+        """
+        if self._manager is None or not self._manager.is_alive():
+            return []
+        reply: concurrent.futures.Future = concurrent.futures.Future()
+        self._manager.post("describe", reply)
+        return reply.result(timeout)
 
     def classify(self, step: str) -> tuple:
         """``(lane, reason)``: where ``step`` runs under this supervisor, and why."""
@@ -341,15 +378,25 @@ class Scope:
         futures = [self.submit_call(Call.of(item)) for item in calls]
         return _gather(futures, return_exceptions, timeout)
 
+    @property
+    def finished(self) -> bool:
+        """Whether every step submitted through the scope has ended."""
+        with self._lock:
+            return all(future.done() for future in self._futures)
+
     def cancel(self, detail: Optional[str] = None) -> int:
         """Cancel every unfinished step of the scope, and any submitted through it later.
 
         Returns:
             how many steps were asked to stop.
         """
+        return self.cancel_for(CancelRequest("scope", detail))
+
+    def cancel_for(self, request: CancelRequest) -> int:
+        """:meth:`cancel` with the reason given (the first reason given is kept)."""
         with self._lock:
             if self._cancel_request is None:
-                self._cancel_request = CancelRequest("scope", detail)
+                self._cancel_request = request
             futures, self._futures = self._futures, []
         return sum(self._stop(future) for future in futures)
 

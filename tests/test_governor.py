@@ -12,7 +12,7 @@ import pytest
 
 from conftest import alive, wait_until
 from governor import (Call, Limits, MemoryLimitExceeded, StepCancelled, StepTimeout, Supervisor, TaskState,
-                      WorkerCrashed)
+                      WorkerCrashed, WorkerStartFailed)
 from step_library import registry, wait_for_path
 
 
@@ -242,3 +242,43 @@ def test_limits_are_validated_where_they_are_built():
         Limits(memory_hard_cap=True)
     with pytest.raises(TypeError):
         Call("echo", limits={"timeout_s": 1})
+
+
+def test_a_keyed_scope_supersedes_the_previous_one(supervisor, tmp_path):
+    first = supervisor.scope(key="view:workspace")
+    old = [first.submit("busy_loop", str(tmp_path / f"old-{n}")) for n in range(2)]
+    for n in range(2):
+        read_pid(tmp_path / f"old-{n}")
+    second = supervisor.scope(key="view:workspace")
+    new = second.submit("echo", "fresh")
+    assert new.result(timeout=30) == "fresh"
+    for future in old:
+        with pytest.raises(StepCancelled) as cancelled:
+            future.result(timeout=30)
+        assert cancelled.value.reason == "superseded"
+    other = supervisor.scope(key="view:other")
+    assert other.submit("echo", 1).result(timeout=30) == 1 and not second.cancelled
+
+
+def test_workers_view_names_the_running_step(supervisor, tmp_path):
+    future = supervisor.submit("hold_until", str(tmp_path / "started"), str(tmp_path / "go"))
+    wait_for_path(str(tmp_path / "started"))
+    described = supervisor.describe_workers()
+    running = [w for w in described if w["step"] == "hold_until"]
+    assert len(running) == 1 and running[0]["state"] == "busy" and running[0]["rss_bytes"] > 0
+    assert {w["lane"] for w in described} == {"critical", "pool"}
+    (tmp_path / "go").touch()
+    future.result(timeout=30)
+
+
+def test_a_failing_dispatch_hook_fails_the_task_without_running_it(tmp_path):
+    def refuse(task):
+        if task.step == "hold_until":
+            raise OSError("disk full")
+
+    with Supervisor(registry, workers=1, on_dispatch=refuse) as sup:
+        future = sup.submit("hold_until", str(tmp_path / "ran"), str(tmp_path / "go"))
+        with pytest.raises(WorkerStartFailed, match="disk full"):
+            future.result(timeout=30)
+        assert not (tmp_path / "ran").exists()
+        assert sup.submit("echo", 2).result(timeout=30) == 2
