@@ -1,0 +1,507 @@
+"""The daemon's durable journal: every submitted task, its state and its outcome, in SQLite.
+
+Data flow::
+
+    client ─ submit ─> daemon ─ Journal.submit() ─ commit ─> reply with the task ids
+                                   (a row per task, "queued"; its id is the task id clients see)
+    supervisor manager thread ─ mark_started() ─ commit ─> hands the step to a worker
+                              ─ mark_finished() ─ commit (state, result or error)
+    status / wait ─> get(), recent(), by_state() ─> TaskRecord.to_wire()
+
+    daemon start ─ recover():  "running" pool rows     -> "queued" again (re-run: at least once)
+                               "running" critical rows -> "interrupted" (never re-run: at most once)
+                 ─> Recovery.resume (every queued row, in id order): the daemon resubmits them
+    now and then ─ prune(): finished rows older than ``retention_s`` are deleted
+
+Ordering: ids come from ``AUTOINCREMENT``, so they follow submission order and are never
+reused, even after the newest rows are pruned (a client may still hold an old id).
+
+Durability: every method is one transaction, committed before it returns. With
+write-ahead logging and ``synchronous=NORMAL`` a commit survives the process dying at any
+moment (``kill -9``, a crash), which is what the daemon needs; only a power loss or an OS
+crash may lose the last commits. That is what makes :meth:`Journal.mark_started` a guard:
+a critical step is handed to a worker only once its "running" row is committed, so after a
+crash a "running" row means "may have run" and is never run again.
+
+Concurrency: one connection, shared by the daemon's event-loop thread and the supervisor's
+manager thread, serialised by a lock. Other processes may read the file, but two daemons
+must never serve one journal (both would recover and resume the same rows): the daemon has
+to make sure of that itself, e.g. with a lock file next to its socket.
+
+Times are wall-clock ``time.time()`` values: they outlive the process and the machine's
+uptime, and people read them. Nothing here is a deadline, so the monotonic clock's
+guarantees are not needed and its values would be meaningless after a reboot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sqlite3
+import threading
+import time
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Union
+
+import attrs
+
+from governor.errors import GovernorError, InvalidTransition
+from governor.limits import Lane, Limits
+from governor.task import TaskState
+
+#: The schema this module reads and writes, kept in ``PRAGMA user_version``.
+SCHEMA_VERSION = 1
+
+#: How long finished rows are kept by default: a week answers "what happened to my task
+#: on Friday" after a weekend, while the file stays small (a row is a few hundred bytes
+#: plus its params and result).
+DEFAULT_RETENTION_S = 7 * 24 * 3600.0
+
+#: How long a statement waits for a lock another connection holds before it fails with
+#: "database is locked". Within this process the Python lock serialises everything, so
+#: only another process (a reader, a backup, the sqlite3 shell) can hold one, briefly:
+#: long enough to ride that out, short enough that a stuck lock surfaces as an error
+#: instead of a hung daemon.
+BUSY_TIMEOUT_MS = 5_000
+
+#: The state of a critical task that was running when the daemon died: it may or may not
+#: have run, and it is never run again. (Not a :class:`~governor.task.TaskState`: a live
+#: task never has it.)
+INTERRUPTED = "interrupted"
+
+#: Every state a row may be in.
+STATES = tuple(state.value for state in TaskState) + (INTERRUPTED,)
+
+#: The states of a row whose task's life is over.
+TERMINAL_STATES = frozenset(state.value for state in TaskState if state.terminal) | {INTERRUPTED}
+
+#: What a row holds: one step, or a whole workflow (its steps run in order in the
+#: critical lane, so it is recovered as one critical task).
+KINDS = ("step", "workflow")
+
+#: The key of a row's ``params`` object, by kind.
+_PAYLOAD_KEY = {"step": "params", "workflow": "calls"}
+
+_QUEUED, _RUNNING = TaskState.QUEUED.value, TaskState.RUNNING.value
+
+
+class JournalError(GovernorError, RuntimeError):
+    """The journal cannot be opened or used: the message names the file and the cause."""
+
+
+def _sql_list(values: Iterable[str]) -> str:
+    """A SQL list literal of our own constants (never of input: no escaping is done)."""
+    return "(" + ", ".join(f"'{value}'" for value in sorted(values)) + ")"
+
+
+_SCHEMA = (
+    f"""CREATE TABLE tasks (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        kind TEXT NOT NULL CHECK (kind IN {_sql_list(KINDS)}),
+        step TEXT NOT NULL,
+        params TEXT NOT NULL,
+        lane TEXT NOT NULL CHECK (lane IN {_sql_list(lane.value for lane in Lane)}),
+        key TEXT,
+        limits TEXT,
+        state TEXT NOT NULL CHECK (state IN {_sql_list(STATES)}),
+        submitted_at REAL NOT NULL,
+        started_at REAL,
+        ended_at REAL,
+        result TEXT,
+        error TEXT,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        interrupted INTEGER NOT NULL DEFAULT 0 CHECK (interrupted IN (0, 1))
+    )""",
+    "CREATE INDEX tasks_state ON tasks (state)",
+)
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, allow_nan=False, separators=(",", ":"))
+
+
+def _loads(text: Optional[str]) -> Any:
+    return None if text is None else json.loads(text)
+
+
+def _limits_dict(limits: Limits) -> Dict[str, Any]:
+    """The limits that are set, as a JSON object (unset fields inherit: not stored)."""
+    return {name: value for name, value in attrs.asdict(limits).items() if value is not None}
+
+
+def _state_name(state: Union[str, TaskState]) -> str:
+    name = state.value if isinstance(state, TaskState) else state
+    if name not in STATES:
+        raise ValueError(f"unknown task state {state!r}; expected one of {', '.join(STATES)}")
+    return name
+
+
+def _non_empty(instance: Any, attribute: attrs.Attribute, value: str) -> None:
+    if not value:
+        raise ValueError(f"{type(instance).__name__}.{attribute.name} must not be empty")
+
+
+@attrs.frozen
+class NewTask:
+    """A task to journal. Build one with :meth:`step_call` or :meth:`workflow`.
+
+    Args:
+        kind: ``"step"`` or ``"workflow"``.
+        step: the step's name, or a label for a workflow.
+        params: for a step ``{"params": {...}}``, for a workflow ``{"calls": [...]}``; JSON.
+        lane: where it runs.
+        key: the submission's supersede key, if any.
+        limits: the submission's own limits, if any.
+    """
+
+    kind: str = attrs.field(validator=attrs.validators.in_(KINDS))
+    step: str = attrs.field(validator=[attrs.validators.instance_of(str), _non_empty])
+    params: Dict[str, Any] = attrs.field(validator=attrs.validators.instance_of(dict))
+    lane: Lane = attrs.field(converter=Lane)
+    key: Optional[str] = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.instance_of(str)))
+    limits: Optional[Limits] = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.instance_of(Limits)))
+
+    def __attrs_post_init__(self) -> None:
+        if list(self.params) != [_PAYLOAD_KEY[self.kind]]:
+            raise ValueError(f"a {self.kind} task's params must be {{{_PAYLOAD_KEY[self.kind]!r}: ...}}, "
+                             f"got keys {sorted(self.params)}")
+
+    @classmethod
+    def step_call(cls, step: str, params: Mapping[str, Any], lane: Union[Lane, str], key: Optional[str] = None,
+                  limits: Optional[Limits] = None) -> "NewTask":
+        """One step with its keyword arguments, in the lane its registration declares."""
+        return cls("step", step, {"params": dict(params)}, lane, key, limits)
+
+    @classmethod
+    def workflow(cls, calls: Sequence[Mapping[str, Any]], label: str = "workflow") -> "NewTask":
+        """A workflow: ``calls`` are ``{"step": name, "params": {...}}`` objects, run in order.
+
+        It is journaled in the critical lane, where its steps run: after a crash mid-way it
+        is interrupted, never re-run from the start.
+        """
+        return cls("workflow", label, {"calls": [dict(call) for call in calls]}, Lane.CRITICAL)
+
+
+@attrs.frozen
+class TaskRecord:
+    """One row of the journal, its JSON columns decoded.
+
+    Attributes:
+        id: the durable task id (also the submission order).
+        kind: ``"step"`` or ``"workflow"``.
+        step: the step's name, or the workflow's label.
+        params: ``{"params": {...}}`` for a step, ``{"calls": [...]}`` for a workflow.
+        lane: the lane it runs in.
+        key: its supersede key, if any.
+        limits: its own limits, if any.
+        state: one of :data:`STATES`.
+        submitted_at, started_at, ended_at: wall-clock times; ``started_at`` is the
+            latest attempt's.
+        result: the step's result (``None`` until done, and for a step returning ``None``).
+        error: the error as the wire carries it (``protocol.error_to_wire``), if it failed.
+        attempts: how many times it was handed to a worker.
+        interrupted: whether it was running when a daemon died.
+    """
+
+    id: int
+    kind: str = attrs.field(validator=attrs.validators.in_(KINDS))
+    step: str
+    params: Dict[str, Any]
+    lane: Lane = attrs.field(converter=Lane)
+    key: Optional[str]
+    limits: Optional[Limits]
+    state: str = attrs.field(validator=attrs.validators.in_(STATES))
+    submitted_at: float
+    started_at: Optional[float]
+    ended_at: Optional[float]
+    result: Any
+    error: Optional[Dict[str, Any]]
+    attempts: int
+    interrupted: bool = attrs.field(converter=bool)
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> "TaskRecord":
+        """Decode one ``tasks`` row."""
+        limits = _loads(row["limits"])
+        return cls(id=row["id"], kind=row["kind"], step=row["step"], params=json.loads(row["params"]),
+                   lane=row["lane"], key=row["key"], limits=None if limits is None else Limits(**limits),
+                   state=row["state"], submitted_at=row["submitted_at"], started_at=row["started_at"],
+                   ended_at=row["ended_at"], result=_loads(row["result"]), error=_loads(row["error"]),
+                   attempts=row["attempts"], interrupted=row["interrupted"])
+
+    @property
+    def terminal(self) -> bool:
+        """Whether the task's life is over."""
+        return self.state in TERMINAL_STATES
+
+    def to_wire(self, summary: bool = False) -> Dict[str, Any]:
+        """The record as a JSON object for a status reply.
+
+        Args:
+            summary: leave out the params (or calls) and the result, which may be large:
+                for listings of many tasks.
+        """
+        wire = {"task_id": self.id, "kind": self.kind, "step": self.step, "lane": self.lane.value,
+                "key": self.key, "limits": None if self.limits is None else _limits_dict(self.limits),
+                "state": self.state, "submitted_at": self.submitted_at, "started_at": self.started_at,
+                "ended_at": self.ended_at, "error": self.error, "attempts": self.attempts,
+                "interrupted": self.interrupted}
+        if not summary:
+            wire.update(self.params, result=self.result)
+        return wire
+
+
+@attrs.frozen
+class Recovery:
+    """What :meth:`Journal.recover` found.
+
+    Attributes:
+        resume: every queued row in id order (submission order), including the pool rows
+            that were running and were re-queued: the daemon resubmits them all.
+        interrupted: the critical rows that were running, now ``"interrupted"``: report
+            them, never run them.
+    """
+
+    resume: List[TaskRecord]
+    interrupted: List[TaskRecord]
+
+
+class Journal:
+    """The durable record of the daemon's tasks, in one SQLite file in WAL mode.
+
+    Every method runs one transaction and returns once it is committed. Safe to share
+    between threads.
+
+    Args:
+        path: the database file. Its directory is created (mode 0700) if missing.
+        retention_s: how long :meth:`prune` keeps finished rows, in seconds.
+
+    Raises:
+        JournalError: the file cannot be opened or created, is not a Governor journal, or
+            was written by a newer Governor.
+    """
+
+    def __init__(self, path: Union[str, "os.PathLike[str]"], retention_s: float = DEFAULT_RETENTION_S):
+        if isinstance(retention_s, bool) or not isinstance(retention_s, (int, float)) \
+                or math.isnan(retention_s) or retention_s <= 0:
+            raise ValueError(f"retention_s must be a number of seconds > 0, got {retention_s!r}")
+        self.path = os.fspath(path)
+        self.retention_s = retention_s
+        self._lock = threading.Lock()
+        self._connection: Optional[sqlite3.Connection] = self._open()
+
+    def _open(self) -> sqlite3.Connection:
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), mode=0o700, exist_ok=True)
+            connection = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        except (OSError, sqlite3.Error) as error:
+            raise JournalError(f"cannot open the journal {self.path!r}: {error}") from error
+        try:
+            self._configure(connection)
+        except BaseException as error:
+            connection.close()
+            if isinstance(error, sqlite3.Error):
+                raise JournalError(f"cannot use the journal {self.path!r}: {error}") from error
+            raise
+        return connection
+
+    def _configure(self, connection: sqlite3.Connection) -> None:
+        connection.row_factory = sqlite3.Row
+        connection.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        mode = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode != "wal":
+            raise JournalError(f"the journal {self.path!r} cannot use write-ahead logging (journal_mode "
+                               f"stays {mode!r}); is it on a network filesystem?")
+        # NORMAL: a commit is in the WAL file (the OS has it) when it returns, so it
+        # survives the process dying (kill -9), the case the journal exists for; only a
+        # power loss may lose the last commits. FULL would fsync every commit, costing
+        # milliseconds on each submit, start and finish.
+        connection.execute("PRAGMA synchronous = NORMAL")
+        self._migrate(connection)
+
+    def _migrate(self, connection: sqlite3.Connection) -> None:
+        """Create the schema in a new file; refuse a file this version cannot read."""
+        with self._begin(connection):
+            version = connection.execute("PRAGMA user_version").fetchone()[0]
+            if version == SCHEMA_VERSION:
+                return
+            if version > SCHEMA_VERSION:
+                raise JournalError(f"the journal {self.path!r} has schema version {version}, written by a newer "
+                                   f"Governor; this one reads version {SCHEMA_VERSION}")
+            if connection.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+                raise JournalError(f"{self.path!r} is an SQLite database but not a Governor journal")
+            for statement in _SCHEMA:
+                connection.execute(statement)
+            connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _begin(connection: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+        """One write transaction: committed on success, rolled back on any error."""
+        # IMMEDIATE takes the write lock up front, so a transaction never fails half-way
+        # because another connection started writing first.
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            yield connection
+            connection.execute("COMMIT")
+        except BaseException:
+            if connection.in_transaction:
+                connection.execute("ROLLBACK")
+            raise
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock, self._begin(self._live()) as connection:
+            yield connection
+
+    def _live(self) -> sqlite3.Connection:
+        if self._connection is None:
+            raise JournalError(f"the journal {self.path!r} is closed")
+        return self._connection
+
+    def _select(self, sql: str, parameters: Sequence[Any] = ()) -> List[TaskRecord]:
+        with self._lock:
+            rows = self._live().execute(sql, parameters).fetchall()
+        return [TaskRecord.from_row(row) for row in rows]
+
+    def submit(self, entries: Iterable[NewTask], at: Optional[float] = None) -> List[int]:
+        """Journal new tasks, all in one transaction, as ``"queued"``.
+
+        Args:
+            entries: the tasks, in submission order.
+            at: their submission time (default: now).
+
+        Returns:
+            Their ids, in the order of ``entries``.
+
+        Raises:
+            TypeError, ValueError: an entry is not a ``NewTask``, or holds values that are
+                not JSON; nothing is journaled.
+        """
+        at = time.time() if at is None else at
+        rows = []
+        for entry in entries:
+            if not isinstance(entry, NewTask):
+                raise TypeError(f"Journal.submit takes NewTask values, not {type(entry).__name__}")
+            rows.append((entry.kind, entry.step, _dumps(entry.params), entry.lane.value, entry.key,
+                         None if entry.limits is None else _dumps(_limits_dict(entry.limits)), _QUEUED, at))
+        with self._transaction() as connection:
+            return [connection.execute(
+                "INSERT INTO tasks (kind, step, params, lane, key, limits, state, submitted_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row).lastrowid for row in rows]
+
+    def mark_started(self, task_id: int, at: Optional[float] = None) -> None:
+        """Record that a queued task is being handed to a worker: ``"running"``, one more attempt.
+
+        Call it before the hand-over: once it returns, a crash leaves the row "running",
+        which :meth:`recover` reads as "may have run".
+
+        Raises:
+            InvalidTransition: the task does not exist or is not queued.
+        """
+        with self._transaction() as connection:
+            changed = connection.execute(
+                "UPDATE tasks SET state = ?, started_at = ?, attempts = attempts + 1 WHERE id = ? AND state = ?",
+                (_RUNNING, time.time() if at is None else at, task_id, _QUEUED)).rowcount
+            if not changed:
+                raise self._refused(connection, task_id, _RUNNING)
+
+    def mark_finished(self, task_id: int, state: Union[str, TaskState], at: Optional[float] = None,
+                      result: Any = None, error: Optional[Mapping[str, Any]] = None) -> None:
+        """Record a task's end.
+
+        Args:
+            task_id: the task, queued or running.
+            state: a terminal state (see :data:`TERMINAL_STATES`).
+            at: when it ended (default: now).
+            result: its result; must be JSON (check it with ``protocol.to_json_value``).
+            error: its error as ``protocol.error_to_wire`` gives it.
+
+        Raises:
+            ValueError: ``state`` is not terminal.
+            TypeError, ValueError: ``result`` or ``error`` is not JSON; nothing is recorded.
+            InvalidTransition: the task does not exist or has already ended.
+        """
+        state = _state_name(state)
+        if state not in TERMINAL_STATES:
+            raise ValueError(f"{state!r} is not a final state; expected one of {', '.join(sorted(TERMINAL_STATES))}")
+        values = (state, time.time() if at is None else at, None if result is None else _dumps(result),
+                  None if error is None else _dumps(error))
+        with self._transaction() as connection:
+            changed = connection.execute(
+                "UPDATE tasks SET state = ?, ended_at = ?, result = ?, error = ? WHERE id = ? AND state IN (?, ?)",
+                values + (task_id, _QUEUED, _RUNNING)).rowcount
+            if not changed:
+                raise self._refused(connection, task_id, state)
+
+    @staticmethod
+    def _refused(connection: sqlite3.Connection, task_id: int, state: str) -> InvalidTransition:
+        row = connection.execute("SELECT state FROM tasks WHERE id = ?", (task_id,)).fetchone()
+        now = "no such task" if row is None else row["state"]
+        return InvalidTransition(f"journal task {task_id}: {now} -> {state}")
+
+    def get(self, task_id: int) -> Optional[TaskRecord]:
+        """The task's record, or ``None`` if there is no such task (or it was pruned)."""
+        records = self._select("SELECT * FROM tasks WHERE id = ?", (task_id,))
+        return records[0] if records else None
+
+    def recent(self, limit: int = 50) -> List[TaskRecord]:
+        """The last ``limit`` tasks submitted, newest first."""
+        return self._select("SELECT * FROM tasks ORDER BY id DESC LIMIT ?", (limit,))
+
+    def by_state(self, *states: Union[str, TaskState]) -> List[TaskRecord]:
+        """Every task in one of ``states``, in id order."""
+        names = [_state_name(state) for state in states]
+        return self._select(f"SELECT * FROM tasks WHERE state IN ({', '.join('?' * len(names))}) ORDER BY id",
+                            names) if names else []
+
+    def recover(self, now: Optional[float] = None) -> Recovery:
+        """Settle the rows a dead daemon left running, and list the work to resume.
+
+        Call it once, at start-up, before submitting anything. Running pool rows go back
+        to ``"queued"`` (pool steps are read-only: re-running one is safe); running
+        critical rows become ``"interrupted"``, ended ``now``, and are never re-run. Both
+        are flagged ``interrupted``.
+
+        Args:
+            now: the time to end interrupted rows at (default: now).
+        """
+        now = time.time() if now is None else now
+        with self._transaction() as connection:
+            critical = [TaskRecord.from_row(row) for row in connection.execute(
+                "SELECT * FROM tasks WHERE state = ? AND lane = ? ORDER BY id", (_RUNNING, Lane.CRITICAL.value))]
+            connection.execute("UPDATE tasks SET state = ?, interrupted = 1, ended_at = ? WHERE state = ? AND lane = ?",
+                               (INTERRUPTED, now, _RUNNING, Lane.CRITICAL.value))
+            connection.execute("UPDATE tasks SET state = ?, interrupted = 1 WHERE state = ? AND lane = ?",
+                               (_QUEUED, _RUNNING, Lane.POOL.value))
+            resume = [TaskRecord.from_row(row) for row in connection.execute(
+                "SELECT * FROM tasks WHERE state = ? ORDER BY id", (_QUEUED,))]
+        interrupted = [attrs.evolve(record, state=INTERRUPTED, interrupted=True, ended_at=now) for record in critical]
+        return Recovery(resume=resume, interrupted=interrupted)
+
+    def prune(self, now: Optional[float] = None) -> int:
+        """Delete the finished rows that ended more than ``retention_s`` before ``now``.
+
+        Returns:
+            How many rows were deleted.
+        """
+        cutoff = (time.time() if now is None else now) - self.retention_s
+        with self._transaction() as connection:
+            return connection.execute(
+                f"DELETE FROM tasks WHERE state IN {_sql_list(TERMINAL_STATES)} AND ended_at < ?", (cutoff,)).rowcount
+
+    def close(self) -> None:
+        """Close the database; later calls raise ``JournalError``. Idempotent."""
+        with self._lock:
+            if self._connection is not None:
+                self._connection.close()
+                self._connection = None
+
+    def __enter__(self) -> "Journal":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
