@@ -27,7 +27,8 @@ from governor.task import Call, TaskFuture, TaskState, WorkflowFuture
 # handler would print every WARNING (kills, crashes) to stderr.
 logging.getLogger("governor").addHandler(logging.NullHandler())
 
-_ENGINE = {"Supervisor": "governor.supervisor", "Scope": "governor.supervisor"}
+_ENGINE = {"Supervisor": "governor.supervisor", "Scope": "governor.supervisor",
+           "Client": "governor.client", "DaemonUnavailable": "governor.client"}
 
 
 def __getattr__(name: str):
@@ -40,8 +41,8 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "Call", "GovernorError", "InvalidParameters", "Lane", "Limits", "MemoryLimitExceeded", "QueueFull",
+    "Call", "Client", "DaemonUnavailable", "GovernorError", "InvalidParameters", "Lane", "Limits", "MemoryLimitExceeded", "QueueFull",
     "Scope", "StepCancelled", "StepContext", "StepFailed", "StepSkipped", "StepTimeout", "Supervisor",
     "SupervisorClosed", "TaskFuture", "TaskState", "UnknownStep", "WorkerCrashed", "WorkerStartFailed",
-    "WorkflowFailed", "current_context",
+    "WorkflowFailed", "WorkflowFuture", "current_context",
 ]

@@ -22,7 +22,7 @@ from governor.errors import InvalidParameters, QueueFull, SupervisorClosed, Unkn
 from governor.limits import Lane, Limits
 from governor.manager import Manager, ManagerConfig
 from governor.metrics import MetricsRecorder, prometheus_registry, prometheus_text
-from governor.task import CancelRequest, Call, Task, TaskFuture, TaskState, Workflow, WorkflowFuture
+from governor.task import CancelRequest, Call, Task, TaskFuture, Workflow, WorkflowFuture
 
 #: Tasks a lane may hold waiting before ``submit`` raises ``QueueFull``.
 DEFAULT_QUEUE_SIZE = 10_000
@@ -293,6 +293,34 @@ class Supervisor:
 
     # ----------------------------------------------------------------- internals
 
+    def check_call(self, call: Call) -> _Route:
+        """Raise what :meth:`submit_call` would for ``call``'s step and arguments, submitting nothing.
+
+        Raises:
+            UnknownStep: no step has that name.
+            InvalidParameters: the arguments do not fit the step's signature.
+        """
+        route = self._route(call.step)
+        try:
+            route.signature.bind(*call.args, **call.kwargs)
+        except TypeError as exc:
+            raise InvalidParameters(f"bad parameters for step {call.step!r}{route.signature}: {exc}") from None
+        return route
+
+    def describe_steps(self) -> List[Dict[str, Any]]:
+        """One dict per step: name, lane, reason, limits (the effective ones), description, signature."""
+        return [{"name": name, "lane": route.lane.value, "reason": route.reason,
+                 "limits": {"timeout_s": route.limits.effective_timeout_s,
+                            "max_memory_mb": route.limits.effective_memory_mb,
+                            "cancel_grace_s": route.limits.effective_cancel_grace_s},
+                 "description": route.spec.description, "signature": str(route.signature)}
+                for name, route in self._routes.items()]
+
+    @property
+    def prometheus_registry(self):
+        """This supervisor's own prometheus_client ``CollectorRegistry`` (to serve over HTTP)."""
+        return self._prometheus
+
     def _route(self, step: str) -> _Route:
         route = self._routes.get(step)
         if route is None:
@@ -300,13 +328,9 @@ class Supervisor:
         return route
 
     def _new_task(self, call: Call, lane: Optional[Lane] = None) -> Task:
-        route = self._route(call.step)
-        try:
-            route.signature.bind(*call.args, **call.kwargs)
-        except TypeError as exc:
-            raise InvalidParameters(f"bad parameters for step {call.step!r}{route.signature}: {exc}") from None
+        route = self.check_call(call)
         limits = route.limits if call.limits is None else call.limits.over(route.limits)
-        task = Task(0, call.step, lane or route.lane, call.args, call.kwargs, limits, self._clock())
+        task = Task(0, call.step, lane or route.lane, call.args, call.kwargs, limits, self._clock(), tag=call.tag)
         task.future = TaskFuture(task, self._cancel)
         return task
 

@@ -73,6 +73,9 @@ class Call:
         args: positional arguments.
         kwargs: keyword arguments.
         limits: limits for this submission only; fields left ``None`` inherit the step's.
+        tag: an opaque value carried on the task (``Task.tag``), for code that sees tasks
+            rather than futures, such as an ``on_dispatch`` hook (the daemon puts its
+            journal id here).
     """
 
     step: str = attrs.field(validator=attrs.validators.instance_of(str))
@@ -80,6 +83,7 @@ class Call:
     kwargs: Dict[str, Any] = attrs.field(factory=dict, converter=dict)
     limits: Optional[Limits] = attrs.field(
         default=None, validator=attrs.validators.optional(attrs.validators.instance_of(Limits)))
+    tag: Any = None
 
     @classmethod
     def of(cls, item: Any) -> "Call":
@@ -119,6 +123,7 @@ class Task:
     submitted_at: float
     future: "TaskFuture" = attrs.field(default=None)
     workflow: Optional["Workflow"] = None
+    tag: Any = None
     state: TaskState = TaskState.QUEUED
     dispatched_at: Optional[float] = None
     started_at: Optional[float] = None

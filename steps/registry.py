@@ -96,6 +96,22 @@ class StepRegistry:
             self._specs[spec.name] = spec
         return spec
 
+    def include(self, other: "StepRegistry") -> None:
+        """Register every step of ``other`` here too (a daemon gathering steps from packages).
+
+        Only the steps come over, not ``other``'s classifier rules: a step shipped for
+        someone else's registry should declare ``critical=``.
+
+        Raises:
+            RegistrationError: a name is already registered here (nothing is added then).
+        """
+        incoming = other.snapshot()
+        with self._lock:
+            clashes = sorted(set(incoming) & set(self._specs))
+            if clashes:
+                raise RegistrationError(f"steps already registered: {', '.join(map(repr, clashes))}")
+            self._specs.update(incoming)
+
     def get(self, name: str) -> StepSpec:
         """The step called ``name``.
 

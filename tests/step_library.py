@@ -193,3 +193,14 @@ def declared_timeout_loop():
 
 
 _leak = None
+
+
+@registry.step(name="ledger.append", critical=True)
+def ledger_append(path: str, seq: int, ms: float = 2):
+    """A state-changing step that leaves a trace of every execution: one line per run."""
+    with open(path, "a") as ledger:
+        ledger.write(f"{seq} {os.getpid()}\n")
+        ledger.flush()
+        os.fsync(ledger.fileno())
+    time.sleep(ms / 1000)
+    return seq

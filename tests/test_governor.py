@@ -5,7 +5,6 @@ files the steps write (cross-process events), never from sleeps.
 """
 
 import concurrent.futures
-import os
 import signal
 
 import pytest
