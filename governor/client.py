@@ -133,25 +133,32 @@ class Client:
         future.wait_for_id(self.timeout)
         return future
 
+    def submit_batch(self, calls: Iterable[Any], key: Optional[str] = None) -> RemoteFuture:
+        """Submit many steps at once without waiting; the future resolves to their outcomes.
+
+        Each outcome is a step's result, or its error (not raised), in the order of
+        ``calls``. ``key`` supersedes the previous submission with the same key as a
+        whole: a view switch that cancels what is left of the last view.
+        """
+        step_calls = tuple(_step_call(Call.of(item)) for item in calls)
+        future = self._submit(protocol.Batch(self._next_id(), step_calls, True, key),
+                              unwrap=lambda reply: [_outcome_of(record) for record in reply["tasks"]])
+        future.wait_for_id(self.timeout)
+        return future
+
     def run_batch(self, calls: Iterable[Any], *, return_exceptions: bool = False,
                   timeout: Optional[float] = None) -> List[Any]:
         """Submit many steps at once and wait for all; as ``Supervisor.run_batch``."""
-        step_calls = tuple(_step_call(Call.of(item)) for item in calls)
-        future = self._submit(protocol.Batch(self._next_id(), step_calls, True),
-                              unwrap=lambda reply: reply["tasks"])
+        future = self.submit_batch(calls)
         try:
-            records = future.result(timeout)
+            outcomes = future.result(timeout)
         except concurrent.futures.TimeoutError:
             future.cancel("the batch timed out")
             raise TimeoutError(f"the batch had not finished after {timeout}s") from None
-        outcomes = []
-        for record in records:
-            try:
-                outcomes.append(_value_of(record))
-            except BaseException as error:
-                if not return_exceptions:
-                    raise
-                outcomes.append(error)
+        if not return_exceptions:
+            first = next((outcome for outcome in outcomes if isinstance(outcome, BaseException)), None)
+            if first is not None:
+                raise first
         return outcomes
 
     def workflow(self, calls: Iterable[Any]) -> RemoteFuture:
@@ -283,6 +290,14 @@ def _step_call(call: Call) -> protocol.StepCall:
     if call.args:
         raise TypeError("steps are called with keyword parameters over the socket")
     return protocol.StepCall(call.step, call.kwargs)
+
+
+def _outcome_of(record: Dict[str, Any]) -> Any:
+    """A finished task record's result, or its error (returned, not raised)."""
+    try:
+        return _value_of(record)
+    except BaseException as error:
+        return error
 
 
 def _value_of(record: Dict[str, Any]) -> Any:

@@ -389,17 +389,19 @@ class Daemon:
         lane = self._supervisor.check_call(call).lane
         [record_id] = self._journal.submit([NewTask.step_call(request.step, request.params, lane,
                                                               request.key, request.limits)])
-        self._launch(record_id, request.key, lambda target: target.submit_call(attrs.evolve(call, tag=record_id)))
+        self._launch(record_id, self._target(request.key), lambda target: target.submit_call(
+            attrs.evolve(call, tag=record_id)))
         return self._ack(connection, request, [record_id])
 
     async def _op_batch(self, connection: _Connection, request: protocol.Batch) -> Optional[Dict[str, Any]]:
         self._refuse_while_draining()
         calls = [Call(step_call.step, kwargs=step_call.params) for step_call in request.calls]
         lanes = [self._supervisor.check_call(call).lane for call in calls]  # all valid before any is kept
-        record_ids = self._journal.submit([NewTask.step_call(call.step, call.kwargs, lane)
+        record_ids = self._journal.submit([NewTask.step_call(call.step, call.kwargs, lane, request.key)
                                            for call, lane in zip(calls, lanes)])
+        target = self._target(request.key)  # one scope for the batch: it supersedes as one view
         for record_id, call in zip(record_ids, calls):
-            self._launch(record_id, None, lambda target, call=call, rid=record_id:
+            self._launch(record_id, target, lambda target, call=call, rid=record_id:
                          target.submit_call(attrs.evolve(call, tag=rid)))
         return self._ack(connection, request, record_ids)
 
@@ -409,7 +411,7 @@ class Daemon:
         for call in calls:
             self._supervisor.check_call(call)
         [record_id] = self._journal.submit([NewTask.workflow([{"step": c.step, "params": c.kwargs} for c in calls])])
-        self._launch(record_id, None, lambda target: target.workflow(
+        self._launch(record_id, self._supervisor, lambda target: target.workflow(
             [attrs.evolve(call, tag=record_id) for call in calls]))
         return self._ack(connection, request, [record_id])
 
@@ -475,9 +477,12 @@ class Daemon:
         ids = {"task_ids": record_ids} if request.OP == "batch" else {"task_id": record_ids[0]}
         return {**ids, "final": not request.wait}
 
-    def _launch(self, record_id: int, key: Optional[str], submit) -> None:
-        """Hand a journaled task to the supervisor; if that fails, journal the failure."""
-        target = self._supervisor.scope(key=key) if key is not None else self._supervisor
+    def _target(self, key: Optional[str]) -> Any:
+        """Where a request's tasks go: a scope superseding the last one with ``key``, or the supervisor."""
+        return self._supervisor.scope(key=key) if key is not None else self._supervisor
+
+    def _launch(self, record_id: int, target: Any, submit) -> None:
+        """Hand a journaled task to ``target``; if that refuses it, journal the failure."""
         try:
             future = submit(target)
         except GovernorError as refused:  # QueueFull, SupervisorClosed: the row must not stay queued
@@ -489,10 +494,10 @@ class Daemon:
     def _resubmit(self, record: TaskRecord) -> None:
         if record.kind == "workflow":
             calls = [Call(call["step"], kwargs=call["params"], tag=record.id) for call in record.params["calls"]]
-            self._launch(record.id, None, lambda target: target.workflow(calls))
+            self._launch(record.id, self._supervisor, lambda target: target.workflow(calls))
         else:
             call = Call(record.step, kwargs=record.params["params"], limits=record.limits, tag=record.id)
-            self._launch(record.id, record.key, lambda target: target.submit_call(call))
+            self._launch(record.id, self._supervisor, lambda target: target.submit_call(call))
 
     def _record_start(self, task: Task) -> None:
         """on_dispatch hook (manager thread): journal "running" before the step reaches a worker."""

@@ -47,7 +47,8 @@ Requests
                  [null], a supersede key; ``limits``: null [null] or an object with
                  ``timeout_s`` and/or ``max_memory_mb``, each a finite number > 0 or null
     ``batch``    ``calls``: 1-10,000 objects ``{"step": string, "params": object}``
-                 (``params`` defaults to ``{}``); ``wait``: bool [false]
+                 (``params`` defaults to ``{}``); ``wait``: bool [false]; ``key``: as for
+                 ``submit``, for the whole batch (a view switch supersedes the last view)
     ``workflow`` ``calls``: as for ``batch``, 1-1,000 of them; ``wait``: bool [false]
     ``cancel``   ``task_ids``: 1-10,000 task ids
     ``status``   ``task_id``: a task id, or null for the recent tasks [null]
@@ -747,6 +748,7 @@ class Batch(Request):
     OP = "batch"
     calls: Tuple[StepCall, ...] = attrs.field(converter=_tuple_of(_step_call, MAX_BATCH_CALLS, "calls"))
     wait: bool = attrs.field(default=False, converter=_boolean)
+    key: Optional[str] = attrs.field(default=None, converter=_optional(_text(MAX_KEY_CHARS)))
 
 
 @_wire_type
