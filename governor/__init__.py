@@ -16,6 +16,8 @@ pay for, times every worker. See README.md for the whole API.
 
 import logging
 
+__version__ = "0.1.0"
+
 from governor.context import StepContext, current_context
 from governor.errors import (GovernorError, InvalidParameters, MemoryLimitExceeded, QueueFull, StepCancelled,
                              StepFailed, StepSkipped, StepTimeout, SupervisorClosed, UnknownStep,

@@ -675,6 +675,9 @@ class Manager(threading.Thread):
             self._stop_executor(slot)
         elif slot.kill is not None:
             slot.task = None
+            # EOF comes when the worker's files close, a moment before it is a zombie: wait
+            # for that moment, so "the future is resolved" implies "the worker is dead".
+            exit_status(slot.pid)
             self._finish(task, slot.kill.state, slot.kill.error, by_kill=True)
             self._stop_executor(slot)
         elif task.state.terminal:

@@ -98,10 +98,11 @@ def _signal_group(pgid: int, signal_number: int) -> None:
 
 
 def exit_status(pid: int, patience_s: float = EXIT_STATUS_PATIENCE_S) -> Tuple[Optional[int], Optional[int]]:
-    """How a dead child ended, read without reaping it: ``(exitcode, signal)``.
+    """How a dying child ended, read without reaping it: ``(exitcode, signal)``.
 
-    Returns ``(None, None)`` when the status cannot be read: loky reaped the process first,
-    or it is not our child. ``WNOWAIT`` leaves the zombie for loky to reap.
+    Waits (up to ``patience_s``) for the child to become a zombie, so on return it is dead.
+    Returns ``(None, None)`` when the status cannot be read: loky reaped the process first
+    (it is dead too), or it is not our child. ``WNOWAIT`` leaves the zombie for loky to reap.
     """
     deadline = time.monotonic() + patience_s
     while True:

@@ -1,0 +1,5 @@
+"""``python -m governor``: the same as the ``governor`` command."""
+
+from governor.cli import main
+
+main(prog_name="governor")
