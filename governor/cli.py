@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional
 import click
 
 from governor import __version__, errors
-from governor.cli_run import run
+from governor.cli_run import parse_value, run
 
 #: ``governor submit --wait`` exit codes, by how the task (or the request) ended.
 EXIT_CODES = {
@@ -247,15 +247,8 @@ def _parameters(params: List[str], json_params: Optional[str]) -> Dict[str, Any]
         name, equals, value = item.partition("=")
         if not equals or not name:
             raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="-p")
-        parsed[name] = _parse_value(value)
+        parsed[name] = parse_value(value)
     return parsed
-
-
-def _parse_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
 
 
 def _submit_batch(connection: _Connected, batch_file) -> None:

@@ -6,6 +6,7 @@ when a supervisor shuts down), and the manager and spawn threads must be gone.
 """
 
 import faulthandler
+import os
 import sys
 import threading
 import time
@@ -64,6 +65,15 @@ def no_leaked_processes():
     yield
     assert wait_until(lambda: not live_children()), f"leaked processes: {live_children()}"
     assert wait_until(lambda: not governor_threads()), f"leaked threads: {governor_threads()}"
+
+
+@pytest.fixture
+def isolated_git_env(tmp_path, monkeypatch):
+    """No global or system git config, no repository above tmp_path, no real XDG state."""
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", os.devnull)
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg-state"))
 
 
 @pytest.fixture

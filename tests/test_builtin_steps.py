@@ -32,12 +32,8 @@ AUTHOR_DATE = "2024-05-01T12:00:00+02:00"
 
 
 @pytest.fixture(autouse=True)
-def isolated_env(tmp_path, monkeypatch):
-    """No global or system git config, no repository above tmp_path, no real XDG state."""
-    monkeypatch.setenv("GIT_CONFIG_GLOBAL", os.devnull)
-    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
-    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
-    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg-state"))
+def isolated_env(isolated_git_env, tmp_path, monkeypatch):
+    """The shared git/XDG isolation, and a chat store from the environment in tmp_path."""
     monkeypatch.setenv(chat.STORE_ENV_VAR, str(tmp_path / "env-store" / "chat.sqlite3"))
 
 

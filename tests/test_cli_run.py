@@ -30,12 +30,8 @@ SUBPROCESS_PATIENCE_S = 120
 
 
 @pytest.fixture(autouse=True)
-def isolated_env(tmp_path, monkeypatch):
-    """No global or system git config, no repository above tmp_path, no real XDG state."""
-    monkeypatch.setenv("GIT_CONFIG_GLOBAL", os.devnull)
-    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
-    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
-    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg-state"))
+def isolated_env(isolated_git_env, monkeypatch):
+    """The shared git/XDG isolation, and no chat store from the environment."""
     monkeypatch.delenv(chat.STORE_ENV_VAR, raising=False)
 
 
