@@ -222,6 +222,7 @@ class Manager(threading.Thread):
 
         self._inbox: Deque[tuple] = collections.deque()
         self._wakeup_reader, self._wakeup_writer = os.pipe()
+        self._wakeup_lock = threading.Lock()
         os.set_blocking(self._wakeup_reader, False)
         os.set_blocking(self._wakeup_writer, False)
 
@@ -254,12 +255,15 @@ class Manager(threading.Thread):
     def post(self, *message: Any) -> None:
         """Put a message on the inbox and wake the manager (any thread)."""
         self._inbox.append(message)
-        try:
-            os.write(self._wakeup_writer, b"\0")
-        except BlockingIOError:
-            pass  # the pipe is full, so a wake-up is already pending
-        except OSError:
-            pass  # closed: the manager has exited and nothing is listening
+        # Under the lock, so a late message (a loky callback after shutdown) never writes to
+        # the pipe's fd number after _close() released it to be reused by another file.
+        with self._wakeup_lock:
+            if self._wakeup_writer is None:
+                return  # the manager has exited: nothing is listening
+            try:
+                os.write(self._wakeup_writer, b"\0")
+            except BlockingIOError:
+                pass  # the pipe is full, so a wake-up is already pending
 
     # ----------------------------------------------------------------- the loop
 
@@ -811,8 +815,10 @@ class Manager(threading.Thread):
         self._selector.close()
         self._listener.close()
         shutil.rmtree(self._socket_dir, ignore_errors=True)
-        os.close(self._wakeup_reader)
-        os.close(self._wakeup_writer)
+        with self._wakeup_lock:
+            os.close(self._wakeup_reader)
+            os.close(self._wakeup_writer)
+            self._wakeup_writer = None
 
 
 def _start_worker(slot_id: int, control_address: str, steps: Dict[str, Any], modules: Sequence[str]):

@@ -247,7 +247,10 @@ def _exchange_as(uid: int, path: Path, payload: bytes) -> bytes:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
                 sock.settimeout(10)
                 sock.connect(path.name)
-                sock.sendall(payload)
+                try:
+                    sock.sendall(payload)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # a refused peer is answered and dropped at once; the answer is queued
                 os.write(write_end, sock.recv(65536))
         except BaseException as error:
             os.write(write_end, repr(error).encode())
