@@ -17,9 +17,23 @@ Modules:
 * :mod:`bench.stats`: percentiles and summaries;
 * :mod:`bench.runner`, :mod:`bench.report`, :mod:`bench.plot`: the JSON, the table and
   markdown, the picture.
+
+The harness is imported on first use, not with the package: worker processes import
+``bench.bench_steps``, and a worker that loaded the whole harness (and with it Governor's
+engine) would overstate the memory figures the harness reports.
 """
 
-from bench.core import SCENARIOS, SIZES
-from bench.runner import SCHEMA_VERSION, BenchRun, run
+_LAZY = {"SCENARIOS": "bench.core", "SIZES": "bench.core", "SCHEMA_VERSION": "bench.runner",
+         "BenchRun": "bench.runner", "run": "bench.runner"}
 
-__all__ = ["SCENARIOS", "SCHEMA_VERSION", "SIZES", "BenchRun", "run"]
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'bench' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
+
+__all__ = sorted(_LAZY)
