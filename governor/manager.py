@@ -211,11 +211,13 @@ class Manager(threading.Thread):
     ``warm`` (an Event) and ``start_error``; everything else runs on this thread."""
 
     def __init__(self, config: ManagerConfig, metrics: MetricsRecorder,
-                 on_left_queue: Callable[[Task], None], clock: Callable[[], float]):
+                 on_left_queue: Callable[[Task], None], cancel_task: Callable[[Task, CancelRequest], bool],
+                 clock: Callable[[], float]):
         super().__init__(name="governor-manager", daemon=True)
         self._config = config
         self._metrics = metrics
         self._on_left_queue = on_left_queue
+        self._cancel_task = cancel_task  # the Supervisor's: the one place a cancel is made
         self._clock = clock
         self.warm = threading.Event()
         self.start_error: Optional[BaseException] = None
@@ -331,8 +333,7 @@ class Manager(threading.Thread):
     def _on_cancel(self, task: Task) -> None:
         """A cancel was recorded on ``task``: stop it if it runs, settle its workflow if queued."""
         if task.state is TaskState.CANCELLED:
-            self._metrics.task_finished(task)
-            self._settle_workflow(task, None)
+            self._settle_workflow(task, None)  # cancelled in its queue: the canceller did the rest
             return
         slot = self._running.get(task.id)
         if slot is None or slot.state is not SlotState.BUSY:
@@ -351,16 +352,13 @@ class Manager(threading.Thread):
     def _on_shutdown(self, cancel_pending: bool, cancel_running: bool) -> None:
         self._closing = True
         request = CancelRequest("shutdown", "the supervisor is shutting down")
-        for lane in self._lanes.values():
-            for task in list(lane.queue):
-                if cancel_pending and task.request_cancel(request)[1]:
-                    self._on_left_queue(task)
-                    task.resolve()
-                    self._on_cancel(task)
+        if cancel_pending:
+            for lane in self._lanes.values():
+                for task in list(lane.queue):
+                    self._cancel_task(task, request)
         if cancel_running:
             for slot in list(self._running.values()):
-                if slot.task.request_cancel(request)[0]:
-                    self._on_cancel(slot.task)
+                self._cancel_task(slot.task, request)
 
     def _on_describe(self, reply: concurrent.futures.Future) -> None:
         """Answer ``Supervisor.describe_workers()``: one dict per live worker."""

@@ -130,7 +130,7 @@ class Supervisor:
         with self._lock:
             if self._manager is not None:
                 raise SupervisorClosed("this supervisor was already started")
-            self._manager = Manager(self._config, self._metrics, self._left_queue, self._clock)
+            self._manager = Manager(self._config, self._metrics, self._left_queue, self._cancel, self._clock)
         self._manager.start()
         _live_supervisors.add(self)
         if not self._manager.warm.wait(timeout):
@@ -355,9 +355,11 @@ class Supervisor:
             self._queued[task.lane] -= 1
 
     def _cancel(self, task: Task, request: CancelRequest) -> bool:
+        """Cancel ``task`` (any thread): a queued one ends here, a running one is stopped by the manager."""
         accepted, cancelled_now = task.request_cancel(request)
         if cancelled_now:
             self._left_queue(task)
+            self._metrics.task_finished(task)  # counted before it resolves, like every other end
             task.resolve()
         if accepted and self._manager is not None:
             self._manager.post("cancel", task)
