@@ -257,6 +257,18 @@ class Manager(threading.Thread):
     def post(self, *message: Any) -> None:
         """Put a message on the inbox and wake the manager (any thread)."""
         self._inbox.append(message)
+        self.wake()
+
+    def append(self, *message: Any) -> None:
+        """Put a message on the inbox without waking the manager; call :meth:`wake` after.
+
+        For a caller that must order messages under its own lock but should not wake the
+        manager while holding it (the manager would wake straight into that lock).
+        """
+        self._inbox.append(message)
+
+    def wake(self) -> None:
+        """Wake the manager to read its inbox (any thread)."""
         # Under the lock, so a late message (a loky callback after shutdown) never writes to
         # the pipe's fd number after _close() released it to be reused by another file.
         with self._wakeup_lock:
@@ -309,9 +321,11 @@ class Manager(threading.Thread):
                 self._read_control(slot)
 
     def _drain_wakeups(self) -> None:
+        # One read: if more than 4 KiB of wake-ups were pending, the (level-triggered) select
+        # wakes again. A second read only to meet EAGAIN would cost a syscall, and with it a
+        # GIL hand-off, on every round trip.
         try:
-            while os.read(self._wakeup_reader, 4096):
-                pass
+            os.read(self._wakeup_reader, 4096)
         except BlockingIOError:
             pass
 
@@ -407,6 +421,9 @@ class Manager(threading.Thread):
             self._start_failed(slot, error)
             return
         slot.executor, slot.pid = start.result()
+        if slot.state is SlotState.DEAD:  # its worker died between its warm-up and now
+            self._stop_executor(slot)
+            return
         if self._closing:
             self._retire(slot)
             return

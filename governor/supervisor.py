@@ -335,8 +335,8 @@ class Supervisor:
         return task
 
     def _enqueue(self, tasks: Sequence[Task]) -> None:
-        # Numbering and posting under one lock fixes the submission order across threads,
-        # which is the critical lane's execution order.
+        # Numbering and appending to the inbox under one lock fixes the submission order
+        # across threads, which is the critical lane's execution order.
         with self._lock:
             if not self._accepting:
                 raise SupervisorClosed("the supervisor is not running (start() it, or it was shut down)")
@@ -348,7 +348,8 @@ class Supervisor:
                 self._queued[lane] += count
             for task in tasks:
                 task.id = next(self._ids)
-            self._manager.post("submit", tasks)
+            self._manager.append("submit", tasks)
+        self._manager.wake()  # outside the lock: the manager's first act is to take it (_left_queue)
 
     def _left_queue(self, task: Task) -> None:
         with self._lock:
