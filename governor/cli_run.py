@@ -21,6 +21,7 @@ it is the supervisor's dispatch to end.
 
 from __future__ import annotations
 
+import concurrent.futures
 import difflib
 import inspect
 import json
@@ -305,23 +306,6 @@ def _saved(batch_ms: Optional[float], sequential_ms: Optional[float]) -> Optiona
 # ----------------------------------------------------------------------------- running
 
 
-class _DispatchLog:
-    """The supervisor's ``on_dispatch`` hook: keeps each dispatched task under its ``Call.tag``.
-
-    ``run_batch`` returns results, not futures; the task records (worker timestamps, peak
-    RSS, final state) are reached through this hook instead. It runs on the manager thread
-    and only stores a reference (the hook must be fast); the records are read after
-    ``run_batch`` returned, i.e. after every task ended.
-    """
-
-    def __init__(self) -> None:
-        self.tasks: Dict[Any, Task] = {}
-
-    def __call__(self, task: Task) -> None:
-        if task.tag is not None:
-            self.tasks[task.tag] = task
-
-
 def _newest_chat(store: str) -> Optional[int]:
     """The id of the newest chat in ``store``, or ``None`` when it has none (or does not exist).
 
@@ -427,12 +411,11 @@ def execute(calls: Sequence[Call], *, workers: Optional[int] = None, timeout_s: 
     # placeholder 1 checks their parameters now; they are rebuilt after setup.
     view_calls = [] if view is None else _view_calls(view[0], view[1], chat_id or 1)
     planned = [attrs.evolve(call, limits=limits) for call in (*view_calls, *calls)]
-    dispatched = _DispatchLog()
     pool_steps = sum(registry.classify(call.step).lane is Lane.POOL for call in planned if call.step in registry)
     workers = workers or max(1, min(default_workers(), pool_steps))
     # spares=0: a one-shot run does not need a warm replacement standing by, and each
     # spare is one more interpreter to start before the first step runs.
-    sup = Supervisor(registry, workers=workers, spares=0, on_dispatch=dispatched)
+    sup = Supervisor(registry, workers=workers, spares=0)
     for call in planned:
         _check(sup, call)
     started = time.perf_counter()
@@ -447,13 +430,15 @@ def execute(calls: Sequence[Call], *, workers: Optional[int] = None, timeout_s: 
                                      workers, startup_ms, _view_json(view, None))
             if view is not None:
                 view_calls = _view_calls(view[0], view[1], chat_id)
-            batch = [attrs.evolve(call, limits=limits, tag=index)
-                     for index, call in enumerate((*view_calls, *calls))]
+            batch = [attrs.evolve(call, limits=limits) for call in (*view_calls, *calls)]
+            # One batch, as run_batch submits it, but keeping the futures: their tasks carry
+            # the worker timestamps and peak RSS the table shows.
             start = time.perf_counter()
-            outcomes = sup.run_batch(batch, return_exceptions=True)
+            futures = [sup.submit_call(call) for call in batch]
+            concurrent.futures.wait(futures)
             batch_ms = (time.perf_counter() - start) * 1000
-            runs = [StepRun.of(call, sup.classify(call.step)[0], dispatched.tasks.get(call.tag), outcome)
-                    for call, outcome in zip(batch, outcomes)]
+            runs = [StepRun.of(call, sup.classify(call.step)[0], future.task, _outcome(future))
+                    for call, future in zip(batch, futures)]
         except BaseException:
             # Interrupted (Ctrl-C): stop the steps rather than wait for them to end.
             sup.shutdown(wait=True, cancel_pending=True, cancel_running=True)
@@ -461,6 +446,14 @@ def execute(calls: Sequence[Call], *, workers: Optional[int] = None, timeout_s: 
     sequential = _run_sequential(registry, runs)
     return RunReport(tuple(setup), tuple(runs), batch_ms, sequential, workers, startup_ms,
                      _view_json(view, chat_id))
+
+
+def _outcome(future: concurrent.futures.Future) -> Any:
+    """A finished future's result, or its error (returned, not raised)."""
+    try:
+        return future.result()
+    except BaseException as error:  # every way a step can end is shown in its row
+        return error
 
 
 def _view_json(view: Optional[Tuple[str, str, Optional[int]]], chat_id: Optional[int]) -> Optional[Dict[str, Any]]:
