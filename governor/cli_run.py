@@ -378,11 +378,8 @@ def _setup_view(sup: Supervisor, store: str, limits: Optional[Limits]) -> Tuple[
 def _submit_one(sup: Supervisor, call: Call) -> StepRun:
     """Run one setup step and wait for it (each needs the one before it)."""
     future = sup.submit_call(call)
-    try:
-        outcome = future.result()
-    except Exception as exc:  # StepFailed, StepTimeout, ...: shown in the row
-        outcome = exc
-    return StepRun.of(call, sup.classify(call.step)[0], future.task, outcome, setup=True)
+    concurrent.futures.wait([future])
+    return StepRun.of(call, sup.classify(call.step)[0], future.task, _outcome(future), setup=True)
 
 
 def execute(calls: Sequence[Call], *, workers: Optional[int] = None, timeout_s: Optional[float] = None,
