@@ -22,7 +22,7 @@ from governor.errors import InvalidParameters, QueueFull, SupervisorClosed, Unkn
 from governor.limits import Lane, Limits
 from governor.manager import Manager, ManagerConfig
 from governor.metrics import MetricsRecorder, prometheus_registry, prometheus_text
-from governor.task import CancelRequest, Call, Task, TaskFuture, Workflow, WorkflowFuture
+from governor.task import CancelRequest, Call, Task, TaskFuture, Workflow, WorkflowFuture, in_done_callback
 
 #: Tasks a lane may hold waiting before ``submit`` raises ``QueueFull``.
 DEFAULT_QUEUE_SIZE = 10_000
@@ -152,7 +152,8 @@ class Supervisor:
             cancel_running: also cancel running tasks (cooperatively, then by killing
                 their workers after their ``cancel_grace_s``).
 
-        Safe to call more than once and from a done-callback (it then does not wait).
+        Safe to call more than once and from a done-callback (it then does not wait: the
+        manager may be waiting for the very task whose callback runs).
         """
         with self._lock:
             self._accepting = False
@@ -160,7 +161,7 @@ class Supervisor:
         if manager is None or not manager.is_alive():
             return
         manager.post("shutdown", cancel_pending, cancel_running)
-        if wait and threading.current_thread() is not manager:
+        if wait and threading.current_thread() is not manager and not in_done_callback():
             manager.join()
 
     def __enter__(self) -> "Supervisor":

@@ -195,15 +195,35 @@ class Task:
         return StepCancelled(self.step, self.id, request.reason, request.detail, killed)
 
     def resolve(self, result: Any = None) -> None:
-        """Resolve the future from the (terminal) state; call without holding the lock."""
-        if self.state is TaskState.DONE:
-            self.future.set_result(result)
-        elif self.state is TaskState.CANCELLED:
-            # Base-class cancel: ours would route back to the supervisor.
-            concurrent.futures.Future.cancel(self.future)
-            self.future.set_running_or_notify_cancel()
-        else:
-            self.future.set_exception(self.error)
+        """Resolve the future from the (terminal) state; call without holding the lock.
+
+        The future's done-callbacks run here, on this thread (a loky thread, the manager
+        or a canceller); :func:`in_done_callback` tells code they call that it runs there.
+        """
+        _resolving.depth = getattr(_resolving, "depth", 0) + 1
+        try:
+            if self.state is TaskState.DONE:
+                self.future.set_result(result)
+            elif self.state is TaskState.CANCELLED:
+                # Base-class cancel: ours would route back to the supervisor.
+                concurrent.futures.Future.cancel(self.future)
+                self.future.set_running_or_notify_cancel()
+            else:
+                self.future.set_exception(self.error)
+        finally:
+            _resolving.depth -= 1
+
+
+_resolving = threading.local()
+
+
+def in_done_callback() -> bool:
+    """Whether this thread is running a task future's done-callbacks right now.
+
+    Such a thread must not wait for the supervisor to finish: the manager may be waiting
+    for the very task whose callbacks it runs.
+    """
+    return getattr(_resolving, "depth", 0) > 0
 
 
 class _ExplainedCancelFuture(concurrent.futures.Future):

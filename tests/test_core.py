@@ -192,3 +192,16 @@ def test_bad_supervisor_arguments():
         Supervisor(registry, workers="4")
     with pytest.raises(TypeError):
         Supervisor(registry, limits={"timeout_s": 1})
+
+
+def test_done_callbacks_may_submit_and_shut_down():
+    sup = Supervisor(registry, workers=2).start()
+    chained = concurrent.futures.Future()
+    first = sup.submit("echo", 1)
+    first.add_done_callback(lambda done: chained.set_result(sup.submit("echo", done.result() + 1)))
+    assert chained.result(timeout=30).result(timeout=30) == 2, "a callback re-entered submit()"
+    last = sup.submit("echo", 3)
+    last.add_done_callback(lambda done: sup.shutdown(wait=True))  # must not deadlock
+    assert last.result(timeout=30) == 3
+    sup.shutdown(wait=True)
+    assert not live_children()
