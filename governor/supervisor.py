@@ -77,7 +77,8 @@ class Supervisor:
         clock: the monotonic clock deadlines are read from (tests inject one).
 
     Use it as a context manager (``with Supervisor(registry) as sup:``), or call
-    :meth:`start` and :meth:`shutdown`.
+    :meth:`start` and :meth:`shutdown`. Leaving the ``with`` block waits for the work it
+    accepted; leaving it on an exception cancels that work (queued and running).
     """
 
     def __init__(self, registry: Any, workers: Optional[int] = None, *, limits: Optional[Limits] = None,
@@ -167,8 +168,11 @@ class Supervisor:
     def __enter__(self) -> "Supervisor":
         return self.start()
 
-    def __exit__(self, *exc_info: Any) -> None:
-        self.shutdown(wait=True)
+    def __exit__(self, exc_type: Any, *exc_info: Any) -> None:
+        # Leaving normally waits for the work accepted (as concurrent.futures does); leaving
+        # on an exception cancels it, so a failure never hangs on a step that will not end.
+        failed = exc_type is not None
+        self.shutdown(wait=True, cancel_pending=failed, cancel_running=failed)
 
     # ----------------------------------------------------------------- submitting
 

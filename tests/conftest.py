@@ -78,5 +78,10 @@ def isolated_git_env(tmp_path, monkeypatch):
 
 @pytest.fixture
 def supervisor():
-    with Supervisor(registry, workers=4) as sup:
+    """A started supervisor; stopped after the test with everything it still runs cancelled,
+    so a test that fails while an endless step runs cannot hang its teardown."""
+    sup = Supervisor(registry, workers=4).start()
+    try:
         yield sup
+    finally:
+        sup.shutdown(wait=True, cancel_pending=True, cancel_running=True)

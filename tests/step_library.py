@@ -19,6 +19,13 @@ from steps import StepRegistry, current_context
 registry = StepRegistry()
 
 
+def announce(marker: str, value: int) -> None:
+    """Publish ``value`` at ``marker`` atomically (write then rename): a reader that sees
+    the file always sees its whole content, never an empty file being written."""
+    Path(marker + ".tmp").write_text(str(value))
+    os.rename(marker + ".tmp", marker)
+
+
 def wait_for_path(path: str, timeout: float = 60.0) -> None:
     """Block until ``path`` exists (a cross-process event); fail loudly after ``timeout``."""
     deadline = time.monotonic() + timeout
@@ -87,7 +94,7 @@ def unpicklable_result():
 @registry.step(critical=False)
 def busy_loop(marker: str = ""):
     if marker:
-        Path(marker).write_text(str(os.getpid()))
+        announce(marker, os.getpid())
     while True:
         pass
 
@@ -100,7 +107,7 @@ def critical_busy_loop(marker: str = ""):
 @registry.step(critical=False)
 def sleep_in_c(marker: str = ""):
     if marker:
-        Path(marker).write_text(str(os.getpid()))
+        announce(marker, os.getpid())
     time.sleep(10 ** 6)
 
 
@@ -108,8 +115,7 @@ def sleep_in_c(marker: str = ""):
 def child_sleeper(marker: str):
     """Start ``sleep 1000`` as a child, publish its pid in ``marker``, and wait on it."""
     child = subprocess.Popen(["sleep", "1000"])
-    Path(marker + ".tmp").write_text(str(child.pid))
-    os.rename(marker + ".tmp", marker)
+    announce(marker, child.pid)
     child.wait()
 
 
@@ -117,8 +123,7 @@ def child_sleeper(marker: str):
 def daemonised_grandchild(marker: str):
     """Start a grandchild that leaves the worker's process group, then hang."""
     child = subprocess.Popen(["sleep", "1000"], start_new_session=True)
-    Path(marker + ".tmp").write_text(str(child.pid))
-    os.rename(marker + ".tmp", marker)
+    announce(marker, child.pid)
     time.sleep(10 ** 6)
 
 
@@ -146,7 +151,7 @@ def segfault():
 def cooperative(marker: str = ""):
     """Wait for a cancel through the context; stop by raising StepCancelled."""
     if marker:
-        Path(marker).write_text(str(os.getpid()))
+        announce(marker, os.getpid())
     ctx = current_context()
     while not ctx.wait(0.01):
         pass
@@ -156,7 +161,7 @@ def cooperative(marker: str = ""):
 @registry.step(critical=False)
 def meet(directory: str, name: str, expected: int, go: str = ""):
     """Announce ``name`` in ``directory``, wait until ``expected`` peers did (or ``go`` exists)."""
-    Path(directory, name).write_text(str(os.getpid()))
+    announce(os.path.join(directory, name), os.getpid())
     deadline = time.monotonic() + 60
     while len(os.listdir(directory)) < expected and not (go and os.path.exists(go)):
         if time.monotonic() > deadline:
@@ -168,7 +173,7 @@ def meet(directory: str, name: str, expected: int, go: str = ""):
 @registry.step(critical=False)
 def hold_until(marker: str, go: str):
     """Say we started (``marker``), then wait for ``go``: a sibling kept in flight."""
-    Path(marker).write_text(str(os.getpid()))
+    announce(marker, os.getpid())
     wait_for_path(go)
     return os.getpid()
 

@@ -205,3 +205,13 @@ def test_done_callbacks_may_submit_and_shut_down():
     assert last.result(timeout=30) == 3
     sup.shutdown(wait=True)
     assert not live_children()
+
+
+def test_leaving_the_block_on_an_exception_cancels_endless_work(tmp_path):
+    with pytest.raises(RuntimeError):
+        with Supervisor(registry, workers=1) as sup:
+            endless = sup.submit("busy_loop", str(tmp_path / "pid"))
+            wait_for_path(str(tmp_path / "pid"))
+            raise RuntimeError("the caller failed")
+    assert endless.cancelled()
+    assert not live_children()
