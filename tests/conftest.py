@@ -20,6 +20,12 @@ from step_library import registry
 #: How long after a test its processes and threads may take to disappear.
 LEAK_PATIENCE_S = 15.0
 
+#: A deadlock detector, not a timing: past this, a test (fixtures' teardown included) dumps
+#: every thread's traceback and ends the run. pytest-timeout (120 s, setup.cfg) reports
+#: first in the usual case, but it stands down once a test has failed, so a fixture that
+#: then hangs in its teardown would hang the run without this.
+DEADLOCK_S = 300.0
+
 faulthandler.enable(file=sys.stderr)
 
 
@@ -61,10 +67,28 @@ def governor_threads():
 
 
 @pytest.fixture(autouse=True)
-def no_leaked_processes():
-    yield
-    assert wait_until(lambda: not live_children()), f"leaked processes: {live_children()}"
-    assert wait_until(lambda: not governor_threads()), f"leaked threads: {governor_threads()}"
+def no_leaked_processes(request):
+    # Autouse, so set up first and torn down last: the detector covers every other fixture.
+    watchdog = threading.Timer(DEADLOCK_S, _deadlocked, args=(request.config,))
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        yield
+        assert wait_until(lambda: not live_children()), f"leaked processes: {live_children()}"
+        assert wait_until(lambda: not governor_threads()), f"leaked threads: {governor_threads()}"
+    finally:
+        watchdog.cancel()
+
+
+def _deadlocked(config) -> None:
+    # Our own timer, not faulthandler.dump_traceback_later: pytest cancels that one (its
+    # single global timer) when a test fails, which is exactly when a teardown may hang.
+    # Capture is suspended first, or os._exit would take the traceback with it.
+    config.pluginmanager.getplugin("capturemanager").suspend_global_capture(in_=True)
+    print(f"\n+++ deadlock detector: a test ran past {DEADLOCK_S:.0f}s; every thread's stack +++",
+          file=sys.stderr, flush=True)
+    faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+    os._exit(70)
 
 
 @pytest.fixture
