@@ -151,6 +151,26 @@ def test_kill_9_loses_nothing_and_runs_no_critical_step_twice(tmp_path):
     assert len(interrupted) <= 1, "only the one critical step running at the kill can be interrupted"
 
 
+def test_a_workflow_queued_at_kill_9_resumes_and_the_running_critical_step_is_interrupted(tmp_path):
+    first = DaemonProcess(tmp_path, workers=1).start()
+    with Client(first.socket) as client:
+        marker = tmp_path / "blocking"
+        blocker = client.submit_batch([("critical_busy_loop", {"marker": str(marker)})])
+        assert wait_until(marker.exists, timeout=60)
+        flow = client.workflow([("echo", {"value": "a"}), ("critical_record", {"ms": 1, "tag": "b"})])
+        ids = blocker.task_ids + [flow.task_id]
+    first.stop(signal.SIGKILL)
+    assert wait_until(lambda: not any(alive(child.pid) for child in _descendants_of(first.process.pid)), timeout=15)
+    second = DaemonProcess(tmp_path, workers=1).start()
+    try:
+        with Client(second.socket) as client:
+            interrupted, resumed = [client.wait(task_id, timeout=120) for task_id in ids]
+    finally:
+        assert second.stop() == 0
+    assert interrupted["state"] == "interrupted" and interrupted["interrupted"]
+    assert resumed["state"] == "done" and resumed["result"][0] == "a"
+
+
 def _descendants_of(pid):
     import psutil
     try:
