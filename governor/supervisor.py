@@ -30,6 +30,10 @@ DEFAULT_QUEUE_SIZE = 10_000
 #: Supersede keys remembered before finished ones are forgotten (see ``Supervisor.scope``).
 MAX_KEYED_SCOPES = 1024
 
+#: A scope forgets its finished futures when it holds this many (then at each doubling),
+#: so a long-lived scope neither grows without bound nor rescans on every submit.
+SCOPE_PRUNE_MIN = 64
+
 #: How long ``start()`` waits for every worker to be spawned and warm.
 DEFAULT_START_TIMEOUT_S = 120.0
 
@@ -385,6 +389,7 @@ class Scope:
         self._supervisor = supervisor
         self._lock = threading.Lock()
         self._futures: List[concurrent.futures.Future] = []
+        self._prune_at = SCOPE_PRUNE_MIN
         self._cancel_request: Optional[CancelRequest] = None
 
     @property
@@ -440,8 +445,10 @@ class Scope:
     def _adopt(self, future: concurrent.futures.Future) -> Any:
         with self._lock:
             if self._cancel_request is None:
-                self._futures = [kept for kept in self._futures if not kept.done()]
                 self._futures.append(future)
+                if len(self._futures) >= self._prune_at:  # amortised: a scan per doubling
+                    self._futures = [kept for kept in self._futures if not kept.done()]
+                    self._prune_at = max(SCOPE_PRUNE_MIN, 2 * len(self._futures))
                 return future
         self._stop(future)  # submitted into a scope already cancelled: stop it at once
         return future
