@@ -86,6 +86,14 @@ class _Connected:
                 raise _client_error(error) from None
         return self._client
 
+    def ask(self, request):
+        """``request(client)``, with Governor's errors turned into exit-coded click errors."""
+        client = self.client()
+        try:
+            return request(client)
+        except errors.GovernorError as error:
+            raise _client_error(error) from None
+
     def close(self) -> None:
         if self._client is not None:
             self._client.close()
@@ -217,17 +225,14 @@ def submit(connection: _Connected, step: Optional[str], params: List[str], json_
     from governor.limits import Limits
     from governor.task import Call
 
-    client = connection.client()
     limits = Limits(timeout_s=limit_timeout) if limit_timeout else None
-    try:
-        future = client.submit_call(Call(step, kwargs=call_params, limits=limits), key=key)
-        task_id = future.wait_for_id(client.timeout)
-    except errors.GovernorError as error:
-        raise _client_error(error) from None
+    # submit_call returns once the daemon journaled the task: the id is known.
+    task_id = connection.ask(lambda client: client.submit_call(
+        Call(step, kwargs=call_params, limits=limits), key=key).task_id)
     if not wait:
         click.echo(task_id)
         return
-    record = client.wait(task_id, timeout=timeout)
+    record = connection.ask(lambda client: client.wait(task_id, timeout=timeout))
     click.echo(json.dumps(record, indent=2, default=str))
     state = record["state"] if record["final"] else "still_running"
     if state != "done":
@@ -263,11 +268,7 @@ def _submit_batch(connection: _Connected, batch_file) -> None:
             calls.append(Call(item["step"], kwargs=item.get("params", {})))
         except (ValueError, KeyError, TypeError) as error:
             raise click.BadParameter(f"line {number}: {error}", param_hint="--batch") from None
-    client = connection.client()
-    try:
-        futures = [client.submit_call(call) for call in calls]
-    except errors.GovernorError as error:
-        raise _client_error(error) from None
+    futures = connection.ask(lambda client: [client.submit_call(call) for call in calls])
     failures = 0
     with click.progressbar(length=len(futures), label="waiting", file=sys.stderr) as bar:
         import concurrent.futures
@@ -292,10 +293,7 @@ def status(connection: _Connected, task_id: Optional[int]) -> None:
       governor status          the 50 most recent tasks, newest first
       governor status 42       task 42 in full, with its result or error
     """
-    try:
-        found = connection.client().status(task_id)
-    except errors.GovernorError as error:
-        raise _client_error(error) from None
+    found = connection.ask(lambda client: client.status(task_id))
     if task_id is not None:
         click.echo(json.dumps(found, indent=2, default=str))
         return
@@ -314,10 +312,7 @@ def cancel(connection: _Connected, task_ids: List[int]) -> None:
     Example:
       governor cancel 41 42
     """
-    try:
-        outcome = connection.client().cancel(*task_ids)
-    except errors.GovernorError as error:
-        raise _client_error(error) from None
+    outcome = connection.ask(lambda client: client.cancel(*task_ids))
     click.echo(json.dumps(outcome))
     if outcome["unknown"]:
         sys.exit(EXIT_CODES["bad_request"])
@@ -332,10 +327,7 @@ def steps(connection: _Connected) -> None:
     Example:
       governor steps
     """
-    try:
-        described = connection.client().steps()
-    except errors.GovernorError as error:
-        raise _client_error(error) from None
+    described = connection.ask(lambda client: client.steps())
     _table(["step", "lane", "timeout_s", "max_memory_mb", "why"],
            [[s["name"], s["lane"], s["limits"]["timeout_s"], s["limits"]["max_memory_mb"], s["reason"]]
             for s in described])
@@ -350,10 +342,7 @@ def workers(connection: _Connected) -> None:
     Example:
       governor workers
     """
-    try:
-        described = connection.client().workers()
-    except errors.GovernorError as error:
-        raise _client_error(error) from None
+    described = connection.ask(lambda client: client.workers())
     _table(["pid", "lane", "state", "step", "running_s", "rss_mib"],
            [[w["pid"], w["lane"], w["state"], w["step"] or "",
              "" if w["running_s"] is None else f"{w['running_s']:.3f}",
@@ -371,10 +360,7 @@ def metrics(connection: _Connected, prometheus: bool) -> None:
       governor metrics
       governor metrics --prometheus
     """
-    try:
-        found = connection.client().metrics("prometheus" if prometheus else "json")
-    except errors.GovernorError as error:
-        raise _client_error(error) from None
+    found = connection.ask(lambda client: client.metrics("prometheus" if prometheus else "json"))
     click.echo(found if prometheus else json.dumps(found, indent=2))
 
 

@@ -39,22 +39,15 @@ def test_timeout_kills_a_step_in_python_or_in_c(supervisor, tmp_path, step):
     assert supervisor.submit("echo", "still serving").result(timeout=30) == "still serving"
 
 
-def test_timeout_kills_the_child_process_too(supervisor, tmp_path):
-    marker = tmp_path / "child"
-    future = supervisor.submit_call(with_limits("child_sleeper", str(marker), timeout_s=0.5))
-    child = read_pid(marker)
+@pytest.mark.parametrize("step", ["child_sleeper", "daemonised_grandchild"])
+def test_timeout_kills_what_the_step_started(supervisor, tmp_path, step):
+    # A `sleep 1000` child in the worker's process group, and one that left it (setsid).
+    marker = tmp_path / "descendant"
+    future = supervisor.submit_call(with_limits(step, str(marker), timeout_s=0.5))
+    descendant = read_pid(marker)
     with pytest.raises(StepTimeout):
         future.result(timeout=30)
-    assert wait_until(lambda: not alive(child), timeout=5), "the step's `sleep 1000` outlived the kill"
-
-
-def test_kill_reaches_a_grandchild_that_left_the_process_group(supervisor, tmp_path):
-    marker = tmp_path / "grandchild"
-    future = supervisor.submit_call(with_limits("daemonised_grandchild", str(marker), timeout_s=0.5))
-    grandchild = read_pid(marker)
-    with pytest.raises(StepTimeout):
-        future.result(timeout=30)
-    assert wait_until(lambda: not alive(grandchild), timeout=5)
+    assert wait_until(lambda: not alive(descendant), timeout=5), f"{step}'s `sleep 1000` outlived the kill"
 
 
 def test_declared_step_timeout_applies(supervisor):
