@@ -119,3 +119,33 @@ def exit_status(pid: int, patience_s: float = EXIT_STATUS_PATIENCE_S) -> Tuple[O
         # The worker closed its sockets (we saw EOF) but is not a zombie yet: exit_notify
         # follows within microseconds.
         time.sleep(0.001)
+
+
+def kill_own_tree() -> None:
+    """Kill every descendant of this process, then this process: for a worker that must
+    end itself (a Ray worker, whose parent is not ours to ask).
+
+    Descendants are frozen as they are found and looked for twice, so one that forked
+    between the first scan and its SIGSTOP is caught by the second. If this process leads
+    its own group, the group is killed too: that reaches a group member whose parent is
+    already gone. Never returns.
+    """
+    me = psutil.Process()
+    frozen: Dict[int, psutil.Process] = {}
+    for _ in range(2):
+        for process in me.children(recursive=True):
+            if process.pid in frozen:
+                continue
+            try:
+                process.suspend()
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            frozen[process.pid] = process
+    for process in frozen.values():
+        try:
+            process.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    if os.getpgid(0) == os.getpid():
+        os.killpg(os.getpid(), signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGKILL)

@@ -114,17 +114,28 @@ def _control_loop(connection: Connection) -> None:
             os.killpg(0, signal.SIGKILL)
             return
         if kind == "cancel":
-            with _lock:
-                current = _context.current_context()
-                if current.task_id == task_id:
-                    current.request_cancel(reason, detail)
-                else:
-                    _early_cancels.clear()  # only the next task can be the one meant
-                    _early_cancels[task_id] = (reason, detail)
+            deliver_cancel(task_id, reason, detail)
+
+
+def deliver_cancel(task_id: int, reason: str, detail: Optional[str]) -> None:
+    """Set the cancel flag of task ``task_id``'s context, now or when it starts here."""
+    with _lock:
+        current = _context.current_context()
+        if current.task_id == task_id:
+            current.request_cancel(reason, detail)
+        else:
+            _early_cancels.clear()  # only the next task can be the one meant
+            _early_cancels[task_id] = (reason, detail)
 
 
 def run_task(task_id: int, step: str, args: tuple, kwargs: dict, hard_cap_mb: Optional[float]) -> Outcome:
-    """Run one step and describe how it ended; never raises for the step's own errors."""
+    """Run one registered step and describe how it ended; never raises for the step's own errors."""
+    return run_step(_steps[step], task_id, step, args, kwargs, hard_cap_mb)
+
+
+def run_step(spec: Any, task_id: int, step: str, args: tuple, kwargs: dict,
+             hard_cap_mb: Optional[float]) -> Outcome:
+    """Run ``spec`` (a step's spec) as task ``task_id``: context, hard cap, memory figures."""
     ctx = _context.StepContext(task_id, step)
     with _lock:
         early = _early_cancels.pop(task_id, None)
@@ -134,7 +145,7 @@ def run_task(task_id: int, step: str, args: tuple, kwargs: dict, hard_cap_mb: Op
     restore_cap = _apply_hard_cap(hard_cap_mb) if hard_cap_mb else None
     started = time.monotonic()
     try:
-        value = _steps[step].invoke(args, kwargs)
+        value = spec.invoke(args, kwargs)
         kind, error = "ok", None
     except BaseException as exc:  # the step's failure is data; SystemExit included
         value = None
