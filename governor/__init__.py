@@ -19,7 +19,7 @@ import logging
 __version__ = "0.1.0"
 
 from governor.context import StepContext, current_context
-from governor.errors import (GovernorError, InvalidParameters, MemoryLimitExceeded, QueueFull, StepCancelled,
+from governor.errors import (BackendUnavailable, GovernorError, InvalidParameters, MemoryLimitExceeded, QueueFull, StepCancelled,
                              StepFailed, StepSkipped, StepTimeout, SupervisorClosed, UnknownStep,
                              WorkerCrashed, WorkerStartFailed, WorkflowFailed)
 from governor.limits import Lane, Limits
@@ -43,7 +43,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "Call", "Client", "DaemonUnavailable", "GovernorError", "InvalidParameters", "Lane", "Limits", "MemoryLimitExceeded", "QueueFull",
+    "BackendUnavailable", "Call", "Client", "DaemonUnavailable", "GovernorError", "InvalidParameters", "Lane", "Limits", "MemoryLimitExceeded", "QueueFull",
     "Scope", "StepCancelled", "StepContext", "StepFailed", "StepSkipped", "StepTimeout", "Supervisor",
     "SupervisorClosed", "TaskFuture", "TaskState", "UnknownStep", "WorkerCrashed", "WorkerStartFailed",
     "WorkflowFailed", "WorkflowFuture", "current_context",

@@ -98,6 +98,10 @@ class WorkerStartFailed(GovernorError, RuntimeError):
     """
 
 
+class BackendUnavailable(GovernorError, RuntimeError):
+    """The backend asked for cannot be used here: its optional extra is not installed."""
+
+
 class StepError(GovernorError):
     """Base of the errors that end one task (a step's failure or an enforced limit).
 

@@ -56,7 +56,7 @@ from governor.errors import (InvalidTransition, MemoryLimitExceeded, StepFailed,
 from governor.limits import Lane
 from governor.metrics import MetricsRecorder
 from governor.proctree import TreeSampler, exit_status, kill_tree
-from governor.task import CancelRequest, Task, TaskState
+from governor.task import CancelRequest, KillOrder, Task, TaskState
 from governor.timers import Timers
 
 log = logging.getLogger("governor")
@@ -94,15 +94,6 @@ class SlotState(enum.Enum):
     KILLING = "killing"
     RETIRING = "retiring"
     DEAD = "dead"
-
-
-@attrs.frozen
-class KillOrder:
-    """Why the governor is killing a slot's worker, and how its task will end."""
-
-    reason: str
-    state: TaskState
-    error: BaseException
 
 
 @attrs.define(eq=False)
@@ -204,6 +195,7 @@ class ManagerConfig:
     max_tasks_per_worker: Optional[int]
     recycle_rss_mb: Optional[float]
     on_dispatch: Optional[Callable[[Task], None]] = None
+    ray: Optional[Any] = None  # a governor.ray_lane.RayConfig: the pool lane runs on Ray
 
 
 class Manager(threading.Thread):
@@ -239,8 +231,10 @@ class Manager(threading.Thread):
         self._selector.register(self._wakeup_reader, selectors.EVENT_READ, ("wakeup", None))
         self._selector.register(self._listener, selectors.EVENT_READ, ("accept", None))
 
+        # The lanes of local slots; with a Ray backend the pool lane is self._ray instead.
         self._lanes: Dict[Lane, LaneState] = {
-            lane: LaneState(lane, count, config.spares) for lane, count in config.workers.items()}
+            lane: LaneState(lane, count, config.spares) for lane, count in config.workers.items()
+            if not (lane is Lane.POOL and config.ray is not None)}
         self._slots: Dict[int, Slot] = {}
         self._slot_ids = iter(range(1, 2 ** 62))
         self._running: Dict[int, Slot] = {}
@@ -250,7 +244,30 @@ class Manager(threading.Thread):
         self._spawner = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="governor-spawn")
         self._pending_spawns = 0
         self._closing = False
-        metrics.lane_gauges = lambda: {lane.lane.value: lane.gauges() for lane in self._lanes.values()}
+        self._ray = None
+        if config.ray is not None:
+            from governor.ray_lane import RayLane  # Ray is an optional extra
+            self._ray = RayLane(self, config.ray, config.workers[Lane.POOL], config.steps, metrics, self._timers,
+                                self._selector, on_left_queue, clock)
+        metrics.lane_gauges = self._gauges
+
+    def _gauges(self) -> Dict[str, Any]:
+        gauges = {lane.lane.value: lane.gauges() for lane in self._lanes.values()}
+        if self._ray is not None:
+            gauges[Lane.POOL.value] = self._ray.gauges()
+        return gauges
+
+    def connect(self) -> None:
+        """Before :meth:`start`, on the caller's thread: join the cluster of a remote lane.
+
+        Raises what ``RayLane.connect`` raises; the manager then holds no resources.
+        """
+        if self._ray is not None:
+            try:
+                self._ray.connect()
+            except BaseException:
+                self._close_resources()
+                raise
 
     # ----------------------------------------------------------------- other threads
 
@@ -304,7 +321,8 @@ class Manager(threading.Thread):
         if not self._closing:
             return False
         return not self._running and self._pending_spawns == 0 and not any(
-            task.state is TaskState.QUEUED for lane in self._lanes.values() for task in lane.queue)
+            task.state is TaskState.QUEUED for lane in self._lanes.values() for task in lane.queue) and (
+            self._ray is None or self._ray.quiet)
 
     def _wait_for_events(self) -> None:
         due = [when for when in (self._timers.next_due(), self._next_sample_at) if when is not None]
@@ -317,6 +335,8 @@ class Manager(threading.Thread):
                 self._accept_worker()
             elif kind == "hello":
                 self._read_hello(key.fileobj)
+            elif kind == "ray":
+                self._ray.on_readable(slot)
             else:
                 self._read_control(slot)
 
@@ -336,10 +356,15 @@ class Manager(threading.Thread):
 
     # ----------------------------------------------------------------- inbox messages
 
+    def _queue(self, lane: Lane) -> Deque[Task]:
+        if lane is Lane.POOL and self._ray is not None:
+            return self._ray.queue
+        return self._lanes[lane].queue
+
     def _on_submit(self, tasks: Sequence[Task]) -> None:
         debug = log.isEnabledFor(logging.DEBUG)
         for task in tasks:
-            self._lanes[task.lane].queue.append(task)
+            self._queue(task.lane).append(task)
             if debug:
                 log.debug("task %s (%s) queued", task.id, task.step,
                           extra={"task_id": task.id, "step": task.step, "lane": task.lane.value})
@@ -348,6 +373,9 @@ class Manager(threading.Thread):
         """A cancel was recorded on ``task``: stop it if it runs, settle its workflow if queued."""
         if task.state is TaskState.CANCELLED:
             self._settle_workflow(task, None)  # cancelled in its queue: the canceller did the rest
+            return
+        if self._ray is not None and self._ray.runs(task):
+            self._ray.cancel(task)
             return
         slot = self._running.get(task.id)
         if slot is None or slot.state is not SlotState.BUSY:
@@ -367,12 +395,22 @@ class Manager(threading.Thread):
         self._closing = True
         request = CancelRequest("shutdown", "the supervisor is shutting down")
         if cancel_pending:
-            for lane in self._lanes.values():
-                for task in list(lane.queue):
+            for queue in self._queues():
+                for task in list(queue):
                     self._cancel_task(task, request)
         if cancel_running:
-            for slot in list(self._running.values()):
-                self._cancel_task(slot.task, request)
+            for task in self._running_tasks():
+                self._cancel_task(task, request)
+
+    def _queues(self) -> List[Deque[Task]]:
+        return [lane.queue for lane in self._lanes.values()] + ([self._ray.queue] if self._ray else [])
+
+    def _running_tasks(self) -> List[Task]:
+        return [slot.task for slot in self._running.values()] + (self._ray.running_tasks() if self._ray else [])
+
+    def _on_ray(self, method: str, *args: Any) -> None:
+        """A message for the Ray lane, from its acceptor thread or a Ray callback."""
+        getattr(self._ray, f"on_{method}")(*args)
 
     def _on_describe(self, reply: concurrent.futures.Future) -> None:
         """Answer ``Supervisor.describe_workers()``: one dict per live worker."""
@@ -386,6 +424,8 @@ class Manager(threading.Thread):
                     "task_id": task.id if task else None, "step": task.step if task else None,
                     "running_s": (now - task.dispatched_at) if task else None, "tasks_run": slot.tasks_run,
                     "rss_bytes": slot.sampler.rss_bytes() if slot.sampler else None})
+        if self._ray is not None:
+            described.extend(self._ray.describe(now))
         reply.set_result(described)
 
     def _on_loky_done(self, slot: Slot, task: Task, future: concurrent.futures.Future, ended: bool) -> None:
@@ -395,7 +435,7 @@ class Manager(threading.Thread):
         error = future.exception()
         if ended:
             self._release(slot)
-            self._task_ended(task, future.result().value)
+            self.task_ended(task, future.result().value)
             if slot.state is SlotState.BUSY:  # not if the worker died after sending the outcome
                 self._after_task(slot, future)
             return
@@ -409,7 +449,7 @@ class Manager(threading.Thread):
             return  # claimed for a kill before its outcome came back: the kill decides
         self._release(slot)
         # The step ran, but loky could not send its outcome back (unpicklable result).
-        self._finish(task, TaskState.FAILED, self._transport_error(task, error))
+        self.finish(task, TaskState.FAILED, self._transport_error(task, error))
         self._after_task(slot, future)
 
     def _on_started(self, slot: Slot, start: concurrent.futures.Future) -> None:
@@ -479,10 +519,12 @@ class Manager(threading.Thread):
                 except InvalidTransition:
                     continue  # cancelled or skipped while it waited: lazy removal
                 self._on_left_queue(task)
-                if self._record_dispatch(task):
+                if self.record_dispatch(task):
                     self._start_task(lane.idle[-1], task)
+        if self._ray is not None:
+            self._ray.dispatch()
 
-    def _record_dispatch(self, task: Task) -> bool:
+    def record_dispatch(self, task: Task) -> bool:
         """Run the ``on_dispatch`` hook (a journal's durable "started"); fail the task if it fails.
 
         A step whose start could not be recorded must not run: after a crash nobody could
@@ -494,7 +536,7 @@ class Manager(threading.Thread):
             self._config.on_dispatch(task)
         except Exception as exc:
             log.exception("could not record the start of task %s (%s)", task.id, task.step)
-            self._finish(task, TaskState.FAILED, WorkerStartFailed(
+            self.finish(task, TaskState.FAILED, WorkerStartFailed(
                 f"the start of step {task.step!r} could not be recorded, so it was not run: {exc}"))
             return False
         return True
@@ -527,12 +569,12 @@ class Manager(threading.Thread):
         task's lock settles the race with a kill (see ``Task.claim_for_kill``). Everything
         else (slot, metrics, workflow) is the manager's, so only the news goes on.
         """
-        ended = future.exception() is None and self._end_from_outcome(task, future.result())
+        ended = future.exception() is None and self.end_from_outcome(task, future.result())
         self.post("loky_done", slot, task, future, ended)
 
     # ----------------------------------------------------------------- ending tasks
 
-    def _end_from_outcome(self, task: Task, outcome: worker.Outcome) -> bool:
+    def end_from_outcome(self, task: Task, outcome: worker.Outcome) -> bool:
         task.started_at, task.ended_at = outcome.started_at, outcome.ended_at
         if outcome.peak_rss_bytes is not None:
             task.peak_rss_bytes = max(task.peak_rss_bytes or 0, outcome.peak_rss_bytes)
@@ -560,7 +602,7 @@ class Manager(threading.Thread):
         return StepFailed(task.step, task.id, type(error).__qualname__,
                           f"its result could not be sent back from the worker: {error}", remote)
 
-    def _finish(self, task: Task, state: TaskState, error: Optional[BaseException], by_kill: bool = False) -> None:
+    def finish(self, task: Task, state: TaskState, error: Optional[BaseException], by_kill: bool = False) -> None:
         """End a running task from the manager (a kill, a crash, a transport failure)."""
         if not task.end(state, error, by_kill):
             log.error("task %s (%s) had already ended when it was to end %s", task.id, task.step, state.value)
@@ -569,9 +611,9 @@ class Manager(threading.Thread):
             task.ended_at = self._clock()
         self._metrics.task_finished(task)
         task.resolve()
-        self._task_ended(task, None)
+        self.task_ended(task, None)
 
-    def _task_ended(self, task: Task, result: Any) -> None:
+    def task_ended(self, task: Task, result: Any) -> None:
         """The manager's share of a task's end: tables, log, workflow."""
         self._running.pop(task.id, None)
         self._memory_watched.pop(task.id, None)
@@ -615,6 +657,9 @@ class Manager(threading.Thread):
         if self._next_sample_at is not None and self._clock() >= self._next_sample_at:
             self._sample_memory()
         for kind, target in self._timers.pop_due():
+            if kind.startswith("ray_"):
+                self._ray.on_timer(kind, target)
+                continue
             if kind == "respawn":
                 target.respawn_pending = False
                 if not self._closing:
@@ -638,7 +683,7 @@ class Manager(threading.Thread):
             elif kind == "grace" and slot.state is SlotState.BUSY:
                 self._kill(slot, "cancel", TaskState.CANCELLED, task.cancelled_error(killed=True),
                            task.limits.effective_cancel_grace_s, None)
-        if len(self._timers) > 64 and len(self._timers) > 4 * len(self._running):
+        if len(self._timers) > 64 and len(self._timers) > 4 * len(self._running_tasks()):
             self._timers.prune(lambda kind, target: kind == "respawn" or target.state is TaskState.RUNNING)
 
     def _sample_memory(self) -> None:
@@ -697,7 +742,7 @@ class Manager(threading.Thread):
             # EOF comes when the worker's files close, a moment before it is a zombie: wait
             # for that moment, so "the future is resolved" implies "the worker is dead".
             exit_status(slot.pid)
-            self._finish(task, slot.kill.state, slot.kill.error, by_kill=True)
+            self.finish(task, slot.kill.state, slot.kill.error, by_kill=True)
             self._stop_executor(slot)
         elif task.state.terminal:
             # Its outcome came back (and ended it) before the worker died: the pending
@@ -719,7 +764,7 @@ class Manager(threading.Thread):
         crash = WorkerCrashed(task.step, task.id, slot.pid, exitcode, signal_number)
         self._metrics.worker_killed(slot.lane, "crash")
         _log_death(task, slot, "crash", None, exitcode if signal_number is None else -signal_number, str(crash))
-        self._finish(task, TaskState.CRASHED, crash)
+        self.finish(task, TaskState.CRASHED, crash)
         self._stop_executor(slot)
 
     # ----------------------------------------------------------------- slots
@@ -812,8 +857,8 @@ class Manager(threading.Thread):
     # ----------------------------------------------------------------- the end
 
     def _fail_everything(self, error: BaseException) -> None:
-        for lane in self._lanes.values():
-            for task in lane.queue:
+        for queue in self._queues():
+            for task in queue:
                 if task.request_cancel(CancelRequest("shutdown", f"manager failed: {error}"))[1]:
                     task.resolve()
         for slot in list(self._slots.values()):
@@ -827,6 +872,11 @@ class Manager(threading.Thread):
         self._spawner.shutdown(wait=True)
         for slot in list(self._slots.values()):
             self._drop(slot)
+        self._close_resources()
+
+    def _close_resources(self) -> None:
+        if self._ray is not None:
+            self._ray.close()
         self._selector.close()
         self._listener.close()
         shutil.rmtree(self._socket_dir, ignore_errors=True)

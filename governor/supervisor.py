@@ -16,7 +16,7 @@ import os
 import threading
 import time
 import weakref
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
 
 from governor.errors import InvalidParameters, QueueFull, SupervisorClosed, UnknownStep, WorkerStartFailed
 from governor.limits import Lane, Limits
@@ -33,6 +33,9 @@ MAX_KEYED_SCOPES = 1024
 #: A scope forgets its finished futures when it holds this many (then at each doubling),
 #: so a long-lived scope neither grows without bound nor rescans on every submit.
 SCOPE_PRUNE_MIN = 64
+
+#: The values of ``Supervisor(backend=...)``.
+BACKENDS = ("loky", "ray")
 
 #: How long ``start()`` waits for every worker to be spawned and warm.
 DEFAULT_START_TIMEOUT_S = 120.0
@@ -78,6 +81,18 @@ class Supervisor:
             to its worker (a journal records "started" here, durably, so a critical step
             is never run twice). If it raises, the task fails and is not run. Keep it fast:
             the manager waits for it.
+        backend: where the pool lane runs: ``"loky"`` (local worker processes, the
+            default) or ``"ray"`` (tasks on a Ray cluster, at most ``workers`` at a time;
+            needs the ``ray`` extra). The critical lane always runs locally. Limits, kills,
+            errors and metrics are the same on both (see ``governor.ray_lane``).
+        ray_address: with ``backend="ray"``: the cluster to join (``"auto"``,
+            ``"host:port"``, ``"ray://..."``); ``None`` uses the Ray this process already
+            initialised, or starts a private local node bound to 127.0.0.1.
+        ray_options: with ``backend="ray"``: ``.options()`` for every task, e.g.
+            ``{"num_cpus": 0.25}`` to pack I/O-bound steps, or a ``runtime_env``.
+        ray_callback_host: with ``backend="ray"``: the address of this host that Ray
+            workers connect back to (default: 127.0.0.1 for a private node, else this
+            host's address as Ray sees it).
         clock: the monotonic clock deadlines are read from (tests inject one).
 
     Use it as a context manager (``with Supervisor(registry) as sup:``), or call
@@ -89,6 +104,8 @@ class Supervisor:
                  queue_size: int = DEFAULT_QUEUE_SIZE, spares: int = 1,
                  max_tasks_per_worker: Optional[int] = None, recycle_rss_mb: Optional[float] = None,
                  on_dispatch: Optional[Callable[[Task], None]] = None,
+                 backend: str = "loky", ray_address: Optional[str] = None,
+                 ray_options: Optional[Mapping[str, Any]] = None, ray_callback_host: Optional[str] = None,
                  clock: Callable[[], float] = time.monotonic):
         workers = default_workers() if workers is None else workers
         _require_int("workers", workers, minimum=1)
@@ -100,6 +117,15 @@ class Supervisor:
             raise TypeError(f"limits must be a Limits, not {type(limits).__name__}")
         if recycle_rss_mb is not None and not recycle_rss_mb > 0:
             raise ValueError(f"recycle_rss_mb must be > 0, got {recycle_rss_mb!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+        if backend != "ray" and (ray_address, ray_options, ray_callback_host) != (None, None, None):
+            raise ValueError("ray_address, ray_options and ray_callback_host need backend='ray'")
+        ray_config = None
+        if backend == "ray":
+            from governor.ray_lane import RayConfig, import_ray
+            import_ray()  # fail here, naming the extra, rather than at start()
+            ray_config = RayConfig(ray_address, ray_options or {}, ray_callback_host)
         defaults = limits or Limits()
         specs = registry.snapshot()
         self._routes: Dict[str, _Route] = {}
@@ -114,7 +140,9 @@ class Supervisor:
             steps=specs,
             step_modules=sorted({spec.fn.__module__ for spec in specs.values()} - {"__main__"}),
             workers={Lane.CRITICAL: 1, Lane.POOL: workers}, spares=spares,
-            max_tasks_per_worker=max_tasks_per_worker, recycle_rss_mb=recycle_rss_mb, on_dispatch=on_dispatch)
+            max_tasks_per_worker=max_tasks_per_worker, recycle_rss_mb=recycle_rss_mb, on_dispatch=on_dispatch,
+            ray=ray_config)
+        self.backend = backend
         self._metrics = MetricsRecorder()
         self._prometheus = prometheus_registry(self._metrics, self._queue_depth)
         self._lock = threading.Lock()
@@ -130,12 +158,14 @@ class Supervisor:
         """Start both lanes and return once every worker is spawned and warm.
 
         Raises:
-            WorkerStartFailed: a worker could not be started (the cause is chained).
+            WorkerStartFailed: a worker could not be started (the cause is chained), or
+                the Ray cluster could not run a governor task.
         """
         with self._lock:
             if self._manager is not None:
                 raise SupervisorClosed("this supervisor was already started")
             self._manager = Manager(self._config, self._metrics, self._left_queue, self._cancel, self._clock)
+        self._manager.connect()
         self._manager.start()
         _live_supervisors.add(self)
         if not self._manager.warm.wait(timeout):

@@ -107,6 +107,18 @@ class CancelRequest:
     detail: Optional[str] = None
 
 
+@attrs.frozen
+class KillOrder:
+    """Why the governor is killing a task's worker, and how the task will end once it is dead.
+
+    ``reason`` is timeout, memory or cancel: the metrics label and the log's reason.
+    """
+
+    reason: str
+    state: "TaskState"
+    error: BaseException
+
+
 @attrs.define(eq=False)
 class Task:
     """One submitted step: an identity record whose state only moves forward.

@@ -1,0 +1,400 @@
+"""The pool lane on a Ray cluster: the manager's counterpart of its local loky slots.
+
+With ``Supervisor(registry, backend="ray")`` the critical lane stays local and serial, and
+pool-lane steps run as Ray tasks (``governor.ray_worker.run``), at most ``workers`` at a
+time. Every promise of the local lane holds, by the same means where Ray has none:
+
+* **Timeouts, cancels, scopes.** Each Ray worker keeps a link (TCP, JSON frames, a shared
+  token) to the supervisor, like a local worker's control socket. ``running`` comes up it
+  when a step starts (the timeout counts from there); a cancel goes down it (the step's
+  context flag, then a kill after ``cancel_grace_s``); a kill goes down it and the worker
+  kills its own process tree, daemonised grandchildren included. ``ray.cancel(force=True)``
+  backs the kill up after :data:`FORCE_CANCEL_AFTER_S`, and removes a task Ray has not
+  started yet.
+* **Memory.** Ray has no per-task cap (``memory=`` only guides placement). A watchdog
+  thread in the task's wrapper samples the worker's process tree every 10 ms; over the
+  limit it reports the peak up the link and kills the tree. The hard cap works as locally.
+* **Crashes.** Tasks are submitted with ``max_retries=0``: a worker that dies fails its one
+  task as ``WorkerCrashed`` (Ray does not say how the worker ended, so ``exitcode`` and
+  ``signal`` are ``None``), and Ray retries nothing behind our back.
+
+Only the manager thread touches this object's state. The link acceptor thread and Ray's
+callback threads only post messages to the manager (``("ray", method, *args)``).
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import hmac
+import json
+import logging
+import secrets
+import select
+import socket
+import threading
+import uuid
+from multiprocessing.connection import Connection
+from typing import Any, Callable, Deque, Dict, List, Mapping, Optional
+
+import attrs
+
+from governor import ray_worker
+from governor.errors import (BackendUnavailable, InvalidTransition, MemoryLimitExceeded, StepFailed, StepTimeout,
+                             WorkerCrashed, WorkerStartFailed)
+from governor.limits import Lane
+from governor.task import KillOrder, Task, TaskState
+
+log = logging.getLogger("governor")
+
+#: How long after asking a Ray worker to kill its own tree the supervisor has Ray kill it.
+#: The worker's own kill takes a few ms; this only fires if its link thread cannot run (a C
+#: extension holding the GIL) or the link is broken.
+FORCE_CANCEL_AFTER_S = 1.0
+
+#: How long a new link may take to say hello before it is dropped.
+HELLO_TIMEOUT_S = 5.0
+
+#: How long ``connect`` waits for a first task to run through the wrapper on the cluster.
+WARM_UP_TIMEOUT_S = 120.0
+
+_ACCEPT_POLL_S = 0.1
+
+
+def import_ray():
+    """Import Ray, or say which extra installs it."""
+    try:
+        import ray
+    except ImportError as exc:
+        raise BackendUnavailable(
+            "the Ray backend needs Ray: pip install 'governor[ray]' (or pip install -e '.[ray]')") from exc
+    return ray
+
+
+@attrs.frozen
+class RayConfig:
+    """How the pool lane reaches Ray.
+
+    Attributes:
+        address: a Ray cluster to join (``"auto"``, ``"ray://..."``, ``"host:port"``), or
+            ``None`` to use the Ray the process already initialised, else to start a
+            private local node bound to 127.0.0.1 with the dashboard off.
+        task_options: extra ``.options()`` for every task (``num_cpus``, ``resources``,
+            ``runtime_env`` ...). ``max_retries`` is always 0.
+        callback_host: the address of this host that Ray workers connect back to; by
+            default 127.0.0.1 for a private node, else this host's address as Ray sees it.
+    """
+
+    address: Optional[str] = None
+    task_options: Mapping[str, Any] = attrs.field(factory=dict, converter=dict)
+    callback_host: Optional[str] = None
+
+
+@attrs.define(eq=False)
+class RayRun:
+    """One pool task handed to Ray, as the manager sees it."""
+
+    task: Task
+    ref: Any
+    link: Optional["RayLink"] = None
+    kill: Optional[KillOrder] = None
+
+
+@attrs.define(eq=False)
+class RayLink:
+    """One Ray worker's connection to this supervisor."""
+
+    connection: Connection
+    pid: int
+    node: str
+
+
+class RayLane:
+    """The pool lane's tasks on Ray (manager thread only, but for ``post``-ing threads).
+
+    Args:
+        host: the manager: its ``finish``, ``end_from_outcome``, ``task_ended``,
+            ``record_dispatch`` and ``post`` end and route tasks as for local slots.
+        workers: Ray tasks in flight at most.
+        steps: the supervisor's step table (shipped to the cluster once).
+    """
+
+    def __init__(self, host: Any, config: RayConfig, workers: int, steps: Dict[str, Any], metrics: Any,
+                 timers: Any, selector: Any, on_left_queue: Callable[[Task], None], clock: Callable[[], float]):
+        self._host, self._config, self.workers = host, config, workers
+        self._steps, self._metrics, self._timers, self._selector = steps, metrics, timers, selector
+        self._on_left_queue, self._clock = on_left_queue, clock
+        self.queue: Deque[Task] = collections.deque()
+        self._runs: Dict[int, RayRun] = {}
+        self._links: Dict[int, RayLink] = {}
+        self._remote: Dict[str, Any] = {}
+        self._ray = None
+        self._owns_ray = False
+        self._listener: Optional[socket.socket] = None
+        self._acceptor: Optional[threading.Thread] = None
+        self._stop_accepting = threading.Event()
+        self._token = secrets.token_hex(32)
+        self._info: Optional[ray_worker.LinkInfo] = None
+        self._steps_ref = None
+        self._published = (0, ())
+
+    # ----------------------------------------------------------------- life (caller thread)
+
+    def connect(self) -> None:
+        """Join (or start) Ray, open the link listener, ship the steps, run one warm-up task.
+
+        Raises:
+            BackendUnavailable: Ray is not installed.
+            WorkerStartFailed: the cluster could not run the wrapper (steps not importable
+                there, the callback address not reachable ...).
+        """
+        ray = self._ray = import_ray()
+        if not ray.is_initialized():
+            if self._config.address is None:
+                ray.init(num_cpus=self.workers, include_dashboard=False, _node_ip_address="127.0.0.1",
+                         log_to_driver=False)
+            else:
+                ray.init(address=self._config.address, log_to_driver=False)
+            self._owns_ray = True
+        host = self._config.callback_host or (
+            "127.0.0.1" if self._owns_ray and self._config.address is None else ray.util.get_node_ip_address())
+        self._listener = socket.create_server((host, 0))
+        self._acceptor = threading.Thread(target=self._accept_links, name="governor-ray-accept", daemon=True)
+        self._acceptor.start()
+        self._steps_ref = ray.put(self._steps)
+        self._info = ray_worker.LinkInfo(host, self._listener.getsockname()[1], self._token, uuid.uuid4().hex)
+        warm_up = ray.remote(ray_worker.check).options(max_retries=0, **self._config.task_options)
+        try:
+            ray.get(warm_up.remote(self._info, [self._steps_ref]), timeout=WARM_UP_TIMEOUT_S)
+        except Exception as exc:
+            self.close()
+            raise WorkerStartFailed(f"the Ray cluster could not run a governor task: {exc}") from exc
+
+    def close(self) -> None:
+        """Stop accepting links, drop them, and stop Ray if this supervisor started it."""
+        self._stop_accepting.set()
+        if self._acceptor is not None:
+            self._acceptor.join()
+        if self._listener is not None:
+            self._listener.close()
+        for link in list(self._links.values()):
+            self._drop_link(link)
+        if self._owns_ray:
+            self._ray.shutdown()
+            self._owns_ray = False
+
+    # ----------------------------------------------------------------- the acceptor thread
+
+    def _accept_links(self) -> None:
+        """Accept links and check their token; the manager gets only authenticated ones."""
+        while not self._stop_accepting.is_set():
+            if not select.select([self._listener], [], [], _ACCEPT_POLL_S)[0]:
+                continue
+            try:
+                sock, peer = self._listener.accept()
+            except OSError:
+                continue
+            sock.setblocking(True)
+            connection = Connection(sock.detach())
+            try:
+                hello = json.loads(connection.recv_bytes(4096)) if connection.poll(HELLO_TIMEOUT_S) else {}
+            except (EOFError, OSError, ValueError):
+                hello = {}
+            if not isinstance(hello, dict) or not hmac.compare_digest(str(hello.get("token")), self._token):
+                log.warning("refused a Ray link from %s: no valid token", peer)
+                connection.close()
+                continue
+            self._host.post("ray", "link", RayLink(connection, int(hello["pid"]), str(hello.get("node"))))
+
+    # ----------------------------------------------------------------- manager thread
+
+    @property
+    def quiet(self) -> bool:
+        """Nothing in flight and nothing queued that may still run."""
+        return not self._runs and not any(task.state is TaskState.QUEUED for task in self.queue)
+
+    def running_tasks(self) -> List[Task]:
+        return [run.task for run in self._runs.values()]
+
+    def runs(self, task: Task) -> bool:
+        return task.id in self._runs
+
+    def dispatch(self) -> None:
+        """Hand queued tasks to Ray while fewer than ``workers`` are in flight."""
+        while self.queue and len(self._runs) < self.workers:
+            task = self.queue.popleft()
+            try:
+                task.transition(TaskState.RUNNING)
+            except InvalidTransition:
+                continue  # cancelled while it waited: lazy removal, as in the local lanes
+            self._on_left_queue(task)
+            if not self._host.record_dispatch(task):
+                continue
+            limits = task.limits
+            ref = self._remote_for(task.step).remote(
+                self._info, [self._steps_ref], task.id, task.step, task.args, task.kwargs,
+                ray_worker.TaskLimits(limits.effective_memory_mb,
+                                      limits.effective_memory_mb if limits.memory_hard_cap else None))
+            run = self._runs[task.id] = RayRun(task, ref)
+            task.dispatched_at = self._clock()  # until the step starts: then from its start
+            ref.future().add_done_callback(lambda future, run=run: self._host.post("ray", "done", run, future))
+            self._publish()
+
+    def _remote_for(self, step: str):
+        remote = self._remote.get(step)
+        if remote is None:
+            remote = self._remote[step] = self._ray.remote(ray_worker.run).options(
+                name=f"governor:{step}", max_retries=0, retry_exceptions=False, **self._config.task_options)
+        return remote
+
+    def on_link(self, link: RayLink) -> None:
+        self._links[link.connection.fileno()] = link
+        self._selector.register(link.connection, 1, ("ray", link))  # EVENT_READ
+
+    def on_readable(self, link: RayLink) -> None:
+        try:
+            kind, task_id, *rest = json.loads(link.connection.recv_bytes())
+        except (EOFError, OSError, ValueError):
+            self._drop_link(link)  # the worker died (its tasks end by Ray's report) or misbehaved
+            return
+        run = self._runs.get(task_id)
+        if run is None or run.task.state.terminal:
+            return  # a late word about a task that already ended
+        if kind == "running":
+            self._started(run, link)
+        elif kind == "over_memory":
+            task = run.task
+            task.peak_rss_bytes = max(task.peak_rss_bytes or 0, int(rest[0]))
+            limit_mb = task.limits.effective_memory_mb
+            peak_mb = task.peak_rss_bytes / 2 ** 20
+            # The worker kills itself right after this report; the kill is the worker's own.
+            self._claim(run, "memory", TaskState.OVER_MEMORY,
+                        MemoryLimitExceeded(task.step, task.id, limit_mb, peak_mb, link.pid), limit_mb, peak_mb,
+                        send_kill=False)
+
+    def _started(self, run: RayRun, link: RayLink) -> None:
+        task = run.task
+        run.link = link
+        task.pid, task.dispatched_at = link.pid, self._clock()
+        self._publish()
+        if task.limits.effective_timeout_s is not None:
+            self._timers.after(task.limits.effective_timeout_s, "ray_timeout", task)
+        if task.cancel_request is not None:
+            self.cancel(task)  # cancelled between its dispatch and its start
+
+    def on_done(self, run: RayRun, future: concurrent.futures.Future) -> None:
+        """Ray reports the task's end: its outcome, or why it has none."""
+        task = run.task
+        if self._runs.get(task.id) is not run:
+            return
+        del self._runs[task.id]
+        self._publish()
+        error = future.exception()
+        if error is None and run.kill is None:
+            outcome = future.result()
+            if self._host.end_from_outcome(task, outcome):
+                self._host.task_ended(task, outcome.value)
+                return
+        if run.kill is not None:
+            self._host.finish(task, run.kill.state, run.kill.error, by_kill=True)
+        elif isinstance(error, self._ray.exceptions.TaskCancelledError):
+            # Only a cancel before the step started gets here (later ones go through a kill).
+            self._host.finish(task, TaskState.CANCELLED, task.cancelled_error(killed=run.link is not None))
+        elif isinstance(error, self._ray.exceptions.RayTaskError):
+            # The wrapper itself failed (the step table or a module would not load there).
+            cause = error.as_instanceof_cause() if hasattr(error, "as_instanceof_cause") else error
+            self._host.finish(task, TaskState.FAILED, StepFailed(
+                task.step, task.id, type(cause).__qualname__, str(error).splitlines()[-1], str(error)))
+        else:
+            crash = WorkerCrashed(task.step, task.id, task.pid, None, None)
+            self._metrics.worker_killed(Lane.POOL, "crash")
+            self._log_death(run, "crash", None, None, f"{crash} ({type(error).__name__})")
+            self._host.finish(task, TaskState.CRASHED, crash)
+
+    def cancel(self, task: Task) -> None:
+        """A cancel was recorded on a task in flight: ask it to stop, kill it after its grace."""
+        run = self._runs.get(task.id)
+        if run is None or run.kill is not None:
+            return
+        if run.link is None:
+            self._ray.cancel(run.ref, force=True)  # not started: Ray drops it from its queue
+            return
+        request = task.cancel_request
+        grace = task.limits.effective_cancel_grace_s
+        self._send(run.link, ["cancel", task.id, request.reason, request.detail])
+        if grace == 0:
+            self._claim(run, "cancel", TaskState.CANCELLED, task.cancelled_error(killed=True), 0.0, None)
+        else:
+            self._timers.after(grace, "ray_grace", task)
+
+    def on_timer(self, kind: str, task: Task) -> None:
+        run = self._runs.get(task.id)
+        if run is None or run.task is not task:
+            return  # it ended before its timer
+        if kind == "ray_force":
+            log.warning("Ray worker %s did not end task %s itself; ray.cancel(force=True)", task.pid, task.id)
+            self._ray.cancel(run.ref, force=True)
+        elif run.kill is not None:
+            return
+        elif kind == "ray_timeout":
+            limit = task.limits.effective_timeout_s
+            elapsed = self._clock() - task.dispatched_at
+            self._claim(run, "timeout", TaskState.TIMED_OUT, StepTimeout(task.step, task.id, limit, elapsed, task.pid),
+                        limit, elapsed)
+        elif kind == "ray_grace":
+            self._claim(run, "cancel", TaskState.CANCELLED, task.cancelled_error(killed=True),
+                        task.limits.effective_cancel_grace_s, None)
+
+    def _claim(self, run: RayRun, reason: str, state: TaskState, error: BaseException,
+               limit: Optional[float], observed: Optional[float], send_kill: bool = True) -> None:
+        """Decide how a task ends and have its worker (and that worker's tree) killed.
+
+        The task ends when Ray reports the worker dead, so "the future is resolved"
+        implies "the step stopped", as in the local lane.
+        """
+        task = run.task
+        if not task.claim_for_kill():
+            return  # its outcome came back first
+        run.kill = KillOrder(reason, state, error)
+        self._metrics.worker_killed(Lane.POOL, reason)
+        self._log_death(run, reason, limit, observed, f"killing Ray worker {task.pid}: {error}")
+        if send_kill and run.link is not None:
+            self._send(run.link, ["kill", task.id])
+        self._timers.after(FORCE_CANCEL_AFTER_S, "ray_force", task)
+
+    def _send(self, link: RayLink, message: list) -> None:
+        try:
+            link.connection.send_bytes(json.dumps(message).encode())
+        except OSError:
+            pass  # the worker just died: Ray reports the task's end
+
+    def _drop_link(self, link: RayLink) -> None:
+        if self._links.pop(link.connection.fileno(), None) is not None:
+            self._selector.unregister(link.connection)
+        link.connection.close()
+
+    def _log_death(self, run: RayRun, reason: str, limit: Optional[float], observed: Optional[float],
+                   message: str) -> None:
+        task = run.task
+        log.warning(message, extra={"task_id": task.id, "step": task.step, "lane": Lane.POOL.value,
+                                    "pid": task.pid, "reason": reason, "limit": limit, "observed": observed,
+                                    "node": run.link.node if run.link else None})
+
+    # ----------------------------------------------------------------- views
+
+    def describe(self, now: float) -> List[Dict[str, Any]]:
+        """One dict per task in flight (Ray workers are the cluster's, not ours to list)."""
+        return [{"pid": run.task.pid, "lane": Lane.POOL.value, "state": "busy" if run.link else "starting",
+                 "task_id": run.task.id, "step": run.task.step,
+                 "running_s": now - run.task.dispatched_at, "tasks_run": None, "rss_bytes": None,
+                 "node": run.link.node if run.link else None} for run in self._runs.values()]
+
+    def gauges(self) -> Dict[str, Any]:
+        """The lane's gauges, in the local lanes' shape (safe from any thread: it reads one
+        tuple the manager replaces whenever a task starts or ends)."""
+        busy, pids = self._published
+        return {"busy": busy, "idle": max(0, self.workers - busy), "starting": 0, "spares_ready": 0,
+                "worker_pids": pids}
+
+    def _publish(self) -> None:
+        self._published = (len(self._runs), tuple(run.task.pid for run in self._runs.values() if run.link))
