@@ -2,7 +2,13 @@
 
 The leak check runs after every test: within a patience budget, the test process must have
 no child process left but the two per-interpreter resource trackers (loky reaps its workers
-when a supervisor shuts down), and the manager and spawn threads must be gone.
+when a supervisor shuts down) and, once a Ray test has run, the local Ray node's own
+processes; and the manager and spawn threads must be gone.
+
+Backends: the ``backend`` fixture is ``"loky"`` unless a test module parametrises it (see
+test_governor.py). ``"ray"`` starts one local Ray node for the whole session, bound to
+127.0.0.1 with the dashboard off; its tests carry the ``ray`` marker and are skipped when
+the ``ray`` extra is not installed.
 """
 
 import faulthandler
@@ -56,10 +62,21 @@ def is_resource_tracker(process: psutil.Process) -> bool:
         return False
 
 
+def is_ray_process(process: psutil.Process) -> bool:
+    """A process of the session's local Ray node: raylet, GCS, its agents and its (pooled,
+    idle or restarted) workers. A process a step started is none of these: it is checked."""
+    try:
+        name = process.name()
+        return (name.startswith("ray::") or name in ("raylet", "gcs_server")
+                or f"{os.sep}ray{os.sep}" in " ".join(process.cmdline()))
+    except psutil.NoSuchProcess:
+        return False
+
+
 def live_children():
-    """Every live descendant of the test process except the two resource trackers."""
+    """Every live descendant of the test process except the resource trackers and Ray's own."""
     return [child for child in psutil.Process().children(recursive=True)
-            if alive(child.pid) and not is_resource_tracker(child)]
+            if alive(child.pid) and not is_resource_tracker(child) and not is_ray_process(child)]
 
 
 def governor_threads():
@@ -100,12 +117,54 @@ def isolated_git_env(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg-state"))
 
 
-@pytest.fixture
-def supervisor():
-    """A started supervisor; stopped after the test with everything it still runs cancelled,
-    so a test that fails while an endless step runs cannot hang its teardown."""
-    sup = Supervisor(registry, workers=4).start()
+#: Logical CPUs of the test session's Ray node: enough for every test's pool lane at once
+#: (steps mostly sleep or wait); Ray starts a worker per task in flight.
+RAY_TEST_CPUS = 16
+
+BACKENDS = ["loky", pytest.param("ray", marks=pytest.mark.ray)]
+
+
+@pytest.fixture(scope="session")
+def ray_node():
+    """One local Ray node for the session: loopback only, no dashboard; step modules of
+    the tests reach its workers through PYTHONPATH in the job's runtime_env."""
+    ray = pytest.importorskip("ray", reason="the ray extra is not installed")
+    here = os.path.dirname(os.path.abspath(__file__))
+    ray.init(num_cpus=RAY_TEST_CPUS, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([here, os.environ.get("PYTHONPATH", "")])}})
     try:
-        yield sup
+        yield ray
     finally:
-        sup.shutdown(wait=True, cancel_pending=True, cancel_running=True)
+        ray.shutdown()
+
+
+@pytest.fixture
+def backend():
+    """The pool lane's backend; test modules that share their tests with Ray parametrise it."""
+    return "loky"
+
+
+@pytest.fixture
+def make_supervisor(request, backend):
+    """Start supervisors on the test's backend; each is stopped after the test with
+    everything it still runs cancelled, so a failing test cannot hang its teardown."""
+    if backend == "ray":
+        request.getfixturevalue("ray_node")
+    started = []
+
+    def make(**options):
+        sup = Supervisor(registry, backend=backend, **options).start()
+        started.append(sup)
+        return sup
+
+    try:
+        yield make
+    finally:
+        for sup in started:
+            sup.shutdown(wait=True, cancel_pending=True, cancel_running=True)
+
+
+@pytest.fixture
+def supervisor(make_supervisor):
+    """A started supervisor with 4 pool workers on the test's backend."""
+    return make_supervisor(workers=4)

@@ -128,6 +128,14 @@ def daemonised_grandchild(marker: str):
 
 
 @registry.step(critical=False)
+def setsid_grandchild(marker: str):
+    """Start a shell that starts ``sleep 1000`` in a new session: a grandchild of the worker,
+    out of its process group, whose parent (the shell) is the worker's direct child."""
+    subprocess.Popen(["sh", "-c", f'setsid sleep 1000 & echo $! > "{marker}.tmp" && mv "{marker}.tmp" "{marker}"; wait'])
+    time.sleep(10 ** 6)
+
+
+@registry.step(critical=False)
 def allocate(chunk_mb: int = 50, total_mb: int = 2048, pause_s: float = 0.02):
     """Allocate ``chunk_mb`` at a time (touching every page) up to ``total_mb``."""
     chunks = []
