@@ -146,11 +146,17 @@ main.add_command(run)
               help="On SIGTERM/SIGINT, seconds running steps may take to finish before they are cancelled "
                    "(they are then resumed, or reported interrupted, at the next start).")
 @click.option("--allow-root", is_flag=True, help="Also accept connections from root.")
+@click.option("--backend", type=click.Choice(["loky", "ray"]), default="loky", show_default=True,
+              help="Where the pool lane runs: local worker processes, or tasks on a Ray cluster "
+                   "(needs the ray extra). The critical lane is always local.")
+@click.option("--ray-address", default=None, metavar="ADDR",
+              help="With --backend ray: the cluster to join (auto, HOST:PORT, ray://...) "
+                   "[default: a private local node on 127.0.0.1].")
 @click.pass_context
 def serve(ctx: click.Context, socket_path: Optional[Path], step_modules: List[str], builtin: bool,
           workers: Optional[int],
           journal_path: Optional[Path], metrics_addr: Optional[str], log_format: str, log_level: str,
-          drain_timeout: float, allow_root: bool) -> None:
+          drain_timeout: float, allow_root: bool, backend: str, ray_address: Optional[str]) -> None:
     """Run the supervisor daemon in the foreground (as systemd and supervisord expect).
 
     \b
@@ -158,6 +164,7 @@ def serve(ctx: click.Context, socket_path: Optional[Path], step_modules: List[st
       governor serve
       governor serve --socket /tmp/g/governor.sock --journal /tmp/g/journal.sqlite3 --workers 8
       governor serve --steps myapp.steps --metrics-addr 127.0.0.1:9464 --log-format json
+      governor serve --backend ray --ray-address 10.0.0.5:6379 --workers 64
 
     Stop it with SIGTERM or Ctrl-C: it stops accepting, lets running steps finish (up to
     --drain-timeout), keeps queued ones in the journal for the next start, and exits 0.
@@ -167,7 +174,10 @@ def serve(ctx: click.Context, socket_path: Optional[Path], step_modules: List[st
 
     configure_logging(log_format, getattr(logging, log_level.upper()))
     socket_path = socket_path or ctx.obj.socket_path
-    settings: Dict[str, Any] = {"workers": workers, "allow_root": allow_root, "drain_timeout_s": drain_timeout}
+    if ray_address is not None and backend != "ray":
+        raise click.BadParameter("needs --backend ray", param_hint="--ray-address")
+    settings: Dict[str, Any] = {"workers": workers, "allow_root": allow_root, "drain_timeout_s": drain_timeout,
+                                "backend": backend, "ray_address": ray_address}
     if socket_path is not None:
         settings["socket_path"] = socket_path
     if journal_path is not None:
@@ -179,7 +189,7 @@ def serve(ctx: click.Context, socket_path: Optional[Path], step_modules: List[st
         settings["metrics_addr"] = (host, int(port))
     try:
         Daemon(load_registry(step_modules, builtin=builtin), DaemonConfig(**settings)).serve()
-    except (DaemonError, errors.RegistrationError, ImportError) as error:
+    except (DaemonError, errors.RegistrationError, errors.BackendUnavailable, ImportError) as error:
         raise click.ClickException(str(error)) from None
 
 

@@ -153,6 +153,8 @@ class DaemonConfig:
     drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
     metrics_addr: Optional[Tuple[str, int]] = None
     retention_s: float = 7 * 24 * 3600.0
+    backend: str = "loky"
+    ray_address: Optional[str] = None
 
 
 @attrs.define(eq=False)
@@ -239,7 +241,8 @@ class Daemon:
             log.warning("task %s (%s) was running when the daemon stopped; critical, so not run again",
                         record.id, record.step, extra={"task_id": record.id, "step": record.step,
                                                         "lane": record.lane.value, "reason": "interrupted"})
-        self._supervisor = Supervisor(self._registry, self.config.workers, on_dispatch=self._record_start)
+        self._supervisor = Supervisor(self._registry, self.config.workers, on_dispatch=self._record_start,
+                                      backend=self.config.backend, ray_address=self.config.ray_address)
         await self._loop.run_in_executor(None, self._supervisor.start)
         for record in recovery.resume:
             self._resubmit(record)

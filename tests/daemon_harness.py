@@ -16,8 +16,10 @@ TESTS = Path(__file__).parent
 class DaemonProcess:
     """``governor serve`` in a subprocess on a private socket and journal."""
 
-    def __init__(self, root: Path, workers: int = 2, builtin: bool = False, env: dict = None):
+    def __init__(self, root: Path, workers: int = 2, builtin: bool = False, env: dict = None,
+                 extra_args: tuple = ()):
         self.root = root
+        self.extra_args = tuple(extra_args)
         self.builtin = builtin
         self.env = env or {}
         self.socket = root / "run" / "governor.sock"
@@ -32,7 +34,7 @@ class DaemonProcess:
         steps = [] if self.builtin else ["--steps", "step_library", "--no-builtin"]
         self.process = subprocess.Popen(
             [sys.executable, "-m", "governor", "serve", "--socket", str(self.socket), "--journal", str(self.journal),
-             *steps, "--workers", str(self.workers), "--drain-timeout", "5"],
+             *steps, "--workers", str(self.workers), "--drain-timeout", "5", *self.extra_args],
             env=env, stdout=subprocess.DEVNULL, stderr=open(self.log, "ab"))
         assert wait_until(self._answers, timeout=60), f"the daemon did not start:\n{self.log.read_text()}"
         return self

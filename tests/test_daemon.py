@@ -11,6 +11,7 @@ import struct
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
@@ -316,3 +317,28 @@ def test_sigterm_keeps_queued_work_for_the_next_start(tmp_path):
     assert states == ["done"] * 100
     runs = [int(line.split()[0]) for line in ledger.read_text().splitlines()]
     assert runs == list(range(100))
+
+
+@pytest.mark.ray
+def test_serve_with_the_ray_backend_runs_pool_steps_on_its_own_node_and_leaves_nothing(tmp_path):
+    # No Ray in the daemon's process: it starts a private node on 127.0.0.1, and its
+    # shutdown takes that node's processes with it.
+    pytest.importorskip("ray", reason="the ray extra is not installed")
+    daemon = DaemonProcess(tmp_path, workers=2, extra_args=("--backend", "ray")).start()
+    try:
+        with Client(daemon.socket) as client:
+            assert client.submit("echo", value="on ray").result(timeout=60) == "on ray"
+            with pytest.raises(StepTimeout):
+                client.submit_call(Call("busy_loop", limits=Limits(timeout_s=0.3))).result(timeout=60)
+            assert client.submit("critical_record", ms=1, tag="local").result(timeout=60)[0] == "local"
+            assert client.metrics()["worker_kills"]["pool"] == {"timeout": 1}
+        tree = psutil.Process(daemon.process.pid).children(recursive=True)
+        assert any(process.name() == "raylet" for process in tree), "the daemon runs its own Ray node"
+    finally:
+        assert daemon.stop() == 0, daemon.log.read_text()
+    assert wait_until(lambda: not [p for p in tree if alive(p.pid)], timeout=30), "Ray's processes outlived the daemon"
+
+
+def test_serve_refuses_a_ray_address_without_the_ray_backend(tmp_path):
+    result = CliRunner().invoke(main, ["serve", "--socket", str(tmp_path / "s.sock"), "--ray-address", "auto"])
+    assert result.exit_code == 2 and "--backend ray" in result.output
