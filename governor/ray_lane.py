@@ -19,7 +19,7 @@ time. Every promise of the local lane holds, by the same means where Ray has non
   ``signal`` are ``None``), and Ray retries nothing behind our back.
 
 Only the manager thread touches this object's state. The link acceptor thread and Ray's
-callback threads only post messages to the manager (``("ray", method, *args)``).
+callback threads only ``call_soon`` on the manager.
 """
 
 from __future__ import annotations
@@ -31,11 +31,12 @@ import json
 import logging
 import secrets
 import select
+import selectors
 import socket
 import threading
 import uuid
 from multiprocessing.connection import Connection
-from typing import Any, Callable, Deque, Dict, List, Mapping, Optional
+from typing import Any, Deque, Dict, List, Mapping, Optional
 
 import attrs
 
@@ -43,7 +44,9 @@ from governor import ray_worker
 from governor.errors import (BackendUnavailable, InvalidTransition, MemoryLimitExceeded, StepFailed, StepTimeout,
                              WorkerCrashed, WorkerStartFailed)
 from governor.limits import Lane
+from governor.proctree import mib
 from governor.task import KillOrder, Task, TaskState
+from governor.timers import Timers
 
 log = logging.getLogger("governor")
 
@@ -51,6 +54,10 @@ log = logging.getLogger("governor")
 #: The worker's own kill takes a few ms; this only fires if its link thread cannot run (a C
 #: extension holding the GIL) or the link is broken.
 FORCE_CANCEL_AFTER_S = 1.0
+
+#: How long a task cancelled before it started may take to say it started (then it is
+#: cancelled as a running step) before Ray is told to drop it from its queue.
+UNSTARTED_CANCEL_AFTER_S = 0.5
 
 #: How long a new link may take to say hello before it is dropped.
 HELLO_TIMEOUT_S = 5.0
@@ -110,21 +117,21 @@ class RayLink:
 
 
 class RayLane:
-    """The pool lane's tasks on Ray (manager thread only, but for ``post``-ing threads).
+    """The pool lane as Ray tasks: a ``governor.backend.LaneBackend``.
 
     Args:
-        host: the manager: its ``finish``, ``end_from_outcome``, ``task_ended``,
-            ``record_dispatch`` and ``post`` end and route tasks as for local slots.
+        host: the manager (a ``governor.backend.LaneHost``).
         workers: Ray tasks in flight at most.
         steps: the supervisor's step table (shipped to the cluster once).
     """
 
-    def __init__(self, host: Any, config: RayConfig, workers: int, steps: Dict[str, Any], metrics: Any,
-                 timers: Any, selector: Any, on_left_queue: Callable[[Task], None], clock: Callable[[], float]):
-        self._host, self._config, self.workers = host, config, workers
-        self._steps, self._metrics, self._timers, self._selector = steps, metrics, timers, selector
-        self._on_left_queue, self._clock = on_left_queue, clock
-        self.queue: Deque[Task] = collections.deque()
+    lanes = (Lane.POOL,)
+
+    def __init__(self, host: Any, config: RayConfig, workers: int, steps: Dict[str, Any]):
+        self._host, self._config, self.workers, self._steps = host, config, workers, steps
+        self._metrics, self._clock = host.metrics, host.clock
+        self._timers = Timers(host.clock)
+        self._queue: Deque[Task] = collections.deque()
         self._runs: Dict[int, RayRun] = {}
         self._links: Dict[int, RayLink] = {}
         self._remote: Dict[str, Any] = {}
@@ -204,30 +211,47 @@ class RayLane:
                 log.warning("refused a Ray link from %s: no valid token", peer)
                 connection.close()
                 continue
-            self._host.post("ray", "link", RayLink(connection, int(hello["pid"]), str(hello.get("node"))))
+            self._host.call_soon(self._on_link, RayLink(connection, int(hello["pid"]), str(hello.get("node"))))
 
-    # ----------------------------------------------------------------- manager thread
+    # ----------------------------------------------------------------- LaneBackend (manager thread)
+
+    def queue(self, lane: Lane) -> Deque[Task]:
+        return self._queue
+
+    def begin(self) -> None:
+        """Nothing to start: Ray starts its workers on demand (``connect`` warmed one)."""
+
+    warm = True
 
     @property
     def quiet(self) -> bool:
-        """Nothing in flight and nothing queued that may still run."""
-        return not self._runs and not any(task.state is TaskState.QUEUED for task in self.queue)
+        return not self._runs and not any(task.state is TaskState.QUEUED for task in self._queue)
+
+    def maintain(self) -> None:
+        """Nothing to maintain: Ray replaces its own workers."""
+
+    def next_deadline(self) -> Optional[float]:
+        return self._timers.next_due()
 
     def running_tasks(self) -> List[Task]:
         return [run.task for run in self._runs.values()]
 
-    def runs(self, task: Task) -> bool:
-        return task.id in self._runs
+    def forget(self, task: Task) -> None:
+        """Nothing to forget: a run leaves the table before its task ends (``_on_done``)."""
+
+    def abort(self) -> None:
+        """Nothing to do: ``close`` drops the links, and a worker whose link drops while it
+        runs one of our steps kills its own tree."""
 
     def dispatch(self) -> None:
         """Hand queued tasks to Ray while fewer than ``workers`` are in flight."""
-        while self.queue and len(self._runs) < self.workers:
-            task = self.queue.popleft()
+        while self._queue and len(self._runs) < self.workers:
+            task = self._queue.popleft()
             try:
                 task.transition(TaskState.RUNNING)
             except InvalidTransition:
                 continue  # cancelled while it waited: lazy removal, as in the local lanes
-            self._on_left_queue(task)
+            self._host.left_queue(task)
             if not self._host.record_dispatch(task):
                 continue
             limits = task.limits
@@ -237,7 +261,7 @@ class RayLane:
                                       limits.effective_memory_mb if limits.memory_hard_cap else None))
             run = self._runs[task.id] = RayRun(task, ref)
             task.dispatched_at = self._clock()  # until the step starts: then from its start
-            ref.future().add_done_callback(lambda future, run=run: self._host.post("ray", "done", run, future))
+            ref.future().add_done_callback(lambda future, run=run: self._host.call_soon(self._on_done, run, future))
             self._publish()
 
     def _remote_for(self, step: str):
@@ -247,9 +271,13 @@ class RayLane:
                 name=f"governor:{step}", max_retries=0, retry_exceptions=False, **self._config.task_options)
         return remote
 
-    def on_link(self, link: RayLink) -> None:
+    def _on_link(self, link: RayLink) -> None:
         self._links[link.connection.fileno()] = link
-        self._selector.register(link.connection, 1, ("ray", link))  # EVENT_READ
+        self._host.selector.register(link.connection, selectors.EVENT_READ, (self, link))
+        # A worker says "running" right after its hello: read it now, before the inbox's
+        # next message (a cancel of that very task) is handled.
+        while not link.connection.closed and link.connection.poll(0):
+            self.on_readable(link)
 
     def on_readable(self, link: RayLink) -> None:
         try:
@@ -266,7 +294,7 @@ class RayLane:
             task = run.task
             task.peak_rss_bytes = max(task.peak_rss_bytes or 0, int(rest[0]))
             limit_mb = task.limits.effective_memory_mb
-            peak_mb = task.peak_rss_bytes / 2 ** 20
+            peak_mb = mib(task.peak_rss_bytes)
             # The worker kills itself right after this report; the kill is the worker's own.
             self._claim(run, "memory", TaskState.OVER_MEMORY,
                         MemoryLimitExceeded(task.step, task.id, limit_mb, peak_mb, link.pid), limit_mb, peak_mb,
@@ -278,11 +306,11 @@ class RayLane:
         task.pid, task.dispatched_at = link.pid, self._clock()
         self._publish()
         if task.limits.effective_timeout_s is not None:
-            self._timers.after(task.limits.effective_timeout_s, "ray_timeout", task)
+            self._timers.after(task.limits.effective_timeout_s, "timeout", task)
         if task.cancel_request is not None:
             self.cancel(task)  # cancelled between its dispatch and its start
 
-    def on_done(self, run: RayRun, future: concurrent.futures.Future) -> None:
+    def _on_done(self, run: RayRun, future: concurrent.futures.Future) -> None:
         """Ray reports the task's end: its outcome, or why it has none."""
         task = run.task
         if self._runs.get(task.id) is not run:
@@ -317,7 +345,10 @@ class RayLane:
         if run is None or run.kill is not None:
             return
         if run.link is None:
-            self._ray.cancel(run.ref, force=True)  # not started: Ray drops it from its queue
+            # Not started as far as we know; but its "running" may be on its way (a new
+            # worker's link is accepted on another thread). If it comes, _started cancels
+            # it like any running step, tree kill included; if not, Ray drops it.
+            self._timers.after(UNSTARTED_CANCEL_AFTER_S, "unstarted", task)
             return
         request = task.cancel_request
         grace = task.limits.effective_cancel_grace_s
@@ -325,23 +356,30 @@ class RayLane:
         if grace == 0:
             self._claim(run, "cancel", TaskState.CANCELLED, task.cancelled_error(killed=True), 0.0, None)
         else:
-            self._timers.after(grace, "ray_grace", task)
+            self._timers.after(grace, "grace", task)
 
-    def on_timer(self, kind: str, task: Task) -> None:
+    def on_time(self) -> None:
+        for kind, task in self._timers.pop_due():
+            self._fire(kind, task)
+        self._timers.prune_if_stale(len(self._runs), lambda kind, task: task.state is TaskState.RUNNING)
+
+    def _fire(self, kind: str, task: Task) -> None:
         run = self._runs.get(task.id)
         if run is None or run.task is not task:
             return  # it ended before its timer
-        if kind == "ray_force":
+        if kind == "force":
             log.warning("Ray worker %s did not end task %s itself; ray.cancel(force=True)", task.pid, task.id)
             self._ray.cancel(run.ref, force=True)
+        elif kind == "unstarted" and run.link is None:
+            self._ray.cancel(run.ref, force=True)  # still in Ray's queue: Ray drops it
         elif run.kill is not None:
             return
-        elif kind == "ray_timeout":
+        elif kind == "timeout":
             limit = task.limits.effective_timeout_s
             elapsed = self._clock() - task.dispatched_at
             self._claim(run, "timeout", TaskState.TIMED_OUT, StepTimeout(task.step, task.id, limit, elapsed, task.pid),
                         limit, elapsed)
-        elif kind == "ray_grace":
+        elif kind == "grace":
             self._claim(run, "cancel", TaskState.CANCELLED, task.cancelled_error(killed=True),
                         task.limits.effective_cancel_grace_s, None)
 
@@ -360,7 +398,7 @@ class RayLane:
         self._log_death(run, reason, limit, observed, f"killing Ray worker {task.pid}: {error}")
         if send_kill and run.link is not None:
             self._send(run.link, ["kill", task.id])
-        self._timers.after(FORCE_CANCEL_AFTER_S, "ray_force", task)
+        self._timers.after(FORCE_CANCEL_AFTER_S, "force", task)
 
     def _send(self, link: RayLink, message: list) -> None:
         try:
@@ -369,8 +407,10 @@ class RayLane:
             pass  # the worker just died: Ray reports the task's end
 
     def _drop_link(self, link: RayLink) -> None:
+        if link.connection.closed:
+            return
         if self._links.pop(link.connection.fileno(), None) is not None:
-            self._selector.unregister(link.connection)
+            self._host.selector.unregister(link.connection)
         link.connection.close()
 
     def _log_death(self, run: RayRun, reason: str, limit: Optional[float], observed: Optional[float],
@@ -389,12 +429,12 @@ class RayLane:
                  "running_s": now - run.task.dispatched_at, "tasks_run": None, "rss_bytes": None,
                  "node": run.link.node if run.link else None} for run in self._runs.values()]
 
-    def gauges(self) -> Dict[str, Any]:
+    def gauges(self) -> Dict[str, Dict[str, Any]]:
         """The lane's gauges, in the local lanes' shape (safe from any thread: it reads one
         tuple the manager replaces whenever a task starts or ends)."""
         busy, pids = self._published
-        return {"busy": busy, "idle": max(0, self.workers - busy), "starting": 0, "spares_ready": 0,
-                "worker_pids": pids}
+        return {Lane.POOL.value: {"busy": busy, "idle": max(0, self.workers - busy), "starting": 0,
+                                  "spares_ready": 0, "worker_pids": pids}}
 
     def _publish(self) -> None:
         self._published = (len(self._runs), tuple(run.task.pid for run in self._runs.values() if run.link))

@@ -35,10 +35,7 @@ import attrs
 
 from governor import context as _context
 from governor import worker
-from governor.proctree import TreeSampler, kill_own_tree
-
-#: How often the watchdog samples the RSS of the worker's process tree (as in the local lane).
-MEMORY_SAMPLE_INTERVAL_S = 0.01
+from governor.proctree import MEMORY_SAMPLE_INTERVAL_S, TreeSampler, kill_own_tree
 
 
 @attrs.frozen

@@ -20,6 +20,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 
 from governor.errors import InvalidParameters, QueueFull, SupervisorClosed, UnknownStep, WorkerStartFailed
 from governor.limits import Lane, Limits
+from governor.loky_lanes import LokyConfig
 from governor.manager import Manager, ManagerConfig
 from governor.metrics import MetricsRecorder, prometheus_registry, prometheus_text
 from governor.task import CancelRequest, Call, Task, TaskFuture, Workflow, WorkflowFuture, in_done_callback
@@ -136,12 +137,13 @@ class Supervisor:
         self.workers = workers
         self.queue_size = queue_size
         self._clock = clock
+        local_workers = {Lane.CRITICAL: 1} if ray_config else {Lane.CRITICAL: 1, Lane.POOL: workers}
         self._config = ManagerConfig(
-            steps=specs,
-            step_modules=sorted({spec.fn.__module__ for spec in specs.values()} - {"__main__"}),
-            workers={Lane.CRITICAL: 1, Lane.POOL: workers}, spares=spares,
-            max_tasks_per_worker=max_tasks_per_worker, recycle_rss_mb=recycle_rss_mb, on_dispatch=on_dispatch,
-            ray=ray_config)
+            local=LokyConfig(
+                steps=specs, step_modules=sorted({spec.fn.__module__ for spec in specs.values()} - {"__main__"}),
+                workers=local_workers, spares=spares, max_tasks_per_worker=max_tasks_per_worker,
+                recycle_rss_mb=recycle_rss_mb),
+            pool_workers=workers, on_dispatch=on_dispatch, ray=ray_config)
         self.backend = backend
         self._metrics = MetricsRecorder()
         self._prometheus = prometheus_registry(self._metrics, self._queue_depth)

@@ -46,3 +46,10 @@ class Timers:
         """Drop every entry for which ``still_applies(kind, target)`` is false."""
         self._heap = [entry for entry in self._heap if still_applies(entry[2], entry[3])]
         heapq.heapify(self._heap)
+
+    def prune_if_stale(self, live: int, still_applies: Callable[[str, Any], bool]) -> None:
+        """:meth:`prune` once entries outnumber the ``live`` things they may be for 4 to 1
+        (and there are more than 64): tasks that end before their deadlines leave entries
+        behind, and a heap of mostly stale entries costs every push and pop."""
+        if len(self._heap) > 64 and len(self._heap) > 4 * live:
+            self.prune(still_applies)

@@ -1,0 +1,119 @@
+"""The seam between the manager thread and the places steps run: lane backends.
+
+The manager (``governor.manager``) owns the inbox, the wake-up pipe, the selector and the
+generic life of a task: queued, dispatched, ended, its workflow settled. A *lane backend*
+owns the workers of one or more lanes and everything about them: how a task reaches a
+worker, how a limit is enforced, how a worker's death is noticed. Two implementations:
+
+* ``governor.loky_lanes.LokyLanes``: single-worker loky executors on this host (both
+  lanes by default; the critical lane always);
+* ``governor.ray_lane.RayLane``: the pool lane as Ray tasks on a cluster.
+
+Both end tasks with the same states and errors through the host, so a step's caller sees
+no difference but speed. Every method of a backend runs on the manager thread except
+:meth:`LaneBackend.connect` (the caller's thread, before the manager starts) and
+:meth:`LaneBackend.gauges` (any thread); a backend's other threads only
+:meth:`LaneHost.call_soon`.
+"""
+
+from __future__ import annotations
+
+import selectors
+from typing import Any, Callable, Deque, Dict, List, Optional, Protocol, Sequence
+
+from governor.limits import Lane
+from governor.metrics import MetricsRecorder
+from governor.task import Task, TaskState
+
+
+class LaneHost(Protocol):
+    """What the manager offers its backends."""
+
+    clock: Callable[[], float]
+    metrics: MetricsRecorder
+    selector: selectors.BaseSelector  # register with data ``(backend, payload)``
+
+    @property
+    def closing(self) -> bool:
+        """The supervisor is shutting down: start no new workers."""
+
+    def call_soon(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run ``fn(*args)`` on the manager thread (any thread may call this)."""
+
+    def left_queue(self, task: Task) -> None:
+        """A task left its lane's queue (the supervisor's queue counts)."""
+
+    def record_dispatch(self, task: Task) -> bool:
+        """Run the dispatch hook; ``False`` means the task failed and must not run."""
+
+    def end_from_outcome(self, task: Task, outcome: Any) -> bool:
+        """End a task from a worker's ``Outcome`` (any thread); ``False`` if it had ended
+        or was claimed for a kill. The backend then calls :meth:`task_ended`."""
+
+    def task_ended(self, task: Task, result: Any) -> None:
+        """The manager's share of an end made by :meth:`end_from_outcome`."""
+
+    def finish(self, task: Task, state: TaskState, error: Optional[BaseException], by_kill: bool = False) -> None:
+        """End a running task from the manager thread (a kill, a crash, a transport failure)."""
+
+    def fail_start(self, error: BaseException) -> None:
+        """No worker could be started before the supervisor was warm: abort the start."""
+
+
+class LaneBackend(Protocol):
+    """Runs the tasks of its lanes; see the module docstring for the threading rules."""
+
+    lanes: Sequence[Lane]
+
+    def queue(self, lane: Lane) -> Deque[Task]:
+        """The queue of one of its lanes (the manager appends; the backend pops)."""
+
+    def connect(self) -> None:
+        """Reach the workers' infrastructure before the manager starts (caller's thread)."""
+
+    def begin(self) -> None:
+        """Start workers: the manager thread's first act."""
+
+    @property
+    def warm(self) -> bool:
+        """Every worker it promised at start is ready."""
+
+    @property
+    def quiet(self) -> bool:
+        """Nothing runs or starts, and nothing queued may still run."""
+
+    def dispatch(self) -> None:
+        """Hand queued tasks to free workers."""
+
+    def maintain(self) -> None:
+        """After each turn of the loop: replace lost workers and the like."""
+
+    def next_deadline(self) -> Optional[float]:
+        """When :meth:`on_time` must next run (a timer or a sample), or ``None``."""
+
+    def on_time(self) -> None:
+        """Fire what is due: timeouts, cancel graces, memory samples."""
+
+    def on_readable(self, payload: Any) -> None:
+        """A file it registered with the selector is readable."""
+
+    def cancel(self, task: Task) -> None:
+        """A cancel was recorded on a task of its lanes that is no longer queued."""
+
+    def running_tasks(self) -> List[Task]:
+        """The tasks its workers run now."""
+
+    def forget(self, task: Task) -> None:
+        """A task of its lanes has ended (called by the host once it is settled)."""
+
+    def describe(self, now: float) -> List[Dict[str, Any]]:
+        """One dict per worker (or task in flight) for ``Supervisor.describe_workers``."""
+
+    def gauges(self) -> Dict[str, Dict[str, Any]]:
+        """Lane name -> busy / idle / starting / spares_ready / worker_pids (any thread)."""
+
+    def abort(self) -> None:
+        """The manager failed: stop every step now."""
+
+    def close(self) -> None:
+        """Release every worker and resource (manager thread, at the very end)."""
