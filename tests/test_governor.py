@@ -10,9 +10,9 @@ import signal
 import pytest
 
 from conftest import BACKENDS, alive, wait_until
-from governor import (Call, Limits, MemoryLimitExceeded, StepCancelled, StepTimeout, Supervisor, TaskState,
+from governor import (Call, Limits, MemoryLimitExceeded, StepCancelled, StepTimeout, TaskState,
                       WorkerCrashed, WorkerStartFailed)
-from step_library import registry, wait_for_path
+from step_library import wait_for_path
 
 # Every test with a supervisor runs on both backends of the pool lane, with the same
 # assertions, unless it says why not: the local loky pool and a Ray node (conftest.ray_node).
@@ -86,6 +86,10 @@ def test_memory_limit_kills_a_growing_step(supervisor):
     assert supervisor.submit("echo", 1).result(timeout=30) == 1
 
 
+# Loky only: a Ray worker has address space reserved but untouched (measured: RSS grew
+# 250 MiB while the address space grew 208), so the cap lets RSS pass the limit and the
+# watchdog kills first more often than not. The limit holds either way (README, Ray).
+@pytest.mark.parametrize("backend", ["loky"])
 def test_memory_hard_cap_refuses_the_allocation_and_keeps_the_worker(supervisor):
     future = supervisor.submit_call(Call("allocate", kwargs={"chunk_mb": 50, "total_mb": 2048, "pause_s": 0},
                                          limits=Limits(max_memory_mb=300, memory_hard_cap=True)))
