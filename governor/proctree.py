@@ -131,6 +131,24 @@ def exit_status(pid: int, patience_s: float = EXIT_STATUS_PATIENCE_S) -> Tuple[O
         time.sleep(0.001)
 
 
+def wait_dead(pid: int, patience_s: float = EXIT_STATUS_PATIENCE_S) -> bool:
+    """Wait (up to ``patience_s``) until ``pid``, not a child of ours, is gone or a zombie.
+
+    For a process known to be dying (its sockets just closed): the kernel closes a dying
+    process's files a moment before it becomes a zombie. Returns whether it is dead.
+    """
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.001)
+
+
 def kill_own_tree() -> None:
     """Kill every descendant of this process, then this process: for a worker that must
     end itself (a Ray worker, whose parent is not ours to ask).

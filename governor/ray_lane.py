@@ -44,7 +44,7 @@ from governor import ray_worker
 from governor.errors import (BackendUnavailable, InvalidTransition, MemoryLimitExceeded, StepFailed, StepTimeout,
                              WorkerCrashed, WorkerStartFailed)
 from governor.limits import Lane
-from governor.proctree import mib
+from governor.proctree import mib, wait_dead
 from governor.task import KillOrder, Task, TaskState
 from governor.timers import Timers
 
@@ -64,6 +64,9 @@ HELLO_TIMEOUT_S = 5.0
 
 #: How long ``connect`` waits for a first task to run through the wrapper on the cluster.
 WARM_UP_TIMEOUT_S = 120.0
+
+#: How long ``connect`` waits for Ray to start the workers it warms up (best effort).
+WARM_WAIT_S = 10.0
 
 _ACCEPT_POLL_S = 0.1
 
@@ -144,6 +147,8 @@ class RayLane:
         self._info: Optional[ray_worker.LinkInfo] = None
         self._steps_ref = None
         self._published = (0, ())
+        self._linked = threading.Condition()
+        self._early_links: Optional[List[RayLink]] = []
 
     # ----------------------------------------------------------------- life (caller thread)
 
@@ -170,12 +175,39 @@ class RayLane:
         self._acceptor.start()
         self._steps_ref = ray.put(self._steps)
         self._info = ray_worker.LinkInfo(host, self._listener.getsockname()[1], self._token, uuid.uuid4().hex)
-        warm_up = ray.remote(ray_worker.check).options(max_retries=0, **self._config.task_options)
         try:
-            ray.get(warm_up.remote(self._info, [self._steps_ref]), timeout=WARM_UP_TIMEOUT_S)
+            self._warm_up()
         except Exception as exc:
             self.close()
             raise WorkerStartFailed(f"the Ray cluster could not run a governor task: {exc}") from exc
+        finally:
+            with self._linked:
+                self._early_links = None
+
+    def _warm_up(self) -> None:
+        """Run the wrapper once (a broken setup fails here, not on the first step), then warm
+        as many Ray workers as can run this supervisor's tasks at once, up to ``workers``.
+
+        Ray starts workers on demand and hands a finished task's worker the next task, so
+        without this the first batch after a start would run one step at a time while new
+        workers start. The warm-up tasks hold until that many workers have linked up (or
+        :data:`WARM_WAIT_S` passes: the cluster may be busier than it said), so each lands
+        on a worker of its own.
+        """
+        ray = self._ray
+        check = ray.remote(ray_worker.check).options(max_retries=0, **self._config.task_options)
+        ray.get(check.remote(self._info, [self._steps_ref], 0.0), timeout=WARM_UP_TIMEOUT_S)
+        cpus_per_task = float(self._config.task_options.get("num_cpus", 1))
+        free = int(ray.available_resources().get("CPU", 0) // cpus_per_task) if cpus_per_task else self.workers
+        count = max(1, min(self.workers, free))
+        if count == 1:
+            return
+        holding = [check.remote(self._info, [self._steps_ref], WARM_WAIT_S) for _ in range(count)]
+        with self._linked:
+            self._linked.wait_for(lambda: len({link.pid for link in self._early_links}) >= count, WARM_WAIT_S)
+            for link in self._early_links:
+                self._send(link, ["go", 0])
+        ray.get(holding, timeout=WARM_UP_TIMEOUT_S)
 
     def close(self) -> None:
         """Stop accepting links, drop them, and stop Ray if this supervisor started it."""
@@ -211,7 +243,12 @@ class RayLane:
                 log.warning("refused a Ray link from %s: no valid token", peer)
                 connection.close()
                 continue
-            self._host.call_soon(self._on_link, RayLink(connection, int(hello["pid"]), str(hello.get("node"))))
+            link = RayLink(connection, int(hello["pid"]), str(hello.get("node")))
+            with self._linked:
+                if self._early_links is not None:  # connect() is warming workers up
+                    self._early_links.append(link)
+                    self._linked.notify_all()
+            self._host.call_soon(self._on_link, link)
 
     # ----------------------------------------------------------------- LaneBackend (manager thread)
 
@@ -283,7 +320,7 @@ class RayLane:
         try:
             kind, task_id, *rest = json.loads(link.connection.recv_bytes())
         except (EOFError, OSError, ValueError):
-            self._drop_link(link)  # the worker died (its tasks end by Ray's report) or misbehaved
+            self._link_lost(link)
             return
         run = self._runs.get(task_id)
         if run is None or run.task.state.terminal:
@@ -310,13 +347,29 @@ class RayLane:
         if task.cancel_request is not None:
             self.cancel(task)  # cancelled between its dispatch and its start
 
+    def _link_lost(self, link: RayLink) -> None:
+        """A worker's link closed: the worker died (or will: it kills its own tree when its
+        link closes mid-step). A task claimed for a kill ends now, as in the local lane on
+        its worker's EOF: Ray would report the death only after it has waited up to 1 s for
+        its cause (``timeout_ms_task_wait_for_death_info``). Any other task ends by Ray's
+        report, which alone says whether its outcome got out first."""
+        self._drop_link(link)
+        for run in [run for run in self._runs.values() if run.link is link and run.kill is not None]:
+            if link.node == socket.gethostname():
+                wait_dead(link.pid)  # on this host, resolved implies dead, as in the local lane
+            self._forget_run(run)
+            self._host.finish(run.task, run.kill.state, run.kill.error, by_kill=True)
+
+    def _forget_run(self, run: RayRun) -> None:
+        del self._runs[run.task.id]
+        self._publish()
+
     def _on_done(self, run: RayRun, future: concurrent.futures.Future) -> None:
         """Ray reports the task's end: its outcome, or why it has none."""
         task = run.task
         if self._runs.get(task.id) is not run:
-            return
-        del self._runs[task.id]
-        self._publish()
+            return  # it ended when its killed worker's link closed
+        self._forget_run(run)
         error = future.exception()
         if error is None and run.kill is None:
             outcome = future.result()
@@ -387,8 +440,8 @@ class RayLane:
                limit: Optional[float], observed: Optional[float], send_kill: bool = True) -> None:
         """Decide how a task ends and have its worker (and that worker's tree) killed.
 
-        The task ends when Ray reports the worker dead, so "the future is resolved"
-        implies "the step stopped", as in the local lane.
+        The task ends when its worker's link closes (or Ray reports the worker dead), so
+        "the future is resolved" implies "the step stopped", as in the local lane.
         """
         task = run.task
         if not task.claim_for_kill():

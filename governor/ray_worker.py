@@ -6,7 +6,7 @@ Data flow for one task::
               │
               ├─ link to the supervisor (TCP, once per Ray worker and supervisor):
               │    up:   hello {token, pid, node}, ["running", task_id, pid], ["over_memory", task_id, peak]
-              │    down: ["cancel", task_id, reason, detail], ["kill", task_id]
+              │    down: ["cancel", task_id, reason, detail], ["kill", task_id], ["go", 0] (warm-up)
               └─ memory watchdog thread (only with a memory limit): samples this worker's
                  process tree every 10 ms, reports a breach up the link, then kills the tree
 
@@ -63,6 +63,7 @@ class _Link:
     def __init__(self, info: LinkInfo):
         self.connection: Connection = Client((info.host, info.port), family="AF_INET")
         self.steps_key = info.steps_key
+        self.go = threading.Event()
         self._send_lock = threading.Lock()
         self.send({"token": info.token, "pid": os.getpid(), "node": socket.gethostname()})
         threading.Thread(target=self._read, name="governor-ray-link", daemon=True).start()
@@ -80,6 +81,8 @@ class _Link:
                 return
             if kind == "cancel":
                 worker.deliver_cancel(task_id, *rest)
+            elif kind == "go":
+                self.go.set()
             elif kind == "kill" and _running_task() == task_id:
                 kill_own_tree()
 
@@ -113,10 +116,14 @@ def _link_to(info: LinkInfo) -> _Link:
         return link
 
 
-def check(info: LinkInfo, steps: list) -> int:
-    """The warm-up task: load the step table and link up, as a first step would; the pid."""
+def check(info: LinkInfo, steps: list, hold_s: float) -> int:
+    """The warm-up task: load the step table and link up, as a first step would, then hold
+    this worker (up to ``hold_s``) until the supervisor says ``go``; the pid."""
     _table(info, steps)
-    _link_to(info)
+    if hold_s:
+        _link_to(info).go.wait(hold_s)
+    else:
+        _link_to(info)
     return os.getpid()
 
 
