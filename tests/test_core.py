@@ -6,13 +6,14 @@ import threading
 import psutil
 import pytest
 
-from conftest import live_children
+from conftest import BACKENDS, live_children
 from governor import (Call, InvalidParameters, Limits, QueueFull, StepFailed, StepSkipped, Supervisor,
                       SupervisorClosed, TaskState, UnknownStep, WorkflowFailed)
 from governor.limits import Lane
 from step_library import registry, wait_for_path
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_view_switch_steps_overlap_and_beat_their_sum(supervisor):
     results = supervisor.run_batch([("chat.history", {"chat_id": 1}), ("git.status", {"repo": "."}),
                                     ("git.current_branch", {"repo": "."})])

@@ -59,6 +59,18 @@ def test_timeout_kills_what_the_step_started(supervisor, tmp_path, step):
     assert wait_until(lambda: not alive(descendant), timeout=5), f"{step}'s `sleep 1000` outlived the kill"
 
 
+@pytest.mark.parametrize("step", ["child_sleeper", "setsid_grandchild"])
+def test_cancel_kills_what_the_running_step_started(supervisor, tmp_path, step):
+    marker = tmp_path / "descendant"
+    future = supervisor.submit(step, str(marker))
+    descendant = read_pid(marker)
+    assert future.cancel("navigated away")
+    with pytest.raises(StepCancelled) as cancelled:
+        future.result(timeout=30)
+    assert cancelled.value.killed, "the step ignored the cooperative cancel: its worker was killed"
+    assert wait_until(lambda: not alive(descendant), timeout=5), f"{step}'s `sleep 1000` outlived the cancel"
+
+
 def test_declared_step_timeout_applies(supervisor):
     with pytest.raises(StepTimeout):
         supervisor.submit("declared_timeout_loop").result(timeout=30)

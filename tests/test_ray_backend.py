@@ -1,0 +1,69 @@
+"""What is particular to the Ray backend: choosing it, its set-up errors, its link's safety.
+
+Everything a step's caller sees (limits, kills, crashes, cancels) is tested once for both
+backends in test_governor.py and test_core.py.
+"""
+
+import json
+import socket
+import sys
+import textwrap
+
+import pytest
+
+from governor import BackendUnavailable, Supervisor, WorkerStartFailed
+from governor.limits import Lane
+from step_library import registry
+
+
+def test_a_bad_backend_or_ray_options_without_ray_are_refused():
+    with pytest.raises(ValueError, match="backend must be one of 'loky', 'ray'"):
+        Supervisor(registry, backend="dask")
+    with pytest.raises(ValueError, match="need backend='ray'"):
+        Supervisor(registry, ray_address="auto")
+
+
+def test_without_the_extra_the_error_names_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # what an environment without Ray sees: ImportError
+    with pytest.raises(BackendUnavailable, match=r"pip install 'governor\[ray\]'"):
+        Supervisor(registry, backend="ray")
+
+
+@pytest.mark.ray
+def test_steps_the_cluster_cannot_import_fail_the_start(ray_node, tmp_path, monkeypatch):
+    # A module only this process can import (the node's workers do not have tmp_path).
+    (tmp_path / "only_here.py").write_text(textwrap.dedent('''
+        from steps import StepRegistry
+        registry = StepRegistry()
+
+        @registry.step(critical=False)
+        def hello():
+            return "hi"
+    '''))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from only_here import registry as unreachable
+
+    with pytest.raises(WorkerStartFailed, match="only_here"):
+        Supervisor(unreachable, workers=2, backend="ray").start()
+
+
+@pytest.mark.ray
+def test_the_link_refuses_a_peer_without_the_token(ray_node, caplog):
+    with Supervisor(registry, workers=2, backend="ray") as sup:
+        # The listener is private on purpose; this test plays a stranger who found its port.
+        lane = sup._manager._backends[Lane.POOL]
+        with socket.create_connection(lane._listener.getsockname()) as stranger:
+            frame = json.dumps({"token": "guess", "pid": 1, "node": "x"}).encode()
+            stranger.sendall(len(frame).to_bytes(4, "big") + frame)
+            stranger.settimeout(30)
+            assert stranger.recv(1) == b"", "the link was closed on the stranger"
+        assert "refused a Ray link" in caplog.text
+        assert sup.submit("echo", "still fine").result(timeout=60) == "still fine"
+
+
+@pytest.mark.ray
+def test_a_supervisor_uses_the_ray_it_finds_and_leaves_it_running(ray_node):
+    with Supervisor(registry, workers=2, backend="ray") as sup:
+        assert sup.submit("echo", 1).result(timeout=60) == 1
+        assert sup.metrics()["workers"]["pool"]["busy"] == 0
+    assert ray_node.is_initialized(), "the session's node is not the supervisor's to stop"
