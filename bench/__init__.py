@@ -9,10 +9,11 @@ from Python::
 Modules:
 
 * :mod:`bench.core`: sizes, the scenario registry, :class:`~bench.core.ScenarioResult`;
-* :mod:`bench.scenarios`: one module per scenario (view-switch, overhead, governor,
-  memory, scaling);
+* :mod:`bench.scenarios`: one module per scenario (view-switch, view-real, overhead,
+  governor, memory, scaling, daemon; ray with ``backend="ray"``);
 * :mod:`bench.bench_steps`: the steps, in their own ``StepRegistry``;
-* :mod:`bench.peers`: Governor and its peers (loky, stdlib, pebble) behind one adapter;
+* :mod:`bench.peers`: Governor (on loky or on Ray) and its peers (loky, stdlib, pebble)
+  behind one adapter;
 * :mod:`bench.probes`: resolution stamps, death watches, worker discovery;
 * :mod:`bench.stats`: percentiles and summaries;
 * :mod:`bench.runner`, :mod:`bench.report`, :mod:`bench.plot`: the JSON, the table and

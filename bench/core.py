@@ -285,23 +285,37 @@ class ScenarioContext:
 
 @attrs.frozen
 class Scenario:
-    """A registered scenario: its name, its function and a one-line description."""
+    """A registered scenario.
+
+    Attributes:
+        name: what ``--scenario`` calls it.
+        fn: the function that measures.
+        description: one line, from the function's docstring.
+        backend: the pool-lane backend it measures besides the default loky one (``"ray"``),
+            or ``None``. Such a scenario needs that backend's extra, so it runs only when
+            that backend is asked for (``--backend``) or the scenario is named.
+    """
 
     name: str
     fn: Callable[[ScenarioContext], ScenarioResult]
     description: str
+    backend: Optional[str] = None
 
 
 #: Every scenario, by name, in registration order (the order ``python -m bench`` runs them).
 SCENARIOS: Dict[str, Scenario] = {}
 
 
-def scenario(name: str) -> Callable[[Callable[[ScenarioContext], ScenarioResult]],
-                                    Callable[[ScenarioContext], ScenarioResult]]:
+def scenario(name: str, backend: Optional[str] = None) -> Callable[[Callable[[ScenarioContext], ScenarioResult]],
+                                                                   Callable[[ScenarioContext], ScenarioResult]]:
     """Register the decorated function as the scenario ``name``.
 
     The function takes a :class:`ScenarioContext` and returns a :class:`ScenarioResult`;
     its docstring's first line is the scenario's description.
+
+    Args:
+        name: the scenario's name.
+        backend: see :attr:`Scenario.backend`.
 
     Raises:
         ValueError: if ``name`` is taken.
@@ -310,7 +324,7 @@ def scenario(name: str) -> Callable[[Callable[[ScenarioContext], ScenarioResult]
         if name in SCENARIOS:
             raise ValueError(f"scenario {name!r} is already registered")
         description = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
-        SCENARIOS[name] = Scenario(name, fn, description)
+        SCENARIOS[name] = Scenario(name, fn, description, backend)
         return fn
 
     return register

@@ -6,6 +6,9 @@ Supervisor runs them by name, the others get the function itself. So a scenario 
 every peer with one loop and never has per-peer code.
 
 * ``governor``: :class:`governor.Supervisor` (pool lane, one loky executor per worker).
+* ``governor-ray``: the same Supervisor with its pool lane on Ray (``backend="ray"``), on
+  the Ray this process initialised. Not in :data:`PEERS`: only the ``ray`` scenario, which
+  starts that Ray, measures it.
 * ``loky``: a ``loky.ProcessPoolExecutor`` of our own (not the process-wide reusable one, so
   shutting it down cannot disturb anything else).
 * ``stdlib``: ``concurrent.futures.ProcessPoolExecutor`` with the platform's default start
@@ -89,24 +92,42 @@ class Peer:
 
 
 class GovernorPeer(Peer):
-    """Governor's Supervisor: steps go through the pool lane by name."""
+    """Governor's Supervisor: steps go through the pool lane by name.
+
+    Attributes:
+        supervisor: the started Supervisor, for scenarios that need more than ``submit``
+            (limits, cancels, metrics); ``None`` before :meth:`start`.
+    """
 
     name = "governor"
 
+    #: The pool lane's ``Supervisor(backend=...)``.
+    backend = "loky"
+
     def __init__(self, workers: int):
         super().__init__(workers)
-        self._supervisor = None
+        self.supervisor: Optional[Supervisor] = None
 
     def start(self) -> "GovernorPeer":
-        self._supervisor = Supervisor(bench_steps.registry, workers=self.workers).start()
+        self.supervisor = Supervisor(bench_steps.registry, workers=self.workers, backend=self.backend).start()
         return self
 
     def submit(self, step: str, *args: Any) -> concurrent.futures.Future:
-        return self._supervisor.submit(step, *args)
+        return self.supervisor.submit(step, *args)
 
     def shutdown(self) -> None:
-        if self._supervisor is not None:
-            self._supervisor.shutdown(wait=True)
+        if self.supervisor is not None:
+            self.supervisor.shutdown(wait=True)
+
+    def describe(self) -> Dict[str, Any]:
+        return {**super().describe(), "backend": self.backend}
+
+
+class GovernorRayPeer(GovernorPeer):
+    """Governor's Supervisor with its pool lane on the Ray this process initialised."""
+
+    name = "governor-ray"
+    backend = "ray"
 
 
 class _FunctionPeer(Peer):

@@ -16,7 +16,7 @@ import select
 import threading
 import time
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, Iterable, List, Optional
 
 import psutil
 from governor import Supervisor
@@ -172,12 +172,26 @@ def loky_worker_processes() -> List[psutil.Process]:
     return workers
 
 
-def leftover_children() -> List[psutil.Process]:
-    """Live descendants of this process other than the per-interpreter resource trackers."""
+def leftover_children(preexisting: Iterable[psutil.Process] = ()) -> List[psutil.Process]:
+    """Live descendants of this process other than the per-interpreter resource trackers.
+
+    Args:
+        preexisting: processes that ran before the caller started its work; they and their
+            descendants (as of now: a Ray node's workers come and go) are not counted.
+    """
+    excluded = set()
+    for process in preexisting:
+        try:
+            # is_running() also compares the start time: a recycled pid is someone else's.
+            if process.is_running():
+                excluded.update(descendant.pid for descendant in process.children(recursive=True))
+                excluded.add(process.pid)
+        except psutil.NoSuchProcess:
+            continue
     left = []
     for child in psutil.Process().children(recursive=True):
         try:
-            if "resource_tracker" in " ".join(child.cmdline()) or not alive(child.pid):
+            if child.pid in excluded or "resource_tracker" in " ".join(child.cmdline()) or not alive(child.pid):
                 continue
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue

@@ -29,6 +29,7 @@ import attrs
 import psutil
 
 import governor
+from governor.supervisor import BACKENDS
 
 import bench.scenarios  # noqa: F401 (importing it registers every scenario)
 from bench import plot, probes, report
@@ -62,19 +63,23 @@ class BenchRun:
         return not self.errors and not self.document["checks"]["leftover_processes"]
 
 
-def scenario_names(requested: Optional[Iterable[str]] = None) -> List[str]:
-    """The scenarios to run, in run order: all of them, or the ``requested`` ones.
+def scenario_names(requested: Optional[Iterable[str]] = None, backend: str = "loky") -> List[str]:
+    """The scenarios to run, in run order.
+
+    Args:
+        requested: names to run (default: every scenario of no particular backend, see
+            :attr:`bench.core.Scenario.backend`).
+        backend: the scenarios of this backend join the run (``"ray"`` adds ``ray``).
 
     Raises:
         KeyError: for an unknown name.
     """
     known = list(SCENARIOS)
-    if not requested:
-        return known
-    wanted = set(requested)
+    wanted = set(requested or (name for name in known if SCENARIOS[name].backend is None))
     unknown = wanted - set(SCENARIOS)
     if unknown:
         raise KeyError(f"unknown scenario(s) {sorted(unknown)}; known: {known}")
+    wanted.update(name for name in known if SCENARIOS[name].backend == backend)
     return [name for name in known if name in wanted]
 
 
@@ -123,7 +128,7 @@ def machine() -> Dict[str, Any]:
 def versions() -> Dict[str, Optional[str]]:
     """The schema's ``versions`` object (``None`` for a package that is not installed)."""
     return {"governor": _governor_version(), "loky": _version("loky"), "psutil": _version("psutil"),
-            "pebble": _version("pebble"), "matplotlib": _version("matplotlib")}
+            "pebble": _version("pebble"), "matplotlib": _version("matplotlib"), "ray": _version("ray")}
 
 
 def _run_one(name: str, size: str, progress: Progress) -> ScenarioResult:
@@ -135,14 +140,15 @@ def _run_one(name: str, size: str, progress: Progress) -> ScenarioResult:
     return result
 
 
-def run(scenarios: Optional[Iterable[str]] = None, size: str = "full", *, progress: bool = True,
-        json_path: Optional[os.PathLike] = None, report_path: Optional[os.PathLike] = None,
+def run(scenarios: Optional[Iterable[str]] = None, size: str = "full", *, backend: str = "loky",
+        progress: bool = True, json_path: Optional[os.PathLike] = None, report_path: Optional[os.PathLike] = None,
         plot_path: Optional[os.PathLike] = None) -> BenchRun:
     """Run scenarios and write the requested outputs.
 
     Args:
-        scenarios: names to run (default: all, in the registry's order).
+        scenarios: names to run, in the registry's order (default: see :func:`scenario_names`).
         size: ``"full"``, ``"quick"`` or ``"tiny"`` (see :data:`bench.core.SIZES`).
+        backend: ``"loky"``, or ``"ray"`` to add the scenarios that measure the Ray lane.
         progress: report progress on stderr.
         json_path: write the JSON document there.
         report_path: write the markdown report there.
@@ -152,18 +158,23 @@ def run(scenarios: Optional[Iterable[str]] = None, size: str = "full", *, progre
         The :class:`BenchRun`.
 
     Raises:
-        KeyError: for an unknown scenario or size.
+        KeyError: for an unknown scenario, size or backend.
     """
     if size not in SIZES:
         raise KeyError(f"unknown size {size!r}; known: {sorted(SIZES)}")
-    names = scenario_names(scenarios)
+    if backend not in BACKENDS:
+        raise KeyError(f"unknown backend {backend!r}; known: {list(BACKENDS)}")
+    names = scenario_names(scenarios, backend)
     reporter = Progress(enabled=progress)
+    # Processes this one already had (a Ray node a caller initialised, with workers that come
+    # and go) are not the run's to clean up: the leftover check leaves their trees alone.
+    preexisting = psutil.Process().children()
     document: Dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "machine": machine(),
         "versions": versions(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "parameters": {"quick": size == "quick", "size": size, "scenarios": names},
+        "parameters": {"quick": size == "quick", "size": size, "backend": backend, "scenarios": names},
         "scenarios": {},
         "checks": {},
     }
@@ -182,7 +193,7 @@ def run(scenarios: Optional[Iterable[str]] = None, size: str = "full", *, progre
         document["scenarios"][name] = result.to_json()
         reporter(f"done in {result.elapsed_s:.1f} s")
     reporter.scenario = ""
-    leftovers = _leftovers()
+    leftovers = _leftovers(preexisting)
     document["checks"]["leftover_processes"] = leftovers
     if leftovers:
         reporter(f"WARNING: processes left running: {leftovers}")
@@ -197,10 +208,10 @@ def run(scenarios: Optional[Iterable[str]] = None, size: str = "full", *, progre
     return bench_run
 
 
-def _leftovers() -> List[Dict[str, Any]]:
+def _leftovers(preexisting: List[psutil.Process]) -> List[Dict[str, Any]]:
     deadline = time.monotonic() + LEFTOVER_PATIENCE_S
     while True:
-        left = probes.leftover_children()
+        left = probes.leftover_children(preexisting)
         if not left or time.monotonic() > deadline:
             break
         time.sleep(0.05)

@@ -1,4 +1,5 @@
-"""Smoke test of the benchmark harness: every scenario at the tiny size, once.
+"""Smoke test of the benchmark harness: every scenario at the tiny size, once (the ``ray``
+scenario in its own tests, marked ``ray``: it needs the ray extra).
 
 It checks the shape of what the harness writes (the JSON's documented keys, the report,
 the picture), never a timing: speed is measured by ``python -m bench``, not asserted here.
@@ -6,6 +7,7 @@ the picture), never a timing: speed is measured by ``python -m bench``, not asse
 
 import datetime
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -18,11 +20,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import bench  # noqa: E402
 from bench import plot, report  # noqa: E402
 from bench.__main__ import main  # noqa: E402
+from bench.runner import scenario_names  # noqa: E402
 from bench.stats import Summary, percentile  # noqa: E402
 
 TOP_LEVEL = {"schema_version", "machine", "versions", "date", "parameters", "scenarios", "checks"}
 MACHINE = {"cpu_count", "cpu_model", "memory_total_mb", "os", "kernel", "python", "load_average_1m_at_start"}
-VERSIONS = {"governor", "loky", "psutil", "pebble", "matplotlib"}
+VERSIONS = {"governor", "loky", "psutil", "pebble", "matplotlib", "ray"}
 SCENARIO = {"elapsed_s", "figures", "targets", "notes", "distributions", "curves"}
 TARGET = {"name", "value", "limit", "unit", "met"}
 DISTRIBUTION = {"n", "p50_ms", "p95_ms", "p99_ms", "mean_ms", "min_ms", "max_ms"}
@@ -34,6 +37,16 @@ HEADLINE_DISTRIBUTIONS = {
     "governor": ("cancel_busy",),
     "scaling": ("by_workers", 0, "latency"),
 }
+
+#: The ray scenario's headline distributions, one per measurement, on the Ray lane.
+RAY_DISTRIBUTIONS = [("peers", "governor-ray", figure)
+                     for figure in ("roundtrip", "timeout_precision", "cancel_busy_resolved")]
+
+#: Its Ray / loky ratios.
+RAY_RATIOS = ["roundtrip_p50", "roundtrip_p95", "throughput", "timeout_precision_p50", "timeout_precision_p95",
+              "cancel_busy_resolved_p50", "cancel_busy_resolved_p95"]
+
+REPOSITORY = Path(__file__).resolve().parent.parent
 
 
 def has_matplotlib() -> bool:
@@ -61,31 +74,40 @@ def test_every_scenario_runs_and_the_json_has_the_documented_schema(tiny_run):
     assert set(document["machine"]) == MACHINE
     assert set(document["versions"]) == VERSIONS
     datetime.datetime.fromisoformat(document["date"])
-    assert document["parameters"] == {"quick": False, "size": "tiny", "scenarios": list(bench.SCENARIOS)}
-    assert set(document["scenarios"]) == set(bench.SCENARIOS)
+    assert document["parameters"] == {"quick": False, "size": "tiny", "backend": "loky",
+                                      "scenarios": scenario_names()}
+    assert_scenarios_have_the_schema(document, scenario_names())
+    for name, path in HEADLINE_DISTRIBUTIONS.items():
+        assert_distribution(document["scenarios"][name]["figures"], path)
+    assert document["checks"]["leftover_processes"] == []
+    assert bench_run.ok
+
+
+def assert_scenarios_have_the_schema(document, names):
+    assert set(document["scenarios"]) == set(names)
     for name, entry in document["scenarios"].items():
         assert set(entry) == SCENARIO, name
         assert entry["figures"], name
         for target in entry["targets"]:
             assert set(target) == TARGET, (name, target)
-    for name, path in HEADLINE_DISTRIBUTIONS.items():
-        node = document["scenarios"][name]["figures"]
-        for key in path:
-            node = node[key]
-        assert set(node) == DISTRIBUTION, (name, path)
-        assert node["n"] >= 1
-    assert document["checks"]["leftover_processes"] == []
-    assert bench_run.ok
+
+
+def assert_distribution(figures, path):
+    node = figures
+    for key in path:
+        node = node[key]
+    assert set(node) == DISTRIBUTION, path
+    assert node["n"] >= 1
 
 
 def test_the_report_names_every_scenario_and_target(tiny_run):
     bench_run, paths = tiny_run
     markdown = paths["report_path"].read_text()
-    for name in bench.SCENARIOS:
+    for name in scenario_names():
         assert f"## {name}" in markdown
     assert "## Targets" in markdown
     table = report.format_table(bench_run)
-    assert all(f"== {name}" in table for name in bench.SCENARIOS)
+    assert all(f"== {name}" in table for name in scenario_names())
 
 
 def test_the_picture_is_written(tiny_run):
@@ -110,6 +132,53 @@ def test_the_cli_lists_scenarios_and_rejects_unknown_ones():
     assert listed.exit_code == 0
     assert all(name in listed.output for name in bench.SCENARIOS)
     assert runner.invoke(main, ["--scenario", "no-such-scenario"]).exit_code == 2
+    assert runner.invoke(main, ["--backend", "no-such-backend"]).exit_code == 2
+
+
+def test_a_backend_adds_its_scenarios_to_the_run():
+    assert "ray" in bench.SCENARIOS and "ray" not in scenario_names()
+    assert scenario_names(backend="ray") == scenario_names() + ["ray"]
+    assert scenario_names(["overhead"], backend="ray") == ["overhead", "ray"]
+    assert scenario_names(["ray"]) == ["ray"]
+
+
+def test_without_ray_the_ray_scenario_fails_naming_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # makes ``import ray`` fail
+    bench_run = bench.run(["ray"], size="tiny", progress=False)
+    error = bench_run.document["scenarios"]["ray"]["error"]
+    assert error.startswith("BackendUnavailable: ") and "[ray]" in error
+    assert not bench_run.ok
+
+
+def check_ray_run(document, started_by_scenario):
+    assert document["parameters"]["scenarios"] == ["ray"]
+    assert_scenarios_have_the_schema(document, ["ray"])
+    figures = document["scenarios"]["ray"]["figures"]
+    for path in RAY_DISTRIBUTIONS:
+        assert_distribution(figures, path)
+    assert all(figures["ratios"]["governor"][key] > 0 for key in RAY_RATIOS)
+    assert figures["node"]["started_by_scenario"] is started_by_scenario
+    assert document["checks"]["leftover_processes"] == []
+
+
+@pytest.mark.ray
+def test_the_ray_scenario_uses_the_ray_this_process_initialised_and_leaves_it_running(ray_node, tmp_path):
+    bench_run = bench.run(["ray"], size="tiny", backend="ray", progress=False, json_path=tmp_path / "ray.json")
+    assert not bench_run.errors, bench_run.errors
+    check_ray_run(json.loads((tmp_path / "ray.json").read_text()), started_by_scenario=False)
+    assert ray_node.is_initialized()
+
+
+@pytest.mark.ray
+def test_the_ray_scenario_starts_and_stops_its_own_node_from_the_command_line(tmp_path):
+    pytest.importorskip("ray", reason="the ray extra is not installed")
+    # A fresh interpreter, where no Ray runs yet; its leftover check sees Ray's shutdown.
+    done = subprocess.run([sys.executable, "-m", "bench", "--size", "tiny", "--backend", "ray", "--scenario", "ray",
+                           "--json", str(tmp_path / "ray.json")], cwd=REPOSITORY, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    document = json.loads((tmp_path / "ray.json").read_text())
+    assert document["parameters"]["backend"] == "ray"
+    check_ray_run(document, started_by_scenario=True)
 
 
 def test_percentiles_interpolate_like_numpy():

@@ -13,3 +13,4 @@ from bench.scenarios import governor_limits  # noqa: F401
 from bench.scenarios import memory  # noqa: F401
 from bench.scenarios import scaling  # noqa: F401
 from bench.scenarios import daemon  # noqa: F401
+from bench.scenarios import ray_lane  # noqa: F401

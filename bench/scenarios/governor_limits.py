@@ -61,8 +61,11 @@ SPARES = 1
 SAMPLE_PATIENCE_S = 60.0
 
 
-def _timeout_sample(supervisor: Supervisor) -> tuple:
+def timeout_sample(supervisor: Supervisor) -> tuple:
     """Time out a busy step with a no-op queued behind it.
+
+    On a one-worker pool lane the no-op must wait for the kill; on a larger one its start
+    time means nothing.
 
     Returns:
         seconds (resolved after the deadline, kill fired after the deadline, next task
@@ -82,7 +85,7 @@ def _timeout_sample(supervisor: Supervisor) -> tuple:
             next_started_at - killed_at)
 
 
-def _cancel_sample(supervisor: Supervisor, step: str, marker: Path, kill_expected: bool) -> tuple:
+def cancel_sample(supervisor: Supervisor, step: str, marker: Path, kill_expected: bool) -> tuple:
     """Cancel a running ``step``; return (until resolved, until resolved and worker dead) in s."""
     limits = Limits(cancel_grace_s=0) if kill_expected else None
     future = supervisor.submit_call(Call(step, (str(marker),), limits=limits))
@@ -126,7 +129,7 @@ def governor_limits(ctx: ScenarioContext) -> ScenarioResult:
         ctx.progress(f"timeouts + next task after the kill: {KILL_WARMUP} warm-up, {size.limit_reps} samples")
         for index in range(KILL_WARMUP + size.limit_reps):
             wait_restaffed(supervisor, full_strength)
-            sample = _timeout_sample(supervisor)
+            sample = timeout_sample(supervisor)
             if index >= KILL_WARMUP:
                 for samples, value in zip((precision, fired_late, next_start), sample):
                     samples.append(value)
@@ -134,7 +137,7 @@ def governor_limits(ctx: ScenarioContext) -> ScenarioResult:
         ctx.progress(f"cancelling a busy step (cancel_grace_s=0): {size.limit_reps} samples")
         for index in range(KILL_WARMUP + size.limit_reps):
             wait_restaffed(supervisor, full_strength)
-            resolved, dead = _cancel_sample(supervisor, "busy", ctx.scratch / f"busy-{index}", True)
+            resolved, dead = cancel_sample(supervisor, "busy", ctx.scratch / f"busy-{index}", True)
             if index >= KILL_WARMUP:
                 cancel_busy_resolved.append(resolved)
                 cancel_busy.append(dead)
@@ -142,7 +145,7 @@ def governor_limits(ctx: ScenarioContext) -> ScenarioResult:
         ctx.progress(f"cancelling a cooperative step: {size.limit_reps} samples")
         for index in range(size.warmup + size.limit_reps):
             wait_restaffed(supervisor, full_strength)
-            resolved, _ = _cancel_sample(supervisor, "cooperative", ctx.scratch / f"coop-{index}", False)
+            resolved, _ = cancel_sample(supervisor, "cooperative", ctx.scratch / f"coop-{index}", False)
             if index >= size.warmup:
                 cancel_coop.append(resolved)
 

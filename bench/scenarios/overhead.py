@@ -17,7 +17,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import time
-from typing import Dict, List
+from typing import Any, Dict, List, Sequence, Type
 
 from bench.core import ScenarioContext, ScenarioResult, scenario
 from bench.peers import PEERS, Peer
@@ -33,9 +33,10 @@ ROUNDTRIP_RATIO_TARGET = 1.5
 OURS = "governor"
 
 
-def _rotated(peers: List[Peer], shift: int) -> List[Peer]:
-    shift %= len(peers)
-    return peers[shift:] + peers[:shift]
+def rotated(items: List[Any], shift: int) -> List[Any]:
+    """``items`` rotated left by ``shift``: round ``shift`` of a rotation starts at a new one."""
+    shift %= len(items)
+    return items[shift:] + items[:shift]
 
 
 def _roundtrips(peer: Peer, count: int) -> List[float]:
@@ -58,54 +59,90 @@ def _throughput(peer: Peer, tasks: int) -> Throughput:
     return Throughput(tasks, seconds)
 
 
+def start_peers(stack: contextlib.ExitStack, peer_classes: Sequence[Type[Peer]], workers: int,
+                ctx: ScenarioContext, result: ScenarioResult) -> List[Peer]:
+    """Start and warm each peer that can run here, on ``stack``; note the ones skipped.
+
+    Args:
+        stack: closes the peers when the caller is done with them.
+        peer_classes: the peers, in the order they start.
+        workers: the pool size of every peer.
+        ctx: the scenario's context (its size sets the warm-up).
+        result: gets a note per peer that cannot run here.
+
+    Returns:
+        The started peers, every worker of each warm.
+    """
+    peers: List[Peer] = []
+    for peer_class in peer_classes:
+        reason = peer_class.unavailable()
+        if reason is not None:
+            result.note(f"peer {peer_class.name} skipped: {reason}")
+            continue
+        ctx.progress(f"starting and warming {peer_class.name} ({workers} workers)")
+        peer = stack.enter_context(peer_class(workers))
+        peer.warm()  # at once: a forking pool must fork before the next pool's threads exist
+        _roundtrips(peer, ROUNDTRIP_WARMUP_PER_UNIT * ctx.size.warmup)
+        peers.append(peer)
+    return peers
+
+
+def measure_noops(peers: List[Peer], ours: str, panel: str, ctx: ScenarioContext, result: ScenarioResult) -> None:
+    """Measure no-op round trips and throughput of ``peers`` in rotating rounds; store them.
+
+    Stores ``peers.<name>.{config, roundtrip, throughput, throughput_runs_per_s}`` and, for
+    every peer but ``ours``, ``ratios.<name>.{roundtrip_p50, roundtrip_p95, throughput}``
+    (``ours`` / that peer's), and draws the round trips in the distribution panel ``panel``.
+    """
+    size = ctx.size
+    per_round = max(1, size.roundtrips // size.roundtrip_rounds)
+    roundtrips: Dict[str, List[float]] = {peer.name: [] for peer in peers}
+    ctx.progress(f"round trips: {per_round * size.roundtrip_rounds} per peer in {size.roundtrip_rounds} rounds")
+    for round_number in range(size.roundtrip_rounds):
+        for peer in rotated(peers, round_number):
+            roundtrips[peer.name].extend(_roundtrips(peer, per_round))
+
+    runs: Dict[str, List[Throughput]] = {peer.name: [] for peer in peers}
+    ctx.progress(f"throughput: {size.throughput_tasks} no-ops x {size.throughput_repeats} per peer")
+    for repeat in range(size.throughput_repeats):
+        for peer in rotated(peers, repeat):
+            runs[peer.name].append(_throughput(peer, size.throughput_tasks))
+
+    summaries = {name: Summary.of_seconds(samples) for name, samples in roundtrips.items()}
+    throughputs = {name: sorted(found, key=lambda run: run.per_s)[len(found) // 2] for name, found in runs.items()}
+    for peer in peers:
+        name = peer.name
+        result.put(f"peers.{name}.config", peer.describe())
+        result.put(f"peers.{name}.roundtrip", summaries[name], f"{name}: no-op round trip")
+        result.put(f"peers.{name}.throughput", throughputs[name], f"{name}: throughput (median run)")
+        result.put(f"peers.{name}.throughput_runs_per_s", [round(run.per_s, 1) for run in runs[name]])
+        result.distribution(panel, name, to_ms(roundtrips[name]))
+    if ours not in summaries:
+        return
+    for name in summaries:
+        if name == ours:
+            continue
+        put_ratios(result, "roundtrip", summaries, ours, name)
+        result.put(f"ratios.{name}.throughput", ratio(throughputs[ours].per_s, throughputs[name].per_s),
+                   f"throughput, {ours} / {name}", "x")
+
+
+def put_ratios(result: ScenarioResult, figure: str, summaries: Dict[str, Summary], ours: str, theirs: str) -> None:
+    """Store ``ratios.<theirs>.<figure>_p50`` and ``_p95``: ``ours``' percentile / ``theirs``'."""
+    for percentile in ("p50", "p95"):
+        result.put(f"ratios.{theirs}.{figure}_{percentile}",
+                   ratio(getattr(summaries[ours], percentile), getattr(summaries[theirs], percentile)),
+                   f"{figure} {percentile}, {ours} / {theirs}", "x")
+
+
 @scenario("overhead")
 def overhead(ctx: ScenarioContext) -> ScenarioResult:
     """No-op round trip and throughput: Supervisor vs raw loky, stdlib ProcessPoolExecutor, pebble."""
     size, result = ctx.size, ScenarioResult()
     with contextlib.ExitStack() as stack:
-        peers: List[Peer] = []
-        for peer_class in PEERS:
-            reason = peer_class.unavailable()
-            if reason is not None:
-                result.note(f"peer {peer_class.name} skipped: {reason}")
-                continue
-            ctx.progress(f"starting and warming {peer_class.name} ({size.peer_workers} workers)")
-            peer = stack.enter_context(peer_class(size.peer_workers))
-            peer.warm()  # at once: a forking pool must fork before the next pool's threads exist
-            _roundtrips(peer, ROUNDTRIP_WARMUP_PER_UNIT * size.warmup)
-            peers.append(peer)
-
-        per_round = max(1, size.roundtrips // size.roundtrip_rounds)
-        roundtrips: Dict[str, List[float]] = {peer.name: [] for peer in peers}
-        ctx.progress(f"round trips: {per_round * size.roundtrip_rounds} per peer in {size.roundtrip_rounds} rounds")
-        for round_number in range(size.roundtrip_rounds):
-            for peer in _rotated(peers, round_number):
-                roundtrips[peer.name].extend(_roundtrips(peer, per_round))
-
-        runs: Dict[str, List[Throughput]] = {peer.name: [] for peer in peers}
-        ctx.progress(f"throughput: {size.throughput_tasks} no-ops x {size.throughput_repeats} per peer")
-        for repeat in range(size.throughput_repeats):
-            for peer in _rotated(peers, repeat):
-                runs[peer.name].append(_throughput(peer, size.throughput_tasks))
-        configs = {peer.name: peer.describe() for peer in peers}
+        peers = start_peers(stack, PEERS, size.peer_workers, ctx, result)
+        measure_noops(peers, OURS, "No-op round trip by peer", ctx, result)
         ctx.progress("shutting the peers down")
-
-    summaries = {name: Summary.of_seconds(samples) for name, samples in roundtrips.items()}
-    throughputs = {name: sorted(found, key=lambda run: run.per_s)[len(found) // 2] for name, found in runs.items()}
-    for name in summaries:
-        result.put(f"peers.{name}.config", configs[name])
-        result.put(f"peers.{name}.roundtrip", summaries[name], f"{name}: no-op round trip")
-        result.put(f"peers.{name}.throughput", throughputs[name], f"{name}: throughput (median run)")
-        result.put(f"peers.{name}.throughput_runs_per_s", [round(run.per_s, 1) for run in runs[name]])
-        result.distribution("No-op round trip by peer", name, to_ms(roundtrips[name]))
-    if OURS in summaries:
-        for name in summaries:
-            if name == OURS:
-                continue
-            result.put(f"ratios.{name}.roundtrip_p50", ratio(summaries[OURS].p50, summaries[name].p50),
-                       f"round-trip p50, ours / {name}", "x")
-            result.put(f"ratios.{name}.throughput", ratio(throughputs[OURS].per_s, throughputs[name].per_s),
-                       f"throughput, ours / {name}", "x")
     loky_ratio = result.figures.get("ratios", {}).get("loky", {}).get("roundtrip_p50")
     result.target(f"round-trip p50 <= {ROUNDTRIP_RATIO_TARGET:g}x raw loky's", loky_ratio,
                   ROUNDTRIP_RATIO_TARGET, "x")
