@@ -129,6 +129,7 @@ class RayLane:
     """
 
     lanes = (Lane.POOL,)
+    warm = True  # by the end of connect()
 
     def __init__(self, host: Any, config: RayConfig, workers: int, steps: Dict[str, Any]):
         self._host, self._config, self.workers, self._steps = host, config, workers, steps
@@ -256,9 +257,7 @@ class RayLane:
         return self._queue
 
     def begin(self) -> None:
-        """Nothing to start: Ray starts its workers on demand (``connect`` warmed one)."""
-
-    warm = True
+        """Nothing to start: Ray starts its workers on demand (``connect`` warmed them)."""
 
     @property
     def quiet(self) -> bool:
