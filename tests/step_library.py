@@ -8,6 +8,7 @@ assert overlap or order from what happened, not from wall-clock bounds.
 
 import ctypes
 import os
+import re
 import subprocess
 import threading
 import time
@@ -109,6 +110,15 @@ def sleep_in_c(marker: str = ""):
     if marker:
         announce(marker, os.getpid())
     time.sleep(10 ** 6)
+
+
+@registry.step(critical=False)
+def regex_holding_the_gil(marker: str = ""):
+    """Backtrack for ages inside the C regex engine, which never lets go of the GIL: no
+    other thread of the worker runs until it is killed from outside."""
+    if marker:
+        announce(marker, os.getpid())
+    re.match(r"(a+)+$", "a" * 64 + "b")
 
 
 @registry.step(critical=False)

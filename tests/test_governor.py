@@ -32,7 +32,9 @@ def with_limits(step, *args, **limits):
     return Call(step, args, limits=Limits(**limits))
 
 
-@pytest.mark.parametrize("step", ["busy_loop", "sleep_in_c"])
+# regex_holding_the_gil: on Ray the worker's own kill cannot run (its link thread needs the
+# GIL), so this is the test of the ray.cancel(force=True) backstop.
+@pytest.mark.parametrize("step", ["busy_loop", "sleep_in_c", "regex_holding_the_gil"])
 def test_timeout_kills_a_step_in_python_or_in_c(supervisor, tmp_path, step):
     marker = tmp_path / "pid"
     future = supervisor.submit_call(with_limits(step, str(marker), timeout_s=0.3))
