@@ -101,7 +101,7 @@ def cancel_sample(supervisor: Supervisor, step: str, marker: Path, kill_expected
     return resolved_at - start, max(resolved_at, dead_at) - start
 
 
-def _overshoot_sample(supervisor: Supervisor) -> float:
+def overshoot_sample(supervisor: Supervisor) -> float:
     """Run the allocating step under the memory limit; return its overshoot in MiB."""
     future = supervisor.submit_call(Call("allocate", kwargs={
         "chunk_mb": ALLOC_CHUNK_MB, "pause_s": ALLOC_PAUSE_S, "total_mb": ALLOC_TOTAL_MB},
@@ -152,7 +152,7 @@ def governor_limits(ctx: ScenarioContext) -> ScenarioResult:
         ctx.progress(f"memory overshoot under {MEMORY_LIMIT_MB} MiB: {size.memory_reps} samples")
         for index in range(KILL_WARMUP + size.memory_reps):
             wait_restaffed(supervisor, full_strength)
-            sample = _overshoot_sample(supervisor)
+            sample = overshoot_sample(supervisor)
             if index >= KILL_WARMUP:
                 overshoot.append(sample)
         wait_restaffed(supervisor, full_strength)

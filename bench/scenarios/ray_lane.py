@@ -17,6 +17,8 @@ way, in rounds that rotate the two, so a noisy spell hits both alike:
   ``dispatched_at + timeout_s``, the kill fired after the deadline, the queued next task
   started after the kill) and ``cancel()`` of a running busy step (until its future
   resolved, and until it resolved and the worker process is dead).
+* memory overshoot of the ``governor`` scenario's allocating step under the same limit, on
+  the same one-worker Supervisors.
 
 Ratios are Ray / loky: above 1, the Ray lane is slower (latency) or faster (throughput).
 """
@@ -32,7 +34,8 @@ from governor.ray_lane import import_ray
 from bench.core import ScenarioContext, ScenarioResult, scenario
 from bench.peers import GovernorPeer, GovernorRayPeer
 from bench.probes import live_workers, wait_restaffed
-from bench.scenarios.governor_limits import KILL_WARMUP, TIMEOUT_S, cancel_sample, timeout_sample
+from bench.scenarios.governor_limits import (KILL_WARMUP, MEMORY_LIMIT_MB, TIMEOUT_S, cancel_sample,
+                                             overshoot_sample, timeout_sample)
 from bench.scenarios.overhead import measure_noops, put_ratios, rotated, start_peers
 from bench.stats import Summary, to_ms
 
@@ -112,6 +115,18 @@ def _kill_samples(lanes: List[GovernorPeer], ctx: ScenarioContext) -> Dict[str, 
     return samples
 
 
+def _overshoot_samples(lanes: List[GovernorPeer], ctx: ScenarioContext) -> Dict[str, List[float]]:
+    """The memory overshoot (MiB past the limit) of the ``governor`` scenario's allocating
+    step on each lane, rotating the lanes each round."""
+    samples: Dict[str, List[float]] = {peer.name: [] for peer in lanes}
+    full_strength = {peer.name: live_workers(peer.supervisor) for peer in lanes}
+    for index in range(ctx.size.memory_reps):
+        for peer in rotated(lanes, index):
+            wait_restaffed(peer.supervisor, full_strength[peer.name])
+            samples[peer.name].append(overshoot_sample(peer.supervisor))
+    return samples
+
+
 def _put_kill_figures(samples: Dict[str, Dict[str, List[float]]], result: ScenarioResult) -> None:
     for name, figures in samples.items():
         for figure, values in figures.items():
@@ -126,7 +141,7 @@ def _put_kill_figures(samples: Dict[str, Dict[str, List[float]]], result: Scenar
 
 @scenario("ray", backend="ray")
 def ray_lane(ctx: ScenarioContext) -> ScenarioResult:
-    """The pool lane on a local Ray node vs on loky: no-op round trip, throughput, kill latency."""
+    """The pool lane on a local Ray node vs on loky: no-op round trip, throughput, kill latency, memory overshoot."""
     size, result = ctx.size, ScenarioResult()
     with contextlib.ExitStack() as stack:
         # Entered first, so closed last: the Ray lane's Supervisors stop before their node.
@@ -136,14 +151,22 @@ def ray_lane(ctx: ScenarioContext) -> ScenarioResult:
         killers = start_peers(stack, LANES, KILL_WORKERS, ctx, result)
         ctx.progress(f"timeouts and cancels of a busy step: {KILL_WARMUP} warm-up, {size.limit_reps} samples per lane")
         samples = _kill_samples(killers, ctx)
+        ctx.progress(f"memory overshoot under {MEMORY_LIMIT_MB} MiB: {size.memory_reps} samples per lane")
+        overshoot = _overshoot_samples(killers, ctx)
         ctx.progress("shutting the Supervisors down")
     result.put("kill.workers", KILL_WORKERS, "pool workers of the killing Supervisors")
     result.put("kill.timeout_s", TIMEOUT_S, "timeout of the busy step", "s")
     _put_kill_figures(samples, result)
+    for name, values in overshoot.items():
+        result.put(f"peers.{name}.memory_overshoot", Summary.of(values, "MiB"),
+                   f"{name}: memory overshoot past {MEMORY_LIMIT_MB} MiB")
     result.note("Round trips and throughput are measured as in the overhead scenario, kills as in the governor "
                 "scenario (a one-worker Supervisor per lane, the loky one with its warm spare); every round "
                 "rotates the two lanes. Ratios are Ray / loky.")
     result.note("On the Ray lane the timeout counts from the moment the step reports running from its Ray "
-                "worker (task.dispatched_at is reset then), and a killed task's future resolves once Ray "
-                "reports the worker dead. Its next task then runs on an idle Ray worker or one Ray starts.")
+                "worker (task.dispatched_at is reset then), and a killed task's future resolves once the "
+                "worker's link to the supervisor closes (the worker killed its own tree and itself). Its next "
+                "task then runs on an idle Ray worker or one Ray starts. The memory overshoot is the governor "
+                "scenario's allocating step (about 500 MiB/s) under the same limit on both lanes; on Ray the "
+                "limit counts the Ray worker's own RSS (about 80 MiB) too.")
     return result
