@@ -217,6 +217,9 @@ class RayLane:
             self._acceptor.join()
         if self._listener is not None:
             self._listener.close()
+        with self._linked:  # a failed start: links accepted while warming never reach the manager
+            for link in self._early_links or ():
+                link.connection.close()
         for link in list(self._links.values()):
             self._drop_link(link)
         if self._owns_ray:
