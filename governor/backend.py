@@ -56,6 +56,9 @@ class LaneHost(Protocol):
     def finish(self, task: Task, state: TaskState, error: Optional[BaseException], by_kill: bool = False) -> None:
         """End a running task from the manager thread (a kill, a crash, a transport failure)."""
 
+    def fail_queued(self, task: Task, error: BaseException) -> None:
+        """Fail a task that never left its queue (its lane has no worker to run it)."""
+
     def fail_start(self, error: BaseException) -> None:
         """No worker could be started before the supervisor was warm: abort the start."""
 

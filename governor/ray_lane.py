@@ -29,6 +29,7 @@ import concurrent.futures
 import hmac
 import json
 import logging
+import multiprocessing.connection
 import secrets
 import select
 import selectors
@@ -58,6 +59,16 @@ FORCE_CANCEL_AFTER_S = 1.0
 #: How long a task cancelled before it started may take to say it started (then it is
 #: cancelled as a running step) before Ray is told to drop it from its queue.
 UNSTARTED_CANCEL_AFTER_S = 0.5
+
+#: How long a killed worker on this host may take to be seen dead after its link closed
+#: before its task ends anyway (SIGKILL is not refusable: this only bounds a stuck exit).
+KILL_CONFIRM_S = 2.0
+
+#: How often the lane looks again for a killed worker's death (see ``_end_killed``).
+REAP_POLL_S = 0.002
+
+#: How many times a task whose Ray worker died before the step started is submitted again.
+UNSTARTED_RETRIES = 3
 
 #: How long a new link may take to say hello before it is dropped.
 HELLO_TIMEOUT_S = 5.0
@@ -105,9 +116,12 @@ class RayRun:
     """One pool task handed to Ray, as the manager sees it."""
 
     task: Task
-    ref: Any
+    ref: Any = None
+    future: Optional[concurrent.futures.Future] = None
+    attempts: int = 0
     link: Optional["RayLink"] = None
     kill: Optional[KillOrder] = None
+    kill_deadline: Optional[float] = None
 
 
 @attrs.define(eq=False)
@@ -197,7 +211,13 @@ class RayLane:
         """
         ray = self._ray
         check = ray.remote(ray_worker.check).options(max_retries=0, **self._config.task_options)
-        ray.get(check.remote(self._info, [self._steps_ref], 0.0), timeout=WARM_UP_TIMEOUT_S)
+        for attempt in range(UNSTARTED_RETRIES + 1):
+            try:
+                ray.get(check.remote(self._info, [self._steps_ref], 0.0), timeout=WARM_UP_TIMEOUT_S)
+                break
+            except ray.exceptions.WorkerCrashedError:  # a dying worker leased (see _never_started)
+                if attempt == UNSTARTED_RETRIES:
+                    raise
         cpus_per_task = float(self._config.task_options.get("num_cpus", 1))
         free = int(ray.available_resources().get("CPU", 0) // cpus_per_task) if cpus_per_task else self.workers
         count = max(1, min(self.workers, free))
@@ -293,15 +313,21 @@ class RayLane:
             self._host.left_queue(task)
             if not self._host.record_dispatch(task):
                 continue
-            limits = task.limits
-            ref = self._remote_for(task.step).remote(
-                self._info, [self._steps_ref], task.id, task.step, task.args, task.kwargs,
-                ray_worker.TaskLimits(limits.effective_memory_mb,
-                                      limits.effective_memory_mb if limits.memory_hard_cap else None))
-            run = self._runs[task.id] = RayRun(task, ref)
-            task.dispatched_at = self._clock()  # until the step starts: then from its start
-            ref.future().add_done_callback(lambda future, run=run: self._host.call_soon(self._on_done, run, future))
+            run = self._runs[task.id] = RayRun(task)
+            self._submit(run)
             self._publish()
+
+    def _submit(self, run: RayRun) -> None:
+        """Hand a run's task to Ray (again, after a worker that died before it started)."""
+        task, limits = run.task, run.task.limits
+        run.attempts += 1
+        run.ref = self._remote_for(task.step).remote(
+            self._info, [self._steps_ref], task.id, task.step, task.args, task.kwargs,
+            ray_worker.TaskLimits(limits.effective_memory_mb,
+                                  limits.effective_memory_mb if limits.memory_hard_cap else None))
+        run.future = run.ref.future()
+        task.dispatched_at = self._clock()  # until the step starts: then from its start
+        run.future.add_done_callback(lambda future: self._host.call_soon(self._on_done, run, future))
 
     def _remote_for(self, step: str):
         remote = self._remote.get(step)
@@ -357,10 +383,26 @@ class RayLane:
         report, which alone says whether its outcome got out first."""
         self._drop_link(link)
         for run in [run for run in self._runs.values() if run.link is link and run.kill is not None]:
-            if link.node == socket.gethostname():
-                wait_dead(link.pid)  # on this host, resolved implies dead, as in the local lane
-            self._forget_run(run)
-            self._host.finish(run.task, run.kill.state, run.kill.error, by_kill=True)
+            self._end_killed(run)
+
+    def _end_killed(self, run: RayRun) -> None:
+        """End a task claimed for a kill once its worker is dead.
+
+        On this host that means seen dead (gone or a zombie), as in the local lane: a
+        dying process closes its sockets a moment before it is a zombie, a moment that a
+        loaded machine stretches. The lane polls for it without blocking, up to
+        :data:`KILL_CONFIRM_S`. On another host, the closed link (or Ray's report) is all
+        there is to go by.
+        """
+        if run.kill_deadline is None:
+            run.kill_deadline = self._clock() + KILL_CONFIRM_S
+        pid = run.link.pid if run.link is not None else None
+        if (pid is not None and run.link.node == socket.gethostname() and not wait_dead(pid, 0)
+                and self._clock() < run.kill_deadline):
+            self._timers.after(REAP_POLL_S, "reap", run.task)
+            return
+        self._forget_run(run)
+        self._host.finish(run.task, run.kill.state, run.kill.error, by_kill=True)
 
     def _forget_run(self, run: RayRun) -> None:
         del self._runs[run.task.id]
@@ -369,17 +411,19 @@ class RayLane:
     def _on_done(self, run: RayRun, future: concurrent.futures.Future) -> None:
         """Ray reports the task's end: its outcome, or why it has none."""
         task = run.task
-        if self._runs.get(task.id) is not run:
-            return  # it ended when its killed worker's link closed
-        self._forget_run(run)
-        error = future.exception()
-        if error is None and run.kill is None:
-            outcome = future.result()
-            if self._host.end_from_outcome(task, outcome):
-                self._host.task_ended(task, outcome.value)
-                return
+        if self._runs.get(task.id) is not run or future is not run.future:
+            return  # it ended when its killed worker's link closed, or this is an old attempt's
         if run.kill is not None:
-            self._host.finish(task, run.kill.state, run.kill.error, by_kill=True)
+            self._end_killed(run)
+            return
+        error = future.exception()
+        if error is not None and self._never_started(run, error):
+            return
+        self._forget_run(run)
+        if error is None:
+            outcome = future.result()
+            if self._host.end_from_outcome(task, outcome):  # False only if it had ended already
+                self._host.task_ended(task, outcome.value)
         elif isinstance(error, self._ray.exceptions.TaskCancelledError):
             # Only a cancel before the step started gets here (later ones go through a kill).
             self._host.finish(task, TaskState.CANCELLED, task.cancelled_error(killed=run.link is not None))
@@ -393,6 +437,31 @@ class RayLane:
             self._metrics.worker_killed(Lane.POOL, "crash")
             self._log_death(run, "crash", None, None, f"{crash} ({type(error).__name__})")
             self._host.finish(task, TaskState.CRASHED, crash)
+
+    def _never_started(self, run: RayRun, error: BaseException) -> bool:
+        """Submit again a task whose Ray worker died before the step started; say if so.
+
+        Ray can lease a worker that is already dying (seen under load: "the leased worker
+        has unrecoverable failure"), and with ``max_retries=0`` it fails the task; but the
+        step never ran, so failing it would make an innocent task pay for another's kill.
+        A step says "running" before it starts, so a task with no "running" (once every
+        link's pending messages are read) never started. Pool steps are read-only, so even
+        a "running" lost on a failing network costs at most a second harmless run.
+        """
+        if (not isinstance(error, self._ray.exceptions.WorkerCrashedError) or run.attempts > UNSTARTED_RETRIES
+                or run.task.cancel_request is not None):
+            return False
+        self._read_pending_links()
+        if run.link is not None:
+            return False
+        log.info("Ray worker died before task %s (%s) started; submitting it again", run.task.id, run.task.step)
+        self._submit(run)
+        return True
+
+    def _read_pending_links(self) -> None:
+        ready = multiprocessing.connection.wait([link.connection for link in self._links.values()], timeout=0)
+        for link in [link for link in list(self._links.values()) if link.connection in ready]:
+            self.on_readable(link)
 
     def cancel(self, task: Task) -> None:
         """A cancel was recorded on a task in flight: ask it to stop, kill it after its grace."""
@@ -422,7 +491,9 @@ class RayLane:
         run = self._runs.get(task.id)
         if run is None or run.task is not task:
             return  # it ended before its timer
-        if kind == "force":
+        if kind == "reap" and run.kill is not None:
+            self._end_killed(run)
+        elif kind == "force":
             log.warning("Ray worker %s did not end task %s itself; ray.cancel(force=True)", task.pid, task.id)
             self._ray.cancel(run.ref, force=True)
         elif kind == "unstarted" and run.link is None:
