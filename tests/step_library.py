@@ -227,3 +227,21 @@ def ledger_append(path: str, seq: int, ms: float = 2):
         os.fsync(ledger.fileno())
     time.sleep(ms / 1000)
     return seq
+
+
+class KillsItsFirstReader:
+    """An argument that kills the first worker process to unpickle it, before any step can
+    start there (the next reader finds ``marker`` and gets the marker's path back)."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return _first_reader_dies, (self.marker,)
+
+
+def _first_reader_dies(marker: str) -> str:
+    if not os.path.exists(marker):
+        announce(marker, os.getpid())
+        os._exit(1)
+    return marker

@@ -11,9 +11,10 @@ import textwrap
 
 import pytest
 
-from governor import BackendUnavailable, Supervisor, WorkerStartFailed
+from conftest import alive, wait_until
+from governor import BackendUnavailable, Supervisor, TaskState, WorkerStartFailed
 from governor.limits import Lane
-from step_library import registry
+from step_library import KillsItsFirstReader, registry
 
 
 def test_a_bad_backend_or_ray_options_without_ray_are_refused():
@@ -67,3 +68,16 @@ def test_a_supervisor_uses_the_ray_it_finds_and_leaves_it_running(ray_node):
         assert sup.submit("echo", 1).result(timeout=60) == 1
         assert sup.metrics()["workers"]["pool"]["busy"] == 0
     assert ray_node.is_initialized(), "the session's node is not the supervisor's to stop"
+
+
+@pytest.mark.ray
+def test_a_task_whose_worker_died_before_it_started_runs_on_another(ray_node, tmp_path):
+    # Ray fails a task whose leased worker dies, even before the step could start (it leases
+    # dying workers under load). The step never ran, so it is submitted again, not failed.
+    marker = tmp_path / "first-reader"
+    with Supervisor(registry, workers=2, backend="ray") as sup:
+        future = sup.submit("echo", KillsItsFirstReader(str(marker)))
+        assert future.result(timeout=60) == str(marker)
+        assert future.state is TaskState.DONE
+        assert "crash" not in sup.metrics()["worker_kills"].get("pool", {}), "no crash was counted"
+    assert wait_until(lambda: not alive(int(marker.read_text())), timeout=10), "the first reader died"
