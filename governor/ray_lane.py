@@ -1,4 +1,4 @@
-"""The pool lane on a Ray cluster: the manager's counterpart of its local loky slots.
+"""The pool lane on a Ray cluster: a lane backend (``governor.backend``), like ``governor.loky_lanes``.
 
 With ``Supervisor(registry, backend="ray")`` the critical lane stays local and serial, and
 pool-lane steps run as Ray tasks (``governor.ray_worker.run``), at most ``workers`` at a
@@ -13,10 +13,12 @@ time. Every promise of the local lane holds, by the same means where Ray has non
   started yet.
 * **Memory.** Ray has no per-task cap (``memory=`` only guides placement). A watchdog
   thread in the task's wrapper samples the worker's process tree every 10 ms; over the
-  limit it reports the peak up the link and kills the tree. The hard cap works as locally.
+  limit it reports the peak up the link and kills the tree. The hard cap works, loosely
+  (a Ray worker has address space reserved that RSS can grow into unseen by the cap).
 * **Crashes.** Tasks are submitted with ``max_retries=0``: a worker that dies fails its one
   task as ``WorkerCrashed`` (Ray does not say how the worker ended, so ``exitcode`` and
-  ``signal`` are ``None``), and Ray retries nothing behind our back.
+  ``signal`` are ``None``), and Ray retries nothing behind our back. A task whose worker
+  died before its step started is submitted again: it never ran.
 
 Only the manager thread touches this object's state. The link acceptor thread and Ray's
 callback threads only ``call_soon`` on the manager.
@@ -29,14 +31,13 @@ import concurrent.futures
 import hmac
 import json
 import logging
-import multiprocessing.connection
 import secrets
 import select
 import selectors
 import socket
 import threading
 import uuid
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Connection, wait as wait_for_connections
 from typing import Any, Deque, Dict, List, Mapping, Optional
 
 import attrs
@@ -52,8 +53,8 @@ from governor.timers import Timers
 log = logging.getLogger("governor")
 
 #: How long after asking a Ray worker to kill its own tree the supervisor has Ray kill it.
-#: The worker's own kill takes a few ms; this only fires if its link thread cannot run (a C
-#: extension holding the GIL) or the link is broken.
+#: The worker's own kill takes about 35 ms (a scan of /proc); this only fires if its link
+#: thread cannot run (C code holding the GIL) or the link is broken.
 FORCE_CANCEL_AFTER_S = 1.0
 
 #: How long a task cancelled before it started may take to say it started (then it is
@@ -459,7 +460,7 @@ class RayLane:
         return True
 
     def _read_pending_links(self) -> None:
-        ready = multiprocessing.connection.wait([link.connection for link in self._links.values()], timeout=0)
+        ready = wait_for_connections([link.connection for link in self._links.values()], timeout=0)
         for link in [link for link in list(self._links.values()) if link.connection in ready]:
             self.on_readable(link)
 
