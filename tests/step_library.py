@@ -10,6 +10,7 @@ import ctypes
 import os
 import re
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -143,6 +144,16 @@ def setsid_grandchild(marker: str):
     out of its process group, whose parent (the shell) is the worker's direct child."""
     subprocess.Popen(["sh", "-c", f'setsid sleep 1000 & echo $! > "{marker}.tmp" && mv "{marker}.tmp" "{marker}"; wait'])
     time.sleep(10 ** 6)
+
+
+@registry.step(critical=False)
+def child_allocates(marker: str, mb: int):
+    """Start a Python child that publishes its pid in ``marker``, takes ``mb`` MiB 10 MiB at
+    a time, and sleeps; wait on it. The memory is the child's, not the worker's."""
+    script = ("import os, sys, time; "
+              "open(sys.argv[1] + '.tmp', 'w').write(str(os.getpid())); os.rename(sys.argv[1] + '.tmp', sys.argv[1]); "
+              "hoard = [bytearray(10 * 2 ** 20) for _ in range(int(sys.argv[2]) // 10)]; time.sleep(1000)")
+    subprocess.Popen([sys.executable, "-c", script, marker, str(mb)]).wait()
 
 
 @registry.step(critical=False)

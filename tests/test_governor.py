@@ -100,6 +100,16 @@ def test_memory_limit_kills_a_growing_step(supervisor):
     assert supervisor.submit("echo", 1).result(timeout=30) == 1
 
 
+def test_memory_limit_counts_what_the_step_started(supervisor, tmp_path):
+    marker = tmp_path / "child"
+    future = supervisor.submit_call(Call("child_allocates", (str(marker), 300), limits=Limits(max_memory_mb=200)))
+    with pytest.raises(MemoryLimitExceeded) as over:
+        future.result(timeout=60)
+    assert over.value.peak_mb >= 200 and over.value.killed
+    child = read_pid(marker)
+    assert wait_until(lambda: not alive(child), timeout=5), "the child holding the memory outlived the kill"
+
+
 # Loky only: a Ray worker has address space reserved but untouched (measured: RSS grew
 # 250 MiB while the address space grew 208), so the cap lets RSS pass the limit and the
 # watchdog kills first more often than not. The limit holds either way (README, Ray).
