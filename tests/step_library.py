@@ -48,9 +48,15 @@ def echo(value):
 
 
 @registry.step(critical=False)
-def timed_sleep(ms: float, tag: str = ""):
-    """Sleep ``ms`` milliseconds; return (tag, start, end, pid, task_id)."""
+def timed_sleep(ms: float, tag: str = "", meeting: str = "", expected: int = 0):
+    """Sleep ``ms`` milliseconds; return (tag, start, end, pid, task_id).
+
+    With a ``meeting`` directory, first wait there until ``expected`` steps have started
+    (:func:`meet`): then every one of them started before any of them ended.
+    """
     start = time.monotonic()
+    if meeting:
+        meet(meeting, tag, expected)
     time.sleep(ms / 1000)
     return tag, start, time.monotonic(), os.getpid(), current_context().task_id
 
@@ -63,19 +69,22 @@ def critical_record(ms: float, tag: str = ""):
     return tag, start, time.monotonic(), os.getpid(), current_context().task_id
 
 
+# The view switch's three steps, with their measured durations. Given a ``meeting``
+# directory, each waits there for the other two to start (see timed_sleep).
+
 @registry.step(name="chat.history", critical=False)
-def chat_history(chat_id: int = 1):
-    return timed_sleep(117, "chat.history")
+def chat_history(chat_id: int = 1, meeting: str = ""):
+    return timed_sleep(117, "chat.history", meeting, 3)
 
 
 @registry.step(name="git.status", critical=False)
-def git_status(repo: str = "."):
-    return timed_sleep(19, "git.status")
+def git_status(repo: str = ".", meeting: str = ""):
+    return timed_sleep(19, "git.status", meeting, 3)
 
 
 @registry.step(name="git.current_branch", critical=False)
-def current_branch(repo: str = "."):
-    return timed_sleep(9, "git.current_branch")
+def current_branch(repo: str = ".", meeting: str = ""):
+    return timed_sleep(9, "git.current_branch", meeting, 3)
 
 
 @registry.step(critical=False)

@@ -54,7 +54,9 @@ def test_timeout_kills_what_the_step_started(supervisor, tmp_path, step):
     # A `sleep 1000` child in the worker's process group, one that left it (setsid), and a
     # grandchild that left it: Ray itself kills a worker's direct children, not that one.
     marker = tmp_path / "descendant"
-    future = supervisor.submit_call(with_limits(step, str(marker), timeout_s=0.5))
+    # Generous: the kill must come after the step published its descendant's pid, and a
+    # shell starting `setsid sleep` on a loaded 2-core machine took over 0.5 s.
+    future = supervisor.submit_call(with_limits(step, str(marker), timeout_s=3))
     descendant = read_pid(marker)
     with pytest.raises(StepTimeout):
         future.result(timeout=30)
