@@ -250,7 +250,7 @@ class RayLane:
     # ----------------------------------------------------------------- the acceptor thread
 
     def _accept_links(self) -> None:
-        """Accept links and check their token; the manager gets only authenticated ones."""
+        """Accept links; each is admitted on a thread of its own (see :meth:`_admit`)."""
         while not self._stop_accepting.is_set():
             if not select.select([self._listener], [], [], _ACCEPT_POLL_S)[0]:
                 continue
@@ -258,21 +258,32 @@ class RayLane:
                 sock, peer = self._listener.accept()
             except OSError:
                 continue
-            sock.setblocking(True)
-            connection = Connection(sock.detach())
-            try:
-                hello = json.loads(connection.recv_bytes(4096)) if connection.poll(HELLO_TIMEOUT_S) else {}
-            except (EOFError, OSError, ValueError):
-                hello = {}
-            if not isinstance(hello, dict) or not hmac.compare_digest(str(hello.get("token")), self._token):
-                log.warning("refused a Ray link from %s: no valid token", peer)
+            threading.Thread(target=self._admit, args=(sock, peer), name="governor-ray-hello", daemon=True).start()
+
+    def _admit(self, sock: socket.socket, peer: Any) -> None:
+        """Check a new link's token; the manager gets only authenticated links.
+
+        On its own thread, so a peer that connects and says nothing holds up no other link
+        (it is dropped after :data:`HELLO_TIMEOUT_S`).
+        """
+        sock.setblocking(True)
+        connection = Connection(sock.detach())
+        try:
+            hello = json.loads(connection.recv_bytes(4096)) if connection.poll(HELLO_TIMEOUT_S) else {}
+        except (EOFError, OSError, ValueError):
+            hello = {}
+        if not isinstance(hello, dict) or not hmac.compare_digest(str(hello.get("token")), self._token):
+            log.warning("refused a Ray link from %s: no valid token", peer)
+            connection.close()
+            return
+        link = RayLink(connection, int(hello["pid"]), str(hello.get("node")))
+        with self._linked:  # close() takes this lock after it stops accepting: no link slips past it
+            if self._stop_accepting.is_set():
                 connection.close()
-                continue
-            link = RayLink(connection, int(hello["pid"]), str(hello.get("node")))
-            with self._linked:
-                if self._early_links is not None:  # connect() is warming workers up
-                    self._early_links.append(link)
-                    self._linked.notify_all()
+                return
+            if self._early_links is not None:  # connect() is warming workers up
+                self._early_links.append(link)
+                self._linked.notify_all()
             self._host.call_soon(self._on_link, link)
 
     # ----------------------------------------------------------------- LaneBackend (manager thread)

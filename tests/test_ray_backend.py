@@ -12,9 +12,9 @@ import textwrap
 import pytest
 
 from conftest import alive, wait_until
-from governor import BackendUnavailable, Supervisor, TaskState, WorkerStartFailed
+from governor import BackendUnavailable, Call, Limits, StepTimeout, Supervisor, TaskState, WorkerStartFailed
 from governor.limits import Lane
-from step_library import KillsItsFirstReader, registry
+from step_library import KillsItsFirstReader, registry, wait_for_path
 
 
 def test_a_bad_backend_or_ray_options_without_ray_are_refused():
@@ -81,3 +81,23 @@ def test_a_task_whose_worker_died_before_it_started_runs_on_another(ray_node, tm
         assert future.state is TaskState.DONE
         assert "crash" not in sup.metrics()["worker_kills"].get("pool", {}), "no crash was counted"
     assert wait_until(lambda: not alive(int(marker.read_text())), timeout=10), "the first reader died"
+
+
+@pytest.mark.ray
+def test_a_silent_peer_does_not_hold_up_a_workers_link(ray_node, tmp_path):
+    with Supervisor(registry, workers=1, backend="ray") as sup:
+        # Kill the warmed worker, so the next step runs on a worker with no link yet.
+        with pytest.raises(StepTimeout):
+            sup.submit_call(Call("busy_loop", limits=Limits(timeout_s=0.3))).result(timeout=60)
+        lane = sup._manager._backends[Lane.POOL]  # private: this test plays a stranger on its port
+        with socket.create_connection(lane._listener.getsockname()) as stranger:
+            future = sup.submit("hold_until", str(tmp_path / "started"), str(tmp_path / "go"))
+            wait_for_path(str(tmp_path / "started"))
+            # "busy" needs the new worker's link admitted; the stranger, who said nothing,
+            # is only dropped after HELLO_TIMEOUT_S, so it must still be connected then.
+            assert wait_until(lambda: any(w["state"] == "busy" for w in sup.describe_workers()), timeout=30)
+            stranger.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                stranger.recv(1)  # still open, not yet dropped: the link did not wait for it
+        (tmp_path / "go").touch()
+        future.result(timeout=60)
