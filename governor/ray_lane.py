@@ -100,9 +100,10 @@ class RayConfig:
     Attributes:
         address: a Ray cluster to join (``"auto"``, ``"ray://..."``, ``"host:port"``), or
             ``None`` to use the Ray the process already initialised, else to start a
-            private local node bound to 127.0.0.1 with the dashboard off.
+            private local node on 127.0.0.1 with the dashboard off.
         task_options: extra ``.options()`` for every task (``num_cpus``, ``resources``,
-            ``runtime_env`` ...). ``max_retries`` is always 0.
+            ``runtime_env`` ...). The lane owns ``max_retries`` (always 0),
+            ``retry_exceptions`` and ``name``: giving them is an error.
         callback_host: the address of this host that Ray workers connect back to; by
             default 127.0.0.1 for a private node, else this host's address as Ray sees it.
     """
@@ -110,6 +111,13 @@ class RayConfig:
     address: Optional[str] = None
     task_options: Mapping[str, Any] = attrs.field(factory=dict, converter=dict)
     callback_host: Optional[str] = None
+
+    @task_options.validator
+    def _lane_owned_options_are_not_given(self, attribute, value) -> None:
+        owned = sorted(set(value) & {"max_retries", "retry_exceptions", "name"})
+        if owned:
+            raise ValueError(f"ray_options may not set {', '.join(owned)}: the lane sets them (a task is never "
+                             "retried by Ray: a step must not run twice behind the supervisor's back)")
 
 
 @attrs.define(eq=False)

@@ -24,6 +24,13 @@ def test_a_bad_backend_or_ray_options_without_ray_are_refused():
         Supervisor(registry, ray_address="auto")
 
 
+@pytest.mark.ray
+def test_ray_options_cannot_let_ray_retry_a_step():
+    pytest.importorskip("ray", reason="the ray extra is not installed")
+    with pytest.raises(ValueError, match="may not set max_retries"):
+        Supervisor(registry, backend="ray", ray_options={"max_retries": 3})
+
+
 def test_without_the_extra_the_error_names_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # what an environment without Ray sees: ImportError
     with pytest.raises(BackendUnavailable, match=r"pip install 'governor\[ray\]'"):
