@@ -93,7 +93,7 @@ class Manager(threading.Thread):
         self._all: List[LaneBackend] = [local]
         if config.ray is not None:
             from governor.ray_lane import RayLane  # Ray is an optional extra
-            self._all.append(RayLane(self, config.ray, config.pool_workers, config.local.steps))
+            self._all.append(RayLane(self, config.ray, config.pool_workers, config.local.steps, config.local.spares))
         self._backends: Dict[Lane, LaneBackend] = {lane: backend for backend in self._all for lane in backend.lanes}
         metrics.lane_gauges = self._gauges
 

@@ -19,6 +19,8 @@ time. Every promise of the local lane holds, by the same means where Ray has non
   task as ``WorkerCrashed`` (Ray does not say how the worker ended, so ``exitcode`` and
   ``signal`` are ``None``), and Ray retries nothing behind our back. A task whose worker
   died before its step started is submitted again: it never ran.
+* **A warm spare.** With ``spares``, one Ray task holds a linked worker idle ("standby")
+  and is released when a worker dies, so the next step need not wait for Ray to start one.
 
 Only the manager thread touches this object's state. The link acceptor thread and Ray's
 callback threads only ``call_soon`` on the manager.
@@ -29,6 +31,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import hmac
+import itertools
 import json
 import logging
 import secrets
@@ -134,6 +137,16 @@ class RayRun:
 
 
 @attrs.define(eq=False)
+class Standby:
+    """The lane's warm spare: a Ray task holding a linked worker idle until released."""
+
+    hold_id: int
+    ref: Any
+    future: concurrent.futures.Future
+    link: Optional["RayLink"] = None
+
+
+@attrs.define(eq=False)
 class RayLink:
     """One Ray worker's connection to this supervisor."""
 
@@ -149,13 +162,15 @@ class RayLane:
         host: the manager (a ``governor.backend.LaneHost``).
         workers: Ray tasks in flight at most.
         steps: the supervisor's step table (shipped to the cluster once).
+        spares: with 1 or more, the lane keeps one warm Ray worker standing by (see
+            :meth:`maintain`), which Ray counts as one more task in flight.
     """
 
     lanes = (Lane.POOL,)
     warm = True  # by the end of connect()
 
-    def __init__(self, host: Any, config: RayConfig, workers: int, steps: Dict[str, Any]):
-        self._host, self._config, self.workers, self._steps = host, config, workers, steps
+    def __init__(self, host: Any, config: RayConfig, workers: int, steps: Dict[str, Any], spares: int):
+        self._host, self._config, self.workers, self._steps, self._spares = host, config, workers, steps, spares
         self._metrics, self._clock = host.metrics, host.clock
         self._timers = Timers(host.clock)
         self._queue: Deque[Task] = collections.deque()
@@ -170,7 +185,9 @@ class RayLane:
         self._token = secrets.token_hex(32)
         self._info: Optional[ray_worker.LinkInfo] = None
         self._steps_ref = None
-        self._published = (0, ())
+        self._standby: Optional[Standby] = None
+        self._hold_ids = itertools.count(ray_worker.WARM_UP_HOLD + 1)
+        self._published = (0, (), 0)
         self._linked = threading.Condition()
         self._early_links: Optional[List[RayLink]] = []
 
@@ -187,8 +204,8 @@ class RayLane:
         ray = self._ray = import_ray()
         if not ray.is_initialized():
             if self._config.address is None:
-                ray.init(num_cpus=self.workers, include_dashboard=False, _node_ip_address="127.0.0.1",
-                         log_to_driver=False)
+                ray.init(num_cpus=self.workers + min(self._spares, 1), include_dashboard=False,
+                         _node_ip_address="127.0.0.1", log_to_driver=False)
             else:
                 ray.init(address=self._config.address, log_to_driver=False)
             self._owns_ray = True
@@ -220,6 +237,8 @@ class RayLane:
         """
         ray = self._ray
         check = ray.remote(ray_worker.check).options(max_retries=0, **self._config.task_options)
+        self._standby_remote = ray.remote(ray_worker.standby).options(
+            name="governor:standby", max_retries=0, **self._config.task_options)
         for attempt in range(UNSTARTED_RETRIES + 1):
             try:
                 ray.get(check.remote(self._info, [self._steps_ref], 0.0), timeout=WARM_UP_TIMEOUT_S)
@@ -236,7 +255,7 @@ class RayLane:
         with self._linked:
             self._linked.wait_for(lambda: len({link.pid for link in self._early_links}) >= count, WARM_WAIT_S)
             for link in self._early_links:
-                self._send(link, ["go", 0])
+                self._send(link, ["release", ray_worker.WARM_UP_HOLD])
         ray.get(holding, timeout=WARM_UP_TIMEOUT_S)
 
     def close(self) -> None:
@@ -249,6 +268,8 @@ class RayLane:
         with self._linked:  # a failed start: links accepted while warming never reach the manager
             for link in self._early_links or ():
                 link.connection.close()
+        if self._standby is not None and self._standby.link is None:
+            self._ray.cancel(self._standby.ref, force=True)  # still waiting for a worker
         for link in list(self._links.values()):
             self._drop_link(link)
         if self._owns_ray:
@@ -307,7 +328,34 @@ class RayLane:
         return not self._runs and not any(task.state is TaskState.QUEUED for task in self._queue)
 
     def maintain(self) -> None:
-        """Nothing to maintain: Ray replaces its own workers."""
+        """Keep one warm worker standing by, as the local lanes keep a warm spare.
+
+        It is a Ray task (``ray_worker.standby``) that holds its worker idle until the
+        lane releases it: when a worker dies, its task's successor would otherwise wait for
+        Ray to start a process (60-320 ms measured). A new standby is asked for only once
+        no killed worker is still dying and nothing waits in the queue, so the worker a
+        release frees goes to the step that comes next, not to the next standby.
+        """
+        if self._spares and self._standby is None and not self._queue and not any(
+                run.kill is not None for run in self._runs.values()):
+            hold_id = next(self._hold_ids)
+            ref = self._standby_remote.remote(self._info, [self._steps_ref], hold_id)
+            standby = self._standby = Standby(hold_id, ref, ref.future())
+            standby.future.add_done_callback(lambda done: self._host.call_soon(self._on_standby_done, standby, done))
+
+    def _on_standby_done(self, standby: "Standby", future: concurrent.futures.Future) -> None:
+        if self._standby is standby:  # it ended unreleased: its worker died, or the link failed
+            log.info("the Ray lane's standby worker ended: %r", future.exception())
+            self._standby = None
+            self._publish()
+
+    def _release_standby(self) -> None:
+        """A worker died: free the standby's warm worker for the step that comes next."""
+        standby, self._standby = self._standby, None
+        if standby is not None and standby.link is not None:
+            self._send(standby.link, ["release", standby.hold_id])
+            self._publish()
+        # Not standing by yet: it is released when it says it is (see on_readable).
 
     def next_deadline(self) -> Optional[float]:
         return self._timers.next_due()
@@ -369,6 +417,13 @@ class RayLane:
             kind, task_id, *rest = json.loads(link.connection.recv_bytes())
         except (EOFError, OSError, ValueError):
             self._link_lost(link)
+            return
+        if kind == "standing_by":
+            if self._standby is not None and self._standby.hold_id == task_id:
+                self._standby.link = link
+                self._publish()
+            else:  # a standby released before it stood by
+                self._send(link, ["release", task_id])
             return
         run = self._runs.get(task_id)
         if run is None or run.task.state.terminal:
@@ -457,6 +512,7 @@ class RayLane:
             self._metrics.worker_killed(Lane.POOL, "crash")
             self._log_death(run, "crash", None, None, f"{crash} ({type(error).__name__})")
             self._host.finish(task, TaskState.CRASHED, crash)
+            self._release_standby()
 
     def _never_started(self, run: RayRun, error: BaseException) -> bool:
         """Submit again a task whose Ray worker died before the step started; say if so.
@@ -544,6 +600,7 @@ class RayLane:
         self._log_death(run, reason, limit, observed, f"killing Ray worker {task.pid}: {error}")
         if send_kill and run.link is not None:
             self._send(run.link, ["kill", task.id])
+        self._release_standby()  # now, so its worker is idle in Ray by the time this one is dead
         self._timers.after(FORCE_CANCEL_AFTER_S, "force", task)
 
     def _send(self, link: RayLink, message: list) -> None:
@@ -569,8 +626,13 @@ class RayLane:
     # ----------------------------------------------------------------- views
 
     def describe(self, now: float) -> List[Dict[str, Any]]:
-        """One dict per task in flight (Ray workers are the cluster's, not ours to list)."""
-        return [{"pid": run.task.pid, "lane": Lane.POOL.value, "state": "busy" if run.link else "starting",
+        """One dict per task in flight, and the standby worker (Ray's idle workers are the
+        cluster's, not ours to list)."""
+        standby = self._standby
+        spare = [] if standby is None or standby.link is None else [{
+            "pid": standby.link.pid, "lane": Lane.POOL.value, "state": "idle", "task_id": None, "step": None,
+            "running_s": None, "tasks_run": None, "rss_bytes": None, "node": standby.link.node}]
+        return spare + [{"pid": run.task.pid, "lane": Lane.POOL.value, "state": "busy" if run.link else "starting",
                  "task_id": run.task.id, "step": run.task.step,
                  "running_s": now - run.task.dispatched_at, "tasks_run": None, "rss_bytes": None,
                  "node": run.link.node if run.link else None} for run in self._runs.values()]
@@ -578,9 +640,11 @@ class RayLane:
     def gauges(self) -> Dict[str, Dict[str, Any]]:
         """The lane's gauges, in the local lanes' shape (safe from any thread: it reads one
         tuple the manager replaces whenever a task starts or ends)."""
-        busy, pids = self._published
+        busy, pids, spares = self._published
         return {Lane.POOL.value: {"busy": busy, "idle": max(0, self.workers - busy), "starting": 0,
-                                  "spares_ready": 0, "worker_pids": pids}}
+                                  "spares_ready": spares, "worker_pids": pids}}
 
     def _publish(self) -> None:
-        self._published = (len(self._runs), tuple(run.task.pid for run in self._runs.values() if run.link))
+        standing_by = self._standby is not None and self._standby.link is not None
+        self._published = (len(self._runs), tuple(run.task.pid for run in self._runs.values() if run.link),
+                           int(standing_by))

@@ -6,7 +6,8 @@ Data flow for one task::
               │
               ├─ link to the supervisor (TCP, once per Ray worker and supervisor):
               │    up:   hello {token, pid, node}, ["running", task_id, pid], ["over_memory", task_id, peak]
-              │    down: ["cancel", task_id, reason, detail], ["kill", task_id], ["go", 0] (warm-up)
+              │    up:   ["standing_by", hold_id, pid] (the lane's warm spare)
+              │    down: ["cancel", task_id, reason, detail], ["kill", task_id], ["release", hold_id]
               └─ memory watchdog thread (only with a memory limit): samples this worker's
                  process tree every 10 ms, reports a breach up the link, then kills the tree
 
@@ -75,7 +76,9 @@ class _Link:
     def __init__(self, info: LinkInfo):
         self.connection: Connection = Client((info.host, info.port), family="AF_INET")
         self.steps_key = info.steps_key
-        self.go = threading.Event()
+        self._holds = threading.Condition()
+        self._released: set = set()
+        self._gone = False
         self._send_lock = threading.Lock()
         self.send({"token": info.token, "pid": os.getpid(), "node": socket.gethostname()})
         threading.Thread(target=self._read, name="governor-ray-link", daemon=True).start()
@@ -93,8 +96,10 @@ class _Link:
                 return
             if kind == "cancel":
                 worker.deliver_cancel(task_id, *rest)
-            elif kind == "go":
-                self.go.set()
+            elif kind == "release":
+                with self._holds:
+                    self._released.add(task_id)
+                    self._holds.notify_all()
             elif kind == "kill" and _running_task() == task_id:
                 _kill_self()
 
@@ -106,8 +111,16 @@ class _Link:
                 if link is self:
                     del _links[key]
             _steps.pop(self.steps_key, None)
+        with self._holds:
+            self._gone = True
+            self._holds.notify_all()
         if _running_task() is not None and _running_link is self:
             _kill_self()
+
+    def hold(self, hold_id: int, timeout: Optional[float] = None) -> None:
+        """Block until the supervisor releases hold ``hold_id``, is gone, or ``timeout`` passes."""
+        with self._holds:
+            self._holds.wait_for(lambda: hold_id in self._released or self._gone, timeout)
 
 
 def _kill_self() -> None:
@@ -139,14 +152,27 @@ def _link_to(info: LinkInfo) -> _Link:
         return link
 
 
+#: The hold the supervisor's warm-up tasks wait on (each standby gets a hold of its own).
+WARM_UP_HOLD = 0
+
+
 def check(info: LinkInfo, steps: list, hold_s: float) -> int:
     """The warm-up task: load the step table and link up, as a first step would, then hold
-    this worker (up to ``hold_s``) until the supervisor says ``go``; the pid."""
+    this worker (up to ``hold_s``) until the supervisor releases :data:`WARM_UP_HOLD`; the pid."""
     _table(info, steps)
+    link = _link_to(info)
     if hold_s:
-        _link_to(info).go.wait(hold_s)
-    else:
-        _link_to(info)
+        link.hold(WARM_UP_HOLD, hold_s)
+    return os.getpid()
+
+
+def standby(info: LinkInfo, steps: list, hold_id: int) -> int:
+    """The lane's warm spare: a worker that has loaded the steps and linked up, held idle
+    until the supervisor releases it (a worker died, so the next step finds it free)."""
+    _table(info, steps)
+    link = _link_to(info)
+    link.send(["standing_by", hold_id, os.getpid()])
+    link.hold(hold_id)
     return os.getpid()
 
 

@@ -108,3 +108,23 @@ def test_a_silent_peer_does_not_hold_up_a_workers_link(ray_node, tmp_path):
                 stranger.recv(1)  # still open, not yet dropped: the link did not wait for it
         (tmp_path / "go").touch()
         future.result(timeout=60)
+
+
+def _standing_by(sup):
+    return [w["pid"] for w in sup.describe_workers() if w["lane"] == "pool" and w["state"] == "idle"]
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("spares", [0, 1])
+def test_the_lane_keeps_a_warm_ray_worker_standing_by_when_asked(ray_node, spares):
+    with Supervisor(registry, workers=1, spares=spares, backend="ray") as sup:
+        if not spares:
+            assert sup.submit("echo", 1).result(timeout=60) == 1
+            assert _standing_by(sup) == [] and sup.metrics()["warm_spares"]["pool"] == 0
+            return
+        assert wait_until(lambda: len(_standing_by(sup)) == 1, timeout=30), "a standby worker linked up"
+        assert sup.metrics()["warm_spares"]["pool"] == 1
+        with pytest.raises(StepTimeout):  # a kill releases the standby for the next step
+            sup.submit_call(Call("busy_loop", limits=Limits(timeout_s=0.3))).result(timeout=60)
+        assert sup.submit("echo", 2).result(timeout=60) == 2
+        assert wait_until(lambda: len(_standing_by(sup)) == 1, timeout=30), "and another stands by again"
