@@ -2,8 +2,9 @@
 
 Governor logs to the ``governor`` logger and never configures logging on import (a library
 leaves that to the application). Records that concern a task carry these ``extra`` fields:
-``task_id``, ``step``, ``lane``, ``pid``, ``reason``, ``limit`` and ``observed``. Every task's
-life is logged at DEBUG; every kill and crash at WARNING.
+``task_id``, ``step``, ``lane``, ``pid``, ``reason``, ``limit``, ``observed`` and, on the Ray
+lane, ``node``. Every task's life is logged at DEBUG; every kill and crash at WARNING
+(:func:`log_death`).
 
 :func:`configure_logging` is what the CLI uses: ``text`` appends the fields as
 ``key=value``; ``json`` writes one JSON object a line, for log shippers.
@@ -18,7 +19,22 @@ import sys
 from typing import Any, Dict, Optional, TextIO
 
 #: The ``extra`` fields Governor's records may carry, in the order they are shown.
-FIELDS = ("task_id", "step", "lane", "pid", "reason", "limit", "observed")
+FIELDS = ("task_id", "step", "lane", "pid", "reason", "limit", "observed", "node")
+
+log = logging.getLogger("governor")
+
+
+def log_death(message: str, task: Any, lane: Any, pid: Optional[int], reason: str, limit: Optional[float],
+              observed: Optional[float], node: Optional[str] = None) -> None:
+    """One WARNING per worker killed or crashed, with the fields an operator filters on.
+
+    Args:
+        reason: timeout, memory, cancel or crash (the metrics label too).
+        limit, observed: the limit enforced and the value seen.
+        node: the host of a Ray worker.
+    """
+    log.warning(message, extra={"task_id": task.id, "step": task.step, "lane": lane.value, "pid": pid,
+                                "reason": reason, "limit": limit, "observed": observed, "node": node})
 
 
 def record_fields(record: logging.LogRecord) -> Dict[str, Any]:

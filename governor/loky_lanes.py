@@ -46,8 +46,10 @@ import loky
 from loky.process_executor import BrokenProcessPool
 
 from governor import worker
+from governor.backend import worker_view
 from governor.errors import InvalidTransition, MemoryLimitExceeded, StepFailed, StepTimeout, WorkerCrashed, WorkerStartFailed
 from governor.limits import Lane
+from governor.logs import log_death
 from governor.proctree import MEMORY_SAMPLE_INTERVAL_S, TreeSampler, exit_status, kill_tree, mib
 from governor.task import KillOrder, Task, TaskState
 from governor.timers import Timers
@@ -315,16 +317,9 @@ class LokyLanes:
         self._memory_watched.pop(task.id, None)
 
     def describe(self, now: float) -> List[Dict[str, Any]]:
-        described = []
-        for lane in self._lanes.values():
-            for slot in lane.slots.values():
-                task = slot.task
-                described.append({
-                    "pid": slot.pid, "lane": lane.lane.value, "state": slot.state.value,
-                    "task_id": task.id if task else None, "step": task.step if task else None,
-                    "running_s": (now - task.dispatched_at) if task else None, "tasks_run": slot.tasks_run,
-                    "rss_bytes": slot.sampler.rss_bytes() if slot.sampler else None})
-        return described
+        return [worker_view(slot.pid, lane.lane, slot.state.value, now, slot.task, slot.tasks_run,
+                            slot.sampler.rss_bytes() if slot.sampler else None)
+                for lane in self._lanes.values() for slot in lane.slots.values()]
 
     def gauges(self) -> Dict[str, Dict[str, Any]]:
         return {lane.lane.value: lane.gauges() for lane in self._lanes.values()}
@@ -514,7 +509,7 @@ class LokyLanes:
         kill_tree(slot.pid, slot.sampler)
         self._host.metrics.worker_killed(slot.lane, reason)
         self._timers.after(KILL_CONFIRM_S, "confirm", task)
-        _log_death(task, slot, reason, limit, observed, f"killed worker {slot.pid}: {error}")
+        log_death(f"killed worker {slot.pid}: {error}", task, slot.lane, slot.pid, reason, limit, observed)
 
     def _on_worker_gone(self, slot: Slot, loky_error: Optional[BaseException] = None) -> None:
         """A worker's socket closed (or loky reported it dead): it died, was killed, or retired."""
@@ -555,7 +550,8 @@ class LokyLanes:
         slot.task = None
         crash = WorkerCrashed(task.step, task.id, slot.pid, exitcode, signal_number)
         self._host.metrics.worker_killed(slot.lane, "crash")
-        _log_death(task, slot, "crash", None, exitcode if signal_number is None else -signal_number, str(crash))
+        log_death(str(crash), task, slot.lane, slot.pid, "crash", None,
+                  exitcode if signal_number is None else -signal_number)
         self._host.finish(task, TaskState.CRASHED, crash)
         self._stop_executor(slot)
 
@@ -647,13 +643,6 @@ def _start_worker(slot_id: int, control_address: str, steps: Dict[str, Any], mod
         executor.shutdown(wait=True, kill_workers=True)
         raise
     return executor, pid
-
-
-def _log_death(task: Task, slot: Slot, reason: str, limit: Optional[float], observed: Optional[float],
-               message: str) -> None:
-    """One WARNING per worker death, with the fields an operator filters on."""
-    log.warning(message, extra={"task_id": task.id, "step": task.step, "lane": slot.lane.value,
-                                "pid": slot.pid, "reason": reason, "limit": limit, "observed": observed})
 
 
 def _exit_from_loky_error(error: BaseException) -> tuple:

@@ -46,9 +46,11 @@ from typing import Any, Deque, Dict, List, Mapping, Optional
 import attrs
 
 from governor import ray_worker
+from governor.backend import worker_view
 from governor.errors import (BackendUnavailable, InvalidTransition, MemoryLimitExceeded, StepFailed, StepTimeout,
                              WorkerCrashed, WorkerStartFailed)
 from governor.limits import Lane
+from governor.logs import log_death
 from governor.proctree import mib, wait_dead
 from governor.task import KillOrder, Task, TaskState
 from governor.timers import Timers
@@ -510,7 +512,7 @@ class RayLane:
         else:
             crash = WorkerCrashed(task.step, task.id, task.pid, None, None)
             self._metrics.worker_killed(Lane.POOL, "crash")
-            self._log_death(run, "crash", None, None, f"{crash} ({type(error).__name__})")
+            self._log_death(run, f"{crash} ({type(error).__name__})", "crash", None, None)
             self._host.finish(task, TaskState.CRASHED, crash)
             self._release_standby()
 
@@ -597,7 +599,7 @@ class RayLane:
             return  # its outcome came back first
         run.kill = KillOrder(reason, state, error)
         self._metrics.worker_killed(Lane.POOL, reason)
-        self._log_death(run, reason, limit, observed, f"killing Ray worker {task.pid}: {error}")
+        self._log_death(run, f"killing Ray worker {task.pid}: {error}", reason, limit, observed)
         if send_kill and run.link is not None:
             self._send(run.link, ["kill", task.id])
         self._release_standby()  # now, so its worker is idle in Ray by the time this one is dead
@@ -616,12 +618,10 @@ class RayLane:
             self._host.selector.unregister(link.connection)
         link.connection.close()
 
-    def _log_death(self, run: RayRun, reason: str, limit: Optional[float], observed: Optional[float],
-                   message: str) -> None:
-        task = run.task
-        log.warning(message, extra={"task_id": task.id, "step": task.step, "lane": Lane.POOL.value,
-                                    "pid": task.pid, "reason": reason, "limit": limit, "observed": observed,
-                                    "node": run.link.node if run.link else None})
+    @staticmethod
+    def _log_death(run: RayRun, message: str, reason: str, limit: Optional[float], observed: Optional[float]) -> None:
+        log_death(message, run.task, Lane.POOL, run.task.pid, reason, limit, observed,
+                  run.link.node if run.link else None)
 
     # ----------------------------------------------------------------- views
 
@@ -629,13 +629,10 @@ class RayLane:
         """One dict per task in flight, and the standby worker (Ray's idle workers are the
         cluster's, not ours to list)."""
         standby = self._standby
-        spare = [] if standby is None or standby.link is None else [{
-            "pid": standby.link.pid, "lane": Lane.POOL.value, "state": "idle", "task_id": None, "step": None,
-            "running_s": None, "tasks_run": None, "rss_bytes": None, "node": standby.link.node}]
-        return spare + [{"pid": run.task.pid, "lane": Lane.POOL.value, "state": "busy" if run.link else "starting",
-                 "task_id": run.task.id, "step": run.task.step,
-                 "running_s": now - run.task.dispatched_at, "tasks_run": None, "rss_bytes": None,
-                 "node": run.link.node if run.link else None} for run in self._runs.values()]
+        spare = [] if standby is None or standby.link is None else [
+            worker_view(standby.link.pid, Lane.POOL, "idle", now, node=standby.link.node)]
+        return spare + [worker_view(run.task.pid, Lane.POOL, "busy" if run.link else "starting", now, run.task,
+                                    node=run.link.node if run.link else None) for run in self._runs.values()]
 
     def gauges(self) -> Dict[str, Dict[str, Any]]:
         """The lane's gauges, in the local lanes' shape (safe from any thread: it reads one

@@ -297,7 +297,7 @@ class Supervisor:
     # ----------------------------------------------------------------- reading
 
     def describe_workers(self, timeout: float = 10.0) -> List[Dict[str, Any]]:
-        """One dict per live worker: pid, lane, state, task_id, step, running_s, tasks_run, rss_bytes.
+        """One dict per live worker: pid, lane, state, task_id, step, running_s, tasks_run, rss_bytes, node.
 
         Asked of the manager thread, which owns the slots (so it costs a round trip).
         """

@@ -13,6 +13,7 @@ import pytest
 
 from conftest import alive, wait_until
 from governor import BackendUnavailable, Call, Limits, StepTimeout, Supervisor, TaskState, WorkerStartFailed
+from governor import ray_lane
 from governor.limits import Lane
 from step_library import KillsItsFirstReader, registry, wait_for_path
 
@@ -91,7 +92,10 @@ def test_a_task_whose_worker_died_before_it_started_runs_on_another(ray_node, tm
 
 
 @pytest.mark.ray
-def test_a_silent_peer_does_not_hold_up_a_workers_link(ray_node, tmp_path):
+def test_a_silent_peer_does_not_hold_up_a_workers_link(ray_node, tmp_path, monkeypatch):
+    # The stranger below is dropped after HELLO_TIMEOUT_S; long enough that a slow Ray
+    # worker start cannot outlast it (closing the stranger ends its wait at once).
+    monkeypatch.setattr(ray_lane, "HELLO_TIMEOUT_S", 120.0)
     with Supervisor(registry, workers=1, backend="ray") as sup:
         # Kill the warmed worker, so the next step runs on a worker with no link yet.
         with pytest.raises(StepTimeout):
@@ -116,7 +120,7 @@ def _standing_by(sup):
 
 @pytest.mark.ray
 @pytest.mark.parametrize("spares", [0, 1])
-def test_the_lane_keeps_a_warm_ray_worker_standing_by_when_asked(ray_node, spares):
+def test_the_lane_keeps_a_warm_ray_worker_standing_by_when_asked(ray_node, spares, caplog):
     with Supervisor(registry, workers=1, spares=spares, backend="ray") as sup:
         if not spares:
             assert sup.submit("echo", 1).result(timeout=60) == 1
@@ -126,5 +130,7 @@ def test_the_lane_keeps_a_warm_ray_worker_standing_by_when_asked(ray_node, spare
         assert sup.metrics()["warm_spares"]["pool"] == 1
         with pytest.raises(StepTimeout):  # a kill releases the standby for the next step
             sup.submit_call(Call("busy_loop", limits=Limits(timeout_s=0.3))).result(timeout=60)
+        killed = [record for record in caplog.records if getattr(record, "reason", None) == "timeout"]
+        assert [record.node for record in killed] == [socket.gethostname()], "the kill's WARNING names the node"
         assert sup.submit("echo", 2).result(timeout=60) == 2
         assert wait_until(lambda: len(_standing_by(sup)) == 1, timeout=30), "and another stands by again"
