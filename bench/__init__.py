@@ -1,9 +1,9 @@
 """Governor's benchmark harness: measured, never asserted.
 
-Run it as ``python -m bench`` (see ``python -m bench --help`` and ``bench/README.md``), or
+Run it as ``python -m governor.bench`` (see ``python -m governor.bench --help`` and ``bench/README.md``), or
 from Python::
 
-    import bench
+    from governor import bench
     bench_run = bench.run(scenarios=["overhead"], size="quick", json_path="out.json")
 
 Modules:
@@ -24,14 +24,14 @@ The harness is imported on first use, not with the package: worker processes imp
 engine) would overstate the memory figures the harness reports.
 """
 
-_LAZY = {"SCENARIOS": "bench.core", "SIZES": "bench.core", "SCHEMA_VERSION": "bench.runner",
-         "BenchRun": "bench.runner", "run": "bench.runner"}
+_LAZY = {"SCENARIOS": "governor.bench.core", "SIZES": "governor.bench.core", "SCHEMA_VERSION": "governor.bench.runner",
+         "BenchRun": "governor.bench.runner", "run": "governor.bench.runner"}
 
 
 def __getattr__(name: str):
     module = _LAZY.get(name)
     if module is None:
-        raise AttributeError(f"module 'bench' has no attribute {name!r}")
+        raise AttributeError(f"module 'governor.bench' has no attribute {name!r}")
     import importlib
 
     return getattr(importlib.import_module(module), name)

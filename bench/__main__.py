@@ -1,4 +1,4 @@
-"""``python -m bench``: a thin command line over :func:`bench.run`.
+"""``python -m governor.bench``: a thin command line over :func:`bench.run`.
 
 Exit status: 0 when every scenario ran and no process was left behind, 1 otherwise
 (targets missed do not fail the run: speed is measured, not asserted), 2 for bad usage.
@@ -11,9 +11,9 @@ import sys
 import click
 from governor.supervisor import BACKENDS
 
-from bench.core import SCENARIOS, SIZES
-from bench.report import format_table
-from bench.runner import run
+from governor.bench.core import SCENARIOS, SIZES
+from governor.bench.report import format_table
+from governor.bench.runner import run
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -53,4 +53,4 @@ def main(quick: bool, scenarios: tuple, backend: str, json_path: str, report_pat
 
 
 if __name__ == "__main__":
-    main(prog_name="python -m bench")
+    main(prog_name="python -m governor.bench")

@@ -16,7 +16,7 @@ import os
 import time
 from pathlib import Path
 
-from steps import StepRegistry, current_context
+from governor.steps import StepRegistry, current_context
 
 registry = StepRegistry()
 

@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, TextIO, Tuple
 
 import attrs
 
-from bench.stats import Summary, Throughput, format_ms
+from governor.bench.stats import Summary, Throughput, format_ms
 
 
 @attrs.frozen
@@ -302,7 +302,7 @@ class Scenario:
     backend: Optional[str] = None
 
 
-#: Every scenario, by name, in registration order (the order ``python -m bench`` runs them).
+#: Every scenario, by name, in registration order (the order ``python -m governor.bench`` runs them).
 SCENARIOS: Dict[str, Scenario] = {}
 
 

@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, List, Optional, Type
 import loky
 from governor import Supervisor
 
-from bench import bench_steps
+from governor.bench import bench_steps
 
 #: Tasks a warm-up runs at once per worker: two 20 ms sleeps each keep every worker busy at
 #: the same time, so each one imports the step module and pays its first-call costs.

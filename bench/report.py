@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import List, Optional
 
-from bench.core import SCENARIOS, Target, describe
+from governor.bench.core import SCENARIOS, Target, describe
 
 
 def _verdict(target: Target) -> str:

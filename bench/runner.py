@@ -31,9 +31,9 @@ import psutil
 import governor
 from governor.supervisor import BACKENDS
 
-import bench.scenarios  # noqa: F401 (importing it registers every scenario)
-from bench import plot, probes, report
-from bench.core import SCENARIOS, SIZES, Progress, ScenarioContext, ScenarioResult
+import governor.bench.scenarios  # noqa: F401 (importing it registers every scenario)
+from governor.bench import plot, probes, report
+from governor.bench.core import SCENARIOS, SIZES, Progress, ScenarioContext, ScenarioResult
 
 #: Bump when a key is renamed or removed or its meaning changes; adding keys does not.
 SCHEMA_VERSION = 1

@@ -5,7 +5,7 @@ at a time, in order, in a critical lane. Every step runs in a worker process und
 per-task limits (timeout, memory, cancellation) enforced by killing its worker's whole
 process tree, and one worker's death fails only the task it was running.
 
-    from steps import StepRegistry
+    from governor.steps import StepRegistry
     from governor import Supervisor, Limits
 
 The engine (``Supervisor``, ``Scope``, and with them loky, psutil and prometheus_client)

@@ -378,14 +378,14 @@ def metrics(connection: _Connected, prometheus: bool) -> None:
               add_help_option=False)
 @click.pass_context
 def bench(ctx: click.Context) -> None:
-    """Run the benchmark harness: the same as `python -m bench` (see `governor bench --help`).
+    """Run the benchmark harness: the same as `python -m governor.bench` (see `governor bench --help`).
 
     \b
     Examples:
       governor bench --quick
       governor bench --scenario overhead --json out.json --report out.md --plot out.png
     """
-    from bench.__main__ import main as bench_main
+    from governor.bench.__main__ import main as bench_main
 
     bench_main.main(args=ctx.args, prog_name="governor bench")
 

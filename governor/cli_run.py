@@ -38,7 +38,7 @@ from governor.errors import GovernorError, InvalidParameters, StepCancelled, Ste
 from governor.limits import Lane, Limits
 from governor.supervisor import Supervisor, default_workers
 from governor.task import Call, Task
-from steps.builtin import chat, default_registry
+from governor.steps.builtin import chat, default_registry
 
 #: The parameters that name paths on this machine. Workers resolve a relative path against
 #: their own current directory, which need not be the caller's (a daemon's is not), so

@@ -116,8 +116,8 @@ def load_registry(modules: Sequence[str] = (), entry_points: bool = True, builti
             daemon's registry.
         entry_points: also load the :data:`ENTRY_POINT_GROUP` entry points.
     """
-    from steps import StepRegistry
-    from steps.builtin import default_registry
+    from governor.steps import StepRegistry
+    from governor.steps.builtin import default_registry
 
     registry = default_registry() if builtin else StepRegistry()
     sources = [_load_attribute(name) for name in modules]

@@ -22,9 +22,9 @@ its engine.
 
 from governor.context import StepContext, current_context
 from governor.limits import Lane, Limits
-from steps.classifier import StepClassifier
-from steps.registry import StepRegistry
-from steps.spec import Classification, Step, StepSpec
+from governor.steps.classifier import StepClassifier
+from governor.steps.registry import StepRegistry
+from governor.steps.spec import Classification, Step, StepSpec
 
 __all__ = [
     "Classification",

@@ -30,7 +30,7 @@ from typing import Optional, Union
 
 from governor.errors import RegistrationError
 from governor.limits import Lane
-from steps.spec import Classification, StepSpec, require_word
+from governor.steps.spec import Classification, StepSpec, require_word
 
 LaneLike = Union[Lane, str]
 

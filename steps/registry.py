@@ -13,8 +13,8 @@ from typing import Any, Callable, Optional, TypeVar
 
 from governor.errors import RegistrationError, UnknownStep
 from governor.limits import Limits
-from steps.classifier import StepClassifier
-from steps.spec import Classification, StepSpec
+from governor.steps.classifier import StepClassifier
+from governor.steps.spec import Classification, StepSpec
 
 StepCallable = TypeVar("StepCallable", bound=Callable[..., Any])
 

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from governor import Limits
-from steps import StepRegistry, current_context
+from governor.steps import StepRegistry, current_context
 
 registry = StepRegistry()
 

@@ -2,7 +2,7 @@
 scenario in its own tests, marked ``ray``: it needs the ray extra).
 
 It checks the shape of what the harness writes (the JSON's documented keys, the report,
-the picture), never a timing: speed is measured by ``python -m bench``, not asserted here.
+the picture), never a timing: speed is measured by ``python -m governor.bench``, not asserted here.
 """
 
 import datetime
@@ -17,11 +17,11 @@ from click.testing import CliRunner
 # ``bench`` lives at the repository's root and is not an installed package.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import bench  # noqa: E402
-from bench import plot, report  # noqa: E402
-from bench.__main__ import main  # noqa: E402
-from bench.runner import scenario_names  # noqa: E402
-from bench.stats import Summary, percentile  # noqa: E402
+import governor.bench as bench  # noqa: E402
+from governor.bench import plot, report  # noqa: E402
+from governor.bench.__main__ import main  # noqa: E402
+from governor.bench.runner import scenario_names  # noqa: E402
+from governor.bench.stats import Summary, percentile  # noqa: E402
 
 TOP_LEVEL = {"schema_version", "machine", "versions", "date", "parameters", "scenarios", "checks"}
 MACHINE = {"cpu_count", "cpu_model", "memory_total_mb", "os", "kernel", "python", "load_average_1m_at_start"}
@@ -173,7 +173,7 @@ def test_the_ray_scenario_uses_the_ray_this_process_initialised_and_leaves_it_ru
 def test_the_ray_scenario_starts_and_stops_its_own_node_from_the_command_line(tmp_path):
     pytest.importorskip("ray", reason="the ray extra is not installed")
     # A fresh interpreter, where no Ray runs yet; its leftover check sees Ray's shutdown.
-    done = subprocess.run([sys.executable, "-m", "bench", "--size", "tiny", "--backend", "ray", "--scenario", "ray",
+    done = subprocess.run([sys.executable, "-m", "governor.bench", "--size", "tiny", "--backend", "ray", "--scenario", "ray",
                            "--json", str(tmp_path / "ray.json")], cwd=REPOSITORY, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     document = json.loads((tmp_path / "ray.json").read_text())

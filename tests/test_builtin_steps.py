@@ -24,7 +24,7 @@ from governor import Call, StepCancelled, StepFailed, Supervisor
 from governor.context import StepContext
 from governor.limits import Lane, Limits
 from step_library import wait_for_path
-from steps.builtin import (WORKFLOWS, ChatNotFound, ChatStoreError, GitCommandError, GitTimeout, GitUnavailable,
+from governor.steps.builtin import (WORKFLOWS, ChatNotFound, ChatStoreError, GitCommandError, GitTimeout, GitUnavailable,
                            NotAGitRepository, StepInputError, StepInputTypeError, SubStepFailed, Workflow,
                            WorkflowStep, Result, chat, default_registry, git, sequence)
 
@@ -577,7 +577,7 @@ def test_read_only_steps_run_together_in_the_pool(repo, store):
     assert [message["text"] for message in history] == ["hello"]
     assert commits == git.log(str(repo), limit=1)
     assert isinstance(failed.value.original, StepInputError)
-    assert failed.value.exc_type == "steps.builtin.errors.StepInputError"
+    assert failed.value.exc_type == "governor.steps.builtin.errors.StepInputError"
     assert overview[0] == "main" and overview[1] == status
 
 

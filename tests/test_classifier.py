@@ -4,8 +4,8 @@ import pytest
 
 from governor.errors import RegistrationError
 from governor.limits import Lane
-from steps.classifier import CRITICAL_STEP_NAMES, CRITICAL_TAGS, POOL_TAGS, StepClassifier
-from steps.spec import Classification, StepSpec
+from governor.steps.classifier import CRITICAL_STEP_NAMES, CRITICAL_TAGS, POOL_TAGS, StepClassifier
+from governor.steps.spec import Classification, StepSpec
 
 
 def noop() -> None:

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from governor.cli import main
 from governor.cli_run import StepSyntaxError, absolute_paths, parse_step
 from governor.task import Call
-from steps.builtin import chat
+from governor.steps.builtin import chat
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

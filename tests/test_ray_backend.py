@@ -42,7 +42,7 @@ def test_without_the_extra_the_error_names_it(monkeypatch):
 def test_steps_the_cluster_cannot_import_fail_the_start(ray_node, tmp_path, monkeypatch):
     # A module only this process can import (the node's workers do not have tmp_path).
     (tmp_path / "only_here.py").write_text(textwrap.dedent('''
-        from steps import StepRegistry
+        from governor.steps import StepRegistry
         registry = StepRegistry()
 
         @registry.step(critical=False)

@@ -7,7 +7,7 @@ import pytest
 
 from governor.errors import RegistrationError, UnknownStep
 from governor.limits import Lane, Limits
-from steps import Step, StepClassifier, StepRegistry, StepSpec
+from governor.steps import Step, StepClassifier, StepRegistry, StepSpec
 
 
 def git_status(repo: str = ".") -> str:

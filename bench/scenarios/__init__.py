@@ -6,11 +6,11 @@ module here and import that module below.
 """
 
 # isort: off
-from bench.scenarios import view_switch  # noqa: F401
-from bench.scenarios import view_real  # noqa: F401
-from bench.scenarios import overhead  # noqa: F401
-from bench.scenarios import governor_limits  # noqa: F401
-from bench.scenarios import memory  # noqa: F401
-from bench.scenarios import scaling  # noqa: F401
-from bench.scenarios import daemon  # noqa: F401
-from bench.scenarios import ray_lane  # noqa: F401
+from governor.bench.scenarios import view_switch  # noqa: F401
+from governor.bench.scenarios import view_real  # noqa: F401
+from governor.bench.scenarios import overhead  # noqa: F401
+from governor.bench.scenarios import governor_limits  # noqa: F401
+from governor.bench.scenarios import memory  # noqa: F401
+from governor.bench.scenarios import scaling  # noqa: F401
+from governor.bench.scenarios import daemon  # noqa: F401
+from governor.bench.scenarios import ray_lane  # noqa: F401

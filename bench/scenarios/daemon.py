@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 from typing import List, Tuple
 
-from bench.bench_steps import registry
-from bench.core import ScenarioContext, ScenarioResult, scenario
-from bench.stats import Summary, Throughput, ratio, to_ms
+from governor.bench.bench_steps import registry
+from governor.bench.core import ScenarioContext, ScenarioResult, scenario
+from governor.bench.stats import Summary, Throughput, ratio, to_ms
 from governor import Supervisor
 from governor.client import Client, DaemonUnavailable
 
@@ -40,7 +40,7 @@ def _start_daemon(directory: Path, workers: int) -> Tuple[subprocess.Popen, Path
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     process = subprocess.Popen(
         [sys.executable, "-m", "governor", "serve", "--socket", str(socket_path),
-         "--journal", str(directory / "journal.sqlite3"), "--steps", "bench.bench_steps", "--no-builtin",
+         "--journal", str(directory / "journal.sqlite3"), "--steps", "governor.bench.bench_steps", "--no-builtin",
          "--workers", str(workers), "--log-level", "warning"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + START_TIMEOUT_S

@@ -28,10 +28,10 @@ from typing import List
 
 from governor import Call, Limits, MemoryLimitExceeded, StepTimeout, Supervisor
 
-from bench import bench_steps
-from bench.core import ScenarioContext, ScenarioResult, scenario
-from bench.probes import DeathWatch, ResolutionStamp, read_pid, wait_restaffed
-from bench.stats import Summary, to_ms
+from governor.bench import bench_steps
+from governor.bench.core import ScenarioContext, ScenarioResult, scenario
+from governor.bench.probes import DeathWatch, ResolutionStamp, read_pid, wait_restaffed
+from governor.bench.stats import Summary, to_ms
 
 #: The busy step's timeout. Short, so each sample costs little; precision does not depend
 #: on it (the deadline is a timer), only the number of samples per second does.

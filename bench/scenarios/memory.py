@@ -25,10 +25,10 @@ import psutil
 
 from governor import Supervisor
 
-from bench import bench_steps
-from bench.core import ScenarioContext, ScenarioResult, scenario
-from bench.probes import PATIENCE_S, loky_worker_processes, read_pid
-from bench.stats import Summary
+from governor.bench import bench_steps
+from governor.bench.core import ScenarioContext, ScenarioResult, scenario
+from governor.bench.probes import PATIENCE_S, loky_worker_processes, read_pid
+from governor.bench.stats import Summary
 
 #: The issue's budget for the additional memory of a full pool.
 BUDGET_MB = 100.0

@@ -19,9 +19,9 @@ import contextlib
 import time
 from typing import Any, Dict, List, Sequence, Type
 
-from bench.core import ScenarioContext, ScenarioResult, scenario
-from bench.peers import PEERS, Peer
-from bench.stats import Summary, Throughput, ratio, to_ms
+from governor.bench.core import ScenarioContext, ScenarioResult, scenario
+from governor.bench.peers import PEERS, Peer
+from governor.bench.stats import Summary, Throughput, ratio, to_ms
 
 #: Unmeasured round trips per peer and per ``Size.warmup`` before the first round: enough
 #: to settle each pool's threads and caches after the warm-up's sleeps.

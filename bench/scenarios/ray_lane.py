@@ -31,13 +31,13 @@ from typing import Dict, Iterator, List
 
 from governor.ray_lane import import_ray
 
-from bench.core import ScenarioContext, ScenarioResult, scenario
-from bench.peers import GovernorPeer, GovernorRayPeer
-from bench.probes import live_workers, wait_restaffed
-from bench.scenarios.governor_limits import (KILL_WARMUP, MEMORY_LIMIT_MB, TIMEOUT_S, cancel_sample,
+from governor.bench.core import ScenarioContext, ScenarioResult, scenario
+from governor.bench.peers import GovernorPeer, GovernorRayPeer
+from governor.bench.probes import live_workers, wait_restaffed
+from governor.bench.scenarios.governor_limits import (KILL_WARMUP, MEMORY_LIMIT_MB, TIMEOUT_S, cancel_sample,
                                              overshoot_sample, timeout_sample)
-from bench.scenarios.overhead import measure_noops, put_ratios, rotated, start_peers
-from bench.stats import Summary, to_ms
+from governor.bench.scenarios.overhead import measure_noops, put_ratios, rotated, start_peers
+from governor.bench.stats import Summary, to_ms
 
 #: The loky lane first, so it is warm before Ray's workers compete for the cores.
 LANES = [GovernorPeer, GovernorRayPeer]

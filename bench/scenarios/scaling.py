@@ -22,10 +22,10 @@ from typing import List
 
 from governor import QueueFull, Supervisor
 
-from bench import bench_steps
-from bench.core import ScenarioContext, ScenarioResult, scenario
-from bench.probes import PATIENCE_S, ResolutionStamp, queue_depth
-from bench.stats import Summary, Throughput
+from governor.bench import bench_steps
+from governor.bench.core import ScenarioContext, ScenarioResult, scenario
+from governor.bench.probes import PATIENCE_S, ResolutionStamp, queue_depth
+from governor.bench.stats import Summary, Throughput
 
 #: The step's sleep. Short enough that the governor's per-task cost shows, long enough to
 #: be an I/O-bound step and not a no-op.

@@ -36,11 +36,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from governor import Call, Supervisor
 
-import bench
-from bench.core import ScenarioContext, ScenarioResult, scenario
-from bench.probes import PATIENCE_S, ResolutionStamp
-from bench.stats import Summary, to_ms
-from steps.builtin import chat, default_registry
+import governor.bench as bench
+from governor.bench.core import ScenarioContext, ScenarioResult, scenario
+from governor.bench.probes import PATIENCE_S, ResolutionStamp
+from governor.bench.stats import Summary, to_ms
+from governor.steps.builtin import chat, default_registry
 
 #: Messages in the chat the view shows: a long-lived chat, so ``chat.history``'s
 #: ``ORDER BY id DESC LIMIT 50`` reads the tail of a real table, not a toy one.

@@ -14,9 +14,9 @@ from typing import Callable, List, Sequence
 
 from governor import Supervisor
 
-from bench import bench_steps
-from bench.core import ScenarioContext, ScenarioResult, scenario
-from bench.stats import Summary, to_ms
+from governor.bench import bench_steps
+from governor.bench.core import ScenarioContext, ScenarioResult, scenario
+from governor.bench.stats import Summary, to_ms
 
 #: The ten-step variant's sleeps (ms): the view switch's three plus seven more, so the
 #: batch is bound by the same 117 ms step while the sequential sum grows to 310 ms.

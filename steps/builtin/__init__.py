@@ -21,7 +21,7 @@ decide from their names) and its own outer :class:`~governor.limits.Limits`.
 Usage::
 
     from governor import Supervisor
-    from steps.builtin import default_registry
+    from governor.steps.builtin import default_registry
 
     with Supervisor(default_registry()) as sup:
         branch, status = sup.run_batch([("git.current_branch", {"repo": "/abs/repo"}),
@@ -35,12 +35,12 @@ absolute ``repo`` paths, and set ``GOVERNOR_CHAT_STORE`` in the daemon (or pass
 
 from __future__ import annotations
 
-from steps.builtin import chat, git, sequence
-from steps.builtin.errors import (BuiltinStepError, ChatNotFound, ChatStoreError, GitCommandError, GitTimeout,
+from governor.steps.builtin import chat, git, sequence
+from governor.steps.builtin.errors import (BuiltinStepError, ChatNotFound, ChatStoreError, GitCommandError, GitTimeout,
                                   GitUnavailable, NotAGitRepository, StepInputError, StepInputTypeError,
                                   SubStepFailed)
-from steps.builtin.sequence import WORKFLOWS, Param, Result, Workflow, WorkflowStep
-from steps.registry import StepRegistry
+from governor.steps.builtin.sequence import WORKFLOWS, Param, Result, Workflow, WorkflowStep
+from governor.steps.registry import StepRegistry
 
 #: The tag of the steps that only read, which the default classifier puts in the pool lane.
 READ_ONLY = ("read-only",)

@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from governor.limits import Limits
-from steps.builtin.errors import ChatNotFound, ChatStoreError
-from steps.builtin.params import require_int, require_path, require_text
+from governor.steps.builtin.errors import ChatNotFound, ChatStoreError
+from governor.steps.builtin.params import require_int, require_path, require_text
 
 #: The environment variable that names the chat store when a step gets no ``store``.
 STORE_ENV_VAR = "GOVERNOR_CHAT_STORE"

@@ -6,7 +6,7 @@ LookupError`` for a missing chat, ``except TimeoutError`` for a git call that ra
 
 Raised inside a worker, they reach the submitter as the ``original`` of a
 :class:`governor.errors.StepFailed` (its ``exc_type`` is e.g.
-``"steps.builtin.errors.NotAGitRepository"``), so every class pickles: its constructor's
+``"governor.steps.builtin.errors.NotAGitRepository"``), so every class pickles: its constructor's
 arguments are kept in ``self.args`` in order.
 """
 

@@ -30,8 +30,8 @@ from typing import Any, Optional
 
 from governor.context import current_context
 from governor.limits import Limits
-from steps.builtin.errors import GitCommandError, GitTimeout, GitUnavailable, NotAGitRepository
-from steps.builtin.params import require_directory, require_int
+from governor.steps.builtin.errors import GitCommandError, GitTimeout, GitUnavailable, NotAGitRepository
+from governor.steps.builtin.params import require_directory, require_int
 
 #: Seconds one git call may run before it is killed (``GitTimeout``). Generous: a
 #: ``git status`` on a cold, very large working tree can take many seconds, and a read-only

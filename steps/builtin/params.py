@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any, Optional
 
-from steps.builtin.errors import StepInputError, StepInputTypeError
+from governor.steps.builtin.errors import StepInputError, StepInputTypeError
 
 
 def _describe(value: Any) -> str:

@@ -39,9 +39,9 @@ import attrs
 from governor.context import current_context
 from governor.errors import StepCancelled, UnknownStep
 from governor.limits import Limits
-from steps.builtin.errors import StepInputError, StepInputTypeError, SubStepFailed
-from steps.registry import StepRegistry
-from steps.spec import StepSpec
+from governor.steps.builtin.errors import StepInputError, StepInputTypeError, SubStepFailed
+from governor.steps.registry import StepRegistry
+from governor.steps.spec import StepSpec
 
 #: The names of the sequence steps, which may not appear inside a sequence.
 SEQUENCE_STEP_NAMES = frozenset({"task.execute", "workflow.execute"})
@@ -289,7 +289,7 @@ def _checked_step(where: str, name: Any, param_names: list) -> StepSpec:
 @functools.cache
 def _builtin_registry() -> StepRegistry:
     """The built-in steps, built once per process (the registry is only read here)."""
-    from steps.builtin import default_registry  # the package imports this module: import late
+    from governor.steps.builtin import default_registry  # the package imports this module: import late
     return default_registry()
 
 
