@@ -383,7 +383,7 @@ class DaemonStatistics:
 
     Attributes:
         connections: client connections open now.
-        waiters: replies owed to clients waiting for tasks to end.
+        waiters: registrations of clients waiting for running tasks to end.
         live_tasks: journaled tasks the supervisor has not finished.
     """
 
@@ -673,7 +673,7 @@ class Daemon:
     def statistics(self) -> DaemonStatistics:
         """The daemon's own figures, now (loop thread)."""
         return DaemonStatistics(connections=len(self._connections),
-                                waiters=sum(len(connection.waiters) for connection in self._connections),
+                                waiters=sum(len(live.waiters) for live in self._live.values()),
                                 live_tasks=len(self._live))
 
     # ----------------------------------------------------------------- connections
