@@ -278,3 +278,30 @@ def test_errors_name_the_journal_id(tmp_path):
             future.result(timeout=60)
         assert timed_out.value.task_id == future.task_id == 2
         assert client.status(future.task_id)["error"]["fields"]["task_id"] == 2
+
+
+def test_logs_name_the_journal_id(tmp_path):
+    import io
+    import logging
+
+    from governor.logs import configure_logging
+
+    stream = io.StringIO()
+    logger = logging.getLogger("governor")
+    level = logger.level
+    handler = configure_logging("json", logging.DEBUG, stream)
+    try:
+        with InProcessDaemon(tmp_path) as running, Client(running.socket) as client:
+            client.workflow([("echo", {"value": n}) for n in range(3)]).result(timeout=60)
+            from governor import Call, Limits
+            future = client.submit_call(Call("busy_loop", limits=Limits(timeout_s=0.2)))
+            with pytest.raises(StepTimeout):
+                future.result(timeout=60)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    records = [json.loads(line) for line in stream.getvalue().splitlines()]
+    about_the_loop = [record for record in records if record.get("step") == "busy_loop"]
+    assert any(record["level"] == "WARNING" for record in about_the_loop), records
+    assert {record["task_id"] for record in about_the_loop} == {future.task_id} == {2}
+    assert {record["task_id"] for record in records if record.get("step") == "echo"} == {1}
