@@ -2,8 +2,8 @@
 
 Governor logs to the ``governor`` logger and never configures logging on import (a library
 leaves that to the application). Records that concern a task carry these ``extra`` fields:
-``task_id`` (``Task.public_id``: a daemon's journal id, else the supervisor's), ``step``, ``lane``, ``pid``, ``reason``, ``limit``, ``observed`` and, on the Ray
-lane, ``node``. Every task's life is logged at DEBUG; every kill and crash at WARNING
+``task_id`` (``Task.public_id``: a daemon's journal id, else the supervisor's), ``step``,
+``lane``, ``pid``, ``reason``, ``limit``, ``observed`` and, on the Ray lane, ``node``. Every task's life is logged at DEBUG; every kill and crash at WARNING
 (:func:`log_death`).
 
 :func:`configure_logging` is what the CLI uses: ``text`` appends the fields as

@@ -9,7 +9,10 @@ import sys
 import threading
 from pathlib import Path
 
-from conftest import wait_until
+import psutil
+import pytest
+
+from conftest import alive, wait_until
 from governor.client import Client, DaemonUnavailable
 
 TESTS = Path(__file__).parent
@@ -59,6 +62,25 @@ class DaemonProcess:
         command = [shutil.which("governor")] if shutil.which("governor") else [sys.executable, "-m", "governor"]
         return subprocess.run([*command, "--socket", str(self.socket), *args],
                               capture_output=True, text=True, timeout=120, cwd=cwd)
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    """A ``governor serve`` subprocess for one test, stopped cleanly (exit 0) after it."""
+    running = DaemonProcess(tmp_path).start()
+    yield running
+    if running.process.poll() is None:
+        assert running.stop() == 0, running.log.read_text()
+
+
+def kill_all(processes) -> None:
+    """Kill what a ``kill -9``-ed daemon left (its workers) and wait until they are gone."""
+    for process in processes:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    assert wait_until(lambda: not any(alive(process.pid) for process in processes), timeout=15)
 
 
 class InProcessDaemon:

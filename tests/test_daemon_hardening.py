@@ -17,8 +17,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import alive, wait_until
-from daemon_harness import DaemonProcess, InProcessDaemon
+from conftest import wait_until
+from daemon_harness import DaemonProcess, InProcessDaemon, kill_all
 from governor import protocol
 from governor.client import Client, DaemonUnavailable
 from governor.daemon import (Daemon, DaemonAlreadyRunning, DaemonConfig, JournalLocked, MetricsAddressInvalid,
@@ -217,19 +217,13 @@ def test_waits_are_forgotten_when_their_connection_closes(tmp_path):
 
 def test_in_flight_futures_raise_daemon_unavailable_when_the_daemon_dies(tmp_path):
     daemon = DaemonProcess(tmp_path).start()
-    descendants = []
     with Client(daemon.socket) as client:
         future = client.submit("timed_sleep", ms=120_000)
         descendants = psutil.Process(daemon.process.pid).children(recursive=True)
         daemon.stop(signal.SIGKILL)
         with pytest.raises(DaemonUnavailable):
             future.result(timeout=60)
-    for child in descendants:
-        try:
-            child.kill()
-        except psutil.NoSuchProcess:
-            pass
-    assert wait_until(lambda: not any(alive(child.pid) for child in descendants), timeout=15)
+    kill_all(descendants)
 
 
 # --------------------------------------------------------------------------- limits, resume, ids
