@@ -13,43 +13,12 @@ import os
 import signal
 import subprocess
 import time
-import traceback
 
 import pytest
 
 from conftest import alive, wait_until
+from forking import ROLE_PATIENCE_S, run_forked
 from governor import proctree
-
-#: A forked role reports within this long or the test fails (a deadlock detector, not a timing).
-ROLE_PATIENCE_S = 60.0
-
-
-def run_forked(fn, *args):
-    """Run ``fn(*args)`` in a forked child and return what it returned (JSON over a pipe).
-
-    The child never returns into pytest: it reports, then ``os._exit``. An exception in it
-    fails the test with its traceback.
-    """
-    reader, writer = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(reader)
-        code = 0
-        try:
-            report = {"value": fn(*args)}
-        except BaseException:
-            report, code = {"error": traceback.format_exc()}, 1
-        try:
-            os.write(writer, json.dumps(report).encode())
-        finally:
-            os._exit(code)
-    os.close(writer)
-    with os.fdopen(reader, "rb") as pipe:
-        data = pipe.read()
-    os.waitpid(pid, 0)
-    report = json.loads(data)
-    assert "error" not in report, report.get("error")
-    return report["value"]
 
 
 def start_step_processes(double_fork: bool = True):
