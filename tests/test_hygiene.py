@@ -134,7 +134,7 @@ def test_every_resource_limit_is_restored():
     before = run_forked(lambda: {name: resource.getrlimit(number) for name, number in hygiene.RLIMITS})
 
     def spoil():
-        changed = 0
+        changed, pinned = 0, 0
         for _, number in hygiene.RLIMITS:
             soft, hard = resource.getrlimit(number)
             if soft == resource.RLIM_INFINITY:
@@ -144,10 +144,11 @@ def test_every_resource_limit_is_restored():
             elif hard != 0:
                 new = 1
             else:
+                pinned += 1  # 0 and 0 (RLIMIT_NICE, RLIMIT_RTPRIO here): only a lower hard limit is left
                 continue
             resource.setrlimit(number, (new, hard))
             changed += 1
-        assert changed == len(hygiene.RLIMITS), "every limit was changed"
+        assert changed == len(hygiene.RLIMITS) - pinned and changed > 10
 
     problem, after = in_worker(spoil, lambda: {name: resource.getrlimit(number) for name, number in hygiene.RLIMITS})
     assert problem is None
