@@ -23,7 +23,6 @@ run for a size), and has every kind of task at least :data:`MIN_EACH` times.
 from __future__ import annotations
 
 import collections
-import os
 import random
 import signal
 import threading
