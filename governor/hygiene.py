@@ -97,7 +97,7 @@ def capture() -> Baseline:
     return Baseline(
         cwd=os.getcwd(),
         environ=dict(os.environ),
-        environ_data=dict(os.environ._data),  # see _environ_changed
+        environ_data=dict(os.environ._data),  # see _restore_environ
         recursion_limit=sys.getrecursionlimit(),
         handlers=tuple((number, _signal.getsignal(number)) for number in _SIGNALS),
         signal_mask=frozenset(signal.pthread_sigmask(signal.SIG_BLOCK, ())),
@@ -123,13 +123,17 @@ def restore(baseline: Baseline) -> Optional[str]:
     Returns:
         ``None`` for a clean worker, else one line naming every problem (for the log; the
         worker should be recycled).
+
+    Raises:
+        ValueError: off the main thread.
     """
+    if threading.current_thread() is not threading.main_thread():
+        raise ValueError("hygiene.restore() must run on the main thread, where steps run")
     problems: List[str] = []
     # Limits first: with RLIMIT_NOFILE at 10 or RLIMIT_CPU spent, the rest could fail.
     _restore_rlimits(baseline, problems)
     _restore_cwd(baseline, problems)
-    if _environ_changed(baseline):
-        _restore_environ(baseline)
+    _restore_environ(baseline, problems)
     if sys.getrecursionlimit() != baseline.recursion_limit:
         sys.setrecursionlimit(baseline.recursion_limit)
     _restore_signals(baseline, problems)
@@ -162,13 +166,15 @@ def _restore_cwd(baseline: Baseline, problems: List[str]) -> None:
         problems.append(f"the working directory {baseline.cwd} cannot be entered again: {error}")
 
 
-def _environ_changed(baseline: Baseline) -> bool:
+def _restore_environ(baseline: Baseline, problems: List[str]) -> None:
     # os.environ's own comparison decodes every entry (135 us); its encoded mapping
     # compares in 3 us. ``_data`` is private but has been os._Environ's store since 3.2.
-    return os.environ._data != baseline.environ_data
-
-
-def _restore_environ(baseline: Baseline) -> None:
+    data = getattr(os.environ, "_data", None)
+    if data is None:
+        problems.append("os.environ was replaced by another object")
+        return
+    if data == baseline.environ_data:
+        return
     for name in [name for name in os.environ if name not in baseline.environ]:
         del os.environ[name]
     for name, value in baseline.environ.items():

@@ -231,9 +231,26 @@ def test_everything_that_can_be_put_back_is_even_when_the_worker_is_dirty(tmp_pa
     assert (cwd, added) == (here, False)
 
 
-def test_capture_refuses_to_run_off_the_main_thread():
-    errors = []
-    thread = threading.Thread(target=lambda: errors.append(pytest.raises(ValueError, hygiene.capture)))
+def test_a_replaced_os_environ_makes_the_worker_dirty():
+    def spoil():
+        os.environ = dict(os.environ)  # module state a step replaced: out of reach
+
+    problem, _ = in_worker(spoil, lambda: None)
+    assert problem is not None and "os.environ" in problem
+
+
+def test_capture_and_restore_refuse_to_run_off_the_main_thread():
+    baseline = hygiene.capture()
+    refused = []
+
+    def off_main():
+        for call in (hygiene.capture, lambda: hygiene.restore(baseline)):
+            try:
+                call()
+            except ValueError:
+                refused.append(True)
+
+    thread = threading.Thread(target=off_main)
     thread.start()
     thread.join()
-    assert errors
+    assert refused == [True, True]
