@@ -19,7 +19,7 @@ from governor.bench.runner import run
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--quick", is_flag=True, help="A short run (under a minute on 2 cores).")
 @click.option("--scenario", "scenarios", multiple=True, type=click.Choice(list(SCENARIOS)),
-              help="Run only this scenario (repeatable). Default: all but those a --backend adds.")
+              help="Run only this scenario (repeatable). Default: all but those a --backend adds and chaos.")
 @click.option("--backend", type=click.Choice(BACKENDS), default="loky", show_default=True,
               help="Also measure the pool lane on this backend (ray: its scenario, on a local Ray node).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True),
@@ -39,7 +39,7 @@ def main(quick: bool, scenarios: tuple, backend: str, json_path: str, report_pat
     """
     if list_only:
         for name, entry in SCENARIOS.items():
-            needs = f" [--backend {entry.backend}]" if entry.backend else ""
+            needs = f" [--backend {entry.backend}]" if entry.backend else " [--scenario only]" if entry.named_only else ""
             click.echo(f"{name:<12} {entry.description}{needs}")
         return
     if size is not None and quick and size != "quick":

@@ -294,20 +294,23 @@ class Scenario:
         backend: the pool-lane backend it measures besides the default loky one (``"ray"``),
             or ``None``. Such a scenario needs that backend's extra, so it runs only when
             that backend is asked for (``--backend``) or the scenario is named.
+        named_only: runs only when named (``--scenario``): a stress run rather than a
+            measurement (``chaos``: minutes at the full size), kept out of the default run.
     """
 
     name: str
     fn: Callable[[ScenarioContext], ScenarioResult]
     description: str
     backend: Optional[str] = None
+    named_only: bool = False
 
 
 #: Every scenario, by name, in registration order (the order ``python -m governor.bench`` runs them).
 SCENARIOS: Dict[str, Scenario] = {}
 
 
-def scenario(name: str, backend: Optional[str] = None) -> Callable[[Callable[[ScenarioContext], ScenarioResult]],
-                                                                   Callable[[ScenarioContext], ScenarioResult]]:
+def scenario(name: str, backend: Optional[str] = None, named_only: bool = False
+             ) -> Callable[[Callable[[ScenarioContext], ScenarioResult]], Callable[[ScenarioContext], ScenarioResult]]:
     """Register the decorated function as the scenario ``name``.
 
     The function takes a :class:`ScenarioContext` and returns a :class:`ScenarioResult`;
@@ -316,6 +319,7 @@ def scenario(name: str, backend: Optional[str] = None) -> Callable[[Callable[[Sc
     Args:
         name: the scenario's name.
         backend: see :attr:`Scenario.backend`.
+        named_only: see :attr:`Scenario.named_only`.
 
     Raises:
         ValueError: if ``name`` is taken.
@@ -324,7 +328,7 @@ def scenario(name: str, backend: Optional[str] = None) -> Callable[[Callable[[Sc
         if name in SCENARIOS:
             raise ValueError(f"scenario {name!r} is already registered")
         description = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
-        SCENARIOS[name] = Scenario(name, fn, description, backend)
+        SCENARIOS[name] = Scenario(name, fn, description, backend, named_only)
         return fn
 
     return register

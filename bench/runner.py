@@ -67,15 +67,16 @@ def scenario_names(requested: Optional[Iterable[str]] = None, backend: str = "lo
     """The scenarios to run, in run order.
 
     Args:
-        requested: names to run (default: every scenario of no particular backend, see
-            :attr:`bench.core.Scenario.backend`).
+        requested: names to run (default: every scenario of no particular backend and
+            not :attr:`~bench.core.Scenario.named_only`, see :attr:`bench.core.Scenario.backend`).
         backend: the scenarios of this backend join the run (``"ray"`` adds ``ray``).
 
     Raises:
         KeyError: for an unknown name.
     """
     known = list(SCENARIOS)
-    wanted = set(requested or (name for name in known if SCENARIOS[name].backend is None))
+    wanted = set(requested or (name for name in known
+                               if SCENARIOS[name].backend is None and not SCENARIOS[name].named_only))
     unknown = wanted - set(SCENARIOS)
     if unknown:
         raise KeyError(f"unknown scenario(s) {sorted(unknown)}; known: {known}")

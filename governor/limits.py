@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import math
+import threading
 from typing import Optional
 
 import attrs
@@ -29,30 +30,68 @@ class Lane(str, enum.Enum):
         return self.value
 
 
-def _positive_or_none(instance, attribute, value) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"Limits.{attribute.name} must be a number of "
-                        f"{'seconds' if attribute.name.endswith('_s') else 'MiB'} or None, "
-                        f"not {type(value).__name__} {value!r}")
-    if math.isnan(value) or value <= 0:
-        raise ValueError(f"Limits.{attribute.name} must be > 0 (math.inf for no limit), got {value!r}")
+#: The longest timeout (and cancel grace) a limit may set: the longest wait a Python lock or
+#: event accepts on this platform (``threading.TIMEOUT_MAX``, about 292 years on 64-bit
+#: Linux). Any longer and no timer could hold it; an ``OverflowError`` deep in a wait would
+#: take down the thread that waits (issue 16). A single ``select`` takes at most ~24.8 days
+#: (``INT_MAX`` ms), so a manager waits for a longer deadline in slices.
+MAX_TIMEOUT_S = threading.TIMEOUT_MAX
+
+#: The largest memory limit, in MiB: 2**42 MiB (4 EiB). ``memory_hard_cap`` sets
+#: ``RLIMIT_AS`` to the worker's address-space size plus the limit, and an rlimit holds at
+#: most 2**63 - 1 bytes; half of that is left for the worker's own address space (at most
+#: 128 TiB on x86-64), so the sum always fits.
+MAX_MEMORY_MB = 2 ** 42
+
+#: Integers this large are shown by their size, not their digits, in an error message:
+#: ``repr`` of an int over 4,300 digits raises ``ValueError`` itself.
+_LARGEST_SHOWN_INT = 10 ** 30
 
 
-def _non_negative_or_none(instance, attribute, value) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"Limits.{attribute.name} must be a number of seconds or None, "
-                        f"not {type(value).__name__} {value!r}")
-    if math.isnan(value) or value < 0 or math.isinf(value):
-        raise ValueError(f"Limits.{attribute.name} must be a finite number >= 0, got {value!r}")
+def _show(value: object) -> str:
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > _LARGEST_SHOWN_INT:
+        return f"an integer of {value.bit_length()} bits"
+    return repr(value)
+
+
+def _quantity(unit: str, maximum: float, zero_allowed: bool, unlimited_allowed: bool):
+    """A validator for an optional limit in ``unit``: a real number in its bounds, or ``None``.
+
+    ``math.inf`` means "no limit" where ``unlimited_allowed``; otherwise, as NaN, a bool, a
+    negative number, zero (unless ``zero_allowed``) and anything over ``maximum``, it is a
+    ``ValueError`` naming the field and the bound. Only a value that is not a number at all
+    is a ``TypeError``. Integers of any size are compared exactly, so ``10**400`` is a
+    ``ValueError``, never an ``OverflowError``.
+    """
+    bound = (f"{'>= 0' if zero_allowed else '> 0'} and <= {maximum:.0f} {unit}"
+             + (" (math.inf for no limit)" if unlimited_allowed else ""))
+
+    def validate(instance: object, attribute: "attrs.Attribute", value: object) -> None:
+        if value is None:
+            return
+        name = f"Limits.{attribute.name}"
+        if isinstance(value, bool):  # an int to Python, but True seconds is nobody's intent
+            raise ValueError(f"{name} must be a number of {unit} {bound}, not the bool {value!r}")
+        if not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a number of {unit} or None, not {type(value).__name__} {value!r}")
+        if value != value:  # NaN compares false with every bound below
+            raise ValueError(f"{name} must be {bound}, got NaN")
+        if unlimited_allowed and value == math.inf:
+            return
+        if value < 0 or (value == 0 and not zero_allowed) or value > maximum:
+            raise ValueError(f"{name} must be {bound}, got {_show(value)}")
+
+    return validate
 
 
 @attrs.frozen
 class Limits:
     """Resource limits for one task.
+
+    Every number is checked at construction against what the platform can enforce: NaN, a
+    bool, a negative number, zero (except for ``cancel_grace_s``), or more than
+    :data:`MAX_TIMEOUT_S` seconds / :data:`MAX_MEMORY_MB` MiB is a ``ValueError`` naming the
+    field and its bound; a value that is not a number is a ``TypeError``.
 
     Args:
         timeout_s: seconds a step may run, counted from the moment it is handed to its
@@ -73,9 +112,12 @@ class Limits:
             refused below the limit.
     """
 
-    timeout_s: Optional[float] = attrs.field(default=None, validator=_positive_or_none)
-    max_memory_mb: Optional[float] = attrs.field(default=None, validator=_positive_or_none)
-    cancel_grace_s: Optional[float] = attrs.field(default=None, validator=_non_negative_or_none)
+    timeout_s: Optional[float] = attrs.field(
+        default=None, validator=_quantity("seconds", MAX_TIMEOUT_S, zero_allowed=False, unlimited_allowed=True))
+    max_memory_mb: Optional[float] = attrs.field(
+        default=None, validator=_quantity("MiB", MAX_MEMORY_MB, zero_allowed=False, unlimited_allowed=True))
+    cancel_grace_s: Optional[float] = attrs.field(
+        default=None, validator=_quantity("seconds", MAX_TIMEOUT_S, zero_allowed=True, unlimited_allowed=False))
     memory_hard_cap: Optional[bool] = attrs.field(
         default=None, validator=attrs.validators.optional(attrs.validators.instance_of(bool)))
 

@@ -7,7 +7,7 @@ import psutil
 import pytest
 
 from conftest import BACKENDS, live_children
-from governor import (Call, InvalidParameters, Limits, QueueFull, StepFailed, StepSkipped, Supervisor,
+from governor import (Call, InvalidParameters, Limits, QueueFull, StepFailed, StepSkipped, StepTimeout, Supervisor,
                       SupervisorClosed, TaskState, UnknownStep, WorkflowFailed)
 from governor.limits import Lane
 from step_library import registry, wait_for_path
@@ -181,10 +181,17 @@ def test_shutdown_can_cancel_pending(tmp_path):
 
 
 def test_per_submission_limits_override_the_step():
-    with Supervisor(registry, workers=1, limits=Limits(timeout_s=30)) as sup:
-        future = sup.submit_call(Call("busy_loop", limits=Limits(timeout_s=0.2)))
-        with pytest.raises(TimeoutError):
-            future.result(timeout=30)
+    # Only the submission's limit can end these steps: the supervisor's default (600 s) and
+    # the step's own (declared_timeout_loop: 0.3 s) differ from it, and StepTimeout.limit_s
+    # says which one fired. (Not just TimeoutError: on 3.11 result(timeout=...) raises the
+    # builtin TimeoutError too, so that would pass with the override gone.)
+    with Supervisor(registry, workers=1, limits=Limits(timeout_s=600)) as sup:
+        over_default = sup.submit_call(Call("busy_loop", limits=Limits(timeout_s=0.2)))
+        over_step = sup.submit_call(Call("declared_timeout_loop", limits=Limits(timeout_s=0.1)))
+        for future, limit in ((over_default, 0.2), (over_step, 0.1)):
+            with pytest.raises(StepTimeout) as timed_out:
+                future.result(timeout=30)
+            assert timed_out.value.limit_s == limit
 
 
 def test_bad_supervisor_arguments():

@@ -13,4 +13,5 @@ from governor.bench.scenarios import governor_limits  # noqa: F401
 from governor.bench.scenarios import memory  # noqa: F401
 from governor.bench.scenarios import scaling  # noqa: F401
 from governor.bench.scenarios import daemon  # noqa: F401
+from governor.bench.scenarios import chaos  # noqa: F401
 from governor.bench.scenarios import ray_lane  # noqa: F401
