@@ -23,17 +23,20 @@ its engine.
 from governor.context import StepContext, current_context
 from governor.limits import Lane, Limits
 from governor.steps.classifier import StepClassifier
-from governor.steps.registry import StepRegistry
+from governor.steps.registry import REGISTRY, StepLookup, StepRegistry, step
 from governor.steps.spec import Classification, Step, StepSpec
 
 __all__ = [
     "Classification",
     "Lane",
     "Limits",
+    "REGISTRY",
     "Step",
     "StepClassifier",
     "StepContext",
+    "StepLookup",
     "StepRegistry",
     "StepSpec",
     "current_context",
+    "step",
 ]
