@@ -19,6 +19,7 @@ import warnings
 import weakref
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
 
+from governor import aio
 from governor.errors import InvalidParameters, QueueFull, SupervisorClosed, UnknownStep, WorkerStartFailed
 from governor.limits import Lane, Limits
 from governor.loky_lanes import LokyConfig
@@ -254,6 +255,18 @@ class Supervisor(concurrent.futures.Executor):
             SupervisorClosed: shut down.
         """
         return self.submit_call(Call(step, args, kwargs))
+
+    async def asubmit(self, step: Any, /, *args: Any, **kwargs: Any) -> Any:
+        """:meth:`submit` from asyncio: await the step's result without blocking the loop.
+
+        Cancelling the awaiting asyncio task cancels the step (see :mod:`governor.aio`).
+        Start the supervisor before the loop runs (``with``): a first submission that
+        starts it would block the loop until its workers are warm.
+
+        Raises:
+            what :meth:`submit` raises, then the step's error.
+        """
+        return await aio.result(self.submit(step, *args, **kwargs))
 
     def submit_call(self, call: Call) -> TaskFuture:
         """Like :meth:`submit`, for a :class:`~governor.task.Call` (which may carry its own limits)."""
