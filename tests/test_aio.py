@@ -15,6 +15,13 @@ from governor import StepCancelled, StepFailed, Supervisor, aio
 from step_library import wait_for_path
 
 
+async def awaiting_the_running_step(awaitable, marker: str) -> asyncio.Task:
+    """Await ``awaitable`` in a new task; return the task once the step wrote ``marker``."""
+    waiting = asyncio.create_task(awaitable)
+    await asyncio.to_thread(wait_for_path, marker)
+    return waiting
+
+
 @pytest.fixture
 def sup():
     with Supervisor(registry, workers=2) as supervisor:
@@ -48,8 +55,7 @@ def test_cancelling_the_awaiting_task_cancels_the_governed_task(sup, tmp_path):
     marker = str(tmp_path / "running")
 
     async def main():
-        waiting = asyncio.create_task(sup.asubmit(wait_for_cancel, marker))
-        await asyncio.to_thread(wait_for_path, marker)
+        waiting = await awaiting_the_running_step(sup.asubmit(wait_for_cancel, marker), marker)
         waiting.cancel()
         with pytest.raises(asyncio.CancelledError):
             await waiting
@@ -63,8 +69,7 @@ def test_a_cancelled_awaiter_leaves_the_future_cancelled_saying_why(sup, tmp_pat
     future = sup.submit(wait_for_cancel, marker)
 
     async def main():
-        waiting = asyncio.create_task(aio.result(future))
-        await asyncio.to_thread(wait_for_path, marker)
+        waiting = await awaiting_the_running_step(aio.result(future), marker)
         waiting.cancel()
         with pytest.raises(asyncio.CancelledError):
             await waiting
@@ -79,8 +84,7 @@ def test_a_step_cancelled_by_someone_else_is_step_cancelled_not_the_awaiters_can
     future = sup.submit(wait_for_cancel, marker)
 
     async def main():
-        waiting = asyncio.create_task(aio.result(future))
-        await asyncio.to_thread(wait_for_path, marker)
+        waiting = await awaiting_the_running_step(aio.result(future), marker)
         future.cancel("by hand")
         with pytest.raises(StepCancelled, match="by hand"):
             await waiting

@@ -132,3 +132,17 @@ def test_a_built_wheel_installs_everything_under_governor(tmp_path):
     assert {top for top in tops if not top.endswith(".dist-info")} == {"governor"}
     names = zipfile.ZipFile(wheel).namelist()
     assert "governor/steps/registry.py" in names and "governor/bench/runner.py" in names
+
+
+def test_the_way_in_does_not_import_the_engine(tmp_path):
+    """A worker imports governor for its values and errors; the engine would be private memory
+    in every worker. Defining steps must not load it either."""
+    probe = ("import sys\n"
+             "from governor import Call, Limits, StepRegistry, StepFailed, step\n"
+             "@step(critical=False)\n"
+             "def f(): pass\n"
+             "heavy = ('loky', 'psutil', 'prometheus_client', 'governor.supervisor', 'governor.manager')\n"
+             "print(sorted(name for name in sys.modules if name.startswith(heavy)))\n")
+    done = run_in(tmp_path, "-c", probe)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
