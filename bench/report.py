@@ -9,9 +9,37 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
+import governor
 from governor.bench.core import SCENARIOS, Target, describe
+
+#: The checkout Governor runs from (when it runs from one), and the user's home: machine
+#: paths that mean nothing on another machine, so the report writes them as placeholders.
+_CHECKOUT = Path(governor.__file__).resolve().parent.parent
+PORTABLE_PATHS = [(str(_CHECKOUT), "<checkout>"), (str(Path.home()), "~")] if (_CHECKOUT / "pyproject.toml").exists() \
+    else [(str(Path.home()), "~")]
+
+
+def portable(text: str) -> str:
+    """``text`` with this machine's checkout and home paths replaced by placeholders."""
+    for path, placeholder in PORTABLE_PATHS:
+        text = text.replace(path, placeholder)
+    return text
+
+
+def run_title(document: Dict[str, Any]) -> str:
+    """What the run was, for titles: ``Governor benchmark, all scenarios, size full, DATE``.
+
+    A run of chosen scenarios is named by them (``Governor benchmark: ray, size full, DATE``).
+    """
+    from governor.bench.runner import scenario_names  # runner imports this module
+
+    parameters = document["parameters"]
+    ran = parameters["scenarios"]
+    every = scenario_names(None, parameters.get("backend", "loky"))
+    what = ", all scenarios" if ran == every else f": {', '.join(ran)}"
+    return f"Governor benchmark{what}, size {parameters['size']}, {document['date']}"
 
 
 def _verdict(target: Target) -> str:
@@ -27,7 +55,7 @@ def _header_lines(bench_run) -> List[str]:
     machine, versions = document["machine"], document["versions"]
     installed = " · ".join(f"{name} {version or 'not installed'}" for name, version in versions.items())
     return [
-        f"Governor benchmark, size {document['parameters']['size']}, {document['date']}",
+        run_title(document),
         f"{machine['cpu_count']} CPUs ({machine['cpu_model']}), {machine['memory_total_mb']:,} MiB, "
         f"{machine['os']}, Python {machine['python']}, load {machine['load_average_1m_at_start']} at start",
         installed,
@@ -45,8 +73,8 @@ def format_table(bench_run) -> str:
             continue
         result = bench_run.results[name]
         lines.append(f"== {name} ({result.elapsed_s:.1f} s): {SCENARIOS[name].description}")
-        lines.extend(f"  {row.label:<{width}} {row.text}" for row in result.rows)
-        lines.extend(f"  note: {note}" for note in result.notes if note.startswith("peer "))
+        lines.extend(f"  {row.label:<{width}} {portable(row.text)}" for row in result.rows)
+        lines.extend(f"  note: {portable(note)}" for note in result.notes if note.startswith("peer "))
     lines.append("")
     lines.append("== targets (this run, this machine)")
     for name, result in bench_run.results.items():
@@ -87,7 +115,7 @@ def markdown(bench_run, plot_path: Optional[os.PathLike] = None, relative_to: Op
         link = Path(plot_path)
         if relative_to is not None:
             link = Path(os.path.relpath(Path(plot_path).resolve(), relative_to.resolve()))
-        lines += [f"![latency distributions and scaling curves]({link.as_posix()})", ""]
+        lines += [f"![targets, latency distributions, curves and memory]({link.as_posix()})", ""]
     elif picture:
         lines += [f"_Picture: {picture}_", ""]
     for name, entry in bench_run.document["scenarios"].items():
@@ -97,9 +125,9 @@ def markdown(bench_run, plot_path: Optional[os.PathLike] = None, relative_to: Op
         result = bench_run.results[name]
         lines += [f"## {name}", "", f"{SCENARIOS[name].description} ({result.elapsed_s:.1f} s)", "",
                   "| figure | value |", "|---|---|"]
-        lines += [f"| {_cell(row.label)} | {_cell(row.text)} |" for row in result.rows]
+        lines += [f"| {_cell(row.label)} | {_cell(portable(row.text))} |" for row in result.rows]
         lines.append("")
-        lines += [f"- {note}" for note in result.notes]
+        lines += [f"- {portable(note)}" for note in result.notes]
         lines.append("")
     leftovers = bench_run.document["checks"]["leftover_processes"]
     lines.append(f"Processes left running after the run: {len(leftovers)}.")

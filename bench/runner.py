@@ -20,7 +20,6 @@ import os
 import platform
 import tempfile
 import time
-import tomllib
 import traceback
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
@@ -91,18 +90,6 @@ def _version(package: str) -> Optional[str]:
         return None
 
 
-def _governor_version() -> Optional[str]:
-    """The installed governor's version, else the checkout's ``pyproject.toml`` version."""
-    installed = _version("governor")
-    if installed is not None:
-        return installed
-    pyproject = Path(governor.__file__).resolve().parent.parent / "pyproject.toml"
-    try:
-        return tomllib.loads(pyproject.read_text())["project"]["version"]
-    except (OSError, KeyError, tomllib.TOMLDecodeError):
-        return None
-
-
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -128,7 +115,9 @@ def machine() -> Dict[str, Any]:
 
 def versions() -> Dict[str, Optional[str]]:
     """The schema's ``versions`` object (``None`` for a package that is not installed)."""
-    return {"governor": _governor_version(), "loky": _version("loky"), "psutil": _version("psutil"),
+    # The version of the code that runs, not of whatever distribution metadata is installed:
+    # run from a checkout, the two differ (or there is no metadata, and it is not "not installed").
+    return {"governor": governor.__version__, "loky": _version("loky"), "psutil": _version("psutil"),
             "pebble": _version("pebble"), "matplotlib": _version("matplotlib"), "ray": _version("ray")}
 
 

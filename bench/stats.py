@@ -1,10 +1,10 @@
 """Small statistics for latency samples: percentiles and the summaries the report prints.
 
-No numpy: a benchmark of a few thousand samples needs a sort and a linear interpolation.
-Percentiles use the same definition as numpy's default (``method="linear"``): the value at
-rank ``q/100 * (n - 1)`` of the sorted samples, interpolated between neighbours. With few
-samples the high percentiles approach the maximum; every summary carries its ``n`` so a
-reader can tell a p99 of 10 samples (the max, really) from one of 10,000.
+Percentiles are Governor's one definition, :func:`governor.metrics.percentiles`
+(``statistics.quantiles(method="inclusive")``, numpy's default ``"linear"``), so the bench
+and ``Supervisor.metrics()`` give the same p95 for the same samples. With few samples the
+high percentiles approach the maximum; every summary carries its ``n`` so a reader can tell
+a p99 of 10 samples (the max, really) from one of 10,000.
 """
 
 from __future__ import annotations
@@ -14,33 +14,27 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import attrs
 
+from governor.metrics import percentiles
 
-def percentile(sorted_values: Sequence[float], q: float) -> float:
-    """The ``q``-th percentile of already sorted values, linearly interpolated.
+
+def percentile(values: Sequence[float], q: int) -> float:
+    """The ``q``-th percentile of ``values`` (see :func:`governor.metrics.percentiles`).
 
     Args:
-        sorted_values: the samples, sorted ascending; at least one.
-        q: the percentile, 0 to 100.
-
-    Returns:
-        The interpolated value.
+        values: the samples, at least one, in any order.
+        q: the percentile, a whole number from 0 to 100.
 
     Raises:
         ValueError: for no samples or ``q`` outside [0, 100].
     """
-    if not sorted_values:
+    if not values:
         raise ValueError("percentile of no samples")
-    if not 0 <= q <= 100:
-        raise ValueError(f"percentile must be within [0, 100], got {q}")
-    rank = q / 100 * (len(sorted_values) - 1)
-    low = math.floor(rank)
-    high = min(low + 1, len(sorted_values) - 1)
-    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (rank - low)
+    return percentiles(values, (q,))[0]
 
 
 def median(values: Iterable[float]) -> float:
     """The median (p50) of ``values`` (in any order)."""
-    return percentile(sorted(values), 50)
+    return percentile(list(values), 50)
 
 
 def _round(value: float, digits: int = 4) -> float:
@@ -77,8 +71,8 @@ class Summary:
         ordered = sorted(samples)
         if not ordered:
             raise ValueError("no samples to summarise")
-        return cls(len(ordered), percentile(ordered, 50), percentile(ordered, 95), percentile(ordered, 99),
-                   sum(ordered) / len(ordered), ordered[0], ordered[-1], unit)
+        return cls(len(ordered), *percentiles(ordered, (50, 95, 99)), sum(ordered) / len(ordered), ordered[0],
+                   ordered[-1], unit)
 
     @classmethod
     def of_seconds(cls, samples_s: Sequence[float]) -> "Summary":

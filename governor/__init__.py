@@ -5,11 +5,13 @@ at a time, in order, in a critical lane. Every step runs in a worker process und
 per-task limits (timeout, memory, cancellation) enforced by killing its worker's whole
 process tree, and one worker's death fails only the task it was running.
 
-    from governor.steps import StepRegistry
-    from governor import Supervisor, Limits
+    from governor import StepRegistry, Supervisor, Limits, Call, step
+
+``step`` registers a step on the process-wide registry that ``Supervisor()`` runs when
+given none; ``StepRegistry`` makes a registry of your own (a library should).
 
 The engine (``Supervisor``, ``Scope``, and with them loky, psutil and prometheus_client)
-is imported on first use, not with the package: worker processes import ``governor`` for
+and the step registry are imported on first use, not with the package: worker processes import ``governor`` for
 its values and errors, and each module they do not load is private memory they do not
 pay for, times every worker. See README.md for the whole API.
 """
@@ -31,7 +33,8 @@ logging.getLogger("governor").addHandler(logging.NullHandler())
 
 _ENGINE = {"Supervisor": "governor.supervisor", "Scope": "governor.supervisor",
            "Client": "governor.client", "DaemonUnavailable": "governor.client",
-           "AsyncClient": "governor.async_client"}
+           "AsyncClient": "governor.async_client",
+           "StepRegistry": "governor.steps", "step": "governor.steps"}
 
 
 def __getattr__(name: str):
@@ -45,7 +48,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "AsyncClient", "BackendUnavailable", "Call", "Client", "DaemonUnavailable", "GovernorError", "InvalidParameters", "Lane", "Limits", "MemoryLimitExceeded", "QueueFull",
-    "Scope", "StepCancelled", "StepContext", "StepFailed", "StepSkipped", "StepTimeout", "Supervisor",
+    "Scope", "StepCancelled", "StepContext", "StepFailed", "StepRegistry", "StepSkipped", "StepTimeout", "Supervisor",
     "SupervisorClosed", "TaskFuture", "TaskState", "UnknownStep", "WorkerCrashed", "WorkerStartFailed",
-    "WorkflowFailed", "WorkflowFuture", "current_context",
+    "WorkflowFailed", "WorkflowFuture", "current_context", "step",
 ]

@@ -53,14 +53,16 @@ class UnknownStep(GovernorError, KeyError):
     """No step of that name is registered.
 
     Attributes:
-        name: the name asked for.
+        name: the name asked for (for a function or class: its qualified name).
         suggestions: registered names that are close to it, best first.
+        hint: what to do about it, when there is more to say than the suggestions.
     """
 
-    def __init__(self, name: str, suggestions: Sequence[str] = ()):
-        super().__init__(name, tuple(suggestions))
+    def __init__(self, name: str, suggestions: Sequence[str] = (), hint: str = ""):
+        super().__init__(name, tuple(suggestions), hint)
         self.name = name
         self.suggestions = tuple(suggestions)
+        self.hint = hint
 
     @classmethod
     def for_name(cls, name: str, known: Iterable[str]) -> "UnknownStep":
@@ -68,6 +70,8 @@ class UnknownStep(GovernorError, KeyError):
         return cls(name, difflib.get_close_matches(name, list(known), n=3, cutoff=0.5))
 
     def __str__(self) -> str:  # KeyError would show the repr of args
+        if self.hint:
+            return f"unknown step {self.name!r}: {self.hint}"
         hint = f"; did you mean {', '.join(map(repr, self.suggestions))}?" if self.suggestions else ""
         return f"unknown step {self.name!r}{hint}"
 

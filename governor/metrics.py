@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import bisect
 import collections
-import math
+import statistics
 import threading
 from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -77,9 +77,8 @@ class Histogram:
 
     def summary(self) -> Dict[str, Any]:
         """count, sum, and p50/p95/p99 of the recent samples (``None`` when empty)."""
-        ordered = sorted(self.recent)
         return {"count": self.count, "sum": self.sum,
-                **{f"p{q}": quantile(ordered, q / 100) for q in (50, 95, 99)}}
+                **dict(zip(("p50", "p95", "p99"), percentiles(self.recent, (50, 95, 99))))}
 
     def cumulative(self) -> List[Tuple[str, int]]:
         """Prometheus buckets: ``(le, cumulative count)``, ending with ``+Inf``."""
@@ -90,11 +89,28 @@ class Histogram:
         return result
 
 
-def quantile(ordered: Sequence[float], q: float) -> Optional[float]:
-    """The ``q`` quantile (0..1) of sorted samples, nearest-rank; ``None`` when empty."""
-    if not ordered:
-        return None
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+def percentiles(samples: Iterable[float], qs: Sequence[int]) -> List[Optional[float]]:
+    """The ``qs``-th percentiles of ``samples`` (in any order); ``None`` each when there are none.
+
+    The one definition Governor uses, here and in the bench: ``statistics.quantiles(...,
+    method="inclusive")``, which is numpy's default (``"linear"``): the value at rank
+    ``q/100 * (n - 1)`` of the sorted samples, interpolated between its neighbours. The
+    0th is the minimum, the 100th the maximum, and a single sample is every percentile.
+
+    Args:
+        samples: the samples.
+        qs: whole percents, 0 to 100.
+
+    Raises:
+        ValueError: a ``q`` that is not a whole number from 0 to 100.
+    """
+    if any(not isinstance(q, int) or not 0 <= q <= 100 for q in qs):
+        raise ValueError(f"percentiles are whole numbers from 0 to 100, got {list(qs)}")
+    data = list(samples)
+    if len(data) < 2:  # statistics.quantiles needs two points; one is every percentile
+        return [data[0] if data else None for _ in qs]
+    cuts = [min(data), *statistics.quantiles(data, n=100, method="inclusive"), max(data)]
+    return [cuts[q] for q in qs]
 
 
 def _float_label(value: float) -> str:

@@ -15,14 +15,17 @@ import itertools
 import os
 import threading
 import time
+import warnings
 import weakref
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
 
+from governor import aio
 from governor.errors import InvalidParameters, QueueFull, SupervisorClosed, UnknownStep, WorkerStartFailed
 from governor.limits import Lane, Limits
 from governor.loky_lanes import LokyConfig
 from governor.manager import Manager, ManagerConfig
 from governor.metrics import MetricsRecorder, prometheus_registry, prometheus_text
+from governor.steps.registry import REGISTRY, StepLookup
 from governor.task import CancelRequest, Call, Task, TaskFuture, Workflow, WorkflowFuture, in_done_callback
 
 #: Tasks a lane may hold waiting before ``submit`` raises ``QueueFull``.
@@ -64,12 +67,17 @@ class _Route:
             self.signature = self.signature.replace(parameters=list(self.signature.parameters.values())[1:])
 
 
-class Supervisor:
+class Supervisor(concurrent.futures.Executor):
     """Runs registered steps in worker processes: a serial critical lane and a parallel pool.
 
+    A ``concurrent.futures.Executor``: code written for ``ProcessPoolExecutor`` runs on it
+    once its functions are registered as steps (``submit``, ``map``, ``shutdown``, ``with``,
+    and its futures with ``wait`` and ``as_completed``).
+
     Args:
-        registry: a ``steps.StepRegistry``; its steps are snapshotted at construction,
-            so steps registered later are unknown to this supervisor.
+        registry: a ``governor.steps.StepRegistry`` (default: the one ``@governor.step``
+            registers on); its steps are snapshotted at construction, so steps registered
+            later are unknown to this supervisor.
         workers: processes in the pool lane (default: :func:`default_workers`).
         limits: default limits for every step; a step's own limits, then a submission's,
             override them field by field.
@@ -97,11 +105,12 @@ class Supervisor:
         clock: the monotonic clock deadlines are read from (tests inject one).
 
     Use it as a context manager (``with Supervisor(registry) as sup:``), or call
-    :meth:`start` and :meth:`shutdown`. Leaving the ``with`` block waits for the work it
-    accepted; leaving it on an exception cancels that work (queued and running).
+    :meth:`start` and :meth:`shutdown`; as with ``ProcessPoolExecutor``, the first
+    submission starts a supervisor nobody started. Leaving the ``with`` block waits for the
+    work it accepted; leaving it on an exception cancels that work (queued and running).
     """
 
-    def __init__(self, registry: Any, workers: Optional[int] = None, *, limits: Optional[Limits] = None,
+    def __init__(self, registry: Any = None, workers: Optional[int] = None, *, limits: Optional[Limits] = None,
                  queue_size: int = DEFAULT_QUEUE_SIZE, spares: int = 1,
                  max_tasks_per_worker: Optional[int] = None, recycle_rss_mb: Optional[float] = None,
                  on_dispatch: Optional[Callable[[Task], None]] = None,
@@ -128,7 +137,9 @@ class Supervisor:
             import_ray()  # fail here, naming the extra, rather than at start()
             ray_config = RayConfig(ray_address, ray_options or {}, ray_callback_host)
         defaults = limits or Limits()
+        registry = REGISTRY if registry is None else registry
         specs = registry.snapshot()
+        self._lookup = StepLookup(specs)
         self._routes: Dict[str, _Route] = {}
         for name, spec in specs.items():
             classification = registry.classify(name)
@@ -152,6 +163,8 @@ class Supervisor:
         self._queued = {Lane.CRITICAL: 0, Lane.POOL: 0}
         self._manager: Optional[Manager] = None
         self._accepting = False
+        self._shut_down = False
+        self._start_lock = threading.Lock()  # held through start(): see _start_on_first_use
         self._keyed_scopes: Dict[str, Scope] = {}
 
     # ----------------------------------------------------------------- life
@@ -163,7 +176,13 @@ class Supervisor:
             WorkerStartFailed: a worker could not be started (the cause is chained), or
                 the Ray cluster could not run a governor task.
         """
+        with self._start_lock:
+            return self._start(timeout)
+
+    def _start(self, timeout: float) -> "Supervisor":
         with self._lock:
+            if self._shut_down:
+                raise SupervisorClosed("this supervisor was shut down")
             if self._manager is not None:
                 raise SupervisorClosed("this supervisor was already started")
             self._manager = Manager(self._config, self._metrics, self._left_queue, self._cancel, self._clock)
@@ -180,24 +199,33 @@ class Supervisor:
             self._accepting = True
         return self
 
-    def shutdown(self, wait: bool = True, cancel_pending: bool = False, cancel_running: bool = False) -> None:
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False, cancel_running: bool = False,
+                 cancel_pending: Optional[bool] = None) -> None:
         """Stop taking work; finish (or cancel) what was accepted; stop every worker.
 
         Args:
-            wait: block until every worker process has exited.
-            cancel_pending: cancel queued tasks instead of running them.
+            wait: block until every worker process has exited (and so every accepted
+                task has ended).
+            cancel_futures: cancel queued tasks instead of running them, as
+                ``Executor.shutdown`` does.
             cancel_running: also cancel running tasks (cooperatively, then by killing
-                their workers after their ``cancel_grace_s``).
+                their workers after their ``cancel_grace_s``); Governor's own extension.
+            cancel_pending: deprecated name of ``cancel_futures``.
 
         Safe to call more than once and from a done-callback (it then does not wait: the
         manager may be waiting for the very task whose callback runs).
         """
+        if cancel_pending is not None:
+            warnings.warn("shutdown(cancel_pending=) is deprecated: use cancel_futures=",
+                          DeprecationWarning, stacklevel=2)
+            cancel_futures = cancel_futures or cancel_pending
         with self._lock:
             self._accepting = False
+            self._shut_down = True
             manager = self._manager
         if manager is None or not manager.is_alive():
             return
-        manager.post("shutdown", cancel_pending, cancel_running)
+        manager.post("shutdown", cancel_futures, cancel_running)
         if wait and threading.current_thread() is not manager and not in_done_callback():
             manager.join()
 
@@ -208,20 +236,37 @@ class Supervisor:
         # Leaving normally waits for the work accepted (as concurrent.futures does); leaving
         # on an exception cancels it, so a failure never hangs on a step that will not end.
         failed = exc_type is not None
-        self.shutdown(wait=True, cancel_pending=failed, cancel_running=failed)
+        self.shutdown(wait=True, cancel_futures=failed, cancel_running=failed)
 
     # ----------------------------------------------------------------- submitting
 
-    def submit(self, step: str, /, *args: Any, **kwargs: Any) -> TaskFuture:
+    def submit(self, step: Any, /, *args: Any, **kwargs: Any) -> TaskFuture:
         """Run ``step(*args, **kwargs)`` in its lane; return its future.
 
+        Args:
+            step: the step's registered name, or the function or class registered as it.
+
         Raises:
-            UnknownStep: no step has that name (close matches are suggested).
+            UnknownStep: no step has that name (close matches are suggested), or the
+                function or class is not registered (the message says how to).
+            TypeError: ``step`` is neither a name nor a function or class.
             InvalidParameters: the arguments do not fit the step's signature.
             QueueFull: the step's lane has ``queue_size`` tasks waiting.
-            SupervisorClosed: not started, or shut down.
+            SupervisorClosed: shut down.
         """
         return self.submit_call(Call(step, args, kwargs))
+
+    async def asubmit(self, step: Any, /, *args: Any, **kwargs: Any) -> Any:
+        """:meth:`submit` from asyncio: await the step's result without blocking the loop.
+
+        Cancelling the awaiting asyncio task cancels the step (see :mod:`governor.aio`).
+        Start the supervisor before the loop runs (``with``): a first submission that
+        starts it would block the loop until its workers are warm.
+
+        Raises:
+            what :meth:`submit` raises, then the step's error.
+        """
+        return await aio.result(self.submit(step, *args, **kwargs))
 
     def submit_call(self, call: Call) -> TaskFuture:
         """Like :meth:`submit`, for a :class:`~governor.task.Call` (which may carry its own limits)."""
@@ -307,7 +352,7 @@ class Supervisor:
         self._manager.post("describe", reply)
         return reply.result(timeout)
 
-    def classify(self, step: str) -> tuple:
+    def classify(self, step: Any) -> tuple:
         """``(lane, reason)``: where ``step`` runs under this supervisor, and why."""
         route = self._route(step)
         return route.lane, route.reason
@@ -345,7 +390,7 @@ class Supervisor:
         try:
             route.signature.bind(*call.args, **call.kwargs)
         except TypeError as exc:
-            raise InvalidParameters(f"bad parameters for step {call.step!r}{route.signature}: {exc}") from None
+            raise InvalidParameters(f"bad parameters for step {route.spec.name!r}{route.signature}: {exc}") from None
         return route
 
     def describe_steps(self) -> List[Dict[str, Any]]:
@@ -362,26 +407,36 @@ class Supervisor:
         """This supervisor's own prometheus_client ``CollectorRegistry`` (to serve over HTTP)."""
         return self._prometheus
 
-    def _route(self, step: str) -> _Route:
-        route = self._routes.get(step)
+    def _route(self, step: Any) -> _Route:
+        name = self._lookup.name_of(step)
+        route = self._routes.get(name)
         if route is None:
-            raise UnknownStep.for_name(step, self._routes)
+            raise UnknownStep.for_name(name, self._routes)
         return route
 
     def _new_task(self, call: Call, lane: Optional[Lane] = None) -> Task:
         route = self.check_call(call)
         limits = route.limits if call.limits is None else call.limits.over(route.limits)
-        task = Task(0, call.step, lane or route.lane, call.args, call.kwargs, limits, self._clock(), tag=call.tag,
+        task = Task(0, route.spec.name, lane or route.lane, call.args, call.kwargs, limits, self._clock(), tag=call.tag,
                     ref=call.ref)
         task.future = TaskFuture(task, self._cancel)
         return task
 
+    def _start_on_first_use(self) -> None:
+        # ProcessPoolExecutor starts on its first submit, and code written for it never calls
+        # start(). The start lock makes concurrent first submissions start it once.
+        if not self._accepting and not self._shut_down:
+            with self._start_lock:
+                if self._manager is None and not self._shut_down:
+                    self._start(DEFAULT_START_TIMEOUT_S)
+
     def _enqueue(self, tasks: Sequence[Task]) -> None:
+        self._start_on_first_use()
         # Numbering and appending to the inbox under one lock fixes the submission order
         # across threads, which is the critical lane's execution order.
         with self._lock:
             if not self._accepting:
-                raise SupervisorClosed("the supervisor is not running (start() it, or it was shut down)")
+                raise SupervisorClosed("the supervisor was shut down: it takes no more work")
             wanted = {lane: sum(1 for task in tasks if task.lane is lane) for lane in self._queued}
             for lane, count in wanted.items():
                 if self._queued[lane] + count > self.queue_size:
@@ -536,4 +591,4 @@ _live_supervisors: "weakref.WeakSet[Supervisor]" = weakref.WeakSet()
 def _shutdown_live_supervisors() -> None:
     # An interpreter that exits with a supervisor still running must not leave workers.
     for supervisor in list(_live_supervisors):
-        supervisor.shutdown(wait=True, cancel_pending=True, cancel_running=True)
+        supervisor.shutdown(wait=True, cancel_futures=True, cancel_running=True)

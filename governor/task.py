@@ -64,12 +64,19 @@ _ALLOWED: Dict[TaskState, frozenset] = {
 }
 
 
+def _check_step(call: "Call", attribute: attrs.Attribute, step: Any) -> None:
+    if not (isinstance(step, str) or callable(step)):
+        raise TypeError(f"a step is given by its registered name or by its registered function or "
+                        f"class, not {type(step).__name__} {step!r}")
+
+
 @attrs.frozen
 class Call:
     """One step invocation: the step's name, its arguments, and optional limits for this call.
 
     Args:
-        step: the registered step name.
+        step: the registered step name, or the function or class registered as the step
+            (the supervisor looks its name up).
         args: positional arguments.
         kwargs: keyword arguments.
         limits: limits for this submission only; fields left ``None`` inherit the step's.
@@ -80,7 +87,7 @@ class Call:
             (``Task.public_id``). ``None``: the supervisor's own id.
     """
 
-    step: str = attrs.field(validator=attrs.validators.instance_of(str))
+    step: str = attrs.field(validator=_check_step)
     args: Tuple[Any, ...] = attrs.field(default=(), converter=tuple)
     kwargs: Dict[str, Any] = attrs.field(factory=dict, converter=dict)
     limits: Optional[Limits] = attrs.field(
@@ -90,10 +97,11 @@ class Call:
 
     @classmethod
     def of(cls, item: Any) -> "Call":
-        """Accept a ``Call``, a name, ``(name, kwargs)`` or ``(name, args, kwargs)``."""
+        """Accept a ``Call``, a step, ``(step, kwargs)`` or ``(step, args, kwargs)``; a step is a
+        name or a registered function or class."""
         if isinstance(item, Call):
             return item
-        if isinstance(item, str):
+        if isinstance(item, str) or callable(item):
             return cls(item)
         if isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], dict):
             return cls(item[0], kwargs=item[1])

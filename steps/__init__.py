@@ -14,6 +14,10 @@ time, in submission order) or :attr:`Lane.POOL` (read-only steps, in parallel). 
 declare its lane with ``critical=``; otherwise the registry's :class:`StepClassifier`
 decides from its name, category and tags, and falls back to critical.
 
+``@step`` (also ``governor.step``) registers on :data:`REGISTRY`, the process-wide registry
+a ``Supervisor()`` given no registry runs; :class:`StepLookup` tells which registered step
+a submission means (a name, or the registered function or class).
+
 A running step may call :func:`current_context` to poll for cancellation.
 
 This package depends only on Governor's leaf modules (limits, errors, context), never on
@@ -23,17 +27,20 @@ its engine.
 from governor.context import StepContext, current_context
 from governor.limits import Lane, Limits
 from governor.steps.classifier import StepClassifier
-from governor.steps.registry import StepRegistry
+from governor.steps.registry import REGISTRY, StepLookup, StepRegistry, step
 from governor.steps.spec import Classification, Step, StepSpec
 
 __all__ = [
     "Classification",
     "Lane",
     "Limits",
+    "REGISTRY",
     "Step",
     "StepClassifier",
     "StepContext",
+    "StepLookup",
     "StepRegistry",
     "StepSpec",
     "current_context",
+    "step",
 ]

@@ -8,7 +8,7 @@ starts and sends it to its workers.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Callable, Optional, TypeVar
 
 from governor.errors import RegistrationError, UnknownStep
@@ -153,3 +153,65 @@ class StepRegistry:
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
+
+
+class StepLookup:
+    """Which registered step a submission means: its name, or the function or class registered.
+
+    Built from one :meth:`StepRegistry.snapshot`, so it answers for that snapshot only (a
+    supervisor keeps one for the steps it runs): ``sup.submit(square, 3)`` runs the step
+    ``square`` was registered as.
+
+    Args:
+        specs: a snapshot, name -> spec.
+    """
+
+    def __init__(self, specs: Mapping[str, StepSpec]):
+        self._names_by_target: dict[Any, list[str]] = {}
+        for name, spec in specs.items():
+            self._names_by_target.setdefault(spec.fn, []).append(name)
+
+    def name_of(self, step: Any) -> str:
+        """The registered name ``step`` designates.
+
+        Args:
+            step: a name (returned as it is: the caller checks that it is registered, with
+                suggestions), or a function or class registered as a step.
+
+        Raises:
+            UnknownStep: ``step`` is not registered (the message says how to register it),
+                or is registered under several names (submit one of them).
+        """
+        if isinstance(step, str):
+            return step
+        try:
+            names = self._names_by_target.get(step, [])
+        except TypeError:  # unhashable, so never registered: a step's fn is a dict key here
+            names = []
+        if len(names) == 1:
+            return names[0]
+        label = f"{getattr(step, '__module__', '?')}.{getattr(step, '__qualname__', repr(step))}"
+        if names:
+            raise UnknownStep(label, names, f"it is registered under several names "
+                                            f"({', '.join(map(repr, names))}); submit one of them by name")
+        raise UnknownStep(label, (), "it is not a step of this supervisor's registry; register it at a "
+                                     "module's top level with @registry.step (or @governor.step) before "
+                                     "the Supervisor is built, or submit a registered step's name")
+
+
+#: The process-wide registry that :func:`step` registers on, and the one ``Supervisor()``
+#: runs when given none: for an application's own steps. A library should keep its own
+#: :class:`StepRegistry`, so that its step names cannot clash with its users'.
+REGISTRY = StepRegistry()
+
+
+def step(fn: Optional[StepCallable] = None, **declaration: Any) -> Any:
+    """Register the decorated function or class on :data:`REGISTRY` and return it unchanged.
+
+    ``@governor.step`` or ``@governor.step(name="git.status", critical=False)``: the keywords
+    of :meth:`StepRegistry.register`.
+
+    Raises:
+        RegistrationError: as :meth:`StepRegistry.register`.
+    """
+    return REGISTRY.step(fn, **declaration)

@@ -161,7 +161,7 @@ def make_supervisor(request, backend):
         yield make
     finally:
         for sup in started:
-            sup.shutdown(wait=True, cancel_pending=True, cancel_running=True)
+            sup.shutdown(wait=True, cancel_futures=True, cancel_running=True)
 
 
 @pytest.fixture
