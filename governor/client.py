@@ -196,6 +196,11 @@ class Client:
         reply = self._request(protocol.Metrics(self._next_id(), format))
         return reply["text"] if format == "prometheus" else reply["metrics"]
 
+    def live(self) -> Dict[str, Any]:
+        """The live picture ``governor top`` draws: lanes, workers, recent tasks, kills,
+        per-step latencies (see ``governor.live``)."""
+        return self._request(protocol.Live(self._next_id()))["live"]
+
     def close(self) -> None:
         """Close the connection; unfinished futures fail with ``DaemonUnavailable``."""
         try:

@@ -52,6 +52,7 @@ import attrs
 from governor import protocol
 from governor.errors import GovernorError, StepCancelled
 from governor.journal import Journal, NewTask, TaskRecord
+from governor.live import HttpConfig, LiveModel
 from governor.supervisor import Supervisor
 from governor.task import Call, Task, TaskState, WorkflowFuture
 
@@ -155,6 +156,7 @@ class DaemonConfig:
     retention_s: float = 7 * 24 * 3600.0
     backend: str = "loky"
     ray_address: Optional[str] = None
+    http: Optional[HttpConfig] = None  # the live status page (issue 15); off when None
 
 
 @attrs.define(eq=False)
@@ -208,6 +210,8 @@ class Daemon:
         self._stopping: Optional[asyncio.Event] = None
         self._draining = False
         self._lock_file = None
+        self.live = LiveModel()  # issue 15: what `governor top` and the status page show
+        self.status_page = None  # a governor.web.StatusPage while --http-addr serves one
 
     # ----------------------------------------------------------------- life
 
@@ -251,6 +255,9 @@ class Daemon:
         self._server = await asyncio.start_unix_server(self._serve_connection, sock=self._listen())
         if self.config.metrics_addr is not None:
             self._start_metrics_endpoint()
+        if self.config.http is not None:  # imported here: aiohttp is the live extra's
+            from governor.web import StatusPage
+            self.status_page = await StatusPage.start(self, self.config.http)
         self._loop.call_later(PRUNE_INTERVAL_S, self._prune)
         log.info("governor daemon listening on %s", self.config.socket_path)
 
@@ -259,6 +266,8 @@ class Daemon:
         self._draining = True
         if self._server is not None:
             self._server.close()
+        if self.status_page is not None:
+            await self.status_page.stop()
         supervisor = self._supervisor
         if supervisor is not None:
             supervisor.shutdown(wait=False, cancel_pending=True)
@@ -457,6 +466,17 @@ class Daemon:
             return {"text": await self._loop.run_in_executor(None, self._supervisor.prometheus_text)}
         return {"metrics": await self._loop.run_in_executor(None, self._supervisor.metrics)}
 
+    async def _op_live(self, connection: Optional[_Connection], request: protocol.Live) -> Dict[str, Any]:
+        return {"live": await self.live_snapshot()}
+
+    async def live_snapshot(self) -> Dict[str, Any]:
+        """The live picture (``governor.live``), for ``governor top`` and the status page."""
+        return await self.live.snapshot(self._supervisor, self._journal)
+
+    async def cancel_tasks(self, task_ids: Sequence[int]) -> Dict[str, List[int]]:
+        """Cancel tasks as the ``cancel`` op does (the status page's cancel button)."""
+        return await self._op_cancel(None, protocol.Cancel(0, task_ids=tuple(task_ids)))
+
     # ----------------------------------------------------------------- tasks
 
     def _refuse_while_draining(self) -> None:
@@ -514,6 +534,7 @@ class Daemon:
         live = self._live.pop(record_id)
         self._started_records.discard(record_id)
         future = live.future
+        self.live.task_ended(record_id, future)
         if self._draining and _cancelled_by_shutdown(future):
             return  # left queued or running in the journal: the next start takes it up
         state, result, error = _ending(future)
