@@ -109,7 +109,7 @@ class Kill:
         elif task.state is TaskState.CANCELLED and getattr(error, "killed", False):
             reason = "cancel"
             limit = _figure(task.limits.effective_cancel_grace_s, "s grace")
-            observed = error.reason
+            observed = error.reason if error.detail is None else f"{error.reason}: {error.detail}"
         if reason is None:
             return None
         return cls(task_id, task.step, task.lane.value, reason, limit, observed,
@@ -117,7 +117,7 @@ class Kill:
 
 
 def _figure(value: Optional[float], unit: str) -> Optional[str]:
-    return None if value is None else f"{value:.3g} {unit}"
+    return None if value is None else f"{value:.4g} {unit}"
 
 
 def _quantile(ordered: List[float], q: float) -> Optional[float]:

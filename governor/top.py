@@ -84,7 +84,8 @@ class TopApp(App):
     #status { height: 1; background: $boost; }
     DataTable { height: auto; max-height: 16; margin-bottom: 1; }
     .title { text-style: bold; }
-    #confirm { width: 60; height: auto; border: thick $error; background: $surface; padding: 1 2; }
+    #confirm { width: 64; height: auto; border: thick $error; background: $surface; padding: 1 2; }
+    #confirm Horizontal { height: auto; margin-top: 1; }
     ConfirmCancel { align: center middle; }
     """
     BINDINGS = [Binding("q", "quit", "quit"), Binding("c", "cancel_selected", "cancel task")]
@@ -93,7 +94,7 @@ class TopApp(App):
         super().__init__()
         self.socket_path, self.interval = socket_path, interval
         self._client: Optional[Client] = None
-        self._workers: List[Dict[str, Any]] = []
+        self._shown_workers: List[Dict[str, Any]] = []
 
     def compose(self) -> ComposeResult:
         yield Static("connecting...", id="status")
@@ -157,9 +158,9 @@ class TopApp(App):
                              for lane in snapshot["lanes"]])
         table = self.query_one("#workers", DataTable)
         selected = self._selected_worker()
-        self._workers = snapshot["workers"]
-        self._fill("workers", [worker_row(worker) for worker in self._workers])
-        pids = [worker.get("pid") for worker in self._workers]
+        self._shown_workers = snapshot["workers"]
+        self._fill("workers", [worker_row(worker) for worker in self._shown_workers])
+        pids = [worker.get("pid") for worker in self._shown_workers]
         if selected is not None and selected.get("pid") in pids:
             table.move_cursor(row=pids.index(selected["pid"]))
         self._fill("kills", [[time.strftime("%H:%M:%S", time.localtime(kill["at"])), str(kill["task_id"]),
@@ -179,9 +180,9 @@ class TopApp(App):
 
     def _selected_worker(self) -> Optional[Dict[str, Any]]:
         table = self.query_one("#workers", DataTable)
-        if not self._workers or not 0 <= table.cursor_row < len(self._workers):
+        if not self._shown_workers or not 0 <= table.cursor_row < len(self._shown_workers):
             return None
-        return self._workers[table.cursor_row]
+        return self._shown_workers[table.cursor_row]
 
     # ----------------------------------------------------------------- cancel
 

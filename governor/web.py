@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from governor.errors import GovernorError
 from governor.live import HttpConfig
@@ -59,6 +60,21 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-store",
 }
+
+
+class _MalformedRequestsInOneLine(logging.Filter):
+    """aiohttp logs each malformed request (bad framing, a line too long) at ERROR with a
+    traceback of its parser. The client got its 400; the daemon's log gets one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError):
+            record.msg, record.args = "malformed HTTP request refused (400): %s", (error.message,)
+            record.exc_info, record.exc_text, record.levelno, record.levelname = None, None, logging.INFO, "INFO"
+        return True
+
+
+_ONE_LINE = _MalformedRequestsInOneLine()
 
 
 class StatusPage:
@@ -90,6 +106,7 @@ class StatusPage:
         app.router.add_get("/api/events", page._events)
         app.router.add_get("/metrics", page._metrics)
         app.router.add_post("/api/cancel", page._cancel)
+        logging.getLogger("aiohttp.server").addFilter(_ONE_LINE)
         page._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await page._runner.setup()
         site = web.TCPSite(page._runner, config.host, config.port)
@@ -111,6 +128,7 @@ class StatusPage:
                 await self._publisher
         if self._runner is not None:
             await self._runner.cleanup()
+        logging.getLogger("aiohttp.server").removeFilter(_ONE_LINE)
 
     # ----------------------------------------------------------------- the guard
 
