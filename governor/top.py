@@ -158,7 +158,8 @@ class TopApp(App):
                              for lane in snapshot["lanes"]])
         table = self.query_one("#workers", DataTable)
         selected = self._selected_worker()
-        self._shown_workers = snapshot["workers"]
+        # A stable order (lane, then pid), so rows do not jump as workers come and go.
+        self._shown_workers = sorted(snapshot["workers"], key=lambda w: (w["lane"], w.get("pid") or 1 << 62))
         self._fill("workers", [worker_row(worker) for worker in self._shown_workers])
         pids = [worker.get("pid") for worker in self._shown_workers]
         if selected is not None and selected.get("pid") in pids:

@@ -100,6 +100,15 @@ function chart(id, points, series, bucket) {
         path.setAttribute("d", d); path.setAttribute("class", s.cls);
         parts.push(path);
       }
+      // A dot per point: a bucket with tasks between two empty ones still shows.
+      points.forEach((p, i) => {
+        const v = s.value(p);
+        if (v === null) return;
+        const dot = document.createElementNS(SVG, "circle");
+        dot.setAttribute("cx", x(i).toFixed(1)); dot.setAttribute("cy", y(v).toFixed(1));
+        dot.setAttribute("r", 2); dot.setAttribute("class", `${s.cls} dot`);
+        parts.push(dot);
+      });
     }
   }
   svg.replaceChildren(...parts);
