@@ -2,6 +2,8 @@
 
 import re
 
+import pytest
+
 from conftest import wait_until
 from daemon_harness import DaemonProcess
 from governor.client import Client
@@ -50,3 +52,12 @@ class LiveDaemon(DaemonProcess):
 def running(step: str):
     """A predicate: some worker runs ``step``."""
     return lambda snapshot: [worker for worker in snapshot["workers"] if worker["step"] == step]
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    """A read-only status page on a fresh daemon (import it into a test module to use it)."""
+    started = LiveDaemon(tmp_path).start()
+    yield started
+    if started.process.poll() is None:
+        assert started.stop() == 0, started.log.read_text()

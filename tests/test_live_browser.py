@@ -10,17 +10,9 @@ pytest.importorskip("aiohttp", reason="the status page needs the live extra (pip
 from browser import BINARY, Chromium  # noqa: E402
 from governor import Call, Limits, StepTimeout  # noqa: E402
 from governor.client import Client  # noqa: E402
-from live_harness import LiveDaemon  # noqa: E402
+from live_harness import daemon  # noqa: E402,F401 (a fixture)
 
 pytestmark = pytest.mark.skipif(BINARY is None, reason="no chromium here (CI installs Debian's: see .ci/run)")
-
-
-@pytest.fixture
-def daemon(tmp_path):
-    started = LiveDaemon(tmp_path).start()
-    yield started
-    if started.process.poll() is None:
-        assert started.stop() == 0, started.log.read_text()
 
 
 @pytest.fixture

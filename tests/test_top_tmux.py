@@ -36,25 +36,24 @@ class Tmux:
         return self.run("capture-pane", "-p", "-t", "top")
 
     def wait_for(self, *needles: str, timeout: float = 60.0) -> str:
-        seen = {"screen": ""}
-
-        def shows() -> bool:
-            seen["screen"] = self.screen()
-            return all(needle in seen["screen"] for needle in needles)
-
-        assert wait_until(shows, timeout=timeout, interval=0.1), f"never showed {needles}:\n{seen['screen']}"
-        return seen["screen"]
+        """Wait until the screen shows every needle; return the screen."""
+        return self._wait(lambda screen: all(needle in screen for needle in needles), f"never showed {needles}",
+                          timeout)
 
     def wait_for_line(self, predicate, timeout: float = 60.0) -> str:
         """Wait for a line of the screen that ``predicate`` accepts; return it."""
+        screen = self._wait(lambda screen: any(map(predicate, screen.splitlines())), "no such line", timeout)
+        return next(line for line in screen.splitlines() if predicate(line))
+
+    def _wait(self, shows, failure: str, timeout: float) -> str:
         seen = {"screen": ""}
 
-        def shows() -> bool:
+        def check() -> bool:
             seen["screen"] = self.screen()
-            return any(predicate(line) for line in seen["screen"].splitlines())
+            return shows(seen["screen"])
 
-        assert wait_until(shows, timeout=timeout, interval=0.1), f"no such line:\n{seen['screen']}"
-        return next(line for line in seen["screen"].splitlines() if predicate(line))
+        assert wait_until(check, timeout=timeout, interval=0.1), f"{failure}:\n{seen['screen']}"
+        return seen["screen"]
 
     def keys(self, *keys: str) -> None:
         self.run("send-keys", "-t", "top", *keys)
