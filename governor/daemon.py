@@ -473,6 +473,10 @@ class Daemon:
         """The live picture (``governor.live``), for ``governor top`` and the status page."""
         return await self.live.snapshot(self._supervisor, self._journal)
 
+    async def prometheus_text(self) -> str:
+        """The supervisor's figures in the Prometheus text format (the status page's /metrics)."""
+        return await self._loop.run_in_executor(None, self._supervisor.prometheus_text)
+
     async def cancel_tasks(self, task_ids: Sequence[int]) -> Dict[str, List[int]]:
         """Cancel tasks as the ``cancel`` op does (the status page's cancel button)."""
         return await self._op_cancel(None, protocol.Cancel(0, task_ids=tuple(task_ids)))

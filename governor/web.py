@@ -173,9 +173,7 @@ class StatusPage:
         return {**await self._daemon.live_snapshot(), "can_cancel": self.config.allow_cancel}
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        supervisor = self._daemon._supervisor
-        text = await asyncio.get_running_loop().run_in_executor(None, supervisor.prometheus_text)
-        return web.Response(text=text, content_type="text/plain", charset="utf-8",
+        return web.Response(text=await self._daemon.prometheus_text(), content_type="text/plain", charset="utf-8",
                             headers={"X-Prometheus-Format": "0.0.4"})
 
     async def _events(self, request: web.Request) -> web.StreamResponse:

@@ -17,6 +17,9 @@ pytest.importorskip("aiohttp", reason="the status page needs the live extra (pip
 from governor.client import Client  # noqa: E402
 from live_harness import LiveDaemon, daemon, running  # noqa: E402,F401 (daemon: a fixture)
 
+#: Each test starts a real daemon (seconds on a shared 2-core machine): a generous guard.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+
 
 def request(daemon, method, path, headers=None, body=None):
     """One HTTP request to the daemon's page: (status, headers, body text). No redirect is followed."""

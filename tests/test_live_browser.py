@@ -12,7 +12,9 @@ from governor import Call, Limits, StepTimeout  # noqa: E402
 from governor.client import Client  # noqa: E402
 from live_harness import daemon  # noqa: E402,F401 (a fixture)
 
-pytestmark = pytest.mark.skipif(BINARY is None, reason="no chromium here (CI installs Debian's: see .ci/run)")
+#: Real processes, a real browser, a shared 2-core machine: a generous guard, not a timing.
+pytestmark = [pytest.mark.skipif(BINARY is None, reason="no chromium here (CI installs Debian's: see .ci/run)"),
+              pytest.mark.slow, pytest.mark.timeout(240)]
 
 
 @pytest.fixture

@@ -16,7 +16,9 @@ from governor.client import Client
 
 pytest.importorskip("textual", reason="governor top needs the live extra (pip install -e '.[live]')")
 TMUX = shutil.which("tmux")
-pytestmark = pytest.mark.skipif(TMUX is None, reason="no tmux here (CI installs it: see .ci/run)")
+#: Real processes, a real terminal, a shared 2-core machine: a generous guard, not a timing.
+pytestmark = [pytest.mark.skipif(TMUX is None, reason="no tmux here (CI installs it: see .ci/run)"),
+              pytest.mark.slow, pytest.mark.timeout(240)]
 
 
 class Tmux:
