@@ -257,7 +257,11 @@ class Daemon:
             self._start_metrics_endpoint()
         if self.config.http is not None:  # imported here: aiohttp is the live extra's
             from governor.web import StatusPage
-            self.status_page = await StatusPage.start(self, self.config.http)
+            try:
+                self.status_page = await StatusPage.start(self, self.config.http)
+            except DaemonError:  # e.g. the port is taken: leave nothing running behind the error
+                await self.stop()
+                raise
         self._loop.call_later(PRUNE_INTERVAL_S, self._prune)
         log.info("governor daemon listening on %s", self.config.socket_path)
 

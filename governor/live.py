@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import importlib.util
 import ipaddress
 import math
 import os
@@ -295,6 +296,9 @@ def http_config_from_options(http_addr: Optional[str], http_allow_remote: bool,
         if http_allow_remote or http_allow_cancel:
             raise click.BadParameter("needs --http-addr", param_hint="--http-allow-remote/--http-allow-cancel")
         return None
+    if importlib.util.find_spec("aiohttp") is None:  # refuse before the daemon starts anything
+        raise click.BadParameter("the status page needs the live extra: pip install 'governor[live]'",
+                                 param_hint="--http-addr")
     try:
         return HttpConfig.parse(http_addr, http_allow_remote, http_allow_cancel)
     except HttpAddressError as error:

@@ -110,7 +110,14 @@ class StatusPage:
         page._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await page._runner.setup()
         site = web.TCPSite(page._runner, config.host, config.port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as error:  # in use, not an address of this host: say so, no traceback
+            from governor.daemon import DaemonError
+
+            await page._runner.cleanup()
+            raise DaemonError(f"cannot serve the status page on {config.host}:{config.port}: "
+                              f"{error.strerror or error}") from None
         host, port = page._runner.addresses[0][:2]
         shown = f"[{host}]" if ":" in host else host
         page._cookie = f"governor_token_{port}"  # cookies ignore ports: one per daemon

@@ -3,6 +3,7 @@
 
 import http.client
 import json
+import socket
 import subprocess
 import sys
 import urllib.parse
@@ -146,4 +147,17 @@ def test_a_non_loopback_address_needs_the_explicit_flag(tmp_path):
                               "--journal", str(tmp_path / "j.sqlite3"), "--http-addr", "0.0.0.0:0"],
                              capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and "--http-allow-remote" in refused.stderr
+    assert not (tmp_path / "s.sock").exists()
+
+
+def test_a_taken_port_is_a_clear_error_and_leaves_nothing_running(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        refused = subprocess.run([sys.executable, "-m", "governor", "serve", "--socket", str(tmp_path / "s.sock"),
+                                  "--journal", str(tmp_path / "j.sqlite3"), "--workers", "1",
+                                  "--http-addr", f"127.0.0.1:{port}"], capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 1 and f"cannot serve the status page on 127.0.0.1:{port}" in refused.stderr
+    assert "Traceback" not in refused.stderr and "could not start a worker" not in refused.stderr
     assert not (tmp_path / "s.sock").exists()
