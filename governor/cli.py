@@ -17,6 +17,7 @@ import click
 
 from governor import __version__, errors
 from governor.cli_run import parse_value, run
+from governor.live import http_config_from_options, http_options
 
 #: ``governor submit --wait`` exit codes, by how the task (or the request) ended.
 EXIT_CODES = {
@@ -127,6 +128,26 @@ main.add_command(run)
 
 @main.command()
 @socket_option
+@click.option("--interval", type=click.FloatRange(min=0.1), default=0.25, show_default=True,
+              help="Seconds between refreshes.")
+@click.pass_obj
+def top(connection: "_Connected", socket_path: Optional[Path], interval: float) -> None:
+    """A live terminal view of the daemon (needs the live extra): lanes, workers, kills, latencies.
+
+    \b
+    Keys: up/down move the selection, c cancels the selected task (asks first), q quits.
+    It keeps running while the daemon restarts, and says "reconnecting" meanwhile.
+    """
+    try:
+        from governor.top import run_top  # Textual loads only here: other commands stay fast
+    except ImportError as missing:
+        raise click.ClickException(f"governor top needs the live extra ({missing}): "
+                                   "pip install 'governor[live]'") from None
+    run_top(socket_path or connection.socket_path, interval)
+
+
+@main.command()
+@socket_option
 @click.option("--steps", "step_modules", multiple=True, metavar="MODULE[:ATTR]",
               help="Also load the steps of MODULE (its `registry`, or ATTR: a StepRegistry or a "
                    "function taking the daemon's registry). Repeatable. Packages can also ship steps "
@@ -152,11 +173,13 @@ main.add_command(run)
 @click.option("--ray-address", default=None, metavar="ADDR",
               help="With --backend ray: the cluster to join (auto, HOST:PORT, ray://...) "
                    "[default: a private local node on 127.0.0.1].")
+@http_options
 @click.pass_context
 def serve(ctx: click.Context, socket_path: Optional[Path], step_modules: List[str], builtin: bool,
           workers: Optional[int],
           journal_path: Optional[Path], metrics_addr: Optional[str], log_format: str, log_level: str,
-          drain_timeout: float, allow_root: bool, backend: str, ray_address: Optional[str]) -> None:
+          drain_timeout: float, allow_root: bool, backend: str, ray_address: Optional[str],
+          **http_settings: Any) -> None:
     """Run the supervisor daemon in the foreground (as systemd and supervisord expect).
 
     \b
@@ -165,6 +188,7 @@ def serve(ctx: click.Context, socket_path: Optional[Path], step_modules: List[st
       governor serve --socket /tmp/g/governor.sock --journal /tmp/g/journal.sqlite3 --workers 8
       governor serve --steps myapp.steps --metrics-addr 127.0.0.1:9464 --log-format json
       governor serve --backend ray --ray-address 10.0.0.5:6379 --workers 64
+      governor serve --http-addr 127.0.0.1:8765     a live status page (prints its URL)
 
     Stop it with SIGTERM or Ctrl-C: it stops accepting, lets running steps finish (up to
     --drain-timeout), keeps queued ones in the journal for the next start, and exits 0.
@@ -187,6 +211,7 @@ def serve(ctx: click.Context, socket_path: Optional[Path], step_modules: List[st
         if not host or not port.isdigit():
             raise click.BadParameter("expected HOST:PORT", param_hint="--metrics-addr")
         settings["metrics_addr"] = (host, int(port))
+    settings["http"] = http_config_from_options(**http_settings)
     try:
         Daemon(load_registry(step_modules, builtin=builtin), DaemonConfig(**settings)).serve()
     except (DaemonError, errors.RegistrationError, errors.BackendUnavailable, ImportError) as error:

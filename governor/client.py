@@ -348,6 +348,11 @@ class Client:
         """The daemon's metrics snapshot, or its Prometheus text with ``format="prometheus"``."""
         return self._ask(self._requests.metrics(format))
 
+    def live(self) -> Dict[str, Any]:
+        """The live picture ``governor top`` draws: lanes, workers, recent tasks, kills,
+        per-step latencies (see ``governor.live``)."""
+        return self._request(protocol.Live(self._next_id()))["live"]
+
     def close(self) -> None:
         """Close the connection; unfinished futures fail with ``DaemonUnavailable``."""
         self._closed = True

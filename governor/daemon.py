@@ -74,6 +74,7 @@ import attrs
 from governor import protocol
 from governor.errors import GovernorError, StepCancelled, TaskNotResumable, TooManyClients, UnknownTask
 from governor.journal import Journal, NewTask, TaskRecord
+from governor.live import HttpConfig, LiveModel
 from governor.paths import default_journal_path, default_socket_path
 from governor.supervisor import Supervisor
 from governor.task import Call, Task, TaskState, WorkflowFuture
@@ -245,6 +246,7 @@ class DaemonConfig:
     ray_address: Optional[str] = None
     idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
     max_connections_per_uid: int = DEFAULT_MAX_CONNECTIONS_PER_UID
+    http: Optional[HttpConfig] = None  # the live status page (issue 15); off when None
 
 
 # --------------------------------------------------------------------------- start-up checks
@@ -519,6 +521,8 @@ class Daemon:
         self._draining = False
         self._lock: Optional[JournalLock] = None
         self._listening = False  # the socket file is ours to remove
+        self.live = LiveModel()  # issue 15: what `governor top` and the status page show
+        self.status_page = None  # a governor.web.StatusPage while --http-addr serves one
 
     # ----------------------------------------------------------------- life
 
@@ -586,6 +590,9 @@ class Daemon:
         if recovery.resume:
             log.info("resumed %d journaled tasks", len(recovery.resume))
         self._server = await asyncio.start_unix_server(self._serve_connection, sock=listener)
+        if config.http is not None:  # imported here: aiohttp is the live extra's
+            from governor.web import StatusPage
+            self.status_page = await StatusPage.start(self, config.http)  # a failure: start() releases all
         self._loop.call_later(PRUNE_INTERVAL_S, self._prune)
         log.info("governor daemon listening on %s", config.socket_path)
 
@@ -594,9 +601,12 @@ class Daemon:
         self._draining = True
         if self._server is not None:
             self._server.close()
+        status_page, self.status_page = self.status_page, None
+        if status_page is not None:
+            await status_page.stop()
         supervisor = self._supervisor
         if supervisor is not None:
-            supervisor.shutdown(wait=False, cancel_pending=True)
+            supervisor.shutdown(wait=False, cancel_futures=True)
             running = [asyncio.wrap_future(live.future) for live in self._live.values() if not live.future.done()]
             if running:
                 await asyncio.wait(running, timeout=self.config.drain_timeout_s)
@@ -609,6 +619,9 @@ class Daemon:
 
     async def _release(self) -> None:
         """Give back everything :meth:`start` took, whichever part of it ran."""
+        status_page, self.status_page = self.status_page, None
+        if status_page is not None:
+            await status_page.stop()
         supervisor, self._supervisor = self._supervisor, None
         if supervisor is not None:
             await self._loop.run_in_executor(None, lambda: supervisor.shutdown(wait=True, cancel_running=True))
@@ -801,6 +814,21 @@ class Daemon:
         metrics = await self._loop.run_in_executor(None, self._supervisor.metrics)
         return {"metrics": {**metrics, "daemon": attrs.asdict(self.statistics())}}
 
+    async def _op_live(self, connection: Optional[_Connection], request: protocol.Live) -> Dict[str, Any]:
+        return {"live": await self.live_snapshot()}
+
+    async def live_snapshot(self) -> Dict[str, Any]:
+        """The live picture (``governor.live``), for ``governor top`` and the status page."""
+        return await self.live.snapshot(self._supervisor, self._journal)
+
+    async def prometheus_text(self) -> str:
+        """The supervisor's figures in the Prometheus text format (the status page's /metrics)."""
+        return await self._loop.run_in_executor(None, self._supervisor.prometheus_text)
+
+    async def cancel_tasks(self, task_ids: Sequence[int]) -> Dict[str, List[int]]:
+        """Cancel tasks as the ``cancel`` op does (the status page's cancel button)."""
+        return await self._op_cancel(None, protocol.Cancel(0, task_ids=tuple(task_ids)))
+
     # ----------------------------------------------------------------- tasks
 
     def _refuse_while_draining(self) -> None:
@@ -882,6 +910,7 @@ class Daemon:
         live = self._live.pop(record_id)
         self._started_records.discard(record_id)
         future = live.future
+        self.live.task_ended(record_id, future)
         if self._draining and _cancelled_by_shutdown(future):
             return  # left queued or running in the journal: the next start takes it up
         state, result, error = _ending(future)

@@ -106,6 +106,11 @@ class BackendUnavailable(GovernorError, RuntimeError):
     """The backend asked for cannot be used here: its optional extra is not installed."""
 
 
+class HttpAddressError(GovernorError, ValueError):
+    """A status page address (``--http-addr``) that is malformed, or not loopback without
+    ``--http-allow-remote``."""
+
+
 class StepError(GovernorError):
     """Base of the errors that end one task (a step's failure or an enforced limit).
 

@@ -61,6 +61,7 @@ Requests
     ``steps``    none
     ``workers``  none
     ``metrics``  ``format``: ``"json"`` or ``"prometheus"`` [``"json"``]
+    ``live``     none; the live picture ``governor top`` draws (``governor.live``)
     ===========  =====================================================================
 
     A task id is an integer from 1 to 2**63 - 1. A ``params`` object nests at most 32
@@ -838,9 +839,16 @@ class Metrics(Request):
     format: str = attrs.field(default="json", converter=_one_of("json", "prometheus"))
 
 
+@_wire_type
+class Live(Request):
+    """``live``: lanes, workers, recent tasks, kills and latencies in one snapshot (issue 15)."""
+
+    OP = "live"
+
+
 #: Every request type by its op.
 REQUEST_TYPES: Dict[str, type] = {cls.OP: cls for cls in (Ping, Submit, Batch, Workflow, Cancel, Status, Wait,
-                                                          Steps, Workers, Metrics)}
+                                                          Steps, Workers, Metrics, Live)}
 
 _ENVELOPE = frozenset({"v", "op"})
 

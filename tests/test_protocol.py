@@ -272,6 +272,7 @@ GOOD_REQUESTS = [
     ({"op": "workers"}, protocol.Workers(id=7)),
     ({"op": "metrics"}, protocol.Metrics(id=7)),
     ({"op": "metrics", "format": "prometheus"}, protocol.Metrics(id=7, format="prometheus")),
+    ({"op": "live"}, protocol.Live(id=7)),
 ]
 
 

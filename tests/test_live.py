@@ -1,0 +1,163 @@
+"""The live picture (issue 15) from a real daemon: the ``live`` op, and the status page's HTTP side
+(token, cookie, read-only, 4xx). The browser and the terminal views have their own modules."""
+
+import http.client
+import json
+import socket
+import subprocess
+import sys
+import urllib.parse
+
+import pytest
+
+from conftest import wait_until
+from governor import Call, Limits, MemoryLimitExceeded, StepCancelled, StepTimeout
+
+pytest.importorskip("aiohttp", reason="the status page needs the live extra (pip install -e '.[live]')")
+
+from governor.client import Client  # noqa: E402
+from live_harness import LiveDaemon, daemon, running  # noqa: E402,F401 (daemon: a fixture)
+
+#: Each test starts a real daemon (seconds on a shared 2-core machine): a generous guard.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+
+
+def request(daemon, method, path, headers=None, body=None):
+    """One HTTP request to the daemon's page: (status, headers, body text). No redirect is followed."""
+    address = urllib.parse.urlsplit(daemon.base)
+    connection = http.client.HTTPConnection(address.hostname, address.port, timeout=30)
+    try:
+        connection.request(method, path, body=body, headers=headers or {})
+        response = connection.getresponse()
+        return response.status, response.headers, response.read().decode()
+    finally:
+        connection.close()
+
+
+def pool_lane(snapshot):
+    return next(lane for lane in snapshot["lanes"] if lane["lane"] == "pool")
+
+
+def test_a_running_step_shows_with_its_daemon_id_and_limits_then_its_kill(daemon):
+    with Client(daemon.socket) as client:
+        # A workflow is one daemon id but two supervisor tasks: from here on the two numberings
+        # differ, so the view can only show the daemon's id if it maps it.
+        client.workflow([("echo", {"value": 1}), ("echo", {"value": 2})]).result(60)
+        held = client.submit_call(Call("busy_loop", limits=Limits(timeout_s=120, max_memory_mb=900)))
+        task_id = held.wait_for_id(30)
+        # metrics and workers are two reads: wait for one snapshot that has the step in both
+        snapshot = daemon.wait_live(lambda snap: running("busy_loop")(snap) and pool_lane(snap)["in_flight"] == 1)
+        [worker] = running("busy_loop")(snapshot)
+        # One id per task everywhere: the journal's, not the supervisor's internal number.
+        assert worker["task_id"] == task_id and worker["lane"] == "pool" and worker["state"] == "busy"
+        assert worker["timeout_s"] == 120 and worker["max_memory_mb"] == 900
+        assert worker["running_s"] >= 0 and worker["rss_bytes"] > 0
+        assert any(task["task_id"] == task_id and task["state"] == "running" for task in snapshot["tasks"])
+        assert pool_lane(snapshot)["queue_depth"] == 0
+
+        timed = client.submit_call(Call("busy_loop", limits=Limits(timeout_s=0.5)))
+        with pytest.raises(StepTimeout) as timeout:
+            timed.result(60)
+        held.cancel("the test is done with it")
+        with pytest.raises(StepCancelled):
+            held.result(60)
+    snapshot = daemon.live()
+    kills = {kill["task_id"]: kill for kill in snapshot["kills"]}
+    timeout_kill = kills[timed.task_id]
+    assert timeout_kill["reason"] == "timeout" and timeout_kill["limit"] == "0.5 s"
+    assert timeout_kill["observed"] == f"{timeout.value.elapsed_s:.4g} s" and timeout_kill["pid"] == timeout.value.pid
+    assert kills[task_id]["reason"] == "cancel" and kills[task_id]["observed"] == "explicit: cancelled by a client"
+    [busy] = [step for step in snapshot["steps"] if step["step"] == "busy_loop"]
+    assert busy["count"] == 2 and busy["p95_s"] >= busy["p50_s"] >= 0.5
+    assert sum(point["count"] for point in snapshot["series"]["points"]) == 4  # and the two echo steps
+
+
+def test_a_memory_kill_shows_its_limit_and_the_peak_seen(daemon):
+    with Client(daemon.socket) as client:
+        future = client.submit_call(Call("allocate", kwargs={"chunk_mb": 20, "total_mb": 2000},
+                                         limits=Limits(max_memory_mb=150)))
+        with pytest.raises(MemoryLimitExceeded) as over:
+            future.result(60)
+    [kill] = [kill for kill in daemon.live()["kills"] if kill["task_id"] == future.task_id]
+    assert kill["reason"] == "memory" and kill["limit"] == "150 MiB"
+    assert kill["observed"] == f"{over.value.peak_mb:.4g} MiB" and over.value.peak_mb > 150
+
+
+def test_every_request_needs_the_token(daemon):
+    for path in ("/", "/api/live", "/api/events", "/metrics", "/static/app.js", "/nowhere"):
+        status, _, body = request(daemon, "GET", path)
+        assert status == 403 and "token" in body, path
+        assert request(daemon, "GET", path + "?token=not-" + daemon.token)[0] == 403, path
+        assert request(daemon, "GET", path, {"Cookie": f"governor_token_1=x; other={daemon.token}"})[0] == 403
+    assert request(daemon, "POST", "/api/cancel", {"Content-Type": "application/json"}, '{"task_ids": [1]}')[0] == 403
+
+
+def test_the_url_token_becomes_a_cookie_that_opens_the_page(daemon):
+    status, headers, _ = request(daemon, "GET", "/?token=" + daemon.token)
+    assert status == 303 and headers["Location"] == "/"  # the token leaves the address bar
+    cookie = headers["Set-Cookie"].split(";")[0]
+    assert "HttpOnly" in headers["Set-Cookie"] and "SameSite=Strict" in headers["Set-Cookie"]
+    status, headers, page = request(daemon, "GET", "/", {"Cookie": cookie})
+    assert status == 200 and "/static/app.js" in page and "script-src 'self'" in headers["Content-Security-Policy"]
+    assert "http://" not in page.replace("http://www.w3.org", "")  # nothing loaded from elsewhere
+    status, _, body = request(daemon, "GET", "/api/live", {"Cookie": cookie})
+    assert status == 200 and json.loads(body)["daemon_pid"] == daemon.process.pid
+    status, _, metrics = request(daemon, "GET", "/metrics", {"Authorization": "Bearer " + daemon.token})
+    assert status == 200 and "governor_workers" in metrics
+
+
+def test_read_only_by_default_and_bad_requests_are_4xx_without_a_traceback(daemon):
+    auth = {"Authorization": "Bearer " + daemon.token}
+    json_auth = {**auth, "Content-Type": "application/json"}
+    status, _, body = request(daemon, "POST", "/api/cancel", json_auth, '{"task_ids": [1]}')
+    assert status == 403 and "read-only" in body
+    for method, path in (("GET", "/nowhere"), ("GET", "/static/../live.py"), ("DELETE", "/api/live"),
+                         ("GET", "/static/nothing.js")):
+        status, _, body = request(daemon, method, path, auth)
+        assert 400 <= status < 500 and "Traceback" not in body, (method, path, status, body)
+    status, _, body = request(daemon, "GET", "/api/live", {**auth, "Content-Length": "5"}, "x" * 200_000)
+    assert status < 500 and "Traceback" not in body
+    assert "Traceback" not in daemon.log.read_text()
+
+
+def test_cancel_from_the_page_when_allowed(tmp_path):
+    daemon = LiveDaemon(tmp_path, allow_cancel=True).start()
+    try:
+        with Client(daemon.socket) as client:
+            future = client.submit("busy_loop")
+            task_id = future.wait_for_id(30)
+            daemon.wait_live(running("busy_loop"))
+            auth = {"Authorization": "Bearer " + daemon.token, "Content-Type": "application/json"}
+            for bad in ('{"task_ids": "all"}', '{"task_ids": [0]}', "[1]", "not json", '{"ids": [1]}'):
+                status, _, body = request(daemon, "POST", "/api/cancel", auth, bad)
+                assert status == 400 and "Traceback" not in body, bad
+            status, _, _ = request(daemon, "POST", "/api/cancel", {**auth, "Origin": "http://evil.example"},
+                                   json.dumps({"task_ids": [task_id]}))
+            assert status == 403 and not future.done()
+            status, _, body = request(daemon, "POST", "/api/cancel", auth, json.dumps({"task_ids": [task_id]}))
+            assert status == 200 and json.loads(body)["cancelled"] == [task_id]
+            with pytest.raises(StepCancelled):
+                future.result(60)
+    finally:
+        assert daemon.stop() == 0, daemon.log.read_text()
+
+
+def test_a_non_loopback_address_needs_the_explicit_flag(tmp_path):
+    refused = subprocess.run([sys.executable, "-m", "governor", "serve", "--socket", str(tmp_path / "s.sock"),
+                              "--journal", str(tmp_path / "j.sqlite3"), "--http-addr", "0.0.0.0:0"],
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "--http-allow-remote" in refused.stderr
+    assert not (tmp_path / "s.sock").exists()
+
+
+def test_a_taken_port_is_a_clear_error_and_leaves_nothing_running(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        refused = subprocess.run([sys.executable, "-m", "governor", "serve", "--socket", str(tmp_path / "s.sock"),
+                                  "--journal", str(tmp_path / "j.sqlite3"), "--workers", "1",
+                                  "--http-addr", f"127.0.0.1:{port}"], capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 1 and f"cannot serve the status page on 127.0.0.1:{port}" in refused.stderr
+    assert "Traceback" not in refused.stderr and "could not start a worker" not in refused.stderr
+    assert not (tmp_path / "s.sock").exists()

@@ -1,0 +1,83 @@
+"""The status page in a real browser (headless Chromium, CI installs it) against a real daemon."""
+
+import asyncio
+import json
+
+import pytest
+
+pytest.importorskip("aiohttp", reason="the status page needs the live extra (pip install -e '.[live]')")
+
+from browser import BINARY, Chromium  # noqa: E402
+from governor import Call, Limits, StepTimeout  # noqa: E402
+from governor.client import Client  # noqa: E402
+from live_harness import daemon  # noqa: E402,F401 (a fixture)
+
+#: Real processes, a real browser, a shared 2-core machine: a generous guard, not a timing.
+pytestmark = [pytest.mark.skipif(BINARY is None, reason="no chromium here (CI installs Debian's: see .ci/run)"),
+              pytest.mark.slow, pytest.mark.timeout(240)]
+
+
+@pytest.fixture
+def chromium(tmp_path):
+    browser = Chromium(tmp_path)
+    yield browser
+    browser.close()
+
+
+def test_the_page_shows_a_running_step_live_then_its_kill(daemon, chromium, tmp_path):
+    chromium.start(daemon.url)  # the printed URL, token and all, as a person would paste it
+
+    async def scenario() -> None:
+        import aiohttp
+
+        async with aiohttp.ClientSession() as session:
+            page = await chromium.page(session)
+            await page.wait_for_text("#connection", "live")
+            # Trading the URL token for a cookie took it out of the address bar.
+            assert await page.evaluate("location.href") == daemon.base + "/"
+            with Client(daemon.socket) as client:
+                held = client.submit_call(Call("timed_sleep", kwargs={"ms": 60_000},
+                                               limits=Limits(timeout_s=120, max_memory_mb=800)))
+                held_id = held.wait_for_id(30)
+                row = await page.wait_for_text("#workers tbody", "timed_sleep", str(held_id), "busy", "/ 120.0 s",
+                                               "/ 800 MiB")
+                assert "pool" in row
+                await page.wait_for_text("#tasks tbody", str(held_id), "running")
+                killed = client.submit_call(Call("busy_loop", limits=Limits(timeout_s=1)))
+                with pytest.raises(StepTimeout):
+                    killed.result(60)
+                kills = await page.wait_for_text("#kills tbody", "busy_loop", "timeout", "1 s")
+                assert str(killed.task_id) in kills
+                await page.wait_for_text("#tasks tbody", "timed_out")
+                await page.wait_for_text("#steps tbody", "busy_loop")
+                assert await page.evaluate("document.querySelectorAll('#throughput rect').length") >= 1
+                assert await page.evaluate("document.querySelectorAll('#latency circle.p95').length") >= 1
+                assert "cancel" not in await page.text("#workers tbody")  # read-only: no cancel buttons
+                await page.screenshot(tmp_path / "status-page.png")
+                held.cancel()
+            # Nothing loaded from elsewhere: every resource is the daemon's own.
+            sources = await page.evaluate("performance.getEntriesByType('resource').map(e => e.name)")
+            assert sources and all(source.startswith(daemon.base + "/") for source in sources), sources
+
+    asyncio.run(scenario())
+    assert (tmp_path / "status-page.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_page_without_the_token_is_refused(daemon, chromium):
+    chromium.start(daemon.base + "/")  # no token, no cookie
+
+    async def scenario() -> None:
+        import aiohttp
+
+        async with aiohttp.ClientSession() as session:
+            page = await chromium.page(session)
+            body = await page.wait_for_text("body", "needs the token")
+            assert "Workers" not in body
+            status = await page.evaluate("fetch('/api/live').then(r => r.status)")
+            assert status == 403
+            # A wrong token in the URL gets no cookie either.
+            await page.call("Page.navigate", url=daemon.base + "/?token=wrong")
+            await page.wait_for_text("body", "needs the token")
+            assert json.loads(await page.evaluate("JSON.stringify(document.cookie)")) == ""
+
+    asyncio.run(scenario())
