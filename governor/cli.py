@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional
 import click
 
 from governor import __version__, errors
-from governor.cli_run import parse_value, run
+from governor.cli_options import Connection, json_option, parse_value, socket_option
 
 #: ``governor submit --wait`` exit codes, by how the task (or the request) ended.
 EXIT_CODES = {
@@ -63,50 +63,44 @@ def _client_error(error: BaseException) -> GovernorClickError:
     return GovernorClickError(str(error), "failed")
 
 
-socket_option = click.option(
-    "--socket", "socket_path", type=click.Path(dir_okay=False, path_type=Path), envvar="GOVERNOR_SOCKET",
-    default=None, help="The daemon's Unix socket [default: $XDG_RUNTIME_DIR/governor/governor.sock, "
-                       "else a per-user temp dir; env GOVERNOR_SOCKET].")
+def _ask(connection: Connection, request):
+    """``request(client)``, with Governor's errors turned into exit-coded click errors."""
+    try:
+        return request(connection.client())
+    except errors.GovernorError as error:
+        raise _client_error(error) from None
 
 
-class _Connected:
-    """Opens the client on first use, so ``--help`` never needs a daemon."""
-
-    def __init__(self, socket_path: Optional[Path]):
-        self.socket_path = socket_path
-        self._client = None
-
-    def client(self):
-        if self._client is None:
-            from governor.client import Client
-
-            try:
-                self._client = Client(self.socket_path)
-            except errors.GovernorError as error:
-                raise _client_error(error) from None
-        return self._client
-
-    def ask(self, request):
-        """``request(client)``, with Governor's errors turned into exit-coded click errors."""
-        client = self.client()
-        try:
-            return request(client)
-        except errors.GovernorError as error:
-            raise _client_error(error) from None
-
-    def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
+pass_connection = click.make_pass_decorator(Connection, ensure=True)
 
 
-pass_connection = click.make_pass_decorator(_Connected)
+class _Commands(click.Group):
+    """The command group; ``run`` (which needs the engine) is imported only when it is named.
+
+    A client command must start fast: importing ``governor.cli_run`` would load the
+    supervisor, loky and psutil for nothing.
+    """
+
+    #: Commands defined in heavy modules: name -> (module, attribute).
+    LAZY = {"run": ("governor.cli_run", "run")}
+
+    def list_commands(self, ctx: click.Context) -> List[str]:
+        return sorted([*super().list_commands(ctx), *self.LAZY])
+
+    def get_command(self, ctx: click.Context, name: str) -> Optional[click.Command]:
+        if name in self.LAZY:
+            import importlib
+
+            module, attribute = self.LAZY[name]
+            return getattr(importlib.import_module(module), attribute)
+        return super().get_command(ctx, name)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(version=__version__, prog_name="governor")
 @socket_option
 @click.pass_context
-def main(ctx: click.Context, socket_path: Optional[Path]) -> None:
+def main(ctx: click.Context) -> None:
     """Governor: run many small steps fast and safely in worker processes.
 
     \b
@@ -117,12 +111,7 @@ def main(ctx: click.Context, socket_path: Optional[Path]) -> None:
       governor submit git.status -p repo=$PWD --wait
       governor status                        the recent tasks
     """
-    connection = _Connected(socket_path)
-    ctx.obj = connection
-    ctx.call_on_close(connection.close)
-
-
-main.add_command(run)
+    ctx.call_on_close(ctx.ensure_object(Connection).close)
 
 
 @main.command()
@@ -153,7 +142,7 @@ main.add_command(run)
               help="With --backend ray: the cluster to join (auto, HOST:PORT, ray://...) "
                    "[default: a private local node on 127.0.0.1].")
 @click.pass_context
-def serve(ctx: click.Context, socket_path: Optional[Path], step_modules: List[str], builtin: bool,
+def serve(ctx: click.Context, step_modules: List[str], builtin: bool,
           workers: Optional[int],
           journal_path: Optional[Path], metrics_addr: Optional[str], log_format: str, log_level: str,
           drain_timeout: float, allow_root: bool, backend: str, ray_address: Optional[str]) -> None:
@@ -173,7 +162,7 @@ def serve(ctx: click.Context, socket_path: Optional[Path], step_modules: List[st
     from governor.logs import configure_logging
 
     configure_logging(log_format, getattr(logging, log_level.upper()))
-    socket_path = socket_path or ctx.obj.socket_path
+    socket_path = ctx.ensure_object(Connection).resolved_socket()
     if ray_address is not None and backend != "ray":
         raise click.BadParameter("needs --backend ray", param_hint="--ray-address")
     settings: Dict[str, Any] = {"workers": workers, "allow_root": allow_root, "drain_timeout_s": drain_timeout,
@@ -209,8 +198,9 @@ def serve(ctx: click.Context, socket_path: Optional[Path], step_modules: List[st
 @click.option("--batch", "batch_file", type=click.File("r"), default=None,
               help="Submit every line of a JSONL file ({\"step\": ..., \"params\": {...}}) and wait, "
                    "with a progress bar.")
+@socket_option
 @pass_connection
-def submit(connection: _Connected, step: Optional[str], params: List[str], json_params: Optional[str], wait: bool,
+def submit(connection: Connection, step: Optional[str], params: List[str], json_params: Optional[str], wait: bool,
            timeout: Optional[float], limit_timeout: Optional[float], key: Optional[str], batch_file) -> None:
     """Submit a step to the daemon.
 
@@ -237,12 +227,12 @@ def submit(connection: _Connected, step: Optional[str], params: List[str], json_
 
     limits = Limits(timeout_s=limit_timeout) if limit_timeout else None
     # submit_call returns once the daemon journaled the task: the id is known.
-    task_id = connection.ask(lambda client: client.submit_call(
+    task_id = _ask(connection, lambda client: client.submit_call(
         Call(step, kwargs=call_params, limits=limits), key=key).task_id)
     if not wait:
         click.echo(task_id)
         return
-    record = connection.ask(lambda client: client.wait(task_id, timeout=timeout))
+    record = _ask(connection, lambda client: client.wait(task_id, timeout=timeout))
     click.echo(json.dumps(record, indent=2, default=str))
     state = record["state"] if record["final"] else "still_running"
     if state != "done":
@@ -266,7 +256,7 @@ def _parameters(params: List[str], json_params: Optional[str]) -> Dict[str, Any]
     return parsed
 
 
-def _submit_batch(connection: _Connected, batch_file) -> None:
+def _submit_batch(connection: Connection, batch_file) -> None:
     from governor.task import Call
 
     calls = []
@@ -278,7 +268,7 @@ def _submit_batch(connection: _Connected, batch_file) -> None:
             calls.append(Call(item["step"], kwargs=item.get("params", {})))
         except (ValueError, KeyError, TypeError) as error:
             raise click.BadParameter(f"line {number}: {error}", param_hint="--batch") from None
-    futures = connection.ask(lambda client: [client.submit_call(call) for call in calls])
+    futures = _ask(connection, lambda client: [client.submit_call(call) for call in calls])
     failures = 0
     with click.progressbar(length=len(futures), label="waiting", file=sys.stderr) as bar:
         import concurrent.futures
@@ -294,8 +284,9 @@ def _submit_batch(connection: _Connected, batch_file) -> None:
 
 @main.command()
 @click.argument("task_id", type=click.IntRange(min=1), required=False)
+@socket_option
 @pass_connection
-def status(connection: _Connected, task_id: Optional[int]) -> None:
+def status(connection: Connection, task_id: Optional[int]) -> None:
     """Show one task's journal record, or the recent tasks.
 
     \b
@@ -303,7 +294,7 @@ def status(connection: _Connected, task_id: Optional[int]) -> None:
       governor status          the 50 most recent tasks, newest first
       governor status 42       task 42 in full, with its result or error
     """
-    found = connection.ask(lambda client: client.status(task_id))
+    found = _ask(connection, lambda client: client.status(task_id))
     if task_id is not None:
         click.echo(json.dumps(found, indent=2, default=str))
         return
@@ -314,45 +305,48 @@ def status(connection: _Connected, task_id: Optional[int]) -> None:
 
 @main.command()
 @click.argument("task_ids", type=click.IntRange(min=1), nargs=-1, required=True)
+@socket_option
 @pass_connection
-def cancel(connection: _Connected, task_ids: List[int]) -> None:
+def cancel(connection: Connection, task_ids: List[int]) -> None:
     """Cancel tasks: queued ones never run, running ones are stopped.
 
     \b
     Example:
       governor cancel 41 42
     """
-    outcome = connection.ask(lambda client: client.cancel(*task_ids))
+    outcome = _ask(connection, lambda client: client.cancel(*task_ids))
     click.echo(json.dumps(outcome))
     if outcome["unknown"]:
         sys.exit(EXIT_CODES["bad_request"])
 
 
 @main.command()
+@socket_option
 @pass_connection
-def steps(connection: _Connected) -> None:
+def steps(connection: Connection) -> None:
     """List the daemon's steps: lane, why that lane, and limits.
 
     \b
     Example:
       governor steps
     """
-    described = connection.ask(lambda client: client.steps())
+    described = _ask(connection, lambda client: client.steps())
     _table(["step", "lane", "timeout_s", "max_memory_mb", "why"],
            [[s["name"], s["lane"], s["limits"]["timeout_s"], s["limits"]["max_memory_mb"], s["reason"]]
             for s in described])
 
 
 @main.command()
+@socket_option
 @pass_connection
-def workers(connection: _Connected) -> None:
+def workers(connection: Connection) -> None:
     """List the daemon's worker processes: pid, lane, current step, RSS, time on the step.
 
     \b
     Example:
       governor workers
     """
-    described = connection.ask(lambda client: client.workers())
+    described = _ask(connection, lambda client: client.workers())
     _table(["pid", "lane", "state", "step", "running_s", "rss_mib"],
            [[w["pid"], w["lane"], w["state"], w["step"] or "",
              "" if w["running_s"] is None else f"{w['running_s']:.3f}",
@@ -361,8 +355,9 @@ def workers(connection: _Connected) -> None:
 
 @main.command()
 @click.option("--prometheus", is_flag=True, help="The Prometheus text format instead of JSON.")
+@socket_option
 @pass_connection
-def metrics(connection: _Connected, prometheus: bool) -> None:
+def metrics(connection: Connection, prometheus: bool) -> None:
     """Print the daemon's metrics.
 
     \b
@@ -370,7 +365,7 @@ def metrics(connection: _Connected, prometheus: bool) -> None:
       governor metrics
       governor metrics --prometheus
     """
-    found = connection.ask(lambda client: client.metrics("prometheus" if prometheus else "json"))
+    found = _ask(connection, lambda client: client.metrics("prometheus" if prometheus else "json"))
     click.echo(found if prometheus else json.dumps(found, indent=2))
 
 

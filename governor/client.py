@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Union
 
 from governor import protocol
 from governor.errors import GovernorError, StepCancelled
+from governor.paths import default_socket_path
 from governor.task import Call, _ExplainedCancelFuture
 
 
@@ -78,7 +79,7 @@ class Client:
     """Submit steps to a running daemon. Use as a context manager, or call :meth:`close`.
 
     Args:
-        socket_path: the daemon's socket (default: ``daemon.default_socket_path()``).
+        socket_path: the daemon's socket (default: ``governor.paths.default_socket_path()``).
         timeout: seconds to wait for a reply to a non-waiting request.
 
     Raises:
@@ -86,8 +87,6 @@ class Client:
     """
 
     def __init__(self, socket_path: Optional[Union[str, Path]] = None, timeout: float = 30.0):
-        from governor.daemon import default_socket_path
-
         self.socket_path = Path(socket_path) if socket_path is not None else default_socket_path()
         self.timeout = timeout
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
