@@ -170,17 +170,38 @@ class Client:
 
     def cancel(self, *task_ids: int) -> Dict[str, List[int]]:
         """Cancel tasks by id: ``{"cancelled": [...], "finished": [...], "unknown": [...]}``."""
-        return self._request(protocol.Cancel(self._next_id(), task_ids))
+        reply = self._request(protocol.Cancel(self._next_id(), task_ids))
+        return {outcome: reply[outcome] for outcome in ("cancelled", "finished", "unknown")}
 
-    def status(self, task_id: Optional[int] = None) -> Any:
-        """One task's journal record, or the recent tasks' records (newest first)."""
-        reply = self._request(protocol.Status(self._next_id(), task_id))
+    def status(self, task_id: Optional[int] = None, *, states: Iterable[str] = (), step: Optional[str] = None,
+               limit: int = protocol.DEFAULT_STATUS_LIMIT) -> Any:
+        """One task's journal record, or the recent tasks' records (newest first).
+
+        Args:
+            states, step, limit: for the recent tasks: only those in one of ``states`` (any
+                when empty) and of ``step`` (any when ``None``), the last ``limit`` of them.
+        """
+        reply = self._request(protocol.Status(self._next_id(), task_id, tuple(states) or None, step, limit))
         return reply["task"] if task_id is not None else reply["tasks"]
 
     def wait(self, task_id: int, timeout: Optional[float] = None) -> Dict[str, Any]:
         """Wait for a task to end (or ``timeout``); return its record (``final`` says which)."""
-        reply = self._request(protocol.Wait(self._next_id(), task_id, timeout), timeout=None)
-        return {**reply["task"], "final": reply["final"]}
+        return self.wait_future(task_id, timeout).result()
+
+    def wait_future(self, task_id: int, timeout: Optional[float] = None) -> concurrent.futures.Future:
+        """:meth:`wait` without blocking: a future of the record (so many tasks can be awaited at once)."""
+        record: concurrent.futures.Future = concurrent.futures.Future()
+
+        def on_reply(reply: concurrent.futures.Future) -> None:
+            try:
+                wire = reply.result()
+            except BaseException as error:  # the daemon's refusal (UnknownTask) or a lost connection
+                record.set_exception(error)
+            else:
+                record.set_result({**wire["task"], "final": wire["final"]})
+
+        self._request_future(protocol.Wait(self._next_id(), task_id, timeout)).add_done_callback(on_reply)
+        return record
 
     def steps(self) -> List[Dict[str, Any]]:
         """The daemon's steps: name, lane, reason, limits, description, signature."""
@@ -226,8 +247,12 @@ class Client:
             except OSError as error:
                 raise DaemonUnavailable(self.socket_path, str(error)) from None
 
-    def _request(self, request: protocol.Request, timeout: Optional[float] = -1) -> Dict[str, Any]:
-        """Send one request and wait for its (single) reply."""
+    def _request(self, request: protocol.Request) -> Dict[str, Any]:
+        """Send one request and wait for its (single) reply, up to ``self.timeout``."""
+        return self._request_future(request).result(self.timeout)
+
+    def _request_future(self, request: protocol.Request) -> concurrent.futures.Future:
+        """Send one request; the future resolves to its (single) reply."""
         reply: concurrent.futures.Future = concurrent.futures.Future()
 
         def on_reply(message: Dict[str, Any]) -> bool:
@@ -238,7 +263,7 @@ class Client:
             return True
 
         self._send(request, on_reply)
-        return reply.result(self.timeout if timeout == -1 else timeout)
+        return reply
 
     def _submit(self, request: protocol.Request, unwrap: Callable[[Dict[str, Any]], Any]) -> RemoteFuture:
         """Send a waiting submit/batch/workflow: an ack with ids, then a final reply."""

@@ -50,7 +50,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import attrs
 
 from governor import protocol
-from governor.errors import GovernorError, StepCancelled
+from governor.errors import GovernorError, StepCancelled, UnknownTask
 from governor.journal import Journal, NewTask, TaskRecord
 from governor.supervisor import Supervisor
 from governor.task import Call, Task, TaskState, WorkflowFuture
@@ -433,7 +433,8 @@ class Daemon:
 
     async def _op_status(self, connection: _Connection, request: protocol.Status) -> Dict[str, Any]:
         if request.task_id is None:
-            return {"tasks": [record.to_wire(summary=True) for record in self._journal.recent()]}
+            return {"tasks": [record.to_wire(summary=True) for record in
+                              self._journal.recent(request.limit, request.states or (), request.step)]}
         return {"task": self._record(request.task_id).to_wire()}
 
     async def _op_wait(self, connection: _Connection, request: protocol.Wait) -> Optional[Dict[str, Any]]:
@@ -546,13 +547,6 @@ class _BatchWait:
         records = [daemon._record(record_id).to_wire() for record_id in self.record_ids]
         fields = {"task": records[0]} if self.single else {"tasks": records}
         self.connection.send(protocol.ok_reply(self.request_id, final=True, **fields))
-
-
-class UnknownTask(GovernorError, KeyError):
-    """No task with that id is in the journal (never submitted, or pruned)."""
-
-    def __str__(self) -> str:
-        return f"no task {self.args[0]} in the journal (never submitted, or pruned)"
 
 
 def _cancelled_by_shutdown(future: concurrent.futures.Future) -> bool:

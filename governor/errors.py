@@ -302,3 +302,18 @@ def describe_exit(exitcode: Optional[int], signal_number: Optional[int]) -> str:
     if exitcode is not None:
         return f"exit code {exitcode}"
     return "exit status unknown"
+
+
+class UnknownTask(GovernorError, KeyError):
+    """No task with that id is in the daemon's journal (never submitted, or pruned).
+
+    Attributes:
+        task_id: the id asked for.
+    """
+
+    def __init__(self, task_id: int):
+        super().__init__(task_id)
+        self.task_id = task_id
+
+    def __str__(self) -> str:
+        return f"no task {self.task_id} in the journal (never submitted, or pruned)"

@@ -3,13 +3,17 @@ or CliRunner) against a real daemon (``governor serve`` in a subprocess, tests/d
 
 import json
 import os
+import pty
 import subprocess
 import sys
+import threading
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 
 from daemon_harness import DaemonProcess
+from governor.cli import EXIT_CODES
 
 #: Modules a client command must not import: the engine and what only the engine needs.
 ENGINE_MODULES = ("loky", "psutil", "prometheus_client", "governor.supervisor", "governor.daemon",
@@ -64,3 +68,125 @@ def test_socket_works_on_the_group_on_each_command_and_from_the_environment(daem
         assert shown.returncode == 0, (args, env, shown.stderr)
     missing = governor("status", "--socket", wrong)
     assert missing.returncode == 3 and wrong in missing.stderr
+
+
+def test_records_are_text_by_default_json_on_request_with_local_iso_times(daemon):
+    socket = str(daemon.socket)
+    failed = governor("--socket", socket, "submit", "boom", "-p", "message=kaput", "--wait")
+    assert failed.returncode == 1, failed.stderr
+    task_id = int(failed.stderr.split("waiting for task ")[1].split()[0])
+    text = failed.stdout.splitlines()
+    assert text[0] == f"task {task_id}: boom (pool lane): failed"
+    assert any(line.split() == ["error", "ValueError:", "kaput"] for line in text)
+    # The traceback is readable lines, not an escaped JSON string.
+    assert any(line.strip() == "Traceback (most recent call last):" for line in text)
+    assert any(line.strip() == "raise ValueError(message)" for line in text)
+    assert "\\n" not in failed.stdout
+
+    as_json = json.loads(governor("--socket", socket, "status", str(task_id), "--json").stdout)
+    submitted = datetime.fromisoformat(as_json["submitted_at"])
+    assert submitted.utcoffset() == datetime.now().astimezone().utcoffset()  # local time, with its offset
+    assert as_json["error"]["fields"]["exc_message"] == "kaput" and as_json["state"] == "failed"
+    assert governor("--socket", socket, "status", str(task_id)).stdout == failed.stdout
+
+    cancelled = governor("--socket", socket, "cancel", str(task_id))
+    assert cancelled.returncode == 0 and cancelled.stdout == f"already finished: {task_id}\n"  # no wire envelope
+    assert json.loads(governor("--socket", socket, "cancel", str(task_id), "--json").stdout) == {
+        "cancelled": [], "finished": [task_id], "unknown": []}
+    steps = json.loads(governor("--socket", socket, "steps", "--json").stdout)
+    assert {"echo", "boom"} <= {step["name"] for step in steps}
+    assert {worker["lane"] for worker in json.loads(governor("--socket", socket, "workers", "--json").stdout)} \
+        == {"pool", "critical"}
+    listing = governor("--socket", socket, "status").stdout.splitlines()
+    assert listing[0].split() == ["id", "step", "lane", "state", "submitted", "ran_s", "attempts", "error"]
+    assert listing[1].split()[:4] == [str(task_id), "boom", "pool", "failed"] and "ValueError: kaput" in listing[1]
+
+
+def test_one_exit_status_table_for_every_command(daemon):
+    socket = str(daemon.socket)
+    for command in (["status", "99999"], ["cancel", "99999"], ["wait", "99999"]):
+        unknown = governor("--socket", socket, *command)
+        assert unknown.returncode == EXIT_CODES["unknown_task"], (command, unknown.stderr)
+        assert "99999" in unknown.stdout + unknown.stderr
+    slow = governor("--socket", socket, "submit", "timed_sleep", "-p", "ms=60000").stdout.strip()
+    still = governor("--socket", socket, "wait", slow, "--timeout", "0.1")
+    assert still.returncode == EXIT_CODES["still_running"] and "(still running)" in still.stdout
+    governor("--socket", socket, "cancel", slow)
+    assert governor("--socket", socket, "wait", slow).returncode == EXIT_CODES["cancelled"]
+    refused = governor("--socket", socket, "submit", "echoo", "--wait")
+    assert refused.returncode == EXIT_CODES["bad_request"] and "did you mean 'echo'" in refused.stderr
+    shown = governor("--help").stdout
+    for name, code in EXIT_CODES.items():
+        assert any(line.split()[:2] == [str(code), name] for line in shown.splitlines()), name
+
+
+def test_status_filters_by_state_step_and_count_in_the_daemon(daemon):
+    from governor.client import Client
+
+    socket = str(daemon.socket)
+    with Client(daemon.socket) as client:
+        first_failure = client.submit("boom").wait_for_id()
+        # More than a screenful after it: filtering the last 50 in the client would miss it.
+        echoes = client.submit_batch([("echo", {"value": n}) for n in range(60)])
+        echoes.result(timeout=60)
+        client.wait(first_failure)
+    failures = json.loads(governor("--socket", socket, "status", "--state", "failed", "--json").stdout)
+    assert [task["task_id"] for task in failures] == [first_failure]
+    newest = json.loads(governor("--socket", socket, "status", "--step", "echo", "-n", "3", "--json").stdout)
+    assert [task["task_id"] for task in newest] == sorted(echoes.task_ids, reverse=True)[:3]
+    none = governor("--socket", socket, "status", "--step", "boom", "--state", "done", "--json")
+    assert json.loads(none.stdout) == []
+    assert len(json.loads(governor("--socket", socket, "status", "--json").stdout)) == 50
+    assert governor("--socket", socket, "status", "1", "--state", "done").returncode == EXIT_CODES["usage"]
+
+
+def test_a_batch_with_bad_lines_submits_nothing_and_names_each_line(daemon, tmp_path):
+    lines = [json.dumps({"step": "echo", "params": {"value": n}}) for n in range(200)]
+    lines[149] = json.dumps({"step": "noopp"})
+    lines[9] = json.dumps({"step": "echo", "params": {"value": 1, "valeu": 2}})
+    lines[19] = "{not json"
+    batch = tmp_path / "calls.jsonl"
+    batch.write_text("\n".join(lines) + "\n")
+    refused = governor("--socket", str(daemon.socket), "submit", "--batch", str(batch))
+    assert refused.returncode == EXIT_CODES["bad_request"], refused.stderr
+    assert "nothing was submitted" in refused.stderr
+    assert "line 150: unknown step 'noopp'; did you mean 'noop'?" in refused.stderr
+    assert "line 10: bad parameters for step 'echo'" in refused.stderr and "valeu" in refused.stderr
+    assert "line 20: not JSON" in refused.stderr
+    assert json.loads(governor("--socket", str(daemon.socket), "status", "--json").stdout) == []
+
+
+def test_a_batch_prints_every_task_id_and_its_progress_counts(daemon, tmp_path):
+    batch = tmp_path / "calls.jsonl"
+    batch.write_text("\n".join([json.dumps({"step": "echo", "params": {"value": n}}) for n in range(30)]
+                               + ["", json.dumps({"step": "boom"})]))
+    # stderr on a terminal, as a user sees it: the progress bar is drawn only there.
+    master, terminal = pty.openpty()
+    process = subprocess.Popen([sys.executable, "-m", "governor", "--socket", str(daemon.socket), "submit",
+                                "--batch", str(batch), "--json"], stdout=subprocess.PIPE, stderr=terminal)
+    os.close(terminal)
+    seen = bytearray()
+    reader = threading.Thread(target=_read_all, args=(master, seen))
+    reader.start()
+    out, _ = process.communicate(timeout=120)
+    reader.join(timeout=60)
+    os.close(master)
+    assert process.returncode == EXIT_CODES["failed"], seen.decode(errors="replace")
+    records = json.loads(out)
+    assert [record["line"] for record in records] == [*range(1, 31), 32]
+    assert [record["state"] for record in records] == ["done"] * 30 + ["failed"]
+    listed = json.loads(governor("--socket", str(daemon.socket), "status", "--json").stdout)
+    assert sorted(record["task_id"] for record in records) == sorted(task["task_id"] for task in listed)
+    drawn = seen.decode(errors="replace")
+    assert "100%" in drawn and "31/31" in drawn and "30 done, 1 failed" in drawn
+
+
+def _read_all(fd: int, into: bytearray) -> None:
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:  # EIO: the terminal's other end is closed
+            return
+        if not chunk:
+            return
+        into += chunk
