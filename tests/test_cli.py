@@ -4,14 +4,17 @@ or CliRunner) against a real daemon (``governor serve`` in a subprocess, tests/d
 import json
 import os
 import pty
+import signal
 import subprocess
 import sys
 import threading
 from datetime import datetime
 from pathlib import Path
+from typing import List, Tuple
 
 import pytest
 
+from conftest import wait_until
 from daemon_harness import DaemonProcess
 from governor.cli import EXIT_CODES
 
@@ -190,3 +193,51 @@ def _read_all(fd: int, into: bytearray) -> None:
         if not chunk:
             return
         into += chunk
+
+
+def _interrupted(daemon, tmp_path, name: str, *command: str) -> Tuple[subprocess.CompletedProcess, List[int]]:
+    """Run a waiting COMMAND whose tasks hold until released, press Ctrl-C once they all run;
+    return what it printed and the ids it named."""
+    process = subprocess.Popen([sys.executable, "-m", "governor", "--socket", str(daemon.socket), *command],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    announced = process.stderr.readline()  # printed inside the block that handles Ctrl-C
+    assert announced.startswith("waiting for task"), announced + process.stderr.read()
+    first, _, last = announced.split()[3].partition("-")
+    task_ids = list(range(int(first), int(last or first) + 1))
+    assert wait_until(lambda: len(list(tmp_path.glob(f"{name}-*"))) == len(task_ids), timeout=60)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    return subprocess.CompletedProcess(process.args, process.returncode, out, announced + err), task_ids
+
+
+def test_ctrl_c_while_waiting_says_the_tasks_go_on_or_cancels_them_and_exits_130(tmp_path):
+    daemon = DaemonProcess(tmp_path, workers=4).start()  # the four held tasks run at once
+    try:
+        _ctrl_c(daemon, tmp_path)
+    finally:
+        assert daemon.stop() == 0, daemon.log.read_text()
+
+
+def _ctrl_c(daemon, tmp_path):
+    socket, go = str(daemon.socket), str(tmp_path / "go")
+    left, [left_id] = _interrupted(daemon, tmp_path, "left", "submit", "hold_until", "-p", f"marker={tmp_path}/left-1",
+                                   "-p", f"go={go}", "--wait")
+    assert left.returncode == EXIT_CODES["aborted"] == 130, left.stderr
+    assert f"task {left_id} goes on" in left.stderr and "Aborted" not in left.stderr
+    assert json.loads(governor("--socket", socket, "status", str(left_id), "--json").stdout)["state"] == "running"
+
+    batch = tmp_path / "calls.jsonl"
+    batch.write_text("\n".join(json.dumps({"step": "hold_until", "params": {"marker": f"{tmp_path}/batch-{n}",
+                                                                             "go": go}}) for n in range(2)))
+    batched, batch_ids = _interrupted(daemon, tmp_path, "batch", "submit", "--batch", str(batch))
+    assert batched.returncode == 130 and f"tasks {batch_ids[0]}-{batch_ids[1]} go on" in batched.stderr
+
+    held = governor("--socket", socket, "submit", "hold_until", "-p", f"marker={tmp_path}/held-1", "-p",
+                    f"go={tmp_path / 'never'}").stdout.strip()
+    cancelled, [held_id] = _interrupted(daemon, tmp_path, "held", "wait", held, "--cancel-on-interrupt")
+    assert cancelled.returncode == 130 and f"cancelled {held}" in cancelled.stderr
+    assert governor("--socket", socket, "wait", str(held_id)).returncode == EXIT_CODES["cancelled"]
+
+    Path(go).touch()  # the tasks left running were not cancelled: they finish
+    finished = governor("--socket", socket, "wait", str(left_id), *map(str, batch_ids))
+    assert finished.returncode == 0, finished.stdout
