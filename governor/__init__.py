@@ -30,7 +30,8 @@ from governor.task import Call, TaskFuture, TaskState, WorkflowFuture
 logging.getLogger("governor").addHandler(logging.NullHandler())
 
 _ENGINE = {"Supervisor": "governor.supervisor", "Scope": "governor.supervisor",
-           "Client": "governor.client", "DaemonUnavailable": "governor.client"}
+           "Client": "governor.client", "DaemonUnavailable": "governor.client",
+           "AsyncClient": "governor.async_client"}
 
 
 def __getattr__(name: str):
@@ -43,7 +44,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "BackendUnavailable", "Call", "Client", "DaemonUnavailable", "GovernorError", "InvalidParameters", "Lane", "Limits", "MemoryLimitExceeded", "QueueFull",
+    "AsyncClient", "BackendUnavailable", "Call", "Client", "DaemonUnavailable", "GovernorError", "InvalidParameters", "Lane", "Limits", "MemoryLimitExceeded", "QueueFull",
     "Scope", "StepCancelled", "StepContext", "StepFailed", "StepSkipped", "StepTimeout", "Supervisor",
     "SupervisorClosed", "TaskFuture", "TaskState", "UnknownStep", "WorkerCrashed", "WorkerStartFailed",
     "WorkflowFailed", "WorkflowFuture", "current_context",

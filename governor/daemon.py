@@ -12,6 +12,23 @@ Only the loop thread touches connections, waiters and the live-task table; the m
 thread's one call into the daemon is the dispatch hook, which writes the journal (guarded
 by its lock) and reads nothing else.
 
+Start-up checks everything it can before any worker starts (:meth:`Daemon.start`, or
+:func:`preflight` alone): the socket's directory, a live or stale socket, the journal's
+lock, the metrics address (parsed and bound). Each failure is a :class:`DaemonError`
+subclass with a one-line message, and leaves nothing behind.
+
+Paths: a step declares which parameters name files (``StepSpec.paths``); the daemon makes
+a relative path there absolute against the request's ``cwd`` (the client's working
+directory) before journaling, so a step never sees the daemon's own directory.
+
+Ids: a task's journal id is its one id: replies, status, and the ``task_id`` of its errors
+(``protocol.with_task_id``) all say it. The supervisor's own task numbers stay inside.
+
+Connections: a connection with nothing in flight (no reply owed, no task waited for) is
+closed after ``idle_timeout_s`` of silence (clients reconnect on their next request); one
+user may hold ``max_connections_per_uid`` at once, and the next is refused with
+``TooManyClients``; whatever a connection waits for is forgotten when it closes.
+
 Safety:
     * the socket lives in a directory only its user can enter (0700, checked when it
       exists) and is itself 0600; every connection's peer credentials (SO_PEERCRED) are
@@ -20,7 +37,11 @@ Safety:
       unless told otherwise;
     * clients name registered steps and send JSON parameters checked against the step's
       signature; nothing is imported, evaluated or unpickled from the wire;
-    * one daemon per journal (an flock on ``journal + ".lock"``).
+    * one daemon per journal (an flock on ``journal + ".lock"``);
+    * limits a client sends are checked as ``Limits`` checks them (a typed
+      ``ProtocolError`` for an absurd value), and a journaled task that can no longer
+      run (its step gone, its parameters or limits now invalid) fails with
+      ``TaskNotResumable`` at the next start instead of stopping it.
 
 Durability: every submission is in the journal before it is acknowledged. After a crash
 (kill -9) and a restart, queued tasks resume in their original order, running read-only
@@ -34,24 +55,26 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import errno
 import fcntl
 import importlib
+import ipaddress
 import logging
 import os
 import signal
 import socket
 import stat
 import struct
-import tempfile
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import attrs
 
 from governor import protocol
-from governor.errors import GovernorError, StepCancelled, UnknownTask
+from governor.errors import GovernorError, StepCancelled, TaskNotResumable, TooManyClients, UnknownTask
 from governor.journal import Journal, NewTask, TaskRecord
+from governor.paths import default_journal_path, default_socket_path
 from governor.supervisor import Supervisor
 from governor.task import Call, Task, TaskState, WorkflowFuture
 
@@ -66,8 +89,16 @@ ENTRY_POINT_GROUP = "governor.steps"
 #: client that stops reading must not make the daemon buffer without bound.
 MAX_CLIENT_BACKLOG_BYTES = 8 << 20
 
-#: How many clients may be connected at once; more are refused with an error.
-MAX_CONNECTIONS = 256
+#: How many connections one user may hold open at once; the next is refused with
+#: ``TooManyClients``. The peer check already limits clients to the daemon's own user (and
+#: root, if allowed), so this bounds what one runaway program can hold; the idle timeout
+#: frees what it leaked.
+DEFAULT_MAX_CONNECTIONS_PER_UID = 256
+
+#: How long a connection with nothing in flight may stay silent before it is closed. Long
+#: enough for a program that keeps a client between bursts of work (it reconnects on its
+#: next request anyway); short enough that leaked connections free their slots in minutes.
+DEFAULT_IDLE_TIMEOUT_S = 300.0
 
 #: How long running steps may take to finish after SIGTERM before they are cancelled
 #: (they stay "running" in the journal, so the next start treats them as interrupted).
@@ -75,6 +106,9 @@ DEFAULT_DRAIN_TIMEOUT_S = 30.0
 
 #: How often finished journal rows older than the retention are pruned.
 PRUNE_INTERVAL_S = 600.0
+
+#: Where ``--metrics-addr PORT`` listens: loopback, since the figures name steps and hosts.
+DEFAULT_METRICS_HOST = "127.0.0.1"
 
 _PEER_CREDENTIALS = struct.Struct("3i")  # pid, uid, gid
 
@@ -84,26 +118,77 @@ class PeerRefused(GovernorError, PermissionError):
 
 
 class DaemonError(GovernorError, RuntimeError):
-    """The daemon cannot start: socket directory unsafe, another daemon running, ..."""
+    """The daemon cannot start: socket directory unsafe, another daemon running, ...
+
+    Each cause has its own subclass, so a command can give each its own exit code; the
+    message is one line for a person.
+    """
 
 
-def default_runtime_dir() -> Path:
-    """Where the socket goes: ``$XDG_RUNTIME_DIR/governor``, else a per-user temp directory."""
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime:
-        return Path(runtime) / "governor"
-    return Path(tempfile.gettempdir()) / f"governor-{os.getuid()}"
+class SocketDirectoryUnsafe(DaemonError):
+    """The socket's directory is not a private directory of ours (or cannot be made one)."""
 
 
-def default_socket_path() -> Path:
-    """The socket a daemon listens on and a client connects to by default."""
-    return default_runtime_dir() / "governor.sock"
+class DaemonAlreadyRunning(DaemonError):
+    """A daemon already answers on the socket, or something other than a socket is there."""
 
 
-def default_journal_path() -> Path:
-    """``$XDG_STATE_HOME/governor/journal.sqlite3`` (default ``~/.local/state``)."""
-    state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
-    return Path(state) / "governor" / "journal.sqlite3"
+class JournalLocked(DaemonError):
+    """Another daemon holds the journal's lock."""
+
+
+class MetricsAddressInvalid(DaemonError, ValueError):
+    """``--metrics-addr`` is not ``PORT``, ``HOST:PORT`` or ``[IPV6]:PORT``."""
+
+
+class MetricsAddressUnavailable(DaemonError):
+    """The metrics address cannot be served: in use, not ours, or an unknown host."""
+
+
+def parse_metrics_addr(text: str) -> Tuple[str, int]:
+    """``(host, port)`` of a metrics address.
+
+    Forms: ``PORT`` (on 127.0.0.1), ``HOST:PORT``, ``IPV4:PORT`` and ``[IPV6]:PORT``
+    (e.g. ``[::1]:9468``). The port is 1-65535.
+
+    Raises:
+        MetricsAddressInvalid: any other text, saying which form was expected.
+    """
+    expected = "expected PORT, HOST:PORT or [IPV6]:PORT (e.g. 127.0.0.1:9464 or [::1]:9464)"
+    text = text.strip()
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or not rest.startswith(":"):
+            raise MetricsAddressInvalid(f"metrics address {text!r}: {expected}")
+        port = rest[1:]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise MetricsAddressInvalid(f"metrics address {text!r}: {host!r} is not an IPv6 address") from None
+    elif ":" in text:
+        host, _, port = text.rpartition(":")
+        if ":" in host:
+            raise MetricsAddressInvalid(f"metrics address {text!r}: put an IPv6 address in brackets, "
+                                        f"e.g. [{host}]:{port}")
+    else:
+        host, port = DEFAULT_METRICS_HOST, text
+    if not host:
+        raise MetricsAddressInvalid(f"metrics address {text!r}: name the host ({DEFAULT_METRICS_HOST}:{port}, "
+                                    f"or 0.0.0.0:{port} for every interface)")
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise MetricsAddressInvalid(f"metrics address {text!r}: the port must be a number from 1 to 65535; {expected}")
+    return host, int(port)
+
+
+def _metrics_addr(value: Union[None, str, Tuple[str, int]]) -> Optional[Tuple[str, int]]:
+    if value is None or isinstance(value, tuple):
+        return value
+    return parse_metrics_addr(value)
+
+
+def _show_addr(addr: Tuple[str, int]) -> str:
+    host, port = addr
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def load_registry(modules: Sequence[str] = (), entry_points: bool = True, builtin: bool = True):
@@ -144,17 +229,167 @@ def _load_attribute(name: str) -> Any:
 
 @attrs.frozen
 class DaemonConfig:
-    """How a daemon runs. Every field has a default that needs nothing installed."""
+    """How a daemon runs. Every field has a default that needs nothing installed.
+
+    ``metrics_addr`` takes ``(host, port)`` or any text :func:`parse_metrics_addr` reads.
+    """
 
     socket_path: Path = attrs.field(factory=default_socket_path, converter=Path)
     journal_path: Path = attrs.field(factory=default_journal_path, converter=Path)
     workers: Optional[int] = None
     allow_root: bool = False
     drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
-    metrics_addr: Optional[Tuple[str, int]] = None
+    metrics_addr: Optional[Tuple[str, int]] = attrs.field(default=None, converter=_metrics_addr)
     retention_s: float = 7 * 24 * 3600.0
     backend: str = "loky"
     ray_address: Optional[str] = None
+    idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
+    max_connections_per_uid: int = DEFAULT_MAX_CONNECTIONS_PER_UID
+
+
+# --------------------------------------------------------------------------- start-up checks
+
+def check_socket_directory(socket_path: Path) -> None:
+    """Check that the socket's directory is ours and private, or that it can be created.
+
+    Nothing is created here (:meth:`Daemon.start` creates the directory, 0700).
+
+    Raises:
+        SocketDirectoryUnsafe: it is open to other users, another user's, not a directory,
+            or missing under a parent we cannot write to.
+    """
+    directory = Path(socket_path).parent
+    try:
+        info = directory.stat()
+    except FileNotFoundError:
+        ancestor = next((parent for parent in directory.parents if parent.exists()), None)
+        if ancestor is None or not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+            raise SocketDirectoryUnsafe(f"cannot create the socket directory {directory}: "
+                                        f"{ancestor} is not a directory we can write to") from None
+        return
+    except NotADirectoryError:
+        raise SocketDirectoryUnsafe(f"{directory} is not a directory (a file is in its path)") from None
+    if not stat.S_ISDIR(info.st_mode):
+        raise SocketDirectoryUnsafe(f"{directory} is not a directory")
+    if info.st_uid != os.getuid():
+        raise SocketDirectoryUnsafe(f"{directory} belongs to uid {info.st_uid}, not to us ({os.getuid()})")
+    if info.st_mode & 0o077:
+        raise SocketDirectoryUnsafe(f"{directory} is open to other users (mode {stat.S_IMODE(info.st_mode):o}); "
+                                    "make it 0700 or choose another --socket")
+
+
+def check_socket_free(socket_path: Path) -> bool:
+    """Check that no daemon answers on ``socket_path``.
+
+    Returns:
+        Whether a stale socket (its daemon gone) is there, to be replaced.
+
+    Raises:
+        DaemonAlreadyRunning: a daemon answers there, or the path is not a socket.
+    """
+    path = Path(socket_path)
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISSOCK(info.st_mode):
+        raise DaemonAlreadyRunning(f"{path} exists and is not a socket; remove it or choose another --socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        return True  # stale: its daemon is gone
+    finally:
+        probe.close()
+    raise DaemonAlreadyRunning(f"a governor daemon is already listening on {path}")
+
+
+class JournalLock:
+    """The flock on ``journal + ".lock"`` that makes a daemon the journal's only user."""
+
+    def __init__(self, journal_path: Path):
+        path = Path(journal_path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            # Create the journal 0600 before SQLite does: it holds every task's parameters
+            # and results, and SQLite gives its -wal and -shm files the database file's mode.
+            os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+            self._file = open(f"{path}.lock", "a")
+        except OSError as error:
+            raise JournalLocked(f"cannot open the journal {path}: {error.strerror or error}") from None
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.close()
+            raise JournalLocked(f"another governor daemon is using the journal {path}") from None
+
+    def release(self) -> None:
+        """Release the lock (closing the file releases the flock)."""
+        self._file.close()
+
+
+def check_metrics_addr(addr: Tuple[str, int]) -> None:
+    """Check that the metrics address resolves and can be bound now.
+
+    Raises:
+        MetricsAddressUnavailable: an unknown host, an address not on this machine, or a
+            port in use or not ours to bind.
+    """
+    server = _bind_metrics_socket(addr)
+    server.close()
+
+
+def _bind_metrics_socket(addr: Tuple[str, int]) -> socket.socket:
+    host, port = addr
+    try:
+        family, kind, proto, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                              flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as error:
+        raise MetricsAddressUnavailable(f"cannot serve metrics on {_show_addr(addr)}: {error.strerror}") from None
+    server = socket.socket(family, kind, proto)
+    try:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the HTTP server will
+        server.bind(sockaddr)
+    except OSError as error:
+        server.close()
+        raise MetricsAddressUnavailable(f"cannot serve metrics on {_show_addr(addr)}: "
+                                        f"{error.strerror or errno.errorcode.get(error.errno, error)}") from None
+    return server
+
+
+def preflight(config: DaemonConfig) -> None:
+    """Every start-up check that needs no worker, in the order :meth:`Daemon.start` makes them.
+
+    For a command that wants to fail fast; :meth:`Daemon.start` makes the same checks
+    again (holding what it checked), so calling this is optional. Leaves nothing behind
+    but the journal's directory, lock file and empty database.
+
+    Raises:
+        SocketDirectoryUnsafe, DaemonAlreadyRunning, JournalLocked,
+        MetricsAddressUnavailable: the first check that fails.
+    """
+    check_socket_directory(config.socket_path)
+    check_socket_free(config.socket_path)
+    JournalLock(config.journal_path).release()
+    if config.metrics_addr is not None:
+        check_metrics_addr(config.metrics_addr)
+
+
+# --------------------------------------------------------------------------- the daemon
+
+@attrs.frozen
+class DaemonStatistics:
+    """A snapshot of the daemon's own state (the ``daemon`` part of the ``metrics`` reply).
+
+    Attributes:
+        connections: client connections open now.
+        waiters: registrations of clients waiting for running tasks to end.
+        live_tasks: journaled tasks the supervisor has not finished.
+    """
+
+    connections: int
+    waiters: int
+    live_tasks: int
 
 
 @attrs.define(eq=False)
@@ -163,15 +398,19 @@ class _Live:
 
     record_id: int
     future: concurrent.futures.Future
-    waiters: List[Tuple["_Connection", Any]] = attrs.field(factory=list)
+    waiters: List["_Waiter"] = attrs.field(factory=list)
 
 
 class _Connection:
-    """One client connection; its replies go through here so a slow reader is noticed."""
+    """One client connection: its replies, what it waits for, and its idle timer (loop thread only)."""
 
-    def __init__(self, writer: asyncio.StreamWriter):
+    def __init__(self, writer: asyncio.StreamWriter, uid: Optional[int], idle_timeout_s: float):
         self.writer = writer
+        self.uid = uid
         self.closed = False
+        self.waiters: set = set()
+        self._idle_timeout_s = idle_timeout_s
+        self._idle_timer: Optional[asyncio.TimerHandle] = None
 
     def send(self, message: Dict[str, Any]) -> None:
         if self.closed:
@@ -186,10 +425,80 @@ class _Connection:
             return
         self.writer.write(frame)
 
+    def busy(self) -> None:
+        """A request arrived: the connection is not idle."""
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+
+    def settle(self) -> None:
+        """Start the idle clock if nothing is in flight any more."""
+        if self.closed or self.waiters:
+            return
+        self.busy()
+        self._idle_timer = asyncio.get_running_loop().call_later(self._idle_timeout_s, self._idle)
+
+    def _idle(self) -> None:
+        log.debug("closing a client connection idle for %ss", self._idle_timeout_s)
+        self.close()
+
     def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            self.writer.close()
+        """Close, and forget every wait made on this connection."""
+        if self.closed:
+            return
+        self.closed = True
+        self.busy()
+        for waiter in list(self.waiters):
+            waiter.detach()
+        self.writer.close()
+
+
+class _Waiter:
+    """A reply owed on one connection once tasks end: a ``wait``, or a waiting submit, batch or workflow.
+
+    Args:
+        single: the reply carries ``task`` (one record), else ``tasks``.
+    """
+
+    def __init__(self, connection: _Connection, request_id: Any, record_ids: List[int], single: bool):
+        self.connection, self.request_id, self.record_ids, self.single = connection, request_id, record_ids, single
+        self._lives: List[_Live] = []
+        self._timer: Optional[asyncio.TimerHandle] = None
+
+    def attach(self, daemon: "Daemon", lives: List[_Live], timeout: Optional[float] = None) -> None:
+        """Wait for ``lives`` (reply at once when there are none), for at most ``timeout`` seconds."""
+        if not lives:
+            self.reply(daemon, final=True)
+            return
+        self._lives = list(lives)
+        for live in lives:
+            live.waiters.append(self)
+        self.connection.waiters.add(self)
+        self.connection.busy()
+        if timeout is not None:
+            self._timer = asyncio.get_running_loop().call_later(timeout, self.reply, daemon, False)
+
+    def one_done(self, daemon: "Daemon", live: _Live) -> None:
+        self._lives.remove(live)
+        if not self._lives:
+            self.reply(daemon, final=True)
+
+    def reply(self, daemon: "Daemon", final: bool) -> None:
+        self.detach()
+        records = [daemon._record(record_id).to_wire() for record_id in self.record_ids]
+        fields = {"task": records[0]} if self.single else {"tasks": records}
+        self.connection.send(protocol.ok_reply(self.request_id, final=final, **fields))
+
+    def detach(self) -> None:
+        """Stop waiting (answered, timed out, or the connection closed)."""
+        for live in self._lives:
+            live.waiters.remove(self)
+        self._lives = []
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.connection.waiters.discard(self)
+        self.connection.settle()
 
 
 class Daemon:
@@ -204,15 +513,22 @@ class Daemon:
         self._started_records: set = set()
         self._connections: set = set()
         self._server: Optional[asyncio.AbstractServer] = None
+        self._metrics_server: Any = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._stopping: Optional[asyncio.Event] = None
         self._draining = False
-        self._lock_file = None
+        self._lock: Optional[JournalLock] = None
+        self._listening = False  # the socket file is ours to remove
 
     # ----------------------------------------------------------------- life
 
     def serve(self) -> None:
-        """Run in the foreground until SIGTERM or SIGINT; return after a clean shutdown."""
+        """Run in the foreground until SIGTERM or SIGINT; return after a clean shutdown.
+
+        Raises:
+            DaemonError: a start-up check failed (see :func:`preflight`); nothing was
+                started and nothing is left behind.
+        """
         asyncio.run(self._main())
 
     async def _main(self) -> None:
@@ -232,27 +548,46 @@ class Daemon:
             self._loop.call_soon_threadsafe(self._stopping.set)
 
     async def start(self) -> None:
-        """Lock the journal, recover it, start the supervisor, resume work, then listen."""
+        """Check and take the socket, journal and metrics address; then start workers, resume, listen.
+
+        Raises:
+            DaemonError: a check failed; whatever this call had taken is released.
+        """
         self._loop = self._loop or asyncio.get_running_loop()
-        self._lock_journal()
-        self._journal = Journal(self.config.journal_path, retention_s=self.config.retention_s)
+        try:
+            await self._start()
+        except BaseException:
+            await self._release()
+            raise
+
+    async def _start(self) -> None:
+        config = self.config
+        check_socket_directory(config.socket_path)
+        check_socket_free(config.socket_path)
+        self._lock = JournalLock(config.journal_path)
+        self._journal = Journal(config.journal_path, retention_s=config.retention_s)
+        self._supervisor = Supervisor(self._registry, config.workers, on_dispatch=self._record_start,
+                                      backend=config.backend, ray_address=config.ray_address)
+        if config.metrics_addr is not None:
+            self._start_metrics_endpoint()
+        listener = self._listen()  # the last check: bound before any worker starts
+        try:
+            await self._loop.run_in_executor(None, self._supervisor.start)
+        except BaseException:
+            listener.close()
+            raise
         recovery = self._journal.recover()
         for record in recovery.interrupted:
             log.warning("task %s (%s) was running when the daemon stopped; critical, so not run again",
                         record.id, record.step, extra={"task_id": record.id, "step": record.step,
                                                         "lane": record.lane.value, "reason": "interrupted"})
-        self._supervisor = Supervisor(self._registry, self.config.workers, on_dispatch=self._record_start,
-                                      backend=self.config.backend, ray_address=self.config.ray_address)
-        await self._loop.run_in_executor(None, self._supervisor.start)
         for record in recovery.resume:
-            self._resubmit(record)
+            self._resume(record)
         if recovery.resume:
             log.info("resumed %d journaled tasks", len(recovery.resume))
-        self._server = await asyncio.start_unix_server(self._serve_connection, sock=self._listen())
-        if self.config.metrics_addr is not None:
-            self._start_metrics_endpoint()
+        self._server = await asyncio.start_unix_server(self._serve_connection, sock=listener)
         self._loop.call_later(PRUNE_INTERVAL_S, self._prune)
-        log.info("governor daemon listening on %s", self.config.socket_path)
+        log.info("governor daemon listening on %s", config.socket_path)
 
     async def stop(self) -> None:
         """Stop accepting, drain running steps (bounded), keep queued ones journaled, clean up."""
@@ -265,53 +600,51 @@ class Daemon:
             running = [asyncio.wrap_future(live.future) for live in self._live.values() if not live.future.done()]
             if running:
                 await asyncio.wait(running, timeout=self.config.drain_timeout_s)
-            await self._loop.run_in_executor(None, lambda: supervisor.shutdown(wait=True, cancel_running=True))
         for connection in list(self._connections):
             connection.close()
         if self._server is not None:
             await self._server.wait_closed()
-        with contextlib.suppress(FileNotFoundError):
-            self.config.socket_path.unlink()
-        if self._journal is not None:
-            self._journal.close()
-        if self._lock_file is not None:
-            self._lock_file.close()
+        await self._release()
         log.info("governor daemon stopped")
 
-    def _lock_journal(self) -> None:
-        path = self.config.journal_path
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        # Create the journal 0600 before SQLite does: it holds every task's parameters and
-        # results, and SQLite gives its -wal and -shm files the database file's mode.
-        os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
-        self._lock_file = open(f"{path}.lock", "a")
-        try:
-            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock_file.close()
-            self._lock_file = None
-            raise DaemonError(f"another governor daemon is using the journal {path}") from None
+    async def _release(self) -> None:
+        """Give back everything :meth:`start` took, whichever part of it ran."""
+        supervisor, self._supervisor = self._supervisor, None
+        if supervisor is not None:
+            await self._loop.run_in_executor(None, lambda: supervisor.shutdown(wait=True, cancel_running=True))
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+            self._metrics_server = None
+        if self._listening:
+            with contextlib.suppress(FileNotFoundError):
+                self.config.socket_path.unlink()
+            self._listening = False
+        if self._journal is not None:
+            self._journal.close()
+            self._journal = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    _listening = False
 
     def _listen(self) -> socket.socket:
         """Bind the socket in a private directory, mode 0600, replacing a stale one."""
         path = self.config.socket_path
         _ensure_private_directory(path.parent)
-        if path.exists():
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.connect(str(path))
-            except OSError:
-                path.unlink()  # stale: its daemon is gone
-            else:
-                raise DaemonError(f"a daemon is already listening on {path}")
-            finally:
-                probe.close()
+        if check_socket_free(path):
+            path.unlink()
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         previous = os.umask(0o177)  # the socket is born 0600, with no window of 0755
         try:
             listener.bind(str(path))
+        except OSError as error:
+            listener.close()
+            raise DaemonAlreadyRunning(f"cannot listen on {path}: {error.strerror or error}") from None
         finally:
             os.umask(previous)
+        self._listening = True
         os.chmod(path, 0o600)
         listener.listen(128)
         listener.setblocking(False)
@@ -320,9 +653,15 @@ class Daemon:
     def _start_metrics_endpoint(self) -> None:
         from prometheus_client import start_http_server
 
-        host, port = self.config.metrics_addr
-        start_http_server(port, addr=host, registry=self._supervisor.prometheus_registry)
-        log.info("metrics on http://%s:%s/metrics", host, port)
+        addr = self.config.metrics_addr
+        _bind_metrics_socket(addr).close()  # a typed, one-line error for what the server would raise
+        try:
+            self._metrics_server, _ = start_http_server(addr[1], addr=addr[0],
+                                                        registry=self._supervisor.prometheus_registry)
+        except OSError as error:  # lost a race for the port since the check
+            raise MetricsAddressUnavailable(f"cannot serve metrics on {_show_addr(addr)}: "
+                                            f"{error.strerror or error}") from None
+        log.info("metrics on http://%s/metrics", _show_addr(addr))
 
     def _prune(self) -> None:
         if not self._draining:
@@ -331,16 +670,23 @@ class Daemon:
                 log.info("pruned %d finished journal rows", pruned)
             self._loop.call_later(PRUNE_INTERVAL_S, self._prune)
 
+    def statistics(self) -> DaemonStatistics:
+        """The daemon's own figures, now (loop thread)."""
+        return DaemonStatistics(connections=len(self._connections),
+                                waiters=sum(len(live.waiters) for live in self._live.values()),
+                                live_tasks=len(self._live))
+
     # ----------------------------------------------------------------- connections
 
     async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        connection = _Connection(writer)
-        refusal = self._refusal(writer.get_extra_info("socket"))
+        uid, refusal = self._admit(writer.get_extra_info("socket"))
+        connection = _Connection(writer, uid, self.config.idle_timeout_s)
         if refusal is not None:
             connection.send(protocol.error_reply(None, refusal))
             connection.close()
             return
         self._connections.add(connection)
+        connection.settle()
         try:
             while not connection.closed:
                 try:
@@ -352,20 +698,25 @@ class Daemon:
                     if broken.code is not protocol.ErrorCode.BAD_JSON:
                         return  # the stream cannot be resynchronised
                     continue
+                connection.busy()
                 await self._handle(connection, message)
+                connection.settle()
         finally:
             self._connections.discard(connection)
             connection.close()
 
-    def _refusal(self, sock: socket.socket) -> Optional[BaseException]:
-        if len(self._connections) >= MAX_CONNECTIONS:
-            return DaemonError(f"too many clients connected ({MAX_CONNECTIONS})")
+    def _admit(self, sock: socket.socket) -> Tuple[Optional[int], Optional[BaseException]]:
+        """The peer's uid, and why it is refused (``None``: admitted)."""
         pid, uid, _ = _PEER_CREDENTIALS.unpack(
             sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEER_CREDENTIALS.size))
-        if uid == os.getuid() or (uid == 0 and self.config.allow_root):
-            return None
-        log.warning("refused a connection from uid %s (pid %s)", uid, pid)
-        return PeerRefused(f"this daemon serves uid {os.getuid()} only; uid {uid} was refused")
+        if not (uid == os.getuid() or (uid == 0 and self.config.allow_root)):
+            log.warning("refused a connection from uid %s (pid %s)", uid, pid)
+            return uid, PeerRefused(f"this daemon serves uid {os.getuid()} only; uid {uid} was refused")
+        limit = self.config.max_connections_per_uid
+        if sum(1 for connection in self._connections if connection.uid == uid) >= limit:
+            log.warning("refused a connection from pid %s: uid %s has %s open", pid, uid, limit)
+            return uid, TooManyClients(limit)
+        return uid, None
 
     async def _handle(self, connection: _Connection, message: Dict[str, Any]) -> None:
         request_id = protocol.request_id_of(message)
@@ -386,37 +737,33 @@ class Daemon:
     async def _op_ping(self, connection: _Connection, request: protocol.Ping) -> Dict[str, Any]:
         return {"pid": os.getpid(), "version": protocol.PROTOCOL_VERSION}
 
-    async def _op_submit(self, connection: _Connection, request: protocol.Submit) -> Optional[Dict[str, Any]]:
+    async def _op_submit(self, connection: _Connection, request: protocol.Submit) -> None:
         self._refuse_while_draining()
-        call = Call(request.step, kwargs=request.params, limits=request.limits)
-        lane = self._supervisor.check_call(call).lane
-        [record_id] = self._journal.submit([NewTask.step_call(request.step, request.params, lane,
+        call, lane = self._checked(request.step, request.params, request.cwd, request.limits)
+        [record_id] = self._journal.submit([NewTask.step_call(call.step, call.kwargs, lane,
                                                               request.key, request.limits)])
         self._launch(record_id, self._target(request.key), lambda target: target.submit_call(
             attrs.evolve(call, tag=record_id)))
-        return self._ack(connection, request, [record_id])
+        self._acknowledge(connection, request, [record_id])
 
-    async def _op_batch(self, connection: _Connection, request: protocol.Batch) -> Optional[Dict[str, Any]]:
+    async def _op_batch(self, connection: _Connection, request: protocol.Batch) -> None:
         self._refuse_while_draining()
-        calls = [Call(step_call.step, kwargs=step_call.params) for step_call in request.calls]
-        lanes = [self._supervisor.check_call(call).lane for call in calls]  # all valid before any is kept
+        checked = [self._checked(c.step, c.params, request.cwd) for c in request.calls]  # all, before any is kept
         record_ids = self._journal.submit([NewTask.step_call(call.step, call.kwargs, lane, request.key)
-                                           for call, lane in zip(calls, lanes)])
+                                           for call, lane in checked])
         target = self._target(request.key)  # one scope for the batch: it supersedes as one view
-        for record_id, call in zip(record_ids, calls):
+        for record_id, (call, _) in zip(record_ids, checked):
             self._launch(record_id, target, lambda target, call=call, rid=record_id:
                          target.submit_call(attrs.evolve(call, tag=rid)))
-        return self._ack(connection, request, record_ids)
+        self._acknowledge(connection, request, record_ids)
 
-    async def _op_workflow(self, connection: _Connection, request: protocol.Workflow) -> Optional[Dict[str, Any]]:
+    async def _op_workflow(self, connection: _Connection, request: protocol.Workflow) -> None:
         self._refuse_while_draining()
-        calls = [Call(step_call.step, kwargs=step_call.params) for step_call in request.calls]
-        for call in calls:
-            self._supervisor.check_call(call)
+        calls = [self._checked(c.step, c.params, request.cwd)[0] for c in request.calls]
         [record_id] = self._journal.submit([NewTask.workflow([{"step": c.step, "params": c.kwargs} for c in calls])])
         self._launch(record_id, self._supervisor, lambda target: target.workflow(
             [attrs.evolve(call, tag=record_id) for call in calls]))
-        return self._ack(connection, request, [record_id])
+        self._acknowledge(connection, request, [record_id])
 
     async def _op_cancel(self, connection: _Connection, request: protocol.Cancel) -> Dict[str, Any]:
         outcome: Dict[str, List[int]] = {"cancelled": [], "finished": [], "unknown": []}
@@ -437,15 +784,11 @@ class Daemon:
                               self._journal.recent(request.limit, request.states or (), request.step)]}
         return {"task": self._record(request.task_id).to_wire()}
 
-    async def _op_wait(self, connection: _Connection, request: protocol.Wait) -> Optional[Dict[str, Any]]:
+    async def _op_wait(self, connection: _Connection, request: protocol.Wait) -> None:
         record = self._record(request.task_id)
         live = self._live.get(record.id)
-        if live is None:
-            return {"task": record.to_wire(), "final": True}
-        live.waiters.append((connection, request.id))
-        if request.timeout is not None:
-            self._loop.call_later(request.timeout, self._wait_expired, live, connection, request.id)
-        return None
+        _Waiter(connection, request.id, [record.id], single=True).attach(
+            self, [live] if live is not None else [], request.timeout)
 
     async def _op_steps(self, connection: _Connection, request: protocol.Steps) -> Dict[str, Any]:
         return {"steps": self._supervisor.describe_steps()}
@@ -456,7 +799,8 @@ class Daemon:
     async def _op_metrics(self, connection: _Connection, request: protocol.Metrics) -> Dict[str, Any]:
         if request.format == "prometheus":
             return {"text": await self._loop.run_in_executor(None, self._supervisor.prometheus_text)}
-        return {"metrics": await self._loop.run_in_executor(None, self._supervisor.metrics)}
+        metrics = await self._loop.run_in_executor(None, self._supervisor.metrics)
+        return {"metrics": {**metrics, "daemon": attrs.asdict(self.statistics())}}
 
     # ----------------------------------------------------------------- tasks
 
@@ -464,28 +808,37 @@ class Daemon:
         if self._draining:
             raise DaemonError("the daemon is shutting down and takes no new work")
 
+    def _checked(self, step: str, params: Dict[str, Any], cwd: Optional[str],
+                 limits: Optional[Any] = None) -> Tuple[Call, Any]:
+        """``(call, lane)`` for a step call, its relative paths made absolute against ``cwd``.
+
+        Raises:
+            UnknownStep, InvalidParameters: as the supervisor would at submit (and a
+                relative path with no ``cwd``).
+        """
+        call = Call(step, kwargs=params, limits=limits)
+        route = self._supervisor.check_call(call)
+        return attrs.evolve(call, kwargs=route.spec.resolve_paths(call.kwargs, cwd)), route.lane
+
     def _record(self, record_id: int) -> TaskRecord:
         record = self._journal.get(record_id)
         if record is None:
             raise UnknownTask(record_id)
         return record
 
-    def _ack(self, connection: _Connection, request: Any, record_ids: List[int]) -> Dict[str, Any]:
-        if request.wait:
-            pending = [self._live[record_id] for record_id in record_ids if record_id in self._live]
-            batch = _BatchWait(connection, request.id, record_ids, len(pending), single=request.OP != "batch")
-            for live in pending:
-                live.waiters.append((batch, None))
-            if not pending:
-                batch.complete(self)
+    def _acknowledge(self, connection: _Connection, request: Any, record_ids: List[int]) -> None:
+        """Send a submission's ids; with ``wait``, owe the final reply once its tasks end."""
         ids = {"task_ids": record_ids} if request.OP == "batch" else {"task_id": record_ids[0]}
-        return {**ids, "final": not request.wait}
+        connection.send(protocol.ok_reply(request.id, final=not request.wait, **ids))
+        if request.wait:
+            lives = [self._live[record_id] for record_id in record_ids if record_id in self._live]
+            _Waiter(connection, request.id, record_ids, single=request.OP != "batch").attach(self, lives)
 
     def _target(self, key: Optional[str]) -> Any:
         """Where a request's tasks go: a scope superseding the last one with ``key``, or the supervisor."""
         return self._supervisor.scope(key=key) if key is not None else self._supervisor
 
-    def _launch(self, record_id: int, target: Any, submit) -> None:
+    def _launch(self, record_id: int, target: Any, submit: Callable[[Any], concurrent.futures.Future]) -> None:
         """Hand a journaled task to ``target``; if that refuses it, journal the failure."""
         try:
             future = submit(target)
@@ -495,13 +848,28 @@ class Daemon:
         self._live[record_id] = _Live(record_id, future)
         future.add_done_callback(lambda done: self._loop.call_soon_threadsafe(self._task_done, record_id))
 
-    def _resubmit(self, record: TaskRecord) -> None:
-        if record.kind == "workflow":
-            calls = [Call(call["step"], kwargs=call["params"], tag=record.id) for call in record.params["calls"]]
-            self._launch(record.id, self._supervisor, lambda target: target.workflow(calls))
-        else:
-            call = Call(record.step, kwargs=record.params["params"], limits=record.limits, tag=record.id)
-            self._launch(record.id, self._supervisor, lambda target: target.submit_call(call))
+    def _resume(self, record: TaskRecord) -> None:
+        """Run a journaled task again, or fail it with ``TaskNotResumable`` when it can no longer run."""
+        try:
+            if record.kind == "workflow":
+                calls = [self._resumable(Call(call["step"], kwargs=call["params"], tag=record.id))
+                         for call in record.params["calls"]]
+                self._launch(record.id, self._supervisor, lambda target: target.workflow(calls))
+            else:
+                call = self._resumable(Call(record.step, kwargs=record.params["params"],
+                                            limits=record.own_limits(), tag=record.id))
+                self._launch(record.id, self._supervisor, lambda target: target.submit_call(call))
+        except (GovernorError, ValueError, TypeError) as cause:
+            if self._journal.get(record.id).terminal:
+                return  # _launch journaled the refusal (QueueFull) already
+            error = TaskNotResumable(record.id, record.step, str(cause))
+            log.error("%s", error, extra={"task_id": record.id, "step": record.step, "lane": record.lane.value,
+                                          "reason": "not_resumable"})
+            self._journal.mark_finished(record.id, TaskState.FAILED.value, error=protocol.error_to_wire(error))
+
+    def _resumable(self, call: Call) -> Call:
+        self._supervisor.check_call(call)
+        return call
 
     def _record_start(self, task: Task) -> None:
         """on_dispatch hook (manager thread): journal "running" before the step reaches a worker."""
@@ -518,35 +886,10 @@ class Daemon:
         if self._draining and _cancelled_by_shutdown(future):
             return  # left queued or running in the journal: the next start takes it up
         state, result, error = _ending(future)
-        self._journal.mark_finished(record_id, state, result=result, error=error)
-        for waiter, request_id in live.waiters:
-            if isinstance(waiter, _BatchWait):
-                waiter.one_done(self)
-            else:
-                waiter.send(protocol.ok_reply(request_id, task=self._record(record_id).to_wire(), final=True))
-
-    def _wait_expired(self, live: _Live, connection: _Connection, request_id: Any) -> None:
-        if (connection, request_id) in live.waiters:
-            live.waiters.remove((connection, request_id))
-            connection.send(protocol.ok_reply(request_id, task=self._record(live.record_id).to_wire(), final=False))
-
-
-class _BatchWait:
-    """The final reply of a ``wait``-ing submit, batch or workflow, sent once all its tasks ended."""
-
-    def __init__(self, connection: _Connection, request_id: Any, record_ids: List[int], pending: int, single: bool):
-        self.connection, self.request_id, self.record_ids = connection, request_id, record_ids
-        self.pending, self.single = pending, single
-
-    def one_done(self, daemon: Daemon) -> None:
-        self.pending -= 1
-        if self.pending == 0:
-            self.complete(daemon)
-
-    def complete(self, daemon: Daemon) -> None:
-        records = [daemon._record(record_id).to_wire() for record_id in self.record_ids]
-        fields = {"task": records[0]} if self.single else {"tasks": records}
-        self.connection.send(protocol.ok_reply(self.request_id, final=True, **fields))
+        self._journal.mark_finished(record_id, state, result=result,
+                                    error=None if error is None else protocol.with_task_id(error, record_id))
+        for waiter in list(live.waiters):
+            waiter.one_done(self, live)
 
 
 def _cancelled_by_shutdown(future: concurrent.futures.Future) -> bool:
@@ -580,11 +923,6 @@ def _ensure_private_directory(directory: Path) -> None:
         directory.mkdir(parents=True, mode=0o700)
     except FileExistsError:
         pass
-    info = directory.stat()
-    if not stat.S_ISDIR(info.st_mode):
-        raise DaemonError(f"{directory} is not a directory")
-    if info.st_uid != os.getuid():
-        raise DaemonError(f"{directory} belongs to uid {info.st_uid}, not to us ({os.getuid()})")
-    if info.st_mode & 0o077:
-        raise DaemonError(f"{directory} is open to other users (mode {stat.S_IMODE(info.st_mode):o}); "
-                          "make it 0700 or choose another --socket")
+    except OSError as error:
+        raise SocketDirectoryUnsafe(f"cannot create the socket directory {directory}: {error.strerror}") from None
+    check_socket_directory(directory / "governor.sock")

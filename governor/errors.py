@@ -304,6 +304,44 @@ def describe_exit(exitcode: Optional[int], signal_number: Optional[int]) -> str:
     return "exit status unknown"
 
 
+class TooManyClients(GovernorError, ConnectionRefusedError):
+    """The daemon refused a connection: this user has as many open as it allows.
+
+    Attributes:
+        limit: the connections one user may hold open at once.
+    """
+
+    def __init__(self, limit: int):
+        super().__init__(limit)
+        self.limit = limit
+
+    def __str__(self) -> str:
+        return (f"the governor daemon refused the connection: too many clients (this user already has "
+                f"{self.limit} open); close idle clients, or retry")
+
+
+class TaskNotResumable(GovernorError, RuntimeError):
+    """A journaled task could not be run again when its daemon restarted.
+
+    Its step was removed, its parameters no longer fit, or its limits are no longer
+    valid; the task is failed with this error instead of being run.
+
+    Attributes:
+        task_id: the task's journal id.
+        step: the step's name (or the workflow's label).
+        reason: what stops it, in words.
+    """
+
+    def __init__(self, task_id: int, step: str, reason: str):
+        super().__init__(task_id, step, reason)
+        self.task_id = task_id
+        self.step = step
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"task {self.task_id} ({self.step}) cannot be resumed: {self.reason}"
+
+
 class UnknownTask(GovernorError, KeyError):
     """No task with that id is in the daemon's journal (never submitted, or pruned).
 

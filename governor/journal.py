@@ -196,7 +196,9 @@ class TaskRecord:
         params: ``{"params": {...}}`` for a step, ``{"calls": [...]}`` for a workflow.
         lane: the lane it runs in.
         key: its supersede key, if any.
-        limits: its own limits, if any.
+        limits: its own limits as stored (a JSON object), if any. Not a ``Limits``: a
+            bound added since the task was journaled may refuse them, and reading the
+            journal must not fail for that (:meth:`own_limits` builds them).
         state: one of :data:`STATES`.
         submitted_at, started_at, ended_at: wall-clock times; ``started_at`` is the
             latest attempt's.
@@ -212,7 +214,7 @@ class TaskRecord:
     params: Dict[str, Any]
     lane: Lane = attrs.field(converter=Lane)
     key: Optional[str]
-    limits: Optional[Limits]
+    limits: Optional[Dict[str, Any]]
     state: str = attrs.field(validator=attrs.validators.in_(STATES))
     submitted_at: float
     started_at: Optional[float]
@@ -225,12 +227,22 @@ class TaskRecord:
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> "TaskRecord":
         """Decode one ``tasks`` row."""
-        limits = _loads(row["limits"])
         return cls(id=row["id"], kind=row["kind"], step=row["step"], params=json.loads(row["params"]),
-                   lane=row["lane"], key=row["key"], limits=None if limits is None else Limits(**limits),
+                   lane=row["lane"], key=row["key"], limits=_loads(row["limits"]),
                    state=row["state"], submitted_at=row["submitted_at"], started_at=row["started_at"],
                    ended_at=row["ended_at"], result=_loads(row["result"]), error=_loads(row["error"]),
                    attempts=row["attempts"], interrupted=row["interrupted"])
+
+    def own_limits(self) -> Optional[Limits]:
+        """The task's own limits as a ``Limits``, or ``None`` when it has none.
+
+        Raises:
+            ValueError, TypeError: the stored limits are no longer valid ``Limits``.
+        """
+        try:
+            return None if self.limits is None else Limits(**self.limits)
+        except OverflowError as error:  # a number too large for a float: as absurd as any
+            raise ValueError(f"limits {self.limits}: {error}") from None
 
     @property
     def terminal(self) -> bool:
@@ -245,7 +257,7 @@ class TaskRecord:
                 for listings of many tasks.
         """
         wire = {"task_id": self.id, "kind": self.kind, "step": self.step, "lane": self.lane.value,
-                "key": self.key, "limits": None if self.limits is None else _limits_dict(self.limits),
+                "key": self.key, "limits": self.limits,
                 "state": self.state, "submitted_at": self.submitted_at, "started_at": self.started_at,
                 "ended_at": self.ended_at, "error": self.error, "attempts": self.attempts,
                 "interrupted": self.interrupted}

@@ -45,11 +45,15 @@ Requests
     ``submit``   ``step``: string, 1-200 chars; ``params``: object [``{}``];
                  ``wait``: bool [false]; ``key``: string of at most 200 chars or null
                  [null], a supersede key; ``limits``: null [null] or an object with
-                 ``timeout_s`` and/or ``max_memory_mb``, each a finite number > 0 or null
+                 ``timeout_s`` and/or ``max_memory_mb``, each a finite number > 0 or null,
+                 within what ``Limits`` accepts; ``cwd``: the caller's working
+                 directory, an absolute path of at most 4,096 characters, or null [null]
     ``batch``    ``calls``: 1-10,000 objects ``{"step": string, "params": object}``
                  (``params`` defaults to ``{}``); ``wait``: bool [false]; ``key``: as for
-                 ``submit``, for the whole batch (a view switch supersedes the last view)
-    ``workflow`` ``calls``: as for ``batch``, 1-1,000 of them; ``wait``: bool [false]
+                 ``submit``, for the whole batch (a view switch supersedes the last view);
+                 ``cwd``: as for ``submit``
+    ``workflow`` ``calls``: as for ``batch``, 1-1,000 of them; ``wait``: bool [false];
+                 ``cwd``: as for ``submit``
     ``cancel``   ``task_ids``: 1-10,000 task ids
     ``status``   ``task_id``: a task id, or null for the recent tasks [null]; for those,
                  ``states`` (an array of states, or null for any) [null], ``step`` (a
@@ -64,6 +68,12 @@ Requests
     A task id is an integer from 1 to 2**63 - 1. A ``params`` object nests at most 32
     levels deep (the object itself is level 1); its size is bounded by the frame cap.
 
+    Paths: a step declares which of its parameters name files or directories
+    (``StepSpec.paths``). The daemon makes a relative path there absolute against the
+    request's ``cwd`` before it journals the task, so a step never sees the daemon's own
+    working directory; without a ``cwd``, such a relative path is refused
+    (``InvalidParameters``). The clients send their working directory.
+
 Replies
     Success: ``{"v": 1, "id": ID, "ok": true, ...op-specific fields}``.
     Failure: ``{"v": 1, "id": ID, "ok": false, "error": {"type": T, "message": M,
@@ -74,8 +84,8 @@ Replies
     These error types are rebuilt on the client with the same attributes and message:
     ``StepFailed`` (without the original exception object), ``StepTimeout``,
     ``MemoryLimitExceeded``, ``StepCancelled``, ``WorkerCrashed``, ``StepSkipped``,
-    ``WorkflowFailed`` (its step error nested as ``fields.error``), ``UnknownStep``, ``UnknownTask``,
-    ``QueueFull``, ``InvalidParameters``, ``SupervisorClosed``, ``WorkerStartFailed``,
+    ``WorkflowFailed`` (its step error nested as ``fields.error``), ``UnknownStep``,
+    ``UnknownTask``, ``TooManyClients``, ``TaskNotResumable``, ``QueueFull``, ``InvalidParameters``, ``SupervisorClosed``, ``WorkerStartFailed``,
     ``RegistrationError``, ``GovernorError``, ``ResultNotSerialisable`` and
     ``ProtocolError`` (``fields``: ``code``, ``reason``, ``field``). Any other type
     arrives as ``RemoteError``, carrying the type's name and the message.
@@ -98,8 +108,9 @@ from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Tuple
 import attrs
 
 from governor.errors import (GovernorError, InvalidParameters, MemoryLimitExceeded, QueueFull, RegistrationError,
-                             StepCancelled, StepFailed, StepSkipped, StepTimeout, SupervisorClosed, UnknownStep,
-                             UnknownTask, WorkerCrashed, WorkerStartFailed, WorkflowFailed)
+                             StepCancelled, StepFailed, StepSkipped, StepTimeout, SupervisorClosed, TaskNotResumable,
+                             TooManyClients, UnknownStep, UnknownTask, WorkerCrashed, WorkerStartFailed,
+                             WorkflowFailed)
 from governor.limits import Limits
 
 #: The version every request and reply carries as ``"v"``.
@@ -131,6 +142,9 @@ MAX_KEY_CHARS = 200
 DEFAULT_STATUS_LIMIT = 50
 MAX_STATUS_LIMIT = 10_000
 MAX_STATE_CHARS = 32
+
+#: A caller's working directory: Linux's PATH_MAX.
+MAX_PATH_CHARS = 4096
 
 #: Calls in one batch: 10,000 small calls fill about the frame cap; a bigger batch would
 #: not fit anyway, and the daemon journals a batch in one transaction.
@@ -594,6 +608,13 @@ def _one_of(*choices: str) -> Decoder:
     return decode
 
 
+def _directory(value: Any) -> str:
+    text = _text(MAX_PATH_CHARS, min_chars=1)(value)
+    if not text.startswith("/") or "\0" in text:
+        raise _expected("an absolute path", value)
+    return text
+
+
 def _request_id(value: Any) -> RequestId:
     if isinstance(value, str):
         return _text(MAX_REQUEST_ID_CHARS)(value)
@@ -660,7 +681,10 @@ def _limits(value: Any) -> Optional[Limits]:
             decoded[name] = _limit(setting)
         except ProtocolError as error:
             raise error.inside(name) from None
-    return Limits(**decoded)
+    try:
+        return Limits(**decoded)
+    except (TypeError, ValueError, OverflowError) as refused:  # within the wire's types, out of Limits' bounds
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"not valid limits: {refused}") from None
 
 
 def _wire_value(value: Any) -> Any:
@@ -755,6 +779,7 @@ class Submit(Request):
     wait: bool = attrs.field(default=False, converter=_boolean)
     key: Optional[str] = attrs.field(default=None, converter=_optional(_text(MAX_KEY_CHARS)))
     limits: Optional[Limits] = attrs.field(default=None, converter=_limits)
+    cwd: Optional[str] = attrs.field(default=None, converter=_optional(_directory))
 
 
 @_wire_type
@@ -765,6 +790,7 @@ class Batch(Request):
     calls: Tuple[StepCall, ...] = attrs.field(converter=_tuple_of(_step_call, MAX_BATCH_CALLS, "calls"))
     wait: bool = attrs.field(default=False, converter=_boolean)
     key: Optional[str] = attrs.field(default=None, converter=_optional(_text(MAX_KEY_CHARS)))
+    cwd: Optional[str] = attrs.field(default=None, converter=_optional(_directory))
 
 
 @_wire_type
@@ -774,6 +800,7 @@ class Workflow(Request):
     OP = "workflow"
     calls: Tuple[StepCall, ...] = attrs.field(converter=_tuple_of(_step_call, MAX_WORKFLOW_CALLS, "calls"))
     wait: bool = attrs.field(default=False, converter=_boolean)
+    cwd: Optional[str] = attrs.field(default=None, converter=_optional(_directory))
 
 
 @_wire_type
@@ -994,6 +1021,25 @@ def error_from_wire(wire: Any) -> BaseException:
     return RemoteError(type_name, message)
 
 
+def with_task_id(wire: Mapping[str, Any], task_id: int) -> Dict[str, Any]:
+    """A wire error whose ``task_id`` fields (its own, and a nested step error's) say ``task_id``.
+
+    The daemon records a task's errors under the task's journal id, the one id its
+    clients know, rather than the supervisor's internal number; the message is rebuilt to
+    match. An error without such fields, or one not rebuilt here, is returned as it is.
+    """
+    fields = dict(wire.get("fields") or {})
+    if "task_id" in fields:
+        fields["task_id"] = task_id
+    if isinstance(fields.get("error"), dict):
+        fields["error"] = with_task_id(fields["error"], task_id)
+    if fields == wire.get("fields"):
+        return dict(wire)
+    renumbered = {**wire, "fields": fields}
+    error = error_from_wire(renumbered)
+    return renumbered if isinstance(error, RemoteError) else {**renumbered, "message": str(error)}
+
+
 #: The errors rebuilt on the other side: a whitelist, matched by exact type going out and
 #: by name coming in. A StepError's attributes are read, not its ``args`` (``StepTimeout``
 #: is an OSError, which keeps only two of them); ``StepFailed.original`` is not sent.
@@ -1010,6 +1056,8 @@ _CODECS: Dict[type, _ErrorCodec] = {codec.cls: codec for codec in (
                  "results": (_results_to_wire, _identity)}),
     _ErrorCodec(UnknownStep, ("name", "suggestions")),
     _ErrorCodec(UnknownTask, ("task_id",)),
+    _ErrorCodec(TooManyClients, ("limit",)),
+    _ErrorCodec(TaskNotResumable, ("task_id", "step", "reason")),
     _ErrorCodec(QueueFull, ("lane", "capacity")),
     _ErrorCodec(ProtocolError, ("code", "reason", "field"), {"code": (str, _identity)}),
     _ErrorCodec(RemoteError, ("type_name", "message")),

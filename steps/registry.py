@@ -40,7 +40,7 @@ class StepRegistry:
 
     def step(self, fn: Optional[StepCallable] = None, *, name: Optional[str] = None,
              critical: Optional[bool] = None, category: Optional[str] = None, tags: Iterable[str] = (),
-             limits: Optional[Limits] = None, description: Optional[str] = None) -> Any:
+             limits: Optional[Limits] = None, description: Optional[str] = None, paths: Iterable[str] = ()) -> Any:
         """Register the decorated function or class as a step and return it unchanged.
 
         Usable bare (``@registry.step``) or with the keywords of :meth:`register`
@@ -55,7 +55,7 @@ class StepRegistry:
 
         def decorate(target: StepCallable) -> StepCallable:
             self.register(target, name=name, critical=critical, category=category, tags=tags,
-                          limits=limits, description=description)
+                          limits=limits, description=description, paths=paths)
             return target
 
         return decorate if fn is None else decorate(fn)
@@ -63,7 +63,7 @@ class StepRegistry:
     def register(self, fn: Callable[..., Any], *, name: Optional[str] = None,
                  critical: Optional[bool] = None, category: Optional[str] = None,
                  tags: Iterable[str] = (), limits: Optional[Limits] = None,
-                 description: Optional[str] = None) -> StepSpec:
+                 description: Optional[str] = None, paths: Iterable[str] = ()) -> StepSpec:
         """Register ``fn`` as a step.
 
         Args:
@@ -77,6 +77,10 @@ class StepRegistry:
             tags: labels for the classifier's tag rules.
             limits: the step's own :class:`~governor.limits.Limits`.
             description: one line for humans (default: first line of the docstring).
+            paths: the parameters that name files or directories, e.g. ``("repo",)``, or
+                dotted paths into nested ones with ``*`` for every item
+                (``"steps.*.params.repo"``). Through the daemon, a relative path there is
+                resolved against the client's working directory, never the daemon's.
 
         For a :class:`~steps.spec.Step` subclass, arguments left ``None`` (or ``tags`` left
         empty) come from its class attributes.
@@ -88,7 +92,7 @@ class StepRegistry:
             RegistrationError: for a duplicate name or an invalid declaration.
         """
         spec = StepSpec.declare(fn, name=name, critical=critical, category=category, tags=tags,
-                                limits=limits, description=description)
+                                limits=limits, description=description, paths=paths)
         with self._lock:
             existing = self._specs.get(spec.name)
             if existing is not None:

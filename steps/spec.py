@@ -13,12 +13,13 @@ step, except bad ``Limits`` values, which ``Limits`` itself rejects when it is b
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable
+import os
+from collections.abc import Iterable, Mapping
 from typing import Any, Callable, ClassVar, Optional
 
 import attrs
 
-from governor.errors import RegistrationError
+from governor.errors import InvalidParameters, RegistrationError
 from governor.limits import Lane, Limits
 
 
@@ -47,6 +48,7 @@ class Step:
         category: an optional category, matched by the classifier like a tag.
         tags: strings the classifier matches against its tag rules.
         limits: the step's :class:`~governor.limits.Limits` (default: none of its own).
+        paths: the parameters that name files or directories (see ``StepSpec.paths``).
     """
 
     name: ClassVar[Optional[str]] = None
@@ -54,6 +56,7 @@ class Step:
     category: ClassVar[Optional[str]] = None
     tags: ClassVar[Iterable[str]] = ()
     limits: ClassVar[Optional[Limits]] = None
+    paths: ClassVar[Iterable[str]] = ()
 
     def run(self, **params: Any) -> Any:
         """Do the step's work and return its result (it must pickle)."""
@@ -115,6 +118,26 @@ def _check_critical(spec: "StepSpec", attribute: attrs.Attribute, value: Any) ->
                                 f"classifier decide), got {type(value).__name__} {value!r}")
 
 
+#: In a declared path, the segment that stands for every item of a list (or value of a dict).
+EVERY_ITEM = "*"
+
+
+def _path_set(value: Any, spec: "StepSpec") -> frozenset[tuple[str, ...]]:
+    if isinstance(value, str) or not isinstance(value, Iterable):
+        raise RegistrationError(f"step {spec.name!r}: paths must be an iterable of parameter names such as "
+                                f"('repo',), got {type(value).__name__} {value!r}")
+    declared = set()
+    for path in value:
+        segments = tuple(path.split(".")) if isinstance(path, str) else ()
+        if not segments or not segments[0].isidentifier() or not all(
+                segment == EVERY_ITEM or segment.isidentifier() for segment in segments):
+            raise RegistrationError(f"step {spec.name!r}: each of paths must be a parameter name, or a dotted "
+                                    f"path into one with {EVERY_ITEM!r} for every item (e.g. "
+                                    f"'steps.*.params.repo'), got {path!r}")
+        declared.add(segments)
+    return frozenset(declared)
+
+
 def _check_limits(spec: "StepSpec", attribute: attrs.Attribute, value: Any) -> None:
     if not isinstance(value, Limits):
         raise RegistrationError(f"step {spec.name!r}: limits must be a Limits instance such as "
@@ -134,6 +157,11 @@ class StepSpec:
         tags: free-form labels, matched case-insensitively by the classifier.
         limits: the step's own limits; fields left ``None`` inherit the supervisor's.
         description: one line for humans (default: the first line of ``fn``'s docstring).
+        paths: the parameters that name files or directories on the caller's machine, as
+            tuples of segments: ``("repo",)``, or a path into a nested value such as
+            ``("steps", "*", "params", "repo")`` (``*``: every item). A daemon resolves a
+            relative path found there against its client's working directory
+            (:meth:`resolve_paths`), so a step never sees the daemon's own.
     """
 
     name: str = attrs.field(converter=_step_name)
@@ -146,6 +174,8 @@ class StepSpec:
         default=frozenset(), converter=attrs.Converter(_tag_set, takes_self=True))
     limits: Limits = attrs.field(factory=Limits, validator=_check_limits)
     description: str = attrs.field(validator=attrs.validators.instance_of(str))
+    paths: frozenset[tuple[str, ...]] = attrs.field(
+        default=frozenset(), converter=attrs.Converter(_path_set, takes_self=True))
 
     @description.default
     def _first_docstring_line(self) -> str:
@@ -157,7 +187,8 @@ class StepSpec:
     @classmethod
     def declare(cls, fn: Any, *, name: Optional[str] = None, critical: Optional[bool] = None,
                 category: Optional[str] = None, tags: Iterable[str] = (),
-                limits: Optional[Limits] = None, description: Optional[str] = None) -> "StepSpec":
+                limits: Optional[Limits] = None, description: Optional[str] = None,
+                paths: Iterable[str] = ()) -> "StepSpec":
         """Build the spec for ``fn`` from what was declared about it.
 
         An argument left ``None`` (or ``tags`` left empty) takes the value of the same-named
@@ -169,9 +200,9 @@ class StepSpec:
         """
         _check_runnable(fn, name)  # first, or a non-callable would be reported as nameless
         explicit = {"name": name, "critical": critical, "category": category,
-                    "tags": tags or None, "limits": limits, "description": description}
+                    "tags": tags or None, "limits": limits, "description": description, "paths": paths or None}
         inherited = ({"name": fn.name, "critical": fn.critical, "category": fn.category,
-                      "tags": fn.tags or None, "limits": fn.limits}
+                      "tags": fn.tags or None, "limits": fn.limits, "paths": fn.paths or None}
                      if inspect.isclass(fn) and issubclass(fn, Step) else {})
         fields = {key: inherited.get(key) if value is None else value for key, value in explicit.items()}
         fields = {key: value for key, value in fields.items() if value is not None}
@@ -186,11 +217,72 @@ class StepSpec:
         """True when ``fn`` is a class (instantiated per call, its ``run`` method invoked)."""
         return inspect.isclass(self.fn)
 
+    def resolve_paths(self, kwargs: Mapping[str, Any], cwd: Optional[str]) -> dict[str, Any]:
+        """``kwargs`` with every relative path in a declared :attr:`paths` place made absolute.
+
+        A path is resolved against ``cwd`` (the caller's working directory), after ``~``
+        is expanded. A top-level path parameter left out takes its default from the
+        step's signature, resolved the same way, when that default is a non-empty string
+        (``repo="."`` means the caller's directory, not the worker's). Values that are
+        not strings, and empty strings, are left as they are: the step judges them.
+
+        Args:
+            kwargs: the call's keyword arguments (not changed).
+            cwd: an absolute directory, or ``None`` when the caller sent none.
+
+        Returns:
+            A new dict (nested containers along a declared path are copied).
+
+        Raises:
+            InvalidParameters: a relative path with no ``cwd`` to resolve it against.
+        """
+        resolved = dict(kwargs)
+        defaults = _string_defaults(self.fn)
+        for path in sorted(self.paths):
+            if len(path) == 1 and path[0] not in resolved and path[0] in defaults:
+                resolved[path[0]] = defaults[path[0]]
+            resolved = _resolve_at(resolved, path, cwd, self.name, where="")
+        return resolved
+
     def invoke(self, args: tuple, kwargs: dict) -> Any:
         """Run the step once in this process and return its result."""
         if self.is_class_based:
             return self.fn().run(*args, **kwargs)
         return self.fn(*args, **kwargs)
+
+
+def _string_defaults(fn: Any) -> dict[str, str]:
+    """The parameters of a step's function (or ``run``) whose default is a non-empty string."""
+    try:
+        signature = inspect.signature(fn.run if inspect.isclass(fn) else fn)
+    except (TypeError, ValueError):  # a builtin without a signature: no defaults to know
+        return {}
+    return {name: parameter.default for name, parameter in signature.parameters.items()
+            if isinstance(parameter.default, str) and parameter.default}
+
+
+def _resolve_at(value: Any, path: tuple[str, ...], cwd: Optional[str], step: str, where: str) -> Any:
+    """``value`` with the strings at ``path`` made absolute; containers on the way are copied."""
+    if not path:
+        if not isinstance(value, str) or not value:
+            return value
+        expanded = os.path.expanduser(value)
+        if os.path.isabs(expanded):
+            return os.path.normpath(expanded)
+        if cwd is None:
+            raise InvalidParameters(f"step {step!r}: {where} is the relative path {value!r}, and the request "
+                                    "carries no working directory to resolve it against; send an absolute path")
+        return os.path.normpath(os.path.join(cwd, expanded))
+    head, rest = path[0], path[1:]
+    if head == EVERY_ITEM:
+        if isinstance(value, (list, tuple)):
+            return [_resolve_at(item, rest, cwd, step, f"{where}[{index}]") for index, item in enumerate(value)]
+        if isinstance(value, Mapping):
+            return {key: _resolve_at(item, rest, cwd, step, f"{where}[{key!r}]") for key, item in value.items()}
+        return value
+    if isinstance(value, Mapping) and head in value:
+        return {**value, head: _resolve_at(value[head], rest, cwd, step, f"{where}.{head}" if where else head)}
+    return value
 
 
 @attrs.frozen

@@ -1,10 +1,12 @@
 """A real ``governor serve`` in a subprocess, on a private socket and journal, for the tests."""
 
+import asyncio
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from conftest import wait_until
@@ -52,8 +54,50 @@ class DaemonProcess:
         self.process.send_signal(sig)
         return self.process.wait(timeout=60)
 
-    def cli(self, *args: str) -> subprocess.CompletedProcess:
+    def cli(self, *args: str, cwd=None) -> subprocess.CompletedProcess:
         """Run the ``governor`` command (the installed console script when there is one)."""
         command = [shutil.which("governor")] if shutil.which("governor") else [sys.executable, "-m", "governor"]
         return subprocess.run([*command, "--socket", str(self.socket), *args],
-                              capture_output=True, text=True, timeout=120)
+                              capture_output=True, text=True, timeout=120, cwd=cwd)
+
+
+class InProcessDaemon:
+    """A ``Daemon`` on its own event loop in a thread of the test process, with any config.
+
+    Real socket, journal and workers; the test can read the daemon's statistics. Use it as
+    a context manager: it starts the daemon and stops it (workers included) on exit.
+    """
+
+    def __init__(self, root: Path, builtin: bool = False, **config):
+        from governor.daemon import Daemon, DaemonConfig, load_registry
+
+        self.socket = root / "run" / "governor.sock"
+        self.journal = root / "state" / "journal.sqlite3"
+        config = {"socket_path": self.socket, "journal_path": self.journal, "workers": 2,
+                  "drain_timeout_s": 5, **config}
+        registry = load_registry([] if builtin else ["step_library"], entry_points=False, builtin=builtin)
+        self.daemon = Daemon(registry, DaemonConfig(**config))
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="test-daemon-loop")
+
+    def __enter__(self) -> "InProcessDaemon":
+        self._thread.start()
+        self.call(self.daemon.start())
+        return self
+
+    def call(self, coroutine, timeout: float = 120):
+        """Run ``coroutine`` on the daemon's loop and return its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def statistics(self):
+        async def read():
+            return self.daemon.statistics()
+        return self.call(read())
+
+    def __exit__(self, *exc_info) -> None:
+        try:
+            self.call(self.daemon.stop())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout=60)
+            self.loop.close()

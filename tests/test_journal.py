@@ -147,9 +147,9 @@ def test_submit_returns_ids_in_order_and_records_queued_rows(journal):
     assert ids == sorted(ids) and len(set(ids)) == 3
     record = journal.get(ids[0])
     assert record == TaskRecord(id=ids[0], kind="step", step="a", params={"params": {"x": [1, 2]}}, lane=Lane.POOL,
-                                key="k", limits=limits, state="queued", submitted_at=1000.0, started_at=None,
+                                key="k", limits={"timeout_s": 1.5, "max_memory_mb": 64}, state="queued", submitted_at=1000.0, started_at=None,
                                 ended_at=None, result=None, error=None, attempts=0, interrupted=False)
-    assert not record.terminal
+    assert not record.terminal and record.own_limits() == limits
     assert journal.get(ids[1]).params == {"calls": [{"step": "b", "params": {}}]}
     assert journal.get(ids[2]).limits is None
 

@@ -28,7 +28,10 @@ Usage::
                                         ("git.status", {"repo": "/abs/repo"})])
 
 Steps run in the workers' current directory and environment (the supervisor's), so pass
-absolute ``repo`` paths, and set ``GOVERNOR_CHAT_STORE`` in the daemon (or pass
+absolute ``repo`` paths to a Supervisor. Each step declares its path parameters
+(``paths=``: ``repo``, ``store``, and those nested in ``task.execute`` and
+``workflow.execute``), so through the daemon a relative one is resolved against the
+client's working directory. Set ``GOVERNOR_CHAT_STORE`` in the daemon (or pass
 ``store=``) to choose the chat store. Errors a step raises on purpose are in
 :mod:`steps.builtin.errors`.
 """
@@ -53,24 +56,25 @@ def default_registry() -> StepRegistry:
     rules without affecting anyone else.
     """
     registry = StepRegistry()
+    repo, store = ("repo",), ("store",)
     # Read-only: parallel in the pool lane.
     registry.register(git.status, name="git.status", critical=False, category="git", tags=READ_ONLY,
-                      limits=git.STEP_LIMITS)
+                      limits=git.STEP_LIMITS, paths=repo)
     registry.register(git.current_branch, name="git.current_branch", critical=False, category="git",
-                      tags=READ_ONLY, limits=git.STEP_LIMITS)
+                      tags=READ_ONLY, limits=git.STEP_LIMITS, paths=repo)
     registry.register(git.log, name="git.log", critical=False, category="git", tags=READ_ONLY,
-                      limits=git.STEP_LIMITS)
+                      limits=git.STEP_LIMITS, paths=repo)
     registry.register(chat.history, name="chat.history", critical=False, category="chat", tags=READ_ONLY,
-                      limits=chat.STEP_LIMITS)
+                      limits=chat.STEP_LIMITS, paths=store)
     # State-changing: one at a time, in submission order, in the critical lane.
     registry.register(chat.create, name="chat.create", critical=True, category="chat", tags=("write",),
-                      limits=chat.STEP_LIMITS)
+                      limits=chat.STEP_LIMITS, paths=store)
     registry.register(chat.send_message, name="chat.send_message", critical=True, category="chat",
-                      tags=("write",), limits=chat.STEP_LIMITS)
+                      tags=("write",), limits=chat.STEP_LIMITS, paths=store)
     registry.register(sequence.execute_task, name="task.execute", critical=True, tags=("task",),
-                      limits=sequence.STEP_LIMITS)
+                      limits=sequence.STEP_LIMITS, paths=[f"steps.*.params.{name}" for name in repo + store])
     registry.register(sequence.execute_workflow, name="workflow.execute", critical=True, tags=("workflow",),
-                      limits=sequence.STEP_LIMITS)
+                      limits=sequence.STEP_LIMITS, paths=[f"params.{name}" for name in repo + store])
     return registry
 
 

@@ -1,0 +1,91 @@
+"""governor.AsyncClient against a real daemon, on real event loops."""
+
+import asyncio
+import signal
+
+import psutil
+import pytest
+
+from conftest import alive, wait_until
+from daemon_harness import DaemonProcess
+from governor import AsyncClient, Call, Limits, StepFailed, StepTimeout, UnknownStep
+from governor.client import DaemonUnavailable
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    running = DaemonProcess(tmp_path).start()
+    yield running
+    if running.process.poll() is None:
+        assert running.stop() == 0, running.log.read_text()
+
+
+def test_the_api_round_trips(daemon):
+    async def scenario():
+        async with AsyncClient(daemon.socket) as client:
+            assert (await client.ping())["version"] == 1
+            assert await client.submit("echo", value=[1, "two"]) == [1, "two"]
+            with pytest.raises(StepFailed):
+                await client.submit("boom")
+            with pytest.raises(UnknownStep):
+                await client.submit("no.such.step")
+            with pytest.raises(StepTimeout):
+                await client.submit_call(Call("busy_loop", limits=Limits(timeout_s=0.2)))
+            assert await client.run_batch([("echo", {"value": n}) for n in range(5)]) == list(range(5))
+            outcomes = await client.run_batch([("echo", {"value": 1}), ("boom", {})], return_exceptions=True)
+            assert outcomes[0] == 1 and isinstance(outcomes[1], StepFailed)
+            assert await client.workflow([("echo", {"value": "a"}), ("echo", {"value": "b"})]) == ["a", "b"]
+            many = await asyncio.gather(*(client.submit("echo", value=n) for n in range(50)))
+            assert many == list(range(50))
+            recent = await client.status()
+            record = await client.wait(recent[0]["task_id"], timeout=30)
+            assert record["final"] and (await client.status(record["task_id"]))["state"] == record["state"]
+            assert any(step["name"] == "echo" for step in await client.steps())
+            assert (await client.cancel(recent[0]["task_id"]))["finished"] == [recent[0]["task_id"]]
+    asyncio.run(scenario())
+
+
+def test_cancelling_the_awaiting_task_cancels_the_governed_task(daemon, tmp_path):
+    marker = tmp_path / "running"
+
+    async def scenario():
+        async with AsyncClient(daemon.socket) as client:
+            awaiting = asyncio.create_task(client.submit("busy_loop", marker=str(marker)))
+            while not marker.exists():  # the step writes it once it runs
+                await asyncio.sleep(0.02)
+            [running] = [t for t in await client.status() if t["step"] == "busy_loop"]
+            awaiting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await awaiting
+            record = await client.wait(running["task_id"], timeout=60)
+            assert record["final"] and record["state"] == "cancelled", record
+            batch = asyncio.create_task(client.run_batch([("timed_sleep", {"ms": 60_000})] * 2))
+            await asyncio.sleep(0)  # sent; cancelled before or after the acknowledgement
+            batch.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await batch
+            sleeping = [t for t in await client.status() if t["step"] == "timed_sleep"]
+            for task in sleeping:
+                assert (await client.wait(task["task_id"], timeout=60))["state"] == "cancelled"
+    asyncio.run(scenario())
+
+
+def test_daemon_loss_is_daemon_unavailable(daemon):
+    async def scenario():
+        client = AsyncClient(daemon.socket)
+        pending = asyncio.create_task(client.submit("timed_sleep", ms=120_000))
+        while not [t for t in await client.status() if t["step"] == "timed_sleep"]:
+            await asyncio.sleep(0.02)
+        children = psutil.Process(daemon.process.pid).children(recursive=True)
+        daemon.stop(signal.SIGKILL)
+        with pytest.raises(DaemonUnavailable):
+            await pending
+        await client.close()
+        return children
+    children = asyncio.run(scenario())
+    for child in children:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    assert wait_until(lambda: not any(alive(child.pid) for child in children), timeout=15)
