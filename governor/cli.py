@@ -312,15 +312,20 @@ def main(ctx: click.Context) -> None:
 @socket_option
 @click.option("--steps", "step_modules", multiple=True, metavar="MODULE[:ATTR]",
               help="Also load the steps of MODULE (its `registry`, or ATTR: a StepRegistry or a "
-                   "function taking the daemon's registry). Repeatable. Packages can also ship steps "
-                   "through the `governor.steps` entry-point group.")
+                   "function taking the daemon's registry). Repeatable. MODULE is looked for in --app-dir "
+                   "first, as `python -m` does. Packages can also ship steps through the `governor.steps` "
+                   "entry-point group.")
+@click.option("--app-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=".",
+              show_default=True, help="Where --steps modules are looked for first (it is put first on the "
+                                      "daemon's and its workers' module path).")
 @click.option("--builtin/--no-builtin", default=True, show_default=True,
               help="Serve the built-in git and chat steps.")
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="Pool workers [default: 2 x CPUs, 4..16].")
 @click.option("--journal", "journal_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="The SQLite journal [default: $XDG_STATE_HOME/governor/journal.sqlite3].")
-@click.option("--metrics-addr", default=None, metavar="HOST:PORT",
-              help="Serve Prometheus metrics over HTTP here (e.g. 127.0.0.1:9464). Off by default.")
+@click.option("--metrics-addr", default=None, metavar="[HOST:]PORT",
+              help="Serve Prometheus metrics over HTTP here: PORT (on 127.0.0.1), HOST:PORT or [IPV6]:PORT. "
+                   "Off by default.")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
               help="Logs on stderr as text or JSON lines.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
@@ -336,8 +341,7 @@ def main(ctx: click.Context) -> None:
               help="With --backend ray: the cluster to join (auto, HOST:PORT, ray://...) "
                    "[default: a private local node on 127.0.0.1].")
 @click.pass_context
-def serve(ctx: click.Context, step_modules: List[str], builtin: bool,
-          workers: Optional[int],
+def serve(ctx: click.Context, step_modules: List[str], app_dir: Path, builtin: bool, workers: Optional[int],
           journal_path: Optional[Path], metrics_addr: Optional[str], log_format: str, log_level: str,
           drain_timeout: float, allow_root: bool, backend: str, ray_address: Optional[str]) -> None:
     """Run the supervisor daemon in the foreground (as systemd and supervisord expect).
@@ -346,34 +350,92 @@ def serve(ctx: click.Context, step_modules: List[str], builtin: bool,
     Examples:
       governor serve
       governor serve --socket /tmp/g/governor.sock --journal /tmp/g/journal.sqlite3 --workers 8
-      governor serve --steps myapp.steps --metrics-addr 127.0.0.1:9464 --log-format json
+      governor serve --steps mysteps --metrics-addr 9464 --log-format json
+      governor serve --steps myapp.steps:register --app-dir ~/src/myapp
       governor serve --backend ray --ray-address 10.0.0.5:6379 --workers 64
+
+    Before any worker starts it checks the socket's directory, that no daemon has the
+    socket or the journal, the metrics address, and that the --steps modules import; a
+    failure is one line and exit status 14 (15: a daemon is already running there).
 
     Stop it with SIGTERM or Ctrl-C: it stops accepting, lets running steps finish (up to
     --drain-timeout), keeps queued ones in the journal for the next start, and exits 0.
     """
-    from governor.daemon import Daemon, DaemonConfig, DaemonError, load_registry
+    from governor import daemon
     from governor.logs import configure_logging
 
     configure_logging(log_format, getattr(logging, log_level.upper()))
-    socket_path = ctx.ensure_object(Connection).resolved_socket()
     if ray_address is not None and backend != "ray":
         raise click.BadParameter("needs --backend ray", param_hint="--ray-address")
     settings: Dict[str, Any] = {"workers": workers, "allow_root": allow_root, "drain_timeout_s": drain_timeout,
                                 "backend": backend, "ray_address": ray_address}
+    socket_path = ctx.ensure_object(Connection).resolved_socket()
     if socket_path is not None:
         settings["socket_path"] = socket_path
     if journal_path is not None:
         settings["journal_path"] = journal_path
     if metrics_addr is not None:
-        host, _, port = metrics_addr.rpartition(":")
-        if not host or not port.isdigit():
-            raise click.BadParameter("expected HOST:PORT", param_hint="--metrics-addr")
-        settings["metrics_addr"] = (host, int(port))
+        try:
+            settings["metrics_addr"] = daemon.parse_metrics_addr(metrics_addr)
+        except daemon.MetricsAddressInvalid as error:
+            raise click.BadParameter(str(error), param_hint="--metrics-addr") from None
     try:
-        Daemon(load_registry(step_modules, builtin=builtin), DaemonConfig(**settings)).serve()
-    except (DaemonError, errors.RegistrationError, errors.BackendUnavailable, ImportError) as error:
-        raise click.ClickException(str(error)) from None
+        config = daemon.DaemonConfig(**settings)
+        daemon.preflight(config)
+        _import_step_modules(step_modules, app_dir)
+        registry = daemon.load_registry(step_modules, builtin=builtin)
+        daemon.Daemon(registry, config).serve()
+    except (daemon.DaemonAlreadyRunning, daemon.JournalLocked) as error:
+        raise GovernorClickError(str(error), "already_running") from None
+    except (daemon.DaemonError, errors.RegistrationError, errors.BackendUnavailable) as error:
+        raise GovernorClickError(str(error), "cannot_start") from None
+
+
+def _import_step_modules(step_modules: Sequence[str], app_dir: Path) -> None:
+    """Import each ``--steps`` module from ``app_dir`` first, showing a failure as the module's own.
+
+    ``app_dir`` goes first on ``sys.path`` and on ``PYTHONPATH`` (which the workers inherit),
+    as ``python -m`` puts the current directory: the ``governor`` script's own directory is
+    what Python would look in otherwise.
+
+    Raises:
+        GovernorClickError: (cannot_start) no such module, naming where it was looked for; or
+            the module raised while importing, with its traceback from its own code on.
+    """
+    import importlib
+    import os
+    import sys
+
+    directory = str(app_dir.resolve())
+    sys.path.insert(0, directory)
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [directory, os.environ.get("PYTHONPATH")]))
+    for name in step_modules:
+        module_name = name.partition(":")[0]
+        try:
+            importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            if error.name is not None and (module_name + ".").startswith(error.name + "."):  # it, or its package
+                raise GovernorClickError(f"no module named {error.name!r} in {directory} or on the module path; "
+                                         "run `governor serve` from the directory that holds it, or pass "
+                                         "--app-dir DIR", "cannot_start") from None
+            raise GovernorClickError(_module_error(module_name, error), "cannot_start") from None
+        except Exception as error:  # the module's own code raised: show it as Python would
+            raise GovernorClickError(_module_error(module_name, error), "cannot_start") from None
+
+
+def _module_error(module_name: str, error: BaseException) -> str:
+    """The import failure of a steps module, its traceback starting at the module's own frames."""
+    import traceback
+
+    import importlib
+
+    # Governor's and the import machinery's frames come first: the user's module is what to read.
+    machinery = (str(Path(__file__).parent), str(Path(importlib.__file__).parent), "<frozen importlib")
+    frames = error.__traceback__
+    while frames is not None and frames.tb_frame.f_code.co_filename.startswith(machinery):
+        frames = frames.tb_next
+    shown = "".join(traceback.format_exception(type(error), error, frames)).rstrip()
+    return f"the steps module {module_name!r} failed to import:\n{shown}"
 
 
 @main.command()

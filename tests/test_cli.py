@@ -1,10 +1,12 @@
 """The ``governor`` command as a user meets it: each test runs the real command (a subprocess,
 or CliRunner) against a real daemon (``governor serve`` in a subprocess, tests/daemon_harness.py)."""
 
+import contextlib
 import json
 import os
 import pty
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -58,15 +60,15 @@ def test_client_commands_import_neither_the_engine_nor_loky_nor_psutil(daemon):
 
 
 def test_socket_works_on_the_group_on_each_command_and_from_the_environment(daemon, tmp_path):
-    socket, wrong = str(daemon.socket), str(tmp_path / "nobody-here.sock")
-    for args, env in ((["status", "--socket", socket], None),
-                      (["--socket", socket, "status"], None),
-                      (["status"], {"GOVERNOR_SOCKET": socket}),
-                      (["--socket", wrong, "status", "--socket", socket], None),  # the command's own wins
-                      (["--socket", socket, "status"], {"GOVERNOR_SOCKET": wrong}),  # a flag beats the env
-                      (["steps", "--socket", socket], None), (["workers", "--socket", socket], None),
-                      (["metrics", "--socket", socket], None),
-                      (["submit", "echo", "-p", "value=1", "--socket", socket], None)):
+    sock, wrong = str(daemon.socket), str(tmp_path / "nobody-here.sock")
+    for args, env in ((["status", "--socket", sock], None),
+                      (["--socket", sock, "status"], None),
+                      (["status"], {"GOVERNOR_SOCKET": sock}),
+                      (["--socket", wrong, "status", "--socket", sock], None),  # the command's own wins
+                      (["--socket", sock, "status"], {"GOVERNOR_SOCKET": wrong}),  # a flag beats the env
+                      (["steps", "--socket", sock], None), (["workers", "--socket", sock], None),
+                      (["metrics", "--socket", sock], None),
+                      (["submit", "echo", "-p", "value=1", "--socket", sock], None)):
         shown = governor(*args, env=env)
         assert shown.returncode == 0, (args, env, shown.stderr)
     missing = governor("status", "--socket", wrong)
@@ -74,8 +76,8 @@ def test_socket_works_on_the_group_on_each_command_and_from_the_environment(daem
 
 
 def test_records_are_text_by_default_json_on_request_with_local_iso_times(daemon):
-    socket = str(daemon.socket)
-    failed = governor("--socket", socket, "submit", "boom", "-p", "message=kaput", "--wait")
+    sock = str(daemon.socket)
+    failed = governor("--socket", sock, "submit", "boom", "-p", "message=kaput", "--wait")
     assert failed.returncode == 1, failed.stderr
     task_id = int(failed.stderr.split("waiting for task ")[1].split()[0])
     text = failed.stdout.splitlines()
@@ -86,37 +88,37 @@ def test_records_are_text_by_default_json_on_request_with_local_iso_times(daemon
     assert any(line.strip() == "raise ValueError(message)" for line in text)
     assert "\\n" not in failed.stdout
 
-    as_json = json.loads(governor("--socket", socket, "status", str(task_id), "--json").stdout)
+    as_json = json.loads(governor("--socket", sock, "status", str(task_id), "--json").stdout)
     submitted = datetime.fromisoformat(as_json["submitted_at"])
     assert submitted.utcoffset() == datetime.now().astimezone().utcoffset()  # local time, with its offset
     assert as_json["error"]["fields"]["exc_message"] == "kaput" and as_json["state"] == "failed"
-    assert governor("--socket", socket, "status", str(task_id)).stdout == failed.stdout
+    assert governor("--socket", sock, "status", str(task_id)).stdout == failed.stdout
 
-    cancelled = governor("--socket", socket, "cancel", str(task_id))
+    cancelled = governor("--socket", sock, "cancel", str(task_id))
     assert cancelled.returncode == 0 and cancelled.stdout == f"already finished: {task_id}\n"  # no wire envelope
-    assert json.loads(governor("--socket", socket, "cancel", str(task_id), "--json").stdout) == {
+    assert json.loads(governor("--socket", sock, "cancel", str(task_id), "--json").stdout) == {
         "cancelled": [], "finished": [task_id], "unknown": []}
-    steps = json.loads(governor("--socket", socket, "steps", "--json").stdout)
+    steps = json.loads(governor("--socket", sock, "steps", "--json").stdout)
     assert {"echo", "boom"} <= {step["name"] for step in steps}
-    assert {worker["lane"] for worker in json.loads(governor("--socket", socket, "workers", "--json").stdout)} \
+    assert {worker["lane"] for worker in json.loads(governor("--socket", sock, "workers", "--json").stdout)} \
         == {"pool", "critical"}
-    listing = governor("--socket", socket, "status").stdout.splitlines()
+    listing = governor("--socket", sock, "status").stdout.splitlines()
     assert listing[0].split() == ["id", "step", "lane", "state", "submitted", "ran_s", "attempts", "error"]
     assert listing[1].split()[:4] == [str(task_id), "boom", "pool", "failed"] and "ValueError: kaput" in listing[1]
 
 
 def test_one_exit_status_table_for_every_command(daemon):
-    socket = str(daemon.socket)
+    sock = str(daemon.socket)
     for command in (["status", "99999"], ["cancel", "99999"], ["wait", "99999"]):
-        unknown = governor("--socket", socket, *command)
+        unknown = governor("--socket", sock, *command)
         assert unknown.returncode == EXIT_CODES["unknown_task"], (command, unknown.stderr)
         assert "99999" in unknown.stdout + unknown.stderr
-    slow = governor("--socket", socket, "submit", "timed_sleep", "-p", "ms=60000").stdout.strip()
-    still = governor("--socket", socket, "wait", slow, "--timeout", "0.1")
+    slow = governor("--socket", sock, "submit", "timed_sleep", "-p", "ms=60000").stdout.strip()
+    still = governor("--socket", sock, "wait", slow, "--timeout", "0.1")
     assert still.returncode == EXIT_CODES["still_running"] and "(still running)" in still.stdout
-    governor("--socket", socket, "cancel", slow)
-    assert governor("--socket", socket, "wait", slow).returncode == EXIT_CODES["cancelled"]
-    refused = governor("--socket", socket, "submit", "echoo", "--wait")
+    governor("--socket", sock, "cancel", slow)
+    assert governor("--socket", sock, "wait", slow).returncode == EXIT_CODES["cancelled"]
+    refused = governor("--socket", sock, "submit", "echoo", "--wait")
     assert refused.returncode == EXIT_CODES["bad_request"] and "did you mean 'echo'" in refused.stderr
     shown = governor("--help").stdout
     for name, code in EXIT_CODES.items():
@@ -126,21 +128,21 @@ def test_one_exit_status_table_for_every_command(daemon):
 def test_status_filters_by_state_step_and_count_in_the_daemon(daemon):
     from governor.client import Client
 
-    socket = str(daemon.socket)
+    sock = str(daemon.socket)
     with Client(daemon.socket) as client:
         first_failure = client.submit("boom").wait_for_id()
         # More than a screenful after it: filtering the last 50 in the client would miss it.
         echoes = client.submit_batch([("echo", {"value": n}) for n in range(60)])
         echoes.result(timeout=60)
         client.wait(first_failure)
-    failures = json.loads(governor("--socket", socket, "status", "--state", "failed", "--json").stdout)
+    failures = json.loads(governor("--socket", sock, "status", "--state", "failed", "--json").stdout)
     assert [task["task_id"] for task in failures] == [first_failure]
-    newest = json.loads(governor("--socket", socket, "status", "--step", "echo", "-n", "3", "--json").stdout)
+    newest = json.loads(governor("--socket", sock, "status", "--step", "echo", "-n", "3", "--json").stdout)
     assert [task["task_id"] for task in newest] == sorted(echoes.task_ids, reverse=True)[:3]
-    none = governor("--socket", socket, "status", "--step", "boom", "--state", "done", "--json")
+    none = governor("--socket", sock, "status", "--step", "boom", "--state", "done", "--json")
     assert json.loads(none.stdout) == []
-    assert len(json.loads(governor("--socket", socket, "status", "--json").stdout)) == 50
-    assert governor("--socket", socket, "status", "1", "--state", "done").returncode == EXIT_CODES["usage"]
+    assert len(json.loads(governor("--socket", sock, "status", "--json").stdout)) == 50
+    assert governor("--socket", sock, "status", "1", "--state", "done").returncode == EXIT_CODES["usage"]
 
 
 def test_a_batch_with_bad_lines_submits_nothing_and_names_each_line(daemon, tmp_path):
@@ -219,12 +221,12 @@ def test_ctrl_c_while_waiting_says_the_tasks_go_on_or_cancels_them_and_exits_130
 
 
 def _ctrl_c(daemon, tmp_path):
-    socket, go = str(daemon.socket), str(tmp_path / "go")
+    sock, go = str(daemon.socket), str(tmp_path / "go")
     left, [left_id] = _interrupted(daemon, tmp_path, "left", "submit", "hold_until", "-p", f"marker={tmp_path}/left-1",
                                    "-p", f"go={go}", "--wait")
     assert left.returncode == EXIT_CODES["aborted"] == 130, left.stderr
     assert f"task {left_id} goes on" in left.stderr and "Aborted" not in left.stderr
-    assert json.loads(governor("--socket", socket, "status", str(left_id), "--json").stdout)["state"] == "running"
+    assert json.loads(governor("--socket", sock, "status", str(left_id), "--json").stdout)["state"] == "running"
 
     batch = tmp_path / "calls.jsonl"
     batch.write_text("\n".join(json.dumps({"step": "hold_until", "params": {"marker": f"{tmp_path}/batch-{n}",
@@ -232,12 +234,112 @@ def _ctrl_c(daemon, tmp_path):
     batched, batch_ids = _interrupted(daemon, tmp_path, "batch", "submit", "--batch", str(batch))
     assert batched.returncode == 130 and f"tasks {batch_ids[0]}-{batch_ids[1]} go on" in batched.stderr
 
-    held = governor("--socket", socket, "submit", "hold_until", "-p", f"marker={tmp_path}/held-1", "-p",
+    held = governor("--socket", sock, "submit", "hold_until", "-p", f"marker={tmp_path}/held-1", "-p",
                     f"go={tmp_path / 'never'}").stdout.strip()
     cancelled, [held_id] = _interrupted(daemon, tmp_path, "held", "wait", held, "--cancel-on-interrupt")
     assert cancelled.returncode == 130 and f"cancelled {held}" in cancelled.stderr
-    assert governor("--socket", socket, "wait", str(held_id)).returncode == EXIT_CODES["cancelled"]
+    assert governor("--socket", sock, "wait", str(held_id)).returncode == EXIT_CODES["cancelled"]
 
     Path(go).touch()  # the tasks left running were not cancelled: they finish
-    finished = governor("--socket", socket, "wait", str(left_id), *map(str, batch_ids))
+    finished = governor("--socket", sock, "wait", str(left_id), *map(str, batch_ids))
     assert finished.returncode == 0, finished.stdout
+
+
+# ----------------------------------------------------------------------------- serve
+
+STEPS_MODULE = '''
+from governor.steps import StepRegistry
+
+registry = StepRegistry()
+
+
+@registry.step(critical=False)
+def hello(name: str):
+    return f"hello {name}"
+'''
+
+
+@contextlib.contextmanager
+def served(root: Path, cwd: Path, *args: str):
+    """``governor serve ARGS`` from ``cwd``, as the installed script runs (-P: no directory
+    is put first on the module path, unlike ``python -m``); yields its socket."""
+    root.mkdir(parents=True)
+    socket_path = root / "run" / "governor.sock"
+    log = root / "daemon.log"
+    process = subprocess.Popen([sys.executable, "-P", "-m", "governor", "serve", "--socket", str(socket_path),
+                                "--journal", str(root / "journal.sqlite3"), "--workers", "2", *args],
+                               cwd=cwd, stdout=subprocess.DEVNULL, stderr=open(log, "ab"))
+    try:
+        assert wait_until(lambda: process.poll() is not None or socket_path.exists(), timeout=60)
+        assert process.poll() is None, log.read_text()
+        yield socket_path
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0, log.read_text()
+
+
+def test_serve_finds_steps_modules_in_the_current_directory_or_the_app_dir(tmp_path):
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "mysteps.py").write_text(STEPS_MODULE)
+    for name, cwd, extra in (("cwd", app, ()), ("app-dir", tmp_path, ("--app-dir", str(app)))):
+        with served(tmp_path / name, cwd, "--steps", "mysteps", "--no-builtin", *extra) as socket_path:
+            # The step runs in a pool worker: the workers find the module too.
+            said = governor("--socket", str(socket_path), "submit", "hello", "-p", "name=you", "--wait", "--json")
+            assert said.returncode == 0 and json.loads(said.stdout)["result"] == "hello you", (name, said.stderr)
+
+
+def test_serve_shows_a_steps_modules_own_import_error(tmp_path):
+    (tmp_path / "broken.py").write_text("import os\nimport not_installed_anywhere\n")
+    places = ("--socket", str(tmp_path / "run" / "g.sock"), "--journal", str(tmp_path / "journal.sqlite3"))
+    broken = governor("serve", "--steps", "broken", *places, cwd=tmp_path, python_flags=("-P",))
+    assert broken.returncode == EXIT_CODES["cannot_start"], broken.stderr
+    assert f'File "{tmp_path / "broken.py"}", line 2, in <module>' in broken.stderr
+    assert "No module named 'not_installed_anywhere'" in broken.stderr and "importlib" not in broken.stderr
+    missing = governor("serve", "--steps", "nosuch", *places, cwd=tmp_path, python_flags=("-P",))
+    assert missing.returncode == EXIT_CODES["cannot_start"]
+    assert missing.stderr.startswith(f"Error: no module named 'nosuch' in {tmp_path}") and "--app-dir" in missing.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def _one_line(stderr: str) -> bool:
+    return stderr.startswith("Error: ") and stderr.strip().count("\n") == 0
+
+
+def test_serve_start_up_failures_are_one_line_a_distinct_status_and_leave_no_socket(tmp_path):
+    def serve(socket_path: Path, journal: Path, *args: str) -> subprocess.CompletedProcess:
+        return governor("serve", "--no-builtin", "--workers", "2", "--socket", str(socket_path),
+                        "--journal", str(journal), *args)
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o755)
+    unsafe = serve(shared / "g.sock", tmp_path / "a.sqlite3")
+    assert unsafe.returncode == EXIT_CODES["cannot_start"] and _one_line(unsafe.stderr), unsafe.stderr
+    assert "open to other users" in unsafe.stderr and not (shared / "g.sock").exists()
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        busy = serve(tmp_path / "m" / "g.sock", tmp_path / "b.sqlite3", "--metrics-addr", f"127.0.0.1:{port}")
+    assert busy.returncode == EXIT_CODES["cannot_start"] and _one_line(busy.stderr), busy.stderr
+    assert f"cannot serve metrics on 127.0.0.1:{port}" in busy.stderr and not (tmp_path / "m" / "g.sock").exists()
+    nonsense = serve(tmp_path / "m" / "g.sock", tmp_path / "b.sqlite3", "--metrics-addr", "localhost")
+    assert nonsense.returncode == EXIT_CODES["usage"] and "--metrics-addr" in nonsense.stderr
+
+    stale_socket = tmp_path / "run" / "governor.sock"  # where DaemonProcess listens
+    stale_socket.parent.mkdir(mode=0o700)
+    with socket.socket(socket.AF_UNIX) as gone:
+        gone.bind(str(stale_socket))  # bound, never listening, left behind: a dead daemon's socket
+    daemon = DaemonProcess(tmp_path).start()  # the stale socket is replaced
+    try:
+        taken_socket = serve(daemon.socket, tmp_path / "c.sqlite3")
+        assert taken_socket.returncode == EXIT_CODES["already_running"] and _one_line(taken_socket.stderr)
+        assert "already listening" in taken_socket.stderr
+        taken_journal = serve(tmp_path / "d" / "g.sock", daemon.journal)
+        assert taken_journal.returncode == EXIT_CODES["already_running"] and _one_line(taken_journal.stderr)
+        assert "using the journal" in taken_journal.stderr and not (tmp_path / "d" / "g.sock").exists()
+        assert governor("--socket", str(daemon.socket), "status").returncode == 0  # the first daemon is unharmed
+    finally:
+        assert daemon.stop() == 0, daemon.log.read_text()
