@@ -394,9 +394,10 @@ def serve(ctx: click.Context, step_modules: List[str], app_dir: Path, builtin: b
 def _import_step_modules(step_modules: Sequence[str], app_dir: Path) -> None:
     """Import each ``--steps`` module from ``app_dir`` first, showing a failure as the module's own.
 
-    ``app_dir`` goes first on ``sys.path`` and on ``PYTHONPATH`` (which the workers inherit),
-    as ``python -m`` puts the current directory: the ``governor`` script's own directory is
-    what Python would look in otherwise.
+    ``app_dir`` goes first on ``sys.path``, as ``python -m`` puts the current directory (the
+    ``governor`` script's own directory is what Python would look in otherwise). Local
+    workers get the daemon's ``sys.path``; a Ray node's workers do not, so it also goes
+    first on ``PYTHONPATH``, which the node the daemon starts inherits.
 
     Raises:
         GovernorClickError: (cannot_start) no such module, naming where it was looked for; or
