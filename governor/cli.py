@@ -260,6 +260,14 @@ def _echo_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2, default=str))
 
 
+def _echo_record(record: Dict[str, Any], as_json: bool) -> None:
+    """One task in full: its record with ``--json``, else as text."""
+    if as_json:
+        _echo_json(record_json(record))
+    else:
+        click.echo(format_record(record))
+
+
 # ----------------------------------------------------------------------------- the group
 
 
@@ -494,7 +502,7 @@ def submit(connection: Connection, step: Optional[str], params: List[str], param
         return
     with _interruptible(connection, [task_id], cancel_on_interrupt):
         record = _ask(connection, lambda client: client.wait(task_id, timeout=timeout))
-    _echo_json(record_json(record)) if as_json else click.echo(format_record(record))
+    _echo_record(record, as_json)
     raise click.exceptions.Exit(_exit_status([record]))
 
 
@@ -540,7 +548,7 @@ def wait(connection: Connection, task_ids: Tuple[int, ...], timeout: Optional[fl
         for task_id in task_ids:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             records.append(_ask(connection, lambda client: client.wait(task_id, timeout=left)))
-    if as_json:
+    if as_json:  # a list, however many ids: a script need not count them
         _echo_json([record_json(record) for record in records])
     else:
         click.echo("\n\n".join(format_record(record) for record in records))
@@ -573,7 +581,7 @@ def status(connection: Connection, task_id: Optional[int], states: Tuple[str, ..
         if states or step is not None:
             raise click.UsageError("--state and --step filter the listing; not with a TASK_ID")
         record = _ask(connection, lambda client: client.status(task_id))
-        _echo_json(record_json(record)) if as_json else click.echo(format_record(record))
+        _echo_record(record, as_json)
         return
     found = _ask(connection, lambda client: client.status(states=states, step=step, limit=limit))
     if as_json:

@@ -9,6 +9,8 @@ import sys
 import threading
 from pathlib import Path
 
+import pytest
+
 from conftest import wait_until
 from governor.client import Client, DaemonUnavailable
 
@@ -101,3 +103,13 @@ class InProcessDaemon:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(timeout=60)
             self.loop.close()
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    """A started :class:`DaemonProcess` on the test's own socket and journal; after the test,
+    stopped with SIGTERM, which must end it cleanly. Import it into a test module to use it."""
+    running = DaemonProcess(tmp_path).start()
+    yield running
+    if running.process.poll() is None:
+        assert running.stop() == 0, running.log.read_text()

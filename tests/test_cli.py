@@ -14,23 +14,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import List, Tuple
 
-import pytest
-
 from conftest import wait_until
-from daemon_harness import DaemonProcess
+from daemon_harness import DaemonProcess, daemon  # noqa: F401 (daemon: a fixture)
 from governor.cli import EXIT_CODES
 
 #: Modules a client command must not import: the engine and what only the engine needs.
 ENGINE_MODULES = ("loky", "psutil", "prometheus_client", "governor.supervisor", "governor.daemon",
                   "governor.manager", "governor.cli_run")
-
-
-@pytest.fixture
-def daemon(tmp_path):
-    running = DaemonProcess(tmp_path).start()
-    yield running
-    if running.process.poll() is None:
-        assert running.stop() == 0, running.log.read_text()
 
 
 def governor(*args: str, env: dict = None, cwd: Path = None, python_flags: tuple = ()) -> subprocess.CompletedProcess:
