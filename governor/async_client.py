@@ -163,7 +163,8 @@ class AsyncClient:
     async def _ask(self, exchange: _Exchange, timeout: Optional[float] = -1) -> Any:
         """Send one request and return its reply's value."""
         reply = asyncio.get_running_loop().create_future()
-        await self._send(exchange.request, _Pending(lambda message: _settle(reply, message), lambda error: _fail(reply, error)))
+        await self._send(exchange.request, _Pending(lambda message: _settle(reply, message),
+                                                    lambda error: _fail(reply, error)))
         try:
             message = await asyncio.wait_for(reply, self.timeout if timeout == -1 else timeout)
         finally:

@@ -32,7 +32,7 @@ def worker_view(pid: Optional[int], lane: Lane, state: str, now: float, task: Op
     """One entry of ``Supervisor.describe_workers()``, in the same shape for every backend
     (``tasks_run`` and ``rss_bytes`` are ``None`` where a backend cannot know them, ``node``
     where the worker is on this host)."""
-    return {"pid": pid, "lane": lane.value, "state": state, "task_id": task.id if task else None,
+    return {"pid": pid, "lane": lane.value, "state": state, "task_id": task.public_id if task else None,
             "step": task.step if task else None, "running_s": (now - task.dispatched_at) if task else None,
             "tasks_run": tasks_run, "rss_bytes": rss_bytes, "node": node}
 

@@ -743,7 +743,7 @@ class Daemon:
         [record_id] = self._journal.submit([NewTask.step_call(call.step, call.kwargs, lane,
                                                               request.key, request.limits)])
         self._launch(record_id, self._target(request.key), lambda target: target.submit_call(
-            attrs.evolve(call, tag=record_id)))
+            attrs.evolve(call, ref=record_id)))
         self._acknowledge(connection, request, [record_id])
 
     async def _op_batch(self, connection: _Connection, request: protocol.Batch) -> None:
@@ -754,7 +754,7 @@ class Daemon:
         target = self._target(request.key)  # one scope for the batch: it supersedes as one view
         for record_id, (call, _) in zip(record_ids, checked):
             self._launch(record_id, target, lambda target, call=call, rid=record_id:
-                         target.submit_call(attrs.evolve(call, tag=rid)))
+                         target.submit_call(attrs.evolve(call, ref=rid)))
         self._acknowledge(connection, request, record_ids)
 
     async def _op_workflow(self, connection: _Connection, request: protocol.Workflow) -> None:
@@ -762,7 +762,7 @@ class Daemon:
         calls = [self._checked(c.step, c.params, request.cwd)[0] for c in request.calls]
         [record_id] = self._journal.submit([NewTask.workflow([{"step": c.step, "params": c.kwargs} for c in calls])])
         self._launch(record_id, self._supervisor, lambda target: target.workflow(
-            [attrs.evolve(call, tag=record_id) for call in calls]))
+            [attrs.evolve(call, ref=record_id) for call in calls]))
         self._acknowledge(connection, request, [record_id])
 
     async def _op_cancel(self, connection: _Connection, request: protocol.Cancel) -> Dict[str, Any]:
@@ -852,12 +852,12 @@ class Daemon:
         """Run a journaled task again, or fail it with ``TaskNotResumable`` when it can no longer run."""
         try:
             if record.kind == "workflow":
-                calls = [self._resumable(Call(call["step"], kwargs=call["params"], tag=record.id))
+                calls = [self._resumable(Call(call["step"], kwargs=call["params"], ref=record.id))
                          for call in record.params["calls"]]
                 self._launch(record.id, self._supervisor, lambda target: target.workflow(calls))
             else:
                 call = self._resumable(Call(record.step, kwargs=record.params["params"],
-                                            limits=record.own_limits(), tag=record.id))
+                                            limits=record.own_limits(), ref=record.id))
                 self._launch(record.id, self._supervisor, lambda target: target.submit_call(call))
         except (GovernorError, ValueError, TypeError) as cause:
             if self._journal.get(record.id).terminal:
@@ -873,10 +873,10 @@ class Daemon:
 
     def _record_start(self, task: Task) -> None:
         """on_dispatch hook (manager thread): journal "running" before the step reaches a worker."""
-        if task.tag is None or task.tag in self._started_records:
+        if task.ref is None or task.ref in self._started_records:
             return  # a workflow's later steps: its row is running already
-        self._started_records.add(task.tag)
-        self._journal.mark_started(task.tag)
+        self._started_records.add(task.ref)
+        self._journal.mark_started(task.ref)
 
     def _task_done(self, record_id: int) -> None:
         """Loop thread: journal a task's end and answer who waits for it."""

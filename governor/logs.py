@@ -2,8 +2,8 @@
 
 Governor logs to the ``governor`` logger and never configures logging on import (a library
 leaves that to the application). Records that concern a task carry these ``extra`` fields:
-``task_id``, ``step``, ``lane``, ``pid``, ``reason``, ``limit``, ``observed`` and, on the Ray
-lane, ``node``. Every task's life is logged at DEBUG; every kill and crash at WARNING
+``task_id`` (``Task.public_id``: a daemon's journal id, else the supervisor's), ``step``,
+``lane``, ``pid``, ``reason``, ``limit``, ``observed`` and, on the Ray lane, ``node``. Every task's life is logged at DEBUG; every kill and crash at WARNING
 (:func:`log_death`).
 
 :func:`configure_logging` is what the CLI uses: ``text`` appends the fields as
@@ -33,7 +33,7 @@ def log_death(message: str, task: Any, lane: Any, pid: Optional[int], reason: st
         limit, observed: the limit enforced and the value seen.
         node: the host of a Ray worker.
     """
-    log.warning(message, extra={"task_id": task.id, "step": task.step, "lane": lane.value, "pid": pid,
+    log.warning(message, extra={"task_id": task.public_id, "step": task.step, "lane": lane.value, "pid": pid,
                                 "reason": reason, "limit": limit, "observed": observed, "node": node})
 
 

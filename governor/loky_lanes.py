@@ -414,8 +414,9 @@ class LokyLanes:
             if self._next_sample_at is None:
                 self._next_sample_at = now + MEMORY_SAMPLE_INTERVAL_S
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("task %s (%s) started on worker %s", task.id, task.step, slot.pid,
-                      extra={"task_id": task.id, "step": task.step, "lane": task.lane.value, "pid": slot.pid})
+            log.debug("task %s (%s) started on worker %s", task.public_id, task.step, slot.pid,
+                      extra={"task_id": task.public_id, "step": task.step, "lane": task.lane.value,
+                             "pid": slot.pid})
 
     def _post_loky_done(self, slot: Slot, task: Task, future: concurrent.futures.Future) -> None:
         """Done-callback, on the slot's loky thread: end the task if its outcome came back.

@@ -204,8 +204,8 @@ class Manager(threading.Thread):
         for task in tasks:
             self._backends[task.lane].queue(task.lane).append(task)
             if debug:
-                log.debug("task %s (%s) queued", task.id, task.step,
-                          extra={"task_id": task.id, "step": task.step, "lane": task.lane.value})
+                log.debug("task %s (%s) queued", task.public_id, task.step,
+                          extra={"task_id": task.public_id, "step": task.step, "lane": task.lane.value})
 
     def _on_cancel(self, task: Task) -> None:
         """A cancel was recorded on ``task``: stop it if it runs, settle its workflow if queued."""
@@ -307,8 +307,8 @@ class Manager(threading.Thread):
         """The manager's share of a task's end: tables, log, workflow."""
         self._backends[task.lane].forget(task)
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("task %s (%s) %s", task.id, task.step, task.state.value,
-                      extra={"task_id": task.id, "step": task.step, "lane": task.lane.value, "pid": task.pid,
+            log.debug("task %s (%s) %s", task.public_id, task.step, task.state.value,
+                      extra={"task_id": task.public_id, "step": task.step, "lane": task.lane.value, "pid": task.pid,
                              "reason": task.state.value})
         self._settle_workflow(task, result)
 

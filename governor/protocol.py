@@ -96,14 +96,13 @@ tuples arrive as arrays) so the daemon can report a step whose result cannot be 
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import json
 import math
 import reprlib
 import socket
 import struct
-from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Dict, List, Mapping, Optional, Tuple, Union
 
 import attrs
 
@@ -112,6 +111,9 @@ from governor.errors import (GovernorError, InvalidParameters, MemoryLimitExceed
                              TooManyClients, UnknownStep, UnknownTask, WorkerCrashed, WorkerStartFailed,
                              WorkflowFailed)
 from governor.limits import Limits
+
+if TYPE_CHECKING:  # asyncio is imported where it is used: the blocking client does without it
+    import asyncio
 
 #: The version every request and reply carries as ``"v"``.
 PROTOCOL_VERSION = 1
@@ -512,6 +514,8 @@ def recv_message(sock: socket.socket, max_bytes: int = MAX_MESSAGE_BYTES) -> Dic
 
 
 async def _read_up_to(reader: asyncio.StreamReader, size: int) -> bytes:
+    import asyncio
+
     try:
         return await reader.readexactly(size)
     except asyncio.IncompleteReadError as error:

@@ -371,7 +371,8 @@ class Supervisor:
     def _new_task(self, call: Call, lane: Optional[Lane] = None) -> Task:
         route = self.check_call(call)
         limits = route.limits if call.limits is None else call.limits.over(route.limits)
-        task = Task(0, call.step, lane or route.lane, call.args, call.kwargs, limits, self._clock(), tag=call.tag)
+        task = Task(0, call.step, lane or route.lane, call.args, call.kwargs, limits, self._clock(), tag=call.tag,
+                    ref=call.ref)
         task.future = TaskFuture(task, self._cancel)
         return task
 

@@ -74,8 +74,10 @@ class Call:
         kwargs: keyword arguments.
         limits: limits for this submission only; fields left ``None`` inherit the step's.
         tag: an opaque value carried on the task (``Task.tag``), for code that sees tasks
-            rather than futures, such as an ``on_dispatch`` hook (the daemon puts its
-            journal id here).
+            rather than futures, such as an ``on_dispatch`` hook.
+        ref: the id the task is known by outside its supervisor (the daemon puts its
+            journal id here); logs and ``describe_workers`` show it as ``task_id``
+            (``Task.public_id``). ``None``: the supervisor's own id.
     """
 
     step: str = attrs.field(validator=attrs.validators.instance_of(str))
@@ -84,6 +86,7 @@ class Call:
     limits: Optional[Limits] = attrs.field(
         default=None, validator=attrs.validators.optional(attrs.validators.instance_of(Limits)))
     tag: Any = None
+    ref: Optional[int] = None
 
     @classmethod
     def of(cls, item: Any) -> "Call":
@@ -145,7 +148,13 @@ class Task:
     cancel_request: Optional[CancelRequest] = None
     error: Optional[BaseException] = None
     kill_claimed: bool = False
+    ref: Optional[int] = None
     _lock: threading.Lock = attrs.field(factory=threading.Lock, repr=False)
+
+    @property
+    def public_id(self) -> int:
+        """The id logs and worker listings show: ``ref`` (a daemon's journal id) when set, else ``id``."""
+        return self.id if self.ref is None else self.ref
 
     def transition(self, new: TaskState) -> None:
         """Move to ``new``; raise ``InvalidTransition`` if the task's life forbids it."""

@@ -9,9 +9,10 @@ import sys
 import threading
 from pathlib import Path
 
+import psutil
 import pytest
 
-from conftest import wait_until
+from conftest import alive, wait_until
 from governor.client import Client, DaemonUnavailable
 
 TESTS = Path(__file__).parent
@@ -63,6 +64,25 @@ class DaemonProcess:
                               capture_output=True, text=True, timeout=120, cwd=cwd)
 
 
+@pytest.fixture
+def daemon(tmp_path):
+    """A ``governor serve`` subprocess for one test, stopped cleanly (exit 0) after it."""
+    running = DaemonProcess(tmp_path).start()
+    yield running
+    if running.process.poll() is None:
+        assert running.stop() == 0, running.log.read_text()
+
+
+def kill_all(processes) -> None:
+    """Kill what a ``kill -9``-ed daemon left (its workers) and wait until they are gone."""
+    for process in processes:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    assert wait_until(lambda: not any(alive(process.pid) for process in processes), timeout=15)
+
+
 class InProcessDaemon:
     """A ``Daemon`` on its own event loop in a thread of the test process, with any config.
 
@@ -103,13 +123,3 @@ class InProcessDaemon:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(timeout=60)
             self.loop.close()
-
-
-@pytest.fixture
-def daemon(tmp_path):
-    """A started :class:`DaemonProcess` on the test's own socket and journal; after the test,
-    stopped with SIGTERM, which must end it cleanly. Import it into a test module to use it."""
-    running = DaemonProcess(tmp_path).start()
-    yield running
-    if running.process.poll() is None:
-        assert running.stop() == 0, running.log.read_text()

@@ -6,18 +6,9 @@ import signal
 import psutil
 import pytest
 
-from conftest import alive, wait_until
-from daemon_harness import DaemonProcess
+from daemon_harness import daemon, kill_all  # noqa: F401 (a fixture)
 from governor import AsyncClient, Call, Limits, StepFailed, StepTimeout, UnknownStep
 from governor.client import DaemonUnavailable
-
-
-@pytest.fixture
-def daemon(tmp_path):
-    running = DaemonProcess(tmp_path).start()
-    yield running
-    if running.process.poll() is None:
-        assert running.stop() == 0, running.log.read_text()
 
 
 def test_the_api_round_trips(daemon):
@@ -82,10 +73,4 @@ def test_daemon_loss_is_daemon_unavailable(daemon):
             await pending
         await client.close()
         return children
-    children = asyncio.run(scenario())
-    for child in children:
-        try:
-            child.kill()
-        except psutil.NoSuchProcess:
-            pass
-    assert wait_until(lambda: not any(alive(child.pid) for child in children), timeout=15)
+    kill_all(asyncio.run(scenario()))

@@ -18,21 +18,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import alive, wait_until
-from daemon_harness import DaemonProcess
+from daemon_harness import DaemonProcess, daemon  # noqa: F401 (a fixture)
 from governor import Call, Limits, StepCancelled, StepFailed, StepTimeout, UnknownStep
 from governor.cli import EXIT_CODES, main
 from governor.client import Client, DaemonUnavailable
 from governor import protocol
 
 NOBODY = 65534
-
-
-@pytest.fixture
-def daemon(tmp_path):
-    running = DaemonProcess(tmp_path).start()
-    yield running
-    if running.process.poll() is None:
-        assert running.stop() == 0, running.log.read_text()
 
 
 @pytest.fixture
@@ -53,7 +45,7 @@ def test_cli_round_trips_through_the_real_binary(daemon, tmp_path):
     assert daemon.cli("submit", "busy_loop", "--limit-timeout", "0.2", "--wait").returncode == EXIT_CODES["timed_out"]
     unknown = daemon.cli("submit", "git.stats", "--wait")
     assert unknown.returncode == EXIT_CODES["bad_request"] and "unknown step" in unknown.stderr
-    still = daemon.cli("submit", "timed_sleep", "-p", "ms=3000", "--wait", "--timeout", "0.2", "--json")
+    still = daemon.cli("submit", "timed_sleep", "-p", "ms=120000", "--wait", "--timeout", "0.2", "--json")
     assert still.returncode == EXIT_CODES["still_running"]
     running_id = json.loads(still.stdout)["task_id"]
     assert json.loads(daemon.cli("cancel", str(running_id), "--json").stdout)["cancelled"] == [running_id]

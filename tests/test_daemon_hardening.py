@@ -17,8 +17,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import alive, wait_until
-from daemon_harness import DaemonProcess, InProcessDaemon
+from conftest import wait_until
+from daemon_harness import DaemonProcess, InProcessDaemon, kill_all
 from governor import protocol
 from governor.client import Client, DaemonUnavailable
 from governor.daemon import (Daemon, DaemonAlreadyRunning, DaemonConfig, JournalLocked, MetricsAddressInvalid,
@@ -217,19 +217,13 @@ def test_waits_are_forgotten_when_their_connection_closes(tmp_path):
 
 def test_in_flight_futures_raise_daemon_unavailable_when_the_daemon_dies(tmp_path):
     daemon = DaemonProcess(tmp_path).start()
-    descendants = []
     with Client(daemon.socket) as client:
         future = client.submit("timed_sleep", ms=120_000)
         descendants = psutil.Process(daemon.process.pid).children(recursive=True)
         daemon.stop(signal.SIGKILL)
         with pytest.raises(DaemonUnavailable):
             future.result(timeout=60)
-    for child in descendants:
-        try:
-            child.kill()
-        except psutil.NoSuchProcess:
-            pass
-    assert wait_until(lambda: not any(alive(child.pid) for child in descendants), timeout=15)
+    kill_all(descendants)
 
 
 # --------------------------------------------------------------------------- limits, resume, ids
@@ -278,3 +272,30 @@ def test_errors_name_the_journal_id(tmp_path):
             future.result(timeout=60)
         assert timed_out.value.task_id == future.task_id == 2
         assert client.status(future.task_id)["error"]["fields"]["task_id"] == 2
+
+
+def test_logs_name_the_journal_id(tmp_path):
+    import io
+    import logging
+
+    from governor.logs import configure_logging
+
+    stream = io.StringIO()
+    logger = logging.getLogger("governor")
+    level = logger.level
+    handler = configure_logging("json", logging.DEBUG, stream)
+    try:
+        with InProcessDaemon(tmp_path) as running, Client(running.socket) as client:
+            client.workflow([("echo", {"value": n}) for n in range(3)]).result(timeout=60)
+            from governor import Call, Limits
+            future = client.submit_call(Call("busy_loop", limits=Limits(timeout_s=0.2)))
+            with pytest.raises(StepTimeout):
+                future.result(timeout=60)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    records = [json.loads(line) for line in stream.getvalue().splitlines()]
+    about_the_loop = [record for record in records if record.get("step") == "busy_loop"]
+    assert any(record["level"] == "WARNING" for record in about_the_loop), records
+    assert {record["task_id"] for record in about_the_loop} == {future.task_id} == {2}
+    assert {record["task_id"] for record in records if record.get("step") == "echo"} == {1}
