@@ -31,7 +31,7 @@ import attrs
 import click
 
 from governor import __version__, errors
-from governor.cli_options import Connection, json_option, parse_value, socket_option
+from governor.cli_options import Connection, cancel_on_interrupt_option, json_option, parse_value, socket_option
 from governor.journal import STATES
 from governor.protocol import DEFAULT_STATUS_LIMIT, MAX_STATUS_LIMIT
 
@@ -114,12 +114,6 @@ def _ask(connection: Connection, request):
 
 
 pass_connection = click.make_pass_decorator(Connection, ensure=True)
-
-#: ``--cancel-on-interrupt``, for each command that waits for tasks.
-cancel_on_interrupt_option = click.option(
-    "--cancel-on-interrupt", is_flag=True,
-    help="On Ctrl-C, cancel the tasks waited for (by default they go on; either way, exit 130).")
-
 
 @contextlib.contextmanager
 def _interruptible(connection: Connection, task_ids: Sequence[int], cancel_on_interrupt: bool) -> Iterator[None]:

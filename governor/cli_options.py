@@ -74,6 +74,11 @@ socket_option = click.option(
 json_option = click.option("--json", "as_json", is_flag=True,
                            help="Print JSON (times as local ISO 8601) instead of text.")
 
+#: ``--cancel-on-interrupt``, for each command that waits for tasks.
+cancel_on_interrupt_option = click.option(
+    "--cancel-on-interrupt", is_flag=True,
+    help="On Ctrl-C, cancel the tasks waited for (by default they go on; either way, exit 130).")
+
 
 def parse_value(raw: str) -> Any:
     """``raw`` as JSON if it parses, else ``raw`` itself (so ``5`` is an int, ``.`` a str)."""
