@@ -86,9 +86,10 @@ class AsyncClient:
         """Cancel tasks by id: ``{"cancelled": [...], "finished": [...], "unknown": [...]}``."""
         return await self._ask(self._requests.cancel(task_ids))
 
-    async def status(self, task_id: Optional[int] = None) -> Any:
+    async def status(self, task_id: Optional[int] = None, *, states: Iterable[str] = (), step: Optional[str] = None,
+                     limit: int = protocol.DEFAULT_STATUS_LIMIT) -> Any:
         """One task's journal record, or the recent tasks' records (newest first)."""
-        return await self._ask(self._requests.status(task_id))
+        return await self._ask(self._requests.status(task_id, states, step, limit))
 
     async def wait(self, task_id: int, timeout: Optional[float] = None) -> Dict[str, Any]:
         """Wait for a task to end (or ``timeout``); return its record (``final`` says which)."""

@@ -34,6 +34,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import attrs
 import click
 
+from governor.cli_options import parse_value
 from governor.errors import GovernorError, InvalidParameters, StepCancelled, StepFailed, StepSkipped, UnknownStep
 from governor.limits import Lane, Limits
 from governor.supervisor import Supervisor, default_workers
@@ -94,14 +95,6 @@ def parse_step(text: str) -> Call:
                 raise StepSyntaxError(f"{text!r}: parameter {key!r} is given twice")
             kwargs[key] = parse_value(raw)
     return Call(name, kwargs=kwargs)
-
-
-def parse_value(raw: str) -> Any:
-    """``raw`` as JSON if it parses, else ``raw`` itself (so ``5`` is an int, ``.`` a str)."""
-    try:
-        return json.loads(raw)
-    except ValueError:
-        return raw
 
 
 def _split_params(text: str, params: str) -> List[str]:
@@ -438,7 +431,7 @@ def execute(calls: Sequence[Call], *, workers: Optional[int] = None, timeout_s: 
                     for call, future in zip(batch, futures)]
         except BaseException:
             # Interrupted (Ctrl-C): stop the steps rather than wait for them to end.
-            sup.shutdown(wait=True, cancel_pending=True, cancel_running=True)
+            sup.shutdown(wait=True, cancel_futures=True, cancel_running=True)
             raise
     sequential = _run_sequential(registry, runs)
     return RunReport(tuple(setup), tuple(runs), batch_ms, sequential, workers, startup_ms,

@@ -155,8 +155,9 @@ class _Requests:
         return _Exchange(protocol.Cancel(self._id(), tuple(task_ids)),
                          lambda reply: {name: reply[name] for name in ("cancelled", "finished", "unknown")})
 
-    def status(self, task_id: Optional[int]) -> _Exchange:
-        return _Exchange(protocol.Status(self._id(), task_id),
+    def status(self, task_id: Optional[int], states: Iterable[str] = (), step: Optional[str] = None,
+               limit: int = protocol.DEFAULT_STATUS_LIMIT) -> _Exchange:
+        return _Exchange(protocol.Status(self._id(), task_id, tuple(states) or None, step, limit),
                          lambda reply: reply["task"] if task_id is not None else reply["tasks"])
 
     def wait(self, task_id: int, timeout: Optional[float]) -> _Exchange:
@@ -328,13 +329,23 @@ class Client:
         """Cancel tasks by id: ``{"cancelled": [...], "finished": [...], "unknown": [...]}``."""
         return self._ask(self._requests.cancel(task_ids))
 
-    def status(self, task_id: Optional[int] = None) -> Any:
-        """One task's journal record, or the recent tasks' records (newest first)."""
-        return self._ask(self._requests.status(task_id))
+    def status(self, task_id: Optional[int] = None, *, states: Iterable[str] = (), step: Optional[str] = None,
+               limit: int = protocol.DEFAULT_STATUS_LIMIT) -> Any:
+        """One task's journal record, or the recent tasks' records (newest first).
+
+        Args:
+            states, step, limit: for the recent tasks: only those in one of ``states`` (any
+                when empty) and of ``step`` (any when ``None``), the last ``limit`` of them.
+        """
+        return self._ask(self._requests.status(task_id, states, step, limit))
 
     def wait(self, task_id: int, timeout: Optional[float] = None) -> Dict[str, Any]:
         """Wait for a task to end (or ``timeout``); return its record (``final`` says which)."""
-        return self._ask(self._requests.wait(task_id, timeout), timeout=None)
+        return self.wait_future(task_id, timeout).result()
+
+    def wait_future(self, task_id: int, timeout: Optional[float] = None) -> concurrent.futures.Future:
+        """:meth:`wait` without blocking: a future of the record (so many tasks can be awaited at once)."""
+        return self._ask_future(self._requests.wait(task_id, timeout))
 
     def steps(self) -> List[Dict[str, Any]]:
         """The daemon's steps: name, lane, reason, limits, description, signature."""
@@ -407,8 +418,12 @@ class Client:
                 conversation.forget(request.id)
                 raise
 
-    def _ask(self, exchange: _Exchange, timeout: Optional[float] = -1) -> Any:
-        """Send one request and wait for its (single) reply."""
+    def _ask(self, exchange: _Exchange) -> Any:
+        """Send one request and wait for its (single) reply, up to ``self.timeout``."""
+        return self._ask_future(exchange).result(self.timeout)
+
+    def _ask_future(self, exchange: _Exchange) -> concurrent.futures.Future:
+        """Send one request; the future resolves to its (single) reply's value."""
         reply: concurrent.futures.Future = concurrent.futures.Future()
 
         def on_reply(message: Dict[str, Any]) -> bool:
@@ -419,7 +434,7 @@ class Client:
             return True
 
         self._send(exchange.request, _Pending(on_reply, reply.set_exception))
-        return reply.result(self.timeout if timeout == -1 else timeout)
+        return reply
 
     def _run(self, exchange: _Exchange) -> RemoteFuture:
         """Send a waiting submit/batch/workflow: an ack with ids, then a final reply.

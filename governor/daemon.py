@@ -793,7 +793,8 @@ class Daemon:
 
     async def _op_status(self, connection: _Connection, request: protocol.Status) -> Dict[str, Any]:
         if request.task_id is None:
-            return {"tasks": [record.to_wire(summary=True) for record in self._journal.recent()]}
+            return {"tasks": [record.to_wire(summary=True) for record in
+                              self._journal.recent(request.limit, request.states or (), request.step)]}
         return {"task": self._record(request.task_id).to_wire()}
 
     async def _op_wait(self, connection: _Connection, request: protocol.Wait) -> None:

@@ -460,9 +460,19 @@ class Journal:
         records = self._select("SELECT * FROM tasks WHERE id = ?", (task_id,))
         return records[0] if records else None
 
-    def recent(self, limit: int = 50) -> List[TaskRecord]:
-        """The last ``limit`` tasks submitted, newest first."""
-        return self._select("SELECT * FROM tasks ORDER BY id DESC LIMIT ?", (limit,))
+    def recent(self, limit: int = 50, states: Sequence[Union[str, TaskState]] = (),
+               step: Optional[str] = None) -> List[TaskRecord]:
+        """The last ``limit`` tasks submitted, newest first: of those in one of ``states``
+        (any state when empty) and of ``step`` (any when ``None``)."""
+        where, parameters = [], []
+        if states:
+            where.append(f"state IN ({', '.join('?' * len(states))})")
+            parameters += [_state_name(state) for state in states]
+        if step is not None:
+            where.append("step = ?")
+            parameters.append(step)
+        clause = f" WHERE {' AND '.join(where)}" if where else ""
+        return self._select(f"SELECT * FROM tasks{clause} ORDER BY id DESC LIMIT ?", (*parameters, limit))
 
     def by_state(self, *states: Union[str, TaskState]) -> List[TaskRecord]:
         """Every task in one of ``states``, in id order."""

@@ -55,7 +55,9 @@ Requests
     ``workflow`` ``calls``: as for ``batch``, 1-1,000 of them; ``wait``: bool [false];
                  ``cwd``: as for ``submit``
     ``cancel``   ``task_ids``: 1-10,000 task ids
-    ``status``   ``task_id``: a task id, or null for the recent tasks [null]
+    ``status``   ``task_id``: a task id, or null for the recent tasks [null]; for those,
+                 ``states`` (an array of states, or null for any) [null], ``step`` (a
+                 name, or null for any) [null], ``limit`` (1 to 10000) [50]
     ``wait``     ``task_id``: a task id; ``timeout``: seconds, a finite number >= 0, or
                  null for no timeout [null]
     ``steps``    none
@@ -137,6 +139,12 @@ _REQUEST_ID_BOUND = 2 ** 63
 #: listing of many tasks stays small.
 MAX_STEP_NAME_CHARS = 200
 MAX_KEY_CHARS = 200
+
+#: How many tasks a ``status`` listing holds by default, and at most: the last screenful by
+#: default; the cap keeps one reply well under the frame cap (summaries are small).
+DEFAULT_STATUS_LIMIT = 50
+MAX_STATUS_LIMIT = 10_000
+MAX_STATE_CHARS = 32
 
 #: A caller's working directory: Linux's PATH_MAX.
 MAX_PATH_CHARS = 4096
@@ -626,6 +634,14 @@ def _task_id(value: Any) -> int:
     return value
 
 
+def _count(maximum: int) -> Decoder:
+    def decode(value: Any) -> int:
+        if not _integer(value) or not 1 <= value <= maximum:
+            raise _expected(f"an integer from 1 to {maximum}", value)
+        return value
+    return decode
+
+
 def _params(value: Any) -> Dict[str, Any]:
     if not isinstance(value, dict):
         raise _expected("an object", value)
@@ -802,10 +818,18 @@ class Cancel(Request):
 
 @_wire_type
 class Status(Request):
-    """``status``: one task's record, or the recent tasks' when ``task_id`` is ``None``."""
+    """``status``: one task's record, or the recent tasks' when ``task_id`` is ``None``.
+
+    A listing holds the last ``limit`` tasks, newest first, of those in one of ``states``
+    (any state when ``None``) and of ``step`` (any step when ``None``).
+    """
 
     OP = "status"
     task_id: Optional[int] = attrs.field(default=None, converter=_optional(_task_id))
+    states: Optional[Tuple[str, ...]] = attrs.field(
+        default=None, converter=_optional(_tuple_of(_text(MAX_STATE_CHARS, min_chars=1), MAX_STATE_CHARS, "states")))
+    step: Optional[str] = attrs.field(default=None, converter=_optional(_text(MAX_STEP_NAME_CHARS, min_chars=1)))
+    limit: int = attrs.field(default=DEFAULT_STATUS_LIMIT, converter=_count(MAX_STATUS_LIMIT))
 
 
 @_wire_type

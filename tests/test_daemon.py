@@ -37,18 +37,18 @@ def test_cli_round_trips_through_the_real_binary(daemon, tmp_path):
     submitted = daemon.cli("submit", "echo", "-p", "value=41")
     assert submitted.returncode == 0, submitted.stderr
     task_id = int(submitted.stdout)
-    status = json.loads(daemon.cli("status", str(task_id)).stdout)
+    status = json.loads(daemon.cli("status", str(task_id), "--json").stdout)
     assert status["task_id"] == task_id and status["step"] == "echo"
-    waited = daemon.cli("submit", "echo", "--json", '{"value": [1, "two"]}', "--wait")
+    waited = daemon.cli("submit", "echo", "--params", '{"value": [1, "two"]}', "--wait", "--json")
     assert waited.returncode == 0 and json.loads(waited.stdout)["result"] == [1, "two"]
     assert daemon.cli("submit", "boom", "--wait").returncode == EXIT_CODES["failed"]
     assert daemon.cli("submit", "busy_loop", "--limit-timeout", "0.2", "--wait").returncode == EXIT_CODES["timed_out"]
     unknown = daemon.cli("submit", "git.stats", "--wait")
     assert unknown.returncode == EXIT_CODES["bad_request"] and "unknown step" in unknown.stderr
-    still = daemon.cli("submit", "timed_sleep", "-p", "ms=120000", "--wait", "--timeout", "0.2")
+    still = daemon.cli("submit", "timed_sleep", "-p", "ms=120000", "--wait", "--timeout", "0.2", "--json")
     assert still.returncode == EXIT_CODES["still_running"]
     running_id = json.loads(still.stdout)["task_id"]
-    assert json.loads(daemon.cli("cancel", str(running_id)).stdout)["cancelled"] == [running_id]
+    assert json.loads(daemon.cli("cancel", str(running_id), "--json").stdout)["cancelled"] == [running_id]
     listing = daemon.cli("status").stdout
     assert "echo" in listing and "timed_out" in listing
     steps = daemon.cli("steps").stdout
@@ -58,15 +58,16 @@ def test_cli_round_trips_through_the_real_binary(daemon, tmp_path):
     assert "worker_kills" in json.loads(daemon.cli("metrics").stdout)
     batch = tmp_path / "calls.jsonl"
     batch.write_text("\n".join(json.dumps({"step": "echo", "params": {"value": n}}) for n in range(20)))
-    batched = daemon.cli("submit", "--batch", str(batch))
-    assert batched.returncode == 0 and json.loads(batched.stdout)["submitted"] == 20
+    batched = daemon.cli("submit", "--batch", str(batch), "--json")
+    assert batched.returncode == 0 and len(json.loads(batched.stdout)) == 20
 
 
 def test_cli_through_clirunner(daemon):
     runner = CliRunner()
-    result = runner.invoke(main, ["--socket", str(daemon.socket), "submit", "echo", "-p", "value=\"x\"", "--wait"])
+    result = runner.invoke(main, ["--socket", str(daemon.socket), "submit", "echo", "-p", "value=\"x\"", "--wait",
+                                  "--json"])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output)["result"] == "x"
+    assert json.loads(result.stdout)["result"] == "x"
     assert runner.invoke(main, ["--socket", str(daemon.socket), "steps"]).exit_code == 0
     for command in (["submit", "--help"], ["serve", "--help"], ["status", "--help"], ["cancel", "--help"],
                     ["workers", "--help"], ["metrics", "--help"], ["steps", "--help"], ["--help"]):

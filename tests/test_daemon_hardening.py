@@ -69,7 +69,7 @@ def test_a_relative_path_means_the_callers_directory_not_the_daemons(tmp_path):
     elsewhere.mkdir()
     daemon = DaemonProcess(tmp_path, builtin=True).start()  # its cwd: this repository
     try:
-        waited = daemon.cli("submit", "git.current_branch", "-p", "repo=.", "--wait", cwd=elsewhere)
+        waited = daemon.cli("submit", "git.current_branch", "-p", "repo=.", "--wait", "--json", cwd=elsewhere)
         assert waited.returncode != 0, waited.stdout
         assert "not a git repository" in waited.stdout
         record = json.loads(waited.stdout)

@@ -1,0 +1,88 @@
+"""What the ``governor`` commands share: options declared once, and how a typed value is read.
+
+Light on purpose: the client commands import this module, and a client command must not pay
+for the engine (loky, psutil, the supervisor) it never runs.
+
+``--socket`` is accepted on the group and on every command that talks to the daemon (or is
+the daemon): ``governor --socket S status`` and ``governor status --socket S`` are the same.
+Each occurrence records the path on the :class:`Connection` in ``ctx.obj``; the command's
+own comes last, so it wins. ``GOVERNOR_SOCKET`` is read where the path is used, not by click,
+so that it never overrides a ``--socket`` given before the command.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import click
+
+#: The environment variable naming the daemon's socket when no ``--socket`` is given.
+SOCKET_ENV_VAR = "GOVERNOR_SOCKET"
+
+
+class Connection:
+    """The daemon a command talks to: where it listens, and the client, opened on first use.
+
+    Opening lazily keeps ``--help`` and usage errors free of any daemon.
+
+    Attributes:
+        socket_path: the ``--socket`` given last (group or command), or ``None``.
+    """
+
+    def __init__(self) -> None:
+        self.socket_path: Optional[Path] = None
+        self._client = None
+
+    def resolved_socket(self) -> Optional[Path]:
+        """``--socket``, else ``$GOVERNOR_SOCKET``, else ``None`` (the default path)."""
+        if self.socket_path is not None:
+            return self.socket_path
+        from_env = os.environ.get(SOCKET_ENV_VAR)
+        return Path(from_env) if from_env else None
+
+    def client(self):
+        """The connected :class:`~governor.client.Client` (``DaemonUnavailable`` if none listens)."""
+        if self._client is None:
+            from governor.client import Client
+
+            self._client = Client(self.resolved_socket())
+        return self._client
+
+    def close(self) -> None:
+        """Close the client, if one was opened."""
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+
+def _remember_socket(ctx: click.Context, param: click.Parameter, value: Optional[Path]) -> None:
+    if value is not None:
+        ctx.ensure_object(Connection).socket_path = value
+
+
+#: ``--socket PATH``, for the group and for each command that reaches the daemon.
+socket_option = click.option(
+    "--socket", type=click.Path(dir_okay=False, path_type=Path), default=None, expose_value=False,
+    callback=_remember_socket, metavar="PATH",
+    help=f"The daemon's Unix socket [default: ${SOCKET_ENV_VAR}, else $XDG_RUNTIME_DIR/governor/governor.sock, "
+         "else a per-user temp dir].")
+
+#: ``--json``, for each command that prints records: machine-readable output instead of text.
+json_option = click.option("--json", "as_json", is_flag=True,
+                           help="Print JSON (times as local ISO 8601) instead of text.")
+
+#: ``--cancel-on-interrupt``, for each command that waits for tasks.
+cancel_on_interrupt_option = click.option(
+    "--cancel-on-interrupt", is_flag=True,
+    help="On Ctrl-C, cancel the tasks waited for (by default they go on; either way, exit 130).")
+
+
+def parse_value(raw: str) -> Any:
+    """``raw`` as JSON if it parses, else ``raw`` itself (so ``5`` is an int, ``.`` a str)."""
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw
