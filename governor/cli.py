@@ -152,11 +152,17 @@ main.add_command(run)
 @click.option("--ray-address", default=None, metavar="ADDR",
               help="With --backend ray: the cluster to join (auto, HOST:PORT, ray://...) "
                    "[default: a private local node on 127.0.0.1].")
+@click.option("--sandbox", type=click.Choice(["auto", "require", "off"]), default="auto", show_default=True,
+              help="Hold pool workers to read-only with Landlock: what the kernel offers (auto), or refuse to "
+                   "start without it (require). Not applied on --backend ray.")
+@click.option("--sandbox-write", "sandbox_writes", multiple=True, type=click.Path(path_type=str), metavar="PATH",
+              help="A path every pool worker may also write beneath. Repeatable.")
 @click.pass_context
 def serve(ctx: click.Context, socket_path: Optional[Path], step_modules: List[str], builtin: bool,
           workers: Optional[int],
           journal_path: Optional[Path], metrics_addr: Optional[str], log_format: str, log_level: str,
-          drain_timeout: float, allow_root: bool, backend: str, ray_address: Optional[str]) -> None:
+          drain_timeout: float, allow_root: bool, backend: str, ray_address: Optional[str], sandbox: str,
+          sandbox_writes: List[str]) -> None:
     """Run the supervisor daemon in the foreground (as systemd and supervisord expect).
 
     \b
@@ -176,8 +182,11 @@ def serve(ctx: click.Context, socket_path: Optional[Path], step_modules: List[st
     socket_path = socket_path or ctx.obj.socket_path
     if ray_address is not None and backend != "ray":
         raise click.BadParameter("needs --backend ray", param_hint="--ray-address")
+    if sandbox == "require" and backend == "ray":
+        raise click.BadParameter("the Ray lane runs no sandbox; use --backend loky", param_hint="--sandbox")
     settings: Dict[str, Any] = {"workers": workers, "allow_root": allow_root, "drain_timeout_s": drain_timeout,
-                                "backend": backend, "ray_address": ray_address}
+                                "backend": backend, "ray_address": ray_address, "sandbox": sandbox,
+                                "sandbox_writes": sandbox_writes}
     if socket_path is not None:
         settings["socket_path"] = socket_path
     if journal_path is not None:
@@ -189,7 +198,8 @@ def serve(ctx: click.Context, socket_path: Optional[Path], step_modules: List[st
         settings["metrics_addr"] = (host, int(port))
     try:
         Daemon(load_registry(step_modules, builtin=builtin), DaemonConfig(**settings)).serve()
-    except (DaemonError, errors.RegistrationError, errors.BackendUnavailable, ImportError) as error:
+    except (DaemonError, errors.RegistrationError, errors.BackendUnavailable, errors.SandboxUnavailable,
+            ImportError) as error:
         raise click.ClickException(str(error)) from None
 
 

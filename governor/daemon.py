@@ -155,6 +155,8 @@ class DaemonConfig:
     retention_s: float = 7 * 24 * 3600.0
     backend: str = "loky"
     ray_address: Optional[str] = None
+    sandbox: str = "auto"
+    sandbox_writes: Tuple[str, ...] = attrs.field(default=(), converter=tuple)
 
 
 @attrs.define(eq=False)
@@ -242,7 +244,8 @@ class Daemon:
                         record.id, record.step, extra={"task_id": record.id, "step": record.step,
                                                         "lane": record.lane.value, "reason": "interrupted"})
         self._supervisor = Supervisor(self._registry, self.config.workers, on_dispatch=self._record_start,
-                                      backend=self.config.backend, ray_address=self.config.ray_address)
+                                      backend=self.config.backend, ray_address=self.config.ray_address,
+                                      sandbox=self.config.sandbox, sandbox_writes=self.config.sandbox_writes)
         await self._loop.run_in_executor(None, self._supervisor.start)
         for record in recovery.resume:
             self._resubmit(record)

@@ -13,6 +13,7 @@ step, except bad ``Limits`` values, which ``Limits`` itself rejects when it is b
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Iterable
 from typing import Any, Callable, ClassVar, Optional
 
@@ -47,6 +48,8 @@ class Step:
         category: an optional category, matched by the classifier like a tag.
         tags: strings the classifier matches against its tag rules.
         limits: the step's :class:`~governor.limits.Limits` (default: none of its own).
+        writes: paths the step writes beneath when it runs in the (sandboxed) pool lane.
+        network: whether the step connects or binds TCP in the pool lane.
     """
 
     name: ClassVar[Optional[str]] = None
@@ -54,6 +57,8 @@ class Step:
     category: ClassVar[Optional[str]] = None
     tags: ClassVar[Iterable[str]] = ()
     limits: ClassVar[Optional[Limits]] = None
+    writes: ClassVar[Iterable[str]] = ()
+    network: ClassVar[Optional[bool]] = None
 
     def run(self, **params: Any) -> Any:
         """Do the step's work and return its result (it must pickle)."""
@@ -109,6 +114,27 @@ def _tag_set(value: Any, spec: "StepSpec") -> frozenset[str]:
     return frozenset(require_word(tag, f"each tag of step {spec.name!r}") for tag in value)
 
 
+def _path_list(value: Any, spec: "StepSpec") -> tuple[str, ...]:
+    # A lone string would be taken as its characters, as with tags.
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise RegistrationError(f"step {spec.name!r}: writes must be an iterable of paths such as "
+                                f"['~/.cache/app'], got {type(value).__name__} {value!r}")
+    paths = []
+    for path in value:
+        text = os.fspath(path) if isinstance(path, (str, os.PathLike)) else None
+        if not isinstance(text, str) or not text.strip():
+            raise RegistrationError(f"step {spec.name!r}: each path in writes must be a non-empty str "
+                                    f"or os.PathLike, got {type(path).__name__} {path!r}")
+        paths.append(text)
+    return tuple(paths)
+
+
+def _check_network(spec: "StepSpec", attribute: attrs.Attribute, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise RegistrationError(f"step {spec.name!r}: network must be True or False, "
+                                f"got {type(value).__name__} {value!r}")
+
+
 def _check_critical(spec: "StepSpec", attribute: attrs.Attribute, value: Any) -> None:
     if value is not None and not isinstance(value, bool):
         raise RegistrationError(f"step {spec.name!r}: critical must be True, False or None (let the "
@@ -134,6 +160,10 @@ class StepSpec:
         tags: free-form labels, matched case-insensitively by the classifier.
         limits: the step's own limits; fields left ``None`` inherit the supervisor's.
         description: one line for humans (default: the first line of ``fn``'s docstring).
+        writes: paths (``~`` allowed) the step may write beneath when it runs in the pool
+            lane's read-only sandbox; the critical lane is not sandboxed.
+        network: whether the step binds or connects TCP in the pool lane (the sandbox
+            denies it to pool workers when no pool step declares it).
     """
 
     name: str = attrs.field(converter=_step_name)
@@ -146,6 +176,8 @@ class StepSpec:
         default=frozenset(), converter=attrs.Converter(_tag_set, takes_self=True))
     limits: Limits = attrs.field(factory=Limits, validator=_check_limits)
     description: str = attrs.field(validator=attrs.validators.instance_of(str))
+    writes: tuple[str, ...] = attrs.field(default=(), converter=attrs.Converter(_path_list, takes_self=True))
+    network: bool = attrs.field(default=False, validator=_check_network)
 
     @description.default
     def _first_docstring_line(self) -> str:
@@ -157,10 +189,11 @@ class StepSpec:
     @classmethod
     def declare(cls, fn: Any, *, name: Optional[str] = None, critical: Optional[bool] = None,
                 category: Optional[str] = None, tags: Iterable[str] = (),
-                limits: Optional[Limits] = None, description: Optional[str] = None) -> "StepSpec":
+                limits: Optional[Limits] = None, description: Optional[str] = None,
+                writes: Iterable[str] = (), network: Optional[bool] = None) -> "StepSpec":
         """Build the spec for ``fn`` from what was declared about it.
 
-        An argument left ``None`` (or ``tags`` left empty) takes the value of the same-named
+        An argument left ``None`` (or ``tags`` or ``writes`` left empty) takes the value of the same-named
         class attribute when ``fn`` is a :class:`Step` subclass, else the field's default.
         ``name`` falls back to ``fn.__name__``.
 
@@ -169,9 +202,11 @@ class StepSpec:
         """
         _check_runnable(fn, name)  # first, or a non-callable would be reported as nameless
         explicit = {"name": name, "critical": critical, "category": category,
-                    "tags": tags or None, "limits": limits, "description": description}
+                    "tags": tags or None, "limits": limits, "description": description,
+                    "writes": writes or None, "network": network}
         inherited = ({"name": fn.name, "critical": fn.critical, "category": fn.category,
-                      "tags": fn.tags or None, "limits": fn.limits}
+                      "tags": fn.tags or None, "limits": fn.limits, "writes": fn.writes or None,
+                      "network": fn.network}
                      if inspect.isclass(fn) and issubclass(fn, Step) else {})
         fields = {key: inherited.get(key) if value is None else value for key, value in explicit.items()}
         fields = {key: value for key, value in fields.items() if value is not None}
