@@ -29,7 +29,10 @@ Usage::
 
 Steps run in the workers' current directory and environment (the supervisor's), so pass
 absolute ``repo`` paths, and set ``GOVERNOR_CHAT_STORE`` in the daemon (or pass
-``store=``) to choose the chat store. Errors a step raises on purpose are in
+``store=``, a file in the state directory or in a directory of
+``GOVERNOR_CHAT_STORE_DIRS``) to choose the chat store. The read-only steps run unchanged
+under the pool lane's sandbox: git takes no optional lock, ``chat.history`` opens the
+store read-only. Errors a step raises on purpose are in
 :mod:`steps.builtin.errors`.
 """
 
