@@ -43,6 +43,7 @@ import enum
 import errno
 import os
 import platform
+import sys
 import tempfile
 from collections.abc import Iterable
 from typing import Any, Optional
@@ -158,8 +159,8 @@ _libc: Optional[ctypes.CDLL] = None
 def _syscall(index: int, *args: Any) -> int:
     """Run Landlock syscall ``index`` (0, 1, 2); raise ``OSError`` on failure."""
     global _libc
-    numbers = SYSCALLS.get(platform.machine())
-    if numbers is None or not hasattr(os, "fork"):
+    numbers = SYSCALLS.get(platform.machine()) if sys.platform.startswith("linux") else None
+    if numbers is None:
         raise OSError(errno.ENOSYS, f"no Landlock syscall numbers for {platform.system()} {platform.machine()}")
     if _libc is None:
         _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
