@@ -358,6 +358,8 @@ def test_a_newer_schema_or_a_directory_is_refused(store, tmp_path):
         chat.history(1, store=store)
     with pytest.raises(ChatStoreError, match="is a directory"):
         chat.create("x", store=str(tmp_path))
+    with pytest.raises(ChatStoreError, match="is a directory"):
+        chat.history(1, store=str(tmp_path))
 
 
 def test_store_path_precedence(tmp_path, monkeypatch):

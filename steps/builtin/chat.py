@@ -186,9 +186,7 @@ def open_store(store: Optional[Any] = None) -> Iterator[tuple[sqlite3.Connection
         StepInputError: ``store`` is not a usable path.
         ChatStoreError: the path is a directory, or the store's schema is newer than ours.
     """
-    path = store_path(store)
-    if os.path.isdir(path):
-        raise ChatStoreError(f"the chat store {path!r} is a directory, not a SQLite file")
+    path = _usable_store_path(store)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     connection = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
     try:
@@ -205,6 +203,13 @@ def open_store(store: Optional[Any] = None) -> Iterator[tuple[sqlite3.Connection
         yield connection, path
     finally:
         connection.close()
+
+
+def _usable_store_path(store: Optional[Any]) -> str:
+    path = store_path(store)
+    if os.path.isdir(path):
+        raise ChatStoreError(f"the chat store {path!r} is a directory, not a SQLite file")
+    return path
 
 
 def _check_store(connection: sqlite3.Connection, path: str) -> bool:
@@ -337,7 +342,7 @@ def history(chat_id: int, limit: int = 50, store: Optional[str] = None) -> list[
     """
     chat_id = require_int("chat_id", chat_id, minimum=1)
     limit = require_int("limit", limit, minimum=1, maximum=MAX_HISTORY_LIMIT)
-    path = store_path(store)
+    path = _usable_store_path(store)
     if not os.path.exists(path):
         raise ChatNotFound(chat_id, path)  # read-only: a missing store is not created here
 
