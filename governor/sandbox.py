@@ -60,9 +60,13 @@ SYSCALLS = {
     "aarch64": (444, 445, 446),
 }
 
+#: Indexes into a :data:`SYSCALLS` entry.
+CREATE_RULESET, ADD_RULE, RESTRICT_SELF = range(3)
+
 PR_SET_NO_NEW_PRIVS = 38
 LANDLOCK_CREATE_RULESET_VERSION = 1 << 0
 LANDLOCK_RULE_PATH_BENEATH = 1
+
 
 class FsAccess(enum.IntFlag):
     """The file system rights Landlock can handle (``LANDLOCK_ACCESS_FS_*``)."""
@@ -157,7 +161,7 @@ _libc: Optional[ctypes.CDLL] = None
 
 
 def _syscall(index: int, *args: Any) -> int:
-    """Run Landlock syscall ``index`` (0, 1, 2); raise ``OSError`` on failure."""
+    """Run Landlock syscall ``index`` (:data:`CREATE_RULESET`, ...); raise ``OSError`` on failure."""
     global _libc
     numbers = SYSCALLS.get(platform.machine()) if sys.platform.startswith("linux") else None
     if numbers is None:
@@ -175,7 +179,7 @@ def _syscall(index: int, *args: Any) -> int:
 def abi_version() -> int:
     """The kernel's Landlock ABI version, or 0 where there is none (old kernel, disabled, not Linux)."""
     try:
-        return _syscall(0, None, ctypes.c_size_t(0), ctypes.c_uint32(LANDLOCK_CREATE_RULESET_VERSION))
+        return _syscall(CREATE_RULESET, None, ctypes.c_size_t(0), ctypes.c_uint32(LANDLOCK_CREATE_RULESET_VERSION))
     except OSError:
         return 0
 
@@ -310,7 +314,7 @@ def apply(policy: SandboxPolicy) -> SandboxReport:
             attr.scoped = Scope.SIGNAL | Scope.ABSTRACT_UNIX_SOCKET
         else:
             missing.append(f"signal scope (needs Landlock ABI {SCOPE_ABI})")
-    ruleset = _syscall(0, ctypes.byref(attr), ctypes.c_size_t(_attr_size(abi)), ctypes.c_uint32(0))
+    ruleset = _syscall(CREATE_RULESET, ctypes.byref(attr), ctypes.c_size_t(_attr_size(abi)), ctypes.c_uint32(0))
     granted = []
     try:
         for path in (tmpdir, DEV_NULL, *policy.writable):
@@ -323,7 +327,7 @@ def apply(policy: SandboxPolicy) -> SandboxReport:
             else:
                 granted.append(path)
         _prctl_no_new_privs()
-        _syscall(2, ctypes.c_int(ruleset), ctypes.c_uint32(0))
+        _syscall(RESTRICT_SELF, ctypes.c_int(ruleset), ctypes.c_uint32(0))
     finally:
         os.close(ruleset)
     threads = len(os.listdir("/proc/self/task")) - 1
@@ -337,7 +341,7 @@ def _allow(ruleset: int, path: str, rights: FsAccess) -> None:
         if not os.path.isdir(path):
             rights &= FILE_RIGHTS
         rule = _PathBeneathAttr(allowed_access=rights, parent_fd=fd)
-        _syscall(1, ctypes.c_int(ruleset), ctypes.c_int(LANDLOCK_RULE_PATH_BENEATH), ctypes.byref(rule),
+        _syscall(ADD_RULE, ctypes.c_int(ruleset), ctypes.c_int(LANDLOCK_RULE_PATH_BENEATH), ctypes.byref(rule),
                  ctypes.c_uint32(0))
     finally:
         os.close(fd)
