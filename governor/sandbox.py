@@ -38,7 +38,6 @@ starting any thread that runs step code; the report counts the threads left unre
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import enum
 import errno
 import os
@@ -149,6 +148,14 @@ def handled_write_rights(abi: int) -> FsAccess:
     return rights
 
 
+# What apply() passes, as plain ints made once at import (in the process that forks the
+# workers): composing IntFlag members costs milliseconds the first time in each process.
+_HANDLED_FS = tuple(int(handled_write_rights(abi)) for abi in range(KNOWN_ABI + 1))
+_FILE_RIGHTS = int(FILE_RIGHTS)
+_HANDLED_NET = int(NetAccess.BIND_TCP | NetAccess.CONNECT_TCP)
+_SCOPED = int(Scope.SIGNAL | Scope.ABSTRACT_UNIX_SOCKET)
+
+
 def _attr_size(abi: int) -> int:
     if abi >= SCOPE_ABI:
         return ctypes.sizeof(_RulesetAttr)
@@ -157,18 +164,30 @@ def _attr_size(abi: int) -> int:
     return _RulesetAttr.handled_access_net.offset
 
 
-_libc: Optional[ctypes.CDLL] = None
+#: glibc's soname: already loaded by the interpreter, so opening it is cheap. Not
+#: ``find_library("c")``, which runs ldconfig in a subprocess (~30 ms of a worker's start),
+#: nor the interpreter's global namespace, whose symbol lookups took ~8 ms each here.
+LIBC_SONAME = "libc.so.6"
+
+
+def _load_libc() -> ctypes.CDLL:
+    try:
+        libc = ctypes.CDLL(LIBC_SONAME, use_errno=True)
+    except OSError:  # another C library (musl): search the interpreter's symbols
+        libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    return libc
+
+
+# Loaded at import, in the process that later forks the workers, so a worker pays nothing.
+_libc: Optional[ctypes.CDLL] = _load_libc() if sys.platform.startswith("linux") else None
 
 
 def _syscall(index: int, *args: Any) -> int:
     """Run Landlock syscall ``index`` (:data:`CREATE_RULESET`, ...); raise ``OSError`` on failure."""
-    global _libc
-    numbers = SYSCALLS.get(platform.machine()) if sys.platform.startswith("linux") else None
+    numbers = SYSCALLS.get(platform.machine()) if _libc is not None else None
     if numbers is None:
         raise OSError(errno.ENOSYS, f"no Landlock syscall numbers for {platform.system()} {platform.machine()}")
-    if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        _libc.syscall.restype = ctypes.c_long
     result = _libc.syscall(ctypes.c_long(numbers[index]), *args)
     if result < 0:
         code = ctypes.get_errno()
@@ -302,16 +321,16 @@ def apply(policy: SandboxPolicy) -> SandboxReport:
     if abi < 1:
         return SandboxReport(0, tmpdir, missing=(f"landlock (the kernel offers none: {platform.release()})",))
     missing = []
-    write_rights = handled_write_rights(abi)
+    write_rights = _HANDLED_FS[abi]
     attr = _RulesetAttr(handled_access_fs=write_rights)
     if not policy.network:
         if abi >= NETWORK_ABI:
-            attr.handled_access_net = NetAccess.BIND_TCP | NetAccess.CONNECT_TCP
+            attr.handled_access_net = _HANDLED_NET
         else:
             missing.append(f"tcp (needs Landlock ABI {NETWORK_ABI})")
     if policy.scope_signals:
         if abi >= SCOPE_ABI:
-            attr.scoped = Scope.SIGNAL | Scope.ABSTRACT_UNIX_SOCKET
+            attr.scoped = _SCOPED
         else:
             missing.append(f"signal scope (needs Landlock ABI {SCOPE_ABI})")
     ruleset = _syscall(CREATE_RULESET, ctypes.byref(attr), ctypes.c_size_t(_attr_size(abi)), ctypes.c_uint32(0))
@@ -334,12 +353,12 @@ def apply(policy: SandboxPolicy) -> SandboxReport:
     return SandboxReport(abi, tmpdir, tuple(granted), tuple(missing), threads)
 
 
-def _allow(ruleset: int, path: str, rights: FsAccess) -> None:
+def _allow(ruleset: int, path: str, rights: int) -> None:
     """Let the sandbox write beneath ``path`` (a file gets file rights only)."""
     fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
     try:
         if not os.path.isdir(path):
-            rights &= FILE_RIGHTS
+            rights &= _FILE_RIGHTS
         rule = _PathBeneathAttr(allowed_access=rights, parent_fd=fd)
         _syscall(ADD_RULE, ctypes.c_int(ruleset), ctypes.c_int(LANDLOCK_RULE_PATH_BENEATH), ctypes.byref(rule),
                  ctypes.c_uint32(0))
@@ -350,7 +369,7 @@ def _allow(ruleset: int, path: str, rights: FsAccess) -> None:
 def _prctl_no_new_privs() -> None:
     # landlock_restrict_self demands it of an unprivileged caller: no setuid binary
     # started later may gain privileges the rules could not follow.
-    assert _libc is not None  # loaded by the syscalls before
+    assert _libc is not None  # the syscalls before needed it
     if _libc.prctl(ctypes.c_int(PR_SET_NO_NEW_PRIVS), ctypes.c_ulong(1), ctypes.c_ulong(0), ctypes.c_ulong(0),
                    ctypes.c_ulong(0)) != 0:
         code = ctypes.get_errno()
