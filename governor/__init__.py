@@ -22,7 +22,7 @@ __version__ = "0.1.0"
 
 from governor.context import StepContext, current_context
 from governor.errors import (BackendUnavailable, GovernorError, InvalidParameters, MemoryLimitExceeded, QueueFull, StepCancelled,
-                             StepFailed, StepSkipped, StepTimeout, SupervisorClosed, UnknownStep,
+                             ReadOnlyViolation, SandboxUnavailable, StepFailed, StepSkipped, StepTimeout, SupervisorClosed, UnknownStep,
                              WorkerCrashed, WorkerStartFailed, WorkflowFailed)
 from governor.limits import Lane, Limits
 from governor.task import Call, TaskFuture, TaskState, WorkflowFuture
@@ -48,7 +48,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "AsyncClient", "BackendUnavailable", "Call", "Client", "DaemonUnavailable", "GovernorError", "InvalidParameters", "Lane", "Limits", "MemoryLimitExceeded", "QueueFull",
-    "Scope", "StepCancelled", "StepContext", "StepFailed", "StepRegistry", "StepSkipped", "StepTimeout", "Supervisor",
+    "ReadOnlyViolation", "SandboxUnavailable", "Scope", "StepCancelled", "StepContext", "StepFailed", "StepRegistry", "StepSkipped", "StepTimeout", "Supervisor",
     "SupervisorClosed", "TaskFuture", "TaskState", "UnknownStep", "WorkerCrashed", "WorkerStartFailed",
     "WorkflowFailed", "WorkflowFuture", "current_context", "step",
 ]

@@ -364,11 +364,16 @@ def top(connection: Connection, interval: float) -> None:
               help="With --backend ray: the cluster to join (auto, HOST:PORT, ray://...) "
                    "[default: a private local node on 127.0.0.1].")
 @http_options
+@click.option("--sandbox", type=click.Choice(["auto", "require", "off"]), default="auto", show_default=True,
+              help="Hold pool workers to read-only with Landlock: what the kernel offers (auto), or refuse to "
+                   "start without it (require). Not applied on --backend ray.")
+@click.option("--sandbox-write", "sandbox_writes", multiple=True, type=click.Path(path_type=str), metavar="PATH",
+              help="A path every pool worker may also write beneath. Repeatable.")
 @click.pass_context
 def serve(ctx: click.Context, step_modules: List[str], app_dir: Path, builtin: bool, workers: Optional[int],
           journal_path: Optional[Path], metrics_addr: Optional[str], log_format: str, log_level: str,
-          drain_timeout: float, allow_root: bool, backend: str, ray_address: Optional[str],
-          **http_settings: Any) -> None:
+          drain_timeout: float, allow_root: bool, backend: str, ray_address: Optional[str], sandbox: str,
+          sandbox_writes: List[str], **http_settings: Any) -> None:
     """Run the supervisor daemon in the foreground (as systemd and supervisord expect).
 
     \b
@@ -393,8 +398,11 @@ def serve(ctx: click.Context, step_modules: List[str], app_dir: Path, builtin: b
     configure_logging(log_format, getattr(logging, log_level.upper()))
     if ray_address is not None and backend != "ray":
         raise click.BadParameter("needs --backend ray", param_hint="--ray-address")
+    if sandbox == "require" and backend == "ray":
+        raise click.BadParameter("the Ray lane runs no sandbox; use --backend loky", param_hint="--sandbox")
     settings: Dict[str, Any] = {"workers": workers, "allow_root": allow_root, "drain_timeout_s": drain_timeout,
-                                "backend": backend, "ray_address": ray_address}
+                                "backend": backend, "ray_address": ray_address, "sandbox": sandbox,
+                                "sandbox_writes": sandbox_writes}
     socket_path = ctx.ensure_object(Connection).resolved_socket()
     if socket_path is not None:
         settings["socket_path"] = socket_path
@@ -414,7 +422,8 @@ def serve(ctx: click.Context, step_modules: List[str], app_dir: Path, builtin: b
         daemon.Daemon(registry, config).serve()
     except (daemon.DaemonAlreadyRunning, daemon.JournalLocked) as error:
         raise GovernorClickError(str(error), "already_running") from None
-    except (daemon.DaemonError, errors.RegistrationError, errors.BackendUnavailable) as error:
+    except (daemon.DaemonError, errors.RegistrationError, errors.BackendUnavailable,
+            errors.SandboxUnavailable) as error:
         raise GovernorClickError(str(error), "cannot_start") from None
 
 

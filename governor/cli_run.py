@@ -654,8 +654,11 @@ def run(steps: Tuple[str, ...], view_repo: Optional[str], store: Optional[str], 
         view = (os.path.abspath(os.path.expanduser(view_repo)), view_store, chat_id)
     elif chat_id is not None:
         raise click.UsageError("--chat applies to --view only")
+    # The stores named on this command line are its user's own choice: let the steps use them.
+    stores = [call.kwargs["store"] for call in calls if isinstance(call.kwargs.get("store"), str)]
     try:
-        report = execute(calls, workers=workers, timeout_s=timeout_s, view=view)
+        with chat.allowing_stores(stores + ([view[1]] if view else [])):
+            report = execute(calls, workers=workers, timeout_s=timeout_s, view=view)
     except GovernorError as error:  # e.g. WorkerStartFailed: no step could run at all
         raise click.ClickException(f"{type(error).__name__}: {error}") from error
     if as_json:

@@ -247,6 +247,8 @@ class DaemonConfig:
     idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
     max_connections_per_uid: int = DEFAULT_MAX_CONNECTIONS_PER_UID
     http: Optional[HttpConfig] = None  # the live status page (issue 15); off when None
+    sandbox: str = "auto"
+    sandbox_writes: Tuple[str, ...] = attrs.field(default=(), converter=tuple)
 
 
 # --------------------------------------------------------------------------- start-up checks
@@ -571,7 +573,8 @@ class Daemon:
         self._lock = JournalLock(config.journal_path)
         self._journal = Journal(config.journal_path, retention_s=config.retention_s)
         self._supervisor = Supervisor(self._registry, config.workers, on_dispatch=self._record_start,
-                                      backend=config.backend, ray_address=config.ray_address)
+                                      backend=config.backend, ray_address=config.ray_address,
+                                      sandbox=config.sandbox, sandbox_writes=config.sandbox_writes)
         if config.metrics_addr is not None:
             self._start_metrics_endpoint()
         listener = self._listen()  # the last check: bound before any worker starts

@@ -8,7 +8,11 @@ Three kinds of failure, three kinds of type:
   :class:`StepCancelled`; each carries the limit, what was observed and the worker's pid.
 * Broken infrastructure or misuse: :class:`WorkerCrashed` (a worker died and nobody in
   Governor killed it), :class:`WorkerStartFailed`, :class:`QueueFull`,
-  :class:`SupervisorClosed`, :class:`UnknownStep`, :class:`RegistrationError`.
+  :class:`SupervisorClosed`, :class:`UnknownStep`, :class:`RegistrationError`,
+  :class:`SandboxUnavailable`.
+
+A pool step stopped by the sandbox is a :class:`ReadOnlyViolation`: a :class:`StepFailed`
+(the step did raise) and a ``PermissionError``.
 
 Every error subclasses :class:`GovernorError` and, where one fits, the builtin it means
 (``TimeoutError``, ``MemoryError``, ``KeyError``, ``ValueError``,
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import difflib
+import errno
 import signal
 from typing import Any, Iterable, Optional, Sequence
 
@@ -111,6 +116,10 @@ class HttpAddressError(GovernorError, ValueError):
     ``--http-allow-remote``."""
 
 
+class SandboxUnavailable(GovernorError, RuntimeError):
+    """``sandbox="require"`` was asked for where the kernel offers no Landlock."""
+
+
 class StepError(GovernorError):
     """Base of the errors that end one task (a step's failure or an enforced limit).
 
@@ -167,6 +176,39 @@ class StepFailed(StepError):
 
     def __str__(self) -> str:
         return f"step {self.step!r} raised {self.exc_type}: {self.exc_message}"
+
+
+class ReadOnlyViolation(StepFailed, PermissionError):
+    """A pool-lane step tried to write outside what the sandbox allows, and was refused.
+
+    The pool lane runs only read-only steps, and Landlock holds its workers to that: the
+    write failed inside the step with ``PermissionError`` and nothing was written. Either
+    the step changes state and belongs in the critical lane (``critical=True``), or it
+    writes a cache of its own that it should declare (``writes=[path]``).
+
+    Attributes:
+        path: the path the step was refused writing.
+    """
+
+    def __init__(self, step: str, task_id: int, path: str, exc_type: str, exc_message: str,
+                 remote_traceback: str, original: Optional[BaseException] = None):
+        StepError.__init__(self, step, task_id, path, exc_type, exc_message, remote_traceback, original)
+        self.path = path
+        self.errno, self.strerror, self.filename = errno.EACCES, "read-only step", path  # as a PermissionError
+        self.exc_type = exc_type
+        self.exc_message = exc_message
+        self.remote_traceback = remote_traceback
+        self.original = original
+        self.__cause__ = RemoteTraceback(remote_traceback)
+
+    def __reduce__(self):
+        # OSError's own reduce would rebuild from (errno, strerror) semantics: keep ours.
+        return type(self), self.args
+
+    def __str__(self) -> str:
+        return (f"step {self.step!r} is read-only (pool lane) but tried to write {self.path!r}; the sandbox "
+                f"refused it ({self.exc_type}: {self.exc_message}). Mark the step critical=True if it "
+                f"changes state, or declare the path with writes=[...]")
 
 
 class StepSkipped(StepError):

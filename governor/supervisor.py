@@ -20,6 +20,7 @@ import weakref
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
 
 from governor import aio
+from governor import sandbox as sandboxing
 from governor.errors import InvalidParameters, QueueFull, SupervisorClosed, UnknownStep, WorkerStartFailed
 from governor.limits import Lane, Limits
 from governor.loky_lanes import LokyConfig
@@ -40,6 +41,9 @@ SCOPE_PRUNE_MIN = 64
 
 #: The values of ``Supervisor(backend=...)``.
 BACKENDS = ("loky", "ray")
+
+#: The values of ``Supervisor(sandbox=...)``.
+SANDBOX_MODES = ("auto", "require", "off")
 
 #: How long ``start()`` waits for every worker to be spawned and warm.
 DEFAULT_START_TIMEOUT_S = 120.0
@@ -102,6 +106,12 @@ class Supervisor(concurrent.futures.Executor):
         ray_callback_host: with ``backend="ray"``: the address of this host that Ray
             workers connect back to (default: 127.0.0.1 for a private node, else this
             host's address as Ray sees it).
+        sandbox: the pool lane's read-only sandbox (Landlock, see README "The sandbox"):
+            ``"auto"`` applies what the kernel offers, ``"require"`` makes :meth:`start`
+            fail where the kernel has no Landlock, ``"off"`` applies none. The critical
+            lane and the Ray lane are never sandboxed (``"require"`` with Ray is an error).
+        sandbox_writes: paths every pool worker may also write beneath, besides those the
+            pool steps declare with ``writes=``.
         clock: the monotonic clock deadlines are read from (tests inject one).
 
     Use it as a context manager (``with Supervisor(registry) as sup:``), or call
@@ -116,6 +126,7 @@ class Supervisor(concurrent.futures.Executor):
                  on_dispatch: Optional[Callable[[Task], None]] = None,
                  backend: str = "loky", ray_address: Optional[str] = None,
                  ray_options: Optional[Mapping[str, Any]] = None, ray_callback_host: Optional[str] = None,
+                 sandbox: str = "auto", sandbox_writes: Iterable[Any] = (),
                  clock: Callable[[], float] = time.monotonic):
         workers = default_workers() if workers is None else workers
         _require_int("workers", workers, minimum=1)
@@ -131,6 +142,11 @@ class Supervisor(concurrent.futures.Executor):
             raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
         if backend != "ray" and (ray_address, ray_options, ray_callback_host) != (None, None, None):
             raise ValueError("ray_address, ray_options and ray_callback_host need backend='ray'")
+        if sandbox not in SANDBOX_MODES:
+            raise ValueError(f"sandbox must be one of {', '.join(map(repr, SANDBOX_MODES))}, got {sandbox!r}")
+        if sandbox == "require" and backend == "ray":
+            raise ValueError("sandbox='require' needs backend='loky': Ray reuses its worker processes for "
+                             "other work, so the Ray lane runs no sandbox")
         ray_config = None
         if backend == "ray":
             from governor.ray_lane import RayConfig, import_ray
@@ -156,6 +172,9 @@ class Supervisor(concurrent.futures.Executor):
                 recycle_rss_mb=recycle_rss_mb),
             pool_workers=workers, on_dispatch=on_dispatch, ray=ray_config)
         self.backend = backend
+        self.sandbox = sandbox
+        self.sandbox_policy = sandboxing.policy_for(
+            (route.spec for route in self._routes.values() if route.lane is Lane.POOL), sandbox_writes)
         self._metrics = MetricsRecorder()
         self._prometheus = prometheus_registry(self._metrics, self._queue_depth)
         self._lock = threading.Lock()
@@ -175,11 +194,14 @@ class Supervisor(concurrent.futures.Executor):
         Raises:
             WorkerStartFailed: a worker could not be started (the cause is chained), or
                 the Ray cluster could not run a governor task.
+            SandboxUnavailable: ``sandbox="require"`` on a kernel without Landlock.
         """
         with self._start_lock:
             return self._start(timeout)
 
     def _start(self, timeout: float) -> "Supervisor":
+        if self.sandbox == "require":
+            sandboxing.require_landlock()
         with self._lock:
             if self._shut_down:
                 raise SupervisorClosed("this supervisor was shut down")

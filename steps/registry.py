@@ -40,7 +40,8 @@ class StepRegistry:
 
     def step(self, fn: Optional[StepCallable] = None, *, name: Optional[str] = None,
              critical: Optional[bool] = None, category: Optional[str] = None, tags: Iterable[str] = (),
-             limits: Optional[Limits] = None, description: Optional[str] = None, paths: Iterable[str] = ()) -> Any:
+             limits: Optional[Limits] = None, description: Optional[str] = None, paths: Iterable[str] = (),
+             writes: Iterable[str] = (), network: Optional[bool] = None) -> Any:
         """Register the decorated function or class as a step and return it unchanged.
 
         Usable bare (``@registry.step``) or with the keywords of :meth:`register`
@@ -55,7 +56,7 @@ class StepRegistry:
 
         def decorate(target: StepCallable) -> StepCallable:
             self.register(target, name=name, critical=critical, category=category, tags=tags,
-                          limits=limits, description=description, paths=paths)
+                          limits=limits, description=description, paths=paths, writes=writes, network=network)
             return target
 
         return decorate if fn is None else decorate(fn)
@@ -63,7 +64,8 @@ class StepRegistry:
     def register(self, fn: Callable[..., Any], *, name: Optional[str] = None,
                  critical: Optional[bool] = None, category: Optional[str] = None,
                  tags: Iterable[str] = (), limits: Optional[Limits] = None,
-                 description: Optional[str] = None, paths: Iterable[str] = ()) -> StepSpec:
+                 description: Optional[str] = None, paths: Iterable[str] = (), writes: Iterable[str] = (),
+                 network: Optional[bool] = None) -> StepSpec:
         """Register ``fn`` as a step.
 
         Args:
@@ -81,6 +83,12 @@ class StepRegistry:
                 dotted paths into nested ones with ``*`` for every item
                 (``"steps.*.params.repo"``). Through the daemon, a relative path there is
                 resolved against the client's working directory, never the daemon's.
+            writes: paths (``~`` allowed) the step writes beneath when it runs in the pool
+                lane, whose workers the sandbox otherwise holds to read-only, e.g.
+                ``["~/.cache/app"]``. A directory that does not exist is created when a
+                pool worker starts.
+            network: ``True`` if the step binds or connects TCP in the pool lane (default
+                ``False``: where the kernel allows, pool workers may not).
 
         For a :class:`~steps.spec.Step` subclass, arguments left ``None`` (or ``tags`` left
         empty) come from its class attributes.
@@ -92,7 +100,8 @@ class StepRegistry:
             RegistrationError: for a duplicate name or an invalid declaration.
         """
         spec = StepSpec.declare(fn, name=name, critical=critical, category=category, tags=tags,
-                                limits=limits, description=description, paths=paths)
+                                limits=limits, description=description, paths=paths, writes=writes,
+                                network=network)
         with self._lock:
             existing = self._specs.get(spec.name)
             if existing is not None:

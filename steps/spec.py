@@ -49,6 +49,8 @@ class Step:
         tags: strings the classifier matches against its tag rules.
         limits: the step's :class:`~governor.limits.Limits` (default: none of its own).
         paths: the parameters that name files or directories (see ``StepSpec.paths``).
+        writes: paths the step writes beneath when it runs in the (sandboxed) pool lane.
+        network: whether the step connects or binds TCP in the pool lane.
     """
 
     name: ClassVar[Optional[str]] = None
@@ -57,6 +59,8 @@ class Step:
     tags: ClassVar[Iterable[str]] = ()
     limits: ClassVar[Optional[Limits]] = None
     paths: ClassVar[Iterable[str]] = ()
+    writes: ClassVar[Iterable[str]] = ()
+    network: ClassVar[Optional[bool]] = None
 
     def run(self, **params: Any) -> Any:
         """Do the step's work and return its result (it must pickle)."""
@@ -112,6 +116,27 @@ def _tag_set(value: Any, spec: "StepSpec") -> frozenset[str]:
     return frozenset(require_word(tag, f"each tag of step {spec.name!r}") for tag in value)
 
 
+def _path_list(value: Any, spec: "StepSpec") -> tuple[str, ...]:
+    # A lone string would be taken as its characters, as with tags.
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise RegistrationError(f"step {spec.name!r}: writes must be an iterable of paths such as "
+                                f"['~/.cache/app'], got {type(value).__name__} {value!r}")
+    paths = []
+    for path in value:
+        text = os.fspath(path) if isinstance(path, (str, os.PathLike)) else None
+        if not isinstance(text, str) or not text.strip():
+            raise RegistrationError(f"step {spec.name!r}: each path in writes must be a non-empty str "
+                                    f"or os.PathLike, got {type(path).__name__} {path!r}")
+        paths.append(text)
+    return tuple(paths)
+
+
+def _check_network(spec: "StepSpec", attribute: attrs.Attribute, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise RegistrationError(f"step {spec.name!r}: network must be True or False, "
+                                f"got {type(value).__name__} {value!r}")
+
+
 def _check_critical(spec: "StepSpec", attribute: attrs.Attribute, value: Any) -> None:
     if value is not None and not isinstance(value, bool):
         raise RegistrationError(f"step {spec.name!r}: critical must be True, False or None (let the "
@@ -162,6 +187,10 @@ class StepSpec:
             ``("steps", "*", "params", "repo")`` (``*``: every item). A daemon resolves a
             relative path found there against its client's working directory
             (:meth:`resolve_paths`), so a step never sees the daemon's own.
+        writes: paths (``~`` allowed) the step may write beneath when it runs in the pool
+            lane's read-only sandbox; the critical lane is not sandboxed.
+        network: whether the step binds or connects TCP in the pool lane (the sandbox
+            denies it to pool workers when no pool step declares it).
     """
 
     name: str = attrs.field(converter=_step_name)
@@ -176,6 +205,8 @@ class StepSpec:
     description: str = attrs.field(validator=attrs.validators.instance_of(str))
     paths: frozenset[tuple[str, ...]] = attrs.field(
         default=frozenset(), converter=attrs.Converter(_path_set, takes_self=True))
+    writes: tuple[str, ...] = attrs.field(default=(), converter=attrs.Converter(_path_list, takes_self=True))
+    network: bool = attrs.field(default=False, validator=_check_network)
 
     @description.default
     def _first_docstring_line(self) -> str:
@@ -188,10 +219,11 @@ class StepSpec:
     def declare(cls, fn: Any, *, name: Optional[str] = None, critical: Optional[bool] = None,
                 category: Optional[str] = None, tags: Iterable[str] = (),
                 limits: Optional[Limits] = None, description: Optional[str] = None,
-                paths: Iterable[str] = ()) -> "StepSpec":
+                paths: Iterable[str] = (), writes: Iterable[str] = (),
+                network: Optional[bool] = None) -> "StepSpec":
         """Build the spec for ``fn`` from what was declared about it.
 
-        An argument left ``None`` (or ``tags`` left empty) takes the value of the same-named
+        An argument left ``None`` (or ``tags`` or ``writes`` left empty) takes the value of the same-named
         class attribute when ``fn`` is a :class:`Step` subclass, else the field's default.
         ``name`` falls back to ``fn.__name__``.
 
@@ -200,9 +232,11 @@ class StepSpec:
         """
         _check_runnable(fn, name)  # first, or a non-callable would be reported as nameless
         explicit = {"name": name, "critical": critical, "category": category,
-                    "tags": tags or None, "limits": limits, "description": description, "paths": paths or None}
+                    "tags": tags or None, "limits": limits, "description": description, "paths": paths or None,
+                    "writes": writes or None, "network": network}
         inherited = ({"name": fn.name, "critical": fn.critical, "category": fn.category,
-                      "tags": fn.tags or None, "limits": fn.limits, "paths": fn.paths or None}
+                      "tags": fn.tags or None, "limits": fn.limits, "paths": fn.paths or None,
+                      "writes": fn.writes or None, "network": fn.network}
                      if inspect.isclass(fn) and issubclass(fn, Step) else {})
         fields = {key: inherited.get(key) if value is None else value for key, value in explicit.items()}
         fields = {key: value for key, value in fields.items() if value is not None}

@@ -13,6 +13,7 @@ import os
 import pickle
 import sqlite3
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from conftest import alive
 from governor import Call, StepCancelled, StepFailed, Supervisor
 from governor.context import StepContext
 from governor.limits import Lane, Limits
+from governor.sandbox import SandboxPolicy
+from sandboxed import needs_landlock, run_sandboxed
 from step_library import wait_for_path
 from governor.steps.builtin import (WORKFLOWS, ChatNotFound, ChatStoreError, GitCommandError, GitTimeout, GitUnavailable,
                            NotAGitRepository, StepInputError, StepInputTypeError, SubStepFailed, Workflow,
@@ -33,8 +36,10 @@ AUTHOR_DATE = "2024-05-01T12:00:00+02:00"
 
 @pytest.fixture(autouse=True)
 def isolated_env(isolated_git_env, tmp_path, monkeypatch):
-    """The shared git/XDG isolation, and a chat store from the environment in tmp_path."""
+    """The shared git/XDG isolation, a chat store from the environment in tmp_path, and
+    ``store`` parameters allowed anywhere under tmp_path."""
     monkeypatch.setenv(chat.STORE_ENV_VAR, str(tmp_path / "env-store" / "chat.sqlite3"))
+    monkeypatch.setenv(chat.STORE_DIRS_ENV_VAR, str(tmp_path))
 
 
 def run(repo, *args, env=None):
@@ -353,6 +358,8 @@ def test_a_newer_schema_or_a_directory_is_refused(store, tmp_path):
         chat.history(1, store=store)
     with pytest.raises(ChatStoreError, match="is a directory"):
         chat.create("x", store=str(tmp_path))
+    with pytest.raises(ChatStoreError, match="is a directory"):
+        chat.history(1, store=str(tmp_path))
 
 
 def test_store_path_precedence(tmp_path, monkeypatch):
@@ -407,6 +414,146 @@ def test_concurrent_writers_and_readers_all_succeed(store):
     assert len(texts) == 80
     for name in ("w0", "w1", "w2", "w3"):  # each writer's messages are in its own order
         assert [text for text in texts if text.startswith(name + "-")] == [f"{name}-{n}" for n in range(20)]
+
+
+def test_a_store_parameter_may_only_name_a_file_in_the_allowed_directories(tmp_path, monkeypatch):
+    monkeypatch.delenv(chat.STORE_DIRS_ENV_VAR)
+    state = tmp_path / "xdg-state" / "governor"
+    assert chat.create("in the state dir", store=state / "other.sqlite3") == 1
+    assert chat.create("the env store by name", store=tmp_path / "env-store" / "chat.sqlite3") == 1
+    outside = tmp_path / "elsewhere" / "chat.sqlite3"
+    (tmp_path / "link").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    for escape in (outside, state / ".." / ".." / "elsewhere" / "chat.sqlite3", state / ".." / "x.db"):
+        with pytest.raises(StepInputError, match="outside the directories.*GOVERNOR_CHAT_STORE_DIRS"):
+            chat.create("escape", store=escape)
+    (state / "link").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    with pytest.raises(StepInputError, match="outside"):
+        chat.send_message(1, "through a symlink", store=state / "link" / "chat.sqlite3")
+    with pytest.raises(StepInputError, match="outside"):
+        chat.history(1, store=outside)
+    assert not (tmp_path / "elsewhere").exists(), "no directory was made for a refused store"
+    monkeypatch.setenv(chat.STORE_DIRS_ENV_VAR, os.pathsep.join(["relative/ignored", str(tmp_path / "elsewhere")]))
+    assert chat.create("allowed by the operator", store=outside) == 1
+
+
+def foreign_database(path):
+    """Another application's SQLite file, in rollback-journal mode."""
+    with sqlite3.connect(path) as connection:
+        connection.execute("CREATE TABLE accounts (id INTEGER PRIMARY KEY, owner TEXT)")
+        connection.execute("INSERT INTO accounts (owner) VALUES ('ada')")
+    connection.close()
+    return path
+
+
+def test_a_foreign_sqlite_file_is_refused_and_left_exactly_as_it_was(tmp_path):
+    foreign = foreign_database(tmp_path / "app.sqlite3")
+    before = foreign.read_bytes()
+    for attempt in (lambda: chat.create("intruder", store=foreign), lambda: chat.send_message(1, "x", store=foreign),
+                    lambda: chat.history(1, store=foreign)):
+        with pytest.raises(ChatStoreError, match="not a Governor chat store"):
+            attempt()
+    assert foreign.read_bytes() == before
+    assert sorted(path.name for path in tmp_path.iterdir() if path.name.startswith("app")) == ["app.sqlite3"]
+    with sqlite3.connect(foreign) as connection:
+        assert connection.execute("PRAGMA journal_mode").fetchone() == ("delete",)
+    connection.close()
+
+
+def test_history_only_reads_a_missing_store_is_not_created(store):
+    with pytest.raises(ChatNotFound):
+        chat.history(1, store=store)
+    assert not os.path.exists(store) and not os.path.exists(os.path.dirname(store))
+
+
+#: A process that holds a chat store open and writes rows it never checkpoints: the rows
+#: live only in the WAL until it exits. It says "ready" once they are committed.
+_WAL_WRITER = """
+import sqlite3, sys
+connection = sqlite3.connect(sys.argv[1], isolation_level=None)
+connection.execute("PRAGMA wal_autocheckpoint = 0")
+for text in ("only in the WAL 1", "only in the WAL 2"):
+    connection.execute("INSERT INTO messages (chat_id, author, text, created_at) VALUES (1, 'w', ?, 'now')", (text,))
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.fixture
+def wal_writer(store):
+    """A store with one chat and one message, and a function that starts the writer above."""
+    chat.send_message(chat.create("shared", store=store), "checkpointed", store=store)
+    started = []
+
+    def start():
+        writer = subprocess.Popen([sys.executable, "-c", _WAL_WRITER, store], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True)
+        started.append(writer)
+        assert writer.stdout.readline() == "ready\n"
+        return writer
+
+    try:
+        yield start
+    finally:
+        for writer in started:
+            writer.stdin.close()
+            writer.wait(timeout=60)
+
+
+def test_history_reads_rows_another_process_has_not_checkpointed(store, wal_writer):
+    wal_writer()
+    assert os.path.getsize(store + "-wal") > 0
+    texts = [message["text"] for message in chat.history(1, store=store)]
+    assert texts == ["checkpointed", "only in the WAL 1", "only in the WAL 2"]
+
+
+@needs_landlock
+def test_history_works_in_a_sandboxed_worker_with_and_without_a_writer(store, wal_writer, tmp_path):
+    (tmp_path / "tmp").mkdir()
+    policy = SandboxPolicy(tmp_root=tmp_path / "tmp")
+
+    def read(report):
+        return [message["text"] for message in chat.history(1, store=store)]
+
+    # No connection open: SQLite deleted -wal and -shm, and the sandbox may not make them.
+    assert not os.path.exists(store + "-wal")
+    assert run_sandboxed(read, policy).unwrap() == ["checkpointed"]
+    wal_writer()
+    assert run_sandboxed(read, policy).unwrap() == ["checkpointed", "only in the WAL 1", "only in the WAL 2"]
+    store_dir = os.path.dirname(store)
+    assert sorted(os.listdir(store_dir)) == ["chat.sqlite3", "chat.sqlite3-shm", "chat.sqlite3-wal"]
+
+
+@needs_landlock
+def test_git_steps_work_in_a_sandboxed_worker_and_write_nothing(repo, tmp_path):
+    (tmp_path / "tmp").mkdir()
+    (repo / "a.txt").write_text("changed\n")  # a stale stat cache: git would like to refresh the index
+    (repo / "new.txt").write_text("untracked\n")
+    index = repo / ".git" / "index"
+    before = (index.read_bytes(), index.stat().st_mtime_ns)
+    outcome = run_sandboxed(
+        lambda report: (git.status(str(repo)), git.current_branch(str(repo)), git.log(str(repo), limit=5)),
+        SandboxPolicy(tmp_root=tmp_path / "tmp"))
+    status, branch, commits = outcome.unwrap()
+    assert outcome.report.applied
+    assert branch == "main" and [commit["subject"] for commit in commits] == ["second: add b and c d", "first"]
+    assert [change["path"] for change in status["changed"]] == ["a.txt"] and status["untracked"] == ["new.txt"]
+    assert (index.read_bytes(), index.stat().st_mtime_ns) == before
+    assert not (repo / ".git" / "index.lock").exists()
+
+
+def test_git_steps_never_run_the_repositorys_fsmonitor_hook(repo, tmp_path):
+    marker = tmp_path / "fsmonitor-ran"
+    hook = tmp_path / "fsmonitor-hook"
+    hook.write_text(f"#!/bin/sh\necho ran >> '{marker}'\n")
+    hook.chmod(0o755)
+    run(repo, "config", "core.fsmonitor", str(hook))
+    (repo / "a.txt").write_text("changed\n")
+    assert git.status(str(repo))["changed"][0]["path"] == "a.txt"
+    git.current_branch(str(repo))
+    git.log(str(repo), limit=1)
+    assert not marker.exists(), "git.status ran the repository's core.fsmonitor command"
+    run(repo, "status")  # the hook is real: plain git does run it
+    assert marker.exists()
 
 
 # -- task.execute and workflow.execute -----------------------------------------------------

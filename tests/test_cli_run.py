@@ -124,7 +124,8 @@ def test_view_creates_a_welcome_chat_on_a_fresh_store_then_shows_it(repo, tmp_pa
     assert rows["chat.send_message"] == ["critical", "done"]
     assert all(rows[step] == ["pool", "done"] for step in VIEW_STEPS), first.output
     assert "setup" in first.output and "batch total" in first.output and "one after another" in first.output
-    assert chat.history(1, store=str(store))[0]["text"] == "hello from governor"
+    with chat.allowing_stores([store]):
+        assert chat.history(1, store=str(store))[0]["text"] == "hello from governor"
 
     again = invoke("--view", repo, "--store", store, "--json")
     assert again.exit_code == 0, again.output
@@ -145,7 +146,7 @@ def test_view_stops_after_a_failed_setup_and_exits_1(repo, tmp_path):
     assert result.exit_code == 1, result.output
     document = json.loads(result.output)
     assert [(step["step"], step["status"]) for step in document["setup"]] == [("chat.create", "failed")]
-    assert "DatabaseError" in document["setup"][0]["error"]
+    assert "cannot be read as SQLite" in document["setup"][0]["error"]
     assert document["steps"] == [] and document["totals"]["sequential_skipped_because"] == "setup failed"
 
 

@@ -32,7 +32,10 @@ absolute ``repo`` paths to a Supervisor. Each step declares its path parameters
 (``paths=``: ``repo``, ``store``, and those nested in ``task.execute`` and
 ``workflow.execute``), so through the daemon a relative one is resolved against the
 client's working directory. Set ``GOVERNOR_CHAT_STORE`` in the daemon (or pass
-``store=``) to choose the chat store. Errors a step raises on purpose are in
+``store=``, a file in the state directory or in a directory of
+``GOVERNOR_CHAT_STORE_DIRS``) to choose the chat store. The read-only steps run unchanged
+under the pool lane's sandbox: git takes no optional lock, ``chat.history`` opens the
+store read-only. Errors a step raises on purpose are in
 :mod:`steps.builtin.errors`.
 """
 

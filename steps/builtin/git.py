@@ -4,7 +4,7 @@ Each step checks its parameters, then runs the real ``git`` binary through :func
 the one place that starts git::
 
     step(repo, ...) ──> require_directory(repo) ──> run_git(repo, *argv)
-        │  git -C repo --no-optional-locks <argv>   (stdout/stderr piped, LC_ALL=C)
+        │  git -C repo --no-optional-locks -c core.fsmonitor=false <argv>   (stdout/stderr piped, LC_ALL=C)
         ├─ every POLL_INTERVAL_S: cancelled? kill and reap git, ctx.check() raises StepCancelled
         ├─ after GIT_CALL_TIMEOUT_S: kill and reap git, raise GitTimeout
         ├─ non-zero exit: NotAGitRepository or GitCommandError
@@ -12,7 +12,12 @@ the one place that starts git::
 
 The steps are registered in the pool lane (``critical=False``, tag ``read-only``): git
 reads the repository and, thanks to ``--no-optional-locks``, never takes ``index.lock`` to
-refresh its stat cache, so it cannot make a concurrent ``git commit`` fail. Each step also
+refresh its stat cache, so it cannot make a concurrent ``git commit`` fail, and it runs
+under the pool lane's read-only sandbox. A repository's configuration cannot make these
+steps run a program: the fsmonitor hook is switched off for every call, and ``git.log``
+passes ``--no-ext-diff --no-textconv`` (``git status`` takes neither: it runs no diff
+driver). Clean/smudge filters named in ``.gitattributes`` are not switched off: switching
+them off would make ``git status`` report files as changed. Each step also
 carries :data:`STEP_LIMITS`, the supervisor's outer bound, which kills the worker's whole
 process tree (git included) if everything else fails.
 
@@ -54,13 +59,19 @@ POLL_INTERVAL_S = 0.05
 MAX_LOG_LIMIT = 1000
 
 # Fixed by us, not by the user's environment: English messages (we match "not a git
-# repository"), no pager or credential prompt, no optional lock on the index.
+# repository"), no pager or credential prompt, no optional lock on the index (no index
+# refresh written: the steps are read-only, and run so under the sandbox).
 _GIT_ENV = {"LC_ALL": "C", "LANGUAGE": "C", "GIT_TERMINAL_PROMPT": "0", "GIT_OPTIONAL_LOCKS": "0",
             "GIT_PAGER": "cat", "PAGER": "cat"}
 
 # git log's per-commit fields, NUL-separated (no field can contain NUL): full sha, author
 # name, author email, strict ISO 8601 author date, subject.
 _LOG_FIELDS = ("sha", "author", "email", "date", "subject")
+
+#: git's options before the command, for every call: no index lock, and no fsmonitor hook
+#: (``core.fsmonitor`` may name any program; a read-only step must not run it). ``-c``
+#: reaches the git processes git itself starts (submodules) through its environment.
+_GIT_OPTIONS = ("--no-optional-locks", "-c", "core.fsmonitor=false")
 _LOG_FORMAT = "%H%x00%an%x00%ae%x00%aI%x00%s"
 
 
@@ -92,7 +103,7 @@ def run_git(repo: str, *argv: str) -> bytes:
     if git is None:
         raise GitUnavailable("git is not installed or not on PATH; the git.* steps need it")
     timeout_s = GIT_CALL_TIMEOUT_S  # read at call time, so tests can patch it
-    command = [git, "-C", repo, "--no-optional-locks", *argv]
+    command = [git, "-C", repo, *_GIT_OPTIONS, *argv]
     try:
         # Not start_new_session: git stays in the worker's process group, so the
         # supervisor's tree kill (timeout, memory, shutdown) takes it too.
@@ -279,7 +290,7 @@ def log(repo: str = ".", limit: int = 20) -> list[dict]:
             return []
         raise
     return parse_log(run_git(repo, "log", f"--max-count={limit}", f"--format=tformat:{_LOG_FORMAT}", "-z",
-                             "--no-show-signature", "--no-color", "HEAD", "--"))
+                             "--no-show-signature", "--no-color", "--no-ext-diff", "--no-textconv", "HEAD", "--"))
 
 
 def parse_log(output: bytes) -> list[dict]:

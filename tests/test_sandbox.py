@@ -1,0 +1,258 @@
+"""The Landlock sandbox of the pool lane (governor.sandbox), on the real kernel.
+
+Every restricting test forks a child that applies the policy (tests/sandboxed.py): writes
+outside the allowed paths must fail with PermissionError and leave nothing behind, the
+declared paths, the private temp dir and /dev/null must stay writable, reads stay free,
+and where the ABI has them, TCP and signals beyond the worker's own tree are refused.
+A test is skipped, saying why, only where the kernel lacks what it checks.
+"""
+
+import errno
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import tempfile
+
+import pytest
+from click.testing import CliRunner
+
+from governor import ReadOnlyViolation, SandboxUnavailable, StepFailed, Supervisor, sandbox
+from governor.cli import main
+from governor.sandbox import FsAccess, SandboxPolicy, SandboxReport
+from governor.steps import StepRegistry
+from sandboxed import ABI, needs_abi, needs_landlock, run_sandboxed
+
+
+def write(path, text="x"):
+    with open(path, "w") as handle:
+        handle.write(text)
+
+
+# -- the layer's tables, no kernel needed ------------------------------------------------
+
+def test_handled_rights_grow_with_the_abi_and_never_include_reading():
+    never = FsAccess.READ_FILE | FsAccess.READ_DIR | FsAccess.EXECUTE
+    for abi in range(1, sandbox.KNOWN_ABI + 1):
+        assert not sandbox.handled_write_rights(abi) & never
+    assert FsAccess.WRITE_FILE in sandbox.handled_write_rights(1)
+    assert FsAccess.REFER not in sandbox.handled_write_rights(1)
+    assert FsAccess.REFER in sandbox.handled_write_rights(2)
+    assert FsAccess.TRUNCATE not in sandbox.handled_write_rights(2)
+    assert FsAccess.TRUNCATE in sandbox.handled_write_rights(3)
+    assert FsAccess.IOCTL_DEV not in sandbox.handled_write_rights(4)
+    assert FsAccess.IOCTL_DEV in sandbox.handled_write_rights(5)
+    # The ruleset struct passed grows with the ABI: a kernel refuses fields it does not know.
+    assert [sandbox._attr_size(abi) for abi in (1, 3, 4, 5, 6, 7)] == [8, 8, 16, 16, 24, 24]
+
+
+def test_a_policy_is_the_union_of_the_pool_steps_declarations(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    registry = StepRegistry()
+    registry.register(len, name="reads", critical=False)
+    registry.register(len, name="caches", critical=False, writes=["~/.cache/app"])
+    registry.register(len, name="fetches", critical=False, network=True)
+    specs = registry.snapshot().values()
+    policy = sandbox.policy_for(specs, [tmp_path / "shared"])
+    assert policy.writable == (str(tmp_path / "shared"), str(tmp_path / "home" / ".cache" / "app"))
+    assert policy.network is True and policy.scope_signals is True
+    assert sandbox.policy_for([registry.get("reads")]).network is False
+    with pytest.raises(TypeError, match="single str"):
+        SandboxPolicy("/tmp")
+
+
+def test_the_supervisor_takes_the_pool_steps_policy_and_checks_its_sandbox_options(tmp_path):
+    registry = StepRegistry()
+    registry.register(len, name="pool.cache", critical=False, writes=[str(tmp_path / "cache")])
+    registry.register(len, name="critical.write", critical=True, writes=[str(tmp_path / "not-pool")])
+    sup = Supervisor(registry, workers=1, sandbox_writes=[tmp_path / "extra"])
+    assert sup.sandbox == "auto"
+    assert sup.sandbox_policy.writable == (str(tmp_path / "extra"), str(tmp_path / "cache"))
+    with pytest.raises(ValueError, match="sandbox must be one of"):
+        Supervisor(registry, sandbox="on")
+    with pytest.raises(ValueError, match="Ray lane runs no sandbox"):
+        Supervisor(registry, sandbox="require", backend="ray")
+
+
+def test_require_fails_start_clearly_where_the_kernel_has_no_landlock(monkeypatch):
+    registry = StepRegistry()
+    registry.register(len, name="reads", critical=False)
+    # An architecture without Landlock numbers: the same path as a kernel without it.
+    monkeypatch.setattr(sandbox, "SYSCALLS", {})
+    sup = Supervisor(registry, workers=1, sandbox="require")
+    with pytest.raises(SandboxUnavailable, match="offers no Landlock.*sandbox='auto'"):
+        sup.start()
+    assert sup.describe_workers() == []  # refused before any worker was started
+
+
+def test_serve_checks_its_sandbox_option():
+    result = CliRunner().invoke(main, ["serve", "--sandbox", "require", "--backend", "ray"])
+    assert result.exit_code == 2 and "Ray lane runs no sandbox" in result.output
+    result = CliRunner().invoke(main, ["serve", "--sandbox", "maybe"])
+    assert result.exit_code == 2 and "'maybe' is not one of" in result.output
+
+
+def test_a_read_only_violation_is_a_step_failure_and_a_permission_error():
+    error = ReadOnlyViolation("cache.fill", 7, "/etc/app.conf", "PermissionError", "[Errno 13] Permission denied",
+                              "Traceback ...", PermissionError(errno.EACCES, "Permission denied"))
+    assert isinstance(error, StepFailed) and isinstance(error, PermissionError)
+    assert (error.errno, error.filename) == (errno.EACCES, "/etc/app.conf")
+    assert "critical=True" in str(error) and "writes=[...]" in str(error)
+    copy = pickle.loads(pickle.dumps(error))
+    assert (copy.step, copy.task_id, copy.path, copy.exc_type) == ("cache.fill", 7, "/etc/app.conf", "PermissionError")
+
+
+def test_denied_write_is_only_about_permission_errors_outside_the_writable_paths(tmp_path):
+    report = SandboxReport(abi=7, tmpdir=str(tmp_path / "t"), writable=(str(tmp_path / "t"), os.devnull))
+    outside = str(tmp_path / "x")
+    assert sandbox.denied_write(PermissionError(errno.EACCES, "denied", outside), report) == outside
+    assert sandbox.denied_write(PermissionError(errno.EACCES, "denied", str(tmp_path / "t" / "y")), report) is None
+    assert sandbox.denied_write(PermissionError(errno.EACCES, "no file named"), report) is None
+    assert sandbox.denied_write(FileNotFoundError(errno.ENOENT, "missing", outside), report) is None
+    assert sandbox.denied_write(PermissionError(errno.EACCES, "denied", outside), SandboxReport(abi=0)) is None
+    try:  # found through the chain, as when a library wraps the OSError
+        try:
+            raise PermissionError(errno.EACCES, "denied", outside)
+        except PermissionError as cause:
+            raise RuntimeError("could not save") from cause
+    except RuntimeError as wrapped:
+        assert sandbox.denied_write(wrapped, report) == outside
+
+
+# -- the real kernel ---------------------------------------------------------------------
+
+def test_without_landlock_nothing_is_restricted_and_the_report_says_so(tmp_path, monkeypatch):
+    outcome = run_sandboxed(lambda report: write(tmp_path / "free") or os.environ["TMPDIR"],
+                            SandboxPolicy(tmp_root=tmp_path), before=lambda: monkeypatch.setattr(sandbox, "SYSCALLS", {}))
+    assert outcome.report.label == "none" and not outcome.report.applied
+    assert "landlock" in str(outcome.report)
+    assert (tmp_path / "free").exists() and outcome.unwrap() == outcome.report.tmpdir
+
+
+@needs_landlock
+def test_a_write_outside_the_allowed_paths_fails_and_leaves_no_file(tmp_path):
+    target = tmp_path / "outside.txt"
+    outcome = run_sandboxed(lambda report: write(target), SandboxPolicy(tmp_root=tmp_path / "tmp"),
+                            before=lambda: os.mkdir(tmp_path / "tmp"))
+    assert outcome.report.label == f"landlock-v{min(ABI, sandbox.KNOWN_ABI)}"
+    assert isinstance(outcome.error, PermissionError) and outcome.error.errno == errno.EACCES
+    assert outcome.denied == str(target)
+    assert not target.exists()
+
+
+@needs_landlock
+def test_every_kind_of_change_outside_is_refused_and_the_files_stay_as_they_were(tmp_path):
+    (tmp_path / "tmp").mkdir()
+    keep = tmp_path / "keep.txt"
+    keep.write_text("original")
+    (tmp_path / "dir").mkdir()
+
+    def try_everything(report):
+        attempts = {
+            "mkdir": lambda: os.mkdir(tmp_path / "new-dir"),
+            "remove": lambda: os.remove(keep),
+            "rmdir": lambda: os.rmdir(tmp_path / "dir"),
+            "append": lambda: open(keep, "a").close(),
+            "symlink": lambda: os.symlink(keep, tmp_path / "link"),
+            "fifo": lambda: os.mkfifo(tmp_path / "fifo"),
+            "rename-in": lambda: os.rename(keep, os.path.join(report.tmpdir, "stolen")),
+        }
+        if ABI >= 3:
+            attempts["truncate"] = lambda: os.truncate(keep, 0)
+        refused = {}
+        for name, attempt in attempts.items():
+            try:
+                attempt()
+            except OSError as error:
+                refused[name] = error.errno
+        return refused
+
+    refused = run_sandboxed(try_everything, SandboxPolicy(tmp_root=tmp_path / "tmp")).unwrap()
+    assert set(refused) == {"mkdir", "remove", "rmdir", "append", "symlink", "fifo", "rename-in"} | (
+        {"truncate"} if ABI >= 3 else set())
+    assert set(refused.values()) <= {errno.EACCES, errno.EXDEV}
+    assert keep.read_text() == "original" and (tmp_path / "dir").is_dir()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["dir", "keep.txt", "tmp"]
+
+
+@needs_landlock
+def test_declared_paths_the_private_temp_dir_and_dev_null_stay_writable_and_reads_stay_free(tmp_path):
+    (tmp_path / "tmp").mkdir()
+    declared_dir = tmp_path / "cache" / "app"  # does not exist yet: made before the rules apply
+    declared_file = tmp_path / "app.log"
+    declared_file.write_text("")
+    readable = tmp_path / "config.txt"
+    readable.write_text("settings")
+
+    def use_what_is_allowed(report):
+        write(declared_dir / "entry", "cached")
+        with open(declared_file, "a") as log:
+            log.write("line\n")
+        write(os.devnull)
+        with tempfile.NamedTemporaryFile("w", delete=False) as scratch:
+            scratch.write("scratch")
+        return scratch.name, readable.read_text()
+
+    outcome = run_sandboxed(use_what_is_allowed,
+                            SandboxPolicy([declared_dir, declared_file], tmp_root=tmp_path / "tmp"))
+    scratch, text = outcome.unwrap()
+    assert (declared_dir / "entry").read_text() == "cached" and declared_file.read_text() == "line\n"
+    assert os.path.dirname(scratch) == outcome.report.tmpdir and text == "settings"
+    assert os.path.dirname(outcome.report.tmpdir) == str(tmp_path / "tmp")
+    assert outcome.report.writable == (outcome.report.tmpdir, os.devnull, str(declared_dir), str(declared_file))
+
+
+@needs_landlock
+def test_the_processes_a_step_starts_inherit_the_rules(tmp_path):
+    (tmp_path / "tmp").mkdir()
+    target = tmp_path / "from-child"
+    result = run_sandboxed(
+        lambda report: subprocess.run(["sh", "-c", f"echo x > '{target}'"], capture_output=True, text=True),
+        SandboxPolicy(tmp_root=tmp_path / "tmp")).unwrap()
+    assert result.returncode != 0 and "Permission denied" in result.stderr
+    assert not target.exists()
+
+
+@needs_abi(sandbox.SCOPE_ABI, "signal scoping")
+def test_signals_reach_the_workers_own_tree_but_not_its_parent(tmp_path):
+    (tmp_path / "tmp").mkdir()
+    parent = os.getpid()
+
+    def signal_around(report):
+        child = subprocess.Popen(["sleep", "60"])  # started under the rules: inside the domain
+        child.send_signal(signal.SIGTERM)
+        child.wait()
+        try:
+            os.kill(parent, 0)
+        except PermissionError as error:
+            return child.returncode, error.errno
+        return child.returncode, None
+
+    outcome = run_sandboxed(signal_around, SandboxPolicy(tmp_root=tmp_path / "tmp"))
+    assert outcome.unwrap() == (-signal.SIGTERM, errno.EPERM)
+    # Opted out: the parent is reachable again.
+    assert run_sandboxed(lambda report: os.kill(parent, 0),
+                         SandboxPolicy(scope_signals=False, tmp_root=tmp_path / "tmp")).unwrap() is None
+
+
+@needs_abi(sandbox.NETWORK_ABI, "TCP rules")
+def test_tcp_is_refused_unless_a_step_declared_network_use(tmp_path):
+    (tmp_path / "tmp").mkdir()
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+
+        def connect(report):
+            with socket.create_connection(("127.0.0.1", port), timeout=30):
+                return "connected"
+
+        def bind(report):
+            with socket.create_server(("127.0.0.1", 0)):
+                return "bound"
+
+        denied = run_sandboxed(connect, SandboxPolicy(tmp_root=tmp_path / "tmp"))
+        assert isinstance(denied.error, PermissionError)
+        assert isinstance(run_sandboxed(bind, SandboxPolicy(tmp_root=tmp_path / "tmp")).error, PermissionError)
+        allowed = run_sandboxed(connect, SandboxPolicy(network=True, tmp_root=tmp_path / "tmp"))
+        assert allowed.unwrap() == "connected"
+        assert not allowed.report.missing
