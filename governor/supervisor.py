@@ -18,9 +18,9 @@ import time
 import weakref
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
 
-from governor.errors import InvalidParameters, QueueFull, SupervisorClosed, UnknownStep, WorkerStartFailed
+from governor.errors import InvalidParameters, QueueFull, SupervisorBroken, SupervisorClosed, UnknownStep, WorkerStartFailed
 from governor.limits import Lane, Limits
-from governor.loky_lanes import LokyConfig
+from governor.local_lanes import LocalConfig
 from governor.manager import Manager, ManagerConfig
 from governor.metrics import MetricsRecorder, prometheus_registry, prometheus_text
 from governor.task import CancelRequest, Call, Task, TaskFuture, Workflow, WorkflowFuture, in_done_callback
@@ -139,7 +139,7 @@ class Supervisor:
         self._clock = clock
         local_workers = {Lane.CRITICAL: 1} if ray_config else {Lane.CRITICAL: 1, Lane.POOL: workers}
         self._config = ManagerConfig(
-            local=LokyConfig(
+            local=LocalConfig(
                 steps=specs, step_modules=sorted({spec.fn.__module__ for spec in specs.values()} - {"__main__"}),
                 workers=local_workers, spares=spares, max_tasks_per_worker=max_tasks_per_worker,
                 recycle_rss_mb=recycle_rss_mb),
@@ -197,7 +197,7 @@ class Supervisor:
             manager = self._manager
         if manager is None or not manager.is_alive():
             return
-        manager.post("shutdown", cancel_pending, cancel_running)
+        manager.request_shutdown(cancel_pending, cancel_running)
         if wait and threading.current_thread() is not manager and not in_done_callback():
             manager.join()
 
@@ -220,6 +220,7 @@ class Supervisor:
             InvalidParameters: the arguments do not fit the step's signature.
             QueueFull: the step's lane has ``queue_size`` tasks waiting.
             SupervisorClosed: not started, or shut down.
+            SupervisorBroken: its manager thread failed (a bug); nothing was queued.
         """
         return self.submit_call(Call(step, args, kwargs))
 
@@ -304,7 +305,7 @@ class Supervisor:
         if self._manager is None or not self._manager.is_alive():
             return []
         reply: concurrent.futures.Future = concurrent.futures.Future()
-        self._manager.post("describe", reply)
+        self._manager.request_describe(reply)
         return reply.result(timeout)
 
     def classify(self, step: str) -> tuple:
@@ -379,6 +380,9 @@ class Supervisor:
         # Numbering and appending to the inbox under one lock fixes the submission order
         # across threads, which is the critical lane's execution order.
         with self._lock:
+            if self._manager is not None and self._manager.broken is not None:
+                raise SupervisorBroken(f"the supervisor is broken (its manager thread failed: "
+                                       f"{self._manager.broken!r}); start a new one") from self._manager.broken
             if not self._accepting:
                 raise SupervisorClosed("the supervisor is not running (start() it, or it was shut down)")
             wanted = {lane: sum(1 for task in tasks if task.lane is lane) for lane in self._queued}
@@ -389,7 +393,7 @@ class Supervisor:
                 self._queued[lane] += count
             for task in tasks:
                 task.id = next(self._ids)
-            self._manager.append("submit", tasks)
+            self._manager.enqueue(tasks)
         self._manager.wake()  # outside the lock: the manager's first act is to take it (_left_queue)
 
     def _left_queue(self, task: Task) -> None:
@@ -400,11 +404,9 @@ class Supervisor:
         """Cancel ``task`` (any thread): a queued one ends here, a running one is stopped by the manager."""
         accepted, cancelled_now = task.request_cancel(request)
         if cancelled_now:
-            self._left_queue(task)
-            self._metrics.task_finished(task)  # counted before it resolves, like every other end
-            task.resolve()
-        if accepted and self._manager is not None:
-            self._manager.post("cancel", task)
+            self._manager.conclude_queued_cancel(task)
+        elif accepted and self._manager is not None:
+            self._manager.request_cancel(task)
         return accepted
 
 
