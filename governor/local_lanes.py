@@ -46,6 +46,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 import attrs
 import cloudpickle
+import psutil
 
 from governor.backend import worker_view
 from governor.errors import InvalidTransition, MemoryLimitExceeded, StepFailed, StepTimeout, WorkerCrashed, WorkerStartFailed
@@ -110,6 +111,7 @@ class Slot:
     tasks: Optional[Connection] = None  # assignments down, outcomes up
     control: Optional[Connection] = None  # cancels down; its EOF ends the worker
     pidfd: Optional[int] = None
+    watched: bool = False  # its task socket is in the selector
     run: Optional["Run"] = None
     sampler: Optional[TreeSampler] = None
     tasks_run: int = 0
@@ -431,6 +433,8 @@ class LocalLanes:
             self._host.selector.unregister(template.connection)
 
     def _on_template_report(self, template: Template) -> None:
+        if template.connection is None:
+            return  # closed by an earlier event of the same select
         try:
             report = template.receive()
         except (EOFError, OSError):
@@ -544,13 +548,17 @@ class LocalLanes:
             return
         try:
             slot.pidfd = os.pidfd_open(pid)
-            slot.sampler = TreeSampler(pid, self._clock)
-        except (ProcessLookupError, OSError) as exc:  # it died right after its hello
+        except OSError as exc:  # it died right after its hello
             self._start_failed(slot, exc)
             return
         self._by_pid[pid] = slot
         self._host.selector.register(slot.pidfd, selectors.EVENT_READ, lambda: self._on_dead(slot))
         self._host.selector.register(slot.tasks, selectors.EVENT_READ, lambda: self._on_outcome(slot))
+        slot.watched = True
+        try:
+            slot.sampler = TreeSampler(pid, self._clock)
+        except psutil.Error:
+            return  # it died right after its hello: its pidfd drops the slot
         lane = self._lanes[slot.lane]
         lane.start_failures = 0
         lane.move(slot, SlotState.IDLE)
@@ -621,6 +629,8 @@ class LocalLanes:
 
     def _on_outcome(self, slot: Slot) -> None:
         """The task socket is readable: an outcome, or the EOF of a dying worker."""
+        if slot.tasks is None:
+            return  # closed by an earlier event of the same select (its pidfd's)
         try:
             data = slot.tasks.recv_bytes()
         except (EOFError, OSError):
@@ -783,8 +793,9 @@ class LocalLanes:
             slot.control = None
 
     def _close_tasks(self, slot: Slot) -> None:
-        if slot.tasks is not None and slot.pidfd is not None:
+        if slot.watched:
             self._host.selector.unregister(slot.tasks)
+            slot.watched = False
         if slot.tasks is not None:
             slot.tasks.close()
             slot.tasks = None

@@ -405,7 +405,7 @@ class RayLane:
         run.ref = self._remote_for(task.step).remote(
             self._info, [self._steps_ref], task.id, task.step, task.args, task.kwargs,
             ray_worker.TaskLimits(limits.effective_memory_mb,
-                                  limits.effective_memory_mb if limits.memory_hard_cap else None))
+                                  limits.effective_memory_mb if limits.memory_hard_cap else None), task.chunk)
         run.future = run.ref.future()
         task.dispatched_at = self._clock()  # until the step starts: then from its start
         run.future.add_done_callback(lambda future: self._host.call_soon(self._on_done, run, future))

@@ -20,16 +20,16 @@ copying) the inherited objects. The template itself is started through loky's co
 through cloudpickle, so steps defined in ``__main__`` or in closures work.
 
 The template runs no step and starts no thread: a fork from a single-threaded process
-copies no lock held by another thread. It reaps its workers (they are its children) and
-reports each one's exit status, which only a parent can read; the supervisor confirms
-deaths with a pidfd of its own and takes the status from here.
+copies no lock held by another thread. It reaps its workers (they are its children),
+kills what a dead worker left in its process group, and reports each one's exit status,
+which only a parent can read; the supervisor confirms deaths with a pidfd of its own and
+takes the status from here.
 """
 
 from __future__ import annotations
 
 import gc
 import importlib
-import logging
 import os
 import pickle
 import select
@@ -45,8 +45,6 @@ from loky.backend.context import get_context
 
 from governor import worker
 from governor.errors import WorkerStartFailed
-
-log = logging.getLogger("governor")
 
 #: How often :meth:`Template.start` looks whether the template process died before it
 #: connected back (a broken interpreter, a killed process).
@@ -148,12 +146,12 @@ class Template:
 def main(address: str, worker_address: str) -> None:
     """The template process: warm up, then fork workers on request until the supervisor goes."""
     connection = Client(address, family="AF_UNIX")
-    steps, modules = pickle.loads(connection.recv_bytes())
     try:
+        steps, modules = pickle.loads(connection.recv_bytes())
         worker.install_steps(steps)
         for module in modules:
             importlib.import_module(module)
-        _warm_lazy_imports()
+        worker.seal_preload()
     except BaseException:
         connection.send_bytes(pickle.dumps(("failed", traceback.format_exc())))
         return
@@ -176,24 +174,6 @@ def main(address: str, worker_address: str) -> None:
             except (EOFError, OSError):
                 return  # the supervisor is gone; each worker ends on its own EOF
             _fork(connection, (wake_reader, wake_writer), worker_address, *request[1:])
-
-
-def _warm_lazy_imports() -> None:
-    # What a task would otherwise import in each worker, privately: formatting an
-    # exception's traceback reads source lines (linecache, tokenize).
-    try:
-        raise RuntimeError("warm-up")
-    except RuntimeError as exc:
-        traceback.format_exception(exc)
-    worker.run_step(_WarmUpSpec(), 0, "warm-up", (), {}, None)
-
-
-class _WarmUpSpec:
-    """A do-nothing step, run once in the template so a worker's first task imports nothing."""
-
-    @staticmethod
-    def invoke(args: tuple, kwargs: dict) -> None:
-        return None
 
 
 def _fork(connection: Connection, fds: tuple, worker_address: str, slot_id: int, lane: str,
@@ -228,15 +208,23 @@ def _drain(fd: int) -> None:
 
 
 def _reap(connection: Connection) -> None:
+    """Reap every dead worker and report how it ended. Before reaping, kill what is left
+    of its process group (a child a crashed step left behind): while the zombie is
+    unreaped its pid cannot be reused, so the group signalled is certainly its own."""
     while True:
         try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
+            info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
         except ChildProcessError:
             return
-        if pid == 0:
+        if info is None:
             return
+        try:
+            os.killpg(info.si_pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass  # no one left in the group
+        _, status = os.waitpid(info.si_pid, 0)
         code = os.waitstatus_to_exitcode(status)
-        report = ("exited", pid, code, None) if code >= 0 else ("exited", pid, None, -code)
+        report = ("exited", info.si_pid, code, None) if code >= 0 else ("exited", info.si_pid, None, -code)
         try:
             connection.send_bytes(pickle.dumps(report))
         except OSError:

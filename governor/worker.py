@@ -33,11 +33,12 @@ import pickle
 import resource
 import signal
 import struct
+import sys
 import threading
 import time
 import traceback
 from multiprocessing.connection import Client, Connection
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import attrs
 
@@ -62,6 +63,8 @@ _lock = threading.Lock()
 _early_cancels: Dict[int, tuple] = {}
 # The pid of this process while it is a worker; a process forked by a step differs.
 _worker_pid: Optional[int] = None
+# The modules the template had imported when it forked this worker.
+_preloaded: frozenset = frozenset()
 
 
 class OutcomeKind(enum.Enum):
@@ -148,6 +151,18 @@ class Seat:
 def install_steps(steps: Dict[str, Any]) -> None:
     """Give this process the step table (the template, before it forks any worker)."""
     _steps.update(steps)
+
+
+def seal_preload() -> None:
+    """Record what the template has imported: every worker shares these modules."""
+    global _preloaded
+    _preloaded = frozenset(sys.modules)
+
+
+def imported_since_fork() -> List[str]:
+    """Modules this worker imported that its template had not: each is private memory
+    in every worker that imports it (import them at the top of the step's module)."""
+    return sorted(set(sys.modules) - _preloaded)
 
 
 def serve(slot_id: int, lane: str, address: str, seats_path: str, seat_index: int) -> None:
