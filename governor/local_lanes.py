@@ -112,6 +112,7 @@ class Slot:
     control: Optional[Connection] = None  # cancels down; its EOF ends the worker
     pidfd: Optional[int] = None
     watched: bool = False  # its task socket is in the selector
+    frames: Frames = attrs.field(factory=lambda: Frames())
     run: Optional["Run"] = None
     sampler: Optional[TreeSampler] = None
     tasks_run: int = 0
@@ -207,6 +208,43 @@ class LocalConfig:
     spares: int
     max_tasks_per_worker: Optional[int]
     recycle_rss_mb: Optional[float]
+
+
+class Frames:
+    """Length-prefixed frames (``multiprocessing.connection``'s format: a ``!i`` length, or
+    -1 and a ``!Q`` length) read from a socket one ``read`` at a time."""
+
+    #: Bytes asked of one read: an outcome of a few hundred bytes comes whole; a larger
+    #: one takes several events.
+    READ_SIZE = 65536
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, fd: int) -> bool:
+        """Read what the socket has; ``False`` at its end."""
+        data = os.read(fd, self.READ_SIZE)
+        self._buffer += data
+        return bool(data)
+
+    def pop(self) -> Optional[bytes]:
+        """The next whole frame's payload, or ``None`` if none is whole yet."""
+        buffer = self._buffer
+        if len(buffer) < 4:
+            return None
+        (size,) = struct.unpack_from("!i", buffer)
+        start = 4
+        if size == -1:
+            if len(buffer) < 12:
+                return None
+            (size,) = struct.unpack_from("!Q", buffer, 4)
+            start = 12
+        end = start + size
+        if len(buffer) < end:
+            return None
+        frame = bytes(buffer[start:end])
+        del buffer[:end]
+        return frame
 
 
 class Seats:
@@ -628,17 +666,28 @@ class LocalLanes:
                       extra={"task_id": task.id, "step": task.step, "lane": task.lane.value, "pid": slot.pid})
 
     def _on_outcome(self, slot: Slot) -> None:
-        """The task socket is readable: an outcome, or the EOF of a dying worker."""
+        """The task socket is readable: an outcome, or the EOF of a dying worker.
+
+        One ``read`` per event (``Frames``), not ``Connection.recv_bytes``'s two: each
+        syscall lets go of the GIL, and a thread submitting at full speed makes the
+        manager wait for it back every time.
+        """
         if slot.tasks is None:
             return  # closed by an earlier event of the same select (its pidfd's)
         try:
-            data = slot.tasks.recv_bytes()
-        except (EOFError, OSError):
+            alive = slot.frames.feed(slot.tasks.fileno())
+        except OSError:
+            alive = False
+        frame = slot.frames.pop()
+        if frame is not None:
+            self._take_outcome(slot, frame)
+        if not alive:
             # Dying: its pidfd says when it is dead. Meanwhile it takes no task.
             if slot.state is SlotState.IDLE:
                 self._lanes[slot.lane].move(slot, SlotState.RETIRING)
             self._close_tasks(slot)
-            return
+
+    def _take_outcome(self, slot: Slot, data: bytes) -> None:
         run = slot.run
         if run is None or slot.state is SlotState.KILLING:
             return  # claimed for a kill before its outcome came: the kill decides

@@ -103,6 +103,7 @@ class Manager(threading.Thread):
         self._closing = False
 
         self._inbox: Deque[tuple] = collections.deque()
+        self._ended: List[tuple] = []  # (task, result) concluded this turn, resolved at its end
         self._sleeping = False
         self._wakeup_reader, self._wakeup_writer = os.pipe()
         self._wakeup_lock = threading.Lock()
@@ -196,6 +197,7 @@ class Manager(threading.Thread):
                 if not self._closing:
                     for backend in self._all:
                         self._guarded(backend.maintain)
+                self._resolve_ended()
                 if not self.warm.is_set() and all(backend.warm for backend in self._all):
                     self.warm.set()
         except BaseException as exc:  # a bug here must not leave workers or futures behind
@@ -333,7 +335,9 @@ class Manager(threading.Thread):
         In order: the state (under the task's lock; a task claimed for a kill ends only
         ``by_kill``, and a task with a cancel request ends cancelled), its queue count,
         metrics (before the future resolves: a caller who has its result sees it
-        counted), the future, the backend's tables, the log, the workflow.
+        counted), the backend's tables, the log, the workflow; the future is resolved at
+        the end of the manager's turn, once the freed workers have their next tasks: a
+        caller woken earlier would take the GIL while the manager waits to send them.
 
         Returns:
             whether this call ended the task (``False``: it had ended already).
@@ -345,7 +349,8 @@ class Manager(threading.Thread):
             self.left_queue(task)
         elif task.ended_at is None:
             task.ended_at = self.clock()
-        self._publish_end(task, result)
+        self.metrics.task_finished(task)
+        self._ended.append((task, result))
         self._backends[task.lane].forget(task)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("task %s (%s) %s", task.id, task.step, task.state.value,
@@ -353,6 +358,11 @@ class Manager(threading.Thread):
                              "reason": task.state.value})
         self._settle_workflow(task, result)
         return True
+
+    def _resolve_ended(self) -> None:
+        ended, self._ended = self._ended, []
+        for task, result in ended:
+            self._guarded(task.resolve, result)  # its done-callbacks are the user's code
 
     def _publish_end(self, task: Task, result: Any) -> None:
         self.metrics.task_finished(task)
@@ -379,6 +389,7 @@ class Manager(threading.Thread):
     # ----------------------------------------------------------------- the end
 
     def _fail_everything(self, error: BaseException) -> None:
+        self._resolve_ended()
         broken = SupervisorBroken(f"the supervisor's manager thread failed: {error!r}")
         for backend in self._all:
             self._guarded(backend.abort)
