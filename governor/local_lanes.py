@@ -836,6 +836,9 @@ class LocalLanes:
             self._drop(slot)
             return
         self._lanes[slot.lane].move(slot, SlotState.RETIRING)
+        self._close_sockets(slot)
+
+    def _close_sockets(self, slot: Slot) -> None:
         self._close_tasks(slot)
         if slot.control is not None:
             slot.control.close()
@@ -855,10 +858,7 @@ class LocalLanes:
         if slot.state is SlotState.DEAD:
             return
         self._lanes[slot.lane].move(slot, SlotState.DEAD)
-        self._close_tasks(slot)
-        if slot.control is not None:
-            slot.control.close()
-            slot.control = None
+        self._close_sockets(slot)
         if slot.pidfd is not None:
             self._host.selector.unregister(slot.pidfd)
             os.close(slot.pidfd)

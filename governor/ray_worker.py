@@ -209,7 +209,7 @@ def run(info: LinkInfo, steps: list, task_id: int, step: str, args: tuple, kwarg
         if watchdog is not None:
             watchdog.stop()
     if watchdog is not None and watchdog.peak_bytes > (outcome.peak_rss_bytes or 0):
-        outcome = attrs.evolve(outcome, peak_rss_bytes=watchdog.peak_bytes)
+        outcome = outcome._replace(peak_rss_bytes=watchdog.peak_bytes)
     return outcome
 
 

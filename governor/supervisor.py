@@ -1,8 +1,8 @@
 """The public face of Governor: :class:`Supervisor` and its cancellation groups, :class:`Scope`.
 
 A ``Supervisor`` takes a snapshot of a step registry, classifies every step into the
-critical or the pool lane once, starts both lanes' workers (warm: spawned, step modules
-imported) and then only records intent: ``submit`` validates, numbers the task and puts it
+critical or the pool lane once, starts both lanes' workers (warm: forked from a template
+that imported every step module) and then only records intent: ``submit`` validates, numbers the task and puts it
 on the manager's inbox; the manager thread (``governor.manager``) does the rest.
 """
 
@@ -46,7 +46,8 @@ def default_workers() -> int:
     """Pool workers when none are given: ``2 x CPUs``, at least 4, at most 16.
 
     Steps in the pool lane are mostly I/O-bound (git, SQLite, sockets), so more workers
-    than cores pays; each idle worker costs about 10-15 MB of private memory.
+    than cores pays; a worker, forked from the warm template, costs a few MiB of private
+    memory.
     """
     return max(4, min(16, 2 * (os.cpu_count() or 1)))
 
