@@ -309,6 +309,8 @@ class LocalLanes:
         self._seats = Seats(os.path.join(self._directory, "seats"), capacity)
         self._generation = 0
         self._template: Optional[Template] = None
+        self._watched_templates: set = set()
+        self._begun = False
         self._template_starting = False
 
     # ----------------------------------------------------------------- LaneBackend
@@ -324,6 +326,7 @@ class LocalLanes:
                              self._worker_address)
 
     def begin(self) -> None:
+        self._begun = True
         self._host.selector.register(self._listener, selectors.EVENT_READ, self._accept)
         self._watch_template(self._template)
         for lane in self._lanes.values():
@@ -440,7 +443,8 @@ class LocalLanes:
             self._unwatch_template(self._template)
             self._template.close()
         self._spawner.shutdown(wait=True, cancel_futures=True)
-        self._host.selector.unregister(self._listener)
+        if self._begun:
+            self._host.selector.unregister(self._listener)
         self._listener.close()
         self._seats.close()
         shutil.rmtree(self._directory, ignore_errors=True)
@@ -465,9 +469,13 @@ class LocalLanes:
     def _watch_template(self, template: Template) -> None:
         self._host.selector.register(template.connection, selectors.EVENT_READ,
                                      lambda: self._on_template_report(template))
+        self._watched_templates.add(template)
 
     def _unwatch_template(self, template: Template) -> None:
-        if template.connection is not None:
+        """Take the template's socket out of the selector, if it is in (not when the
+        supervisor's start failed before the manager began)."""
+        if template in self._watched_templates:
+            self._watched_templates.discard(template)
             self._host.selector.unregister(template.connection)
 
     def _on_template_report(self, template: Template) -> None:

@@ -5,6 +5,7 @@ files the steps write (cross-process events), never from sleeps.
 """
 
 import concurrent.futures
+import logging
 import os
 import random
 import shutil
@@ -352,7 +353,7 @@ def test_a_task_imports_nothing_its_template_had_not(make_supervisor):
     assert "xml.dom.minidom" in sup.submit("imported_since_fork").result(timeout=30), "the check can see one"
 
 
-def test_a_step_module_that_will_not_import_fails_the_start(tmp_path, monkeypatch):
+def test_a_step_module_that_will_not_import_fails_the_start(tmp_path, monkeypatch, caplog):
     module = tmp_path / "vanishing_steps.py"
     module.write_text("def hello():\n    return 'hi'\n")
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -364,6 +365,7 @@ def test_a_step_module_that_will_not_import_fails_the_start(tmp_path, monkeypatc
     shutil.rmtree(tmp_path / "__pycache__", ignore_errors=True)
     with pytest.raises(WorkerStartFailed, match="this module breaks in a fresh interpreter"):
         Supervisor(registry, workers=1).start()
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR], "released cleanly"
     monkeypatch.delitem(sys.modules, "vanishing_steps")
 
 
