@@ -580,7 +580,7 @@ class LocalLanes:
             channel, slot_id, pid = pickle.loads(connection.recv_bytes())
         except (EOFError, OSError):
             connection.close()
-            return  # a worker that died during its own start: its start deadline fails it
+            return  # a worker that died during its own start: its pidfd or start deadline drops it
         slot = self._slots.get(slot_id)
         if slot is None or slot.state is not SlotState.STARTING or channel not in ("task", "control"):
             connection.close()  # a worker whose slot was given up (a start too slow, shutdown)
@@ -589,16 +589,19 @@ class LocalLanes:
             slot.tasks = connection
         else:
             slot.control = connection
-        slot.pid = pid
+        if slot.pid is None:
+            # Its pid is known from its first hello: from now on its death is seen at once,
+            # even if it dies before its second (killed from outside while it starts).
+            slot.pid = pid
+            try:
+                slot.pidfd = os.pidfd_open(pid)
+            except OSError as exc:  # it died right after its hello
+                self._start_failed(slot, exc)
+                return
+            self._by_pid[pid] = slot
+            self._host.selector.register(slot.pidfd, selectors.EVENT_READ, lambda: self._on_dead(slot))
         if slot.tasks is None or slot.control is None:
             return
-        try:
-            slot.pidfd = os.pidfd_open(pid)
-        except OSError as exc:  # it died right after its hello
-            self._start_failed(slot, exc)
-            return
-        self._by_pid[pid] = slot
-        self._host.selector.register(slot.pidfd, selectors.EVENT_READ, lambda: self._on_dead(slot))
         self._host.selector.register(slot.tasks, selectors.EVENT_READ, lambda: self._on_outcome(slot))
         slot.watched = True
         try:
