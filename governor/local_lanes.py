@@ -772,6 +772,8 @@ class LocalLanes:
             limit, observed: the limit enforced and the value seen, for the log record.
         """
         task, slot = run.task, run.slot
+        if slot.state is SlotState.DEAD:
+            return  # its worker died by itself: its crash ends the task (exit status pending)
         if not task.claim_for_kill():
             return  # it ended first (a cancelled task's outcome came back)
         run.kill = KillOrder(reason, state, error)
