@@ -46,6 +46,12 @@ def noop():
 
 
 @registry.step(critical=False)
+def echo(value):
+    """Return ``value``: a no-op that takes one argument, for ``map``."""
+    return value
+
+
+@registry.step(critical=False)
 def sleep_ms(ms: float):
     """Sleep ``ms`` milliseconds (an I/O-bound step) and return the worker's pid."""
     time.sleep(ms / 1000)

@@ -5,7 +5,7 @@ usable as a context manager. Steps are named as in :mod:`bench.bench_steps`'s re
 Supervisor runs them by name, the others get the function itself. So a scenario measures
 every peer with one loop and never has per-peer code.
 
-* ``governor``: :class:`governor.Supervisor` (pool lane, one loky executor per worker).
+* ``governor``: :class:`governor.Supervisor` (pool lane, workers forked from its template).
 * ``governor-ray``: the same Supervisor with its pool lane on Ray (``backend="ray"``), on
   the Ray this process initialised. Not in :data:`PEERS`: only the ``ray`` scenario, which
   starts that Ray, measures it.
@@ -14,6 +14,7 @@ every peer with one loop and never has per-peer code.
 * ``stdlib``: ``concurrent.futures.ProcessPoolExecutor`` with the platform's default start
   method (``fork`` on Linux, which launches every worker at the first submission).
 * ``pebble``: ``pebble.ProcessPool``; optional (the ``bench`` extra), skipped when missing.
+* ``mp.Pool``: ``multiprocessing.Pool`` with the platform's default start method.
 """
 
 from __future__ import annotations
@@ -218,7 +219,38 @@ class PebblePeer(_FunctionPeer):
             self._pool.join()
 
 
-#: Every peer, in the order they are started. The stdlib pool comes first: with ``fork`` it
-#: copies the parent, and a fork taken before the other pools' threads exist cannot inherit
-#: a lock one of them held.
-PEERS: List[Type[Peer]] = [StdlibPeer, PebblePeer, LokyPeer, GovernorPeer]
+class MpPoolPeer(_FunctionPeer):
+    """The standard library's ``multiprocessing.Pool`` (``apply_async``, its result passed
+    to a ``Future`` by the pool's result thread), default start method.
+
+    Attributes:
+        pool: the started pool, for scenarios that use its own ``map``.
+    """
+
+    name = "mp-pool"
+
+    def __init__(self, workers: int):
+        super().__init__(workers)
+        self.pool = None
+
+    def start(self) -> "MpPoolPeer":
+        self.pool = multiprocessing.Pool(self.workers)
+        return self
+
+    def _submit(self, fn: Callable[..., Any], args: tuple) -> concurrent.futures.Future:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self.pool.apply_async(fn, args, callback=future.set_result, error_callback=future.set_exception)
+        return future
+
+    def shutdown(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+            self.pool.join()
+
+    def describe(self) -> Dict[str, Any]:
+        return {**super().describe(), "start_method": multiprocessing.get_start_method()}
+
+
+#: Every peer, in the order they are started. The forking pools come first: a fork taken
+#: before the other pools' threads exist cannot inherit a lock one of them held.
+PEERS: List[Type[Peer]] = [MpPoolPeer, StdlibPeer, PebblePeer, LokyPeer, GovernorPeer]

@@ -159,17 +159,17 @@ def wait_restaffed(supervisor: Supervisor, expected: int, lane: str = "pool", ti
     wait_for(lambda: live_workers(supervisor, lane) >= expected, f"the {lane} lane to restaff", timeout)
 
 
-def loky_worker_processes() -> List[psutil.Process]:
-    """This process's children that are loky workers (resource trackers excluded)."""
-    workers = []
+def governor_processes() -> List[psutil.Process]:
+    """This process's Governor processes: each worker template (a child started through
+    loky's context, named ``governor-template``) and every worker forked from it."""
+    found = []
     for child in psutil.Process().children():
         try:
-            command = " ".join(child.cmdline())
+            if "governor-template" in " ".join(child.cmdline()):
+                found += [child, *child.children()]
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-        if "loky" in command and "resource_tracker" not in command:
-            workers.append(child)
-    return workers
+    return found
 
 
 def leftover_children(preexisting: Iterable[psutil.Process] = ()) -> List[psutil.Process]:

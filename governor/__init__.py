@@ -1,6 +1,6 @@
 """Governor: run many small steps fast and safely in worker processes.
 
-Read-only steps run in parallel in a pool of loky workers; steps that change state run one
+Read-only steps run in parallel in a pool of worker processes; steps that change state run one
 at a time, in order, in a critical lane. Every step runs in a worker process under
 per-task limits (timeout, memory, cancellation) enforced by killing its worker's whole
 process tree, and one worker's death fails only the task it was running.
@@ -10,7 +10,7 @@ process tree, and one worker's death fails only the task it was running.
 ``step`` registers a step on the process-wide registry that ``Supervisor()`` runs when
 given none; ``StepRegistry`` makes a registry of your own (a library should).
 
-The engine (``Supervisor``, ``Scope``, and with them loky, psutil and prometheus_client)
+The engine (``Supervisor``, ``Scope``, and with them psutil and prometheus_client)
 and the step registry are imported on first use, not with the package: worker processes import ``governor`` for
 its values and errors, and each module they do not load is private memory they do not
 pay for, times every worker. See README.md for the whole API.
@@ -22,7 +22,8 @@ __version__ = "0.1.0"
 
 from governor.context import StepContext, current_context
 from governor.errors import (BackendUnavailable, GovernorError, InvalidParameters, MemoryLimitExceeded, QueueFull, StepCancelled,
-                             ReadOnlyViolation, SandboxUnavailable, StepFailed, StepSkipped, StepTimeout, SupervisorClosed, UnknownStep,
+                             ReadOnlyViolation, SandboxUnavailable, StepFailed, StepSkipped, StepTimeout,
+                             SupervisorBroken, SupervisorClosed, UnknownStep,
                              WorkerCrashed, WorkerStartFailed, WorkflowFailed)
 from governor.limits import Lane, Limits
 from governor.task import Call, TaskFuture, TaskState, WorkflowFuture
@@ -49,6 +50,6 @@ def __getattr__(name: str):
 __all__ = [
     "AsyncClient", "BackendUnavailable", "Call", "Client", "DaemonUnavailable", "GovernorError", "InvalidParameters", "Lane", "Limits", "MemoryLimitExceeded", "QueueFull",
     "ReadOnlyViolation", "SandboxUnavailable", "Scope", "StepCancelled", "StepContext", "StepFailed", "StepRegistry", "StepSkipped", "StepTimeout", "Supervisor",
-    "SupervisorClosed", "TaskFuture", "TaskState", "UnknownStep", "WorkerCrashed", "WorkerStartFailed",
+    "SupervisorBroken", "SupervisorClosed", "TaskFuture", "TaskState", "UnknownStep", "WorkerCrashed", "WorkerStartFailed",
     "WorkflowFailed", "WorkflowFuture", "current_context", "step",
 ]

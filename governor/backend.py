@@ -5,8 +5,8 @@ generic life of a task: queued, dispatched, ended, its workflow settled. A *lane
 owns the workers of one or more lanes and everything about them: how a task reaches a
 worker, how a limit is enforced, how a worker's death is noticed. Two implementations:
 
-* ``governor.loky_lanes.LokyLanes``: single-worker loky executors on this host (both
-  lanes by default; the critical lane always);
+* ``governor.local_lanes.LocalLanes``: worker processes on this host, forked from a warm
+  template (both lanes by default; the critical lane always);
 * ``governor.ray_lane.RayLane``: the pool lane as Ray tasks on a cluster.
 
 Both end tasks with the same states and errors through the host, so a step's caller sees
@@ -47,7 +47,7 @@ class LaneHost(Protocol):
 
     clock: Callable[[], float]
     metrics: MetricsRecorder
-    selector: selectors.BaseSelector  # register with data ``(backend, payload)``
+    selector: selectors.BaseSelector  # register with data = a callable, run when the file is readable
 
     @property
     def closing(self) -> bool:
@@ -62,18 +62,14 @@ class LaneHost(Protocol):
     def record_dispatch(self, task: Task) -> bool:
         """Run the dispatch hook; ``False`` means the task failed and must not run."""
 
-    def end_from_outcome(self, task: Task, outcome: Any) -> bool:
-        """End a task from a worker's ``Outcome`` (any thread); ``False`` if it had ended
-        or was claimed for a kill. The backend then calls :meth:`task_ended`."""
+    def conclude_outcome(self, task: Task, outcome: Any) -> bool:
+        """End a task from a worker's ``Outcome``; see :meth:`conclude`."""
 
-    def task_ended(self, task: Task, result: Any) -> None:
-        """The manager's share of an end made by :meth:`end_from_outcome`."""
-
-    def finish(self, task: Task, state: TaskState, error: Optional[BaseException], by_kill: bool = False) -> None:
-        """End a running task from the manager thread (a kill, a crash, a transport failure)."""
-
-    def fail_queued(self, task: Task, error: BaseException) -> None:
-        """Fail a task that never left its queue (its lane has no worker to run it)."""
+    def conclude(self, task: Task, state: TaskState, error: Optional[BaseException] = None,
+                 result: Any = None, *, by_kill: bool = False) -> bool:
+        """End a task, queued or running: the one place a task ends (state, metrics,
+        future, :meth:`LaneBackend.forget`, workflow). ``False`` if it had ended, or is
+        claimed for a kill and this is not the kill (``by_kill``)."""
 
     def fail_start(self, error: BaseException) -> None:
         """No worker could be started before the supervisor was warm: abort the start."""
@@ -113,9 +109,6 @@ class LaneBackend(Protocol):
     def on_time(self) -> None:
         """Fire what is due: timeouts, cancel graces, memory samples."""
 
-    def on_readable(self, payload: Any) -> None:
-        """A file it registered with the selector is readable."""
-
     def cancel(self, task: Task) -> None:
         """A cancel was recorded on a task of its lanes that is no longer queued."""
 
@@ -123,7 +116,7 @@ class LaneBackend(Protocol):
         """The tasks its workers run now."""
 
     def forget(self, task: Task) -> None:
-        """A task of its lanes has ended (called by the host once it is settled)."""
+        """A task of its lanes has ended (called by the host's ``conclude``)."""
 
     def describe(self, now: float) -> List[Dict[str, Any]]:
         """One dict per worker (or task in flight) for ``Supervisor.describe_workers``."""

@@ -8,7 +8,7 @@ Three kinds of failure, three kinds of type:
   :class:`StepCancelled`; each carries the limit, what was observed and the worker's pid.
 * Broken infrastructure or misuse: :class:`WorkerCrashed` (a worker died and nobody in
   Governor killed it), :class:`WorkerStartFailed`, :class:`QueueFull`,
-  :class:`SupervisorClosed`, :class:`UnknownStep`, :class:`RegistrationError`,
+  :class:`SupervisorClosed`, :class:`SupervisorBroken`, :class:`UnknownStep`, :class:`RegistrationError`,
   :class:`SandboxUnavailable`.
 
 A pool step stopped by the sandbox is a :class:`ReadOnlyViolation`: a :class:`StepFailed`
@@ -104,6 +104,13 @@ class WorkerStartFailed(GovernorError, RuntimeError):
 
     Likely causes: a step module that fails to import in a fresh interpreter, a step
     table that cannot be pickled, or the system refusing new processes (ulimit -u, memory).
+    """
+
+
+class SupervisorBroken(GovernorError, RuntimeError):
+    """The supervisor's manager thread failed: every task it held was failed with this
+    error, its workers were killed, and it takes no more work. A bug in Governor: the
+    log has the manager's traceback; please report it.
     """
 
 

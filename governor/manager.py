@@ -2,26 +2,37 @@
 
 Data flow::
 
-    user threads ──── submit / cancel / shutdown / describe ──┐
-    backend threads ── call_soon(fn, *args) ──────────────────┤  (messages on the inbox,
-      (loky callbacks, spawn threads, Ray callbacks,          │   then a byte on the
-       the Ray link acceptor)                                 ┘   wakeup pipe)
+    user threads ──── enqueue / request_cancel / request_shutdown / request_describe ──┐
+    backend threads ── call_soon(fn, *args) ────────────────────────────────────────────┤
+      (spawn threads, Ray callbacks, the Ray link acceptor)                             │
+                                 (a bound call on the inbox; one byte on the wake-up    │
+                                  pipe only if the manager sleeps in select)           ─┘
                                                  v
-                     manager thread: selector.select(timeout = the backends' next deadline)
-                       ├─ wakeup pipe             -> drain the inbox
-                       ├─ a backend's file        -> backend.on_readable (worker sockets)
-                       └─ a backend's deadline    -> backend.on_time (timeouts, graces, samples)
+                     manager thread: selector.select(timeout = the backends' next deadline,
+                                                     at most MAX_WAIT_S)
+                       ├─ wake-up pipe        -> drain the inbox: each entry is a bound call
+                       ├─ a backend's file    -> the callable it registered (worker outcomes,
+                       │                         pidfds of dying workers, the template)
+                       └─ a backend's deadline -> backend.on_time (timeouts, graces, samples)
                                                  v
                      backend.dispatch(): queued task -> free worker;  backend.maintain()
+                                                 v
+                     conclude(task, state, ...): the one place a task ends
 
-The lanes' workers belong to *lane backends* (``governor.backend``): the local loky lanes
-(``governor.loky_lanes``) and, for ``backend="ray"``, the pool lane on Ray
+The lanes' workers belong to *lane backends* (``governor.backend``): the local lanes
+(``governor.local_lanes``) and, for ``backend="ray"``, the pool lane on Ray
 (``governor.ray_lane``). The manager keeps what is the same for both: the inbox, the
 loop, and the end of a task (its state, its metrics, its future, its workflow).
 
-Only this thread touches the backends' state. Other threads put messages on the inbox;
-the one exception is cancelling a queued task (see ``governor.task``). Done-callbacks of
-the users' futures run on this thread, or on the loky thread that ended the task.
+Only this thread touches the backends' state. Other threads put bound calls on the
+inbox; the one exception is cancelling a queued task, which the cancelling thread ends
+itself (see :meth:`Manager.conclude_queued_cancel`). Done-callbacks of the users'
+futures run on this thread, or on the thread that cancelled a queued task.
+
+Nothing raised on this thread ends it silently: a handler that raises is logged and the
+loop goes on (a task it concerned fails, where the handler knows one); if the loop
+itself fails, every task is failed, the workers are killed and the supervisor is broken
+(``submit`` raises ``SupervisorBroken``).
 """
 
 from __future__ import annotations
@@ -38,35 +49,44 @@ import attrs
 
 from governor import worker
 from governor.backend import LaneBackend
-from governor.errors import InvalidTransition, MemoryLimitExceeded, StepFailed, WorkerStartFailed
+from governor.errors import MemoryLimitExceeded, StepFailed, SupervisorBroken, WorkerStartFailed
 from governor.limits import Lane
-from governor.loky_lanes import LokyConfig, LokyLanes
+from governor.local_lanes import LocalConfig, LocalLanes
 from governor.metrics import MetricsRecorder
 from governor.proctree import mib
 from governor.task import CancelRequest, Task, TaskState
 
 log = logging.getLogger("governor")
 
+#: The longest the manager sleeps in one ``select``: a deadline further away (a 25-day
+#: timeout) is waited for in slices, since epoll takes at most 2**31 ms. One extra
+#: wake-up an hour costs nothing.
+MAX_WAIT_S = 3600.0
+
 
 @attrs.frozen
 class ManagerConfig:
     """What the manager needs to know to run the lanes; built by the Supervisor.
 
-    ``local`` describes the loky lanes; with ``ray`` (a ``governor.ray_lane.RayConfig``)
+    ``local`` describes the local lanes; with ``ray`` (a ``governor.ray_lane.RayConfig``)
     the pool lane runs on Ray instead and ``local`` covers the critical lane alone.
     """
 
-    local: LokyConfig
+    local: LocalConfig
     pool_workers: int
     on_dispatch: Optional[Callable[[Task], None]] = None
     ray: Optional[Any] = None
 
 
 class Manager(threading.Thread):
-    """The manager thread. Public methods other threads may call: ``post``, ``append``,
-    ``wake``, ``call_soon``, ``connect`` and ``start`` (before it runs), ``warm`` (an Event)
-    and ``start_error``; the rest is the host API of ``governor.backend.LaneHost`` and
-    runs on this thread."""
+    """The manager thread.
+
+    Other threads may call :meth:`enqueue`, :meth:`wake`, :meth:`call_soon`,
+    :meth:`request_cancel`, :meth:`request_shutdown`, :meth:`request_describe`,
+    :meth:`conclude_queued_cancel`, and :meth:`connect` / :meth:`start` before it runs;
+    read ``warm`` (an Event), ``start_error`` and ``broken``. The rest is the host API of
+    ``governor.backend.LaneHost`` and runs on this thread.
+    """
 
     def __init__(self, config: ManagerConfig, metrics: MetricsRecorder,
                  on_left_queue: Callable[[Task], None], cancel_task: Callable[[Task, CancelRequest], bool],
@@ -79,17 +99,20 @@ class Manager(threading.Thread):
         self.clock = clock
         self.warm = threading.Event()
         self.start_error: Optional[BaseException] = None
+        self.broken: Optional[BaseException] = None
         self._closing = False
 
         self._inbox: Deque[tuple] = collections.deque()
+        self._ended: List[tuple] = []  # (task, result) concluded this turn, resolved at its end
+        self._sleeping = False
         self._wakeup_reader, self._wakeup_writer = os.pipe()
         self._wakeup_lock = threading.Lock()
         os.set_blocking(self._wakeup_reader, False)
         os.set_blocking(self._wakeup_writer, False)
         self.selector = selectors.DefaultSelector()
-        self.selector.register(self._wakeup_reader, selectors.EVENT_READ, (None, None))
+        self.selector.register(self._wakeup_reader, selectors.EVENT_READ, self._drain_wakeups)
 
-        local = LokyLanes(self, config.local)
+        local = LocalLanes(self, config.local)
         self._all: List[LaneBackend] = [local]
         if config.ray is not None:
             from governor.ray_lane import RayLane  # Ray is an optional extra
@@ -102,7 +125,8 @@ class Manager(threading.Thread):
 
     def connect(self) -> None:
         """Before :meth:`start`, on the caller's thread: let each backend reach its workers'
-        infrastructure (join the Ray cluster). If one fails, everything is released."""
+        infrastructure (start the warm template, join the Ray cluster). If one fails,
+        everything is released."""
         try:
             for backend in self._all:
                 backend.connect()
@@ -112,27 +136,43 @@ class Manager(threading.Thread):
 
     # ----------------------------------------------------------------- other threads
 
-    def post(self, *message: Any) -> None:
-        """Put a message on the inbox and wake the manager (any thread)."""
-        self._inbox.append(message)
+    def call_soon(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run ``fn(*args)`` on the manager thread (any thread)."""
+        self._inbox.append((fn, args))
         self.wake()
 
-    def append(self, *message: Any) -> None:
-        """Put a message on the inbox without waking the manager; call :meth:`wake` after.
+    def enqueue(self, tasks: Sequence[Task]) -> None:
+        """Queue new tasks without waking the manager; call :meth:`wake` after.
 
-        For a caller that must order messages under its own lock but should not wake the
+        For a caller that orders submissions under its own lock but should not wake the
         manager while holding it (the manager would wake straight into that lock).
         """
-        self._inbox.append(message)
+        self._inbox.append((self._on_submit, (tasks,)))
 
-    def call_soon(self, fn: Callable[..., None], *args: Any) -> None:
-        """Run ``fn(*args)`` on the manager thread (any thread; a backend's news)."""
-        self.post("call", fn, *args)
+    def request_cancel(self, task: Task) -> None:
+        """A cancel was recorded on ``task`` (any thread): stop it if it runs."""
+        self.call_soon(self._on_cancel, task)
+
+    def request_shutdown(self, cancel_pending: bool, cancel_running: bool) -> None:
+        """Stop taking work and end once what was accepted has ended (any thread)."""
+        self.call_soon(self._on_shutdown, cancel_pending, cancel_running)
+
+    def request_describe(self, reply: concurrent.futures.Future) -> None:
+        """Answer ``reply`` with one dict per live worker (any thread)."""
+        self.call_soon(self._on_describe, reply)
 
     def wake(self) -> None:
-        """Wake the manager to read its inbox (any thread)."""
-        # Under the lock, so a late message (a loky callback after shutdown) never writes to
-        # the pipe's fd number after _close() released it to be reused by another file.
+        """Make sure the manager reads its inbox soon (any thread).
+
+        Writes a byte only while the manager sleeps in ``select``: the manager raises its
+        flag *before* it looks at the inbox one last time, and a caller appends *before*
+        it reads the flag, so a message is either seen by that look or wakes the select.
+        A busy manager costs a submitter no syscall at all.
+        """
+        if not self._sleeping:
+            return
+        # Under the lock, so a late message (a callback after shutdown) never writes to the
+        # pipe's fd number after _close() released it to be reused by another file.
         with self._wakeup_lock:
             if self._wakeup_writer is None:
                 return  # the manager has exited: nothing is listening
@@ -151,39 +191,49 @@ class Manager(threading.Thread):
                 self._wait_for_events()
                 self._drain_inbox()
                 for backend in self._all:
-                    backend.on_time()
+                    self._guarded(backend.on_time)
                 for backend in self._all:
-                    backend.dispatch()
+                    self._guarded(backend.dispatch)
                 if not self._closing:
                     for backend in self._all:
-                        backend.maintain()
+                        self._guarded(backend.maintain)
+                self._resolve_ended()
                 if not self.warm.is_set() and all(backend.warm for backend in self._all):
                     self.warm.set()
-        except BaseException as exc:  # a bug here must not leave workers behind
-            log.critical("governor manager thread failed", exc_info=True)
+        except BaseException as exc:  # a bug here must not leave workers or futures behind
+            log.critical("governor manager thread failed; the supervisor is broken", exc_info=True)
+            self.broken = exc
             self.start_error = self.start_error or exc
             self._fail_everything(exc)
         finally:
             self.warm.set()
             self._close()
 
+    def _guarded(self, handler: Callable[..., None], *args: Any) -> None:
+        """Run one handler; if it raises, log it and go on: one bad event must not stop
+        every task. (Handlers that concern one task fail that task themselves.)"""
+        try:
+            handler(*args)
+        except Exception:
+            log.exception("governor manager: %s failed; carrying on", getattr(handler, "__qualname__", handler))
+
     def _finished(self) -> bool:
         return self._closing and all(backend.quiet for backend in self._all)
 
     def _wait_for_events(self) -> None:
         due = [when for when in (backend.next_deadline() for backend in self._all) if when is not None]
-        timeout = max(0.0, min(due) - self.clock()) if due else None
-        for key, _ in self.selector.select(timeout):
-            backend, payload = key.data
-            if backend is None:
-                self._drain_wakeups()
-            else:
-                backend.on_readable(payload)
+        timeout = min(MAX_WAIT_S, max(0.0, min(due) - self.clock())) if due else MAX_WAIT_S
+        self._sleeping = True
+        if self._inbox:
+            timeout = 0.0  # a message came before the flag went up: no byte was written for it
+        events = self.selector.select(timeout)
+        self._sleeping = False
+        for key, _ in events:
+            self._guarded(key.data)
 
     def _drain_wakeups(self) -> None:
         # One read: if more than 4 KiB of wake-ups were pending, the (level-triggered) select
-        # wakes again. A second read only to meet EAGAIN would cost a syscall, and with it a
-        # GIL hand-off, on every round trip.
+        # wakes again.
         try:
             os.read(self._wakeup_reader, 4096)
         except BlockingIOError:
@@ -191,13 +241,10 @@ class Manager(threading.Thread):
 
     def _drain_inbox(self) -> None:
         while self._inbox:
-            kind, *args = self._inbox.popleft()
-            getattr(self, f"_on_{kind}")(*args)
+            fn, args = self._inbox.popleft()
+            self._guarded(fn, *args)
 
     # ----------------------------------------------------------------- inbox messages
-
-    def _on_call(self, fn: Callable[..., None], *args: Any) -> None:
-        fn(*args)
 
     def _on_submit(self, tasks: Sequence[Task]) -> None:
         debug = log.isEnabledFor(logging.DEBUG)
@@ -208,7 +255,6 @@ class Manager(threading.Thread):
                           extra={"task_id": task.public_id, "step": task.step, "lane": task.lane.value})
 
     def _on_cancel(self, task: Task) -> None:
-        """A cancel was recorded on ``task``: stop it if it runs, settle its workflow if queued."""
         if task.state is TaskState.CANCELLED:
             self._settle_workflow(task, None)  # cancelled in its queue: the canceller did the rest
             return
@@ -227,7 +273,6 @@ class Manager(threading.Thread):
                     self._cancel_task(task, request)
 
     def _on_describe(self, reply: concurrent.futures.Future) -> None:
-        """Answer ``Supervisor.describe_workers()``: one dict per live worker."""
         now = self.clock()
         reply.set_result([worker for backend in self._all for worker in backend.describe(now)])
 
@@ -257,28 +302,22 @@ class Manager(threading.Thread):
             self._config.on_dispatch(task)
         except Exception as exc:
             log.exception("could not record the start of task %s (%s)", task.id, task.step)
-            self.finish(task, TaskState.FAILED, WorkerStartFailed(
+            self.conclude(task, TaskState.FAILED, WorkerStartFailed(
                 f"the start of step {task.step!r} could not be recorded, so it was not run: {exc}"))
             return False
         return True
 
-    def fail_queued(self, task: Task, error: BaseException) -> None:
-        """Fail a task that never left its queue (its lane has no worker to run it)."""
-        task.error = error
-        self._settle_unrun(task, TaskState.FAILED)
-        self._settle_workflow(task, None)
-
-    def end_from_outcome(self, task: Task, outcome: worker.Outcome) -> bool:
-        """End a task from its worker's outcome (any thread); ``False`` if it had ended, or
-        was claimed for a kill (the kill then decides how it ends)."""
+    def conclude_outcome(self, task: Task, outcome: worker.Outcome) -> bool:
+        """End a task from its worker's ``Outcome`` (see :meth:`conclude`)."""
         task.started_at, task.ended_at = outcome.started_at, outcome.ended_at
         if outcome.peak_rss_bytes is not None:
             task.peak_rss_bytes = max(task.peak_rss_bytes or 0, outcome.peak_rss_bytes)
-        if outcome.kind == "ok":
+        kind = outcome.kind
+        if kind is worker.OutcomeKind.OK:
             state, error = TaskState.DONE, None
-        elif outcome.kind == "cancelled":
+        elif kind is worker.OutcomeKind.CANCELLED:
             state, error = TaskState.CANCELLED, task.cancelled_error()
-        elif outcome.kind == "over_memory":
+        elif kind is worker.OutcomeKind.OVER_MEMORY:
             state, error = TaskState.OVER_MEMORY, MemoryLimitExceeded(
                 task.step, task.id, task.limits.effective_memory_mb, mib(task.peak_rss_bytes), outcome.pid,
                 killed=False)
@@ -286,61 +325,86 @@ class Manager(threading.Thread):
             state, error = TaskState.FAILED, StepFailed(
                 task.step, task.id, outcome.exc_type, outcome.exc_message, outcome.traceback_text,
                 outcome.exception)
-        if not task.end(state, error):
-            return False
-        self.metrics.task_finished(task)  # before resolving: a caller that got its result sees it counted
-        task.resolve(outcome.value)
-        return True
+        return self.conclude(task, state, error, outcome.value)
 
-    def finish(self, task: Task, state: TaskState, error: Optional[BaseException], by_kill: bool = False) -> None:
-        """End a running task from the manager (a kill, a crash, a transport failure)."""
-        if not task.end(state, error, by_kill):
-            log.error("task %s (%s) had already ended when it was to end %s", task.id, task.step, state.value)
-            return
-        if task.ended_at is None:
+    def conclude(self, task: Task, state: TaskState, error: Optional[BaseException] = None,
+                 result: Any = None, *, by_kill: bool = False) -> bool:
+        """End ``task`` in ``state``: the one place a task ends, from any path (its outcome,
+        a kill, a crash, a cancel, a skip, shutdown, a transport error, no worker).
+
+        In order: the state (under the task's lock; a task claimed for a kill ends only
+        ``by_kill``, and a task with a cancel request ends cancelled), its queue count,
+        metrics (before the future resolves: a caller who has its result sees it
+        counted), the backend's tables, the log, the workflow; the future is resolved at
+        the end of the manager's turn, once the freed workers have their next tasks: a
+        caller woken earlier would take the GIL while the manager waits to send them.
+
+        Returns:
+            whether this call ended the task (``False``: it had ended already).
+        """
+        left = task.end(state, error, by_kill)
+        if left is None:
+            return False
+        if left is TaskState.QUEUED:
+            self.left_queue(task)
+        elif task.ended_at is None:
             task.ended_at = self.clock()
         self.metrics.task_finished(task)
-        task.resolve()
-        self.task_ended(task, None)
-
-    def task_ended(self, task: Task, result: Any) -> None:
-        """The manager's share of a task's end: tables, log, workflow."""
+        self._ended.append((task, result))
         self._backends[task.lane].forget(task)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("task %s (%s) %s", task.public_id, task.step, task.state.value,
                       extra={"task_id": task.public_id, "step": task.step, "lane": task.lane.value, "pid": task.pid,
                              "reason": task.state.value})
         self._settle_workflow(task, result)
+        return True
+
+    def _resolve_ended(self) -> None:
+        ended, self._ended = self._ended, []
+        for task, result in ended:
+            self._guarded(task.resolve, result)  # its done-callbacks are the user's code
+
+    def _publish_end(self, task: Task, result: Any) -> None:
+        self.metrics.task_finished(task)
+        task.resolve(result)
+
+    def conclude_queued_cancel(self, task: Task) -> None:
+        """The end of a queued task that a user's thread just cancelled (any thread).
+
+        The one end not made on this thread: ``future.cancel()`` must leave the future
+        cancelled when it returns, as any ``Future`` does. The canceller's
+        ``Task.request_cancel`` made the transition; here it is counted and resolved as
+        :meth:`conclude` would, and this thread settles its workflow.
+        """
+        self.left_queue(task)
+        self._publish_end(task, None)
+        self.request_cancel(task)
 
     def _settle_workflow(self, task: Task, result: Any) -> None:
         if task.workflow is None:
             return
         for later in task.workflow.step_finished(task, result):
-            self._settle_unrun(later, TaskState.SKIPPED)
-
-    def _settle_unrun(self, task: Task, state: TaskState) -> None:
-        """End a queued task that will never run (failed or skipped), unless it was cancelled."""
-        try:
-            task.transition(state)
-        except InvalidTransition:
-            return  # cancelled meanwhile: it is settled already
-        self.left_queue(task)
-        self.metrics.task_finished(task)
-        task.resolve()
+            self.conclude(later, TaskState.SKIPPED, later.error)
 
     # ----------------------------------------------------------------- the end
 
     def _fail_everything(self, error: BaseException) -> None:
-        for queue in self._queues():
-            for task in queue:
-                if task.request_cancel(CancelRequest("shutdown", f"manager failed: {error}"))[1]:
-                    task.resolve()
+        self._resolve_ended()
+        broken = SupervisorBroken(f"the supervisor's manager thread failed: {error!r}")
         for backend in self._all:
-            backend.abort()
+            self._guarded(backend.abort)
+        tasks = [task for queue in self._queues() for task in queue]
+        tasks += [task for backend in self._all for task in backend.running_tasks()]
+        for task in tasks:
+            try:
+                if task.end(TaskState.FAILED, broken, by_kill=True) is not None:
+                    self._publish_end(task, None)
+            except Exception:
+                log.exception("could not fail task %s", task.id)
 
     def _close(self) -> None:
         for backend in self._all:
-            backend.close()
+            self._guarded(backend.close)
         self.selector.close()
         with self._wakeup_lock:
             os.close(self._wakeup_reader)

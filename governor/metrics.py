@@ -7,7 +7,8 @@ One recorder per supervisor holds every figure; both views are built from it at 
   the supervisor (``Supervisor.prometheus_text()``), so two supervisors in one process never
   mix their series.
 
-Recording happens on the manager thread, once per finished task: a handful of dict updates
+Recording happens once per finished task, on the manager thread or on the thread that
+cancels a queued task (see ``Manager.conclude_queued_cancel``): a handful of dict updates
 and one ``bisect`` per histogram under one short lock, never a syscall and never a
 prometheus_client call (those run only when someone scrapes). Histograms keep exact bucket
 counts, sum and count for Prometheus, plus the last :data:`RESERVOIR_SIZE` samples for the
@@ -118,7 +119,8 @@ def _float_label(value: float) -> str:
 
 
 class MetricsRecorder:
-    """Every figure of one supervisor. The manager thread records; any thread reads."""
+    """Every figure of one supervisor. Any thread may record or read: each record and each
+    read holds one short lock."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -127,12 +129,13 @@ class MetricsRecorder:
         self._spawns: Dict[str, int] = collections.Counter()
         self._kills: Dict[Tuple[str, str], int] = collections.Counter()
         self._recycles: Dict[Tuple[str, str], int] = collections.Counter()
+        self._redispatches: Dict[str, int] = collections.Counter()
         #: Set by the manager: lane name -> busy, idle, starting, spares_ready, worker_pids.
         #: Read live at snapshot time rather than published per task: gauges change with
         #: every task, and publishing them cost the manager time on every round trip.
         self.lane_gauges: Callable[[], Dict[str, Dict[str, Any]]] = dict
 
-    # ------------------------------------------------------------ recording (manager thread)
+    # ------------------------------------------------------------ recording (any thread, under the lock)
 
     def task_finished(self, task: Task) -> None:
         """Count a task's outcome and observe its timings (once, as it ends)."""
@@ -164,6 +167,11 @@ class MetricsRecorder:
         with self._lock:
             self._kills[(lane.value, reason)] += 1
 
+    def task_redispatched(self, lane: Lane) -> None:
+        """Count a task whose worker died before it took the task, sent to another worker."""
+        with self._lock:
+            self._redispatches[lane.value] += 1
+
     def worker_recycled(self, lane: Lane, reason: str) -> None:
         """Count a healthy worker replaced: ``reason`` is leak or max_tasks."""
         with self._lock:
@@ -192,6 +200,7 @@ class MetricsRecorder:
             for (name, lane, step), histogram in self._histograms.items():
                 timings.setdefault(lane, {}).setdefault(step, {})[name] = histogram.summary()
             spawns, kills, recycles = dict(self._spawns), _nest(self._kills), _nest(self._recycles)
+            redispatches = dict(self._redispatches)
         lanes = self.lane_gauges()
         memory = memory_figures(pid for state in lanes.values() for pid in state["worker_pids"])
         return {
@@ -206,6 +215,7 @@ class MetricsRecorder:
             "worker_spawns": spawns,
             "worker_kills": kills,
             "worker_recycles": recycles,
+            "redispatched": redispatches,
         }
 
 

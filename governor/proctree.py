@@ -9,7 +9,7 @@ on. (``/proc/PID/task/*/children`` would be cheaper but needs CONFIG_PROC_CHILDR
 not every kernel has.)
 
 Killing relies on the worker leading its own process group (``os.setsid()`` in
-:func:`governor.worker.initialize`): one ``killpg`` reaches every process the step started,
+:func:`governor.worker.serve`): one ``killpg`` reaches every process the step started,
 even after the worker is dead. Processes that left the group (a daemonising grandchild
 calls ``setsid`` too) are found by a descendant scan taken *before* the kill, while the
 parent links still exist.
@@ -47,8 +47,7 @@ MEMORY_SAMPLE_INTERVAL_S = 0.01
 #: child started since the last scan is missed for at most this long.
 DESCENDANT_SCAN_INTERVAL_S = 0.1
 
-#: How long to wait for a dead worker to become a zombie whose exit status can be read
-#: without reaping it (loky reaps its own workers; we must not take that from it).
+#: How long :func:`wait_dead` waits by default for a dying process to become a zombie.
 EXIT_STATUS_PATIENCE_S = 0.05
 
 
@@ -129,30 +128,6 @@ def _signal_group(pgid: int, signal_number: int) -> None:
         os.killpg(pgid, signal_number)
     except (ProcessLookupError, PermissionError):
         pass
-
-
-def exit_status(pid: int, patience_s: float = EXIT_STATUS_PATIENCE_S) -> Tuple[Optional[int], Optional[int]]:
-    """How a dying child ended, read without reaping it: ``(exitcode, signal)``.
-
-    Waits (up to ``patience_s``) for the child to become a zombie, so on return it is dead.
-    Returns ``(None, None)`` when the status cannot be read: loky reaped the process first
-    (it is dead too), or it is not our child. ``WNOWAIT`` leaves the zombie for loky to reap.
-    """
-    deadline = time.monotonic() + patience_s
-    while True:
-        try:
-            info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-        except ChildProcessError:
-            return None, None
-        if info is not None:
-            if info.si_code == os.CLD_EXITED:
-                return info.si_status, None
-            return None, info.si_status
-        if time.monotonic() >= deadline:
-            return None, None
-        # The worker closed its sockets (we saw EOF) but is not a zombie yet: exit_notify
-        # follows within microseconds.
-        time.sleep(0.001)
 
 
 def wait_dead(pid: int, patience_s: float = EXIT_STATUS_PATIENCE_S) -> bool:

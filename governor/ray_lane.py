@@ -1,4 +1,4 @@
-"""The pool lane on a Ray cluster: a lane backend (``governor.backend``), like ``governor.loky_lanes``.
+"""The pool lane on a Ray cluster: a lane backend (``governor.backend``), like ``governor.local_lanes``.
 
 With ``Supervisor(registry, backend="ray")`` the critical lane stays local and serial, and
 pool-lane steps run as Ray tasks (``governor.ray_worker.run``), at most ``workers`` at a
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import enum
 import hmac
 import itertools
 import json
@@ -96,6 +97,16 @@ def import_ray():
         raise BackendUnavailable(
             "the Ray backend needs Ray: pip install 'governor[ray]' (or pip install -e '.[ray]')") from exc
     return ray
+
+
+class RayTimer(enum.Enum):
+    """What a timer of the Ray lane is for (its entries' kind)."""
+
+    TIMEOUT = "timeout"  # the step ran past its timeout_s
+    GRACE = "grace"  # a cancelled step had its grace: kill it
+    FORCE = "force"  # the worker did not kill itself: ray.cancel(force=True)
+    UNSTARTED = "unstarted"  # a task cancelled before it started: have Ray drop it
+    REAP = "reap"  # look again whether a killed worker on this host is dead
 
 
 @attrs.frozen
@@ -394,7 +405,7 @@ class RayLane:
         run.ref = self._remote_for(task.step).remote(
             self._info, [self._steps_ref], task.id, task.step, task.args, task.kwargs,
             ray_worker.TaskLimits(limits.effective_memory_mb,
-                                  limits.effective_memory_mb if limits.memory_hard_cap else None))
+                                  limits.effective_memory_mb if limits.memory_hard_cap else None), task.chunk)
         run.future = run.ref.future()
         task.dispatched_at = self._clock()  # until the step starts: then from its start
         run.future.add_done_callback(lambda future: self._host.call_soon(self._on_done, run, future))
@@ -408,7 +419,7 @@ class RayLane:
 
     def _on_link(self, link: RayLink) -> None:
         self._links[link.connection.fileno()] = link
-        self._host.selector.register(link.connection, selectors.EVENT_READ, (self, link))
+        self._host.selector.register(link.connection, selectors.EVENT_READ, lambda: self.on_readable(link))
         # A worker says "running" right after its hello: read it now, before the inbox's
         # next message (a cancel of that very task) is handled.
         while not link.connection.closed and link.connection.poll(0):
@@ -448,7 +459,7 @@ class RayLane:
         task.pid, task.dispatched_at = link.pid, self._clock()
         self._publish()
         if task.limits.effective_timeout_s is not None:
-            self._timers.after(task.limits.effective_timeout_s, "timeout", task)
+            self._timers.after(task.limits.effective_timeout_s, RayTimer.TIMEOUT, task)
         if task.cancel_request is not None:
             self.cancel(task)  # cancelled between its dispatch and its start
 
@@ -476,10 +487,10 @@ class RayLane:
         pid = run.link.pid if run.link is not None else None
         if (pid is not None and run.link.node == socket.gethostname() and not wait_dead(pid, 0)
                 and self._clock() < run.kill_deadline):
-            self._timers.after(REAP_POLL_S, "reap", run.task)
+            self._timers.after(REAP_POLL_S, RayTimer.REAP, run.task)
             return
         self._forget_run(run)
-        self._host.finish(run.task, run.kill.state, run.kill.error, by_kill=True)
+        self._host.conclude(run.task, run.kill.state, run.kill.error, by_kill=True)
 
     def _forget_run(self, run: RayRun) -> None:
         del self._runs[run.task.id]
@@ -499,21 +510,20 @@ class RayLane:
         self._forget_run(run)
         if error is None:
             outcome = future.result()
-            if self._host.end_from_outcome(task, outcome):  # False only if it had ended already
-                self._host.task_ended(task, outcome.value)
+            self._host.conclude_outcome(task, outcome)
         elif isinstance(error, self._ray.exceptions.TaskCancelledError):
             # Only a cancel before the step started gets here (later ones go through a kill).
-            self._host.finish(task, TaskState.CANCELLED, task.cancelled_error(killed=run.link is not None))
+            self._host.conclude(task, TaskState.CANCELLED, task.cancelled_error(killed=run.link is not None))
         elif isinstance(error, self._ray.exceptions.RayTaskError):
             # The wrapper itself failed (the step table or a module would not load there).
             cause = error.as_instanceof_cause() if hasattr(error, "as_instanceof_cause") else error
-            self._host.finish(task, TaskState.FAILED, StepFailed(
+            self._host.conclude(task, TaskState.FAILED, StepFailed(
                 task.step, task.id, type(cause).__qualname__, str(error).splitlines()[-1], str(error)))
         else:
             crash = WorkerCrashed(task.step, task.id, task.pid, None, None)
             self._metrics.worker_killed(Lane.POOL, "crash")
             self._log_death(run, f"{crash} ({type(error).__name__})", "crash", None, None)
-            self._host.finish(task, TaskState.CRASHED, crash)
+            self._host.conclude(task, TaskState.CRASHED, crash)
             self._release_standby()
 
     def _never_started(self, run: RayRun, error: BaseException) -> bool:
@@ -550,7 +560,7 @@ class RayLane:
             # Not started as far as we know; but its "running" may be on its way (a new
             # worker's link is accepted on another thread). If it comes, _started cancels
             # it like any running step, tree kill included; if not, Ray drops it.
-            self._timers.after(UNSTARTED_CANCEL_AFTER_S, "unstarted", task)
+            self._timers.after(UNSTARTED_CANCEL_AFTER_S, RayTimer.UNSTARTED, task)
             return
         request = task.cancel_request
         grace = task.limits.effective_cancel_grace_s
@@ -558,32 +568,32 @@ class RayLane:
         if grace == 0:
             self._claim(run, "cancel", TaskState.CANCELLED, task.cancelled_error(killed=True), 0.0, None)
         else:
-            self._timers.after(grace, "grace", task)
+            self._timers.after(grace, RayTimer.GRACE, task)
 
     def on_time(self) -> None:
         for kind, task in self._timers.pop_due():
             self._fire(kind, task)
         self._timers.prune_if_stale(len(self._runs), lambda kind, task: task.state is TaskState.RUNNING)
 
-    def _fire(self, kind: str, task: Task) -> None:
+    def _fire(self, kind: "RayTimer", task: Task) -> None:
         run = self._runs.get(task.id)
         if run is None or run.task is not task:
             return  # it ended before its timer
-        if kind == "reap" and run.kill is not None:
+        if kind is RayTimer.REAP and run.kill is not None:
             self._end_killed(run)
-        elif kind == "force":
+        elif kind is RayTimer.FORCE:
             log.warning("Ray worker %s did not end task %s itself; ray.cancel(force=True)", task.pid, task.id)
             self._ray.cancel(run.ref, force=True)
-        elif kind == "unstarted" and run.link is None:
+        elif kind is RayTimer.UNSTARTED and run.link is None:
             self._ray.cancel(run.ref, force=True)  # still in Ray's queue: Ray drops it
         elif run.kill is not None:
             return
-        elif kind == "timeout":
+        elif kind is RayTimer.TIMEOUT:
             limit = task.limits.effective_timeout_s
             elapsed = self._clock() - task.dispatched_at
             self._claim(run, "timeout", TaskState.TIMED_OUT, StepTimeout(task.step, task.id, limit, elapsed, task.pid),
                         limit, elapsed)
-        elif kind == "grace":
+        elif kind is RayTimer.GRACE:
             self._claim(run, "cancel", TaskState.CANCELLED, task.cancelled_error(killed=True),
                         task.limits.effective_cancel_grace_s, None)
 
@@ -603,7 +613,7 @@ class RayLane:
         if send_kill and run.link is not None:
             self._send(run.link, ["kill", task.id])
         self._release_standby()  # now, so its worker is idle in Ray by the time this one is dead
-        self._timers.after(FORCE_CANCEL_AFTER_S, "force", task)
+        self._timers.after(FORCE_CANCEL_AFTER_S, RayTimer.FORCE, task)
 
     def _send(self, link: RayLink, message: list) -> None:
         try:

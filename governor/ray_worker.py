@@ -185,12 +185,13 @@ def _table(info: LinkInfo, steps: list) -> Dict[str, Any]:
 
 
 def run(info: LinkInfo, steps: list, task_id: int, step: str, args: tuple, kwargs: dict,
-        limits: TaskLimits) -> worker.Outcome:
+        limits: TaskLimits, chunk: bool = False) -> worker.Outcome:
     """The Ray task: run one step for the supervisor that ``info`` names.
 
     ``steps`` is a one-element list holding the ``ObjectRef`` of the supervisor's step
     table: inside a list, Ray passes the reference instead of fetching the table for
-    every task, and the table is fetched once per worker.
+    every task, and the table is fetched once per worker. ``chunk``: ``args`` holds one
+    argument tuple per call (``Supervisor.map``).
     """
     global _running_link
     table = _table(info, steps)
@@ -201,14 +202,14 @@ def run(info: LinkInfo, steps: list, task_id: int, step: str, args: tuple, kwarg
     sys.setswitchinterval(STEP_SWITCH_INTERVAL_S)
     watchdog = _Watchdog(link, task_id, limits.max_memory_mb) if limits.max_memory_mb else None
     try:
-        outcome = worker.run_step(table[step], task_id, step, args, kwargs, limits.hard_cap_mb)
+        outcome = worker.run_step(table[step], task_id, step, args, kwargs, limits.hard_cap_mb, chunk)
     finally:
         _running_link = None
         sys.setswitchinterval(switch_interval)
         if watchdog is not None:
             watchdog.stop()
     if watchdog is not None and watchdog.peak_bytes > (outcome.peak_rss_bytes or 0):
-        outcome = attrs.evolve(outcome, peak_rss_bytes=watchdog.peak_bytes)
+        outcome = outcome._replace(peak_rss_bytes=watchdog.peak_bytes)
     return outcome
 
 

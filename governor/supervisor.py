@@ -1,8 +1,8 @@
 """The public face of Governor: :class:`Supervisor` and its cancellation groups, :class:`Scope`.
 
 A ``Supervisor`` takes a snapshot of a step registry, classifies every step into the
-critical or the pool lane once, starts both lanes' workers (warm: spawned, step modules
-imported) and then only records intent: ``submit`` validates, numbers the task and puts it
+critical or the pool lane once, starts both lanes' workers (warm: forked from a template
+that imported every step module) and then only records intent: ``submit`` validates, numbers the task and puts it
 on the manager's inbox; the manager thread (``governor.manager``) does the rest.
 """
 
@@ -17,13 +17,13 @@ import threading
 import time
 import warnings
 import weakref
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence
 
 from governor import aio
 from governor import sandbox as sandboxing
-from governor.errors import InvalidParameters, QueueFull, SupervisorClosed, UnknownStep, WorkerStartFailed
+from governor.errors import InvalidParameters, QueueFull, SupervisorBroken, SupervisorClosed, UnknownStep, WorkerStartFailed
 from governor.limits import Lane, Limits
-from governor.loky_lanes import LokyConfig
+from governor.local_lanes import LocalConfig
 from governor.manager import Manager, ManagerConfig
 from governor.metrics import MetricsRecorder, prometheus_registry, prometheus_text
 from governor.steps.registry import REGISTRY, StepLookup
@@ -53,7 +53,8 @@ def default_workers() -> int:
     """Pool workers when none are given: ``2 x CPUs``, at least 4, at most 16.
 
     Steps in the pool lane are mostly I/O-bound (git, SQLite, sockets), so more workers
-    than cores pays; each idle worker costs about 10-15 MB of private memory.
+    than cores pays; a worker, forked from the warm template, costs a few MiB of private
+    memory.
     """
     return max(4, min(16, 2 * (os.cpu_count() or 1)))
 
@@ -166,7 +167,7 @@ class Supervisor(concurrent.futures.Executor):
         self._clock = clock
         local_workers = {Lane.CRITICAL: 1} if ray_config else {Lane.CRITICAL: 1, Lane.POOL: workers}
         self._config = ManagerConfig(
-            local=LokyConfig(
+            local=LocalConfig(
                 steps=specs, step_modules=sorted({spec.fn.__module__ for spec in specs.values()} - {"__main__"}),
                 workers=local_workers, spares=spares, max_tasks_per_worker=max_tasks_per_worker,
                 recycle_rss_mb=recycle_rss_mb),
@@ -247,7 +248,7 @@ class Supervisor(concurrent.futures.Executor):
             manager = self._manager
         if manager is None or not manager.is_alive():
             return
-        manager.post("shutdown", cancel_futures, cancel_running)
+        manager.request_shutdown(cancel_futures, cancel_running)
         if wait and threading.current_thread() is not manager and not in_done_callback():
             manager.join()
 
@@ -275,6 +276,7 @@ class Supervisor(concurrent.futures.Executor):
             InvalidParameters: the arguments do not fit the step's signature.
             QueueFull: the step's lane has ``queue_size`` tasks waiting.
             SupervisorClosed: shut down.
+            SupervisorBroken: its manager thread failed (a bug); nothing was queued.
         """
         return self.submit_call(Call(step, args, kwargs))
 
@@ -318,6 +320,51 @@ class Supervisor(concurrent.futures.Executor):
         tasks = [self._new_task(Call.of(item)) for item in calls]
         self._enqueue(tasks)
         return _gather([task.future for task in tasks], return_exceptions, timeout)
+
+    def map(self, step: Any, /, *iterables: Iterable[Any], timeout: Optional[float] = None,
+            chunksize: int = 1) -> Iterator[Any]:
+        """Run ``step`` on the items of ``iterables``, as ``concurrent.futures.Executor.map``.
+
+        Every call is submitted at once (checked first: nothing is submitted if one call
+        has bad parameters); the results come back in order.
+
+        Args:
+            step: a registered step (its name, or its function or class); its lane and
+                limits apply.
+            iterables: one per positional parameter, zipped as ``map`` does.
+            chunksize: calls per task. A chunk runs as one task, one call after another
+                in one worker: its limits (timeout, memory) apply to the whole chunk, and
+                a chunk whose step raises, or whose worker is killed, fails its own calls
+                and no other chunk's. Larger chunks cost far less per call for tiny steps.
+            timeout: seconds from this call for every result to be ready; past it,
+                iterating raises ``TimeoutError``.
+
+        Returns:
+            an iterator of the results in order. Iterating raises a failed call's error
+            at its place; the unfinished tasks are then cancelled, as they are when the
+            iterator is closed early.
+
+        Raises:
+            UnknownStep, InvalidParameters, QueueFull, SupervisorClosed, SupervisorBroken:
+                as :meth:`submit`, for the whole map.
+        """
+        _require_int("chunksize", chunksize, minimum=1)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        route = self._route(step)
+        step = route.spec.name
+        calls = list(zip(*iterables))
+        for args in calls:
+            self._check_arguments(step, route, args, {})
+        now = self._clock()
+        if chunksize == 1:
+            tasks = [Task(0, step, route.lane, args, {}, route.limits, now) for args in calls]
+        else:
+            tasks = [Task(0, step, route.lane, tuple(calls[start:start + chunksize]), {}, route.limits, now,
+                          chunk=True) for start in range(0, len(calls), chunksize)]
+        for task in tasks:
+            task.future = TaskFuture(task, self._cancel)
+        self._enqueue(tasks)
+        return _results_in_order([task.future for task in tasks], chunksize > 1, deadline)
 
     def workflow(self, calls: Iterable[Any]) -> WorkflowFuture:
         """Run steps one after another in the critical lane, whatever their class.
@@ -371,7 +418,7 @@ class Supervisor(concurrent.futures.Executor):
         if self._manager is None or not self._manager.is_alive():
             return []
         reply: concurrent.futures.Future = concurrent.futures.Future()
-        self._manager.post("describe", reply)
+        self._manager.request_describe(reply)
         return reply.result(timeout)
 
     def classify(self, step: Any) -> tuple:
@@ -409,11 +456,15 @@ class Supervisor(concurrent.futures.Executor):
             InvalidParameters: the arguments do not fit the step's signature.
         """
         route = self._route(call.step)
-        try:
-            route.signature.bind(*call.args, **call.kwargs)
-        except TypeError as exc:
-            raise InvalidParameters(f"bad parameters for step {route.spec.name!r}{route.signature}: {exc}") from None
+        self._check_arguments(route.spec.name, route, call.args, call.kwargs)
         return route
+
+    @staticmethod
+    def _check_arguments(step: str, route: _Route, args: tuple, kwargs: dict) -> None:
+        try:
+            route.signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise InvalidParameters(f"bad parameters for step {step!r}{route.signature}: {exc}") from None
 
     def describe_steps(self) -> List[Dict[str, Any]]:
         """One dict per step: name, lane, reason, limits (the effective ones), description, signature."""
@@ -457,6 +508,9 @@ class Supervisor(concurrent.futures.Executor):
         # Numbering and appending to the inbox under one lock fixes the submission order
         # across threads, which is the critical lane's execution order.
         with self._lock:
+            if self._manager is not None and self._manager.broken is not None:
+                raise SupervisorBroken(f"the supervisor is broken (its manager thread failed: "
+                                       f"{self._manager.broken!r}); start a new one") from self._manager.broken
             if not self._accepting:
                 raise SupervisorClosed("the supervisor was shut down: it takes no more work")
             wanted = {lane: sum(1 for task in tasks if task.lane is lane) for lane in self._queued}
@@ -467,7 +521,7 @@ class Supervisor(concurrent.futures.Executor):
                 self._queued[lane] += count
             for task in tasks:
                 task.id = next(self._ids)
-            self._manager.append("submit", tasks)
+            self._manager.enqueue(tasks)
         self._manager.wake()  # outside the lock: the manager's first act is to take it (_left_queue)
 
     def _left_queue(self, task: Task) -> None:
@@ -478,11 +532,9 @@ class Supervisor(concurrent.futures.Executor):
         """Cancel ``task`` (any thread): a queued one ends here, a running one is stopped by the manager."""
         accepted, cancelled_now = task.request_cancel(request)
         if cancelled_now:
-            self._left_queue(task)
-            self._metrics.task_finished(task)  # counted before it resolves, like every other end
-            task.resolve()
-        if accepted and self._manager is not None:
-            self._manager.post("cancel", task)
+            self._manager.conclude_queued_cancel(task)
+        elif accepted and self._manager is not None:
+            self._manager.request_cancel(task)
         return accepted
 
 
@@ -589,6 +641,22 @@ def _gather(futures: Sequence[concurrent.futures.Future], return_exceptions: boo
             raise first
         return [future.result() for future in futures]
     return [error if error is not None else future.result() for future, error in zip(futures, errors)]
+
+
+def _results_in_order(futures: List[TaskFuture], chunked: bool, deadline: Optional[float]) -> Iterator[Any]:
+    """``Supervisor.map``'s iterator (as the standard library's ``Executor.map``)."""
+    pending = futures[::-1]
+    try:
+        while pending:
+            future = pending.pop()
+            value = future.result(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            if chunked:
+                yield from value
+            else:
+                yield value
+    finally:
+        for future in pending:
+            future.cancel("the map's iterator was closed")
 
 
 def _cancel_error(future: concurrent.futures.Future) -> BaseException:

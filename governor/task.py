@@ -8,13 +8,12 @@
 
 Transitions happen under the task's lock through :meth:`Task.transition`, which raises
 :class:`~governor.errors.InvalidTransition` on a move the diagram does not allow; terminal
-states stay terminal. Three threads may move a task, each in one place:
+states stay terminal. Two threads move a task, each in one place:
 
 * the cancelling thread cancels a task that is still queued, so that ``future.cancel()``
   followed by ``future.cancelled()`` is ``True`` at once, as with any ``Future``;
-* the slot's loky thread ends a task whose outcome came back (:meth:`Task.end`), so the
-  caller gets its result without a hop through the manager;
-* the manager thread does the rest: dispatch, kills, crashes, skips.
+* the manager thread does the rest (dispatch, and every other end, through
+  ``Manager.conclude``).
 
 Races are settled by the lock, not by checking first: when the manager dispatches while a
 user cancels, whoever transitions first wins and the other catches ``InvalidTransition``;
@@ -147,6 +146,7 @@ class Task:
     future: "TaskFuture" = attrs.field(default=None)
     workflow: Optional["Workflow"] = None
     tag: Any = None
+    chunk: bool = False  # args is a list of argument tuples, one call each (Supervisor.map)
     state: TaskState = TaskState.QUEUED
     dispatched_at: Optional[float] = None
     started_at: Optional[float] = None
@@ -174,21 +174,27 @@ class Task:
             raise InvalidTransition(f"task {self.id} ({self.step}): {self.state.value} -> {new.value}")
         self.state = new
 
-    def end(self, state: TaskState, error: Optional[BaseException] = None, by_kill: bool = False) -> bool:
-        """End a running task in ``state``; return whether this call ended it.
+    def end(self, state: TaskState, error: Optional[BaseException] = None,
+            by_kill: bool = False) -> Optional[TaskState]:
+        """End a queued or running task in ``state``.
 
-        A task with a cancel request ends ``CANCELLED`` whatever came back: ``cancel()``
-        returned ``True`` to someone, and that promises no result. Once the manager has
-        claimed the task for a kill, only the kill (``by_kill``) may end it.
+        A running task with a cancel request ends ``CANCELLED`` whatever came back:
+        ``cancel()`` returned ``True`` to someone, and that promises no result. Once the
+        manager has claimed the task for a kill, only the kill (``by_kill``) may end it.
+
+        Returns:
+            the state the task left, or ``None`` if this call did not end it (it had
+            ended, or it is claimed for a kill).
         """
         with self._lock:
-            if self.state is not TaskState.RUNNING or (self.kill_claimed and not by_kill):
-                return False
+            left = self.state
+            if left.terminal or (self.kill_claimed and not by_kill):
+                return None
             if self.cancel_request is not None and state is not TaskState.CANCELLED:
                 state, error = TaskState.CANCELLED, self.cancelled_error()
             self._transition_locked(state)
             self.error = error
-            return True
+            return left
 
     def claim_for_kill(self) -> bool:
         """Reserve a running task's end for a kill; ``False`` if it has already ended."""
@@ -226,8 +232,8 @@ class Task:
     def resolve(self, result: Any = None) -> None:
         """Resolve the future from the (terminal) state; call without holding the lock.
 
-        The future's done-callbacks run here, on this thread (a loky thread, the manager
-        or a canceller); :func:`in_done_callback` tells code they call that it runs there.
+        The future's done-callbacks run here, on this thread (the manager, or the thread
+        that cancelled a queued task); :func:`in_done_callback` tells code they call that it runs there.
         """
         _resolving.depth = getattr(_resolving, "depth", 0) + 1
         try:

@@ -1,46 +1,47 @@
-"""Code that runs inside a worker process (one loky worker per slot).
+"""Code that runs inside a worker process, forked from the lanes' warm template.
 
-Data flow inside one worker::
+Life of one worker (see ``governor.template`` for where it comes from)::
 
-    loky call queue ──> run_task(task_id, step, args, kwargs, hard_cap_mb) ──> Outcome ──> loky result queue
-    control socket  <── ("hello", slot_id, pid)          (once, from initialize)
-    control socket  ──> ("cancel", task_id, reason, detail) ──> control thread ──> StepContext flag
+    template ── os.fork() ──> serve(slot_id, lane, address)
+        os.setsid()                                  lead a process group
+        task socket    ──> ("task", slot_id, pid)    connect to the supervisor, twice
+        control socket ──> ("control", slot_id, pid)
+        [per-worker setup hook]                      see serve()
+        loop: task socket ──> Assignment ──> run_step ──> Outcome ──> task socket
+    control socket ──> ("cancel", task_id, reason, detail) ──> control thread ──> StepContext flag
 
-The control socket is a Unix-socket connection *to* the supervisor, made by
-:func:`initialize`. It does three jobs: it tells the supervisor the worker's pid, it
-carries cooperative cancels, and it is a lifeline both ways. When the worker dies, the
-supervisor reads EOF at once (no polling, no waiting for loky to notice); when the
-supervisor dies, the worker's control thread reads EOF and kills its own process group, so
-no step outlives the supervisor.
+The *task socket* carries one task down and its outcome up, one task at a time; the
+supervisor's manager thread reads it with its selector, so no thread of ours stands
+between a task and its worker. The *control socket* is read by a thread of the worker
+while a step runs: it carries cooperative cancels, and it is the worker's lifeline: on
+its EOF (the supervisor is gone, or retired this worker) the worker kills its own
+process group, so no step outlives the supervisor.
 
-The worker calls ``os.setsid()`` first: it leads its own process group, which every
-process a step starts inherits, so the supervisor can kill the whole tree with one
-``killpg`` even after the worker itself is gone.
+The worker leads its own process group (``os.setsid()``), which every process a step
+starts inherits, so the supervisor can kill the whole tree with one ``killpg`` even after
+the worker itself is gone. A step that forks and returns in the child never makes that
+child a second worker: the child closes the worker's sockets at fork
+(``os.register_at_fork``) and exits when its step returns.
 """
 
 from __future__ import annotations
 
-import gc
-import importlib
+import enum
+import mmap
 import os
+import pickle
 import resource
 import signal
+import struct
+import sys
 import threading
 import time
-import pickle
 import traceback
 from multiprocessing.connection import Client, Connection
-from typing import Any, Dict, Optional, Sequence
-
-import attrs
+from typing import Any, Dict, List, NamedTuple, Optional
 
 from governor import context as _context
 from governor.errors import StepCancelled
-
-#: Environment for loky workers. loky recycles a worker whose memory grew by 300 MB, which
-#: would swap the process under a slot without the supervisor's knowledge; the supervisor
-#: recycles workers itself (``recycle_rss_mb``), so loky's check is switched off here.
-WORKER_ENV = {"LOKY_MAX_MEMORY_LEAK_SIZE": str(2 ** 62)}
 
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
@@ -49,23 +50,57 @@ _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 #: task that does not allocate pays ~2 us for its memory figures instead of ~25 us.
 PEAK_RESET_SLACK_BYTES = 1 << 20
 
+#: Bytes of the seats file per worker: the id of the task the worker has taken (see
+#: :class:`Seat`).
+SEAT_BYTES = 8
+
 _steps: Dict[str, Any] = {}
-_control: Optional[Connection] = None
 _statm_fd: Optional[int] = None
 _lock = threading.Lock()
 # Cancels that arrived before their task started (the cancel and the dispatch crossed).
 _early_cancels: Dict[int, tuple] = {}
+# The pid of this process while it is a worker; a process forked by a step differs.
+_worker_pid: Optional[int] = None
+# The modules the template had imported when it forked this worker.
+_preloaded: frozenset = frozenset()
 
 
-@attrs.frozen
-class Outcome:
+class OutcomeKind(enum.Enum):
+    """How a step ended, as its worker saw it."""
+
+    OK = "ok"
+    ERROR = "error"  # the step raised
+    CANCELLED = "cancelled"  # the step stopped on its context's cancel
+    OVER_MEMORY = "over_memory"  # the hard cap refused an allocation
+
+
+class Assignment(NamedTuple):
+    """One task for a worker, as it travels the task socket. (A named tuple rather than an
+    attrs class, here and in :class:`Outcome`: one pickles and unpickles in a fraction of
+    the time, and both cross a socket for every task.)
+
+    Attributes:
+        task_id, step, args, kwargs: what to run.
+        hard_cap_mb: cap the worker's address space for the task (``Limits.memory_hard_cap``).
+        chunk: ``args`` is a list of argument tuples (``Supervisor.map``): the step runs
+            once for each, in order, and the value is the list of their results.
+    """
+
+    task_id: int
+    step: str
+    args: tuple
+    kwargs: dict
+    hard_cap_mb: Optional[float] = None
+    chunk: bool = False
+
+
+class Outcome(NamedTuple):
     """What a worker sends back for one task.
 
     Attributes:
-        kind: ``"ok"``, ``"error"``, ``"cancelled"`` (the step stopped on its context's
-            cancel) or ``"over_memory"`` (the hard cap refused an allocation).
-        value: the step's return value for ``"ok"``.
-        exc_type, exc_message, traceback_text: the step's exception for ``"error"``.
+        kind: how the step ended.
+        value: the step's return value for ``OK``.
+        exc_type, exc_message, traceback_text: the step's exception otherwise.
         exception: the exception itself when it pickles, else ``None``.
         started_at, ended_at: ``time.monotonic()`` in the worker around the step.
         pid: the worker's pid.
@@ -73,7 +108,7 @@ class Outcome:
         rss_bytes: the worker's RSS after the step, for leak recycling.
     """
 
-    kind: str
+    kind: OutcomeKind
     started_at: float
     ended_at: float
     pid: int
@@ -86,29 +121,107 @@ class Outcome:
     rss_bytes: Optional[int] = None
 
 
-def initialize(slot_id: int, control_address: str, steps: Dict[str, Any], modules: Sequence[str]) -> None:
-    """loky initializer: lead a process group, connect to the supervisor, import step modules."""
-    global _control
-    os.setsid()
+class Seat:
+    """A worker's 8 bytes in a file both it and the supervisor map: the id of the task it
+    last took off its socket, written before the step starts.
+
+    When a worker dies with a task assigned, this alone says whether the step had
+    started: a task its worker never took goes to another worker instead of failing
+    (an idle worker killed from outside just as a task was sent to it). One store per
+    task, no message, no syscall.
+    """
+
+    def __init__(self, path: str, index: int):
+        with open(path, "r+b") as file:
+            self._map = mmap.mmap(file.fileno(), 0)
+        self._offset = index * SEAT_BYTES
+
+    def write(self, task_id: int) -> None:
+        struct.pack_into("q", self._map, self._offset, task_id)
+
+    def read(self) -> int:
+        return struct.unpack_from("q", self._map, self._offset)[0]
+
+    def close(self) -> None:
+        self._map.close()
+
+
+def install_steps(steps: Dict[str, Any]) -> None:
+    """Give this process the step table (the template, before it forks any worker)."""
     _steps.update(steps)
-    _control = Client(control_address, family="AF_UNIX")
-    _control.send(("hello", slot_id, os.getpid()))
-    threading.Thread(target=_control_loop, args=(_control,), name="governor-control", daemon=True).start()
-    for module in modules:
-        importlib.import_module(module)
 
 
-def warm_up() -> int:
-    """First call on a new worker: pays loky's first-call GC and returns the pid."""
-    gc.collect()
-    _rss_figures()  # start the first task's peak from here, not from the imports
-    return os.getpid()
+def seal_preload() -> None:
+    """Record what the template has imported: every worker shares these modules."""
+    global _preloaded
+    _preloaded = frozenset(sys.modules)
+
+
+def imported_since_fork() -> List[str]:
+    """Modules this worker imported that its template had not: each is private memory
+    in every worker that imports it (import them at the top of the step's module)."""
+    return sorted(set(sys.modules) - _preloaded)
+
+
+def serve(slot_id: int, lane: str, address: str, seats_path: str, seat_index: int) -> None:
+    """A worker's life, in a process just forked from the template; never returns."""
+    global _worker_pid, _statm_fd
+    os.setsid()
+    _worker_pid = os.getpid()
+    if _statm_fd is not None:  # the template's own /proc/self/statm, opened at its warm-up
+        os.close(_statm_fd)
+        _statm_fd = None
+    tasks = _connect(address, "task", slot_id)
+    control = _connect(address, "control", slot_id)
+    os.register_at_fork(after_in_child=lambda: _forked_by_a_step(tasks, control))
+    threading.Thread(target=_control_loop, args=(control,), name="governor-control", daemon=True).start()
+    seat = Seat(seats_path, seat_index)
+    # Per-worker setup hook: here, after the fork and before the first step, knowing the
+    # worker's ``lane``. The pool lane's sandbox (Landlock) belongs here, never in the
+    # template, which forks the critical lane's workers too.
+    _rss_figures()  # start the first task's peak from here
+    while True:
+        try:
+            assignment = pickle.loads(tasks.recv_bytes())
+        except (EOFError, OSError):
+            os._exit(0)  # the supervisor retired this worker, or is gone
+        seat.write(assignment.task_id)
+        # Step hook: state hygiene (restore cwd, environment, rlimits after the step;
+        # report a worker it cannot clean so the supervisor recycles it) wraps this call.
+        outcome = run_step(_steps[assignment.step], assignment.task_id, assignment.step, assignment.args,
+                           assignment.kwargs, assignment.hard_cap_mb, assignment.chunk)
+        if os.getpid() != _worker_pid:
+            os._exit(0)  # a child the step forked returned from it: it is no worker
+        tasks.send_bytes(_dump_outcome(outcome))
+
+
+def _connect(address: str, channel: str, slot_id: int) -> Connection:
+    connection = Client(address, family="AF_UNIX")
+    connection.send_bytes(pickle.dumps((channel, slot_id, os.getpid())))
+    return connection
+
+
+def _forked_by_a_step(*connections: Connection) -> None:
+    # In a process a step forked: the worker's sockets are not its to hold (they would
+    # keep the worker's EOF from the supervisor after the worker dies).
+    for connection in connections:
+        connection.close()
+
+
+def _dump_outcome(outcome: Outcome) -> bytes:
+    try:
+        return pickle.dumps(outcome, pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:  # the step's value (or its exception) does not pickle
+        return pickle.dumps(outcome._replace(
+            kind=OutcomeKind.ERROR, value=None, exception=None, exc_type=_qualified_name(type(exc)),
+            exc_message=f"its result could not be sent back from the worker: {exc}",
+            traceback_text="".join(traceback.format_exception(exc))), pickle.HIGHEST_PROTOCOL)
 
 
 def _control_loop(connection: Connection) -> None:
     while True:
         try:
-            kind, task_id, reason, detail = connection.recv()
+            kind, task_id, reason, detail = pickle.loads(connection.recv_bytes())
         except (EOFError, OSError):
             # The supervisor is gone: take every process of this worker's group with us.
             os.killpg(0, signal.SIGKILL)
@@ -128,14 +241,13 @@ def deliver_cancel(task_id: int, reason: str, detail: Optional[str]) -> None:
             _early_cancels[task_id] = (reason, detail)
 
 
-def run_task(task_id: int, step: str, args: tuple, kwargs: dict, hard_cap_mb: Optional[float]) -> Outcome:
-    """Run one registered step and describe how it ended; never raises for the step's own errors."""
-    return run_step(_steps[step], task_id, step, args, kwargs, hard_cap_mb)
-
-
 def run_step(spec: Any, task_id: int, step: str, args: tuple, kwargs: dict,
-             hard_cap_mb: Optional[float]) -> Outcome:
-    """Run ``spec`` (a step's spec) as task ``task_id``: context, hard cap, memory figures."""
+             hard_cap_mb: Optional[float], chunk: bool = False) -> Outcome:
+    """Run ``spec`` (a step's spec) as task ``task_id``: context, hard cap, memory figures.
+
+    Never raises for the step's own errors: they are the outcome. With ``chunk``, ``args``
+    holds one argument tuple per call and the value is the list of results.
+    """
     ctx = _context.StepContext(task_id, step)
     with _lock:
         early = _early_cancels.pop(task_id, None)
@@ -145,16 +257,16 @@ def run_step(spec: Any, task_id: int, step: str, args: tuple, kwargs: dict,
     restore_cap = _apply_hard_cap(hard_cap_mb) if hard_cap_mb else None
     started = time.monotonic()
     try:
-        value = spec.invoke(args, kwargs)
-        kind, error = "ok", None
+        value = [spec.invoke(item, kwargs) for item in args] if chunk else spec.invoke(args, kwargs)
+        kind, error = OutcomeKind.OK, None
     except BaseException as exc:  # the step's failure is data; SystemExit included
         value = None
         if ctx.cancelled and isinstance(exc, StepCancelled):
-            kind = "cancelled"
+            kind = OutcomeKind.CANCELLED
         elif restore_cap is not None and isinstance(exc, MemoryError):
-            kind = "over_memory"
+            kind = OutcomeKind.OVER_MEMORY
         else:
-            kind = "error"
+            kind = OutcomeKind.ERROR
         error = exc
     ended = time.monotonic()
     if restore_cap is not None:
@@ -163,7 +275,7 @@ def run_step(spec: Any, task_id: int, step: str, args: tuple, kwargs: dict,
         _context._set_current(None)
     peak, rss = _rss_figures()
     if error is None:
-        return Outcome("ok", started, ended, os.getpid(), value=value, peak_rss_bytes=peak, rss_bytes=rss)
+        return Outcome(kind, started, ended, os.getpid(), value=value, peak_rss_bytes=peak, rss_bytes=rss)
     return Outcome(kind, started, ended, os.getpid(),
                    exc_type=_qualified_name(type(error)), exc_message=str(error),
                    traceback_text="".join(traceback.format_exception(error)),

@@ -265,3 +265,50 @@ def _first_reader_dies(marker: str) -> str:
         announce(marker, os.getpid())
         os._exit(1)
     return marker
+
+
+@registry.step(critical=False)
+def imported_since_fork():
+    """The modules this worker imported that its template had not."""
+    from governor import worker
+
+    return worker.imported_since_fork()
+
+
+@registry.step(critical=False)
+def import_lazily():
+    """Import a module the template never imported (a step that should not)."""
+    import xml.dom.minidom  # noqa: F401
+
+
+@registry.step(critical=False)
+def fork_and_return():
+    """Fork, and return from the step in both processes: the child must not serve as a worker."""
+    os.fork()
+    return os.getpid()
+
+
+@registry.step(critical=False)
+def die_leaving_a_socket_holder(marker: str):
+    """Start ``sleep 1000`` holding every file this worker has open (its sockets too),
+    publish its pid, then die: the worker's sockets stay open in the survivor."""
+    fds = [int(fd) for fd in os.listdir("/proc/self/fd") if int(fd) > 2]
+    child = subprocess.Popen(["sleep", "1000"], pass_fds=[fd for fd in fds if _is_open(fd)])
+    announce(marker, child.pid)
+    os._exit(3)
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+@registry.step(critical=False, limits=Limits(timeout_s=0.5))
+def hang_on(value: int, bad: int):
+    """Return ``value``, or spin forever when it is ``bad`` (a map item that times out)."""
+    while value == bad:
+        pass
+    return value

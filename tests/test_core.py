@@ -222,3 +222,36 @@ def test_leaving_the_block_on_an_exception_cancels_endless_work(tmp_path):
             raise RuntimeError("the caller failed")
     assert endless.cancelled()
     assert not live_children()
+
+
+@pytest.mark.parametrize("chunksize", [1, 3])
+def test_map_returns_results_in_order(supervisor, chunksize):
+    tags = [tag for tag, *_ in supervisor.map("timed_sleep", [3, 1, 2, 0, 1, 2, 0], "abcdefg", chunksize=chunksize)]
+    assert tags == list("abcdefg")
+    results = list(supervisor.map("echo", range(50), chunksize=chunksize))
+    assert results == list(range(50))
+
+
+def test_map_checks_every_call_before_it_submits_any(supervisor):
+    with pytest.raises(InvalidParameters):
+        supervisor.map("echo", [1, 2], [3, 4])  # echo takes one value
+    with pytest.raises(UnknownStep):
+        supervisor.map("ecco", [1])
+    assert supervisor.metrics()["tasks"] == {}
+
+
+def test_map_raises_a_failed_call_at_its_place(supervisor):
+    results = supervisor.map("boom", ["first", "second"])
+    with pytest.raises(StepFailed, match="first"):
+        next(results)
+
+
+def test_a_chunk_killed_by_its_timeout_fails_its_own_calls_only(supervisor):
+    results = supervisor.map("hang_on", range(6), [3] * 6, chunksize=2, timeout=60)
+    assert [next(results), next(results)] == [0, 1]
+    with pytest.raises(TimeoutError) as timed_out:
+        next(results)
+    assert isinstance(timed_out.value, StepTimeout), "the chunk of 2 and 3 hit the step's timeout"
+    outcomes = supervisor.metrics()["tasks"]["pool"]["hang_on"]
+    assert outcomes["timeout"] == 1, "one chunk killed"
+    assert outcomes.get("ok", 0) >= 1 and "crashed" not in outcomes

@@ -5,13 +5,21 @@ files the steps write (cross-process events), never from sleeps.
 """
 
 import concurrent.futures
+import logging
+import os
+import random
+import shutil
 import signal
+import sys
+import time
 
 import pytest
 
 from conftest import BACKENDS, alive, wait_until
-from governor import (Call, Limits, MemoryLimitExceeded, StepCancelled, StepTimeout, TaskState,
-                      WorkerCrashed, WorkerStartFailed)
+from governor import (Call, Limits, MemoryLimitExceeded, StepCancelled, StepFailed, StepTimeout, Supervisor,
+                      TaskState, WorkerCrashed, WorkerStartFailed)
+from governor.local_lanes import WORKER_START_TIMEOUT_S
+from governor.steps import StepRegistry
 from step_library import wait_for_path
 
 # Every test with a supervisor runs on both backends of the pool lane, with the same
@@ -244,13 +252,20 @@ def test_critical_lane_recovers_in_order_after_a_timeout(supervisor):
 @pytest.mark.parametrize("backend", ["loky"])  # Ray keeps its own worker pool: no spares
 def test_a_warm_spare_takes_over_after_a_kill(make_supervisor, tmp_path):
     sup = make_supervisor(workers=1, spares=1)
+    warm = {w["pid"] for w in sup.describe_workers() if w["lane"] == "pool"}
+    assert len(warm) == 2, "the pool worker and its spare are warm after start"
     marker = tmp_path / "pid"
     doomed = sup.submit_call(with_limits("busy_loop", str(marker), timeout_s=0.3))
+    # Submitted from the kill's done-callback, on the manager's turn that saw the death:
+    # its replacement cannot be up before the next turn dispatches this task.
+    following = []
+    doomed.add_done_callback(lambda _: following.append(sup.submit("pid")))
     killed_pid = read_pid(marker)
     with pytest.raises(StepTimeout):
         doomed.result(timeout=30)
-    survivor = sup.submit("pid").result(timeout=30)
-    assert survivor != killed_pid
+    assert wait_until(lambda: following, timeout=30)
+    survivor = following[0].result(timeout=30)
+    assert survivor in warm - {killed_pid}, "the spare, warm before the kill, ran the next task"
 
 
 @pytest.mark.parametrize("backend", ["loky"])  # recycling is the local lanes'
@@ -321,3 +336,127 @@ def test_a_failing_dispatch_hook_fails_the_task_without_running_it(make_supervis
         future.result(timeout=30)
     assert not (tmp_path / "ran").exists()
     assert sup.submit("echo", 2).result(timeout=30) == 2
+
+
+# ----------------------------------------------------------------- the local fast path
+
+@pytest.mark.parametrize("backend", ["loky"])  # the template is the local lanes'
+def test_a_task_imports_nothing_its_template_had_not(make_supervisor):
+    sup = make_supervisor(workers=1, spares=0)
+    assert sup.submit("imported_since_fork").result(timeout=30) == [], "the first task found all preloaded"
+    sup.submit("echo", 1).result(timeout=30)
+    with pytest.raises(StepFailed):
+        sup.submit("boom").result(timeout=30)
+    sup.submit_call(Call("echo", (2,), limits=Limits(max_memory_mb=500, memory_hard_cap=True))).result(timeout=30)
+    assert sup.submit("imported_since_fork").result(timeout=30) == [], "a result, an error, a hard cap"
+    sup.submit("import_lazily").result(timeout=30)
+    assert "xml.dom.minidom" in sup.submit("imported_since_fork").result(timeout=30), "the check can see one"
+
+
+def test_a_step_module_that_will_not_import_fails_the_start(tmp_path, monkeypatch, caplog):
+    module = tmp_path / "vanishing_steps.py"
+    module.write_text("def hello():\n    return 'hi'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import vanishing_steps
+
+    registry = StepRegistry()
+    registry.register(vanishing_steps.hello, critical=False)
+    module.write_text("raise ImportError('this module breaks in a fresh interpreter')\n")
+    shutil.rmtree(tmp_path / "__pycache__", ignore_errors=True)
+    with pytest.raises(WorkerStartFailed, match="this module breaks in a fresh interpreter"):
+        Supervisor(registry, workers=1).start()
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR], "released cleanly"
+    monkeypatch.delitem(sys.modules, "vanishing_steps")
+
+
+@pytest.mark.parametrize("backend", ["loky"])  # a Ray worker is Ray's process
+def test_a_step_that_forks_and_returns_in_the_child_leaves_one_worker(make_supervisor):
+    sup = make_supervisor(workers=1, spares=0)
+    worker = sup.submit("pid").result(timeout=30)
+    assert sup.submit("fork_and_return").result(timeout=30) == worker
+    assert {sup.submit("pid").result(timeout=30) for _ in range(20)} == {worker}, "no second worker took tasks"
+
+
+@pytest.mark.parametrize("backend", ["loky"])  # pidfds are the local lanes'
+def test_a_dead_worker_whose_socket_lives_on_in_a_child_is_seen_dead(make_supervisor, tmp_path):
+    sup = make_supervisor(workers=1)
+    marker = tmp_path / "holder"
+    future = sup.submit("die_leaving_a_socket_holder", str(marker))
+    with pytest.raises(WorkerCrashed) as crashed:
+        future.result(timeout=30)
+    assert crashed.value.exitcode == 3
+    assert wait_until(lambda: not alive(read_pid(marker)), timeout=5), "the dead worker's group was killed"
+    assert sup.submit("echo", 1).result(timeout=30) == 1
+
+
+@pytest.mark.parametrize("backend", ["loky"])  # seats are the local lanes'
+def test_tasks_sent_to_an_idle_worker_killed_from_outside_run_elsewhere(make_supervisor):
+    sup = make_supervisor(workers=1, spares=0)
+    for n in range(10):
+        victim = sup.submit("pid").result(timeout=30)
+        os.kill(victim, signal.SIGKILL)  # the OOM killer, an operator: nobody told the supervisor
+        assert sup.run_batch([("echo", {"value": n})] * 3, timeout=30) == [n] * 3, "no innocent task failed"
+
+
+def test_a_timeout_of_25_days_is_a_timeout_like_any_other(make_supervisor):
+    offset = [0.0]
+    sup = make_supervisor(workers=1, clock=lambda: time.monotonic() + offset[0])
+    offset[0] = WORKER_START_TIMEOUT_S + 1  # past the deadlines set at start: the 25 days come next
+    long = Limits(timeout_s=25 * 86400)
+    assert sup.submit_call(Call("timed_sleep", (50,), limits=long)).result(timeout=30)[0] == ""
+    assert sup.submit("echo", 1).result(timeout=30) == 1, "the manager thread lives on"
+
+
+@pytest.mark.parametrize("backend", ["loky"])  # outside kills of local workers
+def test_chaos_fails_no_innocent_task_and_hangs_none(make_supervisor, tmp_path):
+    """Random outside kills, cancels, timeouts and crashes among a few hundred tasks: every
+    task ends, and each failure is its own (its limit, its crash, its cancel) or an outside
+    kill of the very worker that ran it."""
+    sup = make_supervisor(workers=4, spares=1)
+    rng = random.Random(12)
+    killed = set()
+    submitted = []
+    for n in range(300):
+        roll = rng.random()
+        if roll < 0.04:
+            submitted.append(("timeout", sup.submit_call(with_limits("busy_loop", timeout_s=0.05))))
+        elif roll < 0.08:
+            submitted.append(("crash", sup.submit("die", 3)))
+        elif roll < 0.14:
+            future = sup.submit("timed_sleep", 20)
+            future.cancel()
+            submitted.append(("cancel", future))
+        else:
+            submitted.append(("ok", sup.submit("echo", n)))
+        started = [w["pid"] for w in sup.describe_workers() if w["pid"] is not None]
+        if rng.random() < 0.05 and started:  # (every worker may be a replacement still starting)
+            victim = rng.choice(started)
+            killed.add(victim)
+            try:
+                os.kill(victim, signal.SIGKILL)
+            except ProcessLookupError:
+                pass  # it died meanwhile (a task's own crash or kill)
+    futures = [future for _, future in submitted]
+    _, hanging = concurrent.futures.wait(futures, timeout=60)
+    assert not hanging, f"{len(hanging)} tasks never ended"
+    expected = {"ok": type(None), "timeout": StepTimeout, "crash": WorkerCrashed, "cancel": StepCancelled}
+    innocent = []
+    for kind, future in submitted:
+        error = _error_of(future)
+        if isinstance(error, expected[kind]) or (isinstance(error, WorkerCrashed) and error.pid in killed):
+            continue
+        innocent.append((kind, future.step, error))
+    assert not innocent, f"{len(innocent)} innocent failures: {innocent[:5]}"
+    meeting = tmp_path / "meeting"
+    meeting.mkdir()
+    names = sup.run_batch([("meet", {"directory": str(meeting), "name": f"w{n}", "expected": 4})
+                           for n in range(4)], timeout=60)
+    assert names == [f"w{n}" for n in range(4)], "full capacity after the chaos"
+
+
+def _error_of(future):
+    try:
+        future.result(timeout=0)
+    except BaseException as error:  # noqa: B902 - the error is the datum
+        return error
+    return None

@@ -17,7 +17,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import time
-from typing import Any, Dict, List, Sequence, Type
+from typing import Any, Dict, List, Optional, Sequence, Type
 
 from governor.bench.core import ScenarioContext, ScenarioResult, scenario
 from governor.bench.peers import PEERS, Peer
@@ -27,8 +27,13 @@ from governor.bench.stats import Summary, Throughput, ratio, to_ms
 #: to settle each pool's threads and caches after the warm-up's sleeps.
 ROUNDTRIP_WARMUP_PER_UNIT = 25
 
-#: The issue's target: our no-op round-trip p50 at most this many times raw loky's.
-ROUNDTRIP_RATIO_TARGET = 1.5
+#: Issue 12's bars, each as "ours against a peer's, at most 1x": the round-trip p50 at
+#: most pebble's; pebble's throughput at most ours; mp.Pool's throughput at most ours
+#: with ``map(chunksize=MAP_CHUNKSIZE)``.
+RATIO_TARGET = 1.0
+
+#: Calls per task in the ``map`` throughput run.
+MAP_CHUNKSIZE = 100
 
 OURS = "governor"
 
@@ -135,19 +140,60 @@ def put_ratios(result: ScenarioResult, figure: str, summaries: Dict[str, Summary
                    f"{figure} {percentile}, {ours} / {theirs}", "x")
 
 
+def _map_throughput(peer: Peer, tasks: int) -> Throughput:
+    """``tasks`` no-op calls through ``Supervisor.map`` (ours) or ``multiprocessing.Pool.map``."""
+    start = time.perf_counter()
+    if peer.name == OURS:
+        results = list(peer.supervisor.map("echo", range(tasks), chunksize=MAP_CHUNKSIZE))
+    else:
+        results = peer.pool.map(peer._functions["echo"], range(tasks), chunksize=MAP_CHUNKSIZE)
+    seconds = time.perf_counter() - start
+    if len(results) != tasks:
+        raise RuntimeError(f"map on {peer.name} returned {len(results)} of {tasks} results")
+    return Throughput(tasks, seconds)
+
+
+def measure_map(peers: List[Peer], ctx: ScenarioContext, result: ScenarioResult) -> Dict[str, Throughput]:
+    """Throughput of ``map(chunksize=MAP_CHUNKSIZE)`` on ours and on ``mp.Pool`` (median run)."""
+    mappers = [peer for peer in peers if peer.name in (OURS, "mp-pool")]
+    runs: Dict[str, List[Throughput]] = {peer.name: [] for peer in mappers}
+    ctx.progress(f"map throughput: {ctx.size.throughput_tasks} calls, chunksize {MAP_CHUNKSIZE}")
+    for repeat in range(ctx.size.throughput_repeats):
+        for peer in rotated(mappers, repeat):
+            runs[peer.name].append(_map_throughput(peer, ctx.size.throughput_tasks))
+    medians = {name: sorted(found, key=lambda run: run.per_s)[len(found) // 2] for name, found in runs.items()}
+    for name, median in medians.items():
+        result.put(f"peers.{name}.map_throughput", median, f"{name}: map(chunksize={MAP_CHUNKSIZE}) throughput")
+    return medians
+
+
+def _peer_over_ours(result: ScenarioResult, name: str, figure: str) -> Optional[float]:
+    """A peer's throughput over ours (at most 1: ours is at least as fast), or ``None``."""
+    peers = result.figures.get("peers", {})
+    theirs, ours = peers.get(name, {}).get(figure), peers.get(OURS, {}).get(figure)
+    return None if theirs is None or ours is None else theirs["per_s"] / ours["per_s"]
+
+
 @scenario("overhead")
 def overhead(ctx: ScenarioContext) -> ScenarioResult:
-    """No-op round trip and throughput: Supervisor vs raw loky, stdlib ProcessPoolExecutor, pebble."""
+    """No-op round trip and throughput: Supervisor vs mp.Pool, stdlib, pebble and raw loky."""
     size, result = ctx.size, ScenarioResult()
     with contextlib.ExitStack() as stack:
         peers = start_peers(stack, PEERS, size.peer_workers, ctx, result)
         measure_noops(peers, OURS, "No-op round trip by peer", ctx, result)
+        mapped = measure_map(peers, ctx, result)
         ctx.progress("shutting the peers down")
-    loky_ratio = result.figures.get("ratios", {}).get("loky", {}).get("roundtrip_p50")
-    result.target(f"round-trip p50 <= {ROUNDTRIP_RATIO_TARGET:g}x raw loky's", loky_ratio,
-                  ROUNDTRIP_RATIO_TARGET, "x")
-    result.note("Every peer gets the same worker count; the stdlib pool uses the platform's default start "
-                "method. Round trips are timed one at a time with perf_counter around submit().result(); "
+    pebble_ratio = result.figures.get("ratios", {}).get("pebble", {}).get("roundtrip_p50")
+    result.target(f"round-trip p50, ours / pebble's <= {RATIO_TARGET:g}x", pebble_ratio, RATIO_TARGET, "x")
+    result.target(f"throughput of {size.throughput_tasks} no-ops, pebble's / ours <= {RATIO_TARGET:g}x",
+                  _peer_over_ours(result, "pebble", "throughput"), RATIO_TARGET, "x")
+    map_ratio = (None if OURS not in mapped or "mp-pool" not in result.figures.get("peers", {})
+                 else result.figures["peers"]["mp-pool"]["throughput"]["per_s"] / mapped[OURS].per_s)
+    result.target(f"mp.Pool's throughput / our map(chunksize={MAP_CHUNKSIZE}) <= {RATIO_TARGET:g}x", map_ratio,
+                  RATIO_TARGET, "x")
+    result.note("Every peer gets the same worker count; the stdlib pools use the platform's default start "
+                f"method. The map runs are {size.throughput_tasks} echo calls in chunks of {MAP_CHUNKSIZE} "
+                "(Supervisor.map against multiprocessing.Pool.map). Round trips are timed one at a time with perf_counter around submit().result(); "
                 f"throughput is the median of {size.throughput_repeats} run(s) of {size.throughput_tasks} "
                 "no-ops submitted at once. Ratios are ours / theirs.")
     return result

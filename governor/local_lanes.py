@@ -1,0 +1,891 @@
+"""The local lanes: worker processes on this host, forked from a warm template (a ``LaneBackend``).
+
+Data flow, all on the manager thread (a spawn thread only starts a new template)::
+
+    dispatch ── queued task -> idle slot -> Assignment down the slot's task socket
+    selector ── task socket: the Outcome ───────────> _on_outcome -> host.conclude_outcome
+             ── pidfd: the worker is dead ──────────> _on_dead (killed, crashed, retired,
+                                                                or lost before it took its task)
+             ── template: exit statuses, fork errors > _on_template_report
+             ── listener: a new worker's two sockets > _on_hello
+    timers ──── timeouts, cancel graces, kill and start deadlines, respawns (bound handlers)
+    samples ─── RSS of each memory-limited task's tree, every 10 ms
+
+A *slot* is one worker process and what the manager knows about it. The hot path is
+ours: a task is one pickled :class:`~governor.worker.Assignment` on the worker's own
+socket and its outcome one message back, read by the manager's selector, with no queue
+thread in between. loky is the process layer where it earns its place: its context
+starts the template (a fresh interpreter, safe from a threaded parent) and cloudpickle
+carries the step table there (``governor.template``). Workers are forked from that
+template, so each costs a few MiB and a replacement is ready in milliseconds.
+
+A worker runs one task at a time, so a kill costs exactly one task. Its death is known
+by its pid (a pidfd in the selector), not by its socket, which a process the step forked
+may hold open. Each lane keeps ``workers + spares`` live slots and runs at most
+``workers`` tasks at a time: the critical lane is one worker (strict order) plus a spare.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import enum
+import logging
+import mmap
+import os
+import pickle
+import select
+import selectors
+import shutil
+import socket
+import struct
+import tempfile
+import traceback
+from multiprocessing.connection import Connection
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
+
+import attrs
+import cloudpickle
+import psutil
+
+from governor.backend import worker_view
+from governor.errors import InvalidTransition, MemoryLimitExceeded, StepFailed, StepTimeout, WorkerCrashed, WorkerStartFailed
+from governor.limits import Lane
+from governor.logs import log_death
+from governor.proctree import MEMORY_SAMPLE_INTERVAL_S, TreeSampler, kill_tree, mib
+from governor.task import KillOrder, Task, TaskState
+from governor.template import Template
+from governor.timers import Timers
+from governor.worker import SEAT_BYTES, Assignment
+
+log = logging.getLogger("governor")
+
+#: How long a killed worker may take to be seen dead (its pidfd) before the slot is
+#: written off anyway. SIGKILL is not refusable; this only bounds a process stuck in the
+#: kernel (uninterruptible sleep) on its way out.
+KILL_CONFIRM_S = 2.0
+
+#: How long the template (or a new worker) may take to start before the start fails.
+WORKER_START_TIMEOUT_S = 60.0
+
+#: How long a crashed worker's exit status may take to come from the template (which
+#: reaps it) before its task ends with the status unknown.
+EXIT_STATUS_PATIENCE_S = 1.0
+
+#: How long a lane that still has a warm spare waits before starting a replacement for a
+#: lost worker: the spare covers capacity, and a fork at once would compete for the core
+#: that is confirming the kill that caused it.
+REPLACE_DELAY_S = 0.05
+
+#: Back-off between attempts to replace a worker when starting one fails.
+RESPAWN_BACKOFF_S = (0.1, 0.5, 2.0, 10.0)
+
+#: After this many failed starts in a row, a lane with no worker fails its queued tasks.
+MAX_START_FAILURES = 3
+
+#: How long ``close`` waits for retired workers to be gone before it stops waiting.
+CLOSE_PATIENCE_S = 10.0
+
+
+class SlotState(enum.Enum):
+    """A slot's life: STARTING -> IDLE <-> BUSY -> (KILLING ->) DEAD, or -> RETIRING -> DEAD."""
+
+    STARTING = "starting"
+    IDLE = "idle"
+    BUSY = "busy"
+    KILLING = "killing"
+    RETIRING = "retiring"
+    DEAD = "dead"
+
+
+@attrs.define(eq=False)
+class Slot:
+    """One worker process and what the manager knows about it."""
+
+    id: int
+    lane: Lane
+    seat: int
+    template: Template
+    state: SlotState = SlotState.STARTING
+    pid: Optional[int] = None
+    tasks: Optional[Connection] = None  # assignments down, outcomes up
+    control: Optional[Connection] = None  # cancels down; its EOF ends the worker
+    pidfd: Optional[int] = None
+    watched: bool = False  # its task socket is in the selector
+    frames: Frames = attrs.field(factory=lambda: Frames())
+    run: Optional["Run"] = None
+    sampler: Optional[TreeSampler] = None
+    tasks_run: int = 0
+    exit_status: Optional[Tuple[Optional[int], Optional[int]]] = None
+    awaiting_status: bool = False
+
+
+@attrs.define(eq=False)
+class Run:
+    """One dispatch of a task to a slot; timers name the run, so a timer set for an
+    earlier dispatch of the same task (one its worker never took) cannot fire on this one."""
+
+    task: Task
+    slot: Slot
+    kill: Optional[KillOrder] = None
+
+
+@attrs.define(eq=False)
+class LaneState:
+    """A lane's queue and slots, as the manager sees them.
+
+    Slot states change only through :meth:`move`, which keeps the per-state counts, the
+    idle stack and the tuple of worker pids in step, so the hot loop reads them in O(1)
+    and :meth:`gauges` can be read from any thread without a lock (each read is one int,
+    one ``len`` or one tuple: a snapshot may be a task apart, never torn).
+    """
+
+    lane: Lane
+    workers: int
+    spares: int
+    queue: Deque[Task] = attrs.field(factory=collections.deque)
+    retry: Deque[Task] = attrs.field(factory=collections.deque)  # dispatched, never taken: first in line
+    slots: Dict[int, Slot] = attrs.field(factory=dict)
+    idle: List[Slot] = attrs.field(factory=list)
+    counts: collections.Counter = attrs.field(factory=collections.Counter)
+    start_failures: int = 0
+    respawn_pending: bool = False
+    pids: Tuple[int, ...] = ()
+
+    def add(self, slot: Slot) -> None:
+        self.slots[slot.id] = slot
+        self.counts[slot.state] += 1
+
+    def move(self, slot: Slot, state: SlotState) -> None:
+        """Put ``slot`` in ``state``; DEAD and RETIRING slots leave the lane."""
+        joins_or_leaves = slot.state is SlotState.STARTING or state in (SlotState.DEAD, SlotState.RETIRING)
+        if slot.id in self.slots:
+            self.counts[slot.state] -= 1
+            if slot.state is SlotState.IDLE:
+                if self.idle and self.idle[-1] is slot:
+                    self.idle.pop()
+                else:
+                    self.idle.remove(slot)
+        slot.state = state
+        if state in (SlotState.DEAD, SlotState.RETIRING):
+            self.slots.pop(slot.id, None)
+        else:
+            self.slots[slot.id] = slot
+            self.counts[state] += 1
+            if state is SlotState.IDLE:
+                self.idle.append(slot)
+        if joins_or_leaves:
+            self.pids = tuple(slot.pid for slot in self.slots.values()
+                              if slot.pid is not None and slot.state is not SlotState.STARTING)
+
+    def count(self, *states: SlotState) -> int:
+        return sum(self.counts[state] for state in states)
+
+    @property
+    def live(self) -> int:
+        """Slots that are or will be able to run a task."""
+        return self.count(SlotState.STARTING, SlotState.IDLE, SlotState.BUSY)
+
+    @property
+    def spares_ready(self) -> int:
+        """Idle warm workers beyond those the lane may still put to work."""
+        return max(0, len(self.idle) - (self.workers - self.counts[SlotState.BUSY]))
+
+    def gauges(self) -> Dict[str, Any]:
+        """The lane's gauges for metrics (safe to call from any thread)."""
+        return {"busy": self.counts[SlotState.BUSY], "idle": len(self.idle),
+                "starting": self.counts[SlotState.STARTING], "spares_ready": self.spares_ready,
+                "worker_pids": self.pids}
+
+
+@attrs.frozen
+class LocalConfig:
+    """What the local lanes need to know; built by the Supervisor."""
+
+    steps: Dict[str, Any]
+    step_modules: Sequence[str]
+    workers: Dict[Lane, int]
+    spares: int
+    max_tasks_per_worker: Optional[int]
+    recycle_rss_mb: Optional[float]
+
+
+class Frames:
+    """Length-prefixed frames (``multiprocessing.connection``'s format: a ``!i`` length, or
+    -1 and a ``!Q`` length) read from a socket one ``read`` at a time."""
+
+    #: Bytes asked of one read: an outcome of a few hundred bytes comes whole; a larger
+    #: one takes several events.
+    READ_SIZE = 65536
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, fd: int) -> bool:
+        """Read what the socket has; ``False`` at its end."""
+        data = os.read(fd, self.READ_SIZE)
+        self._buffer += data
+        return bool(data)
+
+    def pop(self) -> Optional[bytes]:
+        """The next whole frame's payload, or ``None`` if none is whole yet."""
+        buffer = self._buffer
+        if len(buffer) < 4:
+            return None
+        (size,) = struct.unpack_from("!i", buffer)
+        start = 4
+        if size == -1:
+            if len(buffer) < 12:
+                return None
+            (size,) = struct.unpack_from("!Q", buffer, 4)
+            start = 12
+        end = start + size
+        if len(buffer) < end:
+            return None
+        frame = bytes(buffer[start:end])
+        del buffer[:end]
+        return frame
+
+
+class Seats:
+    """The supervisor's map of the seats file (see ``governor.worker.Seat``): one 8-byte
+    cell per live worker, handed out and taken back here."""
+
+    def __init__(self, path: str, capacity: int):
+        self.path = path
+        with open(path, "wb") as file:
+            file.truncate(capacity * SEAT_BYTES)
+        with open(path, "r+b") as file:
+            self._map = mmap.mmap(file.fileno(), 0)
+        self._free = list(range(capacity - 1, -1, -1))
+
+    def take(self) -> Optional[int]:
+        """A free seat, cleared; ``None`` if every seat is in use."""
+        if not self._free:
+            return None
+        seat = self._free.pop()
+        struct.pack_into("q", self._map, seat * SEAT_BYTES, 0)
+        return seat
+
+    def task_taken(self, seat: int) -> int:
+        """The id of the task the seat's worker last took off its socket (0: none)."""
+        return struct.unpack_from("q", self._map, seat * SEAT_BYTES)[0]
+
+    def give_back(self, seat: int) -> None:
+        self._free.append(seat)
+
+    def close(self) -> None:
+        self._map.close()
+
+
+class LocalLanes:
+    """The lanes whose workers are local processes (see the module docstring)."""
+
+    def __init__(self, host: Any, config: LocalConfig):
+        self._host = host
+        self._config = config
+        self._clock = host.clock
+        self.lanes = tuple(config.workers)
+        self._lanes: Dict[Lane, LaneState] = {
+            lane: LaneState(lane, count, config.spares) for lane, count in config.workers.items()}
+        self._slots: Dict[int, Slot] = {}
+        self._by_pid: Dict[int, Slot] = {}
+        self._slot_ids = iter(range(1, 2 ** 62))
+        self._running: Dict[int, Run] = {}
+        self._memory_watched: Dict[int, Run] = {}
+        self._next_sample_at: Optional[float] = None
+        self._timers = Timers(host.clock)
+        self._spawner = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="governor-spawn")
+        self._warm = False
+        self._directory = tempfile.mkdtemp(prefix="governor-")
+        self._worker_address = os.path.join(self._directory, "workers")
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(self._worker_address)
+        self._listener.listen(64)
+        self._listener.setblocking(False)
+        # Seats outlive their workers until the pidfd says dead: room for every live slot
+        # of every lane, each with a successor starting, and a margin.
+        capacity = 2 * sum(count + config.spares for count in config.workers.values()) + 64
+        self._seats = Seats(os.path.join(self._directory, "seats"), capacity)
+        self._generation = 0
+        self._template: Optional[Template] = None
+        self._watched_templates: set = set()
+        self._begun = False
+        self._template_starting = False
+
+    # ----------------------------------------------------------------- LaneBackend
+
+    def queue(self, lane: Lane) -> Deque[Task]:
+        return self._lanes[lane].queue
+
+    def connect(self) -> None:
+        """Start the warm template (on the caller's thread, so ``start()`` raises its
+        ``WorkerStartFailed``, naming a step module that would not import)."""
+        self._template = self._new_template()
+        self._template.start(self._config.steps, self._config.step_modules, WORKER_START_TIMEOUT_S,
+                             self._worker_address)
+
+    def begin(self) -> None:
+        self._begun = True
+        self._host.selector.register(self._listener, selectors.EVENT_READ, self._accept)
+        self._watch_template(self._template)
+        for lane in self._lanes.values():
+            self._fill(lane)
+
+    @property
+    def warm(self) -> bool:
+        return self._warm
+
+    @property
+    def quiet(self) -> bool:
+        return not self._running and not any(
+            lane.retry or lane.count(SlotState.STARTING) or any(task.state is TaskState.QUEUED for task in lane.queue)
+            for lane in self._lanes.values())
+
+    def dispatch(self) -> None:
+        for lane in self._lanes.values():
+            while lane.idle and lane.counts[SlotState.BUSY] < lane.workers and (lane.retry or lane.queue):
+                if lane.retry:
+                    task = lane.retry.popleft()  # its dispatch is recorded already
+                else:
+                    task = lane.queue.popleft()
+                    try:
+                        task.transition(TaskState.RUNNING)
+                    except InvalidTransition:
+                        continue  # cancelled or skipped while it waited: lazy removal
+                    self._host.left_queue(task)
+                    if not self._host.record_dispatch(task):
+                        continue
+                self._start_task(lane.idle[-1], task)
+
+    def maintain(self) -> None:
+        if self._host.closing:
+            return
+        if self._template is None:
+            if not any(lane.respawn_pending for lane in self._lanes.values()):  # not while backing off
+                self._restart_template()
+            return
+        for lane in self._lanes.values():
+            if lane.respawn_pending or lane.live >= lane.workers + lane.spares:
+                continue
+            if lane.spares_ready > 0:
+                lane.respawn_pending = True
+                self._timers.after(REPLACE_DELAY_S, self._respawn_due, lane)
+            else:
+                self._fill(lane)
+
+    def next_deadline(self) -> Optional[float]:
+        due = self._timers.next_due()
+        if self._next_sample_at is not None and (due is None or self._next_sample_at < due):
+            return self._next_sample_at
+        return due
+
+    def on_time(self) -> None:
+        if self._next_sample_at is not None and self._clock() >= self._next_sample_at:
+            self._sample_memory()
+        for handler, target in self._timers.pop_due():
+            handler(target)
+        self._timers.prune_if_stale(len(self._running), self._timer_applies)
+
+    def _timer_applies(self, handler: Callable[[Any], None], target: Any) -> bool:
+        return not isinstance(target, Run) or self._running.get(target.task.id) is target
+
+    def cancel(self, task: Task) -> None:
+        run = self._running.get(task.id)
+        if run is None:
+            lane = self._lanes[task.lane]
+            if task in lane.retry:  # never taken by a worker: it ends here, unrun
+                lane.retry.remove(task)
+                self._host.conclude(task, TaskState.CANCELLED, task.cancelled_error())
+            return
+        if run.kill is not None:
+            return  # its worker is being killed anyway
+        request = task.cancel_request
+        grace = task.limits.effective_cancel_grace_s
+        try:
+            run.slot.control.send_bytes(pickle.dumps(("cancel", task.id, request.reason, request.detail)))
+        except OSError:
+            pass  # the worker just died: its pidfd settles the task
+        if grace == 0:
+            self._grace_over(run)
+        else:
+            self._timers.after(grace, self._grace_over, run)
+
+    def running_tasks(self) -> List[Task]:
+        return [run.task for run in self._running.values()] + [
+            task for lane in self._lanes.values() for task in lane.retry]
+
+    def forget(self, task: Task) -> None:
+        self._running.pop(task.id, None)
+        self._memory_watched.pop(task.id, None)
+
+    def describe(self, now: float) -> List[Dict[str, Any]]:
+        return [worker_view(slot.pid, lane.lane, slot.state.value, now, slot.run.task if slot.run else None,
+                            slot.tasks_run, slot.sampler.rss_bytes() if slot.sampler else None)
+                for lane in self._lanes.values() for slot in lane.slots.values()]
+
+    def gauges(self) -> Dict[str, Dict[str, Any]]:
+        return {lane.lane.value: lane.gauges() for lane in self._lanes.values()}
+
+    def abort(self) -> None:
+        for slot in list(self._slots.values()):
+            if slot.sampler is not None:
+                kill_tree(slot.pid, slot.sampler)
+
+    def close(self) -> None:
+        for slot in list(self._slots.values()):
+            if slot.state not in (SlotState.DEAD, SlotState.RETIRING):
+                self._retire(slot)
+        self._wait_for_the_dead()
+        for slot in list(self._slots.values()):
+            self._drop(slot)
+        if self._template is not None:
+            self._unwatch_template(self._template)
+            self._template.close()
+        self._spawner.shutdown(wait=True, cancel_futures=True)
+        if self._begun:
+            self._host.selector.unregister(self._listener)
+        self._listener.close()
+        self._seats.close()
+        shutil.rmtree(self._directory, ignore_errors=True)
+
+    def _wait_for_the_dead(self) -> None:
+        """Let every retired or killed worker die before the supervisor says it stopped."""
+        deadline = self._clock() + CLOSE_PATIENCE_S
+        while True:
+            pidfds = {slot.pidfd: slot for slot in self._slots.values() if slot.pidfd is not None}
+            if not pidfds or self._clock() >= deadline:
+                return
+            ready, _, _ = select.select(list(pidfds), [], [], max(0.0, deadline - self._clock()))
+            for pidfd in ready:
+                self._drop(pidfds[pidfd])
+
+    # ----------------------------------------------------------------- the template
+
+    def _new_template(self) -> Template:
+        self._generation += 1
+        return Template(self._directory, self._generation)
+
+    def _watch_template(self, template: Template) -> None:
+        self._host.selector.register(template.connection, selectors.EVENT_READ,
+                                     lambda: self._on_template_report(template))
+        self._watched_templates.add(template)
+
+    def _unwatch_template(self, template: Template) -> None:
+        """Take the template's socket out of the selector, if it is in (not when the
+        supervisor's start failed before the manager began)."""
+        if template in self._watched_templates:
+            self._watched_templates.discard(template)
+            self._host.selector.unregister(template.connection)
+
+    def _on_template_report(self, template: Template) -> None:
+        if template.connection is None:
+            return  # closed by an earlier event of the same select
+        try:
+            report = template.receive()
+        except (EOFError, OSError):
+            self._template_lost(template)
+            return
+        if report[0] == "exited":
+            _, pid, exitcode, signal_number = report
+            slot = self._by_pid.get(pid)
+            if slot is None:
+                return  # a worker whose end needed no status (retired, killed, idle)
+            slot.exit_status = (exitcode, signal_number)
+            if slot.awaiting_status:
+                self._crashed(slot, exitcode, signal_number)
+        else:  # ("fork_failed", slot_id, text)
+            slot = self._slots.get(report[1])
+            if slot is not None and slot.state is SlotState.STARTING:
+                self._start_failed(slot, OSError(report[2]))
+
+    def _template_lost(self, template: Template) -> None:
+        """The template died (killed from outside): its pending forks will never come."""
+        log.error("the worker template (pid %s) died; starting a new one", template.pid)
+        self._unwatch_template(template)
+        template.close()
+        if self._template is template:
+            self._template = None
+        for slot in [slot for slot in self._slots.values() if slot.template is template]:
+            if slot.state is SlotState.STARTING:
+                self._start_failed(slot, WorkerStartFailed("the worker template died before the worker started"))
+            elif slot.awaiting_status:
+                self._crashed(slot, None, None)
+
+    def _restart_template(self) -> None:
+        if self._template_starting:
+            return
+        self._template_starting = True
+        template = self._new_template()
+        start = self._spawner.submit(template.start, self._config.steps, self._config.step_modules,
+                                     WORKER_START_TIMEOUT_S, self._worker_address)
+        start.add_done_callback(lambda done: self._host.call_soon(self._on_template_started, template, done))
+
+    def _on_template_started(self, template: Template, start: concurrent.futures.Future) -> None:
+        self._template_starting = False
+        error = start.exception() if not start.cancelled() else WorkerStartFailed("shut down")
+        if error is not None:
+            log.error("could not start a new worker template: %s", error)
+            for lane in self._lanes.values():
+                self._note_start_failure(lane, error)
+            return
+        if self._host.closing:
+            template.close()
+            return
+        self._template = template
+        self._watch_template(template)
+
+    # ----------------------------------------------------------------- slots and workers
+
+    def _spawn(self, lane: LaneState) -> None:
+        seat = self._seats.take()
+        if seat is None:
+            log.error("no free seat for a new %s worker (too many workers dying at once)", lane.lane.value)
+            return
+        slot = Slot(next(self._slot_ids), lane.lane, seat, self._template)
+        lane.add(slot)
+        self._slots[slot.id] = slot
+        try:
+            self._template.fork(slot.id, lane.lane.value, self._seats.path, seat)
+        except OSError:
+            self._template_lost(self._template)
+            return
+        self._timers.after(WORKER_START_TIMEOUT_S, self._start_overdue, slot)
+
+    def _fill(self, lane: LaneState) -> None:
+        for _ in range(lane.workers + lane.spares - lane.live):
+            self._spawn(lane)
+
+    def _respawn_due(self, lane: LaneState) -> None:
+        lane.respawn_pending = False
+        if not self._host.closing and self._template is not None:
+            self._fill(lane)
+
+    def _start_overdue(self, slot: Slot) -> None:
+        if slot.state is SlotState.STARTING:
+            self._start_failed(slot, WorkerStartFailed(f"no worker connected within {WORKER_START_TIMEOUT_S}s"))
+
+    def _accept(self) -> None:
+        try:
+            connection, _ = self._listener.accept()
+        except BlockingIOError:
+            return
+        connection.setblocking(True)
+        hello = Connection(connection.detach())
+        self._host.selector.register(hello, selectors.EVENT_READ, lambda: self._on_hello(hello))
+
+    def _on_hello(self, connection: Connection) -> None:
+        self._host.selector.unregister(connection)
+        try:
+            channel, slot_id, pid = pickle.loads(connection.recv_bytes())
+        except (EOFError, OSError):
+            connection.close()
+            return  # a worker that died during its own start: its pidfd or start deadline drops it
+        slot = self._slots.get(slot_id)
+        if slot is None or slot.state is not SlotState.STARTING or channel not in ("task", "control"):
+            connection.close()  # a worker whose slot was given up (a start too slow, shutdown)
+            return
+        if channel == "task":
+            slot.tasks = connection
+        else:
+            slot.control = connection
+        if slot.pid is None:
+            # Its pid is known from its first hello: from now on its death is seen at once,
+            # even if it dies before its second (killed from outside while it starts).
+            slot.pid = pid
+            try:
+                slot.pidfd = os.pidfd_open(pid)
+            except OSError as exc:  # it died right after its hello
+                self._start_failed(slot, exc)
+                return
+            self._by_pid[pid] = slot
+            self._host.selector.register(slot.pidfd, selectors.EVENT_READ, lambda: self._on_dead(slot))
+        if slot.tasks is None or slot.control is None:
+            return
+        self._host.selector.register(slot.tasks, selectors.EVENT_READ, lambda: self._on_outcome(slot))
+        slot.watched = True
+        try:
+            slot.sampler = TreeSampler(pid, self._clock)
+        except psutil.Error:
+            return  # it died right after its hello: its pidfd drops the slot
+        lane = self._lanes[slot.lane]
+        lane.start_failures = 0
+        lane.move(slot, SlotState.IDLE)
+        self._host.metrics.worker_spawned(slot.lane)
+        if not self._warm and all(len(lane.idle) == lane.workers + lane.spares for lane in self._lanes.values()):
+            self._warm = True
+
+    def _start_failed(self, slot: Slot, error: BaseException) -> None:
+        self._drop(slot)
+        lane = self._lanes[slot.lane]
+        log.error("could not start a worker for the %s lane (attempt %d): %s",
+                  slot.lane.value, lane.start_failures + 1, error)
+        if not self._warm:
+            failure = WorkerStartFailed(f"a {slot.lane.value} worker did not start: {error}")
+            failure.__cause__ = error
+            self._host.fail_start(failure)
+            return
+        self._note_start_failure(lane, error)
+
+    def _note_start_failure(self, lane: LaneState, error: BaseException) -> None:
+        lane.start_failures += 1
+        if lane.start_failures >= MAX_START_FAILURES and lane.count(SlotState.IDLE, SlotState.BUSY) == 0:
+            failure = WorkerStartFailed(f"no {lane.lane.value} worker could be started "
+                                        f"({lane.start_failures} attempts): {error}")
+            for task in list(lane.retry) + list(lane.queue):
+                self._host.conclude(task, TaskState.FAILED, failure)
+            lane.queue.clear()
+            lane.retry.clear()
+        if not lane.respawn_pending:
+            lane.respawn_pending = True
+            backoff = RESPAWN_BACKOFF_S[min(lane.start_failures, len(RESPAWN_BACKOFF_S)) - 1]
+            self._timers.after(backoff, self._respawn_due, lane)
+
+    # ----------------------------------------------------------------- a task's run
+
+    def _start_task(self, slot: Slot, task: Task) -> None:
+        limits = task.limits
+        hard_cap = limits.effective_memory_mb if limits.memory_hard_cap else None
+        try:
+            payload = _dumps(Assignment(task.id, task.step, task.args, task.kwargs, hard_cap, task.chunk))
+        except Exception as exc:
+            self._host.conclude(task, TaskState.FAILED, StepFailed(
+                task.step, task.id, type(exc).__qualname__,
+                f"its arguments could not be sent to a worker: {exc}", "".join(traceback.format_exception(exc))))
+            return
+        now = self._clock()
+        run = Run(task, slot)
+        self._lanes[slot.lane].move(slot, SlotState.BUSY)
+        slot.run = run
+        task.dispatched_at, task.pid = now, slot.pid
+        self._running[task.id] = run
+        try:
+            slot.tasks.send_bytes(payload)
+        except OSError:
+            # The worker is dead or unusable: it never took the task, which its pidfd's
+            # news hands to another worker (_on_dead).
+            kill_tree(slot.pid, slot.sampler)
+            return
+        if limits.effective_timeout_s is not None:
+            self._timers.after(limits.effective_timeout_s, self._timeout_due, run)
+        if limits.effective_memory_mb is not None:
+            self._memory_watched[task.id] = run
+            if self._next_sample_at is None:
+                self._next_sample_at = now + MEMORY_SAMPLE_INTERVAL_S
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("task %s (%s) started on worker %s", task.public_id, task.step, slot.pid,
+                      extra={"task_id": task.public_id, "step": task.step, "lane": task.lane.value, "pid": slot.pid})
+
+    def _on_outcome(self, slot: Slot) -> None:
+        """The task socket is readable: an outcome, or the EOF of a dying worker.
+
+        One ``read`` per event (``Frames``), not ``Connection.recv_bytes``'s two: each
+        syscall lets go of the GIL, and a thread submitting at full speed makes the
+        manager wait for it back every time.
+        """
+        if slot.tasks is None:
+            return  # closed by an earlier event of the same select (its pidfd's)
+        try:
+            alive = slot.frames.feed(slot.tasks.fileno())
+        except OSError:
+            alive = False
+        frame = slot.frames.pop()
+        if frame is not None:
+            self._take_outcome(slot, frame)
+        if not alive:
+            # Dying: its pidfd says when it is dead. Meanwhile it takes no task.
+            if slot.state is SlotState.IDLE:
+                self._lanes[slot.lane].move(slot, SlotState.RETIRING)
+            self._close_tasks(slot)
+
+    def _take_outcome(self, slot: Slot, data: bytes) -> None:
+        run = slot.run
+        if run is None or slot.state is SlotState.KILLING:
+            return  # claimed for a kill before its outcome came: the kill decides
+        task = run.task
+        slot.run = None
+        slot.tasks_run += 1
+        try:
+            outcome = pickle.loads(data)
+        except Exception as exc:  # e.g. an exception class this process cannot import
+            self._after_task(slot, None)
+            self._host.conclude(task, TaskState.FAILED, StepFailed(
+                task.step, task.id, type(exc).__qualname__,
+                f"its result could not be read back from the worker: {exc}", "".join(traceback.format_exception(exc))))
+            return
+        self._after_task(slot, outcome.rss_bytes)
+        self._host.conclude_outcome(task, outcome)
+
+    def _after_task(self, slot: Slot, rss: Optional[int]) -> None:
+        """Put a slot back to work, or recycle its worker if it leaked or ran its quota."""
+        config = self._config
+        if config.max_tasks_per_worker is not None and slot.tasks_run >= config.max_tasks_per_worker:
+            self._recycle(slot, "max_tasks")
+        elif config.recycle_rss_mb is not None and rss is not None and rss > config.recycle_rss_mb * 2 ** 20:
+            self._recycle(slot, "leak")
+        else:
+            self._lanes[slot.lane].move(slot, SlotState.IDLE)
+
+    def _timeout_due(self, run: Run) -> None:
+        if self._running.get(run.task.id) is not run or run.kill is not None:
+            return
+        task = run.task
+        elapsed = self._clock() - task.dispatched_at
+        limit = task.limits.effective_timeout_s
+        self._kill(run, "timeout", TaskState.TIMED_OUT, StepTimeout(task.step, task.id, limit, elapsed, run.slot.pid),
+                   limit, elapsed)
+
+    def _grace_over(self, run: Run) -> None:
+        if self._running.get(run.task.id) is not run or run.kill is not None:
+            return
+        task = run.task
+        self._kill(run, "cancel", TaskState.CANCELLED, task.cancelled_error(killed=True),
+                   task.limits.effective_cancel_grace_s, None)
+
+    def _sample_memory(self) -> None:
+        for run in list(self._memory_watched.values()):
+            slot, task = run.slot, run.task
+            if run.kill is not None or slot.run is not run:
+                continue
+            rss = slot.sampler.rss_bytes()
+            task.peak_rss_bytes = max(task.peak_rss_bytes or 0, rss)
+            limit_mb = task.limits.effective_memory_mb
+            if rss <= limit_mb * 2 ** 20:
+                continue
+            # Confirm before acting: the task may have just finished (its outcome is
+            # waiting on the socket), or the figure was a transient one.
+            if slot.tasks.poll(0) or slot.sampler.rss_bytes() <= limit_mb * 2 ** 20:
+                continue
+            peak_mb = mib(task.peak_rss_bytes)
+            self._kill(run, "memory", TaskState.OVER_MEMORY,
+                       MemoryLimitExceeded(task.step, task.id, limit_mb, peak_mb, slot.pid), limit_mb, peak_mb)
+        self._next_sample_at = (self._clock() + MEMORY_SAMPLE_INTERVAL_S) if self._memory_watched else None
+
+    def _kill(self, run: Run, reason: str, state: TaskState, error: BaseException,
+              limit: Optional[float], observed: Optional[float]) -> None:
+        """Kill the worker running a task and its whole process tree; the task ends when
+        the worker's pidfd says it is dead.
+
+        Args:
+            reason: timeout, memory or cancel (the metrics label and the log's reason).
+            state, error: how the task will end.
+            limit, observed: the limit enforced and the value seen, for the log record.
+        """
+        task, slot = run.task, run.slot
+        if slot.state is SlotState.DEAD:
+            return  # its worker died by itself: its crash ends the task (exit status pending)
+        if not task.claim_for_kill():
+            return  # it ended first (a cancelled task's outcome came back)
+        run.kill = KillOrder(reason, state, error)
+        self._lanes[slot.lane].move(slot, SlotState.KILLING)
+        kill_tree(slot.pid, slot.sampler)
+        self._host.metrics.worker_killed(slot.lane, reason)
+        self._timers.after(KILL_CONFIRM_S, self._kill_overdue, run)
+        log_death(f"killed worker {slot.pid}: {error}", task, slot.lane, slot.pid, reason, limit, observed)
+
+    def _kill_overdue(self, run: Run) -> None:
+        if self._running.get(run.task.id) is not run:
+            return
+        log.warning("worker %s showed no sign of death %ss after SIGKILL; writing it off", run.slot.pid, KILL_CONFIRM_S)
+        self._on_dead(run.slot)
+
+    def _on_dead(self, slot: Slot) -> None:
+        """The worker's pidfd is readable: it is dead (or written off after a kill)."""
+        if slot.state is SlotState.DEAD:
+            return
+        previous, run = slot.state, slot.run
+        taken = self._seats.task_taken(slot.seat)
+        self._drop(slot, keep_pid=run is not None and run.kill is None)
+        if run is None:
+            if previous in (SlotState.IDLE, SlotState.STARTING) and not self._host.closing:
+                log.warning("idle worker %s of the %s lane died", slot.pid, slot.lane.value)
+            return
+        task = run.task
+        if run.kill is not None:
+            self._running.pop(task.id, None)
+            self._host.conclude(task, run.kill.state, run.kill.error, by_kill=True)
+        elif taken != task.id:
+            # It died before it took the task off its socket: the step never started, so
+            # the task goes to the next free worker of its lane, ahead of the queue.
+            self._running.pop(task.id, None)
+            self._memory_watched.pop(task.id, None)
+            self._host.metrics.task_redispatched(slot.lane)
+            log.info("worker %s died before it took task %s (%s); dispatching it again",
+                     slot.pid, task.id, task.step)
+            self._lanes[slot.lane].retry.appendleft(task)
+        elif slot.exit_status is not None or slot.template.connection is None:
+            self._crashed(slot, *(slot.exit_status or (None, None)))
+        else:
+            slot.awaiting_status = True  # the template reaps it and reports how it ended
+            self._timers.after(EXIT_STATUS_PATIENCE_S, self._status_overdue, slot)
+
+    def _status_overdue(self, slot: Slot) -> None:
+        if slot.awaiting_status:
+            self._crashed(slot, None, None)
+
+    def _crashed(self, slot: Slot, exitcode: Optional[int], signal_number: Optional[int]) -> None:
+        slot.awaiting_status = False
+        self._by_pid.pop(slot.pid, None)
+        run, slot.run = slot.run, None
+        if run is None:
+            return
+        task = run.task
+        self._running.pop(task.id, None)
+        crash = WorkerCrashed(task.step, task.id, slot.pid, exitcode, signal_number)
+        self._host.metrics.worker_killed(slot.lane, "crash")
+        log_death(str(crash), task, slot.lane, slot.pid, "crash", None,
+                  exitcode if signal_number is None else -signal_number)
+        self._host.conclude(task, TaskState.CRASHED, crash)
+
+    def _recycle(self, slot: Slot, reason: str) -> None:
+        self._host.metrics.worker_recycled(slot.lane, reason)
+        log.info("recycling worker %s (%s) after %d tasks", slot.pid, reason, slot.tasks_run)
+        self._retire(slot)
+
+    def _retire(self, slot: Slot) -> None:
+        """Let a worker go: closing its sockets ends it (and its group); its pidfd then
+        says it is gone. A slot still starting is dropped at once."""
+        if slot.pidfd is None:
+            self._drop(slot)
+            return
+        self._lanes[slot.lane].move(slot, SlotState.RETIRING)
+        self._close_sockets(slot)
+
+    def _close_sockets(self, slot: Slot) -> None:
+        self._close_tasks(slot)
+        if slot.control is not None:
+            slot.control.close()
+            slot.control = None
+
+    def _close_tasks(self, slot: Slot) -> None:
+        if slot.watched:
+            self._host.selector.unregister(slot.tasks)
+            slot.watched = False
+        if slot.tasks is not None:
+            slot.tasks.close()
+            slot.tasks = None
+
+    def _drop(self, slot: Slot, keep_pid: bool = False) -> None:
+        """The slot's worker is gone (or never came): it leaves its lane, every file of it
+        is closed and its seat is free. ``keep_pid``: its exit status is still wanted."""
+        if slot.state is SlotState.DEAD:
+            return
+        self._lanes[slot.lane].move(slot, SlotState.DEAD)
+        self._close_sockets(slot)
+        if slot.pidfd is not None:
+            self._host.selector.unregister(slot.pidfd)
+            os.close(slot.pidfd)
+            slot.pidfd = None
+        if not keep_pid and slot.pid is not None:
+            self._by_pid.pop(slot.pid, None)
+        self._slots.pop(slot.id, None)
+        self._seats.give_back(slot.seat)
+
+
+def _dumps(assignment: Assignment) -> bytes:
+    """Pickle an assignment; cloudpickle only for what pickle cannot carry (a lambda among
+    the arguments), since it is several times slower."""
+    try:
+        return pickle.dumps(assignment, pickle.HIGHEST_PROTOCOL)
+    except (pickle.PicklingError, TypeError, AttributeError):
+        return cloudpickle.dumps(assignment, pickle.HIGHEST_PROTOCOL)
