@@ -23,6 +23,7 @@ from governor import ReadOnlyViolation, SandboxUnavailable, StepFailed, Supervis
 from governor.cli import main
 from governor.sandbox import FsAccess, SandboxPolicy, SandboxReport
 from governor.steps import StepRegistry
+from conftest import wait_until
 from sandboxed import ABI, needs_abi, needs_landlock, run_sandboxed, signal_process, use_temp_dir, write_file
 
 
@@ -335,3 +336,12 @@ def test_sandbox_off_applies_nothing(tmp_path):
         assert sup.submit("pool.write", str(target)).result(timeout=60) == str(target)
         assert {w["sandbox"] for w in sup.describe_workers()} == {"none"}
         assert sup.metrics()["sandbox"] == {"pool": "none"}
+
+
+@needs_landlock
+def test_a_retired_workers_temp_dir_is_removed_while_the_supervisor_runs():
+    with Supervisor(sandbox_registry(), workers=1, spares=0, max_tasks_per_worker=1, sandbox="require") as sup:
+        first = sup.submit("pool.tmp").result(timeout=60)
+        second = sup.submit("pool.tmp").result(timeout=60)  # a new worker: the first retired
+        assert first != second and os.path.isdir(second)
+        assert wait_until(lambda: not os.path.exists(first)), "a gone worker's temp dir stays"
