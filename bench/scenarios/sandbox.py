@@ -26,6 +26,7 @@ from typing import Dict, List
 from governor import Supervisor, sandbox
 from governor.bench import bench_steps
 from governor.bench.core import ScenarioContext, ScenarioResult, scenario
+from governor.bench.scenarios.overhead import _roundtrips  # a Supervisor submits as a peer does
 from governor.bench.stats import Summary
 
 #: The issue's bound on the sandbox's cost, round trip and worker start, in percent.
@@ -36,15 +37,6 @@ COST_TARGET_PCT = 5.0
 STARTS_PER_LIMIT_REP = 3
 
 MODES = ("auto", "off")
-
-
-def _roundtrips(supervisor: Supervisor, count: int) -> List[float]:
-    samples = []
-    for _ in range(count):
-        start = time.perf_counter()
-        supervisor.submit("noop").result()
-        samples.append(time.perf_counter() - start)
-    return samples
 
 
 def _apply_seconds(policy: sandbox.SandboxPolicy) -> float:
