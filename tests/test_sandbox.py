@@ -343,5 +343,5 @@ def test_a_retired_workers_temp_dir_is_removed_while_the_supervisor_runs():
     with Supervisor(sandbox_registry(), workers=1, spares=0, max_tasks_per_worker=1, sandbox="require") as sup:
         first = sup.submit("pool.tmp").result(timeout=60)
         second = sup.submit("pool.tmp").result(timeout=60)  # a new worker: the first retired
-        assert first != second and os.path.isdir(second)
+        assert first != second  # (the second retires after its task too: its dir may be gone already)
         assert wait_until(lambda: not os.path.exists(first)), "a gone worker's temp dir stays"
