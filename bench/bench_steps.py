@@ -16,6 +16,7 @@ import os
 import time
 from pathlib import Path
 
+from governor.bench.core import SCRATCH_ROOT
 from governor.steps import StepRegistry, current_context
 
 registry = StepRegistry()
@@ -87,7 +88,7 @@ def started_at():
     return time.monotonic()
 
 
-@registry.step(critical=False)
+@registry.step(critical=False, writes=[SCRATCH_ROOT])
 def busy(marker: str = ""):
     """Announce, then spin in Python forever: a step that never looks at its context."""
     _announce(marker)
@@ -95,7 +96,7 @@ def busy(marker: str = ""):
         pass
 
 
-@registry.step(critical=False)
+@registry.step(critical=False, writes=[SCRATCH_ROOT])
 def cooperative(marker: str = ""):
     """Announce, then poll ``current_context().cancelled`` until cancelled; stop by raising."""
     _announce(marker)
@@ -115,7 +116,7 @@ def allocate(chunk_mb: int, pause_s: float, total_mb: int):
     return len(chunks)
 
 
-@registry.step(critical=False)
+@registry.step(critical=False, writes=[SCRATCH_ROOT])
 def hold(marker: str, release: str):
     """Announce at ``marker``, then hold the worker until the file ``release`` exists."""
     _announce(marker)

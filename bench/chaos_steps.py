@@ -14,6 +14,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from governor.bench.core import SCRATCH_ROOT
 from governor.steps import StepRegistry, current_context
 
 registry = StepRegistry()
@@ -64,7 +65,7 @@ def crash(how: str, tag: str = ""):
     os._exit(7)
 
 
-@registry.step(critical=False)
+@registry.step(critical=False, writes=[SCRATCH_ROOT])
 def hang(marker: str, cooperative: bool = False, tag: str = ""):
     """Start children (with ``tag``), announce, then never end: spin, or with
     ``cooperative`` wait for a cancel and stop. Killed from outside, timed out or cancelled."""

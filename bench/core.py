@@ -16,7 +16,9 @@ a module that ``bench.scenarios`` imports; the CLI, JSON, report and picture pic
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, TextIO, Tuple
@@ -264,6 +266,12 @@ class Progress:
         prefix = f"{self.scenario}: " if self.scenario else ""
         stream.write(f"[bench {time.perf_counter() - self._started:6.1f}s] {prefix}{message}\n")
         stream.flush()
+
+
+#: Where every scenario's scratch directory is made. Pool steps that announce themselves
+#: write marker files there, so they declare it (``writes=``), as any pool step that
+#: writes must: the pool lane's sandbox refuses every undeclared write.
+SCRATCH_ROOT = os.path.join(tempfile.gettempdir(), f"governor-bench-{os.getuid()}")
 
 
 @attrs.frozen

@@ -32,7 +32,7 @@ from governor.supervisor import BACKENDS
 
 import governor.bench.scenarios  # noqa: F401 (importing it registers every scenario)
 from governor.bench import plot, probes, report
-from governor.bench.core import SCENARIOS, SIZES, Progress, ScenarioContext, ScenarioResult
+from governor.bench.core import SCENARIOS, SCRATCH_ROOT, SIZES, Progress, ScenarioContext, ScenarioResult
 
 #: Bump when a key is renamed or removed or its meaning changes; adding keys does not.
 SCHEMA_VERSION = 1
@@ -122,7 +122,8 @@ def versions() -> Dict[str, Optional[str]]:
 
 
 def _run_one(name: str, size: str, progress: Progress) -> ScenarioResult:
-    with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as scratch:
+    os.makedirs(SCRATCH_ROOT, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f"bench-{name}-", dir=SCRATCH_ROOT) as scratch:
         context = ScenarioContext(SIZES[size], size, progress, Path(scratch))
         start = time.perf_counter()
         result = SCENARIOS[name].fn(context)

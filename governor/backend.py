@@ -28,19 +28,21 @@ from governor.task import Task, TaskState
 
 def worker_view(pid: Optional[int], lane: Lane, state: str, now: float, task: Optional[Task] = None,
                 tasks_run: Optional[int] = None, rss_bytes: Optional[int] = None,
-                node: Optional[str] = None) -> Dict[str, Any]:
+                node: Optional[str] = None, sandbox: str = "none") -> Dict[str, Any]:
     """One entry of ``Supervisor.describe_workers()``, in the same shape for every backend
     (``tasks_run`` and ``rss_bytes`` are ``None`` where a backend cannot know them, ``node``
     where the worker is on this host). ``task_id`` is ``Task.public_id`` (a daemon's journal
     id, else the supervisor's); ``tag`` is the task's ``Call.tag``; ``timeout_s`` and
     ``max_memory_mb`` are the limits enforced on the task (``None``: none), so a live view
-    can set running time and RSS against them."""
+    can set running time and RSS against them. ``sandbox`` is what holds the worker:
+    ``"none"`` or ``"landlock-v7"`` (a pool worker under Landlock ABI 7, see
+    ``governor.sandbox``)."""
     return {"pid": pid, "lane": lane.value, "state": state, "task_id": task.public_id if task else None,
             "tag": task.tag if task else None,
             "step": task.step if task else None, "running_s": (now - task.dispatched_at) if task else None,
             "timeout_s": task.limits.effective_timeout_s if task else None,
             "max_memory_mb": task.limits.effective_memory_mb if task else None,
-            "tasks_run": tasks_run, "rss_bytes": rss_bytes, "node": node}
+            "tasks_run": tasks_run, "rss_bytes": rss_bytes, "node": node, "sandbox": sandbox}
 
 
 class LaneHost(Protocol):

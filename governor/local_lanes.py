@@ -53,6 +53,7 @@ from governor.errors import InvalidTransition, MemoryLimitExceeded, StepFailed, 
 from governor.limits import Lane
 from governor.logs import log_death
 from governor.proctree import MEMORY_SAMPLE_INTERVAL_S, TreeSampler, kill_tree, mib
+from governor.sandbox import SandboxPolicy
 from governor.task import KillOrder, Task, TaskState
 from governor.template import Template
 from governor.timers import Timers
@@ -118,6 +119,8 @@ class Slot:
     tasks_run: int = 0
     exit_status: Optional[Tuple[Optional[int], Optional[int]]] = None
     awaiting_status: bool = False
+    sandbox: str = "none"  # the worker's SandboxReport.label
+    tmpdir: Optional[str] = None  # its private temp dir (sandboxed workers), removed when it is gone
 
 
 @attrs.define(eq=False)
@@ -208,6 +211,7 @@ class LocalConfig:
     spares: int
     max_tasks_per_worker: Optional[int]
     recycle_rss_mb: Optional[float]
+    sandbox: Optional[SandboxPolicy] = None  # the pool lane's; None: no sandbox
 
 
 class Frames:
@@ -312,6 +316,11 @@ class LocalLanes:
         self._watched_templates: set = set()
         self._begun = False
         self._template_starting = False
+        # Pool workers' private temp dirs go beneath our directory: each is removed when its
+        # worker is gone, and what is left with the directory at close.
+        self._sandbox = None if config.sandbox is None else attrs.evolve(
+            config.sandbox, tmp_root=_made(os.path.join(self._directory, "tmp")))
+        self._sandbox_told = False
 
     # ----------------------------------------------------------------- LaneBackend
 
@@ -323,7 +332,7 @@ class LocalLanes:
         ``WorkerStartFailed``, naming a step module that would not import)."""
         self._template = self._new_template()
         self._template.start(self._config.steps, self._config.step_modules, WORKER_START_TIMEOUT_S,
-                             self._worker_address)
+                             self._worker_address, self._sandbox)
 
     def begin(self) -> None:
         self._begun = True
@@ -421,7 +430,8 @@ class LocalLanes:
 
     def describe(self, now: float) -> List[Dict[str, Any]]:
         return [worker_view(slot.pid, lane.lane, slot.state.value, now, slot.run.task if slot.run else None,
-                            slot.tasks_run, slot.sampler.rss_bytes() if slot.sampler else None)
+                            slot.tasks_run, slot.sampler.rss_bytes() if slot.sampler else None,
+                            sandbox=slot.sandbox)
                 for lane in self._lanes.values() for slot in lane.slots.values()]
 
     def gauges(self) -> Dict[str, Dict[str, Any]]:
@@ -518,7 +528,7 @@ class LocalLanes:
         self._template_starting = True
         template = self._new_template()
         start = self._spawner.submit(template.start, self._config.steps, self._config.step_modules,
-                                     WORKER_START_TIMEOUT_S, self._worker_address)
+                                     WORKER_START_TIMEOUT_S, self._worker_address, self._sandbox)
         start.add_done_callback(lambda done: self._host.call_soon(self._on_template_started, template, done))
 
     def _on_template_started(self, template: Template, start: concurrent.futures.Future) -> None:
@@ -577,7 +587,7 @@ class LocalLanes:
     def _on_hello(self, connection: Connection) -> None:
         self._host.selector.unregister(connection)
         try:
-            channel, slot_id, pid = pickle.loads(connection.recv_bytes())
+            channel, slot_id, pid, sandbox = pickle.loads(connection.recv_bytes())
         except (EOFError, OSError):
             connection.close()
             return  # a worker that died during its own start: its pidfd or start deadline drops it
@@ -587,6 +597,8 @@ class LocalLanes:
             return
         if channel == "task":
             slot.tasks = connection
+            if sandbox is not None:
+                self._on_sandbox(slot, *sandbox)
         else:
             slot.control = connection
         if slot.pid is None:
@@ -614,6 +626,19 @@ class LocalLanes:
         self._host.metrics.worker_spawned(slot.lane)
         if not self._warm and all(len(lane.idle) == lane.workers + lane.spares for lane in self._lanes.values()):
             self._warm = True
+
+    def _on_sandbox(self, slot: Slot, label: str, missing: Sequence[str], tmpdir: Optional[str]) -> None:
+        """A pool worker says how it is sandboxed: note it, and tell the log once per
+        supervisor (every pool worker applies the same policy on the same kernel)."""
+        slot.sandbox, slot.tmpdir = label, tmpdir
+        self._host.metrics.sandbox = label
+        if self._sandbox_told:
+            return
+        self._sandbox_told = True
+        if missing:
+            log.warning("pool workers run under sandbox %s; not applied: %s", label, ", ".join(missing))
+        else:
+            log.info("pool workers run under sandbox %s", label)
 
     def _start_failed(self, slot: Slot, error: BaseException) -> None:
         self._drop(slot)
@@ -880,6 +905,13 @@ class LocalLanes:
             self._by_pid.pop(slot.pid, None)
         self._slots.pop(slot.id, None)
         self._seats.give_back(slot.seat)
+        if slot.tmpdir is not None:
+            shutil.rmtree(slot.tmpdir, ignore_errors=True)
+
+
+def _made(path: str) -> str:
+    os.mkdir(path, 0o700)
+    return path
 
 
 def _dumps(assignment: Assignment) -> bytes:

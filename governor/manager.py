@@ -49,7 +49,7 @@ import attrs
 
 from governor import worker
 from governor.backend import LaneBackend
-from governor.errors import MemoryLimitExceeded, StepFailed, SupervisorBroken, WorkerStartFailed
+from governor.errors import MemoryLimitExceeded, ReadOnlyViolation, StepFailed, SupervisorBroken, WorkerStartFailed
 from governor.limits import Lane
 from governor.local_lanes import LocalConfig, LocalLanes
 from governor.metrics import MetricsRecorder
@@ -325,11 +325,23 @@ class Manager(threading.Thread):
             state, error = TaskState.OVER_MEMORY, MemoryLimitExceeded(
                 task.step, task.id, task.limits.effective_memory_mb, mib(task.peak_rss_bytes), outcome.pid,
                 killed=False)
+        elif outcome.denied_path is not None:
+            state, error = TaskState.FAILED, self._read_only_violation(task, outcome)
         else:
             state, error = TaskState.FAILED, StepFailed(
                 task.step, task.id, outcome.exc_type, outcome.exc_message, outcome.traceback_text,
                 outcome.exception)
         return self.conclude(task, state, error, outcome.value)
+
+    def _read_only_violation(self, task: Task, outcome: worker.Outcome) -> ReadOnlyViolation:
+        """A pool step the sandbox refused a write: say so loudly, with the way out."""
+        error = ReadOnlyViolation(task.step, task.id, outcome.denied_path, outcome.exc_type, outcome.exc_message,
+                                  outcome.traceback_text, outcome.exception)
+        self.metrics.sandbox_denied(task.step)
+        log.warning("task %s: %s", task.public_id, error,
+                    extra={"task_id": task.public_id, "step": task.step, "lane": task.lane.value, "pid": outcome.pid,
+                           "reason": "read_only_violation"})
+        return error
 
     def conclude(self, task: Task, state: TaskState, error: Optional[BaseException] = None,
                  result: Any = None, *, by_kill: bool = False) -> bool:

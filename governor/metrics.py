@@ -130,6 +130,10 @@ class MetricsRecorder:
         self._kills: Dict[Tuple[str, str], int] = collections.Counter()
         self._recycles: Dict[Tuple[str, str], int] = collections.Counter()
         self._redispatches: Dict[str, int] = collections.Counter()
+        self._sandbox_denials: Dict[str, int] = collections.Counter()
+        #: What holds the pool lane's workers (``SandboxReport.label``), set by the local
+        #: lanes as their first pool worker reports it: ``"none"`` until then, or without one.
+        self.sandbox = "none"
         #: Set by the manager: lane name -> busy, idle, starting, spares_ready, worker_pids.
         #: Read live at snapshot time rather than published per task: gauges change with
         #: every task, and publishing them cost the manager time on every round trip.
@@ -177,6 +181,11 @@ class MetricsRecorder:
         with self._lock:
             self._recycles[(lane.value, reason)] += 1
 
+    def sandbox_denied(self, step: str) -> None:
+        """Count a pool step's write that the sandbox refused (a ``ReadOnlyViolation``)."""
+        with self._lock:
+            self._sandbox_denials[step] += 1
+
     # ------------------------------------------------------------ reading (any thread)
 
     def histogram_buckets(self, name: str) -> Dict[Tuple[str, str], Tuple[List[Tuple[str, int]], float]]:
@@ -200,7 +209,7 @@ class MetricsRecorder:
             for (name, lane, step), histogram in self._histograms.items():
                 timings.setdefault(lane, {}).setdefault(step, {})[name] = histogram.summary()
             spawns, kills, recycles = dict(self._spawns), _nest(self._kills), _nest(self._recycles)
-            redispatches = dict(self._redispatches)
+            redispatches, denials = dict(self._redispatches), dict(self._sandbox_denials)
         lanes = self.lane_gauges()
         memory = memory_figures(pid for state in lanes.values() for pid in state["worker_pids"])
         return {
@@ -216,6 +225,8 @@ class MetricsRecorder:
             "worker_kills": kills,
             "worker_recycles": recycles,
             "redispatched": redispatches,
+            "sandbox": {"pool": self.sandbox},
+            "sandbox_denials": denials,
         }
 
 
@@ -269,8 +280,16 @@ class PrometheusCollector:
                  "Workers that died: killed for a timeout, memory or cancel, or crashed.",
                  ("lane", "reason"), snapshot["worker_kills"]),
                 (CounterMetricFamily, "governor_worker_recycles", "Healthy workers replaced (leak, max_tasks).",
-                 ("lane", "reason"), snapshot["worker_recycles"])):
+                 ("lane", "reason"), snapshot["worker_recycles"]),
+                (CounterMetricFamily, "governor_sandbox_denials",
+                 "Pool steps' writes the read-only sandbox refused (ReadOnlyViolation).",
+                 ("step",), snapshot["sandbox_denials"])):
             yield _family(kind, name, help_text, labels, values)
+        sandbox = GaugeMetricFamily("governor_sandbox_info", "What holds the lane's workers (1 for the label).",
+                                    labels=("lane", "sandbox"))
+        for lane, label in snapshot["sandbox"].items():
+            sandbox.add_metric((lane, label), 1)
+        yield sandbox
         yield GaugeMetricFamily("governor_supervisor_rss_bytes", "RSS of the supervisor process.",
                                 value=snapshot["memory"]["supervisor_rss_bytes"])
         yield GaugeMetricFamily("governor_workers_rss_bytes", "Summed RSS of every worker process.",

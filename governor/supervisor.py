@@ -166,16 +166,16 @@ class Supervisor(concurrent.futures.Executor):
         self.queue_size = queue_size
         self._clock = clock
         local_workers = {Lane.CRITICAL: 1} if ray_config else {Lane.CRITICAL: 1, Lane.POOL: workers}
-        self._config = ManagerConfig(
-            local=LocalConfig(
-                steps=specs, step_modules=sorted({spec.fn.__module__ for spec in specs.values()} - {"__main__"}),
-                workers=local_workers, spares=spares, max_tasks_per_worker=max_tasks_per_worker,
-                recycle_rss_mb=recycle_rss_mb),
-            pool_workers=workers, on_dispatch=on_dispatch, ray=ray_config)
         self.backend = backend
         self.sandbox = sandbox
         self.sandbox_policy = sandboxing.policy_for(
             (route.spec for route in self._routes.values() if route.lane is Lane.POOL), sandbox_writes)
+        self._config = ManagerConfig(
+            local=LocalConfig(
+                steps=specs, step_modules=sorted({spec.fn.__module__ for spec in specs.values()} - {"__main__"}),
+                workers=local_workers, spares=spares, max_tasks_per_worker=max_tasks_per_worker,
+                recycle_rss_mb=recycle_rss_mb, sandbox=None if sandbox == "off" else self.sandbox_policy),
+            pool_workers=workers, on_dispatch=on_dispatch, ray=ray_config)
         self._metrics = MetricsRecorder()
         self._prometheus = prometheus_registry(self._metrics, self._queue_depth)
         self._lock = threading.Lock()
@@ -411,7 +411,8 @@ class Supervisor(concurrent.futures.Executor):
     # ----------------------------------------------------------------- reading
 
     def describe_workers(self, timeout: float = 10.0) -> List[Dict[str, Any]]:
-        """One dict per live worker: pid, lane, state, task_id, step, running_s, tasks_run, rss_bytes, node.
+        """One dict per live worker: pid, lane, state, task_id, step, running_s, tasks_run, rss_bytes, node,
+        sandbox (``"landlock-v7"`` for a sandboxed pool worker, else ``"none"``).
 
         Asked of the manager thread, which owns the slots (so it costs a round trip).
         """

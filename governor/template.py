@@ -5,7 +5,7 @@
     supervisor (spawn thread)                          template process (loky's context)
       Template.start() ── loky Process ─────────────>  main(address)
                        <── connection ────────────────  connects back
-                       ── (cloudpickled steps, modules) >  installs the steps, imports every
+                       ── (steps, modules, sandbox) ───>  installs the steps, imports every
                        <── ("ready",) | ("failed", tb)     step module, gc.freeze()
     manager thread
       Template.fork(slot_id, lane, seat) ── ("fork", ...) >  os.fork() ──> worker.serve(...)
@@ -45,6 +45,7 @@ from loky.backend.context import get_context
 
 from governor import worker
 from governor.errors import WorkerStartFailed
+from governor.sandbox import SandboxPolicy
 
 #: How often :meth:`Template.start` looks whether the template process died before it
 #: connected back (a broken interpreter, a killed process).
@@ -64,8 +65,12 @@ class Template:
         self.connection: Optional[Connection] = None
         self.pid: Optional[int] = None
 
-    def start(self, steps: Dict[str, Any], modules: Sequence[str], timeout: float, worker_address: str) -> None:
+    def start(self, steps: Dict[str, Any], modules: Sequence[str], timeout: float, worker_address: str,
+              sandbox: Optional[SandboxPolicy] = None) -> None:
         """Start the template process and wait until it is warm.
+
+        ``sandbox`` is the pool lane's policy, which each pool worker applies after its
+        fork (``None``: no sandbox); the template itself is never restricted.
 
         Raises:
             WorkerStartFailed: it did not start, or a step module failed to import in it
@@ -84,7 +89,7 @@ class Template:
             listener.close()
             os.unlink(self._address)
         try:
-            self.connection.send_bytes(cloudpickle.dumps((steps, list(modules))))
+            self.connection.send_bytes(cloudpickle.dumps((steps, list(modules), sandbox)))
             if not self.connection.poll(timeout):
                 raise WorkerStartFailed(f"the worker template did not warm up within {timeout}s")
             reply = pickle.loads(self.connection.recv_bytes())
@@ -147,8 +152,9 @@ def main(address: str, worker_address: str) -> None:
     """The template process: warm up, then fork workers on request until the supervisor goes."""
     connection = Client(address, family="AF_UNIX")
     try:
-        steps, modules = pickle.loads(connection.recv_bytes())
+        steps, modules, sandbox = pickle.loads(connection.recv_bytes())
         worker.install_steps(steps)
+        worker.install_sandbox(sandbox)
         for module in modules:
             importlib.import_module(module)
         worker.seal_preload()

@@ -41,6 +41,7 @@ from multiprocessing.connection import Client, Connection
 from typing import Any, Dict, List, NamedTuple, Optional
 
 from governor import context as _context
+from governor import sandbox as _sandbox
 from governor.errors import StepCancelled
 
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -63,6 +64,11 @@ _early_cancels: Dict[int, tuple] = {}
 _worker_pid: Optional[int] = None
 # The modules the template had imported when it forked this worker.
 _preloaded: frozenset = frozenset()
+# The pool lane's sandbox policy (None: sandbox="off"), and what apply() did in this worker.
+_sandbox_policy: Optional[_sandbox.SandboxPolicy] = None
+_sandbox_report: _sandbox.SandboxReport = _sandbox.SandboxReport(0)
+# /proc/self/clear_refs, opened before the sandbox (which refuses opening it for writing).
+_clear_refs_fd: Optional[int] = None
 
 
 class OutcomeKind(enum.Enum):
@@ -106,6 +112,8 @@ class Outcome(NamedTuple):
         pid: the worker's pid.
         peak_rss_bytes: the worker's peak RSS during the step (``None`` if unknown).
         rss_bytes: the worker's RSS after the step, for leak recycling.
+        denied_path: for ``ERROR``, the path the sandbox refused the step writing, when
+            that is why it failed (the task ends as ``ReadOnlyViolation``).
     """
 
     kind: OutcomeKind
@@ -119,6 +127,7 @@ class Outcome(NamedTuple):
     exception: Optional[BaseException] = None
     peak_rss_bytes: Optional[int] = None
     rss_bytes: Optional[int] = None
+    denied_path: Optional[str] = None
 
 
 class Seat:
@@ -151,6 +160,12 @@ def install_steps(steps: Dict[str, Any]) -> None:
     _steps.update(steps)
 
 
+def install_sandbox(policy: Optional[_sandbox.SandboxPolicy]) -> None:
+    """Give this process the pool lane's sandbox policy (the template; ``None``: no sandbox)."""
+    global _sandbox_policy
+    _sandbox_policy = policy
+
+
 def seal_preload() -> None:
     """Record what the template has imported: every worker shares these modules."""
     global _preloaded
@@ -171,14 +186,15 @@ def serve(slot_id: int, lane: str, address: str, seats_path: str, seat_index: in
     if _statm_fd is not None:  # the template's own /proc/self/statm, opened at its warm-up
         os.close(_statm_fd)
         _statm_fd = None
-    tasks = _connect(address, "task", slot_id)
-    control = _connect(address, "control", slot_id)
+    # Per-worker setup hook: here, after the fork and before the first step, knowing the
+    # worker's ``lane``; before the control thread starts, so the sandbox holds every
+    # thread of the worker (Landlock restricts the calling thread and what it starts).
+    seat = Seat(seats_path, seat_index)  # opened for writing: before the sandbox
+    sandbox = _setup_sandbox(lane)
+    tasks = _connect(address, "task", slot_id, sandbox)
+    control = _connect(address, "control", slot_id, sandbox)
     os.register_at_fork(after_in_child=lambda: _forked_by_a_step(tasks, control))
     threading.Thread(target=_control_loop, args=(control,), name="governor-control", daemon=True).start()
-    seat = Seat(seats_path, seat_index)
-    # Per-worker setup hook: here, after the fork and before the first step, knowing the
-    # worker's ``lane``. The pool lane's sandbox (Landlock) belongs here, never in the
-    # template, which forks the critical lane's workers too.
     _rss_figures()  # start the first task's peak from here
     while True:
         try:
@@ -195,9 +211,27 @@ def serve(slot_id: int, lane: str, address: str, seats_path: str, seat_index: in
         tasks.send_bytes(_dump_outcome(outcome))
 
 
-def _connect(address: str, channel: str, slot_id: int) -> Connection:
+def _setup_sandbox(lane: str) -> Optional[tuple]:
+    """Hold a pool worker to read-only (issue 17); ``(label, missing, tmpdir)`` for its hello.
+
+    Only the pool lane, and only with a policy (``sandbox="off"`` sends none); never the
+    template, whose critical workers must write. What must be opened for writing later
+    (``clear_refs``) is opened first: the sandbox refuses it afterwards.
+    """
+    global _sandbox_report, _clear_refs_fd
+    try:
+        _clear_refs_fd = os.open("/proc/self/clear_refs", os.O_WRONLY | os.O_CLOEXEC)
+    except OSError:
+        _clear_refs_fd = None  # no peak reset: the peak figures stay the lifetime high-water mark
+    if lane != "pool" or _sandbox_policy is None:
+        return None
+    _sandbox_report = _sandbox.apply(_sandbox_policy)
+    return _sandbox_report.label, _sandbox_report.missing, _sandbox_report.tmpdir
+
+
+def _connect(address: str, channel: str, slot_id: int, sandbox: Optional[tuple]) -> Connection:
     connection = Client(address, family="AF_UNIX")
-    connection.send_bytes(pickle.dumps((channel, slot_id, os.getpid())))
+    connection.send_bytes(pickle.dumps((channel, slot_id, os.getpid(), sandbox)))
     return connection
 
 
@@ -276,10 +310,11 @@ def run_step(spec: Any, task_id: int, step: str, args: tuple, kwargs: dict,
     peak, rss = _rss_figures()
     if error is None:
         return Outcome(kind, started, ended, os.getpid(), value=value, peak_rss_bytes=peak, rss_bytes=rss)
+    denied = _sandbox.denied_write(error, _sandbox_report) if kind is OutcomeKind.ERROR else None
     return Outcome(kind, started, ended, os.getpid(),
                    exc_type=_qualified_name(type(error)), exc_message=str(error),
                    traceback_text="".join(traceback.format_exception(error)),
-                   exception=_picklable_or_none(error), peak_rss_bytes=peak, rss_bytes=rss)
+                   exception=_picklable_or_none(error), peak_rss_bytes=peak, rss_bytes=rss, denied_path=denied)
 
 
 def _qualified_name(cls: type) -> str:
@@ -319,10 +354,12 @@ def _statm() -> int:
 
 
 def _forget_peak() -> None:
-    # Writing 5 to clear_refs resets the high-water RSS to the current RSS (Linux >= 4.0).
+    # Writing 5 to clear_refs resets the high-water RSS to the current RSS (Linux >= 4.0),
+    # through the fd opened before the sandbox (a sandboxed worker may not open it).
+    if _clear_refs_fd is None:
+        return
     try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
+        os.write(_clear_refs_fd, b"5")
     except OSError:
         pass
 

@@ -11,7 +11,7 @@ import math
 import os
 
 from governor import StepRegistry, current_context
-from step_library import announce, wait_for_path
+from step_library import MARKERS, announce, wait_for_path
 
 registry = StepRegistry()
 
@@ -45,7 +45,7 @@ def fail(message: str) -> None:
     raise ValueError(message)
 
 
-@registry.step(critical=False)
+@registry.step(critical=False, writes=MARKERS)
 def hold_until(marker: str, go: str) -> int:
     """Say we started (``marker``), then wait for ``go``; return the worker's pid."""
     announce(marker, os.getpid())
@@ -53,7 +53,7 @@ def hold_until(marker: str, go: str) -> int:
     return os.getpid()
 
 
-@registry.step(critical=False)
+@registry.step(critical=False, writes=MARKERS)
 def wait_for_cancel(marker: str) -> str:
     """Say we started (``marker``), then wait for a cancel and say so in ``marker + ".seen"``."""
     announce(marker, os.getpid())

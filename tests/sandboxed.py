@@ -72,3 +72,25 @@ def run_sandboxed(fn: Callable[[sandbox.SandboxReport], Any], policy: sandbox.Sa
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0 and data, "the sandboxed child failed (see stderr)"
     return pickle.loads(data)
+
+
+# -- steps for the tests through a real Supervisor (the worker template imports this module)
+
+def write_file(path: str, text: str = "x") -> str:
+    """Write ``path``: denied in a sandboxed pool worker unless the path was declared."""
+    with open(path, "w") as handle:
+        handle.write(text)
+    return path
+
+
+def signal_process(pid: int, signum: int = 0) -> None:
+    """``os.kill(pid, signum)``: signal 0 checks the right to signal without delivering one."""
+    os.kill(pid, signum)
+
+
+def use_temp_dir() -> str:
+    """Write a file in the worker's temp dir (``tempfile``'s default); return the dir."""
+    import tempfile
+    with tempfile.NamedTemporaryFile("w", delete=False) as handle:
+        handle.write("scratch")
+    return os.path.dirname(handle.name)

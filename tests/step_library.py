@@ -7,11 +7,13 @@ assert overlap or order from what happened, not from wall-clock bounds.
 """
 
 import ctypes
+import getpass
 import os
 import re
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -20,6 +22,12 @@ from governor import Limits
 from governor.steps import StepRegistry, current_context
 
 registry = StepRegistry()
+
+#: pytest's temp root, where tests' marker files live: the pool steps here write markers
+#: there, so they declare it (``writes=``), as any pool step that writes must, or the pool
+#: lane's sandbox refuses their writes (README, "The sandbox").
+MARKERS = [os.path.join(os.environ.get("PYTEST_DEBUG_TEMPROOT") or tempfile.gettempdir(),
+                        f"pytest-of-{getpass.getuser()}")]
 
 
 def announce(marker: str, value: int) -> None:
@@ -38,17 +46,17 @@ def wait_for_path(path: str, timeout: float = 60.0) -> None:
         time.sleep(0.002)
 
 
-@registry.step(critical=False)
+@registry.step(critical=False, writes=MARKERS)
 def noop():
     return None
 
 
-@registry.step(critical=False)
+@registry.step(critical=False, writes=MARKERS)
 def echo(value):
     return value
 
 
-@registry.step(critical=False)
+@registry.step(critical=False, writes=MARKERS)
 def timed_sleep(ms: float, tag: str = "", meeting: str = "", expected: int = 0):
     """Sleep ``ms`` milliseconds; return (tag, start, end, pid, task_id).
 
@@ -88,7 +96,7 @@ def current_branch(repo: str = ".", meeting: str = ""):
     return timed_sleep(9, "git.current_branch", meeting, 3)
 
 
-@registry.step(critical=False)
+@registry.step(critical=False, writes=MARKERS)
 def boom(message: str = "boom"):
     raise ValueError(message)
 
@@ -98,12 +106,12 @@ def critical_boom():
     raise RuntimeError("critical boom")
 
 
-@registry.step(critical=False)
+@registry.step(critical=False, writes=MARKERS)
 def unpicklable_result():
     return threading.Lock()
 
 
-@registry.step(critical=False)
+@registry.step(critical=False, writes=MARKERS)
 def busy_loop(marker: str = ""):
     if marker:
         announce(marker, os.getpid())
@@ -116,14 +124,14 @@ def critical_busy_loop(marker: str = ""):
     busy_loop(marker)
 
 
-@registry.step(critical=False)
+@registry.step(critical=False, writes=MARKERS)
 def sleep_in_c(marker: str = ""):
     if marker:
         announce(marker, os.getpid())
     time.sleep(10 ** 6)
 
 
-@registry.step(critical=False)
+@registry.step(critical=False, writes=MARKERS)
 def regex_holding_the_gil(marker: str = ""):
     """Backtrack for ages inside the C regex engine, which never lets go of the GIL: no
     other thread of the worker runs until it is killed from outside."""
@@ -132,7 +140,7 @@ def regex_holding_the_gil(marker: str = ""):
     re.match(r"(a+)+$", "a" * 64 + "b")
 
 
-@registry.step(critical=False)
+@registry.step(critical=False, writes=MARKERS)
 def child_sleeper(marker: str):
     """Start ``sleep 1000`` as a child, publish its pid in ``marker``, and wait on it."""
     child = subprocess.Popen(["sleep", "1000"])
@@ -140,7 +148,7 @@ def child_sleeper(marker: str):
     child.wait()
 
 
-@registry.step(critical=False)
+@registry.step(critical=False, writes=MARKERS)
 def daemonised_grandchild(marker: str):
     """Start a grandchild that leaves the worker's process group, then hang."""
     child = subprocess.Popen(["sleep", "1000"], start_new_session=True)
@@ -148,7 +156,7 @@ def daemonised_grandchild(marker: str):
     time.sleep(10 ** 6)
 
 
-@registry.step(critical=False)
+@registry.step(critical=False, writes=MARKERS)
 def setsid_grandchild(marker: str):
     """Start a shell that starts ``sleep 1000`` in a new session: a grandchild of the worker,
     out of its process group, whose parent (the shell) is the worker's direct child."""
@@ -156,7 +164,7 @@ def setsid_grandchild(marker: str):
     time.sleep(10 ** 6)
 
 
-@registry.step(critical=False)
+@registry.step(critical=False, writes=MARKERS)
 def child_allocates(marker: str, mb: int):
     """Start a Python child that publishes its pid in ``marker``, takes ``mb`` MiB 10 MiB at
     a time, and sleeps; wait on it. The memory is the child's, not the worker's."""
@@ -166,7 +174,7 @@ def child_allocates(marker: str, mb: int):
     subprocess.Popen([sys.executable, "-c", script, marker, str(mb)]).wait()
 
 
-@registry.step(critical=False)
+@registry.step(critical=False, writes=MARKERS)
 def allocate(chunk_mb: int = 50, total_mb: int = 2048, pause_s: float = 0.02):
     """Allocate ``chunk_mb`` at a time (touching every page) up to ``total_mb``."""
     chunks = []
@@ -176,17 +184,17 @@ def allocate(chunk_mb: int = 50, total_mb: int = 2048, pause_s: float = 0.02):
     return len(chunks)
 
 
-@registry.step(critical=False)
+@registry.step(critical=False, writes=MARKERS)
 def die(code: int = 3):
     os._exit(code)
 
 
-@registry.step(critical=False)
+@registry.step(critical=False, writes=MARKERS)
 def segfault():
     ctypes.string_at(0)
 
 
-@registry.step(critical=False)
+@registry.step(critical=False, writes=MARKERS)
 def cooperative(marker: str = ""):
     """Wait for a cancel through the context; stop by raising StepCancelled."""
     if marker:
@@ -197,7 +205,7 @@ def cooperative(marker: str = ""):
     ctx.check()
 
 
-@registry.step(critical=False)
+@registry.step(critical=False, writes=MARKERS)
 def meet(directory: str, name: str, expected: int, go: str = ""):
     """Announce ``name`` in ``directory``, wait until ``expected`` peers did (or ``go`` exists)."""
     announce(os.path.join(directory, name), os.getpid())
@@ -209,7 +217,7 @@ def meet(directory: str, name: str, expected: int, go: str = ""):
     return name
 
 
-@registry.step(critical=False)
+@registry.step(critical=False, writes=MARKERS)
 def hold_until(marker: str, go: str):
     """Say we started (``marker``), then wait for ``go``: a sibling kept in flight."""
     announce(marker, os.getpid())
@@ -217,7 +225,7 @@ def hold_until(marker: str, go: str):
     return os.getpid()
 
 
-@registry.step(critical=False)
+@registry.step(critical=False, writes=MARKERS)
 def grow_idle_memory(mb: int):
     """Leave ``mb`` MiB allocated in the worker after the step returns (a leak)."""
     global _leak
@@ -225,12 +233,12 @@ def grow_idle_memory(mb: int):
     return os.getpid()
 
 
-@registry.step(critical=False)
+@registry.step(critical=False, writes=MARKERS)
 def pid():
     return os.getpid()
 
 
-@registry.step(critical=False, limits=Limits(timeout_s=0.3))
+@registry.step(critical=False, writes=MARKERS, limits=Limits(timeout_s=0.3))
 def declared_timeout_loop():
     while True:
         pass
@@ -278,7 +286,7 @@ def _first_reader_dies(marker: str) -> str:
     return marker
 
 
-@registry.step(critical=False)
+@registry.step(critical=False, writes=MARKERS)
 def imported_since_fork():
     """The modules this worker imported that its template had not."""
     from governor import worker
@@ -286,20 +294,20 @@ def imported_since_fork():
     return worker.imported_since_fork()
 
 
-@registry.step(critical=False)
+@registry.step(critical=False, writes=MARKERS)
 def import_lazily():
     """Import a module the template never imported (a step that should not)."""
     import xml.dom.minidom  # noqa: F401
 
 
-@registry.step(critical=False)
+@registry.step(critical=False, writes=MARKERS)
 def fork_and_return():
     """Fork, and return from the step in both processes: the child must not serve as a worker."""
     os.fork()
     return os.getpid()
 
 
-@registry.step(critical=False)
+@registry.step(critical=False, writes=MARKERS)
 def die_leaving_a_socket_holder(marker: str):
     """Start ``sleep 1000`` holding every file this worker has open (its sockets too),
     publish its pid, then die: the worker's sockets stay open in the survivor."""
@@ -317,7 +325,7 @@ def _is_open(fd: int) -> bool:
     return True
 
 
-@registry.step(critical=False, limits=Limits(timeout_s=0.5))
+@registry.step(critical=False, writes=MARKERS, limits=Limits(timeout_s=0.5))
 def hang_on(value: int, bad: int):
     """Return ``value``, or spin forever when it is ``bad`` (a map item that times out)."""
     while value == bad:

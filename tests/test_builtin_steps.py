@@ -746,7 +746,8 @@ def test_critical_steps_submitted_in_a_row_keep_their_order(store):
 
 def test_cancelling_a_running_git_step_kills_git_and_keeps_the_worker(repo, store, fake_git):
     chat_id = chat.create("still served", store=store)
-    with Supervisor(default_registry(), workers=1) as sup:
+    # The fake git writes its marker from the sandboxed pool worker: declare where.
+    with Supervisor(default_registry(), workers=1, sandbox_writes=[fake_git.parent]) as sup:
         # A long grace: the step must stop by itself (within one poll), not be killed.
         future = sup.submit_call(Call("git.status", kwargs={"repo": str(repo)}, limits=Limits(cancel_grace_s=30)))
         wait_for_path(str(fake_git))

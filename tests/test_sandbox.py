@@ -8,6 +8,7 @@ A test is skipped, saying why, only where the kernel lacks what it checks.
 """
 
 import errno
+import logging
 import os
 import pickle
 import signal
@@ -22,7 +23,8 @@ from governor import ReadOnlyViolation, SandboxUnavailable, StepFailed, Supervis
 from governor.cli import main
 from governor.sandbox import FsAccess, SandboxPolicy, SandboxReport
 from governor.steps import StepRegistry
-from sandboxed import ABI, needs_abi, needs_landlock, run_sandboxed
+from conftest import wait_until
+from sandboxed import ABI, needs_abi, needs_landlock, run_sandboxed, signal_process, use_temp_dir, write_file
 
 
 def write(path, text="x"):
@@ -256,3 +258,90 @@ def test_tcp_is_refused_unless_a_step_declared_network_use(tmp_path):
         allowed = run_sandboxed(connect, SandboxPolicy(network=True, tmp_root=tmp_path / "tmp"))
         assert allowed.unwrap() == "connected"
         assert not allowed.report.missing
+
+
+# -- pool workers through a real Supervisor ---------------------------------------------
+
+#: The label a sandboxed pool worker reports on this kernel.
+POOL_LABEL = f"landlock-v{min(ABI, sandbox.KNOWN_ABI)}"
+
+
+def sandbox_registry(**pool_options):
+    registry = StepRegistry()
+    registry.register(write_file, name="pool.write", critical=False, **pool_options)
+    registry.register(write_file, name="critical.write", critical=True)
+    registry.register(signal_process, name="pool.signal", critical=False)
+    registry.register(use_temp_dir, name="pool.tmp", critical=False)
+    return registry
+
+
+@needs_landlock
+def test_a_pool_step_that_writes_fails_as_read_only_violation_and_the_same_step_critical_writes(tmp_path, caplog):
+    target = tmp_path / "state.txt"
+    with caplog.at_level(logging.INFO, logger="governor"), \
+            Supervisor(sandbox_registry(), workers=1, sandbox="require") as sup:
+        with pytest.raises(ReadOnlyViolation) as raised:
+            sup.submit("pool.write", str(target)).result(timeout=60)
+        assert raised.value.path == str(target) and raised.value.exc_type == "PermissionError"
+        assert not target.exists(), "the sandbox let the write through"
+        assert sup.submit("critical.write", str(target), "critical").result(timeout=60) == str(target)
+        assert target.read_text() == "critical"
+        workers = sup.describe_workers()
+        assert {(w["lane"], w["sandbox"]) for w in workers} == {("critical", "none"), ("pool", POOL_LABEL)}
+        metrics = sup.metrics()
+        assert metrics["sandbox"] == {"pool": POOL_LABEL}
+        assert metrics["sandbox_denials"] == {"pool.write": 1}
+        text = sup.prometheus_text()
+        assert 'governor_sandbox_denials_total{step="pool.write"} 1.0' in text
+        assert f'governor_sandbox_info{{lane="pool",sandbox="{POOL_LABEL}"}} 1.0' in text
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "read-only" in r.getMessage()]
+    assert len(warnings) == 1 and str(target) in warnings[0]
+    assert "critical=True" in warnings[0] and "writes=[...]" in warnings[0]
+    told = [r.getMessage() for r in caplog.records if r.getMessage().startswith("pool workers run under sandbox")]
+    assert len(told) == 1, "said once per supervisor, not once per worker (pool worker + spare)"
+
+
+@needs_landlock
+def test_declared_paths_and_the_workers_own_temp_dir_are_writable_and_the_temp_dir_goes_with_it(tmp_path):
+    cache, shared = tmp_path / "cache", tmp_path / "shared"
+    shared.mkdir()
+    registry = sandbox_registry(writes=[str(cache)])
+    with Supervisor(registry, workers=1, sandbox="require", sandbox_writes=[shared]) as sup:
+        assert sup.submit("pool.write", str(cache / "entry")).result(timeout=60) == str(cache / "entry")
+        assert sup.submit("pool.write", str(shared / "entry")).result(timeout=60) == str(shared / "entry")
+        temp_dir = sup.submit("pool.tmp").result(timeout=60)
+        assert os.path.basename(temp_dir).startswith("governor-worker-")
+        with pytest.raises(ReadOnlyViolation):
+            sup.submit("pool.write", str(tmp_path / "undeclared")).result(timeout=60)
+    assert (cache / "entry").read_text() == "x" and (shared / "entry").read_text() == "x"
+    assert not os.path.exists(temp_dir), "the supervisor removes its workers' temp dirs"
+
+
+@needs_abi(sandbox.SCOPE_ABI, "signal scoping")
+@pytest.mark.parametrize("mode", ["auto", "off"])
+def test_a_sandboxed_pool_step_cannot_signal_the_supervisor(mode):
+    with Supervisor(sandbox_registry(), workers=1, sandbox=mode) as sup:
+        future = sup.submit("pool.signal", os.getpid(), 0)  # 0: the right to signal, nothing sent
+        if mode == "off":
+            assert future.result(timeout=60) is None
+            return
+        with pytest.raises(StepFailed) as raised:
+            future.result(timeout=60)
+        assert raised.value.exc_type == "PermissionError" and not isinstance(raised.value, ReadOnlyViolation)
+
+
+def test_sandbox_off_applies_nothing(tmp_path):
+    target = tmp_path / "written"
+    with Supervisor(sandbox_registry(), workers=1, sandbox="off") as sup:
+        assert sup.submit("pool.write", str(target)).result(timeout=60) == str(target)
+        assert {w["sandbox"] for w in sup.describe_workers()} == {"none"}
+        assert sup.metrics()["sandbox"] == {"pool": "none"}
+
+
+@needs_landlock
+def test_a_retired_workers_temp_dir_is_removed_while_the_supervisor_runs():
+    with Supervisor(sandbox_registry(), workers=1, spares=0, max_tasks_per_worker=1, sandbox="require") as sup:
+        first = sup.submit("pool.tmp").result(timeout=60)
+        second = sup.submit("pool.tmp").result(timeout=60)  # a new worker: the first retired
+        assert first != second  # (the second retires after its task too: its dir may be gone already)
+        assert wait_until(lambda: not os.path.exists(first)), "a gone worker's temp dir stays"

@@ -10,11 +10,14 @@ import pytest
 
 from conftest import alive, wait_until
 from daemon_harness import DaemonProcess
-from governor import StepCancelled
+from governor import StepCancelled, sandbox
 from governor.client import Client
 
 SWITCH_EVERY_S = 0.03
 SWITCHES = 100
+
+#: What holds the daemon's pool workers on this kernel (sandbox="auto", the default).
+POOL_SANDBOX = f"landlock-v{min(sandbox.abi_version(), sandbox.KNOWN_ABI)}" if sandbox.abi_version() else "none"
 
 
 def make_repo(path, branch):
@@ -85,6 +88,9 @@ def test_rapid_view_switching(workspace):
 
         workers = client.workers()
         assert len(workers) == 4 + 1 + 1 + 1, "pool, its spare, the critical worker and its spare"
+        # The built-in pool steps above ran read-only under the default sandbox ("auto").
+        assert {w["sandbox"] for w in workers if w["lane"] == "pool"} == {POOL_SANDBOX}
+        assert {w["sandbox"] for w in workers if w["lane"] == "critical"} == {"none"}
         pids = [worker["pid"] for worker in workers]
     daemon_pid = daemon.process.pid
     assert daemon.stop() == 0

@@ -13,5 +13,6 @@ from governor.bench.scenarios import governor_limits  # noqa: F401
 from governor.bench.scenarios import memory  # noqa: F401
 from governor.bench.scenarios import scaling  # noqa: F401
 from governor.bench.scenarios import daemon  # noqa: F401
+from governor.bench.scenarios import sandbox  # noqa: F401
 from governor.bench.scenarios import chaos  # noqa: F401
 from governor.bench.scenarios import ray_lane  # noqa: F401
