@@ -47,7 +47,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Sequence
 
 import attrs
 
-from governor import worker
+from governor import gilio, worker
 from governor.backend import LaneBackend
 from governor.errors import MemoryLimitExceeded, ReadOnlyViolation, StepFailed, SupervisorBroken, WorkerStartFailed
 from governor.limits import Lane
@@ -110,7 +110,8 @@ class Manager(threading.Thread):
         os.set_blocking(self._wakeup_reader, False)
         os.set_blocking(self._wakeup_writer, False)
         self.selector = selectors.DefaultSelector()
-        self.selector.register(self._wakeup_reader, selectors.EVENT_READ, self._drain_wakeups)
+        self.selector.register(self._wakeup_reader, selectors.EVENT_READ, self._on_wakeup)
+        self._woken = False
 
         local = LocalLanes(self, config.local)
         self._all: List[LaneBackend] = [local]
@@ -177,7 +178,7 @@ class Manager(threading.Thread):
             if self._wakeup_writer is None:
                 return  # the manager has exited: nothing is listening
             try:
-                os.write(self._wakeup_writer, b"\0")
+                gilio.write_now(self._wakeup_writer, b"\0")
             except BlockingIOError:
                 pass  # the pipe is full, so a wake-up is already pending
 
@@ -223,6 +224,8 @@ class Manager(threading.Thread):
     def _wait_for_events(self) -> None:
         due = [when for when in (backend.next_deadline() for backend in self._all) if when is not None]
         timeout = min(MAX_WAIT_S, max(0.0, min(due) - self.clock())) if due else MAX_WAIT_S
+        if self._woken:
+            self._drain_wakeups()
         self._sleeping = True
         if self._inbox:
             timeout = 0.0  # a message came before the flag went up: no byte was written for it
@@ -231,9 +234,16 @@ class Manager(threading.Thread):
         for key, _ in events:
             self._guarded(key.data)
 
+    def _on_wakeup(self) -> None:
+        # The inbox is read in this turn anyway: the byte is read just before the next
+        # select, so no syscall (which lets go of the GIL, to a submitter that keeps it
+        # until it blocks) stands between a submit and its task's dispatch.
+        self._woken = True
+
     def _drain_wakeups(self) -> None:
         # One read: if more than 4 KiB of wake-ups were pending, the (level-triggered) select
         # wakes again.
+        self._woken = False
         try:
             os.read(self._wakeup_reader, 4096)
         except BlockingIOError:

@@ -12,8 +12,10 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 
+import psutil
 import pytest
 
 from conftest import alive, wait_until
@@ -237,3 +239,25 @@ def test_without_a_subreaper_kill_step_tree_still_reaches_a_dead_workers_group_a
     assert {pids["in_group"], pids["new_group"], pids["double_forked"]} <= set(killed)
     assert not any(alive(pids[name]) for name in ("in_group", "new_group", "double_forked"))
     assert alive(pids["new_session"]) and alive(pids["daemon"])
+
+
+def test_tree_sampler_finds_the_descendants_a_full_scan_finds(cleanup):
+    # The sampler (and so kill_tree) follows /proc/PID/task/*/children rather than scanning
+    # every process: it must find the same tree, a grandchild in a new session included.
+    def worker():
+        pids = start_step_processes(double_fork=False)
+        parent = subprocess.Popen(
+            [sys.executable, "-c", "import subprocess; child = subprocess.Popen(['sleep', '1000'], "
+             "start_new_session=True); print(child.pid, flush=True); child.wait()"], stdout=subprocess.PIPE)
+        grandchild = int(parent.stdout.readline())
+        with open(_pid_log, "a") as log:
+            log.write(f"{grandchild}\n{parent.pid}\n")
+        found = {process.pid for process in proctree.TreeSampler(os.getpid()).descendants(rescan=True)}
+        full_scan = {process.pid for process in psutil.Process().children(recursive=True)}
+        return [proctree._PROC_CHILDREN, {pids["in_group"], pids["new_session"], parent.pid, grandchild} <= found,
+                sorted(found), sorted(full_scan)]
+
+    children_files, all_found, found, full_scan = run_forked(worker)
+    assert children_files, "this machine's kernel has /proc/PID/task/TID/children"
+    assert all_found
+    assert found == full_scan
