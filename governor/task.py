@@ -32,6 +32,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import attrs
 
+from governor.callbacks import CallbackFuture, CallbackRunner
 from governor.errors import InvalidTransition, StepCancelled, StepSkipped, WorkflowFailed
 from governor.limits import Lane, Limits
 
@@ -261,9 +262,10 @@ def in_done_callback() -> bool:
     return getattr(_resolving, "depth", 0) > 0
 
 
-class _ExplainedCancelFuture(concurrent.futures.Future):
+class _ExplainedCancelFuture(CallbackFuture):
     """A future whose ``result()``/``exception()`` raise ``StepCancelled`` (saying why)
-    instead of a bare ``CancelledError``."""
+    instead of a bare ``CancelledError``, and whose done-callbacks never run on the
+    manager thread (:class:`~governor.callbacks.CallbackFuture`)."""
 
     def _cancel_error(self) -> StepCancelled:
         raise NotImplementedError
@@ -298,8 +300,8 @@ class TaskFuture(_ExplainedCancelFuture):
     * ``running()`` is ``True`` while the step runs in a worker.
     """
 
-    def __init__(self, task: Task, canceller: Callable[[Task, CancelRequest], bool]):
-        super().__init__()
+    def __init__(self, task: Task, canceller: Callable[[Task, CancelRequest], bool], runner: CallbackRunner):
+        super().__init__(runner)
         self.task = task
         self._canceller = canceller
 
@@ -383,8 +385,8 @@ class WorkflowFuture(_ExplainedCancelFuture):
     first step's ``StepCancelled``.
     """
 
-    def __init__(self, steps: Sequence[TaskFuture]):
-        super().__init__()
+    def __init__(self, steps: Sequence[TaskFuture], runner: CallbackRunner):
+        super().__init__(runner)
         self.steps = list(steps)
 
     def cancel(self, detail: Optional[str] = None) -> bool:
