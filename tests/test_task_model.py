@@ -69,8 +69,10 @@ def test_a_running_task_with_a_cancel_request_ends_cancelled_whatever_came_back(
     task = make_task(runner)
     task.transition(TaskState.RUNNING)
     assert task.request_cancel(CancelRequest("explicit")) == (True, False)
+    assert task.request_cancel(CancelRequest("timeout", "later")) == (True, False)
     assert task.end(TaskState.DONE) is TaskState.RUNNING
     assert task.state is TaskState.CANCELLED and isinstance(task.error, StepCancelled)
+    assert task.cancel_request.reason == "explicit"  # the first reason stands
 
 
 def test_once_claimed_for_a_kill_only_the_kill_ends_the_task(runner):
