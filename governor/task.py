@@ -262,10 +262,9 @@ def in_done_callback() -> bool:
     return getattr(_resolving, "depth", 0) > 0
 
 
-class _ExplainedCancelFuture(CallbackFuture):
+class _ExplainedCancelFuture(concurrent.futures.Future):
     """A future whose ``result()``/``exception()`` raise ``StepCancelled`` (saying why)
-    instead of a bare ``CancelledError``, and whose done-callbacks never run on the
-    manager thread (:class:`~governor.callbacks.CallbackFuture`)."""
+    instead of a bare ``CancelledError``."""
 
     def _cancel_error(self) -> StepCancelled:
         raise NotImplementedError
@@ -285,7 +284,7 @@ class _ExplainedCancelFuture(CallbackFuture):
             raise self._cancel_error() from None
 
 
-class TaskFuture(_ExplainedCancelFuture):
+class TaskFuture(_ExplainedCancelFuture, CallbackFuture):
     """The future of one task; works with ``concurrent.futures.wait`` and ``as_completed``.
 
     Differences from a plain ``Future``:
@@ -298,6 +297,7 @@ class TaskFuture(_ExplainedCancelFuture):
       ``exception()`` raise :class:`~governor.errors.StepCancelled` (a
       ``concurrent.futures.CancelledError``) saying why.
     * ``running()`` is ``True`` while the step runs in a worker.
+    * done-callbacks never run on the supervisor's manager thread (see ``governor.callbacks``).
     """
 
     def __init__(self, task: Task, canceller: Callable[[Task, CancelRequest], bool], runner: CallbackRunner):
@@ -377,7 +377,7 @@ class Workflow:
         return rest
 
 
-class WorkflowFuture(_ExplainedCancelFuture):
+class WorkflowFuture(_ExplainedCancelFuture, CallbackFuture):
     """The future of a workflow: the list of its steps' results, or ``WorkflowFailed``.
 
     ``steps`` holds each step's own :class:`TaskFuture`. ``cancel()`` cancels every step
