@@ -31,9 +31,10 @@ def worker_view(pid: Optional[int], lane: Lane, state: str, now: float, task: Op
                 node: Optional[str] = None) -> Dict[str, Any]:
     """One entry of ``Supervisor.describe_workers()``, in the same shape for every backend
     (``tasks_run`` and ``rss_bytes`` are ``None`` where a backend cannot know them, ``node``
-    where the worker is on this host). ``tag`` is the task's ``Call.tag`` (the daemon's
-    journal id); ``timeout_s`` and ``max_memory_mb`` are the limits enforced on the task
-    (``None``: none), so a live view can set running time and RSS against them."""
+    where the worker is on this host). ``task_id`` is ``Task.public_id`` (a daemon's journal
+    id, else the supervisor's); ``tag`` is the task's ``Call.tag``; ``timeout_s`` and
+    ``max_memory_mb`` are the limits enforced on the task (``None``: none), so a live view
+    can set running time and RSS against them."""
     return {"pid": pid, "lane": lane.value, "state": state, "task_id": task.public_id if task else None,
             "tag": task.tag if task else None,
             "step": task.step if task else None, "running_s": (now - task.dispatched_at) if task else None,

@@ -170,6 +170,9 @@ class _Requests:
     def workers(self) -> _Exchange:
         return _Exchange(protocol.Workers(self._id()), lambda reply: reply["workers"])
 
+    def live(self) -> _Exchange:
+        return _Exchange(protocol.Live(self._id()), lambda reply: reply["live"])
+
     def metrics(self, format: str) -> _Exchange:
         return _Exchange(protocol.Metrics(self._id(), format),
                          lambda reply: reply["text"] if format == "prometheus" else reply["metrics"])
@@ -362,7 +365,7 @@ class Client:
     def live(self) -> Dict[str, Any]:
         """The live picture ``governor top`` draws: lanes, workers, recent tasks, kills,
         per-step latencies (see ``governor.live``)."""
-        return self._request(protocol.Live(self._next_id()))["live"]
+        return self._ask(self._requests.live())
 
     def close(self) -> None:
         """Close the connection; unfinished futures fail with ``DaemonUnavailable``."""

@@ -65,6 +65,7 @@ import signal
 import socket
 import stat
 import struct
+import threading
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -74,6 +75,7 @@ import attrs
 from governor import protocol
 from governor.errors import GovernorError, StepCancelled, TaskNotResumable, TooManyClients, UnknownTask
 from governor.journal import Journal, NewTask, TaskRecord
+from governor.limits import Lane
 from governor.live import HttpConfig, LiveModel
 from governor.paths import default_journal_path, default_socket_path
 from governor.supervisor import Supervisor
@@ -403,6 +405,7 @@ class _Live:
     record_id: int
     future: concurrent.futures.Future
     waiters: List["_Waiter"] = attrs.field(factory=list)
+    end_journaled: bool = False  # claimed under Daemon._ends_lock: the end is written once
 
 
 class _Connection:
@@ -515,6 +518,8 @@ class Daemon:
         self._supervisor: Optional[Supervisor] = None
         self._live: Dict[int, _Live] = {}
         self._started_records: set = set()
+        self._last_critical: Optional[int] = None  # the record of the critical step last started
+        self._ends_lock = threading.Lock()  # _journal_end runs on the manager and the loop thread
         self._connections: set = set()
         self._server: Optional[asyncio.AbstractServer] = None
         self._metrics_server: Any = None
@@ -903,11 +908,37 @@ class Daemon:
         return call
 
     def _record_start(self, task: Task) -> None:
-        """on_dispatch hook (manager thread): journal "running" before the step reaches a worker."""
+        """on_dispatch hook (manager thread): journal "running" before the step reaches a worker.
+
+        A critical step's start first journals the end of the critical record before it
+        (the manager has resolved its future by now), so the journal never holds two
+        critical rows "running": after a crash, only the step that was really running
+        reads as interrupted.
+        """
         if task.ref is None or task.ref in self._started_records:
             return  # a workflow's later steps: its row is running already
+        if task.lane is Lane.CRITICAL:
+            previous, self._last_critical = self._last_critical, task.ref
+            live = self._live.get(previous) if previous is not None else None
+            if live is not None and live.future.done():
+                self._journal_end(live)
         self._started_records.add(task.ref)
         self._journal.mark_started(task.ref)
+
+    def _journal_end(self, live: _Live) -> None:
+        """Journal a finished record's end, once (the manager or the loop thread, whichever is first)."""
+        # The write happens under the lock: the loop thread answers the record's waiters
+        # from the journal right after this returns, so it must not pass a write in flight.
+        with self._ends_lock:
+            if live.end_journaled:
+                return
+            live.end_journaled = True
+            record_id, future = live.record_id, live.future
+            if self._draining and _cancelled_by_shutdown(future):
+                return  # left queued or running in the journal: the next start takes it up
+            state, result, error = _ending(future)
+            self._journal.mark_finished(record_id, state, result=result,
+                                        error=None if error is None else protocol.with_task_id(error, record_id))
 
     def _task_done(self, record_id: int) -> None:
         """Loop thread: journal a task's end and answer who waits for it."""
@@ -917,9 +948,7 @@ class Daemon:
         self.live.task_ended(record_id, future)
         if self._draining and _cancelled_by_shutdown(future):
             return  # left queued or running in the journal: the next start takes it up
-        state, result, error = _ending(future)
-        self._journal.mark_finished(record_id, state, result=result,
-                                    error=None if error is None else protocol.with_task_id(error, record_id))
+        self._journal_end(live)
         for waiter in list(live.waiters):
             waiter.one_done(self, live)
 

@@ -216,10 +216,9 @@ def _lanes(metrics: Dict[str, Any]) -> List[Dict[str, Any]]:
 
 
 def _worker(worker: Dict[str, Any]) -> Dict[str, Any]:
-    """A worker as the live views show it: the task under the daemon's id (its tag), one id per task."""
-    view = {key: value for key, value in worker.items() if key not in ("task_id", "tag")}
-    view["task_id"] = worker.get("tag")
-    return view
+    """A worker as the live views show it. Its ``task_id`` is already the daemon's (the
+    journal's, ``Task.public_id``): one id per task everywhere; the step's own tag is not shown."""
+    return {key: value for key, value in worker.items() if key != "tag"}
 
 
 # --------------------------------------------------------------------------- the HTTP page's settings

@@ -302,6 +302,10 @@ class Manager(threading.Thread):
         """
         if self._config.on_dispatch is None:
             return True
+        # The tasks ended this turn are resolved first: a journal that records ends from
+        # their futures then sees the last critical step's end before the next one's start,
+        # so after a crash at most one critical step reads "may have run".
+        self._resolve_ended()
         try:
             self._config.on_dispatch(task)
         except Exception as exc:

@@ -11,6 +11,7 @@ import os
 import re
 import resource
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -238,6 +239,16 @@ def declared_timeout_loop():
 
 
 _leak = None
+
+
+@registry.step(name="journal.running_critical", critical=True)
+def running_critical(journal: str) -> int:
+    """How many critical rows the daemon's journal holds as running, read from inside one."""
+    database = sqlite3.connect(f"file:{journal}?mode=ro", uri=True)
+    try:
+        return database.execute("SELECT COUNT(*) FROM tasks WHERE state = 'running' AND lane = 'critical'").fetchone()[0]
+    finally:
+        database.close()
 
 
 @registry.step(name="ledger.append", critical=True)

@@ -113,6 +113,20 @@ def test_a_keyed_batch_supersedes_the_previous_view(client, tmp_path):
     assert all(client.status(task_id)["result"] is None for task_id in old_view.task_ids)
 
 
+def test_the_journal_never_holds_two_critical_steps_running(tmp_path):
+    # The manager hands the next critical step to its worker before the daemon's loop has
+    # journaled the last one's end; unless the start journals that end first, a kill -9
+    # in between would report two critical steps as interrupted where one was running.
+    server = DaemonProcess(tmp_path, workers=1).start()
+    try:
+        with Client(server.socket) as client:
+            futures = [client.submit("journal.running_critical", journal=str(server.journal)) for _ in range(150)]
+            counts = [future.result(timeout=120) for future in futures]
+    finally:
+        assert server.stop() == 0
+    assert set(counts) == {1}, f"critical rows running at a step's start: {counts}"
+
+
 def test_kill_9_loses_nothing_and_runs_no_critical_step_twice(tmp_path):
     ledger = tmp_path / "ledger.txt"
     first = DaemonProcess(tmp_path, workers=2).start()

@@ -15,6 +15,7 @@ from governor import Call, Limits, MemoryLimitExceeded, StepCancelled, StepTimeo
 
 pytest.importorskip("aiohttp", reason="the status page needs the live extra (pip install -e '.[live]')")
 
+from governor.cli import EXIT_CODES  # noqa: E402
 from governor.client import Client  # noqa: E402
 from live_harness import LiveDaemon, daemon, running  # noqa: E402,F401 (daemon: a fixture)
 
@@ -158,6 +159,6 @@ def test_a_taken_port_is_a_clear_error_and_leaves_nothing_running(tmp_path):
         refused = subprocess.run([sys.executable, "-m", "governor", "serve", "--socket", str(tmp_path / "s.sock"),
                                   "--journal", str(tmp_path / "j.sqlite3"), "--workers", "1",
                                   "--http-addr", f"127.0.0.1:{port}"], capture_output=True, text=True, timeout=120)
-    assert refused.returncode == 1 and f"cannot serve the status page on 127.0.0.1:{port}" in refused.stderr
+    assert refused.returncode == EXIT_CODES["cannot_start"] and f"cannot serve the status page on 127.0.0.1:{port}" in refused.stderr
     assert "Traceback" not in refused.stderr and "could not start a worker" not in refused.stderr
     assert not (tmp_path / "s.sock").exists()

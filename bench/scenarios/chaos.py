@@ -281,7 +281,7 @@ def chaos(ctx: ScenarioContext) -> ScenarioResult:
                 after = supervisor_figures()
                 result.put("supervisor_metrics", supervisor.metrics())
             finally:
-                supervisor.shutdown(wait=True, cancel_pending=True, cancel_running=True)
+                supervisor.shutdown(wait=True, cancel_futures=True, cancel_running=True)
         elapsed = time.perf_counter() - started
     finally:
         if driver is not None:
