@@ -101,13 +101,11 @@ class CallbackRunner:
             wait: wait for the due callbacks to have run.
         """
         with self._lock:
-            if self._closed:
-                thread = None
-            else:
+            if not self._closed:
                 self._closed = True
-                thread = self._thread
-                if thread is not None:
+                if self._thread is not None:
                     self._queue.put(self._CLOSE)
+            thread = self._thread  # a second close (the manager's, then the supervisor's) waits too
         if wait and thread is not None and thread is not threading.current_thread():
             thread.join()
 

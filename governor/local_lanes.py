@@ -744,13 +744,16 @@ class LocalLanes:
                 task.step, task.id, type(exc).__qualname__,
                 f"its result could not be read back from the worker: {exc}", "".join(traceback.format_exception(exc))))
             return
-        self._after_task(slot, outcome.rss_bytes)
+        self._after_task(slot, outcome.rss_bytes, outcome.dirty)
         self._host.conclude_outcome(task, outcome)
 
-    def _after_task(self, slot: Slot, rss: Optional[int]) -> None:
-        """Put a slot back to work, or recycle its worker if it leaked or ran its quota."""
+    def _after_task(self, slot: Slot, rss: Optional[int], dirty: Optional[str] = None) -> None:
+        """Put a slot back to work, or recycle its worker if it is dirty, leaked or ran its quota."""
         config = self._config
-        if config.max_tasks_per_worker is not None and slot.tasks_run >= config.max_tasks_per_worker:
+        if dirty is not None:
+            log.warning("worker %s could not be made clean after a step: %s", slot.pid, dirty)
+            self._recycle(slot, "dirty")
+        elif config.max_tasks_per_worker is not None and slot.tasks_run >= config.max_tasks_per_worker:
             self._recycle(slot, "max_tasks")
         elif config.recycle_rss_mb is not None and rss is not None and rss > config.recycle_rss_mb * 2 ** 20:
             self._recycle(slot, "leak")

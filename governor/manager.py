@@ -49,6 +49,7 @@ import attrs
 
 from governor import gilio, worker
 from governor.backend import LaneBackend
+from governor.callbacks import CallbackRunner
 from governor.errors import MemoryLimitExceeded, ReadOnlyViolation, StepFailed, SupervisorBroken, WorkerStartFailed
 from governor.limits import Lane
 from governor.local_lanes import LocalConfig, LocalLanes
@@ -90,8 +91,9 @@ class Manager(threading.Thread):
 
     def __init__(self, config: ManagerConfig, metrics: MetricsRecorder,
                  on_left_queue: Callable[[Task], None], cancel_task: Callable[[Task, CancelRequest], bool],
-                 clock: Callable[[], float]):
+                 clock: Callable[[], float], callbacks: CallbackRunner):
         super().__init__(name="governor-manager", daemon=True)
+        self._callbacks = callbacks
         self._config = config
         self.metrics = metrics
         self.left_queue = on_left_queue
@@ -185,6 +187,7 @@ class Manager(threading.Thread):
     # ----------------------------------------------------------------- the loop
 
     def run(self) -> None:
+        self._callbacks.protect()  # users' done-callbacks never run here (governor.callbacks)
         try:
             for backend in self._all:
                 backend.begin()
@@ -209,6 +212,7 @@ class Manager(threading.Thread):
         finally:
             self.warm.set()
             self._close()
+            self._callbacks.close(wait=False)  # the callbacks due run on; none is waited for here
 
     def _guarded(self, handler: Callable[..., None], *args: Any) -> None:
         """Run one handler; if it raises, log it and go on: one bad event must not stop

@@ -177,7 +177,7 @@ class MetricsRecorder:
             self._redispatches[lane.value] += 1
 
     def worker_recycled(self, lane: Lane, reason: str) -> None:
-        """Count a healthy worker replaced: ``reason`` is leak or max_tasks."""
+        """Count a worker replaced after a task: ``reason`` is leak, max_tasks or dirty."""
         with self._lock:
             self._recycles[(lane.value, reason)] += 1
 

@@ -21,6 +21,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optio
 
 from governor import aio
 from governor import sandbox as sandboxing
+from governor.callbacks import CallbackRunner
 from governor.errors import InvalidParameters, QueueFull, SupervisorBroken, SupervisorClosed, UnknownStep, WorkerStartFailed
 from governor.limits import Lane, Limits
 from governor.local_lanes import LocalConfig
@@ -182,6 +183,7 @@ class Supervisor(concurrent.futures.Executor):
         self._ids = itertools.count(1)
         self._queued = {Lane.CRITICAL: 0, Lane.POOL: 0}
         self._manager: Optional[Manager] = None
+        self._callbacks = CallbackRunner()
         self._accepting = False
         self._shut_down = False
         self._start_lock = threading.Lock()  # held through start(): see _start_on_first_use
@@ -208,7 +210,8 @@ class Supervisor(concurrent.futures.Executor):
                 raise SupervisorClosed("this supervisor was shut down")
             if self._manager is not None:
                 raise SupervisorClosed("this supervisor was already started")
-            self._manager = Manager(self._config, self._metrics, self._left_queue, self._cancel, self._clock)
+            self._manager = Manager(self._config, self._metrics, self._left_queue, self._cancel, self._clock,
+                                   self._callbacks)
         self._manager.connect()
         self._manager.start()
         _live_supervisors.add(self)
@@ -251,6 +254,7 @@ class Supervisor(concurrent.futures.Executor):
         manager.request_shutdown(cancel_futures, cancel_running)
         if wait and threading.current_thread() is not manager and not in_done_callback():
             manager.join()
+            self._callbacks.close()  # the callbacks due have run (not waited for from one of them)
 
     def __enter__(self) -> "Supervisor":
         return self.start()
@@ -362,7 +366,7 @@ class Supervisor(concurrent.futures.Executor):
             tasks = [Task(0, step, route.lane, tuple(calls[start:start + chunksize]), {}, route.limits, now,
                           chunk=True) for start in range(0, len(calls), chunksize)]
         for task in tasks:
-            task.future = TaskFuture(task, self._cancel)
+            task.future = TaskFuture(task, self._cancel, self._callbacks)
         self._enqueue(tasks)
         return _results_in_order([task.future for task in tasks], chunksize > 1, deadline)
 
@@ -380,7 +384,7 @@ class Supervisor(concurrent.futures.Executor):
         tasks = [self._new_task(Call.of(item), lane=Lane.CRITICAL) for item in calls]
         if not tasks:
             raise ValueError("a workflow needs at least one step")
-        future = WorkflowFuture([task.future for task in tasks])
+        future = WorkflowFuture([task.future for task in tasks], self._callbacks)
         flow = Workflow(tasks, future)
         for task in tasks:
             task.workflow = flow
@@ -493,7 +497,7 @@ class Supervisor(concurrent.futures.Executor):
         limits = route.limits if call.limits is None else call.limits.over(route.limits)
         task = Task(0, route.spec.name, lane or route.lane, call.args, call.kwargs, limits, self._clock(), tag=call.tag,
                     ref=call.ref)
-        task.future = TaskFuture(task, self._cancel)
+        task.future = TaskFuture(task, self._cancel, self._callbacks)
         return task
 
     def _start_on_first_use(self) -> None:

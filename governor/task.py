@@ -32,6 +32,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import attrs
 
+from governor.callbacks import CallbackFuture, CallbackRunner
 from governor.errors import InvalidTransition, StepCancelled, StepSkipped, WorkflowFailed
 from governor.limits import Lane, Limits
 
@@ -283,7 +284,7 @@ class _ExplainedCancelFuture(concurrent.futures.Future):
             raise self._cancel_error() from None
 
 
-class TaskFuture(_ExplainedCancelFuture):
+class TaskFuture(_ExplainedCancelFuture, CallbackFuture):
     """The future of one task; works with ``concurrent.futures.wait`` and ``as_completed``.
 
     Differences from a plain ``Future``:
@@ -296,10 +297,11 @@ class TaskFuture(_ExplainedCancelFuture):
       ``exception()`` raise :class:`~governor.errors.StepCancelled` (a
       ``concurrent.futures.CancelledError``) saying why.
     * ``running()`` is ``True`` while the step runs in a worker.
+    * done-callbacks never run on the supervisor's manager thread (see ``governor.callbacks``).
     """
 
-    def __init__(self, task: Task, canceller: Callable[[Task, CancelRequest], bool]):
-        super().__init__()
+    def __init__(self, task: Task, canceller: Callable[[Task, CancelRequest], bool], runner: CallbackRunner):
+        super().__init__(runner)
         self.task = task
         self._canceller = canceller
 
@@ -375,7 +377,7 @@ class Workflow:
         return rest
 
 
-class WorkflowFuture(_ExplainedCancelFuture):
+class WorkflowFuture(_ExplainedCancelFuture, CallbackFuture):
     """The future of a workflow: the list of its steps' results, or ``WorkflowFailed``.
 
     ``steps`` holds each step's own :class:`TaskFuture`. ``cancel()`` cancels every step
@@ -383,8 +385,8 @@ class WorkflowFuture(_ExplainedCancelFuture):
     first step's ``StepCancelled``.
     """
 
-    def __init__(self, steps: Sequence[TaskFuture]):
-        super().__init__()
+    def __init__(self, steps: Sequence[TaskFuture], runner: CallbackRunner):
+        super().__init__(runner)
         self.steps = list(steps)
 
     def cancel(self, detail: Optional[str] = None) -> bool:

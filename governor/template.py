@@ -21,9 +21,18 @@ through cloudpickle, so steps defined in ``__main__`` or in closures work.
 
 The template runs no step and starts no thread: a fork from a single-threaded process
 copies no lock held by another thread. It reaps its workers (they are its children),
-kills what a dead worker left in its process group, and reports each one's exit status,
-which only a parent can read; the supervisor confirms deaths with a pidfd of its own and
-takes the status from here.
+kills what a dead worker left behind, and reports each one's exit status, which only a
+parent can read; the supervisor confirms deaths with a pidfd of its own and takes the
+status from here.
+
+What a dead worker leaves behind: the template is a child subreaper
+(``proctree.become_subreaper``), so every process of a dead worker's tree that lost its
+parent (its children, a double fork, a new session) is reparented here rather than to
+init. On each death the template kills the worker's group and session
+(``proctree.kill_step_tree``, while the unreaped zombie pins their ids), reaps the worker,
+then kills every descendant of its own that is not below a live worker
+(``proctree.kill_descendants``): however a worker died (a segfault, ``os._exit``, an
+outside SIGKILL), nothing of its task outlives it.
 """
 
 from __future__ import annotations
@@ -38,12 +47,12 @@ import socket
 import sys
 import traceback
 from multiprocessing.connection import Client, Connection, wait
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Set
 
 import cloudpickle
 from loky.backend.context import get_context
 
-from governor import worker
+from governor import proctree, worker
 from governor.errors import WorkerStartFailed
 from governor.sandbox import SandboxPolicy
 
@@ -161,8 +170,10 @@ def main(address: str, worker_address: str) -> None:
     except BaseException:
         connection.send_bytes(pickle.dumps(("failed", traceback.format_exc())))
         return
+    proctree.become_subreaper()  # a dead worker's orphans land here (module docstring)
     gc.collect()
     gc.freeze()
+    workers: Set[int] = set()
     wake_reader, wake_writer = os.pipe()
     os.set_blocking(wake_reader, False)
     os.set_blocking(wake_writer, False)
@@ -173,24 +184,27 @@ def main(address: str, worker_address: str) -> None:
         ready = wait([connection, wake_reader])
         if wake_reader in ready:
             _drain(wake_reader)
-            _reap(connection)
+            _reap(connection, workers)
         if connection in ready:
             try:
                 request = pickle.loads(connection.recv_bytes())
             except (EOFError, OSError):
                 return  # the supervisor is gone; each worker ends on its own EOF
-            _fork(connection, (wake_reader, wake_writer), worker_address, *request[1:])
+            pid = _fork(connection, (wake_reader, wake_writer), worker_address, *request[1:])
+            if pid is not None:
+                workers.add(pid)
 
 
 def _fork(connection: Connection, fds: tuple, worker_address: str, slot_id: int, lane: str,
-          seats_path: str, seat: int) -> None:
+          seats_path: str, seat: int) -> Optional[int]:
+    """Fork one worker; its pid (``None`` if the fork failed, which is reported)."""
     try:
         pid = os.fork()
     except OSError as exc:
         connection.send_bytes(pickle.dumps(("fork_failed", slot_id, str(exc))))
-        return
+        return None
     if pid:
-        return
+        return pid
     # The new worker: nothing of the template's may stay with it.
     try:
         signal.set_wakeup_fd(-1)
@@ -213,10 +227,15 @@ def _drain(fd: int) -> None:
         pass
 
 
-def _reap(connection: Connection) -> None:
-    """Reap every dead worker and report how it ended. Before reaping, kill what is left
-    of its process group (a child a crashed step left behind): while the zombie is
-    unreaped its pid cannot be reused, so the group signalled is certainly its own."""
+def _reap(connection: Connection, workers: Set[int]) -> None:
+    """Reap every dead worker, kill what it left behind, and report how it ended.
+
+    Its group and session are killed before it is reaped: while the zombie is unreaped
+    its pid cannot be reused, so the group and session signalled are certainly its own.
+    After it is reaped, whatever else is below the template but not below a live worker
+    is an orphan of a dead worker (reparented here, the template being a subreaper) and
+    is killed and reaped too.
+    """
     while True:
         try:
             info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
@@ -224,11 +243,13 @@ def _reap(connection: Connection) -> None:
             return
         if info is None:
             return
-        try:
-            os.killpg(info.si_pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass  # no one left in the group
+        if info.si_pid not in workers:
+            os.waitpid(info.si_pid, 0)  # an orphan that exited before a sweep reached it
+            continue
+        proctree.kill_step_tree(info.si_pid)
         _, status = os.waitpid(info.si_pid, 0)
+        workers.discard(info.si_pid)
+        proctree.kill_descendants(keep=workers)
         code = os.waitstatus_to_exitcode(status)
         report = ("exited", info.si_pid, code, None) if code >= 0 else ("exited", info.si_pid, None, -code)
         try:

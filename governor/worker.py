@@ -41,6 +41,7 @@ from multiprocessing.connection import Client, Connection
 from typing import Any, Dict, List, NamedTuple, Optional
 
 from governor import context as _context
+from governor import hygiene, proctree
 from governor import sandbox as _sandbox
 from governor.errors import StepCancelled
 
@@ -114,6 +115,8 @@ class Outcome(NamedTuple):
         rss_bytes: the worker's RSS after the step, for leak recycling.
         denied_path: for ``ERROR``, the path the sandbox refused the step writing, when
             that is why it failed (the task ends as ``ReadOnlyViolation``).
+        dirty: why the worker could not be made clean after the step (``hygiene.restore``),
+            else ``None``; the supervisor recycles a dirty worker.
     """
 
     kind: OutcomeKind
@@ -128,6 +131,7 @@ class Outcome(NamedTuple):
     peak_rss_bytes: Optional[int] = None
     rss_bytes: Optional[int] = None
     denied_path: Optional[str] = None
+    dirty: Optional[str] = None
 
 
 class Seat:
@@ -182,6 +186,10 @@ def serve(slot_id: int, lane: str, address: str, seats_path: str, seat_index: in
     """A worker's life, in a process just forked from the template; never returns."""
     global _worker_pid, _statm_fd
     os.setsid()
+    # A subreaper keeps what a step detaches (a double fork, a new session) below this
+    # worker while it lives, where the kill after each step (and a timeout's tree kill)
+    # finds it. Once the worker is dead, the template, a subreaper too, takes it over.
+    proctree.become_subreaper()
     _worker_pid = os.getpid()
     if _statm_fd is not None:  # the template's own /proc/self/statm, opened at its warm-up
         os.close(_statm_fd)
@@ -196,18 +204,18 @@ def serve(slot_id: int, lane: str, address: str, seats_path: str, seat_index: in
     os.register_at_fork(after_in_child=lambda: _forked_by_a_step(tasks, control))
     threading.Thread(target=_control_loop, args=(control,), name="governor-control", daemon=True).start()
     _rss_figures()  # start the first task's peak from here
+    baseline = hygiene.capture()  # last: after the control thread and any setup above
     while True:
         try:
             assignment = pickle.loads(tasks.recv_bytes())
         except (EOFError, OSError):
             os._exit(0)  # the supervisor retired this worker, or is gone
         seat.write(assignment.task_id)
-        # Step hook: state hygiene (restore cwd, environment, rlimits after the step;
-        # report a worker it cannot clean so the supervisor recycles it) wraps this call.
         outcome = run_step(_steps[assignment.step], assignment.task_id, assignment.step, assignment.args,
                            assignment.kwargs, assignment.hard_cap_mb, assignment.chunk)
         if os.getpid() != _worker_pid:
             os._exit(0)  # a child the step forked returned from it: it is no worker
+        outcome = _clean_up(outcome, baseline)
         tasks.send_bytes(_dump_outcome(outcome))
 
 
@@ -227,6 +235,14 @@ def _setup_sandbox(lane: str) -> Optional[tuple]:
         return None
     _sandbox_report = _sandbox.apply(_sandbox_policy)
     return _sandbox_report.label, _sandbox_report.missing, _sandbox_report.tmpdir
+
+
+def _clean_up(outcome: Outcome, baseline: hygiene.Baseline) -> Outcome:
+    """End what the step left running, put the worker's state back, and mark the
+    outcome dirty if that could not be done (issue 16, items 3 and 4)."""
+    proctree.kill_descendants()  # ~6 us when the step left no process: one waitid
+    problem = hygiene.restore(baseline)
+    return outcome if problem is None else outcome._replace(dirty=problem)
 
 
 def _connect(address: str, channel: str, slot_id: int, sandbox: Optional[tuple]) -> Connection:

@@ -10,6 +10,8 @@ import ctypes
 import getpass
 import os
 import re
+import resource
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -331,3 +333,73 @@ def hang_on(value: int, bad: int):
     while value == bad:
         pass
     return value
+
+
+#: How a step's process may try to outlive its task (tests/test_worker_cleanup.py).
+ESCAPES = ("group", "session", "double_fork")
+#: How a step may end after starting one: its worker dies by itself, is killed from
+#: outside, or the step simply returns.
+ENDS = ("segfault", "exit", "outside_kill", "return")
+
+
+@registry.step(critical=False)
+def escape_then_end(directory: str, escape: str, end: str):
+    """Start ``sleep`` so that it escapes the usual way ``escape`` (see :data:`ESCAPES`),
+    publish its pid in ``directory``/escaped and the worker's in ``directory``/worker,
+    wait for ``directory``/go, then end as ``end`` says (``outside_kill``: wait for the
+    test's SIGKILL)."""
+    escaped = os.path.join(directory, "escaped")
+    publish = f'echo $$ > "{escaped}.tmp" && mv "{escaped}.tmp" "{escaped}" && exec sleep 1000'
+    if escape == "double_fork":
+        middle = os.fork()
+        if middle == 0:
+            os.setsid()
+            if os.fork() == 0:
+                os.execvp("sh", ["sh", "-c", publish])
+            os._exit(0)
+        os.waitpid(middle, 0)
+    else:
+        subprocess.Popen(["sh", "-c", publish], start_new_session=escape == "session")
+    wait_for_path(escaped)
+    announce(os.path.join(directory, "worker"), os.getpid())
+    wait_for_path(os.path.join(directory, "go"))
+    if end == "segfault":
+        ctypes.string_at(0)
+    elif end == "exit":
+        os._exit(3)
+    elif end == "outside_kill":
+        time.sleep(10 ** 6)
+    return os.getpid()
+
+
+@registry.step(critical=False)
+def leave_a_mess(directory: str):
+    """Change what a worker's next task would inherit: directory, environment, recursion
+    limit, a signal handler, the open-files limit."""
+    os.chdir(directory)
+    os.environ["GOVERNOR_LEFT_BY_A_STEP"] = "1"
+    sys.setrecursionlimit(123)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (10, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    return os.getpid()
+
+
+@registry.step(critical=False)
+def inherited_state():
+    """What this task found: the state :func:`leave_a_mess` changes, and the worker's pid."""
+    return {"cwd": os.getcwd(), "env": os.environ.get("GOVERNOR_LEFT_BY_A_STEP"),
+            "recursion_limit": sys.getrecursionlimit(), "sigusr1_ignored": signal.getsignal(signal.SIGUSR1) is signal.SIG_IGN,
+            "nofile": resource.getrlimit(resource.RLIMIT_NOFILE)[0], "pid": os.getpid()}
+
+
+#: Threads :func:`leave_a_thread` started, released by nothing: the worker stays dirty.
+_left_threads = []
+
+
+@registry.step(critical=False)
+def leave_a_thread():
+    """Start a thread that never ends and return: the worker cannot be cleaned."""
+    thread = threading.Thread(target=threading.Event().wait, name="left-by-a-step", daemon=True)
+    thread.start()
+    _left_threads.append(thread)
+    return os.getpid()

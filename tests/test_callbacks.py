@@ -10,7 +10,9 @@ import threading
 
 import pytest
 
+from governor import Call
 from governor.callbacks import CallbackFuture, CallbackRunner
+from step_library import wait_for_path
 
 #: A deadlock detector for waits on events, not a timing.
 PATIENCE_S = 30.0
@@ -149,3 +151,40 @@ def test_a_runner_without_deferred_callbacks_starts_no_thread(runner):
     on_manager(runner, lambda: future.set_result(None))
     assert concurrent.futures.wait([future], timeout=PATIENCE_S).done == {future}
     assert not [thread for thread in threading.enumerate() if thread.name == "governor-callbacks"]
+
+
+# ------------------------------------------------------------ wired into the supervisor
+
+@pytest.mark.parametrize("ending", ["hold_until", "segfault"])
+def test_a_blocking_done_callback_never_stalls_the_lanes(make_supervisor, tmp_path, ending):
+    """A task's done-callback that blocks (on a finished or a crashed task, both resolved
+    on the manager thread) leaves every lane running: other tasks start and end."""
+    sup = make_supervisor(workers=2, spares=0)
+    go, release, entered = tmp_path / "go", threading.Event(), threading.Event()
+    held = sup.submit("hold_until", str(tmp_path / "started"), str(go))
+    wait_for_path(str(tmp_path / "started"))
+    target = held if ending == "hold_until" else sup.submit("segfault")
+
+    def blocking(done):
+        entered.set()
+        release.wait(PATIENCE_S)
+
+    target.add_done_callback(blocking)
+    go.touch()
+    try:
+        assert entered.wait(PATIENCE_S)
+        assert sup.submit("echo", "lanes run").result(timeout=PATIENCE_S) == "lanes run"
+        assert sup.submit_call(Call("critical_record", (1,))).result(timeout=PATIENCE_S) is not None
+        assert held.result(timeout=PATIENCE_S) is not None
+    finally:
+        release.set()
+
+
+def test_a_workflow_future_defers_its_callbacks_too(make_supervisor):
+    sup = make_supervisor(workers=1, spares=0)
+    ran_on = []
+    future = sup.workflow([Call("echo", ("a",))])
+    future.add_done_callback(lambda done: ran_on.append(threading.current_thread().name))
+    assert future.result(timeout=PATIENCE_S) == ["a"]
+    sup.shutdown(wait=True)  # the callbacks due have run when it returns
+    assert ran_on and ran_on[0] != "governor-manager"

@@ -28,8 +28,6 @@ def test_the_supervisor_reports_its_growth(figures):
         assert set(figures["supervisor"][figure]) == {"before", "after", "growth"}
 
 
-@pytest.mark.xfail(strict=True, reason="issue 16 phase 2: today a worker's death, or a step that returns, leaves "
-                                       "the step's processes running; strict, so the fix must drop this mark")
 def test_no_step_process_outlives_its_task(figures):
     assert figures["orphans"] == {"after_task": 0, "after_task_by_kind": {}, "after_shutdown": 0}
 

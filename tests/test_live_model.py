@@ -3,6 +3,7 @@ count as kills, on real Task values and a fake clock (the daemon tests cover the
 
 import pytest
 
+from governor.callbacks import CallbackRunner
 from governor.errors import MemoryLimitExceeded, StepTimeout
 from governor.limits import Lane, Limits
 from governor.live import MAX_ENDS, SERIES_BUCKET_S, SERIES_BUCKETS, WINDOW_S, HttpConfig, LiveModel
@@ -25,7 +26,7 @@ def ended(step: str, submitted: float, latency: float, state=TaskState.DONE, err
           limits=Limits()) -> TaskFuture:
     task = Task(1, step, lane, (), {}, limits, submitted, state=state, error=error, pid=4242)
     task.dispatched_at, task.ended_at = submitted, submitted + latency
-    return TaskFuture(task, lambda *_: False)
+    return TaskFuture(task, lambda *_: False, CallbackRunner())
 
 
 @pytest.fixture
@@ -91,7 +92,7 @@ def test_a_workflow_counts_each_of_its_steps_under_its_one_id(model, clock):
     clock.now += 10
     steps = [ended("chat.create", clock.now - 2, 0.1, lane=Lane.CRITICAL),
              ended("chat.send_message", clock.now - 1, 0.2, lane=Lane.CRITICAL)]
-    model.task_ended(9, WorkflowFuture(steps))
+    model.task_ended(9, WorkflowFuture(steps, CallbackRunner()))
     assert [(step["step"], step["count"]) for step in model.figures()["steps"]] == [
         ("chat.create", 1), ("chat.send_message", 1)]
 
