@@ -256,15 +256,13 @@ def test_a_warm_spare_takes_over_after_a_kill(make_supervisor, tmp_path):
     assert len(warm) == 2, "the pool worker and its spare are warm after start"
     marker = tmp_path / "pid"
     doomed = sup.submit_call(with_limits("busy_loop", str(marker), timeout_s=0.3))
-    # Submitted from the kill's done-callback, on the manager's turn that saw the death:
-    # its replacement cannot be up before the next turn dispatches this task.
-    following = []
-    doomed.add_done_callback(lambda _: following.append(sup.submit("pid")))
     killed_pid = read_pid(marker)
+    # Queued behind the doomed task (one worker runs at a time): the manager's turn that
+    # sees the kill dispatches it, before a replacement for the killed worker can be up.
+    following = sup.submit("pid")
     with pytest.raises(StepTimeout):
         doomed.result(timeout=30)
-    assert wait_until(lambda: following, timeout=30)
-    survivor = following[0].result(timeout=30)
+    survivor = following.result(timeout=30)
     assert survivor in warm - {killed_pid}, "the spare, warm before the kill, ran the next task"
 
 
