@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from daemon_harness import DaemonProcess
+from daemon_harness import daemon  # noqa: F401 (a fixture)
 from governor import StepCancelled
 from governor.client import Client
 
@@ -15,14 +15,6 @@ from textual.widgets import DataTable  # noqa: E402
 
 #: A real daemon and a real app on a shared 2-core machine: a generous guard, not a timing.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
-
-
-@pytest.fixture
-def daemon(tmp_path):
-    started = DaemonProcess(tmp_path).start()
-    yield started
-    if started.process.poll() is None:
-        assert started.stop() == 0, started.log.read_text()
 
 
 async def until(pilot, predicate, timeout: float = 60.0) -> None:

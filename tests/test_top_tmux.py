@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from conftest import wait_until
-from daemon_harness import DaemonProcess
+from daemon_harness import daemon  # noqa: F401 (a fixture)
 from governor import Call, Limits, StepCancelled, StepTimeout
 from governor.client import Client
 
@@ -62,14 +62,6 @@ class Tmux:
 
     def close(self) -> None:
         subprocess.run([TMUX, "-L", self.name, "kill-server"], capture_output=True, timeout=60)
-
-
-@pytest.fixture
-def daemon(tmp_path):
-    started = DaemonProcess(tmp_path).start()
-    yield started
-    if started.process.poll() is None:
-        assert started.stop() == 0, started.log.read_text()
 
 
 @pytest.fixture
