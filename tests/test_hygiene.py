@@ -97,6 +97,10 @@ def test_the_recursion_limit_is_restored():
 
 
 def test_signal_handlers_the_mask_and_alarms_are_restored():
+    # The worker inherits this process's handlers (a Ray node started earlier in the session
+    # installs one for SIGTERM): restored means back to those, not to SIG_DFL.
+    term_before, usr1_before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)
+
     def spoil():
         signal.signal(signal.SIGTERM, lambda *_: None)
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)
@@ -105,7 +109,7 @@ def test_signal_handlers_the_mask_and_alarms_are_restored():
         signal.alarm(1000)
 
     def check():
-        return (signal.getsignal(signal.SIGTERM) == signal.SIG_DFL, signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL,
+        return (signal.getsignal(signal.SIGTERM) is term_before, signal.getsignal(signal.SIGUSR1) is usr1_before,
                 signal.SIGUSR2 in signal.pthread_sigmask(signal.SIG_BLOCK, ()),
                 signal.getitimer(signal.ITIMER_REAL))
 
