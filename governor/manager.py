@@ -114,6 +114,7 @@ class Manager(threading.Thread):
         self.selector = selectors.DefaultSelector()
         self.selector.register(self._wakeup_reader, selectors.EVENT_READ, self._on_wakeup)
         self._woken = False
+        self._due_at: Optional[float] = None  # the backends' earliest deadline, as of the last turn
 
         local = LocalLanes(self, config.local)
         self._all: List[LaneBackend] = [local]
@@ -191,19 +192,30 @@ class Manager(threading.Thread):
         try:
             for backend in self._all:
                 backend.begin()
-            while not self._finished():
-                self._wait_for_events()
+            timeout = 0.0
+            while True:
+                self._wait_for_events(timeout)
                 self._drain_inbox()
-                for backend in self._all:
-                    self._guarded(backend.on_time)
+                if self._due_at is not None and self.clock() >= self._due_at:
+                    for backend in self._all:
+                        self._guarded(backend.on_time)
                 for backend in self._all:
                     self._guarded(backend.dispatch)
                 if not self._closing:
                     for backend in self._all:
                         self._guarded(backend.maintain)
-                self._resolve_ended()
                 if not self.warm.is_set() and all(backend.warm for backend in self._all):
                     self.warm.set()
+                finished = self._finished()
+                if not finished:
+                    timeout = self._next_timeout()
+                    if self._woken:
+                        self._drain_wakeups()
+                # Last before the select: a caller woken here finds the GIL free, instead
+                # of waiting for this thread to finish its turn.
+                self._resolve_ended()
+                if finished:
+                    break
         except BaseException as exc:  # a bug here must not leave workers or futures behind
             log.critical("governor manager thread failed; the supervisor is broken", exc_info=True)
             self.broken = exc
@@ -225,11 +237,14 @@ class Manager(threading.Thread):
     def _finished(self) -> bool:
         return self._closing and all(backend.quiet for backend in self._all)
 
-    def _wait_for_events(self) -> None:
+    def _next_timeout(self) -> float:
+        """How long the next select may sleep: until the backends' earliest deadline
+        (kept in ``_due_at``, so the turn after it runs ``on_time`` only when one is due)."""
         due = [when for when in (backend.next_deadline() for backend in self._all) if when is not None]
-        timeout = min(MAX_WAIT_S, max(0.0, min(due) - self.clock())) if due else MAX_WAIT_S
-        if self._woken:
-            self._drain_wakeups()
+        self._due_at = min(due) if due else None
+        return MAX_WAIT_S if self._due_at is None else min(MAX_WAIT_S, max(0.0, self._due_at - self.clock()))
+
+    def _wait_for_events(self, timeout: float) -> None:
         self._sleeping = True
         if self._inbox:
             timeout = 0.0  # a message came before the flag went up: no byte was written for it
