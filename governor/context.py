@@ -29,14 +29,17 @@ class StepContext:
     def __init__(self, task_id: int = 0, step: str = ""):
         self.task_id = task_id
         self.step = step
-        self._cancel_requested = threading.Event()
+        self._cancelled = False
+        # Made by the first wait() only: an Event costs a Condition and two locks, and a
+        # context is made for every task, most of which never wait.
+        self._wakeup: Optional[threading.Event] = None
         self._reason = "explicit"
         self._detail: Optional[str] = None
 
     @property
     def cancelled(self) -> bool:
         """True once the supervisor asked this step to stop."""
-        return self._cancel_requested.is_set()
+        return self._cancelled
 
     def check(self) -> None:
         """Raise :class:`~governor.errors.StepCancelled` if the step was asked to stop.
@@ -44,7 +47,7 @@ class StepContext:
         Raising it (or letting it propagate) ends the task as cancelled without
         killing the worker.
         """
-        if self._cancel_requested.is_set():
+        if self._cancelled:
             raise StepCancelled(self.step, self.task_id, self._reason, self._detail)
 
     def wait(self, timeout: Optional[float] = None) -> bool:
@@ -53,14 +56,25 @@ class StepContext:
         Returns:
             True if the step was cancelled (then it should stop), False on timeout.
         """
-        return self._cancel_requested.wait(timeout)
+        with _wakeup_lock:
+            if self._wakeup is None:
+                self._wakeup = threading.Event()
+                if self._cancelled:
+                    self._wakeup.set()
+            wakeup = self._wakeup
+        return wakeup.wait(timeout)
 
     def request_cancel(self, reason: str, detail: Optional[str]) -> None:
         """Set the flag (called by the worker's control thread, not by steps)."""
         self._reason, self._detail = reason, detail
-        self._cancel_requested.set()
+        with _wakeup_lock:
+            self._cancelled = True
+            if self._wakeup is not None:
+                self._wakeup.set()
 
 
+# Orders a cancel against the first wait() of a step, which makes the context's Event.
+_wakeup_lock = threading.Lock()
 _DETACHED = StepContext()
 _current: Optional[StepContext] = None
 

@@ -50,6 +50,7 @@ import psutil
 
 from governor.backend import worker_view
 from governor.errors import InvalidTransition, MemoryLimitExceeded, StepFailed, StepTimeout, WorkerCrashed, WorkerStartFailed
+from governor.frames import Frames
 from governor.limits import Lane
 from governor.logs import log_death
 from governor.proctree import MEMORY_SAMPLE_INTERVAL_S, TreeSampler, kill_tree, mib
@@ -57,7 +58,7 @@ from governor.sandbox import SandboxPolicy
 from governor.task import KillOrder, Task, TaskState
 from governor.template import Template
 from governor.timers import Timers
-from governor.worker import SEAT_BYTES, Assignment
+from governor.worker import DIRTY, SEAT_BYTES, outcome_from_wire
 
 log = logging.getLogger("governor")
 
@@ -218,43 +219,6 @@ class LocalConfig:
     max_tasks_per_worker: Optional[int]
     recycle_rss_mb: Optional[float]
     sandbox: Optional[SandboxPolicy] = None  # the pool lane's; None: no sandbox
-
-
-class Frames:
-    """Length-prefixed frames (``multiprocessing.connection``'s format: a ``!i`` length, or
-    -1 and a ``!Q`` length) read from a socket one ``read`` at a time."""
-
-    #: Bytes asked of one read: an outcome of a few hundred bytes comes whole; a larger
-    #: one takes several events.
-    READ_SIZE = 65536
-
-    def __init__(self) -> None:
-        self._buffer = bytearray()
-
-    def feed(self, fd: int) -> bool:
-        """Read what the socket has; ``False`` at its end."""
-        data = os.read(fd, self.READ_SIZE)
-        self._buffer += data
-        return bool(data)
-
-    def pop(self) -> Optional[bytes]:
-        """The next whole frame's payload, or ``None`` if none is whole yet."""
-        buffer = self._buffer
-        if len(buffer) < 4:
-            return None
-        (size,) = struct.unpack_from("!i", buffer)
-        start = 4
-        if size == -1:
-            if len(buffer) < 12:
-                return None
-            (size,) = struct.unpack_from("!Q", buffer, 4)
-            start = 12
-        end = start + size
-        if len(buffer) < end:
-            return None
-        frame = bytes(buffer[start:end])
-        del buffer[:end]
-        return frame
 
 
 class Seats:
@@ -678,7 +642,8 @@ class LocalLanes:
         limits = task.limits
         hard_cap = limits.effective_memory_mb if limits.memory_hard_cap else None
         try:
-            payload = _dumps(Assignment(task.id, task.step, task.args, task.kwargs, hard_cap, task.chunk))
+            # An Assignment's fields, as a plain tuple (see governor.worker.Assignment).
+            payload = _dumps((task.id, task.step, task.args, task.kwargs, hard_cap, task.chunk))
         except Exception as exc:
             self._host.conclude(task, TaskState.FAILED, StepFailed(
                 task.step, task.id, type(exc).__qualname__,
@@ -708,7 +673,8 @@ class LocalLanes:
                       extra={"task_id": task.public_id, "step": task.step, "lane": task.lane.value, "pid": slot.pid})
 
     def _on_outcome(self, slot: Slot) -> None:
-        """The task socket is readable: an outcome, or the EOF of a dying worker.
+        """The task socket is readable: an outcome, a dirty worker's notice, or the EOF of
+        a dying worker.
 
         One ``read`` per event (``Frames``), not ``Connection.recv_bytes``'s two: each
         syscall lets go of the GIL, and a thread submitting at full speed makes the
@@ -720,40 +686,64 @@ class LocalLanes:
             alive = slot.frames.feed(slot.tasks.fileno())
         except OSError:
             alive = False
-        frame = slot.frames.pop()
-        if frame is not None:
-            self._take_outcome(slot, frame)
-        if not alive:
+        self._take_frames(slot)
+        if not alive and slot.tasks is not None:
             # Dying: its pidfd says when it is dead. Meanwhile it takes no task.
             if slot.state is SlotState.IDLE:
                 self._lanes[slot.lane].move(slot, SlotState.RETIRING)
             self._close_tasks(slot)
 
-    def _take_outcome(self, slot: Slot, data: bytes) -> None:
+    def _read_the_rest(self, slot: Slot) -> None:
+        """A dead worker's last frames: an outcome it sent just before it died (its task
+        ended well), a dirty notice (it was recycled). Read before its death is judged."""
+        try:
+            while slot.tasks is not None and slot.tasks.poll(0) and slot.frames.feed(slot.tasks.fileno()):
+                pass
+        except OSError:
+            pass  # what could be read was
+        self._take_frames(slot)
+
+    def _take_frames(self, slot: Slot) -> None:
+        frame = slot.frames.pop()
+        while frame is not None:
+            self._take_frame(slot, frame)
+            frame = slot.frames.pop()
+
+    def _take_frame(self, slot: Slot, data: bytes) -> None:
+        try:
+            raw, error = pickle.loads(data), None
+        except Exception as exc:  # e.g. an exception class this process cannot import
+            raw, error = None, exc
+        if raw is not None and raw[0] == DIRTY:
+            self._on_dirty(slot, raw[1])
+            return
         run = slot.run
         if run is None or slot.state is SlotState.KILLING:
             return  # claimed for a kill before its outcome came: the kill decides
         task = run.task
         slot.run = None
         slot.tasks_run += 1
-        try:
-            outcome = pickle.loads(data)
-        except Exception as exc:  # e.g. an exception class this process cannot import
+        if error is not None:
             self._after_task(slot, None)
             self._host.conclude(task, TaskState.FAILED, StepFailed(
-                task.step, task.id, type(exc).__qualname__,
-                f"its result could not be read back from the worker: {exc}", "".join(traceback.format_exception(exc))))
+                task.step, task.id, type(error).__qualname__, f"its result could not be read back from the worker: "
+                f"{error}", "".join(traceback.format_exception(error))))
             return
-        self._after_task(slot, outcome.rss_bytes, outcome.dirty)
+        outcome = outcome_from_wire(raw)
+        self._after_task(slot, outcome.rss_bytes)
         self._host.conclude_outcome(task, outcome)
 
-    def _after_task(self, slot: Slot, rss: Optional[int], dirty: Optional[str] = None) -> None:
-        """Put a slot back to work, or recycle its worker if it is dirty, leaked or ran its quota."""
-        config = self._config
-        if dirty is not None:
-            log.warning("worker %s could not be made clean after a step: %s", slot.pid, dirty)
+    def _on_dirty(self, slot: Slot, problem: str) -> None:
+        """The worker could not be made clean after its last step and is exiting: a task
+        sent to it since was never taken, and its death hands that task on (``_on_dead``)."""
+        log.warning("worker %s could not be made clean after a step: %s", slot.pid, problem)
+        if slot.state in (SlotState.IDLE, SlotState.BUSY):
             self._recycle(slot, "dirty")
-        elif config.max_tasks_per_worker is not None and slot.tasks_run >= config.max_tasks_per_worker:
+
+    def _after_task(self, slot: Slot, rss: Optional[int]) -> None:
+        """Put a slot back to work, or recycle its worker if it leaked or ran its quota."""
+        config = self._config
+        if config.max_tasks_per_worker is not None and slot.tasks_run >= config.max_tasks_per_worker:
             self._recycle(slot, "max_tasks")
         elif config.recycle_rss_mb is not None and rss is not None and rss > config.recycle_rss_mb * 2 ** 20:
             self._recycle(slot, "leak")
@@ -827,6 +817,7 @@ class LocalLanes:
         """The worker's pidfd is readable: it is dead (or written off after a kill)."""
         if slot.state is SlotState.DEAD:
             return
+        self._read_the_rest(slot)
         previous, run = slot.state, slot.run
         taken = self._seats.task_taken(slot.seat)
         self._drop(slot, keep_pid=run is not None and run.kill is None)

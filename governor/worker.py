@@ -7,12 +7,17 @@ Life of one worker (see ``governor.template`` for where it comes from)::
         task socket    ──> ("task", slot_id, pid)    connect to the supervisor, twice
         control socket ──> ("control", slot_id, pid)
         [per-worker setup hook]                      see serve()
-        loop: task socket ──> Assignment ──> run_step ──> Outcome ──> task socket
+        loop: task socket ──> Assignment ──> run_step ──> kill what the step left running
+              ──> Outcome ──> task socket ──> put the worker's state back (hygiene)
     control socket ──> ("cancel", task_id, reason, detail) ──> control thread ──> StepContext flag
 
 The *task socket* carries one task down and its outcome up, one task at a time; the
 supervisor's manager thread reads it with its selector, so no thread of ours stands
-between a task and its worker. The *control socket* is read by a thread of the worker
+between a task and its worker. Both are plain tuples on the wire (see
+:func:`outcome_to_wire`). The worker puts its process state back *after* it sent the
+outcome, while the caller already has its result: a worker that cannot be made clean
+sends :data:`DIRTY` and its reason instead of taking another task, and exits; a task sent
+to it meanwhile was never taken, so the supervisor hands it to another worker. The *control socket* is read by a thread of the worker
 while a step runs: it carries cooperative cancels, and it is the worker's lifeline: on
 its EOF (the supervisor is gone, or retired this worker) the worker kills its own
 process group, so no step outlives the supervisor.
@@ -44,6 +49,7 @@ from governor import context as _context
 from governor import hygiene, proctree
 from governor import sandbox as _sandbox
 from governor.errors import StepCancelled
+from governor.frames import Frames
 
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
@@ -61,8 +67,8 @@ _statm_fd: Optional[int] = None
 _lock = threading.Lock()
 # Cancels that arrived before their task started (the cancel and the dispatch crossed).
 _early_cancels: Dict[int, tuple] = {}
-# The pid of this process while it is a worker; a process forked by a step differs.
-_worker_pid: Optional[int] = None
+# Set in a process a step forked from this worker (os.register_at_fork): it is no worker.
+_forked_by_step = False
 # The modules the template had imported when it forked this worker.
 _preloaded: frozenset = frozenset()
 # The pool lane's sandbox policy (None: sandbox="off"), and what apply() did in this worker.
@@ -70,6 +76,12 @@ _sandbox_policy: Optional[_sandbox.SandboxPolicy] = None
 _sandbox_report: _sandbox.SandboxReport = _sandbox.SandboxReport(0)
 # /proc/self/clear_refs, opened before the sandbox (which refuses opening it for writing).
 _clear_refs_fd: Optional[int] = None
+
+
+#: The first item of a frame a worker sends after an outcome when it could not be made
+#: clean after that step (the second item says why); it then exits without taking another
+#: task, and the supervisor counts ``worker_recycles{reason="dirty"}``.
+DIRTY = "dirty"
 
 
 class OutcomeKind(enum.Enum):
@@ -81,10 +93,13 @@ class OutcomeKind(enum.Enum):
     OVER_MEMORY = "over_memory"  # the hard cap refused an allocation
 
 
+_KINDS = {kind.value: kind for kind in OutcomeKind}
+
+
 class Assignment(NamedTuple):
-    """One task for a worker, as it travels the task socket. (A named tuple rather than an
-    attrs class, here and in :class:`Outcome`: one pickles and unpickles in a fraction of
-    the time, and both cross a socket for every task.)
+    """One task for a worker. (A named tuple rather than an attrs class, here and in
+    :class:`Outcome`: both cross a socket for every task, as the plain tuple of their
+    fields, which pickles and unpickles in a fifth of a named tuple's time.)
 
     Attributes:
         task_id, step, args, kwargs: what to run.
@@ -115,8 +130,6 @@ class Outcome(NamedTuple):
         rss_bytes: the worker's RSS after the step, for leak recycling.
         denied_path: for ``ERROR``, the path the sandbox refused the step writing, when
             that is why it failed (the task ends as ``ReadOnlyViolation``).
-        dirty: why the worker could not be made clean after the step (``hygiene.restore``),
-            else ``None``; the supervisor recycles a dirty worker.
     """
 
     kind: OutcomeKind
@@ -131,7 +144,16 @@ class Outcome(NamedTuple):
     peak_rss_bytes: Optional[int] = None
     rss_bytes: Optional[int] = None
     denied_path: Optional[str] = None
-    dirty: Optional[str] = None
+
+
+def outcome_to_wire(outcome: Outcome) -> tuple:
+    """The plain tuple an outcome travels as: its fields, the kind as its value."""
+    return (outcome.kind.value, *outcome[1:])
+
+
+def outcome_from_wire(raw: tuple) -> Outcome:
+    """The :class:`Outcome` of :func:`outcome_to_wire`'s tuple."""
+    return Outcome(_KINDS[raw[0]], *raw[1:])
 
 
 class Seat:
@@ -184,13 +206,12 @@ def imported_since_fork() -> List[str]:
 
 def serve(slot_id: int, lane: str, address: str, seats_path: str, seat_index: int) -> None:
     """A worker's life, in a process just forked from the template; never returns."""
-    global _worker_pid, _statm_fd
+    global _statm_fd
     os.setsid()
     # A subreaper keeps what a step detaches (a double fork, a new session) below this
     # worker while it lives, where the kill after each step (and a timeout's tree kill)
     # finds it. Once the worker is dead, the template, a subreaper too, takes it over.
     proctree.become_subreaper()
-    _worker_pid = os.getpid()
     if _statm_fd is not None:  # the template's own /proc/self/statm, opened at its warm-up
         os.close(_statm_fd)
         _statm_fd = None
@@ -205,18 +226,25 @@ def serve(slot_id: int, lane: str, address: str, seats_path: str, seat_index: in
     threading.Thread(target=_control_loop, args=(control,), name="governor-control", daemon=True).start()
     _rss_figures()  # start the first task's peak from here
     baseline = hygiene.capture()  # last: after the control thread and any setup above
+    frames, fd = Frames(), tasks.fileno()
     while True:
         try:
-            assignment = pickle.loads(tasks.recv_bytes())
+            assignment = Assignment(*pickle.loads(frames.next(fd)))
         except (EOFError, OSError):
             os._exit(0)  # the supervisor retired this worker, or is gone
         seat.write(assignment.task_id)
         outcome = run_step(_steps[assignment.step], assignment.task_id, assignment.step, assignment.args,
                            assignment.kwargs, assignment.hard_cap_mb, assignment.chunk)
-        if os.getpid() != _worker_pid:
+        if _forked_by_step:
             os._exit(0)  # a child the step forked returned from it: it is no worker
-        outcome = _clean_up(outcome, baseline)
+        # What the step left running dies before its caller has the result (~6 us when
+        # it left nothing); the rest of the clean-up waits until the outcome is sent.
+        proctree.kill_descendants()
         tasks.send_bytes(_dump_outcome(outcome))
+        problem = hygiene.restore(baseline)
+        if problem is not None:
+            tasks.send_bytes(pickle.dumps((DIRTY, problem)))
+            os._exit(0)
 
 
 def _setup_sandbox(lane: str) -> Optional[tuple]:
@@ -237,14 +265,6 @@ def _setup_sandbox(lane: str) -> Optional[tuple]:
     return _sandbox_report.label, _sandbox_report.missing, _sandbox_report.tmpdir
 
 
-def _clean_up(outcome: Outcome, baseline: hygiene.Baseline) -> Outcome:
-    """End what the step left running, put the worker's state back, and mark the
-    outcome dirty if that could not be done (issue 16, items 3 and 4)."""
-    proctree.kill_descendants()  # ~6 us when the step left no process: one waitid
-    problem = hygiene.restore(baseline)
-    return outcome if problem is None else outcome._replace(dirty=problem)
-
-
 def _connect(address: str, channel: str, slot_id: int, sandbox: Optional[tuple]) -> Connection:
     connection = Client(address, family="AF_UNIX")
     connection.send_bytes(pickle.dumps((channel, slot_id, os.getpid(), sandbox)))
@@ -254,18 +274,20 @@ def _connect(address: str, channel: str, slot_id: int, sandbox: Optional[tuple])
 def _forked_by_a_step(*connections: Connection) -> None:
     # In a process a step forked: the worker's sockets are not its to hold (they would
     # keep the worker's EOF from the supervisor after the worker dies).
+    global _forked_by_step
+    _forked_by_step = True
     for connection in connections:
         connection.close()
 
 
 def _dump_outcome(outcome: Outcome) -> bytes:
     try:
-        return pickle.dumps(outcome, pickle.HIGHEST_PROTOCOL)
+        return pickle.dumps(outcome_to_wire(outcome), pickle.HIGHEST_PROTOCOL)
     except Exception as exc:  # the step's value (or its exception) does not pickle
-        return pickle.dumps(outcome._replace(
+        return pickle.dumps(outcome_to_wire(outcome._replace(
             kind=OutcomeKind.ERROR, value=None, exception=None, exc_type=_qualified_name(type(exc)),
             exc_message=f"its result could not be sent back from the worker: {exc}",
-            traceback_text="".join(traceback.format_exception(exc))), pickle.HIGHEST_PROTOCOL)
+            traceback_text="".join(traceback.format_exception(exc)))), pickle.HIGHEST_PROTOCOL)
 
 
 def _control_loop(connection: Connection) -> None:

@@ -1,0 +1,63 @@
+"""Length-prefixed frames on a stream socket, read with one ``read`` at a time.
+
+The format is ``multiprocessing.connection``'s (a ``!i`` length, or -1 and a ``!Q``
+length, then the payload), so a ``Connection.send_bytes`` on one end is a frame here. Both
+ends of a worker's task socket read with :class:`Frames`: ``Connection.recv_bytes`` takes
+two reads per message, and each syscall lets go of the GIL (and, on a VM, costs a few
+microseconds of its own).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from typing import Optional
+
+
+class Frames:
+    """A socket's bytes read so far, cut into whole frames."""
+
+    #: Bytes asked of one read: a task or an outcome of a few hundred bytes comes whole; a
+    #: larger one takes several reads.
+    READ_SIZE = 65536
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, fd: int) -> bool:
+        """Read what the socket has (blocking, if the socket does); ``False`` at its end."""
+        data = os.read(fd, self.READ_SIZE)
+        self._buffer += data
+        return bool(data)
+
+    def pop(self) -> Optional[bytes]:
+        """The next whole frame's payload, or ``None`` if none is whole yet."""
+        buffer = self._buffer
+        if len(buffer) < 4:
+            return None
+        (size,) = struct.unpack_from("!i", buffer)
+        start = 4
+        if size == -1:
+            if len(buffer) < 12:
+                return None
+            (size,) = struct.unpack_from("!Q", buffer, 4)
+            start = 12
+        end = start + size
+        if len(buffer) < end:
+            return None
+        frame = bytes(buffer[start:end])
+        del buffer[:end]
+        return frame
+
+    def next(self, fd: int) -> bytes:
+        """The next whole frame, reading (and blocking) as long as it takes.
+
+        Raises:
+            EOFError: the socket ended before a whole frame came.
+        """
+        while True:
+            frame = self.pop()
+            if frame is not None:
+                return frame
+            if not self.feed(fd):
+                raise EOFError("the socket ended")
