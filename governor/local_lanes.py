@@ -914,9 +914,9 @@ def _made(path: str) -> str:
     return path
 
 
-def _dumps(assignment: Assignment) -> bytes:
-    """Pickle an assignment; cloudpickle only for what pickle cannot carry (a lambda among
-    the arguments), since it is several times slower."""
+def _dumps(assignment: tuple) -> bytes:
+    """Pickle an assignment's fields; cloudpickle only for what pickle cannot carry (a lambda
+    among the arguments), since it is several times slower."""
     try:
         return pickle.dumps(assignment, pickle.HIGHEST_PROTOCOL)
     except (pickle.PicklingError, TypeError, AttributeError):

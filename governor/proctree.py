@@ -33,7 +33,7 @@ import os
 import select
 import signal
 import time
-from typing import Callable, Collection, Dict, Iterable, List, NamedTuple, Optional, Tuple
+from typing import Callable, Collection, Dict, Iterable, List, NamedTuple, Optional
 
 import psutil
 

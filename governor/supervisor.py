@@ -28,7 +28,8 @@ from governor.local_lanes import LocalConfig
 from governor.manager import Manager, ManagerConfig
 from governor.metrics import MetricsRecorder, prometheus_registry, prometheus_text
 from governor.steps.registry import REGISTRY, StepLookup
-from governor.task import CancelRequest, Call, Task, TaskFuture, Workflow, WorkflowFuture, in_done_callback
+from governor.task import (CancelRequest, Call, Task, TaskFuture, Workflow, WorkflowFuture, check_step_designator,
+                           in_done_callback)
 
 #: Tasks a lane may hold waiting before ``submit`` raises ``QueueFull``.
 DEFAULT_QUEUE_SIZE = 10_000
@@ -63,7 +64,10 @@ def default_workers() -> int:
 class _Route:
     """Where a step runs and with what, fixed when the supervisor is built."""
 
-    __slots__ = ("spec", "lane", "reason", "limits", "signature")
+    __slots__ = ("spec", "lane", "reason", "limits", "signature", "_fitting_shapes")
+
+    #: Argument shapes remembered per step as fitting its signature (see :meth:`check_arguments`).
+    MAX_SHAPES = 64
 
     def __init__(self, spec: Any, lane: Lane, reason: str, limits: Limits):
         self.spec, self.lane, self.reason, self.limits = spec, lane, reason, limits
@@ -71,6 +75,24 @@ class _Route:
         self.signature = inspect.signature(fn.run if inspect.isclass(fn) else fn)
         if inspect.isclass(fn):  # bind as if through an instance: drop ``self``
             self.signature = self.signature.replace(parameters=list(self.signature.parameters.values())[1:])
+        self._fitting_shapes: set = set()
+
+    def check_arguments(self, args: tuple, kwargs: dict) -> None:
+        """Raise ``InvalidParameters`` if ``args`` and ``kwargs`` do not fit the step's signature.
+
+        Whether a call binds depends only on its shape (how many positional arguments, which
+        keywords), so a shape that bound once is remembered: ``Signature.bind`` was most of
+        a no-op's submit (~2 us of Python per call, and more under load).
+        """
+        shape = (len(args), *kwargs) if kwargs else len(args)
+        if shape in self._fitting_shapes:
+            return
+        try:
+            self.signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise InvalidParameters(f"bad parameters for step {self.spec.name!r}{self.signature}: {exc}") from None
+        if len(self._fitting_shapes) < self.MAX_SHAPES:
+            self._fitting_shapes.add(shape)
 
 
 class Supervisor(concurrent.futures.Executor):
@@ -282,7 +304,9 @@ class Supervisor(concurrent.futures.Executor):
             SupervisorClosed: shut down.
             SupervisorBroken: its manager thread failed (a bug); nothing was queued.
         """
-        return self.submit_call(Call(step, args, kwargs))
+        task = self._new_task(step, args, kwargs)
+        self._enqueue([task])
+        return task.future
 
     async def asubmit(self, step: Any, /, *args: Any, **kwargs: Any) -> Any:
         """:meth:`submit` from asyncio: await the step's result without blocking the loop.
@@ -298,7 +322,7 @@ class Supervisor(concurrent.futures.Executor):
 
     def submit_call(self, call: Call) -> TaskFuture:
         """Like :meth:`submit`, for a :class:`~governor.task.Call` (which may carry its own limits)."""
-        task = self._new_task(call)
+        task = self._task_of(call)
         self._enqueue([task])
         return task.future
 
@@ -321,7 +345,7 @@ class Supervisor(concurrent.futures.Executor):
             the batch has ended, unless ``return_exceptions``. Nothing is submitted if any
             call names an unknown step or has bad parameters.
         """
-        tasks = [self._new_task(Call.of(item)) for item in calls]
+        tasks = [self._task_of(Call.of(item)) for item in calls]
         self._enqueue(tasks)
         return _gather([task.future for task in tasks], return_exceptions, timeout)
 
@@ -358,7 +382,7 @@ class Supervisor(concurrent.futures.Executor):
         step = route.spec.name
         calls = list(zip(*iterables))
         for args in calls:
-            self._check_arguments(step, route, args, {})
+            route.check_arguments(args, {})
         now = self._clock()
         if chunksize == 1:
             tasks = [Task(0, step, route.lane, args, {}, route.limits, now) for args in calls]
@@ -381,7 +405,7 @@ class Supervisor(concurrent.futures.Executor):
             a future of the list of results, which raises ``WorkflowFailed`` (with the
             failed step's error, the results so far and the skipped names) on failure.
         """
-        tasks = [self._new_task(Call.of(item), lane=Lane.CRITICAL) for item in calls]
+        tasks = [self._task_of(Call.of(item), lane=Lane.CRITICAL) for item in calls]
         if not tasks:
             raise ValueError("a workflow needs at least one step")
         future = WorkflowFuture([task.future for task in tasks], self._callbacks)
@@ -461,15 +485,8 @@ class Supervisor(concurrent.futures.Executor):
             InvalidParameters: the arguments do not fit the step's signature.
         """
         route = self._route(call.step)
-        self._check_arguments(route.spec.name, route, call.args, call.kwargs)
+        route.check_arguments(call.args, call.kwargs)
         return route
-
-    @staticmethod
-    def _check_arguments(step: str, route: _Route, args: tuple, kwargs: dict) -> None:
-        try:
-            route.signature.bind(*args, **kwargs)
-        except TypeError as exc:
-            raise InvalidParameters(f"bad parameters for step {step!r}{route.signature}: {exc}") from None
 
     def describe_steps(self) -> List[Dict[str, Any]]:
         """One dict per step: name, lane, reason, limits (the effective ones), description, signature."""
@@ -492,11 +509,18 @@ class Supervisor(concurrent.futures.Executor):
             raise UnknownStep.for_name(name, self._routes)
         return route
 
-    def _new_task(self, call: Call, lane: Optional[Lane] = None) -> Task:
-        route = self.check_call(call)
-        limits = route.limits if call.limits is None else call.limits.over(route.limits)
-        task = Task(0, route.spec.name, lane or route.lane, call.args, call.kwargs, limits, self._clock(), tag=call.tag,
-                    ref=call.ref)
+    def _task_of(self, call: Call, lane: Optional[Lane] = None) -> Task:
+        return self._new_task(call.step, call.args, call.kwargs, call.limits, call.tag, call.ref, lane)
+
+    def _new_task(self, step: Any, args: tuple, kwargs: dict, limits: Optional[Limits] = None, tag: Any = None,
+                  ref: Optional[int] = None, lane: Optional[Lane] = None) -> Task:
+        """A task for one call, checked (see :meth:`submit`), with its future; not queued yet."""
+        if not isinstance(step, str):
+            check_step_designator(step)
+        route = self._route(step)
+        route.check_arguments(args, kwargs)
+        limits = route.limits if limits is None else limits.over(route.limits)
+        task = Task(0, route.spec.name, lane or route.lane, args, kwargs, limits, self._clock(), tag=tag, ref=ref)
         task.future = TaskFuture(task, self._cancel, self._callbacks)
         return task
 
@@ -518,7 +542,9 @@ class Supervisor(concurrent.futures.Executor):
                                        f"{self._manager.broken!r}); start a new one") from self._manager.broken
             if not self._accepting:
                 raise SupervisorClosed("the supervisor was shut down: it takes no more work")
-            wanted = {lane: sum(1 for task in tasks if task.lane is lane) for lane in self._queued}
+            wanted: Dict[Lane, int] = {}
+            for task in tasks:
+                wanted[task.lane] = wanted.get(task.lane, 0) + 1
             for lane, count in wanted.items():
                 if self._queued[lane] + count > self.queue_size:
                     raise QueueFull(lane.value, self.queue_size)

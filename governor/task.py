@@ -64,10 +64,15 @@ _ALLOWED: Dict[TaskState, frozenset] = {
 }
 
 
-def _check_step(call: "Call", attribute: attrs.Attribute, step: Any) -> None:
+def check_step_designator(step: Any) -> None:
+    """Raise ``TypeError`` unless ``step`` can name a step: a name, a function or a class."""
     if not (isinstance(step, str) or callable(step)):
         raise TypeError(f"a step is given by its registered name or by its registered function or "
                         f"class, not {type(step).__name__} {step!r}")
+
+
+def _check_step(call: "Call", attribute: attrs.Attribute, step: Any) -> None:
+    check_step_designator(step)
 
 
 @attrs.frozen
