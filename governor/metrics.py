@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import bisect
 import collections
-import functools
+import itertools
+import operator
 import statistics
 import threading
 from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -70,12 +71,13 @@ HISTOGRAMS = {
 
 #: The histograms of a finished task's row, in the order of its columns after the outcome.
 _FOLDED = ("queue_wait_seconds", "duration_seconds", "latency_seconds", "peak_rss_bytes")
+_BY_STEP = operator.itemgetter(0, 1)
 
 
 class Histogram:
     """Exact bucket counts, sum and count, plus a reservoir of recent samples for quantiles."""
 
-    __slots__ = ("bounds", "buckets", "sum", "count", "recent", "_bucket_of")
+    __slots__ = ("bounds", "buckets", "sum", "count", "recent")
 
     def __init__(self, bounds: Sequence[float]):
         self.bounds = bounds
@@ -83,15 +85,19 @@ class Histogram:
         self.sum = 0.0
         self.count = 0
         self.recent: Deque[float] = collections.deque(maxlen=RESERVOIR_SIZE)
-        self._bucket_of = functools.partial(bisect.bisect_left, bounds)
 
     def observe(self, value: float) -> None:
         self.observe_many((value,))
 
     def observe_many(self, values: Sequence[float]) -> None:
-        """Observe each of ``values`` (the loops run in C)."""
-        for bucket, count in collections.Counter(map(self._bucket_of, values)).items():
-            self.buckets[bucket] += count
+        """Observe each of ``values``: one sort and a bisect per bound, whatever their number."""
+        ordered = sorted(values)
+        below = 0  # values at or under the previous bound
+        for bucket, bound in enumerate(self.bounds):
+            upto = bisect.bisect_right(ordered, bound, below)
+            self.buckets[bucket] += upto - below
+            below = upto
+        self.buckets[-1] += len(ordered) - below
         self.sum += sum(values)
         self.count += len(values)
         self.recent.extend(values)
@@ -183,13 +189,12 @@ class MetricsRecorder:
     def _fold(self) -> None:
         """Fold the finished tasks recorded so far into the figures (holding the lock)."""
         finished = self._finished
-        by_step: Dict[Tuple[str, str], List[tuple]] = {}
-        for _ in range(len(finished)):  # only what is there now: the manager may append meanwhile
-            row = finished.popleft()
-            by_step.setdefault((row[0], row[1]), []).append(row)
-        for (lane, step), rows in by_step.items():
-            columns = list(zip(*rows))
-            self._outcomes.update((lane, step, outcome) for outcome in columns[2])
+        # Only what is there now (the manager may append meanwhile), in the order recorded.
+        rows = [finished.popleft() for _ in range(len(finished))]
+        rows.sort(key=_BY_STEP)  # stable: each step's rows stay in order, for the reservoirs
+        for (lane, step), group in itertools.groupby(rows, _BY_STEP):
+            columns = list(zip(*group))
+            self._outcomes.update(zip(itertools.repeat(lane), itertools.repeat(step), columns[2]))
             for name, column in zip(_FOLDED, columns[3:]):
                 values = [value for value in column if value is not None]
                 if values:

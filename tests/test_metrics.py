@@ -3,13 +3,18 @@
 import io
 import json
 import logging
+import random
+import threading
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import wait_until
 from governor import Call, Limits, Supervisor
+from governor.limits import Lane
 from governor.logs import configure_logging
+from governor.metrics import FOLD_AT, HISTOGRAMS, MetricsRecorder
+from governor.task import Task, TaskState
 from step_library import registry, wait_for_path
 
 
@@ -118,3 +123,76 @@ def test_json_lines_output():
     assert document["level"] == "WARNING" and document["message"] == "killed"
     assert {key: document[key] for key in ("task_id", "step", "pid", "reason", "limit", "observed")} == {
         "task_id": 7, "step": "s", "pid": 42, "reason": "timeout", "limit": 1.0, "observed": 1.2}
+
+
+def _finished_task(number, rng):
+    """A task that ended in a random state, with random but plausible timings."""
+    step = rng.choice(["echo", "boom", "sleep"])
+    task = Task(number, step, rng.choice([Lane.POOL, Lane.CRITICAL]), (), {}, Limits(), submitted_at=100.0)
+    task.state = rng.choice([TaskState.DONE, TaskState.FAILED, TaskState.TIMED_OUT, TaskState.CANCELLED])
+    if rng.random() < 0.9:  # a few never reached a worker
+        task.dispatched_at = 100.0 + rng.expovariate(1 / 0.002)
+        task.started_at = task.dispatched_at + rng.expovariate(1 / 0.0005)
+        task.peak_rss_bytes = rng.choice([None, rng.randrange(2 ** 20, 2 ** 32)])
+    task.ended_at = (task.started_at or 100.0) + rng.choice([0.0, 0.0001, 0.25, 5.0, rng.expovariate(10)])
+    return task
+
+
+def test_figures_folded_in_batches_equal_figures_folded_task_by_task():
+    """Rows wait to be folded in (until a read, or FOLD_AT of them): whatever the batches,
+    every count, bucket, sum and the latest samples are the same as one task at a time."""
+    rng = random.Random(12)
+    tasks = [_finished_task(number, rng) for number in range(2 * FOLD_AT + 123)]
+    batched, task_by_task = MetricsRecorder(), MetricsRecorder()
+    for task in tasks:
+        batched.task_finished(task)
+        task_by_task.task_finished(task)
+        task_by_task.histogram_buckets("latency_seconds")  # a read folds what is pending: this one task
+    assert batched.snapshot({})["tasks"] == task_by_task.snapshot({})["tasks"]
+    assert rounded_sums(batched.snapshot({})["timings"]) == rounded_sums(task_by_task.snapshot({})["timings"])
+    for name in HISTOGRAMS:  # a batch's sum adds the same floats in another order
+        assert rounded_sums(batched.histogram_buckets(name)) == rounded_sums(task_by_task.histogram_buckets(name))
+    latencies = [task.ended_at - task.submitted_at for task in tasks if task.step == "echo" and task.lane is Lane.POOL]
+    buckets, total = batched.histogram_buckets("latency_seconds")[("pool", "echo")]
+    assert buckets[-1] == ("+Inf", len(latencies)) and total == pytest.approx(sum(latencies))
+    assert buckets[3] == ("0.001", sum(1 for value in latencies if value <= 0.001))
+
+
+def test_no_finished_task_is_lost_while_readers_fold():
+    """Two threads record while a third reads (and so folds) all along: every task counted once."""
+    recorder = MetricsRecorder()
+    per_thread = 3 * FOLD_AT
+    done = threading.Event()
+
+    def record(seed):
+        rng = random.Random(seed)
+        for number in range(per_thread):
+            recorder.task_finished(_finished_task(number, rng))
+
+    def read():
+        while not done.is_set():
+            recorder.histogram_buckets("duration_seconds")
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    writers = [threading.Thread(target=record, args=(seed,)) for seed in (1, 2)]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join()
+    done.set()
+    reader.join()
+    assert sum(outcomes_by_kind_total(recorder.snapshot({})["tasks"])) == 2 * per_thread
+
+
+def rounded_sums(figures):
+    """``figures`` with every float rounded to 9 significant digits."""
+    if isinstance(figures, dict):
+        return {key: rounded_sums(value) for key, value in figures.items()}
+    if isinstance(figures, (list, tuple)):
+        return [rounded_sums(value) for value in figures]
+    return float(f"{figures:.9g}") if isinstance(figures, float) else figures
+
+
+def outcomes_by_kind_total(tasks):
+    return [count for steps in tasks.values() for outcomes in steps.values() for count in outcomes.values()]
