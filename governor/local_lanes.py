@@ -50,7 +50,7 @@ import psutil
 
 from governor.backend import worker_view
 from governor.errors import InvalidTransition, MemoryLimitExceeded, StepFailed, StepTimeout, WorkerCrashed, WorkerStartFailed
-from governor.frames import Frames
+from governor.frames import Frames, send_frame
 from governor.limits import Lane
 from governor.logs import log_death
 from governor.proctree import MEMORY_SAMPLE_INTERVAL_S, TreeSampler, kill_tree, mib
@@ -167,6 +167,21 @@ class LaneState:
 
     def move(self, slot: Slot, state: SlotState) -> None:
         """Put ``slot`` in ``state``; DEAD and RETIRING slots leave the lane."""
+        counts, idle = self.counts, self.idle
+        # First the two moves of every task, in a few steps: the idle worker on top of the
+        # stack goes to work, and a busy one comes back.
+        if state is SlotState.BUSY and slot.state is SlotState.IDLE and idle and idle[-1] is slot:
+            idle.pop()
+            counts[SlotState.IDLE] -= 1
+            counts[SlotState.BUSY] += 1
+            slot.state = state
+            return
+        if state is SlotState.IDLE and slot.state is SlotState.BUSY:
+            counts[SlotState.BUSY] -= 1
+            counts[SlotState.IDLE] += 1
+            slot.state = state
+            idle.append(slot)
+            return
         joins_or_leaves = slot.state is SlotState.STARTING or state in (SlotState.DEAD, SlotState.RETIRING)
         if slot.id in self.slots:
             self.counts[slot.state] -= 1
@@ -656,7 +671,7 @@ class LocalLanes:
         task.dispatched_at, task.pid = now, slot.pid
         self._running[task.id] = run
         try:
-            slot.tasks.send_bytes(payload)
+            send_frame(slot.tasks.fileno(), payload)
         except OSError:
             # The worker is dead or unusable: it never took the task, which its pidfd's
             # news hands to another worker (_on_dead).

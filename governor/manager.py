@@ -407,7 +407,10 @@ class Manager(threading.Thread):
     def _resolve_ended(self) -> None:
         ended, self._ended = self._ended, []
         for task, result in ended:
-            self._guarded(task.resolve, result)  # its done-callbacks are the user's code
+            try:
+                task.resolve(result)
+            except Exception:  # as _guarded, without a call per task
+                log.exception("governor manager: resolving task %s failed; carrying on", task.id)
 
     def _publish_end(self, task: Task, result: Any) -> None:
         self.metrics.task_finished(task)

@@ -49,7 +49,7 @@ from governor import context as _context
 from governor import hygiene, proctree
 from governor import sandbox as _sandbox
 from governor.errors import StepCancelled
-from governor.frames import Frames
+from governor.frames import Frames, send_frame
 
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
@@ -240,10 +240,10 @@ def serve(slot_id: int, lane: str, address: str, seats_path: str, seat_index: in
         # What the step left running dies before its caller has the result (~6 us when
         # it left nothing); the rest of the clean-up waits until the outcome is sent.
         proctree.kill_descendants()
-        tasks.send_bytes(_dump_outcome(outcome))
+        send_frame(fd, _dump_outcome(outcome))
         problem = hygiene.restore(baseline)
         if problem is not None:
-            tasks.send_bytes(pickle.dumps((DIRTY, problem)))
+            send_frame(fd, pickle.dumps((DIRTY, problem)))
             os._exit(0)
 
 
