@@ -88,6 +88,19 @@ MAX_START_FAILURES = 3
 #: How long ``close`` waits for retired workers to be gone before it stops waiting.
 CLOSE_PATIENCE_S = 10.0
 
+#: A pool worker gets its next task while it runs one (see ``LocalLanes._may_send_ahead``)
+#: only if the step it runs typically takes less than this: below it, the worker's sleep
+#: and wake-up between two tasks are a large part of each; above it, they are noise, and a
+#: task sent ahead would wait behind a long one while another worker might be free.
+SEND_AHEAD_BELOW_S = 0.005
+
+#: Weight of the newest run in a step's typical duration (an exponential moving average).
+TYPICAL_WEIGHT = 0.2
+
+#: A task sent ahead that has not started this long after it was sent waits behind a step
+#: that turned out long: it is taken back as soon as its lane has a free worker.
+AHEAD_PATIENCE_S = 2 * SEND_AHEAD_BELOW_S
+
 
 class SlotState(enum.Enum):
     """A slot's life: STARTING -> IDLE <-> BUSY -> (KILLING ->) DEAD, or -> RETIRING -> DEAD."""
@@ -121,6 +134,10 @@ class Slot:
     watched: bool = False  # its task socket is in the selector
     frames: Frames = attrs.field(factory=lambda: Frames())
     run: Optional["Run"] = None
+    ahead: Optional["Run"] = None  # sent while ``run`` runs; the worker starts it next
+    sent: int = 0  # assignments sent to the worker (a task taken back is named by its number)
+    control_watched: bool = False  # its control socket is in the selector
+    recycle_after: Optional[str] = None  # recycle once ``ahead`` is done (the reason)
     sampler: Optional[TreeSampler] = None
     tasks_run: int = 0
     exit_status: Optional[Tuple[Optional[int], Optional[int]]] = None
@@ -136,7 +153,9 @@ class Run:
 
     task: Task
     slot: Slot
+    number: int = 0  # among the assignments sent to the slot's worker
     kill: Optional[KillOrder] = None
+    taking_back: bool = False  # sent ahead, and asked back (see LocalLanes._take_back)
 
 
 @attrs.define(eq=False)
@@ -160,6 +179,7 @@ class LaneState:
     start_failures: int = 0
     respawn_pending: bool = False
     pids: Tuple[int, ...] = ()
+    sends_ahead: bool = False  # its workers may get a task while they run one (the pool lane)
 
     def add(self, slot: Slot) -> None:
         self.slots[slot.id] = slot
@@ -275,12 +295,17 @@ class LocalLanes:
         self._config = config
         self._clock = host.clock
         self.lanes = tuple(config.workers)
+        # The critical lane never sends ahead: one step at a time, each journaled as it
+        # starts, and no second one waiting behind it (see LaneState.sends_ahead).
         self._lanes: Dict[Lane, LaneState] = {
-            lane: LaneState(lane, count, config.spares) for lane, count in config.workers.items()}
+            lane: LaneState(lane, count, config.spares, sends_ahead=lane is Lane.POOL)
+            for lane, count in config.workers.items()}
         self._slots: Dict[int, Slot] = {}
         self._by_pid: Dict[int, Slot] = {}
         self._slot_ids = iter(range(1, 2 ** 62))
         self._running: Dict[int, Run] = {}
+        self._typical_s: Dict[str, float] = {}  # step -> how long it takes (see SEND_AHEAD_BELOW_S)
+        self._overdue: List[Run] = []  # sent ahead, waiting longer than AHEAD_PATIENCE_S
         self._memory_watched: Dict[int, Run] = {}
         self._next_sample_at: Optional[float] = None
         self._timers = Timers(host.clock)
@@ -339,18 +364,52 @@ class LocalLanes:
     def dispatch(self) -> None:
         for lane in self._lanes.values():
             while lane.idle and lane.counts[SlotState.BUSY] < lane.workers and (lane.retry or lane.queue):
-                if lane.retry:
-                    task = lane.retry.popleft()  # its dispatch is recorded already
-                else:
-                    task = lane.queue.popleft()
-                    try:
-                        task.transition(TaskState.RUNNING)
-                    except InvalidTransition:
-                        continue  # cancelled or skipped while it waited: lazy removal
-                    self._host.left_queue(task)
-                    if not self._host.record_dispatch(task):
-                        continue
-                self._start_task(lane.idle[-1], task)
+                task = self._next_task(lane)
+                if task is not None:
+                    self._start_task(lane.idle[-1], task, ahead=False)
+            if lane.sends_ahead and (lane.retry or lane.queue):
+                for slot in [slot for slot in lane.slots.values() if self._may_send_ahead(slot)]:
+                    task = self._next_task(lane)
+                    if task is None:
+                        break
+                    self._start_task(slot, task, ahead=True)
+        if self._overdue:
+            self._take_back_overdue()
+
+    def _next_task(self, lane: LaneState) -> Optional[Task]:
+        """The lane's next task to hand to a worker, its dispatch recorded; ``None`` if none is left."""
+        while lane.retry or lane.queue:
+            if lane.retry:
+                return lane.retry.popleft()  # its dispatch is recorded already
+            task = lane.queue.popleft()
+            try:
+                task.transition(TaskState.RUNNING)
+            except InvalidTransition:
+                continue  # cancelled or skipped while it waited: lazy removal
+            self._host.left_queue(task)
+            if self._host.record_dispatch(task):
+                return task
+        return None
+
+    def _may_send_ahead(self, slot: Slot) -> bool:
+        """Whether a busy worker may get its next task now, to start it the moment it
+        sends its outcome: no sleep and no wake-up between two short tasks.
+
+        Only behind a step known to be short (:data:`SEND_AHEAD_BELOW_S`; a step never
+        seen yet is not); behind a task the supervisor will not kill on a limit (no
+        timeout, no memory limit), so a kill for a limit never finds the next task started
+        in its worker; and never beyond a recycle, so the task sent ahead is not lost with
+        its worker. A cancel's kill checks first that the outcome it would race is not on
+        its way.
+        """
+        run = slot.run
+        if (slot.state is not SlotState.BUSY or slot.ahead is not None or slot.tasks is None or run is None
+                or run.kill is not None):
+            return False
+        limits, quota = run.task.limits, self._config.max_tasks_per_worker
+        return (self._typical_s.get(run.task.step, SEND_AHEAD_BELOW_S) < SEND_AHEAD_BELOW_S
+                and limits.effective_timeout_s is None and limits.effective_memory_mb is None
+                and slot.recycle_after is None and (quota is None or slot.tasks_run + 2 <= quota))
 
     def maintain(self) -> None:
         if self._host.closing:
@@ -400,6 +459,8 @@ class LocalLanes:
             run.slot.control.send_bytes(pickle.dumps(("cancel", task.id, request.reason, request.detail)))
         except OSError:
             pass  # the worker just died: its pidfd settles the task
+        if run.slot.ahead is run:
+            return  # not started: its worker will skip it, and a grace starts if it does not (_begin)
         if grace == 0:
             self._grace_over(run)
         else:
@@ -601,6 +662,8 @@ class LocalLanes:
             return
         self._host.selector.register(slot.tasks, selectors.EVENT_READ, lambda: self._on_outcome(slot))
         slot.watched = True
+        self._host.selector.register(slot.control, selectors.EVENT_READ, lambda: self._on_control(slot))
+        slot.control_watched = True
         try:
             slot.sampler = TreeSampler(pid, self._clock)
         except psutil.Error:
@@ -653,7 +716,9 @@ class LocalLanes:
 
     # ----------------------------------------------------------------- a task's run
 
-    def _start_task(self, slot: Slot, task: Task) -> None:
+    def _start_task(self, slot: Slot, task: Task, ahead: bool) -> None:
+        """Send ``task`` to ``slot``'s worker: to start now (an idle worker), or ``ahead``,
+        to start once the task it runs is done."""
         limits = task.limits
         hard_cap = limits.effective_memory_mb if limits.memory_hard_cap else None
         try:
@@ -664,25 +729,97 @@ class LocalLanes:
                 task.step, task.id, type(exc).__qualname__,
                 f"its arguments could not be sent to a worker: {exc}", "".join(traceback.format_exception(exc))))
             return
-        now = self._clock()
-        run = Run(task, slot)
-        self._lanes[slot.lane].move(slot, SlotState.BUSY)
-        slot.run = run
-        task.dispatched_at, task.pid = now, slot.pid
+        slot.sent += 1
+        run = Run(task, slot, slot.sent)
+        task.pid = slot.pid
         self._running[task.id] = run
+        if ahead:
+            slot.ahead = run
+            self._timers.after(AHEAD_PATIENCE_S, self._ahead_overdue, run)
+        else:
+            self._lanes[slot.lane].move(slot, SlotState.BUSY)
+            self._begin(run)
         try:
             send_frame(slot.tasks.fileno(), payload)
         except OSError:
             # The worker is dead or unusable: it never took the task, which its pidfd's
             # news hands to another worker (_on_dead).
             kill_tree(slot.pid, slot.sampler)
+
+    def _ahead_overdue(self, run: Run) -> None:
+        if run.slot.ahead is run:
+            self._overdue.append(run)
+
+    def _take_back_overdue(self) -> None:
+        """Ask back the tasks sent ahead that still wait behind a step that turned out
+        long, as soon as their lane has a free worker and nothing queued for it."""
+        waiting = []
+        for run in self._overdue:
+            slot = run.slot
+            if slot.ahead is not run or run.taking_back:
+                continue  # it started, or its worker died, or it was asked back already
+            lane = self._lanes[slot.lane]
+            if not lane.idle or lane.counts[SlotState.BUSY] >= lane.workers or lane.retry or lane.queue:
+                waiting.append(run)
+                continue
+            run.taking_back = True
+            try:
+                slot.control.send_bytes(pickle.dumps(("revoke", run.task.id, run.number, None)))
+            except (OSError, AttributeError):  # the worker is dying: its death hands the task on
+                pass
+        self._overdue = waiting
+
+    def _on_control(self, slot: Slot) -> None:
+        """The control socket is readable: a worker gave back a task sent ahead (or it ended)."""
+        try:
+            kind, task_id = pickle.loads(slot.control.recv_bytes())
+        except (EOFError, OSError):
+            self._unwatch_control(slot)  # dying: its pidfd says when it is dead
             return
+        if kind == "revoked":
+            self._taken_back(slot, task_id)
+
+    def _taken_back(self, slot: Slot, task_id: int) -> None:
+        """The worker will not run task ``task_id``: it goes to the front of its lane's queue."""
+        run = self._running.get(task_id)
+        if run is None or run.slot is not slot:
+            return
+        if slot.ahead is run:
+            slot.ahead = None
+        elif slot.run is run and run.kill is None and slot.state is SlotState.BUSY:
+            # The outcome before it came first, so it looked started; the worker is idle.
+            slot.run = None
+            self._memory_watched.pop(task_id, None)
+            self._after_task(slot, None)
+        else:
+            return
+        del self._running[task_id]
+        task = run.task
+        if task.cancel_request is not None:
+            self._host.conclude(task, TaskState.CANCELLED, task.cancelled_error())
+            return
+        self._host.metrics.task_redispatched(slot.lane)
+        self._lanes[slot.lane].retry.appendleft(task)
+
+    def _unwatch_control(self, slot: Slot) -> None:
+        if slot.control_watched:
+            self._host.selector.unregister(slot.control)
+            slot.control_watched = False
+
+    def _begin(self, run: Run) -> None:
+        """``run``'s task starts now in its worker: its clock and its limits start too."""
+        task, slot = run.task, run.slot
+        slot.run = run
+        limits = task.limits
+        now = task.dispatched_at = self._clock()
         if limits.effective_timeout_s is not None:
             self._timers.after(limits.effective_timeout_s, self._timeout_due, run)
         if limits.effective_memory_mb is not None:
             self._memory_watched[task.id] = run
             if self._next_sample_at is None:
                 self._next_sample_at = now + MEMORY_SAMPLE_INTERVAL_S
+        if task.cancel_request is not None:  # cancelled while it was sent ahead
+            self._timers.after(task.limits.effective_cancel_grace_s, self._grace_over, run)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("task %s (%s) started on worker %s", task.public_id, task.step, slot.pid,
                       extra={"task_id": task.public_id, "step": task.step, "lane": task.lane.value, "pid": slot.pid})
@@ -745,6 +882,9 @@ class LocalLanes:
                 f"{error}", "".join(traceback.format_exception(error))))
             return
         outcome = outcome_from_wire(raw)
+        took = outcome.ended_at - outcome.started_at
+        typical = self._typical_s.get(task.step, took)
+        self._typical_s[task.step] = typical + TYPICAL_WEIGHT * (took - typical)
         self._after_task(slot, outcome.rss_bytes)
         self._host.conclude_outcome(task, outcome)
 
@@ -756,12 +896,19 @@ class LocalLanes:
             self._recycle(slot, "dirty")
 
     def _after_task(self, slot: Slot, rss: Optional[int]) -> None:
-        """Put a slot back to work, or recycle its worker if it leaked or ran its quota."""
+        """Start the task sent ahead, or put the slot back to work, or recycle its worker
+        if it leaked or ran its quota (once the task sent ahead is done)."""
         config = self._config
+        reason = slot.recycle_after
         if config.max_tasks_per_worker is not None and slot.tasks_run >= config.max_tasks_per_worker:
-            self._recycle(slot, "max_tasks")
+            reason = "max_tasks"
         elif config.recycle_rss_mb is not None and rss is not None and rss > config.recycle_rss_mb * 2 ** 20:
-            self._recycle(slot, "leak")
+            reason = "leak"
+        if slot.ahead is not None:
+            run, slot.ahead, slot.recycle_after = slot.ahead, None, reason
+            self._begin(run)  # the worker took it as it sent this outcome
+        elif reason is not None:
+            self._recycle(slot, reason)
         else:
             self._lanes[slot.lane].move(slot, SlotState.IDLE)
 
@@ -813,6 +960,8 @@ class LocalLanes:
         task, slot = run.task, run.slot
         if slot.state is SlotState.DEAD:
             return  # its worker died by itself: its crash ends the task (exit status pending)
+        if slot.ahead is not None and slot.tasks is not None and slot.tasks.poll(0):
+            return  # its outcome is here: the task ended, and the one sent ahead may have started
         if not task.claim_for_kill():
             return  # it ended first (a cancelled task's outcome came back)
         run.kill = KillOrder(reason, state, error)
@@ -836,6 +985,8 @@ class LocalLanes:
         previous, run = slot.state, slot.run
         taken = self._seats.task_taken(slot.seat)
         self._drop(slot, keep_pid=run is not None and run.kill is None)
+        if slot.ahead is not None:
+            self._lost_ahead(slot, slot.ahead, taken)
         if run is None:
             if previous in (SlotState.IDLE, SlotState.STARTING) and not self._host.closing:
                 log.warning("idle worker %s of the %s lane died", slot.pid, slot.lane.value)
@@ -858,6 +1009,21 @@ class LocalLanes:
         else:
             slot.awaiting_status = True  # the template reaps it and reports how it ended
             self._timers.after(EXIT_STATUS_PATIENCE_S, self._status_overdue, slot)
+
+    def _lost_ahead(self, slot: Slot, run: Run, taken: int) -> None:
+        """The worker that had a task sent ahead is dead; most often it never took it."""
+        slot.ahead = None
+        task = run.task
+        self._running.pop(task.id, None)
+        if taken != task.id:
+            self._host.metrics.task_redispatched(slot.lane)
+            self._lanes[slot.lane].retry.appendleft(task)
+            return
+        # It had started it, and was killed for the task before it, whose outcome the kill
+        # overtook: the one race a kill can lose (see _kill).
+        crash = WorkerCrashed(task.step, task.id, slot.pid, None, None)
+        log_death(f"{crash} (killed for the task before it)", task, slot.lane, slot.pid, "crash", None, None)
+        self._host.conclude(task, TaskState.CRASHED, crash)
 
     def _status_overdue(self, slot: Slot) -> None:
         if slot.awaiting_status:
@@ -893,6 +1059,7 @@ class LocalLanes:
 
     def _close_sockets(self, slot: Slot) -> None:
         self._close_tasks(slot)
+        self._unwatch_control(slot)
         if slot.control is not None:
             slot.control.close()
             slot.control = None

@@ -10,6 +10,7 @@ Life of one worker (see ``governor.template`` for where it comes from)::
         loop: task socket ──> Assignment ──> run_step ──> kill what the step left running
               ──> Outcome ──> task socket ──> put the worker's state back (hygiene)
     control socket ──> ("cancel", task_id, reason, detail) ──> control thread ──> StepContext flag
+                   ──> ("revoke", task_id, number, None)  ──> control thread ──> ("revoked", task_id)
 
 The *task socket* carries one task down and its outcome up, one task at a time; the
 supervisor's manager thread reads it with its selector, so no thread of ours stands
@@ -17,7 +18,15 @@ between a task and its worker. Both are plain tuples on the wire (see
 :func:`outcome_to_wire`). The worker puts its process state back *after* it sent the
 outcome, while the caller already has its result: a worker that cannot be made clean
 sends :data:`DIRTY` and its reason instead of taking another task, and exits; a task sent
-to it meanwhile was never taken, so the supervisor hands it to another worker. The *control socket* is read by a thread of the worker
+to it meanwhile was never taken, so the supervisor hands it to another worker.
+
+A pool worker may be sent its next task while it runs one (see
+``governor.local_lanes.LocalLanes._may_send_ahead``). The supervisor can take such a task
+back (it waits behind a step that turned out long, and another worker is free): it names
+the task by its number among the assignments sent to this worker, and the control thread
+either marks that assignment to be skipped and answers ``("revoked", task_id)``, or, if the
+main thread already took it, says nothing and the task runs here. The two threads decide
+under one lock, so a task is never both revoked and run. The *control socket* is read by a thread of the worker
 while a step runs: it carries cooperative cancels, and it is the worker's lifeline: on
 its EOF (the supervisor is gone, or retired this worker) the worker kills its own
 process group, so no step outlives the supervisor.
@@ -67,6 +76,10 @@ _statm_fd: Optional[int] = None
 _lock = threading.Lock()
 # Cancels that arrived before their task started (the cancel and the dispatch crossed).
 _early_cancels: Dict[int, tuple] = {}
+# How many assignments the main thread has taken off the task socket, and the numbers of
+# those the supervisor took back before they were taken (both under _lock).
+_assignments_taken = 0
+_revoked: set = set()
 # Set in a process a step forked from this worker (os.register_at_fork): it is no worker.
 _forked_by_step = False
 # The modules the template had imported when it forked this worker.
@@ -232,6 +245,8 @@ def serve(slot_id: int, lane: str, address: str, seats_path: str, seat_index: in
             assignment = Assignment(*pickle.loads(frames.next(fd)))
         except (EOFError, OSError):
             os._exit(0)  # the supervisor retired this worker, or is gone
+        if not _take_assignment():
+            continue  # taken back by the supervisor: it runs elsewhere
         seat.write(assignment.task_id)
         outcome = run_step(_steps[assignment.step], assignment.task_id, assignment.step, assignment.args,
                            assignment.kwargs, assignment.hard_cap_mb, assignment.chunk)
@@ -300,6 +315,28 @@ def _control_loop(connection: Connection) -> None:
             return
         if kind == "cancel":
             deliver_cancel(task_id, reason, detail)
+        elif kind == "revoke" and _revoke(reason):
+            connection.send_bytes(pickle.dumps(("revoked", task_id)))
+
+
+def _take_assignment() -> bool:
+    """Count the assignment just read; ``False`` if the supervisor took it back first."""
+    global _assignments_taken
+    with _lock:
+        _assignments_taken += 1
+        if _assignments_taken in _revoked:
+            _revoked.discard(_assignments_taken)
+            return False
+        return True
+
+
+def _revoke(number: int) -> bool:
+    """Skip the ``number``-th assignment, unless it is already taken; whether it will be."""
+    with _lock:
+        if _assignments_taken >= number:
+            return False
+        _revoked.add(number)
+        return True
 
 
 def deliver_cancel(task_id: int, reason: str, detail: Optional[str]) -> None:
@@ -323,9 +360,11 @@ def run_step(spec: Any, task_id: int, step: str, args: tuple, kwargs: dict,
     ctx = _context.StepContext(task_id, step)
     with _lock:
         early = _early_cancels.pop(task_id, None)
-        if early is not None:
-            ctx.request_cancel(*early)
-        _context._set_current(ctx)
+        if early is None:
+            _context._set_current(ctx)
+    if early is not None:  # cancelled before it started (a task sent ahead): it does not start
+        now = time.monotonic()
+        return Outcome(OutcomeKind.CANCELLED, now, now, os.getpid())
     restore_cap = _apply_hard_cap(hard_cap_mb) if hard_cap_mb else None
     started = time.monotonic()
     try:

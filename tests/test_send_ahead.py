@@ -1,0 +1,116 @@
+"""A busy pool worker gets its next task while it runs a short one ("sent ahead"), so it
+starts it the moment it sends its outcome, without sleeping in between. Every promise holds
+for the task sent ahead: it waits for the one before it, a cancel keeps it from starting,
+and the death of its worker hands it to another worker instead of failing it.
+
+Each test first runs ``hold_until`` a few times with its go file already there, so the
+supervisor knows the step as a short one (a step it has never seen, or a long one, gets
+nothing sent ahead); then one ``hold_until`` holds the only worker, and the task submitted
+behind it shows as running while the worker is still busy: it was sent ahead. A task sent
+ahead that waits behind a step that turned out long is taken back once another worker is
+free.
+"""
+
+import os
+import signal
+
+import pytest
+
+from conftest import wait_until
+from governor import Call, Limits
+from governor.errors import StepCancelled, WorkerCrashed
+from step_library import wait_for_path
+
+
+def known_short(sup, tmp_path):
+    go = tmp_path / "go-now"
+    go.touch()
+    for number in range(5):
+        sup.submit("hold_until", str(tmp_path / f"short-{number}"), str(go)).result(timeout=60)
+
+
+def held(sup, tmp_path, limits=None, name="held"):
+    """``hold_until`` running in a worker; returns its future, its go file and its pid."""
+    marker, go = tmp_path / name, tmp_path / f"{name}-go"
+    future = sup.submit_call(Call("hold_until", (str(marker), str(go)), limits=limits))
+    wait_for_path(str(marker))
+    return future, go, int(marker.read_text())
+
+
+def sent_ahead(future):
+    """Whether a task behind the held one left the queue for the busy worker."""
+    return wait_until(future.running, timeout=30)
+
+
+def test_a_task_sent_ahead_runs_after_the_task_before_it_in_the_same_worker(make_supervisor, tmp_path):
+    sup = make_supervisor(workers=1)
+    known_short(sup, tmp_path)
+    first, go, worker = held(sup, tmp_path)
+    behind = sup.submit("pid")
+    assert sent_ahead(behind)
+    assert not behind.done()  # it waits for the held one
+    go.touch()
+    assert first.result(timeout=60) == behind.result(timeout=60) == worker
+
+
+def test_a_long_step_gets_nothing_sent_ahead(make_supervisor, tmp_path):
+    sup = make_supervisor(workers=1)
+    first, go, _ = held(sup, tmp_path)  # a step never seen before: not known to be short
+    behind = sup.submit("pid")
+    assert not wait_until(behind.running, timeout=1.0)
+    go.touch()
+    first.result(timeout=60)
+    behind.result(timeout=60)
+
+
+def test_a_task_cancelled_while_sent_ahead_never_starts(make_supervisor, tmp_path):
+    sup = make_supervisor(workers=1)
+    known_short(sup, tmp_path)
+    first, go, worker = held(sup, tmp_path)
+    marker = tmp_path / "behind-started"
+    behind = sup.submit("hold_until", str(marker), str(go))  # it would say so if it started
+    assert sent_ahead(behind)
+    assert behind.cancel()
+    go.touch()
+    assert first.result(timeout=60) == worker
+    with pytest.raises(StepCancelled):
+        behind.result(timeout=60)
+    assert not marker.exists()
+    assert sup.submit("pid").result(timeout=60) == worker  # and its worker was not killed for it
+
+
+@pytest.mark.parametrize("death", ["outside kill", "cancel without grace"])
+def test_a_task_sent_ahead_goes_to_another_worker_when_its_worker_dies(make_supervisor, tmp_path, death):
+    sup = make_supervisor(workers=1)
+    known_short(sup, tmp_path)
+    first, _, worker = held(sup, tmp_path, limits=Limits(cancel_grace_s=0))
+    behind = sup.submit("pid")
+    assert sent_ahead(behind)
+    if death == "outside kill":
+        os.kill(worker, signal.SIGKILL)
+        with pytest.raises(WorkerCrashed):
+            first.result(timeout=60)
+    else:
+        first.cancel()
+        with pytest.raises(StepCancelled):
+            first.result(timeout=60)
+    assert behind.result(timeout=60) not in (worker, None)
+    assert sup.metrics()["redispatched"]["pool"] == 1
+
+
+def test_a_task_waiting_behind_a_step_that_turned_out_long_goes_to_a_free_worker(make_supervisor, tmp_path):
+    sup = make_supervisor(workers=2)
+    known_short(sup, tmp_path)
+    holds = {pid: (future, go) for future, go, pid in (held(sup, tmp_path, name=name) for name in "ab")}
+    behind = sup.submit("pid")
+    assert sent_ahead(behind)
+    stuck = behind.task.pid  # the worker it was sent to
+    (free, (future, go)), = [(pid, hold) for pid, hold in holds.items() if pid != stuck]
+    go.touch()
+    assert future.result(timeout=60) == free
+    assert behind.result(timeout=30) == free  # taken back from the busy worker, run on the free one
+    still, go = holds[stuck]
+    assert not still.done()
+    assert sup.metrics()["redispatched"]["pool"] == 1
+    go.touch()
+    assert still.result(timeout=60) == stuck
