@@ -31,6 +31,7 @@ import collections
 import concurrent.futures
 import enum
 import logging
+import math
 import mmap
 import os
 import pickle
@@ -97,6 +98,11 @@ SEND_AHEAD_BELOW_S = 0.005
 #: Weight of the newest run in a step's typical duration (an exponential moving average).
 TYPICAL_WEIGHT = 0.2
 
+#: Tasks a pool worker may hold sent ahead, beyond the one it runs: with one, the worker
+#: still often waited for its next task (the manager sends it as it reads the outcome
+#: before); with two, it rarely does.
+AHEAD_DEPTH = 2
+
 #: A task sent ahead that has not started this long after it was sent waits behind a step
 #: that turned out long: it is taken back as soon as its lane has a free worker.
 AHEAD_PATIENCE_S = 2 * SEND_AHEAD_BELOW_S
@@ -134,10 +140,10 @@ class Slot:
     watched: bool = False  # its task socket is in the selector
     frames: Frames = attrs.field(factory=lambda: Frames())
     run: Optional["Run"] = None
-    ahead: Optional["Run"] = None  # sent while ``run`` runs; the worker starts it next
+    aheads: Deque["Run"] = attrs.field(factory=collections.deque)  # sent while ``run`` runs, in order
     sent: int = 0  # assignments sent to the worker (a task taken back is named by its number)
     control_watched: bool = False  # its control socket is in the selector
-    recycle_after: Optional[str] = None  # recycle once ``ahead`` is done (the reason)
+    recycle_after: Optional[str] = None  # recycle once the tasks sent ahead are done (the reason)
     sampler: Optional[TreeSampler] = None
     tasks_run: int = 0
     exit_status: Optional[Tuple[Optional[int], Optional[int]]] = None
@@ -155,7 +161,8 @@ class Run:
     slot: Slot
     number: int = 0  # among the assignments sent to the slot's worker
     kill: Optional[KillOrder] = None
-    taking_back: bool = False  # sent ahead, and asked back (see LocalLanes._take_back)
+    sent_at: float = 0.0  # when it was sent ahead (see LocalLanes._take_back_stuck)
+    taking_back: bool = False  # sent ahead, and asked back
 
 
 @attrs.define(eq=False)
@@ -305,7 +312,8 @@ class LocalLanes:
         self._slot_ids = iter(range(1, 2 ** 62))
         self._running: Dict[int, Run] = {}
         self._typical_s: Dict[str, float] = {}  # step -> how long it takes (see SEND_AHEAD_BELOW_S)
-        self._overdue: List[Run] = []  # sent ahead, waiting longer than AHEAD_PATIENCE_S
+        self._ahead: Dict[int, Run] = {}  # every task sent ahead and not started, by task id
+        self._take_back_check_due = False  # a timer will look at them again (_take_back_stuck)
         self._memory_watched: Dict[int, Run] = {}
         self._next_sample_at: Optional[float] = None
         self._timers = Timers(host.clock)
@@ -367,20 +375,27 @@ class LocalLanes:
                 task = self._next_task(lane)
                 if task is not None:
                     self._start_task(lane.idle[-1], task, ahead=False)
-            if lane.sends_ahead and (lane.retry or lane.queue):
+            if not lane.sends_ahead:
+                continue
+            if lane.retry or lane.queue:
                 for slot in [slot for slot in lane.slots.values() if self._may_send_ahead(slot)]:
                     task = self._next_task(lane)
                     if task is None:
                         break
                     self._start_task(slot, task, ahead=True)
-        if self._overdue:
-            self._take_back_overdue()
+            elif self._ahead and lane.idle and lane.counts[SlotState.BUSY] < lane.workers:
+                self._take_back_stuck(lane)
 
     def _next_task(self, lane: LaneState) -> Optional[Task]:
         """The lane's next task to hand to a worker, its dispatch recorded; ``None`` if none is left."""
         while lane.retry or lane.queue:
             if lane.retry:
-                return lane.retry.popleft()  # its dispatch is recorded already
+                task = lane.retry.popleft()  # its dispatch is recorded already
+                if task.cancel_request is None:
+                    return task
+                # Cancelled since its worker was sent it, and never started: it ends here.
+                self._host.conclude(task, TaskState.CANCELLED, task.cancelled_error())
+                continue
             task = lane.queue.popleft()
             try:
                 task.transition(TaskState.RUNNING)
@@ -403,13 +418,13 @@ class LocalLanes:
         its way.
         """
         run = slot.run
-        if (slot.state is not SlotState.BUSY or slot.ahead is not None or slot.tasks is None or run is None
+        if (slot.state is not SlotState.BUSY or len(slot.aheads) >= AHEAD_DEPTH or slot.tasks is None or run is None
                 or run.kill is not None):
             return False
         limits, quota = run.task.limits, self._config.max_tasks_per_worker
         return (self._typical_s.get(run.task.step, SEND_AHEAD_BELOW_S) < SEND_AHEAD_BELOW_S
                 and limits.effective_timeout_s is None and limits.effective_memory_mb is None
-                and slot.recycle_after is None and (quota is None or slot.tasks_run + 2 <= quota))
+                and slot.recycle_after is None and (quota is None or slot.tasks_run + len(slot.aheads) + 2 <= quota))
 
     def maintain(self) -> None:
         if self._host.closing:
@@ -459,7 +474,7 @@ class LocalLanes:
             run.slot.control.send_bytes(pickle.dumps(("cancel", task.id, request.reason, request.detail)))
         except OSError:
             pass  # the worker just died: its pidfd settles the task
-        if run.slot.ahead is run:
+        if run in run.slot.aheads:
             return  # not started: its worker will skip it, and a grace starts if it does not (_begin)
         if grace == 0:
             self._grace_over(run)
@@ -734,8 +749,9 @@ class LocalLanes:
         task.pid = slot.pid
         self._running[task.id] = run
         if ahead:
-            slot.ahead = run
-            self._timers.after(AHEAD_PATIENCE_S, self._ahead_overdue, run)
+            slot.aheads.append(run)
+            self._ahead[task.id] = run
+            run.sent_at = self._clock()
         else:
             self._lanes[slot.lane].move(slot, SlotState.BUSY)
             self._begin(run)
@@ -746,28 +762,33 @@ class LocalLanes:
             # news hands to another worker (_on_dead).
             kill_tree(slot.pid, slot.sampler)
 
-    def _ahead_overdue(self, run: Run) -> None:
-        if run.slot.ahead is run:
-            self._overdue.append(run)
+    def _take_back_stuck(self, lane: LaneState) -> None:
+        """Ask back the tasks sent ahead that have waited :data:`AHEAD_PATIENCE_S` behind a
+        step that turned out long: ``lane`` has a free worker and nothing queued.
 
-    def _take_back_overdue(self) -> None:
-        """Ask back the tasks sent ahead that still wait behind a step that turned out
-        long, as soon as their lane has a free worker and nothing queued for it."""
-        waiting = []
-        for run in self._overdue:
+        Nothing is looked at while a lane is busy, so a task sent ahead costs nothing here
+        on the way to its start (no timer per task): one timer at a time wakes the manager
+        when the first of them may come due.
+        """
+        now, due = self._clock(), None
+        for run in self._ahead.values():
             slot = run.slot
-            if slot.ahead is not run or run.taking_back:
-                continue  # it started, or its worker died, or it was asked back already
-            lane = self._lanes[slot.lane]
-            if not lane.idle or lane.counts[SlotState.BUSY] >= lane.workers or lane.retry or lane.queue:
-                waiting.append(run)
+            if run.taking_back or slot.lane is not lane.lane:
+                continue
+            if now < run.sent_at + AHEAD_PATIENCE_S:
+                due = min(due or math.inf, run.sent_at + AHEAD_PATIENCE_S)
                 continue
             run.taking_back = True
             try:
                 slot.control.send_bytes(pickle.dumps(("revoke", run.task.id, run.number, None)))
             except (OSError, AttributeError):  # the worker is dying: its death hands the task on
                 pass
-        self._overdue = waiting
+        if due is not None and not self._take_back_check_due:
+            self._take_back_check_due = True
+            self._timers.after(due - now, self._take_back_check, None)
+
+    def _take_back_check(self, _: None) -> None:
+        self._take_back_check_due = False  # dispatch(), later in this turn, looks again
 
     def _on_control(self, slot: Slot) -> None:
         """The control socket is readable: a worker gave back a task sent ahead (or it ended)."""
@@ -784,8 +805,9 @@ class LocalLanes:
         run = self._running.get(task_id)
         if run is None or run.slot is not slot:
             return
-        if slot.ahead is run:
-            slot.ahead = None
+        if run in slot.aheads:
+            slot.aheads.remove(run)
+            del self._ahead[task_id]
         elif slot.run is run and run.kill is None and slot.state is SlotState.BUSY:
             # The outcome before it came first, so it looked started; the worker is idle.
             slot.run = None
@@ -904,8 +926,10 @@ class LocalLanes:
             reason = "max_tasks"
         elif config.recycle_rss_mb is not None and rss is not None and rss > config.recycle_rss_mb * 2 ** 20:
             reason = "leak"
-        if slot.ahead is not None:
-            run, slot.ahead, slot.recycle_after = slot.ahead, None, reason
+        if slot.aheads:
+            slot.recycle_after = reason
+            run = slot.aheads.popleft()
+            del self._ahead[run.task.id]
             self._begin(run)  # the worker took it as it sent this outcome
         elif reason is not None:
             self._recycle(slot, reason)
@@ -960,7 +984,7 @@ class LocalLanes:
         task, slot = run.task, run.slot
         if slot.state is SlotState.DEAD:
             return  # its worker died by itself: its crash ends the task (exit status pending)
-        if slot.ahead is not None and slot.tasks is not None and slot.tasks.poll(0):
+        if slot.aheads and slot.tasks is not None and slot.tasks.poll(0):
             return  # its outcome is here: the task ended, and the one sent ahead may have started
         if not task.claim_for_kill():
             return  # it ended first (a cancelled task's outcome came back)
@@ -985,8 +1009,8 @@ class LocalLanes:
         previous, run = slot.state, slot.run
         taken = self._seats.task_taken(slot.seat)
         self._drop(slot, keep_pid=run is not None and run.kill is None)
-        if slot.ahead is not None:
-            self._lost_ahead(slot, slot.ahead, taken)
+        while slot.aheads:
+            self._lost_ahead(slot, slot.aheads.popleft(), taken)
         if run is None:
             if previous in (SlotState.IDLE, SlotState.STARTING) and not self._host.closing:
                 log.warning("idle worker %s of the %s lane died", slot.pid, slot.lane.value)
@@ -1011,9 +1035,9 @@ class LocalLanes:
             self._timers.after(EXIT_STATUS_PATIENCE_S, self._status_overdue, slot)
 
     def _lost_ahead(self, slot: Slot, run: Run, taken: int) -> None:
-        """The worker that had a task sent ahead is dead; most often it never took it."""
-        slot.ahead = None
+        """The worker that had ``run`` sent ahead is dead; most often it never took it."""
         task = run.task
+        del self._ahead[task.id]
         self._running.pop(task.id, None)
         if taken != task.id:
             self._host.metrics.task_redispatched(slot.lane)

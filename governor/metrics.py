@@ -69,9 +69,25 @@ HISTOGRAMS = {
 }
 
 
-#: The histograms of a finished task's row, in the order of its columns after the outcome.
+#: The histograms :func:`_figures` gives the values of, in its order.
 _FOLDED = ("queue_wait_seconds", "duration_seconds", "latency_seconds", "peak_rss_bytes")
 _BY_STEP = operator.itemgetter(0, 1)
+
+
+def _figures(rows: Sequence[tuple]) -> Tuple[List[float], ...]:
+    """The queue waits, durations, latencies and peak RSS of finished tasks' rows
+    (``MetricsRecorder.task_finished``), each figure only where it is known."""
+    queue_waits, durations, latencies, peaks = [], [], [], []
+    for _, _, _, submitted, dispatched, started, ended, peak in rows:
+        if dispatched is not None:
+            queue_waits.append(dispatched - submitted)
+            if ended is not None:
+                durations.append(max(0.0, ended - (started if started is not None else dispatched)))
+            if peak is not None:
+                peaks.append(peak)
+        if ended is not None:
+            latencies.append(max(0.0, ended - submitted))
+    return queue_waits, durations, latencies, peaks
 
 
 class Histogram:
@@ -150,8 +166,8 @@ class MetricsRecorder:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        # (lane, step, outcome, queue wait, duration, latency, peak RSS) per finished task,
-        # not yet folded in: appended without the lock (a deque's append is atomic).
+        # (lane, step, state, submitted, dispatched, started, ended, peak RSS) per finished
+        # task, not yet folded in: appended without the lock (a deque's append is atomic).
         self._finished: Deque[tuple] = collections.deque()
         self._outcomes: Dict[Tuple[str, str, str], int] = collections.Counter()
         self._histograms: Dict[Tuple[str, str, str], Histogram] = {}
@@ -172,16 +188,8 @@ class MetricsRecorder:
 
     def task_finished(self, task: Task) -> None:
         """Count a task's outcome and observe its timings (once, as it ends)."""
-        dispatched, ended = task.dispatched_at, task.ended_at
-        queue_wait = duration = latency = peak = None
-        if dispatched is not None:
-            queue_wait = dispatched - task.submitted_at
-            if ended is not None:
-                duration = max(0.0, ended - (task.started_at if task.started_at is not None else dispatched))
-            peak = task.peak_rss_bytes
-        if ended is not None:
-            latency = max(0.0, ended - task.submitted_at)
-        self._finished.append((task.lane.value, task.step, OUTCOMES[task.state], queue_wait, duration, latency, peak))
+        self._finished.append((task.lane.value, task.step, task.state, task.submitted_at, task.dispatched_at,
+                               task.started_at, task.ended_at, task.peak_rss_bytes))
         if len(self._finished) >= FOLD_AT:
             with self._lock:
                 self._fold()
@@ -193,10 +201,9 @@ class MetricsRecorder:
         rows = [finished.popleft() for _ in range(len(finished))]
         rows.sort(key=_BY_STEP)  # stable: each step's rows stay in order, for the reservoirs
         for (lane, step), group in itertools.groupby(rows, _BY_STEP):
-            columns = list(zip(*group))
-            self._outcomes.update(zip(itertools.repeat(lane), itertools.repeat(step), columns[2]))
-            for name, column in zip(_FOLDED, columns[3:]):
-                values = [value for value in column if value is not None]
+            group = list(group)
+            self._outcomes.update((lane, step, OUTCOMES[row[2]]) for row in group)
+            for name, values in zip(_FOLDED, _figures(group)):
                 if values:
                     histogram = self._histograms.get((name, lane, step))
                     if histogram is None:

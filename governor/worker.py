@@ -67,6 +67,9 @@ _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 #: task that does not allocate pays ~2 us for its memory figures instead of ~25 us.
 PEAK_RESET_SLACK_BYTES = 1 << 20
 
+#: Cancels kept for tasks not started here yet: more than a worker is ever sent ahead.
+EARLY_CANCELS_KEPT = 8
+
 #: Bytes of the seats file per worker: the id of the task the worker has taken (see
 #: :class:`Seat`).
 SEAT_BYTES = 8
@@ -346,8 +349,11 @@ def deliver_cancel(task_id: int, reason: str, detail: Optional[str]) -> None:
         if current.task_id == task_id:
             current.request_cancel(reason, detail)
         else:
-            _early_cancels.clear()  # only the next task can be the one meant
+            # For a task sent ahead, not started yet (or one just ended: a stale entry,
+            # dropped once newer ones push it out).
             _early_cancels[task_id] = (reason, detail)
+            while len(_early_cancels) > EARLY_CANCELS_KEPT:
+                del _early_cancels[next(iter(_early_cancels))]
 
 
 def run_step(spec: Any, task_id: int, step: str, args: tuple, kwargs: dict,
