@@ -86,7 +86,7 @@ SIZES: Dict[str, Size] = {
                  load_start_rate=50, load_rate_factor=1.5, load_max_rate=6400, load_seconds=3.0),
     "quick": Size(warmup=2, view_reps=10, view_parallel_reps=5, view_parallel_workers=10,
                   peer_workers=4, roundtrips=600, roundtrip_rounds=3, throughput_tasks=1000,
-                  throughput_repeats=1, limit_reps=10, memory_reps=3, memory_workers=10,
+                  throughput_repeats=3, limit_reps=10, memory_reps=3, memory_workers=10,
                   scaling_workers=(1, 2, 4, 8), scaling_tasks=200, load_workers=4,
                   load_start_rate=100, load_rate_factor=2.0, load_max_rate=3200, load_seconds=0.75),
     "tiny": Size(warmup=1, view_reps=2, view_parallel_reps=1, view_parallel_workers=10,

@@ -378,7 +378,9 @@ class LocalLanes:
             if not lane.sends_ahead:
                 continue
             if lane.retry or lane.queue:
-                for slot in [slot for slot in lane.slots.values() if self._may_send_ahead(slot)]:
+                for slot in [slot for slot in lane.slots.values()  # the first two tests inline: every turn
+                             if slot.state is SlotState.BUSY and len(slot.aheads) < AHEAD_DEPTH
+                             and self._may_send_ahead(slot)]:
                     task = self._next_task(lane)
                     if task is None:
                         break

@@ -168,8 +168,9 @@ def outcome_to_wire(outcome: Outcome) -> tuple:
 
 
 def outcome_from_wire(raw: tuple) -> Outcome:
-    """The :class:`Outcome` of :func:`outcome_to_wire`'s tuple."""
-    return Outcome(_KINDS[raw[0]], *raw[1:])
+    """The :class:`Outcome` of :func:`outcome_to_wire`'s tuple (built as a tuple: the named
+    tuple's own constructor is a Python call that checks its thirteen arguments)."""
+    return tuple.__new__(Outcome, (_KINDS[raw[0]], *raw[1:]))
 
 
 class Seat:
