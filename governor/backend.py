@@ -18,6 +18,7 @@ no difference but speed. Every method of a backend runs on the manager thread ex
 
 from __future__ import annotations
 
+import select
 import selectors
 from typing import Any, Callable, Deque, Dict, List, Optional, Protocol, Sequence
 
@@ -45,12 +46,68 @@ def worker_view(pid: Optional[int], lane: Lane, state: str, now: float, task: Op
             "tasks_run": tasks_run, "rss_bytes": rss_bytes, "node": node, "sandbox": sandbox}
 
 
+class ReadSelector:
+    """The manager's epoll: each file is registered with the callable to run when it is
+    readable, the one kind of readiness the manager waits for.
+
+    ``selectors.EpollSelector`` would do, but its ``select()`` builds a key and a mask per
+    event, on every turn of the manager, two turns per task; :meth:`ready` hands back the
+    callables. ``register`` and ``unregister`` take what ``selectors`` takes (a file
+    descriptor or an object with ``fileno()``), so backends use either alike.
+    """
+
+    def __init__(self) -> None:
+        self._epoll = select.epoll()
+        self._handlers: Dict[int, Callable[[], None]] = {}
+
+    def register(self, fileobj: Any, events: int, handler: Callable[[], None]) -> None:
+        """Run ``handler()`` whenever ``fileobj`` is readable (``events`` is ``selectors.EVENT_READ``).
+
+        Raises:
+            KeyError: the file is registered already.
+        """
+        if events != selectors.EVENT_READ:
+            raise ValueError("only readability is watched (selectors.EVENT_READ)")
+        fd = _fd_of(fileobj)
+        if fd in self._handlers:
+            raise KeyError(f"{fileobj!r} (fd {fd}) is already registered")
+        self._epoll.register(fd, select.EPOLLIN)
+        self._handlers[fd] = handler
+
+    def unregister(self, fileobj: Any) -> None:
+        """Stop watching ``fileobj``; a handler already returned by :meth:`ready` still runs.
+
+        Raises:
+            KeyError: the file is not registered.
+        """
+        fd = _fd_of(fileobj)
+        del self._handlers[fd]
+        try:
+            self._epoll.unregister(fd)
+        except OSError:
+            pass  # closed already: the kernel dropped it from the epoll set
+
+    def ready(self, timeout: float) -> List[Callable[[], None]]:
+        """The handlers of the files readable within ``timeout`` seconds (at least that
+        long, rounded up to a millisecond, when none is)."""
+        handlers = self._handlers
+        return [handlers[fd] for fd, _ in self._epoll.poll(timeout, len(handlers) or 1) if fd in handlers]
+
+    def close(self) -> None:
+        self._epoll.close()
+        self._handlers.clear()
+
+
+def _fd_of(fileobj: Any) -> int:
+    return fileobj if isinstance(fileobj, int) else fileobj.fileno()
+
+
 class LaneHost(Protocol):
     """What the manager offers its backends."""
 
     clock: Callable[[], float]
     metrics: MetricsRecorder
-    selector: selectors.BaseSelector  # register with data = a callable, run when the file is readable
+    selector: ReadSelector  # register a file with a callable, run when the file is readable
 
     @property
     def closing(self) -> bool:

@@ -8,7 +8,7 @@ Data flow::
                                  (a bound call on the inbox; one byte on the wake-up    │
                                   pipe only if the manager sleeps in select)           ─┘
                                                  v
-                     manager thread: selector.select(timeout = the backends' next deadline,
+                     manager thread: selector.ready(timeout = the backends' next deadline,
                                                      at most MAX_WAIT_S)
                        ├─ wake-up pipe        -> drain the inbox: each entry is a bound call
                        ├─ a backend's file    -> the callable it registered (worker outcomes,
@@ -48,7 +48,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Sequence
 import attrs
 
 from governor import gilio, worker
-from governor.backend import LaneBackend
+from governor.backend import LaneBackend, ReadSelector
 from governor.callbacks import CallbackRunner
 from governor.errors import MemoryLimitExceeded, ReadOnlyViolation, StepFailed, SupervisorBroken, WorkerStartFailed
 from governor.limits import Lane
@@ -111,7 +111,7 @@ class Manager(threading.Thread):
         self._wakeup_lock = threading.Lock()
         os.set_blocking(self._wakeup_reader, False)
         os.set_blocking(self._wakeup_writer, False)
-        self.selector = selectors.DefaultSelector()
+        self.selector = ReadSelector()
         self.selector.register(self._wakeup_reader, selectors.EVENT_READ, self._on_wakeup)
         self._woken = False
         self._due_at: Optional[float] = None  # the backends' earliest deadline, as of the last turn
@@ -249,10 +249,10 @@ class Manager(threading.Thread):
         self._sleeping = True
         if self._inbox:
             timeout = 0.0  # a message came before the flag went up: no byte was written for it
-        events = self.selector.select(timeout)
+        handlers = self.selector.ready(timeout)
         self._sleeping = False
-        for key, _ in events:
-            self._guarded(key.data)
+        for handler in handlers:
+            self._guarded(handler)
 
     def _on_wakeup(self) -> None:
         # The inbox is read in this turn anyway: the byte is read just before the next
