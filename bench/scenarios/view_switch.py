@@ -6,8 +6,8 @@ after another, in this one process. The parallel run is ``Supervisor.run_batch``
 same steps, which cannot take less than its slowest step (117 ms); what it takes beyond
 that is the governor's overhead (issue 12's bar: at most 1 ms at the median, and at or
 under every peer's). The peers of the ``overhead`` scenario run the same three steps at
-once (submitted together, then awaited), with as many workers, in rounds that rotate
-them with ours, so a noisy spell hits all of them alike.
+once (submitted together, then awaited), with a worker for each step at least, in rounds
+that rotate them with ours, so a noisy spell hits all of them alike.
 """
 
 from __future__ import annotations
@@ -82,8 +82,9 @@ def view_switch(ctx: ScenarioContext) -> ScenarioResult:
 
     with contextlib.ExitStack() as stack:
         # The peers first: the forking pools fork before the supervisor's threads exist.
+        # A worker per step: the batch's three run at once in every pool, as in ours.
         peers = start_peers(stack, [peer for peer in PEERS if peer is not GovernorPeer],
-                            size.view_parallel_workers, ctx, result)
+                            max(size.peer_workers, len(names)), ctx, result)
         ctx.progress(f"starting a Supervisor with {size.view_parallel_workers} workers")
         supervisor = stack.enter_context(Supervisor(bench_steps.registry, workers=size.view_parallel_workers))
         batches: Dict[str, Callable[[], object]] = {OURS: lambda: supervisor.run_batch(names)}
@@ -138,7 +139,7 @@ def view_switch(ctx: ScenarioContext) -> ScenarioResult:
                 "(the old registry's way); batch = Supervisor.run_batch, timed with perf_counter from the "
                 "call to its return. Both variants share one Supervisor of "
                 f"{size.view_parallel_workers} pool workers, warmed by {size.warmup} unmeasured reps. Each "
-                "peer submits the same three steps at once and waits for them, with as many workers, in "
-                "rounds that rotate it with ours.")
+                "peer submits the same three steps at once and waits for them, with "
+                f"{max(size.peer_workers, len(names))} workers, in rounds that rotate it with ours.")
     return result
 

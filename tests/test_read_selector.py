@@ -1,0 +1,59 @@
+"""The manager's epoll (``governor.backend.ReadSelector``): what it hands back, and the
+mistakes it refuses, as ``selectors`` would."""
+
+import os
+import selectors
+import socket
+
+import pytest
+
+from governor.backend import ReadSelector
+
+
+@pytest.fixture
+def selector():
+    selector = ReadSelector()
+    yield selector
+    selector.close()
+
+
+def test_it_hands_back_the_handlers_of_readable_files_only(selector):
+    quiet_reader, quiet_writer = os.pipe()
+    left, right = socket.socketpair()
+    try:
+        selector.register(quiet_reader, selectors.EVENT_READ, "the pipe's handler")
+        selector.register(left, selectors.EVENT_READ, "the socket's handler")
+        assert selector.ready(0) == []
+        right.send(b"x")
+        assert selector.ready(5) == ["the socket's handler"]
+        selector.unregister(left)
+        assert selector.ready(0) == []  # readable still, but no longer watched
+    finally:
+        for fd in (quiet_reader, quiet_writer):
+            os.close(fd)
+        left.close()
+        right.close()
+
+
+def test_it_refuses_a_second_registration_an_unknown_file_and_other_events(selector):
+    reader, writer = os.pipe()
+    try:
+        selector.register(reader, selectors.EVENT_READ, "handler")
+        with pytest.raises(KeyError):
+            selector.register(reader, selectors.EVENT_READ, "another")
+        with pytest.raises(KeyError):
+            selector.unregister(writer)
+        with pytest.raises(ValueError):
+            selector.register(writer, selectors.EVENT_WRITE, "handler")
+    finally:
+        os.close(reader)
+        os.close(writer)
+
+
+def test_a_file_closed_before_it_is_unregistered_is_unregistered_quietly(selector):
+    reader, writer = os.pipe()
+    selector.register(reader, selectors.EVENT_READ, "handler")
+    os.close(reader)  # the kernel drops it from the epoll set
+    os.close(writer)
+    selector.unregister(reader)
+    assert selector.ready(0) == []
