@@ -378,9 +378,7 @@ class LocalLanes:
             if not lane.sends_ahead:
                 continue
             if lane.retry or lane.queue:
-                for slot in [slot for slot in lane.slots.values()  # the first two tests inline: every turn
-                             if slot.state is SlotState.BUSY and len(slot.aheads) < AHEAD_DEPTH
-                             and self._may_send_ahead(slot)]:
+                for slot in [slot for slot in lane.slots.values() if self._may_send_ahead(slot)]:
                     task = self._next_task(lane)
                     if task is None:
                         break
@@ -1124,8 +1122,15 @@ def _made(path: str) -> str:
 
 def _dumps(assignment: tuple) -> bytes:
     """Pickle an assignment's fields; cloudpickle only for what pickle cannot carry (a lambda
-    among the arguments), since it is several times slower."""
+    among the arguments), since it is several times slower.
+
+    pickle carries an object of a class defined in the submitting program's ``__main__``
+    by reference, and a worker's ``__main__`` is not that program: cloudpickle carries such
+    a class by value. A payload that names ``__main__`` anywhere (at worst a string among
+    the arguments) goes through cloudpickle.
+    """
     try:
-        return pickle.dumps(assignment, pickle.HIGHEST_PROTOCOL)
+        payload = pickle.dumps(assignment, pickle.HIGHEST_PROTOCOL)
     except (pickle.PicklingError, TypeError, AttributeError):
         return cloudpickle.dumps(assignment, pickle.HIGHEST_PROTOCOL)
+    return payload if b"__main__" not in payload else cloudpickle.dumps(assignment, pickle.HIGHEST_PROTOCOL)

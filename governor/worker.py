@@ -246,16 +246,21 @@ def serve(slot_id: int, lane: str, address: str, seats_path: str, seat_index: in
     frames, fd = Frames(), tasks.fileno()
     while True:
         try:
-            assignment = Assignment(*pickle.loads(frames.next(fd)))
+            frame = frames.next(fd)
         except (EOFError, OSError):
             os._exit(0)  # the supervisor retired this worker, or is gone
         if not _take_assignment():
             continue  # taken back by the supervisor: it runs elsewhere
-        seat.write(assignment.task_id)
-        outcome = run_step(_steps[assignment.step], assignment.task_id, assignment.step, assignment.args,
-                           assignment.kwargs, assignment.hard_cap_mb, assignment.chunk)
-        if _forked_by_step:
-            os._exit(0)  # a child the step forked returned from it: it is no worker
+        try:
+            assignment = Assignment(*pickle.loads(frame))
+        except Exception as exc:  # an argument this process cannot rebuild: the task's error, not
+            outcome = _unreadable(exc)  # the worker's death (each replacement would die of it too)
+        else:
+            seat.write(assignment.task_id)
+            outcome = run_step(_steps[assignment.step], assignment.task_id, assignment.step, assignment.args,
+                               assignment.kwargs, assignment.hard_cap_mb, assignment.chunk)
+            if _forked_by_step:
+                os._exit(0)  # a child the step forked returned from it: it is no worker
         # What the step left running dies before its caller has the result (~6 us when
         # it left nothing); the rest of the clean-up waits until the outcome is sent.
         proctree.kill_descendants()
@@ -288,6 +293,14 @@ def _connect(address: str, channel: str, slot_id: int, sandbox: Optional[tuple])
     connection = Client(address, family="AF_UNIX")
     connection.send_bytes(pickle.dumps((channel, slot_id, os.getpid(), sandbox)))
     return connection
+
+
+def _unreadable(error: Exception) -> Outcome:
+    """The outcome of an assignment this worker could not unpickle (its step never ran)."""
+    now = time.monotonic()
+    return Outcome(OutcomeKind.ERROR, now, now, os.getpid(), exc_type=_qualified_name(type(error)),
+                   exc_message=f"its arguments could not be rebuilt in the worker: {error}",
+                   traceback_text="".join(traceback.format_exception(error)))
 
 
 def _forked_by_a_step(*connections: Connection) -> None:

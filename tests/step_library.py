@@ -240,6 +240,19 @@ def pid():
     return os.getpid()
 
 
+def refuse_to_rebuild(reason: str):
+    """What unpickling an :class:`Unrebuildable` calls: it fails, as a class missing in the
+    worker would."""
+    raise ValueError(reason)
+
+
+class Unrebuildable:
+    """An argument that pickles in the caller and cannot be unpickled in a worker."""
+
+    def __reduce__(self):
+        return refuse_to_rebuild, ("this object cannot be rebuilt here",)
+
+
 @registry.step(critical=False, writes=MARKERS, limits=Limits(timeout_s=0.3))
 def declared_timeout_loop():
     while True:

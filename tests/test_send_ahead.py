@@ -13,6 +13,7 @@ free.
 
 import os
 import signal
+import time
 
 import pytest
 
@@ -71,6 +72,11 @@ def test_a_task_cancelled_while_sent_ahead_never_starts(make_supervisor, tmp_pat
     behind = sup.submit("hold_until", str(marker), str(go))  # it would say so if it started
     assert sent_ahead(behind)
     assert behind.cancel()
+    # The cancel must reach the worker before the held step ends (else the task starts and
+    # is cancelled as a running one): describe_workers() returns once the manager has sent
+    # it, and the worker's control thread takes it within the held step's next 2 ms poll.
+    sup.describe_workers()
+    time.sleep(0.5)
     go.touch()
     assert first.result(timeout=60) == worker
     with pytest.raises(StepCancelled):
