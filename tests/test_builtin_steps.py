@@ -216,9 +216,46 @@ def test_log_validates_its_limit(repo, limit, error):
         git.log(str(repo), limit=limit)
 
 
+# -- git.refresh_index ---------------------------------------------------------------------
+
+def _racily_clean(repo: Path) -> Path:
+    """Give ``repo``'s index the mtime of its files, as a fresh clone's often has."""
+    index = repo / ".git" / "index"
+    tracked = repo / "a.txt"
+    os.utime(index, ns=(tracked.stat().st_atime_ns, tracked.stat().st_mtime_ns))
+    return index
+
+
+def test_refresh_index_makes_racily_clean_entries_clean_without_changing_the_status(repo):
+    Path(repo, "a.txt").write_text("changed in the work tree\n")
+    index = _racily_clean(repo)
+    racy_mtime = index.stat().st_mtime_ns
+    before = git.status(str(repo))
+    assert git.status(str(repo)) == before and index.stat().st_mtime_ns == racy_mtime, \
+        "the read-only status never writes the index"
+    assert git.refresh_index(str(repo)) == {"refreshed": True, "skipped_because": None}
+    assert index.stat().st_mtime_ns > racy_mtime, "the refresh wrote the index"
+    assert git.status(str(repo)) == before, "only stat data changed: a modified file stays modified"
+
+
+def test_refresh_index_is_skipped_not_failed_while_another_git_holds_the_lock(repo):
+    lock = Path(repo, ".git", "index.lock")
+    lock.write_text("")
+    assert git.refresh_index(str(repo)) == {"refreshed": False,
+                                            "skipped_because": "another git process holds index.lock"}
+    assert lock.read_text() == "", "the other process's lock is left alone"
+
+
+def test_refresh_index_of_a_bare_repository_is_git_s_error(tmp_path):
+    bare = tmp_path / "bare.git"
+    run(tmp_path, "init", "-q", "--bare", str(bare))
+    with pytest.raises(GitCommandError, match="work tree"):
+        git.refresh_index(str(bare))
+
+
 # -- git errors ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("step", [git.status, git.current_branch, git.log])
+@pytest.mark.parametrize("step", [git.status, git.current_branch, git.log, git.refresh_index])
 def test_git_steps_reject_bad_paths(step, tmp_path):
     a_file = tmp_path / "file.txt"
     a_file.write_text("x")
@@ -237,7 +274,7 @@ def test_git_steps_reject_bad_paths(step, tmp_path):
         step("")
 
 
-@pytest.mark.parametrize("step", [git.status, git.current_branch, git.log])
+@pytest.mark.parametrize("step", [git.status, git.current_branch, git.log, git.refresh_index])
 def test_git_steps_say_when_git_is_missing(step, repo, tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path / "no-bin-here"))
     with pytest.raises(GitUnavailable, match="git is not installed"):
@@ -683,7 +720,7 @@ def test_default_registry_declares_every_builtin_step():
     registry = default_registry()
     assert registry is not default_registry(), "a new registry on every call"
     pool = {"git.status", "git.current_branch", "git.log", "chat.history"}
-    critical = {"chat.create", "chat.send_message", "task.execute", "workflow.execute"}
+    critical = {"git.refresh_index", "chat.create", "chat.send_message", "task.execute", "workflow.execute"}
     assert set(registry.names()) == pool | critical
     for name in registry:
         spec = registry.get(name)

@@ -6,6 +6,7 @@ step                        lane      function
 ``git.status``              pool      :func:`steps.builtin.git.status`
 ``git.current_branch``      pool      :func:`steps.builtin.git.current_branch`
 ``git.log``                 pool      :func:`steps.builtin.git.log`
+``git.refresh_index``       critical  :func:`steps.builtin.git.refresh_index`
 ``chat.history``            pool      :func:`steps.builtin.chat.history`
 ``chat.create``             critical  :func:`steps.builtin.chat.create`
 ``chat.send_message``       critical  :func:`steps.builtin.chat.send_message`
@@ -70,6 +71,8 @@ def default_registry() -> StepRegistry:
     registry.register(chat.history, name="chat.history", critical=False, category="chat", tags=READ_ONLY,
                       limits=chat.STEP_LIMITS, paths=store)
     # State-changing: one at a time, in submission order, in the critical lane.
+    registry.register(git.refresh_index, name="git.refresh_index", critical=True, category="git",
+                      tags=("write",), limits=git.STEP_LIMITS, paths=repo)
     registry.register(chat.create, name="chat.create", critical=True, category="chat", tags=("write",),
                       limits=chat.STEP_LIMITS, paths=store)
     registry.register(chat.send_message, name="chat.send_message", critical=True, category="chat",
