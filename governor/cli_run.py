@@ -8,15 +8,23 @@ what runs if the command is interrupted). Data flow::
          ──> Supervisor(...).check_call(call)   before any worker starts: UnknownStep or
                                                 InvalidParameters become a UsageError (exit 2)
          ──> with Supervisor(...) as sup:
-               [--view, store without a chat: chat.create + chat.send_message, critical lane]
-               sup.run_batch(calls, return_exceptions=True)       timed: the batch total
-               each task recorded by the on_dispatch hook, keyed by Call.tag
-         ──> the same read-only steps one after another in this process (spec.invoke), timed
-         ──> a table (or --json); exit 0 when every step is done, else 1
+               [--view: git.refresh_index; a store without a chat: chat.create +
+                chat.send_message; one after another, critical lane]
+               ┌ rounds (default 5 when every step is read-only, else 1):
+               │   the batch, submitted at once and awaited          timed: the batch total
+               │   the same steps one after another in this process (spec.invoke), timed
+               └ stop early when a step fails
+         ──> a table (or --json) of medians, and the first batch's total; exit 0 when every
+             step is done, else 1
 
 A step's time is the worker's own (``Task.started_at`` to ``Task.ended_at``, both
 ``time.monotonic()`` in the worker); for a task that never reported them (killed, crashed)
 it is the supervisor's dispatch to end.
+
+Why rounds: the first batch runs in workers just forked, whose first call of a step pays
+for what the fork left shared (copy-on-write faults, ~1 ms for ``chat.history``), while a
+backend keeps its workers for thousands of switches. Alternating batch and comparison in
+each round lets a noisy spell on the machine hit both alike; the first batch is still shown.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import json
 import math
 import os
 import sqlite3
+import statistics
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -52,6 +61,10 @@ VIEW_HISTORY_LIMIT = 50
 #: What ``--view`` writes to a chat store that has no chat yet, so a first run shows a chat.
 WELCOME_TITLE = "welcome"
 WELCOME_TEXT = "hello from governor"
+
+#: Rounds of batch-then-comparison when every step is read-only and ``--rounds`` is not
+#: given: enough for a median that one noisy round cannot move, at a few ms per round.
+DEFAULT_ROUNDS = 5
 
 #: The widest result shown in the table's last column (``--json`` gives every result whole).
 RESULT_WIDTH = 56
@@ -153,11 +166,12 @@ class StepRun:
         params: the keyword arguments it was given (paths made absolute).
         lane: ``"critical"`` or ``"pool"``.
         status: the task's final state (``"done"``, ``"failed"``, ``"timed_out"``, ...).
-        time_ms: its run time (see the module docstring), ``None`` if it never ran.
+        time_ms: its run time (see the module docstring), ``None`` if it never ran; over
+            several rounds, the median of its rounds.
         peak_rss_mib: the peak RSS of its worker's process tree while it ran, if known.
         result: its result when done, else ``None``.
         error: ``"Type: message"`` when it did not succeed, else ``None``.
-        setup: whether ``--view`` ran it to prepare the chat store.
+        setup: whether ``--view`` ran it to prepare the repository or the chat store.
     """
 
     step: str
@@ -217,7 +231,8 @@ class Sequential:
     """The same steps one after another in this process, as the old registry ran them.
 
     Attributes:
-        total_ms: the sum, or ``None`` when the comparison was skipped.
+        total_ms: the sum (over several rounds, the median of the rounds' sums), or
+            ``None`` when the comparison was skipped.
         rerun: the steps called again in this process (the read-only ones).
         counted: the state-changing steps whose worker time stands in for a re-run.
         skipped_because: why there is no comparison, if there is none.
@@ -234,13 +249,17 @@ class RunReport:
     """Everything ``governor run`` prints.
 
     Attributes:
-        setup: the ``--view`` setup steps (empty when the store had a chat).
-        steps: the batch's steps, in the order given.
-        batch_ms: the batch's wall clock: ``run_batch`` from call to return.
+        setup: the ``--view`` setup steps (the index refresh, and the welcome chat when
+            the store had none).
+        steps: the batch's steps, in the order given (the last round's).
+        batch_ms: the batch's wall clock, from the first submit to the last result; over
+            several rounds, the median.
         sequential: the one-after-another comparison.
         workers: the supervisor's pool workers.
         startup_ms: how long the supervisor took to have every worker warm.
         view: the ``--view`` repository and chat store, or ``None``.
+        rounds: the rounds run (fewer than asked when a step failed).
+        first_batch_ms: the first round's batch, in workers that had run nothing yet.
     """
 
     setup: Tuple[StepRun, ...]
@@ -250,6 +269,8 @@ class RunReport:
     workers: int
     startup_ms: float
     view: Optional[Dict[str, Any]] = None
+    rounds: int = 1
+    first_batch_ms: Optional[float] = None
 
     @property
     def ok(self) -> bool:
@@ -266,6 +287,8 @@ class RunReport:
             "steps": [run.to_json() for run in self.steps],
             "totals": {
                 "batch_ms": _rounded(self.batch_ms),
+                "first_batch_ms": _rounded(self.first_batch_ms),
+                "rounds": self.rounds,
                 "sequential_ms": _rounded(sequential.total_ms),
                 "sequential_rerun": list(sequential.rerun),
                 "sequential_counted_from_workers": list(sequential.counted),
@@ -345,10 +368,29 @@ def _run_sequential(registry: Any, runs: Sequence[StepRun]) -> Sequential:
     return Sequential(total_s * 1000, tuple(rerun), tuple(counted))
 
 
+def _median_sequential(rounds: Sequence[Sequential]) -> Sequential:
+    """One :class:`Sequential` for several rounds: the median total, the first round's lists."""
+    first = rounds[0]
+    if first.total_ms is None:
+        return first
+    return attrs.evolve(first, total_ms=statistics.median(round_.total_ms for round_ in rounds))
+
+
 def _view_calls(repo: str, store: str, chat_id: int) -> List[Call]:
     return [Call("chat.history", kwargs={"chat_id": chat_id, "limit": VIEW_HISTORY_LIMIT, "store": store}),
             Call("git.status", kwargs={"repo": repo}),
             Call("git.current_branch", kwargs={"repo": repo})]
+
+
+def _refresh_index(sup: Supervisor, repo: str, limits: Optional[Limits]) -> StepRun:
+    """Refresh ``repo``'s index in the critical lane, before the view reads it.
+
+    The view's git steps may not write the index (they run read-only, in parallel), so on a
+    fresh clone every one of their calls would re-read the "racily clean" files: 18-40 ms
+    for a ``git status`` that takes 2-3 ms once the index is refreshed, in the batch and in
+    the comparison alike. A plain ``git status`` in a terminal does the same refresh.
+    """
+    return _submit_one(sup, Call("git.refresh_index", kwargs={"repo": repo}, limits=limits))
 
 
 def _setup_view(sup: Supervisor, store: str, limits: Optional[Limits]) -> Tuple[List[StepRun], Optional[int]]:
@@ -376,7 +418,7 @@ def _submit_one(sup: Supervisor, call: Call) -> StepRun:
 
 
 def execute(calls: Sequence[Call], *, workers: Optional[int] = None, timeout_s: Optional[float] = None,
-            view: Optional[Tuple[str, str, Optional[int]]] = None) -> RunReport:
+            view: Optional[Tuple[str, str, Optional[int]]] = None, rounds: Optional[int] = None) -> RunReport:
     """Run ``calls`` (after the ``--view`` steps, if ``view``) through an in-process Supervisor.
 
     Args:
@@ -385,12 +427,15 @@ def execute(calls: Sequence[Call], *, workers: Optional[int] = None, timeout_s: 
         timeout_s: a per-step timeout for this run, on top of each step's own limits.
         view: ``(repo, store, chat_id)`` (absolute paths; ``chat_id`` ``None`` for the
             newest chat) to run the view switch first.
+        rounds: how many times to run the batch and the comparison, alternating (default
+            :data:`DEFAULT_ROUNDS` when every step is read-only, else 1).
 
     Returns:
         the :class:`RunReport`.
 
     Raises:
-        click.UsageError: an unknown step or bad parameters, before any worker starts.
+        click.UsageError: an unknown step or bad parameters, before any worker starts; or
+            more than one round of a state-changing step (its writes would repeat).
     """
     registry = default_registry()
     limits = None if timeout_s is None else Limits(timeout_s=timeout_s)
@@ -403,6 +448,7 @@ def execute(calls: Sequence[Call], *, workers: Optional[int] = None, timeout_s: 
     planned = [attrs.evolve(call, limits=limits) for call in (*view_calls, *calls)]
     pool_steps = sum(registry.classify(call.step).lane is Lane.POOL for call in planned if call.step in registry)
     workers = workers or max(1, min(default_workers(), pool_steps))
+    rounds = _rounds(rounds, planned, registry)
     # spares=0: a one-shot run does not need a warm replacement standing by, and each
     # spare is one more interpreter to start before the first step runs.
     sup = Supervisor(registry, workers=workers, spares=0)
@@ -413,29 +459,68 @@ def execute(calls: Sequence[Call], *, workers: Optional[int] = None, timeout_s: 
         startup_ms = (time.perf_counter() - started) * 1000
         try:
             setup: List[StepRun] = []
-            if view is not None and chat_id is None:
-                setup, chat_id = _setup_view(sup, view[1], limits)
-                if chat_id is None:  # setup failed: the view would only fail after it
-                    return RunReport(tuple(setup), (), None, Sequential(None, skipped_because="setup failed"),
-                                     workers, startup_ms, _view_json(view, None))
             if view is not None:
+                setup.append(_refresh_index(sup, view[0], limits))
+                if setup[-1].ok and chat_id is None:
+                    created, chat_id = _setup_view(sup, view[1], limits)
+                    setup += created
+                if not all(run.ok for run in setup):  # the view would only fail after it
+                    return RunReport(tuple(setup), (), None, Sequential(None, skipped_because="setup failed"),
+                                     workers, startup_ms, _view_json(view, chat_id), rounds=0)
                 view_calls = _view_calls(view[0], view[1], chat_id)
             batch = [attrs.evolve(call, limits=limits) for call in (*view_calls, *calls)]
-            # One batch, as run_batch submits it, but keeping the futures: their tasks carry
-            # the worker timestamps and peak RSS the table shows.
-            start = time.perf_counter()
-            futures = [sup.submit_call(call) for call in batch]
-            concurrent.futures.wait(futures)
-            batch_ms = (time.perf_counter() - start) * 1000
-            runs = [StepRun.of(call, sup.classify(call.step)[0], future.task, _outcome(future))
-                    for call, future in zip(batch, futures)]
+            batches: List[Tuple[float, List[StepRun]]] = []
+            comparisons: List[Sequential] = []
+            for _ in range(rounds):
+                batches.append(_run_batch(sup, batch))
+                comparisons.append(_run_sequential(registry, batches[-1][1]))
+                if comparisons[-1].total_ms is None:  # a step failed: do not run it again
+                    break
         except BaseException:
             # Interrupted (Ctrl-C): stop the steps rather than wait for them to end.
             sup.shutdown(wait=True, cancel_futures=True, cancel_running=True)
             raise
-    sequential = _run_sequential(registry, runs)
-    return RunReport(tuple(setup), tuple(runs), batch_ms, sequential, workers, startup_ms,
-                     _view_json(view, chat_id))
+    runs = _median_times(batches[-1][1], [runs for _, runs in batches])
+    return RunReport(tuple(setup), tuple(runs), statistics.median(ms for ms, _ in batches),
+                     _median_sequential(comparisons), workers, startup_ms, _view_json(view, chat_id),
+                     rounds=len(batches), first_batch_ms=batches[0][0])
+
+
+def _rounds(asked: Optional[int], planned: Sequence[Call], registry: Any) -> int:
+    """The rounds to run: ``asked``, else :data:`DEFAULT_ROUNDS` when nothing would repeat a write."""
+    critical = [call.step for call in planned
+                if call.step in registry and registry.classify(call.step).lane is Lane.CRITICAL]
+    if asked is None:
+        return 1 if critical else DEFAULT_ROUNDS
+    if asked > 1 and critical:
+        raise click.UsageError(f"--rounds {asked} would repeat {critical[0]}, which changes state: "
+                               "only read-only steps run in several rounds")
+    return asked
+
+
+def _run_batch(sup: Supervisor, batch: Sequence[Call]) -> Tuple[float, List[StepRun]]:
+    """Submit ``batch`` at once, wait for all of it: its wall clock in ms, and a row per step.
+
+    As ``run_batch`` submits, but keeping the futures: their tasks carry the worker
+    timestamps and peak RSS the table shows.
+    """
+    start = time.perf_counter()
+    futures = [sup.submit_call(call) for call in batch]
+    concurrent.futures.wait(futures)
+    batch_ms = (time.perf_counter() - start) * 1000
+    return batch_ms, [StepRun.of(call, sup.classify(call.step)[0], future.task, _outcome(future))
+                      for call, future in zip(batch, futures)]
+
+
+def _median_times(last: Sequence[StepRun], rounds: Sequence[Sequence[StepRun]]) -> List[StepRun]:
+    """The last round's rows, each step's time the median of its rounds."""
+    if len(rounds) == 1:
+        return list(last)
+    medians = []
+    for position, run in enumerate(last):
+        times = [runs[position].time_ms for runs in rounds if runs[position].time_ms is not None]
+        medians.append(attrs.evolve(run, time_ms=statistics.median(times) if times else None))
+    return medians
 
 
 def _outcome(future: concurrent.futures.Future) -> Any:
@@ -481,6 +566,13 @@ def _format_mib(value: Optional[float]) -> str:
     return "—" if value is None else f"{value:.1f} MiB"
 
 
+def _setup_title(setup: Sequence[StepRun]) -> str:
+    done = ["the repository's index refreshed" if run.step == "git.refresh_index"
+            else "the chat store had no chat, so one was created" for run in setup
+            if run.step in ("git.refresh_index", "chat.create")]
+    return f"setup (critical lane, one after another): {'; '.join(done)}"
+
+
 def brief(run: StepRun) -> str:
     """A one-line, at most :data:`RESULT_WIDTH` characters, account of a step's result or error."""
     if run.error is not None:
@@ -508,10 +600,11 @@ def format_table(report: RunReport) -> str:
     header = ("step", "lane", "status", "time", "peak RSS", "result")
     sections = []
     if report.setup:
-        sections.append(("setup: the chat store had no chat, so one was created (critical lane)", report.setup))
+        sections.append((_setup_title(report.setup), report.setup))
     if report.steps:
         title = "view switch" if report.view is not None else "steps"
-        sections.append((f"{title}: one batch, run_batch", report.steps))
+        times = "" if report.rounds <= 1 else f"; times are medians of {report.rounds} rounds"
+        sections.append((f"{title}: one batch, submitted at once{times}", report.steps))
     every = [row for _, rows in sections for row in rows]
     cells = [[run.step, run.lane, run.status, _format_ms(run.time_ms), _format_mib(run.peak_rss_mib), brief(run)]
              for run in every]
@@ -539,18 +632,25 @@ def format_table(report: RunReport) -> str:
         out += ["", "errors:"] + [f"  {run.step}: {run.error}" for run in failed]
     out.append("")
     seq = report.sequential
-    out.append(f"batch total (wall clock)             {_format_ms(report.batch_ms):>12}")
+    median = ", median" if report.rounds > 1 else ""
+
+    def total(label: str, value: str, note: str = "") -> str:
+        return f"{label:<42}{value:>12}{note}"
+
+    if report.rounds > 1:
+        out.append(total("first batch (workers' first steps)", _format_ms(report.first_batch_ms)))
+    out.append(total(f"batch total (wall clock{median})", _format_ms(report.batch_ms)))
     if seq.total_ms is None:
-        out.append(f"one after another (this process)     {'—':>12}  ({seq.skipped_because})")
+        out.append(total("one after another (this process)", "—", f"  ({seq.skipped_because})"))
     else:
         note = "" if not seq.counted else f"  ({', '.join(seq.counted)}: worker time, not re-run)"
-        out.append(f"one after another (this process)     {_format_ms(seq.total_ms):>12}{note}")
+        out.append(total(f"one after another (this process{median})", _format_ms(seq.total_ms), note))
         saved = _saved(report.batch_ms, seq.total_ms)
         speedup = f" ({seq.total_ms / report.batch_ms:.1f}x)" if report.batch_ms else ""
         if saved >= 0:
-            out.append(f"saved by the parallel batch          {_format_ms(saved):>12}{speedup}")
+            out.append(total("saved by the parallel batch", _format_ms(saved), speedup))
         else:
-            out.append(f"the batch took longer by             {_format_ms(-saved):>12}{speedup}")
+            out.append(total("the batch took longer by", _format_ms(-saved), speedup))
     return "\n".join(out)
 
 
@@ -587,8 +687,9 @@ def _steps_epilog() -> str:
 @click.argument("steps", nargs=-1, metavar="[STEP[:key=value,...]]...")
 @click.option("--view", "view_repo", is_flag=False, flag_value=".", default=None, metavar="[REPO]",
               help="Run the view switch on REPO (default '.'): chat.history + git.status + "
-                   "git.current_branch. On a chat store without a chat, first creates one "
-                   f"({WELCOME_TITLE!r}, with the message {WELCOME_TEXT!r}) in the critical lane.")
+                   "git.current_branch. First, in the critical lane, refreshes REPO's index "
+                   "(git.refresh_index) and, on a chat store without a chat, creates one "
+                   f"({WELCOME_TITLE!r}, with the message {WELCOME_TEXT!r}).")
 @click.option("--store", type=click.Path(dir_okay=False), default=None,
               help="The chat store for --view and for every step that takes a store and was not given "
                    f"one (default: ${chat.STORE_ENV_VAR}, else $XDG_STATE_HOME/governor/{chat.STORE_FILE_NAME}).")
@@ -598,11 +699,15 @@ def _steps_epilog() -> str:
               help="Pool workers (default: one per read-only step, at most 2 x CPUs clamped to 4..16).")
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True), default=None,
               metavar="SECONDS", help="Per-step timeout for this run; a step past it is killed (timed_out).")
+@click.option("--rounds", type=click.IntRange(min=1), default=None,
+              help=f"Run the batch and the one-after-another comparison this many times, alternating, "
+                   f"and show medians (default: {DEFAULT_ROUNDS} when every step is read-only, else 1; "
+                   "a state-changing step is never repeated).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON document (steps, results, totals) instead "
                                                      "of the table.")
 def run(steps: Tuple[str, ...], view_repo: Optional[str], store: Optional[str], chat_id: Optional[int],
-        workers: Optional[int], timeout_s: Optional[float], as_json: bool) -> None:
-    """Run STEPs once through an in-process Supervisor and show what each cost.
+        workers: Optional[int], timeout_s: Optional[float], rounds: Optional[int], as_json: bool) -> None:
+    """Run STEPs through an in-process Supervisor and show what each cost.
 
     No daemon is needed: the command starts its own Supervisor over the built-in steps,
     submits the STEPs as one batch (read-only steps in parallel in the pool lane,
@@ -610,7 +715,9 @@ def run(steps: Tuple[str, ...], view_repo: Optional[str], store: Optional[str], 
     lane, final status, time in its worker and peak memory. The batch's wall clock is
     compared with the same steps run one after another in this process, as a plain
     registry would (read-only steps are called again; state-changing ones are not
-    repeated, and count with their worker time).
+    repeated, and count with their worker time). Read-only steps run in several rounds
+    (--rounds), batch and comparison alternating, and the table shows medians next to
+    the first batch, whose workers had run nothing yet.
 
     \b
     STEP syntax:  NAME[:key=value,key=value,...]
@@ -658,7 +765,7 @@ def run(steps: Tuple[str, ...], view_repo: Optional[str], store: Optional[str], 
     stores = [call.kwargs["store"] for call in calls if isinstance(call.kwargs.get("store"), str)]
     try:
         with chat.allowing_stores(stores + ([view[1]] if view else [])):
-            report = execute(calls, workers=workers, timeout_s=timeout_s, view=view)
+            report = execute(calls, workers=workers, timeout_s=timeout_s, view=view, rounds=rounds)
     except GovernorError as error:  # e.g. WorkerStartFailed: no step could run at all
         raise click.ClickException(f"{type(error).__name__}: {error}") from error
     if as_json:

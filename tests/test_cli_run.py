@@ -120,6 +120,7 @@ def test_view_creates_a_welcome_chat_on_a_fresh_store_then_shows_it(repo, tmp_pa
     first = invoke("--view", repo, "--store", store)
     assert first.exit_code == 0, first.output
     rows = table_rows(first.output)
+    assert rows["git.refresh_index"] == ["critical", "done"]
     assert rows["chat.create"] == ["critical", "done"]
     assert rows["chat.send_message"] == ["critical", "done"]
     assert all(rows[step] == ["pool", "done"] for step in VIEW_STEPS), first.output
@@ -130,7 +131,10 @@ def test_view_creates_a_welcome_chat_on_a_fresh_store_then_shows_it(repo, tmp_pa
     again = invoke("--view", repo, "--store", store, "--json")
     assert again.exit_code == 0, again.output
     document = json.loads(again.output)
-    assert document["ok"] is True and document["setup"] == []  # the chat exists now: no setup
+    assert document["ok"] is True
+    # The chat exists now: the index refresh is all the setup there is.
+    assert [(step["step"], step["result"]) for step in document["setup"]] == [
+        ("git.refresh_index", {"refreshed": True, "skipped_because": None})]
     assert [step["step"] for step in document["steps"]] == list(VIEW_STEPS)
     history, status, branch = (step["result"] for step in document["steps"])
     assert [message["text"] for message in history] == ["hello from governor"]
@@ -145,9 +149,42 @@ def test_view_stops_after_a_failed_setup_and_exits_1(repo, tmp_path):
     result = invoke("--json", "--view", repo, "--store", store)
     assert result.exit_code == 1, result.output
     document = json.loads(result.output)
-    assert [(step["step"], step["status"]) for step in document["setup"]] == [("chat.create", "failed")]
-    assert "cannot be read as SQLite" in document["setup"][0]["error"]
+    assert [(step["step"], step["status"]) for step in document["setup"]] == [
+        ("git.refresh_index", "done"), ("chat.create", "failed")]
+    assert "cannot be read as SQLite" in document["setup"][1]["error"]
     assert document["steps"] == [] and document["totals"]["sequential_skipped_because"] == "setup failed"
+
+
+def test_view_refreshes_a_racily_clean_index_before_the_read_only_steps_read_it(repo, tmp_path):
+    """A fresh clone's index: the read-only git steps would re-read its files on every call."""
+    index = repo / ".git" / "index"
+    readme = (repo / "README").stat()
+    os.utime(index, ns=(readme.st_atime_ns, readme.st_mtime_ns))
+    result = invoke("--json", "--view", repo, "--store", tmp_path / "state" / "chat.sqlite3")
+    assert result.exit_code == 0, result.output
+    assert index.stat().st_mtime_ns > readme.st_mtime_ns, "the index was written after its files"
+    assert json.loads(result.output)["steps"][1]["result"]["clean"] is True
+
+
+def test_read_only_steps_run_in_rounds_and_a_state_changing_one_is_never_repeated(repo, tmp_path):
+    read_only = json.loads(invoke("--json", f"git.current_branch:repo={repo}").output)["totals"]
+    assert read_only["rounds"] == 5 and read_only["first_batch_ms"] > 0 and read_only["batch_ms"] > 0
+    assert json.loads(invoke("--json", "--rounds", 2, f"git.current_branch:repo={repo}").output)["totals"]["rounds"] == 2
+
+    store = tmp_path / "chat.sqlite3"
+    once = json.loads(invoke("--json", "--store", store, "chat.create:title=a").output)["totals"]
+    assert once["rounds"] == 1
+    refused = CliRunner().invoke(main, ["run", "--rounds", "3", "--store", str(store), "chat.create:title=b",
+                                        f"git.status:repo={repo}"])
+    assert refused.exit_code == 2 and "--rounds 3 would repeat chat.create" in refused.output
+    assert [row[0] for row in _chats(store)] == [1], "refused before anything ran"
+
+
+def test_rounds_stop_at_the_first_failure(repo, tmp_path):
+    not_a_repo = tmp_path / "plain"
+    not_a_repo.mkdir()
+    document = json.loads(invoke("--json", f"git.status:repo={not_a_repo}").output)
+    assert document["totals"]["rounds"] == 1 and document["steps"][0]["status"] == "failed"
 
 
 def test_json_document_has_each_step_and_the_totals(repo):
