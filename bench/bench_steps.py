@@ -18,6 +18,7 @@ from pathlib import Path
 
 from governor.bench.core import SCRATCH_ROOT
 from governor.steps import StepRegistry, current_context
+from governor.steps.builtin import default_registry
 
 registry = StepRegistry()
 
@@ -75,6 +76,16 @@ def git_status():
 def git_current_branch():
     """The fastest step of the view switch."""
     return sleep_ms(VIEW_SWITCH_MS[2])
+
+
+#: The built-in steps, for :func:`builtin`.
+_BUILTIN = default_registry()
+
+
+@registry.step(critical=False)
+def builtin(step: str, kwargs: dict):
+    """Run the built-in step ``step`` with ``kwargs``: how a peer pool runs the real view."""
+    return _BUILTIN.get(step).invoke((), kwargs)
 
 
 #: The view switch as the old registry ran it: these functions, one after another.
