@@ -62,6 +62,9 @@ VIEW_HISTORY_LIMIT = 50
 WELCOME_TITLE = "welcome"
 WELCOME_TEXT = "hello from governor"
 
+#: The most rounds ``--rounds`` takes: a few seconds of the view switch, not a soak test.
+MAX_ROUNDS = 1000
+
 #: Rounds of batch-then-comparison when every step is read-only and ``--rounds`` is not
 #: given: enough for a median that one noisy round cannot move, at a few ms per round.
 DEFAULT_ROUNDS = 5
@@ -258,7 +261,8 @@ class RunReport:
         workers: the supervisor's pool workers.
         startup_ms: how long the supervisor took to have every worker warm.
         view: the ``--view`` repository and chat store, or ``None``.
-        rounds: the rounds run (fewer than asked when a step failed).
+        rounds: the rounds run (fewer than asked when a step failed; the figures are then
+            that round's alone).
         first_batch_ms: the first round's batch, in workers that had run nothing yet.
     """
 
@@ -369,7 +373,7 @@ def _run_sequential(registry: Any, runs: Sequence[StepRun]) -> Sequential:
 
 
 def _median_sequential(rounds: Sequence[Sequential]) -> Sequential:
-    """One :class:`Sequential` for several rounds: the median total, the first round's lists."""
+    """One :class:`Sequential` for rounds that all succeeded: the median total, the first round's lists."""
     first = rounds[0]
     if first.total_ms is None:
         return first
@@ -480,10 +484,13 @@ def execute(calls: Sequence[Call], *, workers: Optional[int] = None, timeout_s: 
             # Interrupted (Ctrl-C): stop the steps rather than wait for them to end.
             sup.shutdown(wait=True, cancel_futures=True, cancel_running=True)
             raise
+    first_batch_ms, rounds_run = batches[0][0], len(batches)
+    if comparisons[-1].total_ms is None:  # a step failed: report that round, which shows why
+        batches, comparisons = batches[-1:], comparisons[-1:]
     runs = _median_times(batches[-1][1], [runs for _, runs in batches])
     return RunReport(tuple(setup), tuple(runs), statistics.median(ms for ms, _ in batches),
                      _median_sequential(comparisons), workers, startup_ms, _view_json(view, chat_id),
-                     rounds=len(batches), first_batch_ms=batches[0][0])
+                     rounds=rounds_run, first_batch_ms=first_batch_ms)
 
 
 def _rounds(asked: Optional[int], planned: Sequence[Call], registry: Any) -> int:
@@ -699,7 +706,7 @@ def _steps_epilog() -> str:
               help="Pool workers (default: one per read-only step, at most 2 x CPUs clamped to 4..16).")
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True), default=None,
               metavar="SECONDS", help="Per-step timeout for this run; a step past it is killed (timed_out).")
-@click.option("--rounds", type=click.IntRange(min=1), default=None,
+@click.option("--rounds", type=click.IntRange(min=1, max=MAX_ROUNDS), default=None,
               help=f"Run the batch and the one-after-another comparison this many times, alternating, "
                    f"and show medians (default: {DEFAULT_ROUNDS} when every step is read-only, else 1; "
                    "a state-changing step is never repeated).")

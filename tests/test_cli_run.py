@@ -187,6 +187,25 @@ def test_rounds_stop_at_the_first_failure(repo, tmp_path):
     assert document["totals"]["rounds"] == 1 and document["steps"][0]["status"] == "failed"
 
 
+def test_a_step_that_fails_in_a_later_round_is_reported_from_that_round(repo, monkeypatch):
+    import shutil
+    import governor.cli_run as cli_run
+    compare = cli_run._run_sequential
+
+    def compare_then_break_the_repo(registry, runs):
+        done = compare(registry, runs)
+        shutil.rmtree(repo / ".git", ignore_errors=True)  # the next round's git.status finds no repository
+        return done
+
+    monkeypatch.setattr(cli_run, "_run_sequential", compare_then_break_the_repo)
+    result = invoke("--json", f"git.status:repo={repo}")
+    assert result.exit_code == 1, result.output
+    document = json.loads(result.output)
+    assert document["totals"]["rounds"] == 2
+    assert document["totals"]["sequential_skipped_because"] == "not every step succeeded"
+    assert document["steps"][0]["status"] == "failed" and "NotAGitRepository" in document["steps"][0]["error"]
+
+
 def test_json_document_has_each_step_and_the_totals(repo):
     result = invoke("--json", f"git.log:repo={repo},limit=5", f"git.current_branch:repo={repo}")
     assert result.exit_code == 0, result.output
