@@ -207,6 +207,8 @@ def install_sandbox(policy: Optional[_sandbox.SandboxPolicy]) -> None:
     """Give this process the pool lane's sandbox policy (the template; ``None``: no sandbox)."""
     global _sandbox_policy
     _sandbox_policy = policy
+    if policy is not None:
+        _sandbox.prepare(policy)
 
 
 def seal_preload() -> None:

@@ -98,6 +98,7 @@ def run(ctx: ScenarioContext) -> ScenarioResult:
     finally:
         for supervisor in (*warm.values(), *recycling.values()):
             supervisor.shutdown(wait=True)
+    sandbox.prepare(policy)  # as the template does, once, before it forks workers
     applies = [_apply_seconds(policy) for _ in range(starts)]
 
     result.put("label", label, "sandbox of the pool workers (on)")
