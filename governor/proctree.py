@@ -37,6 +37,8 @@ from typing import Callable, Collection, Dict, Iterable, List, NamedTuple, Optio
 
 import psutil
 
+from governor import libc
+
 #: How often the RSS of each memory-limited task's process tree is sampled (by the local
 #: lanes, and by the watchdog in a Ray worker). At 10 ms a step allocating 500 MB/s
 #: overshoots by about 5 MB before it is seen.
@@ -241,19 +243,13 @@ def become_subreaper() -> None:
     Raises:
         OSError: if the kernel refuses (not Linux, or too old).
     """
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        errno = ctypes.get_errno()
-        raise OSError(errno, f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(errno)}")
+    libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0, name="PR_SET_CHILD_SUBREAPER")
 
 
 def is_subreaper() -> bool:
     """Whether this process is a child subreaper (see :func:`become_subreaper`)."""
-    libc = ctypes.CDLL(None, use_errno=True)
     flag = ctypes.c_int(0)
-    if libc.prctl(_PR_GET_CHILD_SUBREAPER, ctypes.byref(flag), 0, 0, 0) != 0:
-        errno = ctypes.get_errno()
-        raise OSError(errno, f"prctl(PR_GET_CHILD_SUBREAPER): {os.strerror(errno)}")
+    libc.prctl(_PR_GET_CHILD_SUBREAPER, ctypes.byref(flag), 0, 0, 0, name="PR_GET_CHILD_SUBREAPER")
     return bool(flag.value)
 
 

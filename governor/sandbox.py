@@ -42,13 +42,13 @@ import enum
 import errno
 import os
 import platform
-import sys
 import tempfile
 from collections.abc import Iterable
 from typing import Any, Optional
 
 import attrs
 
+from governor import libc
 from governor.errors import SandboxUnavailable
 
 #: The three Landlock syscalls (create_ruleset, add_rule, restrict_self) per machine.
@@ -164,31 +164,12 @@ def _attr_size(abi: int) -> int:
     return _RulesetAttr.handled_access_net.offset
 
 
-#: glibc's soname: already loaded by the interpreter, so opening it is cheap. Not
-#: ``find_library("c")``, which runs ldconfig in a subprocess (~30 ms of a worker's start),
-#: nor the interpreter's global namespace, whose symbol lookups took ~8 ms each here.
-LIBC_SONAME = "libc.so.6"
-
-
-def _load_libc() -> ctypes.CDLL:
-    try:
-        libc = ctypes.CDLL(LIBC_SONAME, use_errno=True)
-    except OSError:  # another C library (musl): search the interpreter's symbols
-        libc = ctypes.CDLL(None, use_errno=True)
-    libc.syscall.restype = ctypes.c_long
-    return libc
-
-
-# Loaded at import, in the process that later forks the workers, so a worker pays nothing.
-_libc: Optional[ctypes.CDLL] = _load_libc() if sys.platform.startswith("linux") else None
-
-
 def _syscall(index: int, *args: Any) -> int:
     """Run Landlock syscall ``index`` (:data:`CREATE_RULESET`, ...); raise ``OSError`` on failure."""
-    numbers = SYSCALLS.get(platform.machine()) if _libc is not None else None
+    numbers = SYSCALLS.get(platform.machine()) if libc.libc is not None else None
     if numbers is None:
         raise OSError(errno.ENOSYS, f"no Landlock syscall numbers for {platform.system()} {platform.machine()}")
-    result = _libc.syscall(ctypes.c_long(numbers[index]), *args)
+    result = libc.libc.syscall(ctypes.c_long(numbers[index]), *args)
     if result < 0:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code))
@@ -381,11 +362,7 @@ def _allow(ruleset: int, path: str, rights: int) -> None:
 def _prctl_no_new_privs() -> None:
     # landlock_restrict_self demands it of an unprivileged caller: no setuid binary
     # started later may gain privileges the rules could not follow.
-    assert _libc is not None  # the syscalls before needed it
-    if _libc.prctl(ctypes.c_int(PR_SET_NO_NEW_PRIVS), ctypes.c_ulong(1), ctypes.c_ulong(0), ctypes.c_ulong(0),
-                   ctypes.c_ulong(0)) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, f"prctl(PR_SET_NO_NEW_PRIVS): {os.strerror(code)}")
+    libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0, name="PR_SET_NO_NEW_PRIVS")
 
 
 def _beneath(path: str, roots: Iterable[str]) -> bool:
