@@ -308,7 +308,7 @@ def apply(policy: SandboxPolicy) -> SandboxReport:
         OSError: a Landlock syscall failed on a kernel that has Landlock (a bug: report it).
     """
     abi = min(abi_version(), KNOWN_ABI)
-    tmpdir = tempfile.mkdtemp(prefix=f"governor-worker-{os.getpid()}-", dir=policy.tmp_root)
+    tmpdir = _private_tmpdir(policy.tmp_root)
     os.environ["TMPDIR"] = tmpdir
     tempfile.tempdir = tmpdir
     if abi < 1:
@@ -344,6 +344,27 @@ def apply(policy: SandboxPolicy) -> SandboxReport:
         os.close(ruleset)
     threads = len(os.listdir("/proc/self/task")) - 1
     return SandboxReport(abi, tmpdir, tuple(granted), tuple(missing), threads)
+
+
+def _private_tmpdir(root: Optional[str]) -> str:
+    """A new directory only this process may use: ``ROOT/governor-worker-PID`` when ``root``
+    is given and that name is free, else ``tempfile.mkdtemp``'s random name.
+
+    ``mkdir`` makes it ours (mode 0700) or fails, whatever was there first (a directory, a
+    symlink), so the plain name is safe even in a shared ``root``. It is the common case,
+    in the supervisor's private directory, and it costs a fresh worker one syscall where
+    ``mkdtemp`` cost it ~90 copy-on-write faults (reseeding its random names after the
+    fork), ~0.6 ms on the bench's VM.
+    """
+    if root is not None:
+        path = os.path.join(root, f"governor-worker-{os.getpid()}")
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:  # a worker before this one had the pid: a random name instead
+            pass
+        else:
+            return path
+    return tempfile.mkdtemp(prefix=f"governor-worker-{os.getpid()}-", dir=root)
 
 
 def _allow(ruleset: int, path: str, rights: int) -> None:

@@ -205,6 +205,21 @@ def test_declared_paths_the_private_temp_dir_and_dev_null_stay_writable_and_read
     assert outcome.report.writable == (outcome.report.tmpdir, os.devnull, str(declared_dir), str(declared_file))
 
 
+def test_the_private_temp_dir_is_named_by_pid_and_never_an_existing_path(tmp_path):
+    mine = sandbox._private_tmpdir(str(tmp_path))
+    assert mine == str(tmp_path / f"governor-worker-{os.getpid()}")
+    assert os.stat(mine).st_mode & 0o777 == 0o700
+    # The name is taken (a worker before this one had the pid; a planted symlink): not reused.
+    os.rmdir(mine)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    os.symlink(elsewhere, mine)
+    fresh = sandbox._private_tmpdir(str(tmp_path))
+    assert fresh != mine and os.path.dirname(fresh) == str(tmp_path) and not os.path.islink(fresh)
+    assert os.path.basename(fresh).startswith(f"governor-worker-{os.getpid()}-")
+    assert os.stat(fresh).st_mode & 0o777 == 0o700 and list(elsewhere.iterdir()) == []
+
+
 @needs_landlock
 def test_the_processes_a_step_starts_inherit_the_rules(tmp_path):
     (tmp_path / "tmp").mkdir()
