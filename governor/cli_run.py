@@ -35,6 +35,7 @@ import inspect
 import json
 import math
 import os
+import resource
 import sqlite3
 import statistics
 import time
@@ -68,6 +69,9 @@ MAX_ROUNDS = 1000
 #: Rounds of batch-then-comparison when every step is read-only and ``--rounds`` is not
 #: given: enough for a median that one noisy round cannot move, at a few ms per round.
 DEFAULT_ROUNDS = 5
+
+#: The CPUs this process may run on: what a batch of CPU-bound steps can overlap.
+CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 #: The widest result shown in the table's last column (``--json`` gives every result whole).
 RESULT_WIDTH = 56
@@ -239,12 +243,16 @@ class Sequential:
         rerun: the steps called again in this process (the read-only ones).
         counted: the state-changing steps whose worker time stands in for a re-run.
         skipped_because: why there is no comparison, if there is none.
+        cpu_ms: the CPU time the re-run steps used, in this process and in the processes
+            they started and waited for (git): with :data:`CPUS` CPUs, no batch of them can
+            take less than ``cpu_ms / CPUS``.
     """
 
     total_ms: Optional[float]
     rerun: Tuple[str, ...] = ()
     counted: Tuple[str, ...] = ()
     skipped_because: Optional[str] = None
+    cpu_ms: Optional[float] = None
 
 
 @attrs.frozen
@@ -297,6 +305,8 @@ class RunReport:
                 "sequential_rerun": list(sequential.rerun),
                 "sequential_counted_from_workers": list(sequential.counted),
                 "sequential_skipped_because": sequential.skipped_because,
+                "sequential_cpu_ms": _rounded(sequential.cpu_ms),
+                "cpus": CPUS,
                 "saved_ms": _rounded(_saved(self.batch_ms, sequential.total_ms)),
                 "startup_ms": _rounded(self.startup_ms),
                 "workers": self.workers,
@@ -355,21 +365,28 @@ def _run_sequential(registry: Any, runs: Sequence[StepRun]) -> Sequential:
         return Sequential(None, skipped_because="no steps")
     if not all(run.ok for run in runs):
         return Sequential(None, skipped_because="not every step succeeded")
-    total_s, rerun, counted = 0.0, [], []
+    total_s, cpu_s, rerun, counted = 0.0, 0.0, [], []
     for run in runs:
         if run.lane == Lane.CRITICAL.value:
             total_s += (run.time_ms or 0.0) / 1000
             counted.append(run.step)
             continue
         spec = registry.get(run.step)
-        start = time.perf_counter()
+        cpu_start, start = _cpu_s(), time.perf_counter()
         try:
             spec.invoke((), dict(run.params))
         except Exception as exc:  # it succeeded in its worker; report, do not fail the run
             return Sequential(None, skipped_because=f"{run.step} raised {type(exc).__name__} in this process: {exc}")
         total_s += time.perf_counter() - start
+        cpu_s += _cpu_s() - cpu_start
         rerun.append(run.step)
-    return Sequential(total_s * 1000, tuple(rerun), tuple(counted))
+    return Sequential(total_s * 1000, tuple(rerun), tuple(counted), cpu_ms=cpu_s * 1000 if rerun else None)
+
+
+def _cpu_s() -> float:
+    """CPU seconds used by this process and by the children it has waited for."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
 
 
 def _median_sequential(rounds: Sequence[Sequential]) -> Sequential:
@@ -377,7 +394,9 @@ def _median_sequential(rounds: Sequence[Sequential]) -> Sequential:
     first = rounds[0]
     if first.total_ms is None:
         return first
-    return attrs.evolve(first, total_ms=statistics.median(round_.total_ms for round_ in rounds))
+    cpu = [round_.cpu_ms for round_ in rounds if round_.cpu_ms is not None]
+    return attrs.evolve(first, total_ms=statistics.median(round_.total_ms for round_ in rounds),
+                        cpu_ms=statistics.median(cpu) if cpu else None)
 
 
 def _view_calls(repo: str, store: str, chat_id: int) -> List[Call]:
@@ -658,6 +677,10 @@ def format_table(report: RunReport) -> str:
             out.append(total("saved by the parallel batch", _format_ms(saved), speedup))
         else:
             out.append(total("the batch took longer by", _format_ms(-saved), speedup))
+        if seq.cpu_ms is not None:  # why a batch of CPU-bound steps gains little on few CPUs
+            out.append(total("CPU time one after another (with git's)", _format_ms(seq.cpu_ms),
+                             f"  (on {CPUS} CPU{'s' if CPUS != 1 else ''}: no batch of these steps under "
+                             f"{_format_ms(seq.cpu_ms / CPUS)})"))
     return "\n".join(out)
 
 

@@ -125,6 +125,7 @@ def test_view_creates_a_welcome_chat_on_a_fresh_store_then_shows_it(repo, tmp_pa
     assert rows["chat.send_message"] == ["critical", "done"]
     assert all(rows[step] == ["pool", "done"] for step in VIEW_STEPS), first.output
     assert "setup" in first.output and "batch total" in first.output and "one after another" in first.output
+    assert "CPU time one after another" in first.output
     with chat.allowing_stores([store]):
         assert chat.history(1, store=str(store))[0]["text"] == "hello from governor"
 
@@ -220,6 +221,8 @@ def test_json_document_has_each_step_and_the_totals(repo):
     totals = document["totals"]
     assert totals["batch_ms"] > 0 and totals["sequential_ms"] > 0
     assert totals["sequential_rerun"] == ["git.log", "git.current_branch"]
+    # The CPU time of the comparison (git's included), and the CPUs a batch can spread over.
+    assert 0 < totals["sequential_cpu_ms"] and totals["cpus"] == len(os.sched_getaffinity(0))
     assert totals["workers"] == 2
 
 
