@@ -63,6 +63,9 @@ STEP_LIMITS = Limits(timeout_s=2 * GIT_CALL_TIMEOUT_S)
 #: git's output is collected between polls, so it never costs output.
 POLL_INTERVAL_S = 0.05
 
+#: ``git.refresh_index``'s reason when it could not take ``index.lock``.
+LOCK_NOT_TAKEN = "could not take index.lock: another git process holds it, or the repository is not writable"
+
 #: ``git.log``'s largest ``limit``: the result travels back by pickle and to clients as
 #: JSON, so it is kept to a size a UI would show.
 MAX_LOG_LIMIT = 1000
@@ -278,15 +281,16 @@ def refresh_index(repo: str = ".") -> dict:
     State-changing (critical lane): it takes ``index.lock`` and rewrites ``.git/index``, the
     way a plain ``git status`` does on the side. Contents are not touched: a modified file
     stays modified. Afterwards the read-only steps no longer re-read "racily clean" files
-    (a fresh clone's) on every call. Another git command holding ``index.lock`` is not an
-    error: the refresh is skipped and says why, since only speed depends on it.
+    (a fresh clone's) on every call. A lock it cannot take (another git command holds it,
+    or the repository is not writable by this user) is not an error: the refresh is
+    skipped and says so, since only speed depends on it.
 
     Args:
         repo: a directory inside a git working tree.
 
     Returns:
-        ``{"refreshed": True, "skipped_because": None}``, or ``"refreshed": False`` with the
-        reason when another process holds ``index.lock``.
+        ``{"refreshed": True, "skipped_because": None}``, or ``"refreshed": False`` with
+        :data:`LOCK_NOT_TAKEN` as the reason.
 
     Raises:
         StepInputError: ``repo`` does not exist, is not a directory, or is not a repository.
@@ -297,12 +301,12 @@ def refresh_index(repo: str = ".") -> dict:
     try:
         run_git(repo, "update-index", "-q", "--refresh")
     except GitCommandError as exc:
-        # With -q, update-index exits 128 *without a message* when it cannot take
-        # index.lock (builtin/update-index.c: "if (refresh_args.flags & REFRESH_QUIET)
-        # exit(128)"); every other failure says what it is.
+        # With -q, update-index exits 128 *without a message* when the index needs writing
+        # and it could not take index.lock (builtin/update-index.c: "if (refresh_args.flags &
+        # REFRESH_QUIET) exit(128)"); every other failure says what it is.
         if exc.returncode != 128 or exc.stderr:
             raise
-        return {"refreshed": False, "skipped_because": "another git process holds index.lock"}
+        return {"refreshed": False, "skipped_because": LOCK_NOT_TAKEN}
     return {"refreshed": True, "skipped_because": None}
 
 
