@@ -228,6 +228,20 @@ def hold_until(marker: str, go: str):
 
 
 @registry.step(critical=False, writes=MARKERS)
+def hold_until_cancel_arrives(marker: str, go: str, arrived: str):
+    """``hold_until`` that also says (``arrived``) once a cancel for a task sent ahead to
+    this worker has reached it: the worker keeps such a cancel until that task would
+    start. A cross-process event where a test would otherwise sleep and hope."""
+    from governor import worker
+    announce(marker, os.getpid())
+    while not os.path.exists(go):
+        if worker._early_cancels and not os.path.exists(arrived):
+            announce(arrived, os.getpid())
+        time.sleep(0.002)
+    return os.getpid()
+
+
+@registry.step(critical=False, writes=MARKERS)
 def grow_idle_memory(mb: int):
     """Leave ``mb`` MiB allocated in the worker after the step returns (a leak)."""
     global _leak

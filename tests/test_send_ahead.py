@@ -13,7 +13,6 @@ free.
 
 import os
 import signal
-import time
 
 import pytest
 
@@ -66,17 +65,23 @@ def test_a_long_step_gets_nothing_sent_ahead(make_supervisor, tmp_path):
 
 def test_a_task_cancelled_while_sent_ahead_never_starts(make_supervisor, tmp_path):
     sup = make_supervisor(workers=1)
-    known_short(sup, tmp_path)
-    first, go, worker = held(sup, tmp_path)
+    go, arrived = tmp_path / "go", tmp_path / "cancel-arrived"
+    # The held step must be known as short too, so something is sent ahead behind it.
+    already = tmp_path / "go-now"
+    already.touch()
+    for number in range(5):
+        sup.submit("hold_until_cancel_arrives", str(tmp_path / f"short-{number}"), str(already),
+                   str(arrived)).result(timeout=60)
+    first = sup.submit("hold_until_cancel_arrives", str(tmp_path / "held"), str(go), str(arrived))
+    wait_for_path(str(tmp_path / "held"))
+    worker = int((tmp_path / "held").read_text())
     marker = tmp_path / "behind-started"
     behind = sup.submit("hold_until", str(marker), str(go))  # it would say so if it started
     assert sent_ahead(behind)
     assert behind.cancel()
     # The cancel must reach the worker before the held step ends (else the task starts and
-    # is cancelled as a running one): describe_workers() returns once the manager has sent
-    # it, and the worker's control thread takes it within the held step's next 2 ms poll.
-    sup.describe_workers()
-    time.sleep(0.5)
+    # is cancelled as a running one): the held step says when it has.
+    wait_for_path(str(arrived))
     go.touch()
     assert first.result(timeout=60) == worker
     with pytest.raises(StepCancelled):
