@@ -593,9 +593,14 @@ def _format_mib(value: Optional[float]) -> str:
 
 
 def _setup_title(setup: Sequence[StepRun]) -> str:
-    done = ["the repository's index refreshed" if run.step == "git.refresh_index"
-            else "the chat store had no chat, so one was created" for run in setup
-            if run.step in ("git.refresh_index", "chat.create")]
+    """What the setup rows were for; a refresh that was skipped (or failed) is not called done."""
+    done = []
+    for run in setup:
+        if run.step == "git.refresh_index":
+            refreshed = run.ok and run.result["refreshed"]
+            done.append("the repository's index refreshed" if refreshed else "the repository's index not refreshed")
+        elif run.step == "chat.create":
+            done.append("the chat store had no chat, so one was created")
     return f"setup (critical lane, one after another): {'; '.join(done)}"
 
 

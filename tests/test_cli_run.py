@@ -167,6 +167,18 @@ def test_view_refreshes_a_racily_clean_index_before_the_read_only_steps_read_it(
     assert json.loads(result.output)["steps"][1]["result"]["clean"] is True
 
 
+def test_a_refresh_another_git_blocks_is_shown_as_skipped_and_the_view_still_runs(repo, tmp_path):
+    index = repo / ".git" / "index"
+    readme = (repo / "README").stat()
+    os.utime(index, ns=(readme.st_atime_ns, readme.st_mtime_ns))  # so the refresh must write
+    (repo / ".git" / "index.lock").write_text("")  # another git is writing the index
+    result = invoke("--view", repo, "--store", tmp_path / "state" / "chat.sqlite3")
+    assert result.exit_code == 0, result.output
+    assert "index not refreshed" in result.output and "index refreshed" not in result.output
+    assert table_rows(result.output)["git.refresh_index"] == ["critical", "done"]
+    assert all(table_rows(result.output)[step] == ["pool", "done"] for step in VIEW_STEPS)
+
+
 def test_read_only_steps_run_in_rounds_and_a_state_changing_one_is_never_repeated(repo, tmp_path):
     read_only = json.loads(invoke("--json", f"git.current_branch:repo={repo}").output)["totals"]
     assert read_only["rounds"] == 5 and read_only["first_batch_ms"] > 0 and read_only["batch_ms"] > 0
