@@ -219,17 +219,27 @@ def test_log_validates_its_limit(repo, limit, error):
 # -- git.refresh_index ---------------------------------------------------------------------
 
 def _racily_clean(repo: Path) -> Path:
-    """Give ``repo``'s index the mtime of its files, as a fresh clone's often has."""
+    """Make every entry of ``repo``'s index racily clean, as a fresh clone's often are.
+
+    Each tracked file and the index get the same whole-second mtime, 100 s ago, after the
+    index has recorded the files' stat data: git must then re-read every file to trust it,
+    and a refresh must write the index. Built from fixed times, not from the moments the
+    fixture ran, so a second boundary between two commands cannot leave an entry non-racy.
+    """
     index = repo / ".git" / "index"
-    tracked = repo / "a.txt"
-    os.utime(index, ns=(tracked.stat().st_atime_ns, tracked.stat().st_mtime_ns))
+    then = int(datetime.datetime.now().timestamp()) - 100
+    for name in run(repo, "ls-files", "-z").split("\0"):
+        if name:
+            os.utime(repo / name, (then, then))
+    run(repo, "update-index", "-q", "--refresh")
+    os.utime(index, (then, then))
     return index
 
 
 def test_refresh_index_makes_racily_clean_entries_clean_without_changing_the_status(repo):
-    Path(repo, "a.txt").write_text("changed in the work tree\n")
     index = _racily_clean(repo)
     racy_mtime = index.stat().st_mtime_ns
+    Path(repo, "a.txt").write_text("changed in the work tree\n")
     before = git.status(str(repo))
     assert git.status(str(repo)) == before and index.stat().st_mtime_ns == racy_mtime, \
         "the read-only status never writes the index"
@@ -239,9 +249,9 @@ def test_refresh_index_makes_racily_clean_entries_clean_without_changing_the_sta
 
 
 def test_refresh_index_is_skipped_not_failed_while_another_git_holds_the_lock(repo):
+    _racily_clean(repo)  # so the index needs writing: with nothing to record, git takes no lock
     lock = Path(repo, ".git", "index.lock")
     lock.write_text("")
-    _racily_clean(repo)  # so the index needs writing: with nothing to record, git takes no lock
     assert git.refresh_index(str(repo)) == {"refreshed": False, "skipped_because": git.LOCK_NOT_TAKEN}
     assert lock.read_text() == "", "the other process's lock is left alone"
 
