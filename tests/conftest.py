@@ -160,8 +160,45 @@ def make_supervisor(request, backend):
     try:
         yield make
     finally:
+        if _failed(request.node):
+            for sup in started:
+                _describe_for_the_report(sup)
         for sup in started:
             sup.shutdown(wait=True, cancel_futures=True, cancel_running=True)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    # Keep each phase's report on the test item, so fixtures can tell in their teardown
+    # whether the test failed (pytest's documented recipe).
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"report_{report.when}", report)
+
+
+def _failed(node) -> bool:
+    report = getattr(node, "report_call", None)
+    return report is not None and report.failed
+
+
+def _describe_for_the_report(sup: Supervisor) -> None:
+    """Print what a supervisor was doing when its test failed (pytest shows it under the
+    teardown's captured output): a failure that comes once in many runs, such as a step
+    that never starts, must say where it stuck the first time."""
+    try:
+        workers = sup.describe_workers(timeout=5)
+        metrics = sup.metrics()
+    except Exception as exc:  # a broken supervisor: say so, and shut it down as usual
+        print(f"supervisor {id(sup):#x}: could not be described: {exc!r}")
+        return
+    print(f"supervisor {id(sup):#x} ({sup.backend}) when the test failed:")
+    for worker in workers:
+        running = "" if worker["running_s"] is None else f" for {worker['running_s']:.2f}s"
+        served = "" if worker["tasks_run"] is None else f", {worker['tasks_run']} tasks run"
+        print(f"  {worker['lane']} worker {worker['pid']} on {worker['node'] or 'this host'}: {worker['state']}, "
+              f"task {worker['task_id']} ({worker['step']}){running}{served}")
+    for key in ("queue_depth", "in_flight", "workers", "worker_kills", "tasks"):
+        print(f"  {key}: {metrics.get(key)}")
 
 
 @pytest.fixture
