@@ -16,6 +16,7 @@ import os
 import sys
 import threading
 import time
+import traceback
 
 import psutil
 import pytest
@@ -188,8 +189,12 @@ def _describe_for_the_report(sup: Supervisor) -> None:
     try:
         workers = sup.describe_workers(timeout=5)
         metrics = sup.metrics()
-    except Exception as exc:  # a broken supervisor: say so, and shut it down as usual
-        print(f"supervisor {id(sup):#x}: could not be described: {exc!r}")
+    except Exception as exc:  # a stuck or broken manager thread: where it is stuck
+        print(f"supervisor {id(sup):#x}: could not be described: {exc!r}; the governor threads' stacks:")
+        frames = sys._current_frames()
+        for thread in governor_threads():
+            stack = "".join(traceback.format_stack(frames[thread.ident])) if thread.ident in frames else ""
+            print(f"--- {thread.name}\n{stack}")
         return
     print(f"supervisor {id(sup):#x} ({sup.backend}) when the test failed:")
     for worker in workers:
