@@ -1,8 +1,9 @@
 """The pool lane on a Ray cluster: a lane backend (``governor.backend``), like ``governor.local_lanes``.
 
 With ``Supervisor(registry, backend="ray")`` the critical lane stays local and serial, and
-pool-lane steps run as Ray tasks (``governor.ray_worker.run``), at most ``workers`` at a
-time. Every promise of the local lane holds, by the same means where Ray has none:
+pool-lane steps run as Ray tasks (``governor.ray_worker.run``, through its ``entry``), at
+most ``workers`` at a time. Every promise of the local lane holds, by the same means where
+Ray has none:
 
 * **Timeouts, cancels, scopes.** Each Ray worker keeps a link (TCP, JSON frames, a shared
   token) to the supervisor, like a local worker's control socket. ``running`` comes up it
@@ -31,6 +32,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import enum
+import functools
 import hmac
 import itertools
 import json
@@ -97,6 +99,13 @@ def import_ray():
         raise BackendUnavailable(
             "the Ray backend needs Ray: pip install 'governor[ray]' (or pip install -e '.[ray]')") from exc
     return ray
+
+
+@functools.lru_cache(maxsize=None)
+def entry_function(ray: Any) -> Any:
+    """This process's one Ray remote function, ``ray_worker.entry``, shared by every
+    supervisor: Ray exports it once per job (see ``ray_worker.entry``)."""
+    return ray.remote(ray_worker.entry)
 
 
 class RayTimer(enum.Enum):
@@ -249,12 +258,13 @@ class RayLane:
         on a worker of its own.
         """
         ray = self._ray
-        check = ray.remote(ray_worker.check).options(max_retries=0, **self._config.task_options)
-        self._standby_remote = ray.remote(ray_worker.standby).options(
-            name="governor:standby", max_retries=0, **self._config.task_options)
+        entry = entry_function(ray)
+        check = entry.options(name="governor:check", max_retries=0, **self._config.task_options)
+        self._standby_remote = entry.options(name="governor:standby", max_retries=0, **self._config.task_options)
         for attempt in range(UNSTARTED_RETRIES + 1):
             try:
-                ray.get(check.remote(self._info, [self._steps_ref], 0.0), timeout=WARM_UP_TIMEOUT_S)
+                # The first task exports the entry function, here, on the starting thread.
+                ray.get(check.remote("check", self._info, [self._steps_ref], 0.0), timeout=WARM_UP_TIMEOUT_S)
                 break
             except ray.exceptions.WorkerCrashedError:  # a dying worker leased (see _never_started)
                 if attempt == UNSTARTED_RETRIES:
@@ -264,7 +274,7 @@ class RayLane:
         count = max(1, min(self.workers, free))
         if count == 1:
             return
-        holding = [check.remote(self._info, [self._steps_ref], WARM_WAIT_S) for _ in range(count)]
+        holding = [check.remote("check", self._info, [self._steps_ref], WARM_WAIT_S) for _ in range(count)]
         with self._linked:
             self._linked.wait_for(lambda: len({link.pid for link in self._early_links}) >= count, WARM_WAIT_S)
             for link in self._early_links:
@@ -352,7 +362,7 @@ class RayLane:
         if self._spares and self._standby is None and not self._queue and not any(
                 run.kill is not None for run in self._runs.values()):
             hold_id = next(self._hold_ids)
-            ref = self._standby_remote.remote(self._info, [self._steps_ref], hold_id)
+            ref = self._standby_remote.remote("standby", self._info, [self._steps_ref], hold_id)
             standby = self._standby = Standby(hold_id, ref, ref.future())
             standby.future.add_done_callback(lambda done: self._host.call_soon(self._on_standby_done, standby, done))
 
@@ -403,7 +413,7 @@ class RayLane:
         task, limits = run.task, run.task.limits
         run.attempts += 1
         run.ref = self._remote_for(task.step).remote(
-            self._info, [self._steps_ref], task.id, task.step, task.args, task.kwargs,
+            "run", self._info, [self._steps_ref], task.id, task.step, task.args, task.kwargs,
             ray_worker.TaskLimits(limits.effective_memory_mb,
                                   limits.effective_memory_mb if limits.memory_hard_cap else None), task.chunk)
         run.future = run.ref.future()
@@ -413,7 +423,7 @@ class RayLane:
     def _remote_for(self, step: str):
         remote = self._remote.get(step)
         if remote is None:
-            remote = self._remote[step] = self._ray.remote(ray_worker.run).options(
+            remote = self._remote[step] = entry_function(self._ray).options(
                 name=f"governor:{step}", max_retries=0, retry_exceptions=False, **self._config.task_options)
         return remote
 

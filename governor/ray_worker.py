@@ -213,6 +213,22 @@ def run(info: LinkInfo, steps: list, task_id: int, step: str, args: tuple, kwarg
     return outcome
 
 
+
+def entry(kind: str, *args: Any) -> Any:
+    """The one function the lane submits to Ray: :func:`check`, :func:`standby` or
+    :func:`run`, by ``kind``, with ``args``.
+
+    One function, so that Ray exports its definition to the cluster once per job, from the
+    first warm-up task, on the thread that starts the supervisor. The first ``.remote()``
+    of a function Ray has not exported yet makes synchronous calls to the GCS; made on the
+    manager thread, they would hold up every timer, kill and dispatch of both lanes for as
+    long as the GCS takes to answer.
+    """
+    return _ENTRIES[kind](*args)
+
+
+_ENTRIES = {"check": check, "standby": standby, "run": run}
+
 class _Watchdog:
     """Samples this worker's process tree while one task runs; over the limit, it reports
     the breach to the supervisor and kills the tree (this worker included)."""

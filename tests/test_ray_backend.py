@@ -8,6 +8,7 @@ import json
 import socket
 import sys
 import textwrap
+import threading
 
 import pytest
 
@@ -134,3 +135,26 @@ def test_the_lane_keeps_a_warm_ray_worker_standing_by_when_asked(ray_node, spare
         assert [record.node for record in killed] == [socket.gethostname()], "the kill's WARNING names the node"
         assert sup.submit("echo", 2).result(timeout=60) == 2
         assert wait_until(lambda: len(_standing_by(sup)) == 1, timeout=30), "and another stands by again"
+
+
+@pytest.mark.ray
+def test_the_manager_thread_never_waits_on_the_gcs_to_hand_ray_a_task(ray_node, monkeypatch):
+    # Ray exports a remote function on its first .remote(), with synchronous calls to the
+    # GCS. Made on the manager thread (once per supervisor and step, before the fix), they
+    # would stall every timer, kill and dispatch of both lanes for as long as the GCS takes.
+    # The lane submits one entry function, exported while the supervisor starts.
+    function_manager = ray_node._private.worker.global_worker.function_actor_manager
+    export = function_manager.export
+    exported_on = []
+
+    def record(remote_function):
+        exported_on.append(threading.current_thread().name)
+        return export(remote_function)
+
+    monkeypatch.setattr(function_manager, "export", record)
+    for _ in range(2):  # each supervisor's first step, standby and check
+        with Supervisor(registry, workers=2, spares=1, backend="ray") as sup:
+            assert sup.submit("echo", 1).result(timeout=60) == 1
+            assert sup.submit("noop").result(timeout=60) is None
+            assert wait_until(lambda: len(_standing_by(sup)) == 1, timeout=30), "a standby worker linked up"
+    assert [name for name in exported_on if name.startswith("governor-")] == []
