@@ -48,7 +48,9 @@ def worker_view(pid: Optional[int], lane: Lane, state: str, now: float, task: Op
 
 class ReadSelector:
     """The manager's epoll: each file is registered with the callable to run when it is
-    readable, the one kind of readiness the manager waits for.
+    readable, the kind of readiness the manager waits for; a file the manager could not
+    write all of at once is also watched for room (:meth:`watch_writable`), so that no
+    write ever blocks the manager.
 
     ``selectors.EpollSelector`` would do, but its ``select()`` builds a key and a mask per
     event, on every turn of the manager, two turns per task; :meth:`ready` hands back the
@@ -59,6 +61,7 @@ class ReadSelector:
     def __init__(self) -> None:
         self._epoll = select.epoll()
         self._handlers: Dict[int, Callable[[], None]] = {}
+        self._writers: Dict[int, Callable[[], None]] = {}
 
     def register(self, fileobj: Any, events: int, handler: Callable[[], None]) -> None:
         """Run ``handler()`` whenever ``fileobj`` is readable (``events`` is ``selectors.EVENT_READ``).
@@ -67,7 +70,7 @@ class ReadSelector:
             KeyError: the file is registered already.
         """
         if events != selectors.EVENT_READ:
-            raise ValueError("only readability is watched (selectors.EVENT_READ)")
+            raise ValueError("only readability is registered (selectors.EVENT_READ); see watch_writable")
         fd = _fd_of(fileobj)
         if fd in self._handlers:
             raise KeyError(f"{fileobj!r} (fd {fd}) is already registered")
@@ -75,27 +78,66 @@ class ReadSelector:
         self._handlers[fd] = handler
 
     def unregister(self, fileobj: Any) -> None:
-        """Stop watching ``fileobj``; a handler already returned by :meth:`ready` still runs.
+        """Stop watching ``fileobj`` (for room too); a handler already returned by
+        :meth:`ready` still runs.
 
         Raises:
             KeyError: the file is not registered.
         """
         fd = _fd_of(fileobj)
         del self._handlers[fd]
+        self._writers.pop(fd, None)
         try:
             self._epoll.unregister(fd)
         except OSError:
             pass  # closed already: the kernel dropped it from the epoll set
 
+    def watch_writable(self, fileobj: Any, handler: Callable[[], None]) -> None:
+        """Also run ``handler()`` whenever the registered ``fileobj`` has room to write
+        (or has failed), until :meth:`unwatch_writable`.
+
+        Raises:
+            KeyError: the file is not registered for reading, or is watched already.
+        """
+        fd = _fd_of(fileobj)
+        if fd not in self._handlers or fd in self._writers:
+            raise KeyError(f"{fileobj!r} (fd {fd}) is not registered, or its room is watched already")
+        self._epoll.modify(fd, select.EPOLLIN | select.EPOLLOUT)
+        self._writers[fd] = handler
+
+    def unwatch_writable(self, fileobj: Any) -> None:
+        """Stop watching ``fileobj`` for room (nothing if it was not watched)."""
+        fd = _fd_of(fileobj)
+        if self._writers.pop(fd, None) is not None:
+            self._epoll.modify(fd, select.EPOLLIN)
+
     def ready(self, timeout: float) -> List[Callable[[], None]]:
-        """The handlers of the files readable within ``timeout`` seconds (at least that
-        long, rounded up to a millisecond, when none is)."""
-        handlers = self._handlers
-        return [handlers[fd] for fd, _ in self._epoll.poll(timeout, len(handlers) or 1) if fd in handlers]
+        """The handlers of the files readable (and the room handlers of the files writable)
+        within ``timeout`` seconds (at least that long, rounded up to a millisecond, when
+        none is)."""
+        handlers, writers = self._handlers, self._writers
+        events = self._epoll.poll(timeout, len(handlers) or 1)
+        if not writers:
+            return [handlers[fd] for fd, _ in events if fd in handlers]
+        ready = []
+        for fd, mask in events:
+            if mask & _READ_EVENTS and fd in handlers:
+                ready.append(handlers[fd])
+            if mask & _WRITE_EVENTS and fd in writers:
+                ready.append(writers[fd])
+        return ready
 
     def close(self) -> None:
         self._epoll.close()
         self._handlers.clear()
+        self._writers.clear()
+
+
+#: What makes a file's read handler run: data, its end, or an error (read says which).
+_READ_EVENTS = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR
+
+#: What makes its room handler run: room, or an error (the write says which).
+_WRITE_EVENTS = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
 
 
 def _fd_of(fileobj: Any) -> int:

@@ -64,11 +64,14 @@ class Frames:
                 raise EOFError("the socket ended")
 
 
+def header(size: int) -> bytes:
+    """The bytes that go before a payload of ``size`` bytes to make it a frame."""
+    return struct.pack("!i", size) if size <= 0x7FFFFFFF else struct.pack("!iQ", -1, size)
+
+
 def send_frame(fd: int, payload: bytes) -> None:
     """Write ``payload`` as one frame to the blocking socket ``fd`` (one ``write`` for all
     but a payload the socket's buffer cannot hold at once)."""
-    size = len(payload)
-    header = struct.pack("!i", size) if size <= 0x7FFFFFFF else struct.pack("!iQ", -1, size)
-    data = memoryview(header + payload)
+    data = memoryview(header(len(payload)) + payload)
     while data:
         data = data[os.write(fd, data):]

@@ -51,7 +51,7 @@ import psutil
 
 from governor.backend import worker_view
 from governor.errors import InvalidTransition, MemoryLimitExceeded, StepFailed, StepTimeout, WorkerCrashed, WorkerStartFailed
-from governor.frames import Frames, send_frame
+from governor.frames import Frames, header as frame_header
 from governor.limits import Lane
 from governor.logs import log_death
 from governor.proctree import MEMORY_SAMPLE_INTERVAL_S, TreeSampler, kill_tree, mib
@@ -139,6 +139,8 @@ class Slot:
     pidfd: Optional[int] = None
     watched: bool = False  # its task socket is in the selector
     frames: Frames = attrs.field(factory=lambda: Frames())
+    unsent: Deque[memoryview] = attrs.field(factory=collections.deque)  # frames' bytes its socket had no room for
+    room_watched: bool = False  # the selector tells when its task socket has room (``unsent`` waits)
     run: Optional["Run"] = None
     aheads: Deque["Run"] = attrs.field(factory=collections.deque)  # sent while ``run`` runs, in order
     sent: int = 0  # assignments sent to the worker (a task taken back is named by its number)
@@ -419,7 +421,7 @@ class LocalLanes:
         """
         run = slot.run
         if (slot.state is not SlotState.BUSY or len(slot.aheads) >= AHEAD_DEPTH or slot.tasks is None or run is None
-                or run.kill is not None):
+                or run.kill is not None or slot.unsent):
             return False
         limits, quota = run.task.limits, self._config.max_tasks_per_worker
         return (self._typical_s.get(run.task.step, SEND_AHEAD_BELOW_S) < SEND_AHEAD_BELOW_S
@@ -658,6 +660,7 @@ class LocalLanes:
             return
         if channel == "task":
             slot.tasks = connection
+            os.set_blocking(connection.fileno(), False)  # the manager never waits on a worker (see _send)
             if sandbox is not None:
                 self._on_sandbox(slot, *sandbox)
         else:
@@ -755,12 +758,55 @@ class LocalLanes:
         else:
             self._lanes[slot.lane].move(slot, SlotState.BUSY)
             self._begin(run)
+        self._send(slot, payload)
+
+    def _send(self, slot: Slot, payload: bytes) -> None:
+        """Send one frame down ``slot``'s task socket without ever making the manager wait.
+
+        What the socket has no room for waits in ``slot.unsent`` and goes when the
+        selector says there is room. A worker that stops reading (stopped, stuck in the
+        kernel) with a large argument on its way then holds up no other task of either
+        lane, and its own task's timeout and cancel still work: they kill it.
+        """
+        slot.unsent.append(memoryview(frame_header(len(payload))))
+        slot.unsent.append(memoryview(payload))
+        if len(slot.unsent) == 2:  # nothing was waiting for room: it goes now
+            self._flush(slot)
+
+    def _flush(self, slot: Slot) -> None:
+        """Write what ``slot.unsent`` holds, as far as its socket has room."""
+        if slot.tasks is None:
+            return  # closed by an earlier event of the same select
+        unsent = slot.unsent
         try:
-            send_frame(slot.tasks.fileno(), payload)
+            written = os.writev(slot.tasks.fileno(), unsent)
+        except BlockingIOError:
+            written = 0
         except OSError:
             # The worker is dead or unusable: it never took the task, which its pidfd's
             # news hands to another worker (_on_dead).
+            self._stop_sending(slot)
             kill_tree(slot.pid, slot.sampler)
+            return
+        while written:
+            first = unsent[0]
+            if written < len(first):
+                unsent[0] = first[written:]
+                break
+            written -= len(first)
+            unsent.popleft()
+        if unsent and not slot.room_watched:
+            self._host.selector.watch_writable(slot.tasks, lambda: self._flush(slot))
+            slot.room_watched = True
+        elif not unsent and slot.room_watched:
+            self._host.selector.unwatch_writable(slot.tasks)
+            slot.room_watched = False
+
+    def _stop_sending(self, slot: Slot) -> None:
+        slot.unsent.clear()
+        if slot.room_watched:
+            self._host.selector.unwatch_writable(slot.tasks)
+            slot.room_watched = False
 
     def _take_back_stuck(self, lane: LaneState) -> None:
         """Ask back the tasks sent ahead that have waited :data:`AHEAD_PATIENCE_S` behind a
@@ -858,6 +904,8 @@ class LocalLanes:
             return  # closed by an earlier event of the same select (its pidfd's)
         try:
             alive = slot.frames.feed(slot.tasks.fileno())
+        except BlockingIOError:
+            alive = True  # nothing to read after all
         except OSError:
             alive = False
         self._take_frames(slot)
@@ -1089,6 +1137,8 @@ class LocalLanes:
             slot.control = None
 
     def _close_tasks(self, slot: Slot) -> None:
+        if slot.tasks is not None:
+            self._stop_sending(slot)
         if slot.watched:
             self._host.selector.unregister(slot.tasks)
             slot.watched = False

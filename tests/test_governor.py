@@ -192,6 +192,31 @@ def test_scope_cancel_stops_running_and_drops_queued(make_supervisor, tmp_path):
     assert all(wait_until(lambda pid=pid: not alive(pid), timeout=5) for pid in pids)
 
 
+@pytest.mark.parametrize("backend", ["loky"])  # stops local workers from outside
+def test_a_worker_that_stops_reading_holds_up_no_other_task(make_supervisor):
+    # A pool worker stopped (SIGSTOP, a debugger, a frozen cgroup) while an argument larger
+    # than its socket's buffer is on its way: the manager thread used to block in that
+    # write, and with it every timer, kill and dispatch of both lanes.
+    sup = make_supervisor(workers=1, spares=0)
+    assert sup.submit("echo", 1).result(timeout=30) == 1
+    stopped = [worker["pid"] for worker in sup.describe_workers() if worker["lane"] == "pool"]
+    for pid in stopped:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        large = sup.submit_call(Call("echo", ("x" * (16 << 20),), limits=Limits(timeout_s=1)))
+        assert sup.submit("critical_record", 1, "meanwhile").result(timeout=30)[0] == "meanwhile"
+        with pytest.raises(StepTimeout):
+            large.result(timeout=30)  # its timeout still fires: the kill ends the stopped worker
+        assert all(wait_until(lambda pid=pid: not alive(pid), timeout=10) for pid in stopped)
+        assert sup.submit("echo", 2).result(timeout=30) == 2, "a new worker serves the pool lane"
+    finally:
+        for pid in stopped:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+
+
 @pytest.mark.parametrize("step, exitcode, signal_number", [("die", 3, None), ("segfault", None, signal.SIGSEGV)])
 def test_a_crash_fails_only_its_own_task(make_supervisor, backend, tmp_path, step, exitcode, signal_number):
     go = str(tmp_path / "go")

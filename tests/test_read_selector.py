@@ -57,3 +57,53 @@ def test_a_file_closed_before_it_is_unregistered_is_unregistered_quietly(selecto
     os.close(writer)
     selector.unregister(reader)
     assert selector.ready(0) == []
+
+
+def test_a_file_is_watched_for_room_only_while_asked_and_still_for_reading(selector):
+    left, right = socket.socketpair()
+    left.setblocking(False)
+    try:
+        selector.register(left, selectors.EVENT_READ, "read")
+        while True:  # fill the socket: the peer does not read
+            try:
+                left.send(b"x" * 65536)
+            except BlockingIOError:
+                break
+        selector.watch_writable(left, "room")
+        assert selector.ready(0) == [], "no room, nothing to read"
+        right.send(b"y")
+        assert selector.ready(5) == ["read"], "readable, still no room"
+        left.recv(1)
+        right.setblocking(False)
+        drained = 0
+        while True:  # the peer reads all there is: now there is room
+            try:
+                drained += len(right.recv(1 << 20))
+            except BlockingIOError:
+                break
+        assert drained > 0 and selector.ready(5) == ["room"]
+        selector.unwatch_writable(left)
+        selector.unwatch_writable(left)  # a second time: nothing
+        assert selector.ready(0) == []
+    finally:
+        left.close()
+        right.close()
+
+
+def test_watching_for_room_needs_a_registered_file_and_is_dropped_with_it(selector):
+    left, right = socket.socketpair()
+    try:
+        with pytest.raises(KeyError):
+            selector.watch_writable(left, "room")  # not registered for reading
+        selector.register(left, selectors.EVENT_READ, "read")
+        selector.watch_writable(left, "room")
+        with pytest.raises(KeyError):
+            selector.watch_writable(left, "room again")
+        assert selector.ready(0) == ["room"], "an empty socket has room"
+        selector.unregister(left)
+        assert selector.ready(0) == []
+        selector.register(left, selectors.EVENT_READ, "read")
+        assert selector.ready(0) == [], "a new registration watches reading only"
+    finally:
+        left.close()
+        right.close()
