@@ -41,6 +41,7 @@ import secrets
 import select
 import selectors
 import socket
+import struct
 import threading
 import uuid
 from multiprocessing.connection import Connection, wait as wait_for_connections
@@ -52,6 +53,7 @@ from governor import ray_worker
 from governor.backend import worker_view
 from governor.errors import (BackendUnavailable, InvalidTransition, MemoryLimitExceeded, StepFailed, StepTimeout,
                              WorkerCrashed, WorkerStartFailed)
+from governor.frames import Frames
 from governor.limits import Lane
 from governor.logs import log_death
 from governor.proctree import mib, wait_dead
@@ -89,6 +91,11 @@ WARM_UP_TIMEOUT_S = 120.0
 WARM_WAIT_S = 10.0
 
 _ACCEPT_POLL_S = 0.1
+
+
+def _timeval(seconds: float) -> bytes:
+    """A ``struct timeval`` for SO_RCVTIMEO."""
+    return struct.pack("@ll", int(seconds), int((seconds % 1) * 1_000_000))
 
 
 def import_ray():
@@ -175,6 +182,7 @@ class RayLink:
     connection: Connection
     pid: int
     node: str
+    frames: Frames = attrs.field(factory=Frames)  # what has come of its messages so far
 
 
 class RayLane:
@@ -319,6 +327,9 @@ class RayLane:
         (it is dropped after :data:`HELLO_TIMEOUT_S`).
         """
         sock.setblocking(True)
+        # A peer that sends part of a hello and stops must not hold this thread for ever:
+        # the read gives up after HELLO_TIMEOUT_S (EAGAIN), and the peer is refused.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(HELLO_TIMEOUT_S))
         connection = Connection(sock.detach())
         try:
             hello = json.loads(connection.recv_bytes(4096)) if connection.poll(HELLO_TIMEOUT_S) else {}
@@ -436,9 +447,25 @@ class RayLane:
             self.on_readable(link)
 
     def on_readable(self, link: RayLink) -> None:
+        """Read what the link has (one ``read``, which cannot block: the link is readable)
+        and act on each whole message. A message cut in two by the network waits for its
+        rest in ``link.frames``; the manager never waits for it (a read of a whole message
+        would, for as long as the network between here and that worker takes)."""
         try:
-            kind, task_id, *rest = json.loads(link.connection.recv_bytes())
-        except (EOFError, OSError, ValueError):
+            alive = link.frames.feed(link.connection.fileno())
+        except OSError:
+            alive = False
+        frame = link.frames.pop()
+        while frame is not None and not link.connection.closed:
+            self._on_message(link, frame)
+            frame = link.frames.pop()
+        if not alive and not link.connection.closed:
+            self._link_lost(link)
+
+    def _on_message(self, link: RayLink, frame: bytes) -> None:
+        try:
+            kind, task_id, *rest = json.loads(frame)
+        except (ValueError, TypeError):  # not our worker's: the link cannot be trusted
             self._link_lost(link)
             return
         if kind == "standing_by":

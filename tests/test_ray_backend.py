@@ -5,7 +5,9 @@ backends in test_governor.py and test_core.py.
 """
 
 import json
+import os
 import socket
+import struct
 import sys
 import textwrap
 import threading
@@ -158,3 +160,36 @@ def test_the_manager_thread_never_waits_on_the_gcs_to_hand_ray_a_task(ray_node, 
             assert sup.submit("noop").result(timeout=60) is None
             assert wait_until(lambda: len(_standing_by(sup)) == 1, timeout=30), "a standby worker linked up"
     assert [name for name in exported_on if name.startswith("governor-")] == []
+
+
+def _frame(message) -> bytes:
+    payload = json.dumps(message).encode()
+    return struct.pack("!i", len(payload)) + payload
+
+
+@pytest.mark.ray
+def test_a_message_cut_in_two_by_the_network_holds_up_nothing(ray_node):
+    with Supervisor(registry, workers=1, backend="ray") as sup:
+        lane = sup._manager._backends[Lane.POOL]  # private: this test plays a worker on its link
+        with socket.create_connection(lane._listener.getsockname()) as peer:
+            peer.sendall(_frame({"token": lane._token, "pid": os.getpid(), "node": "elsewhere"}))
+            standing_by = _frame(["standing_by", 999, os.getpid()])
+            peer.sendall(standing_by[:7])  # the rest is late: a network between here and there
+            assert sup.submit("echo", 1).result(timeout=30) == 1, "the manager thread did not wait for it"
+            assert sup.describe_workers(timeout=30) is not None
+            peer.sendall(standing_by[7:])
+            peer.settimeout(30)
+            reply = peer.recv(4096)  # a standby the lane never asked for is released at once
+            assert json.loads(reply[4:]) == ["release", 999]
+
+
+@pytest.mark.ray
+def test_a_peer_that_stops_halfway_through_its_hello_is_dropped(ray_node, monkeypatch):
+    monkeypatch.setattr(ray_lane, "HELLO_TIMEOUT_S", 0.5)
+    with Supervisor(registry, workers=1, backend="ray") as sup:
+        lane = sup._manager._backends[Lane.POOL]
+        with socket.create_connection(lane._listener.getsockname()) as stranger:
+            stranger.sendall(_frame({"token": "not the token"})[:6])
+            stranger.settimeout(30)
+            assert stranger.recv(1) == b"", "dropped after HELLO_TIMEOUT_S"
+        assert sup.submit("echo", 1).result(timeout=30) == 1
