@@ -14,6 +14,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import List, Tuple
 
+import pytest
+
 from conftest import wait_until
 from daemon_harness import DaemonProcess, daemon  # noqa: F401 (daemon: a fixture)
 from governor.cli import EXIT_CODES
@@ -190,15 +192,23 @@ def _read_all(fd: int, into: bytearray) -> None:
 def _interrupted(daemon, tmp_path, name: str, *command: str) -> Tuple[subprocess.CompletedProcess, List[int]]:
     """Run a waiting COMMAND whose tasks hold until released, press Ctrl-C once they all run;
     return what it printed and the ids it named."""
+    # PYTHONFAULTHANDLER: if the client ever ignores the Ctrl-C (seen once in many runs, not
+    # understood yet), a SIGABRT makes it print every thread's stack for the failure report.
     process = subprocess.Popen([sys.executable, "-m", "governor", "--socket", str(daemon.socket), *command],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONFAULTHANDLER": "1"})
     announced = process.stderr.readline()  # printed inside the block that handles Ctrl-C
     assert announced.startswith("waiting for task"), announced + process.stderr.read()
     first, _, last = announced.split()[3].partition("-")
     task_ids = list(range(int(first), int(last or first) + 1))
     assert wait_until(lambda: len(list(tmp_path.glob(f"{name}-*"))) == len(task_ids), timeout=60)
     process.send_signal(signal.SIGINT)
-    out, err = process.communicate(timeout=60)
+    try:
+        out, err = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGABRT)
+        out, err = process.communicate(timeout=30)
+        pytest.fail(f"{command} did not end 60 s after Ctrl-C; its threads when aborted:\n{err}")
     return subprocess.CompletedProcess(process.args, process.returncode, out, announced + err), task_ids
 
 
