@@ -23,7 +23,7 @@ __version__ = "0.1.0"
 from governor.context import StepContext, current_context
 from governor.errors import (BackendUnavailable, GovernorError, InvalidParameters, MemoryLimitExceeded, QueueFull, StepCancelled,
                              ReadOnlyViolation, SandboxUnavailable, StepFailed, StepSkipped, StepTimeout,
-                             SupervisorBroken, SupervisorClosed, UnknownStep,
+                             SupervisorBroken, SupervisorClosed, SupervisorForked, UnknownStep,
                              WorkerCrashed, WorkerStartFailed, WorkflowFailed)
 from governor.limits import Lane, Limits
 from governor.task import Call, TaskFuture, TaskState, WorkflowFuture
@@ -50,6 +50,6 @@ def __getattr__(name: str):
 __all__ = [
     "AsyncClient", "BackendUnavailable", "Call", "Client", "DaemonUnavailable", "GovernorError", "InvalidParameters", "Lane", "Limits", "MemoryLimitExceeded", "QueueFull",
     "ReadOnlyViolation", "SandboxUnavailable", "Scope", "StepCancelled", "StepContext", "StepFailed", "StepRegistry", "StepSkipped", "StepTimeout", "Supervisor",
-    "SupervisorBroken", "SupervisorClosed", "TaskFuture", "TaskState", "UnknownStep", "WorkerCrashed", "WorkerStartFailed",
+    "SupervisorBroken", "SupervisorClosed", "SupervisorForked", "TaskFuture", "TaskState", "UnknownStep", "WorkerCrashed", "WorkerStartFailed",
     "WorkflowFailed", "WorkflowFuture", "current_context", "step",
 ]

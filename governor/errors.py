@@ -8,7 +8,7 @@ Three kinds of failure, three kinds of type:
   :class:`StepCancelled`; each carries the limit, what was observed and the worker's pid.
 * Broken infrastructure or misuse: :class:`WorkerCrashed` (a worker died and nobody in
   Governor killed it), :class:`WorkerStartFailed`, :class:`QueueFull`,
-  :class:`SupervisorClosed`, :class:`SupervisorBroken`, :class:`UnknownStep`, :class:`RegistrationError`,
+  :class:`SupervisorClosed`, :class:`SupervisorBroken`, :class:`SupervisorForked`, :class:`UnknownStep`, :class:`RegistrationError`,
   :class:`SandboxUnavailable`.
 
 A pool step stopped by the sandbox is a :class:`ReadOnlyViolation`: a :class:`StepFailed`
@@ -52,6 +52,12 @@ class InvalidTransition(GovernorError, RuntimeError):
 
 class SupervisorClosed(GovernorError, RuntimeError):
     """The supervisor was shut down (or never started) and takes no more work."""
+
+
+class SupervisorForked(GovernorError, RuntimeError):
+    """The supervisor was used in a process forked from the one that started it: its
+    manager thread and workers belong to the parent. Start a new supervisor in the child
+    (or create it after the fork)."""
 
 
 class UnknownStep(GovernorError, KeyError):

@@ -8,8 +8,8 @@ on the manager's inbox; the manager thread (``governor.manager``) does the rest.
 
 from __future__ import annotations
 
-import atexit
 import concurrent.futures
+import concurrent.futures.thread  # noqa: F401  (see _register_atexit below)
 import inspect
 import itertools
 import os
@@ -22,7 +22,8 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optio
 from governor import aio
 from governor import sandbox as sandboxing
 from governor.callbacks import CallbackRunner
-from governor.errors import InvalidParameters, QueueFull, SupervisorBroken, SupervisorClosed, UnknownStep, WorkerStartFailed
+from governor.errors import (InvalidParameters, QueueFull, SupervisorBroken, SupervisorClosed, SupervisorForked,
+                             UnknownStep, WorkerStartFailed)
 from governor.limits import Lane, Limits
 from governor.local_lanes import LocalConfig
 from governor.manager import Manager, ManagerConfig
@@ -210,6 +211,7 @@ class Supervisor(concurrent.futures.Executor):
         self._shut_down = False
         self._start_lock = threading.Lock()  # held through start(): see _start_on_first_use
         self._keyed_scopes: Dict[str, Scope] = {}
+        self._owner_pid: Optional[int] = None  # the process that started it (see _enqueue)
 
     # ----------------------------------------------------------------- life
 
@@ -236,6 +238,7 @@ class Supervisor(concurrent.futures.Executor):
                                    self._callbacks)
         self._manager.connect()
         self._manager.start()
+        self._owner_pid = os.getpid()
         _live_supervisors.add(self)
         if not self._manager.warm.wait(timeout):
             self.shutdown(wait=True)
@@ -537,6 +540,9 @@ class Supervisor(concurrent.futures.Executor):
         # Numbering and appending to the inbox under one lock fixes the submission order
         # across threads, which is the critical lane's execution order.
         with self._lock:
+            if self._owner_pid is not None and self._owner_pid != os.getpid():
+                raise SupervisorForked(f"this supervisor was started by process {self._owner_pid}; process "
+                                       f"{os.getpid()} was forked from it and cannot use it: start a new one here")
             if self._manager is not None and self._manager.broken is not None:
                 raise SupervisorBroken(f"the supervisor is broken (its manager thread failed: "
                                        f"{self._manager.broken!r}); start a new one") from self._manager.broken
@@ -708,8 +714,19 @@ def _require_int(name: str, value: Any, minimum: int) -> None:
 _live_supervisors: "weakref.WeakSet[Supervisor]" = weakref.WeakSet()
 
 
-@atexit.register
 def _shutdown_live_supervisors() -> None:
     # An interpreter that exits with a supervisor still running must not leave workers.
     for supervisor in list(_live_supervisors):
         supervisor.shutdown(wait=True, cancel_futures=True, cancel_running=True)
+
+
+# Where CPython's ProcessPoolExecutor hooks its exit (concurrent/futures/process.py): these
+# hooks run in ``threading._shutdown``, before the interpreter joins its non-daemon threads
+# and before ``atexit``. A plain ``atexit`` hook came too late: multiprocessing's own exit
+# hook (registered later, so run earlier) joined the template process, which never exits
+# on its own, and the interpreter hung. The hooks run last-registered first, so importing
+# ``concurrent.futures.thread`` first makes ours run before the thread pools refuse new work
+# (the worker cleanup thread still takes the last temp dirs).
+threading._register_atexit(_shutdown_live_supervisors)
+# A forked child owns none of its parent's supervisors: its exit must not touch them.
+os.register_at_fork(after_in_child=_live_supervisors.clear)
