@@ -159,6 +159,10 @@ class Template:
 
 def main(address: str, worker_address: str) -> None:
     """The template process: warm up, then fork workers on request until the supervisor goes."""
+    # A session of its own: a Ctrl-C at the terminal is the supervisor's to handle. In the
+    # terminal's process group the template died of the KeyboardInterrupt too, orphaning its
+    # workers, and the supervisor's shutdown waited for a template that would never answer.
+    os.setsid()
     connection = Client(address, family="AF_UNIX")
     try:
         steps, modules, sandbox = pickle.loads(connection.recv_bytes())
