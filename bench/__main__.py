@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 
 import click
-from governor.supervisor import BACKENDS
+from governor.engine.supervisor import BACKENDS
 
 from governor.bench.core import SCENARIOS, SIZES
 from governor.bench.report import format_table

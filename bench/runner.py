@@ -28,7 +28,7 @@ import attrs
 import psutil
 
 import governor
-from governor.supervisor import BACKENDS
+from governor.engine.supervisor import BACKENDS
 
 import governor.bench.scenarios  # noqa: F401 (importing it registers every scenario)
 from governor.bench import plot, probes, report

@@ -1,6 +1,6 @@
 """Small statistics for latency samples: percentiles and the summaries the report prints.
 
-Percentiles are Governor's one definition, :func:`governor.metrics.percentiles`
+Percentiles are Governor's one definition, :func:`governor.engine.metrics.percentiles`
 (``statistics.quantiles(method="inclusive")``, numpy's default ``"linear"``), so the bench
 and ``Supervisor.metrics()`` give the same p95 for the same samples. With few samples the
 high percentiles approach the maximum; every summary carries its ``n`` so a reader can tell
@@ -14,11 +14,11 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import attrs
 
-from governor.metrics import percentiles
+from governor.engine.metrics import percentiles
 
 
 def percentile(values: Sequence[float], q: int) -> float:
-    """The ``q``-th percentile of ``values`` (see :func:`governor.metrics.percentiles`).
+    """The ``q``-th percentile of ``values`` (see :func:`governor.engine.metrics.percentiles`).
 
     Args:
         values: the samples, at least one, in any order.

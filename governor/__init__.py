@@ -32,9 +32,9 @@ from governor.task import Call, TaskFuture, TaskState, WorkflowFuture
 # handler would print every WARNING (kills, crashes) to stderr.
 logging.getLogger("governor").addHandler(logging.NullHandler())
 
-_ENGINE = {"Supervisor": "governor.supervisor", "Scope": "governor.supervisor",
+_ENGINE = {"Supervisor": "governor.engine.supervisor", "Scope": "governor.engine.supervisor",
            "Client": "governor.client", "DaemonUnavailable": "governor.client",
-           "AsyncClient": "governor.async_client",
+           "AsyncClient": "governor.client.async_client",
            "StepRegistry": "governor.steps", "step": "governor.steps"}
 
 

@@ -91,7 +91,7 @@ class InProcessDaemon:
     """
 
     def __init__(self, root: Path, builtin: bool = False, **config):
-        from governor.daemon import Daemon, DaemonConfig, load_registry
+        from governor.service.daemon import Daemon, DaemonConfig, load_registry
 
         self.socket = root / "run" / "governor.sock"
         self.journal = root / "state" / "journal.sqlite3"

@@ -1,7 +1,7 @@
 """Run a function in a forked child of the test process: a worker-like role on a real process.
 
-For tests of what one process does to itself (``governor.hygiene``) or to its descendants
-(``governor.proctree``), where a supervisor would be in the way.
+For tests of what one process does to itself (``governor.workers.hygiene``) or to its descendants
+(``governor.workers.proctree``), where a supervisor would be in the way.
 """
 
 import json

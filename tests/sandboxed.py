@@ -15,7 +15,7 @@ from typing import Any, Callable
 import attrs
 import pytest
 
-from governor import sandbox
+from governor.workers import sandbox
 
 ABI = sandbox.abi_version()
 

@@ -232,7 +232,7 @@ def hold_until_cancel_arrives(marker: str, go: str, arrived: str):
     """``hold_until`` that also says (``arrived``) once a cancel for a task sent ahead to
     this worker has reached it: the worker keeps such a cancel until that task would
     start. A cross-process event where a test would otherwise sleep and hope."""
-    from governor import worker
+    from governor.workers import worker
     announce(marker, os.getpid())
     while not os.path.exists(go):
         if worker._early_cancels and not os.path.exists(arrived):
@@ -318,7 +318,7 @@ def _first_reader_dies(marker: str) -> str:
 @registry.step(critical=False, writes=MARKERS)
 def imported_since_fork():
     """The modules this worker imported that its template had not."""
-    from governor import worker
+    from governor.workers import worker
 
     return worker.imported_since_fork()
 

@@ -107,7 +107,7 @@ def test_every_finite_timeout_up_to_the_bound_is_valid_and_fits_a_timer(timeout,
 
 
 def test_the_largest_memory_limit_fits_the_hard_caps_rlimit():
-    # The hard cap sets RLIMIT_AS to the address space's size plus the limit (governor.worker).
+    # The hard cap sets RLIMIT_AS to the address space's size plus the limit (governor.workers.worker).
     with open("/proc/self/statm") as statm:
         size_bytes = int(statm.read().split()[0]) * resource.getpagesize()
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)

@@ -10,7 +10,7 @@ from governor.callbacks import CallbackRunner
 from governor.errors import InvalidTransition, StepCancelled, StepFailed, StepSkipped, WorkflowFailed
 from governor.limits import Lane, Limits
 from governor.task import CancelRequest, Task, TaskFuture, TaskState, Workflow, WorkflowFuture
-from governor.timers import Timers
+from governor.engine.timers import Timers
 
 
 class FakeClock:

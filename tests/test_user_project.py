@@ -132,6 +132,7 @@ def test_a_built_wheel_installs_everything_under_governor(tmp_path):
     assert {top for top in tops if not top.endswith(".dist-info")} == {"governor"}
     names = zipfile.ZipFile(wheel).namelist()
     assert "governor/steps/registry.py" in names and "governor/bench/runner.py" in names
+    assert "governor/workers/worker.py" in names and "governor/service/web_static/index.html" in names
 
 
 def test_the_way_in_does_not_import_the_engine(tmp_path):
@@ -141,7 +142,7 @@ def test_the_way_in_does_not_import_the_engine(tmp_path):
              "from governor import Call, Limits, StepRegistry, StepFailed, step\n"
              "@step(critical=False)\n"
              "def f(): pass\n"
-             "heavy = ('loky', 'psutil', 'prometheus_client', 'governor.supervisor', 'governor.manager')\n"
+             "heavy = ('loky', 'psutil', 'prometheus_client', 'governor.engine.supervisor', 'governor.engine.manager')\n"
              "print(sorted(name for name in sys.modules if name.startswith(heavy)))\n")
     done = run_in(tmp_path, "-c", probe)
     assert done.returncode == 0, done.stderr

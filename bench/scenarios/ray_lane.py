@@ -29,7 +29,7 @@ import contextlib
 import sys
 from typing import Dict, Iterator, List
 
-from governor.ray_lane import import_ray
+from governor.engine.ray_lane import import_ray
 
 from governor.bench.core import ScenarioContext, ScenarioResult, scenario
 from governor.bench.peers import GovernorPeer, GovernorRayPeer

@@ -23,7 +23,8 @@ import pickle
 import time
 from typing import Dict, List
 
-from governor import Supervisor, sandbox
+from governor import Supervisor
+from governor.workers import sandbox
 from governor.bench import bench_steps
 from governor.bench.core import ScenarioContext, ScenarioResult, scenario
 from governor.bench.scenarios.overhead import _roundtrips  # a Supervisor submits as a peer does

@@ -1,0 +1,732 @@
+"""The public face of Governor: :class:`Supervisor` and its cancellation groups, :class:`Scope`.
+
+A ``Supervisor`` takes a snapshot of a step registry, classifies every step into the
+critical or the pool lane once, starts both lanes' workers (warm: forked from a template
+that imported every step module) and then only records intent: ``submit`` validates, numbers the task and puts it
+on the manager's inbox; the manager thread (``governor.engine.manager``) does the rest.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import concurrent.futures.thread  # noqa: F401  (see _register_atexit below)
+import inspect
+import itertools
+import os
+import threading
+import time
+import warnings
+import weakref
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence
+
+from governor import aio
+from governor.workers import sandbox as sandboxing
+from governor.callbacks import CallbackRunner
+from governor.errors import (InvalidParameters, QueueFull, SupervisorBroken, SupervisorClosed, SupervisorForked,
+                             UnknownStep, WorkerStartFailed)
+from governor.limits import Lane, Limits
+from governor.engine.local_lanes import LocalConfig
+from governor.engine.manager import Manager, ManagerConfig
+from governor.engine.metrics import MetricsRecorder, prometheus_registry, prometheus_text
+from governor.steps.registry import REGISTRY, StepLookup
+from governor.task import (CancelRequest, Call, Task, TaskFuture, Workflow, WorkflowFuture, check_step_designator,
+                           in_done_callback)
+
+#: Tasks a lane may hold waiting before ``submit`` raises ``QueueFull``.
+DEFAULT_QUEUE_SIZE = 10_000
+
+#: Supersede keys remembered before finished ones are forgotten (see ``Supervisor.scope``).
+MAX_KEYED_SCOPES = 1024
+
+#: A scope forgets its finished futures when it holds this many (then at each doubling),
+#: so a long-lived scope neither grows without bound nor rescans on every submit.
+SCOPE_PRUNE_MIN = 64
+
+#: The values of ``Supervisor(backend=...)``.
+BACKENDS = ("loky", "ray")
+
+#: The values of ``Supervisor(sandbox=...)``.
+SANDBOX_MODES = ("auto", "require", "off")
+
+#: How long ``start()`` waits for every worker to be spawned and warm.
+DEFAULT_START_TIMEOUT_S = 120.0
+
+
+def default_workers() -> int:
+    """Pool workers when none are given: ``2 x CPUs``, at least 4, at most 16.
+
+    Steps in the pool lane are mostly I/O-bound (git, SQLite, sockets), so more workers
+    than cores pays; a worker, forked from the warm template, costs a few MiB of private
+    memory.
+    """
+    return max(4, min(16, 2 * (os.cpu_count() or 1)))
+
+
+class _Route:
+    """Where a step runs and with what, fixed when the supervisor is built."""
+
+    __slots__ = ("spec", "lane", "reason", "limits", "signature", "_fitting_shapes")
+
+    #: Argument shapes remembered per step as fitting its signature (see :meth:`check_arguments`).
+    MAX_SHAPES = 64
+
+    def __init__(self, spec: Any, lane: Lane, reason: str, limits: Limits):
+        self.spec, self.lane, self.reason, self.limits = spec, lane, reason, limits
+        fn = spec.fn
+        self.signature = inspect.signature(fn.run if inspect.isclass(fn) else fn)
+        if inspect.isclass(fn):  # bind as if through an instance: drop ``self``
+            self.signature = self.signature.replace(parameters=list(self.signature.parameters.values())[1:])
+        self._fitting_shapes: set = set()
+
+    def check_arguments(self, args: tuple, kwargs: dict) -> None:
+        """Raise ``InvalidParameters`` if ``args`` and ``kwargs`` do not fit the step's signature.
+
+        Whether a call binds depends only on its shape (how many positional arguments, which
+        keywords), so a shape that bound once is remembered: ``Signature.bind`` was most of
+        a no-op's submit (~2 us of Python per call, and more under load).
+        """
+        shape = (len(args), *kwargs) if kwargs else len(args)
+        if shape in self._fitting_shapes:
+            return
+        try:
+            self.signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise InvalidParameters(f"bad parameters for step {self.spec.name!r}{self.signature}: {exc}") from None
+        if len(self._fitting_shapes) < self.MAX_SHAPES:
+            self._fitting_shapes.add(shape)
+
+
+class Supervisor(concurrent.futures.Executor):
+    """Runs registered steps in worker processes: a serial critical lane and a parallel pool.
+
+    A ``concurrent.futures.Executor``: code written for ``ProcessPoolExecutor`` runs on it
+    once its functions are registered as steps (``submit``, ``map``, ``shutdown``, ``with``,
+    and its futures with ``wait`` and ``as_completed``).
+
+    Args:
+        registry: a ``governor.steps.StepRegistry`` (default: the one ``@governor.step``
+            registers on); its steps are snapshotted at construction, so steps registered
+            later are unknown to this supervisor.
+        workers: processes in the pool lane (default: :func:`default_workers`).
+        limits: default limits for every step; a step's own limits, then a submission's,
+            override them field by field.
+        queue_size: tasks each lane may hold waiting before ``submit`` raises ``QueueFull``.
+        spares: warm idle workers kept per lane beyond ``workers``, so a killed or crashed
+            worker is replaced without a cold spawn.
+        max_tasks_per_worker: replace a worker after this many tasks (``None``: never).
+        recycle_rss_mb: replace a worker whose RSS after a task exceeds this (a leak).
+        on_dispatch: called on the manager thread with each task right before it is handed
+            to its worker (a journal records "started" here, durably, so a critical step
+            is never run twice). If it raises, the task fails and is not run. Keep it fast:
+            the manager waits for it.
+        backend: where the pool lane runs: ``"loky"`` (local worker processes, the
+            default) or ``"ray"`` (tasks on a Ray cluster, at most ``workers`` at a time;
+            needs the ``ray`` extra). The critical lane always runs locally. Limits, kills,
+            errors and metrics are the same on both (see ``governor.engine.ray_lane``).
+        ray_address: with ``backend="ray"``: the cluster to join (``"auto"``,
+            ``"host:port"``, ``"ray://..."``); ``None`` uses the Ray this process already
+            initialised, or starts a private local node bound to 127.0.0.1.
+        ray_options: with ``backend="ray"``: ``.options()`` for every task, e.g.
+            ``{"num_cpus": 0.25}`` to pack I/O-bound steps, or a ``runtime_env``.
+        ray_callback_host: with ``backend="ray"``: the address of this host that Ray
+            workers connect back to (default: 127.0.0.1 for a private node, else this
+            host's address as Ray sees it).
+        sandbox: the pool lane's read-only sandbox (Landlock, see README "The sandbox"):
+            ``"auto"`` applies what the kernel offers, ``"require"`` makes :meth:`start`
+            fail where the kernel has no Landlock, ``"off"`` applies none. The critical
+            lane and the Ray lane are never sandboxed (``"require"`` with Ray is an error).
+        sandbox_writes: paths every pool worker may also write beneath, besides those the
+            pool steps declare with ``writes=``.
+        clock: the monotonic clock deadlines are read from (tests inject one).
+
+    Use it as a context manager (``with Supervisor(registry) as sup:``), or call
+    :meth:`start` and :meth:`shutdown`; as with ``ProcessPoolExecutor``, the first
+    submission starts a supervisor nobody started. Leaving the ``with`` block waits for the
+    work it accepted; leaving it on an exception cancels that work (queued and running).
+    """
+
+    def __init__(self, registry: Any = None, workers: Optional[int] = None, *, limits: Optional[Limits] = None,
+                 queue_size: int = DEFAULT_QUEUE_SIZE, spares: int = 1,
+                 max_tasks_per_worker: Optional[int] = None, recycle_rss_mb: Optional[float] = None,
+                 on_dispatch: Optional[Callable[[Task], None]] = None,
+                 backend: str = "loky", ray_address: Optional[str] = None,
+                 ray_options: Optional[Mapping[str, Any]] = None, ray_callback_host: Optional[str] = None,
+                 sandbox: str = "auto", sandbox_writes: Iterable[Any] = (),
+                 clock: Callable[[], float] = time.monotonic):
+        workers = default_workers() if workers is None else workers
+        _require_int("workers", workers, minimum=1)
+        _require_int("queue_size", queue_size, minimum=1)
+        _require_int("spares", spares, minimum=0)
+        if max_tasks_per_worker is not None:
+            _require_int("max_tasks_per_worker", max_tasks_per_worker, minimum=1)
+        if limits is not None and not isinstance(limits, Limits):
+            raise TypeError(f"limits must be a Limits, not {type(limits).__name__}")
+        if recycle_rss_mb is not None and not recycle_rss_mb > 0:
+            raise ValueError(f"recycle_rss_mb must be > 0, got {recycle_rss_mb!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+        if backend != "ray" and (ray_address, ray_options, ray_callback_host) != (None, None, None):
+            raise ValueError("ray_address, ray_options and ray_callback_host need backend='ray'")
+        if sandbox not in SANDBOX_MODES:
+            raise ValueError(f"sandbox must be one of {', '.join(map(repr, SANDBOX_MODES))}, got {sandbox!r}")
+        if sandbox == "require" and backend == "ray":
+            raise ValueError("sandbox='require' needs backend='loky': Ray reuses its worker processes for "
+                             "other work, so the Ray lane runs no sandbox")
+        ray_config = None
+        if backend == "ray":
+            from governor.engine.ray_lane import RayConfig, import_ray
+            import_ray()  # fail here, naming the extra, rather than at start()
+            ray_config = RayConfig(ray_address, ray_options or {}, ray_callback_host)
+        defaults = limits or Limits()
+        registry = REGISTRY if registry is None else registry
+        specs = registry.snapshot()
+        self._lookup = StepLookup(specs)
+        self._routes: Dict[str, _Route] = {}
+        for name, spec in specs.items():
+            classification = registry.classify(name)
+            self._routes[name] = _Route(spec, classification.lane, classification.reason,
+                                        spec.limits.over(defaults))
+        self.workers = workers
+        self.queue_size = queue_size
+        self._clock = clock
+        local_workers = {Lane.CRITICAL: 1} if ray_config else {Lane.CRITICAL: 1, Lane.POOL: workers}
+        self.backend = backend
+        self.sandbox = sandbox
+        self.sandbox_policy = sandboxing.policy_for(
+            (route.spec for route in self._routes.values() if route.lane is Lane.POOL), sandbox_writes)
+        self._config = ManagerConfig(
+            local=LocalConfig(
+                steps=specs, step_modules=sorted({spec.fn.__module__ for spec in specs.values()} - {"__main__"}),
+                workers=local_workers, spares=spares, max_tasks_per_worker=max_tasks_per_worker,
+                recycle_rss_mb=recycle_rss_mb, sandbox=None if sandbox == "off" else self.sandbox_policy),
+            pool_workers=workers, on_dispatch=on_dispatch, ray=ray_config)
+        self._metrics = MetricsRecorder()
+        self._prometheus = prometheus_registry(self._metrics, self._queue_depth)
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._queued = {Lane.CRITICAL: 0, Lane.POOL: 0}
+        self._manager: Optional[Manager] = None
+        self._callbacks = CallbackRunner()
+        self._accepting = False
+        self._shut_down = False
+        self._start_lock = threading.Lock()  # held through start(): see _start_on_first_use
+        self._keyed_scopes: Dict[str, Scope] = {}
+        self._owner_pid: Optional[int] = None  # the process that started it (see _enqueue)
+
+    # ----------------------------------------------------------------- life
+
+    def start(self, timeout: float = DEFAULT_START_TIMEOUT_S) -> "Supervisor":
+        """Start both lanes and return once every worker is spawned and warm.
+
+        Raises:
+            WorkerStartFailed: a worker could not be started (the cause is chained), or
+                the Ray cluster could not run a governor task.
+            SandboxUnavailable: ``sandbox="require"`` on a kernel without Landlock.
+        """
+        with self._start_lock:
+            return self._start(timeout)
+
+    def _start(self, timeout: float) -> "Supervisor":
+        if self.sandbox == "require":
+            sandboxing.require_landlock()
+        with self._lock:
+            if self._shut_down:
+                raise SupervisorClosed("this supervisor was shut down")
+            if self._manager is not None:
+                raise SupervisorClosed("this supervisor was already started")
+            self._manager = Manager(self._config, self._metrics, self._left_queue, self._cancel, self._clock,
+                                   self._callbacks)
+        self._manager.connect()
+        self._manager.start()
+        self._owner_pid = os.getpid()
+        _live_supervisors.add(self)
+        if not self._manager.warm.wait(timeout):
+            self.shutdown(wait=True)
+            raise WorkerStartFailed(f"workers were not warm after {timeout}s")
+        if self._manager.start_error is not None:
+            self._manager.join()
+            raise self._manager.start_error
+        with self._lock:
+            self._accepting = True
+        return self
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False, cancel_running: bool = False,
+                 cancel_pending: Optional[bool] = None) -> None:
+        """Stop taking work; finish (or cancel) what was accepted; stop every worker.
+
+        Args:
+            wait: block until every worker process has exited (and so every accepted
+                task has ended).
+            cancel_futures: cancel queued tasks instead of running them, as
+                ``Executor.shutdown`` does.
+            cancel_running: also cancel running tasks (cooperatively, then by killing
+                their workers after their ``cancel_grace_s``); Governor's own extension.
+            cancel_pending: deprecated name of ``cancel_futures``.
+
+        Safe to call more than once and from a done-callback (it then does not wait: the
+        manager may be waiting for the very task whose callback runs).
+        """
+        if cancel_pending is not None:
+            warnings.warn("shutdown(cancel_pending=) is deprecated: use cancel_futures=",
+                          DeprecationWarning, stacklevel=2)
+            cancel_futures = cancel_futures or cancel_pending
+        with self._lock:
+            self._accepting = False
+            self._shut_down = True
+            manager = self._manager
+        if manager is None or not manager.is_alive():
+            return
+        manager.request_shutdown(cancel_futures, cancel_running)
+        if wait and threading.current_thread() is not manager and not in_done_callback():
+            manager.join()
+            self._callbacks.close()  # the callbacks due have run (not waited for from one of them)
+
+    def __enter__(self) -> "Supervisor":
+        return self.start()
+
+    def __exit__(self, exc_type: Any, *exc_info: Any) -> None:
+        # Leaving normally waits for the work accepted (as concurrent.futures does); leaving
+        # on an exception cancels it, so a failure never hangs on a step that will not end.
+        failed = exc_type is not None
+        self.shutdown(wait=True, cancel_futures=failed, cancel_running=failed)
+
+    # ----------------------------------------------------------------- submitting
+
+    def submit(self, step: Any, /, *args: Any, **kwargs: Any) -> TaskFuture:
+        """Run ``step(*args, **kwargs)`` in its lane; return its future.
+
+        Args:
+            step: the step's registered name, or the function or class registered as it.
+
+        Raises:
+            UnknownStep: no step has that name (close matches are suggested), or the
+                function or class is not registered (the message says how to).
+            TypeError: ``step`` is neither a name nor a function or class.
+            InvalidParameters: the arguments do not fit the step's signature.
+            QueueFull: the step's lane has ``queue_size`` tasks waiting.
+            SupervisorClosed: shut down.
+            SupervisorBroken: its manager thread failed (a bug); nothing was queued.
+        """
+        task = self._new_task(step, args, kwargs)
+        self._enqueue([task])
+        return task.future
+
+    async def asubmit(self, step: Any, /, *args: Any, **kwargs: Any) -> Any:
+        """:meth:`submit` from asyncio: await the step's result without blocking the loop.
+
+        Cancelling the awaiting asyncio task cancels the step (see :mod:`governor.aio`).
+        Start the supervisor before the loop runs (``with``): a first submission that
+        starts it would block the loop until its workers are warm.
+
+        Raises:
+            what :meth:`submit` raises, then the step's error.
+        """
+        return await aio.result(self.submit(step, *args, **kwargs))
+
+    def submit_call(self, call: Call) -> TaskFuture:
+        """Like :meth:`submit`, for a :class:`~governor.task.Call` (which may carry its own limits)."""
+        task = self._task_of(call)
+        self._enqueue([task])
+        return task.future
+
+    def run_batch(self, calls: Iterable[Any], *, return_exceptions: bool = False,
+                  timeout: Optional[float] = None) -> List[Any]:
+        """Submit many steps at once, each in its own lane, and wait for all of them.
+
+        Args:
+            calls: ``Call`` objects, names, ``(name, kwargs)`` or ``(name, args, kwargs)``.
+            return_exceptions: put each failed step's error in its place in the list
+                instead of raising.
+            timeout: seconds to wait for the whole batch; on expiry the unfinished steps
+                are cancelled and ``TimeoutError`` is raised.
+
+        Returns:
+            the results in the order of ``calls``.
+
+        Raises:
+            the first failed step's error (in the order of ``calls``), once every step of
+            the batch has ended, unless ``return_exceptions``. Nothing is submitted if any
+            call names an unknown step or has bad parameters.
+        """
+        tasks = [self._task_of(Call.of(item)) for item in calls]
+        self._enqueue(tasks)
+        return _gather([task.future for task in tasks], return_exceptions, timeout)
+
+    def map(self, step: Any, /, *iterables: Iterable[Any], timeout: Optional[float] = None,
+            chunksize: int = 1) -> Iterator[Any]:
+        """Run ``step`` on the items of ``iterables``, as ``concurrent.futures.Executor.map``.
+
+        Every call is submitted at once (checked first: nothing is submitted if one call
+        has bad parameters); the results come back in order.
+
+        Args:
+            step: a registered step (its name, or its function or class); its lane and
+                limits apply.
+            iterables: one per positional parameter, zipped as ``map`` does.
+            chunksize: calls per task. A chunk runs as one task, one call after another
+                in one worker: its limits (timeout, memory) apply to the whole chunk, and
+                a chunk whose step raises, or whose worker is killed, fails its own calls
+                and no other chunk's. Larger chunks cost far less per call for tiny steps.
+            timeout: seconds from this call for every result to be ready; past it,
+                iterating raises ``TimeoutError``.
+
+        Returns:
+            an iterator of the results in order. Iterating raises a failed call's error
+            at its place; the unfinished tasks are then cancelled, as they are when the
+            iterator is closed early.
+
+        Raises:
+            UnknownStep, InvalidParameters, QueueFull, SupervisorClosed, SupervisorBroken:
+                as :meth:`submit`, for the whole map.
+        """
+        _require_int("chunksize", chunksize, minimum=1)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        route = self._route(step)
+        step = route.spec.name
+        calls = list(zip(*iterables))
+        for args in calls:
+            route.check_arguments(args, {})
+        now = self._clock()
+        if chunksize == 1:
+            tasks = [Task(0, step, route.lane, args, {}, route.limits, now) for args in calls]
+        else:
+            tasks = [Task(0, step, route.lane, tuple(calls[start:start + chunksize]), {}, route.limits, now,
+                          chunk=True) for start in range(0, len(calls), chunksize)]
+        for task in tasks:
+            task.future = TaskFuture(task, self._cancel, self._callbacks)
+        self._enqueue(tasks)
+        return _results_in_order([task.future for task in tasks], chunksize > 1, deadline)
+
+    def workflow(self, calls: Iterable[Any]) -> WorkflowFuture:
+        """Run steps one after another in the critical lane, whatever their class.
+
+        The workflow is queued as one block: no other critical step runs between its
+        steps. It stops at the first step that does not succeed; the later ones are
+        skipped (their futures raise ``StepSkipped``).
+
+        Returns:
+            a future of the list of results, which raises ``WorkflowFailed`` (with the
+            failed step's error, the results so far and the skipped names) on failure.
+        """
+        tasks = [self._task_of(Call.of(item), lane=Lane.CRITICAL) for item in calls]
+        if not tasks:
+            raise ValueError("a workflow needs at least one step")
+        future = WorkflowFuture([task.future for task in tasks], self._callbacks)
+        flow = Workflow(tasks, future)
+        for task in tasks:
+            task.workflow = flow
+        self._enqueue(tasks)
+        return future
+
+    def scope(self, key: Optional[str] = None) -> "Scope":
+        """A cancellation group: ``scope.cancel()`` stops every step submitted through it.
+
+        Args:
+            key: supersede what came before under this key: a new scope with the key
+                of an earlier one cancels that one's unfinished steps (reason
+                ``"superseded"``). The pattern of a view switch: ``sup.scope(key="view")``
+                per switch, and the last view's steps are the only ones left running.
+        """
+        scope = Scope(self)
+        if key is None:
+            return scope
+        with self._lock:
+            previous = self._keyed_scopes.pop(key, None)
+            if len(self._keyed_scopes) >= MAX_KEYED_SCOPES:  # forget keys whose work is over
+                self._keyed_scopes = {k: kept for k, kept in self._keyed_scopes.items() if not kept.finished}
+            self._keyed_scopes[key] = scope
+        if previous is not None:
+            previous.cancel_for(CancelRequest("superseded", f"a newer submission with key {key!r}"))
+        return scope
+
+    # ----------------------------------------------------------------- reading
+
+    def describe_workers(self, timeout: float = 10.0) -> List[Dict[str, Any]]:
+        """One dict per live worker: pid, lane, state, task_id, step, running_s, tasks_run, rss_bytes, node,
+        sandbox (``"landlock-v7"`` for a sandboxed pool worker, else ``"none"``).
+
+        Asked of the manager thread, which owns the slots (so it costs a round trip).
+        """
+        if self._manager is None or not self._manager.is_alive():
+            return []
+        reply: concurrent.futures.Future = concurrent.futures.Future()
+        self._manager.request_describe(reply)
+        return reply.result(timeout)
+
+    def classify(self, step: Any) -> tuple:
+        """``(lane, reason)``: where ``step`` runs under this supervisor, and why."""
+        route = self._route(step)
+        return route.lane, route.reason
+
+    def metrics(self) -> Dict[str, Any]:
+        """A JSON-serialisable snapshot of every figure (see README, "Metrics").
+
+        Keys: ``tasks`` (lane -> step -> outcome -> count), ``timings`` (lane -> step ->
+        queue_wait_seconds / duration_seconds / latency_seconds / peak_rss_bytes -> count,
+        sum, p50, p95, p99), ``queue_depth``, ``in_flight``, ``workers`` (busy / idle /
+        starting), ``warm_spares`` (per lane), ``memory`` (supervisor_rss_bytes,
+        workers_rss_bytes), ``worker_spawns``, ``worker_kills`` (lane -> reason),
+        ``worker_recycles`` (lane -> reason).
+        """
+        return self._metrics.snapshot(self._queue_depth())
+
+    def prometheus_text(self) -> str:
+        """The same figures in the Prometheus text format, from this supervisor's own registry."""
+        return prometheus_text(self._prometheus)
+
+    def _queue_depth(self) -> Dict[str, int]:
+        with self._lock:
+            return {lane.value: count for lane, count in self._queued.items()}
+
+    # ----------------------------------------------------------------- internals
+
+    def check_call(self, call: Call) -> _Route:
+        """Raise what :meth:`submit_call` would for ``call``'s step and arguments, submitting nothing.
+
+        Raises:
+            UnknownStep: no step has that name.
+            InvalidParameters: the arguments do not fit the step's signature.
+        """
+        route = self._route(call.step)
+        route.check_arguments(call.args, call.kwargs)
+        return route
+
+    def describe_steps(self) -> List[Dict[str, Any]]:
+        """One dict per step: name, lane, reason, limits (the effective ones), description, signature."""
+        return [{"name": name, "lane": route.lane.value, "reason": route.reason,
+                 "limits": {"timeout_s": route.limits.effective_timeout_s,
+                            "max_memory_mb": route.limits.effective_memory_mb,
+                            "cancel_grace_s": route.limits.effective_cancel_grace_s},
+                 "description": route.spec.description, "signature": str(route.signature)}
+                for name, route in self._routes.items()]
+
+    @property
+    def prometheus_registry(self):
+        """This supervisor's own prometheus_client ``CollectorRegistry`` (to serve over HTTP)."""
+        return self._prometheus
+
+    def _route(self, step: Any) -> _Route:
+        name = self._lookup.name_of(step)
+        route = self._routes.get(name)
+        if route is None:
+            raise UnknownStep.for_name(name, self._routes)
+        return route
+
+    def _task_of(self, call: Call, lane: Optional[Lane] = None) -> Task:
+        return self._new_task(call.step, call.args, call.kwargs, call.limits, call.tag, call.ref, lane)
+
+    def _new_task(self, step: Any, args: tuple, kwargs: dict, limits: Optional[Limits] = None, tag: Any = None,
+                  ref: Optional[int] = None, lane: Optional[Lane] = None) -> Task:
+        """A task for one call, checked (see :meth:`submit`), with its future; not queued yet."""
+        if not isinstance(step, str):
+            check_step_designator(step)
+        route = self._route(step)
+        route.check_arguments(args, kwargs)
+        limits = route.limits if limits is None else limits.over(route.limits)
+        task = Task(0, route.spec.name, lane or route.lane, args, kwargs, limits, self._clock(), tag=tag, ref=ref)
+        task.future = TaskFuture(task, self._cancel, self._callbacks)
+        return task
+
+    def _start_on_first_use(self) -> None:
+        # ProcessPoolExecutor starts on its first submit, and code written for it never calls
+        # start(). The start lock makes concurrent first submissions start it once.
+        if not self._accepting and not self._shut_down:
+            with self._start_lock:
+                if self._manager is None and not self._shut_down:
+                    self._start(DEFAULT_START_TIMEOUT_S)
+
+    def _enqueue(self, tasks: Sequence[Task]) -> None:
+        self._start_on_first_use()
+        # Numbering and appending to the inbox under one lock fixes the submission order
+        # across threads, which is the critical lane's execution order.
+        with self._lock:
+            if self._owner_pid is not None and self._owner_pid != os.getpid():
+                raise SupervisorForked(f"this supervisor was started by process {self._owner_pid}; process "
+                                       f"{os.getpid()} was forked from it and cannot use it: start a new one here")
+            if self._manager is not None and self._manager.broken is not None:
+                raise SupervisorBroken(f"the supervisor is broken (its manager thread failed: "
+                                       f"{self._manager.broken!r}); start a new one") from self._manager.broken
+            if not self._accepting:
+                raise SupervisorClosed("the supervisor was shut down: it takes no more work")
+            wanted: Dict[Lane, int] = {}
+            for task in tasks:
+                wanted[task.lane] = wanted.get(task.lane, 0) + 1
+            for lane, count in wanted.items():
+                if self._queued[lane] + count > self.queue_size:
+                    raise QueueFull(lane.value, self.queue_size)
+            for lane, count in wanted.items():
+                self._queued[lane] += count
+            for task in tasks:
+                task.id = next(self._ids)
+            self._manager.enqueue(tasks)
+        self._manager.wake()  # outside the lock: the manager's first act is to take it (_left_queue)
+
+    def _left_queue(self, task: Task) -> None:
+        with self._lock:
+            self._queued[task.lane] -= 1
+
+    def _cancel(self, task: Task, request: CancelRequest) -> bool:
+        """Cancel ``task`` (any thread): a queued one ends here, a running one is stopped by the manager."""
+        accepted, cancelled_now = task.request_cancel(request)
+        if cancelled_now:
+            self._manager.conclude_queued_cancel(task)
+        elif accepted and self._manager is not None:
+            self._manager.request_cancel(task)
+        return accepted
+
+
+class Scope:
+    """A cancellation group, like a browser's AbortController.
+
+    Steps submitted through a scope can be stopped together with :meth:`cancel` (queued
+    ones are dropped, running ones get a cooperative cancel, then are killed after their
+    grace). As a context manager, leaving the block normally waits for every step of the
+    scope; leaving it with an exception cancels them instead.
+    """
+
+    def __init__(self, supervisor: Supervisor):
+        self._supervisor = supervisor
+        self._lock = threading.Lock()
+        self._futures: List[concurrent.futures.Future] = []
+        self._prune_at = SCOPE_PRUNE_MIN
+        self._cancel_request: Optional[CancelRequest] = None
+
+    @property
+    def cancelled(self) -> bool:
+        """Whether :meth:`cancel` was called."""
+        return self._cancel_request is not None
+
+    def submit(self, step: str, /, *args: Any, **kwargs: Any) -> TaskFuture:
+        """:meth:`Supervisor.submit`, in this scope."""
+        return self._adopt(self._supervisor.submit_call(Call(step, args, kwargs)))
+
+    def submit_call(self, call: Call) -> TaskFuture:
+        """:meth:`Supervisor.submit_call`, in this scope."""
+        return self._adopt(self._supervisor.submit_call(call))
+
+    def workflow(self, calls: Iterable[Any]) -> WorkflowFuture:
+        """:meth:`Supervisor.workflow`, in this scope."""
+        return self._adopt(self._supervisor.workflow(calls))
+
+    def run_batch(self, calls: Iterable[Any], *, return_exceptions: bool = False,
+                  timeout: Optional[float] = None) -> List[Any]:
+        """:meth:`Supervisor.run_batch`, in this scope (a cancel stops the batch's steps)."""
+        futures = [self.submit_call(Call.of(item)) for item in calls]
+        return _gather(futures, return_exceptions, timeout)
+
+    @property
+    def finished(self) -> bool:
+        """Whether every step submitted through the scope has ended."""
+        with self._lock:
+            return all(future.done() for future in self._futures)
+
+    def cancel(self, detail: Optional[str] = None) -> int:
+        """Cancel every unfinished step of the scope, and any submitted through it later.
+
+        Returns:
+            how many steps were asked to stop.
+        """
+        return self.cancel_for(CancelRequest("scope", detail))
+
+    def cancel_for(self, request: CancelRequest) -> int:
+        """:meth:`cancel` with the reason given (the first reason given is kept)."""
+        with self._lock:
+            if self._cancel_request is None:
+                self._cancel_request = request
+            futures, self._futures = self._futures, []
+        return sum(self._stop(future) for future in futures)
+
+    def _stop(self, future: concurrent.futures.Future) -> bool:
+        steps = future.steps if isinstance(future, WorkflowFuture) else [future]
+        return any([self._supervisor._cancel(step.task, self._cancel_request)
+                    for step in steps if not step.done()])
+
+    def _adopt(self, future: concurrent.futures.Future) -> Any:
+        with self._lock:
+            if self._cancel_request is None:
+                self._futures.append(future)
+                if len(self._futures) >= self._prune_at:  # amortised: a scan per doubling
+                    self._futures = [kept for kept in self._futures if not kept.done()]
+                    self._prune_at = max(SCOPE_PRUNE_MIN, 2 * len(self._futures))
+                return future
+        self._stop(future)  # submitted into a scope already cancelled: stop it at once
+        return future
+
+    def __enter__(self) -> "Scope":
+        return self
+
+    def __exit__(self, exc_type: Any, *exc_info: Any) -> None:
+        if exc_type is not None:
+            self.cancel(f"the scope's block raised {exc_type.__name__}")
+            return
+        with self._lock:
+            futures = list(self._futures)
+        concurrent.futures.wait(futures)
+
+
+def _gather(futures: Sequence[concurrent.futures.Future], return_exceptions: bool,
+            timeout: Optional[float]) -> List[Any]:
+    _, not_done = concurrent.futures.wait(futures, timeout)
+    if not_done:
+        for future in not_done:
+            future.cancel("the batch timed out")
+        raise TimeoutError(f"{len(not_done)} of {len(futures)} steps had not finished after {timeout}s")
+    errors = [future.exception() if not future.cancelled() else _cancel_error(future) for future in futures]
+    if not return_exceptions:
+        first = next((error for error in errors if error is not None), None)
+        if first is not None:
+            raise first
+        return [future.result() for future in futures]
+    return [error if error is not None else future.result() for future, error in zip(futures, errors)]
+
+
+def _results_in_order(futures: List[TaskFuture], chunked: bool, deadline: Optional[float]) -> Iterator[Any]:
+    """``Supervisor.map``'s iterator (as the standard library's ``Executor.map``)."""
+    pending = futures[::-1]
+    try:
+        while pending:
+            future = pending.pop()
+            value = future.result(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            if chunked:
+                yield from value
+            else:
+                yield value
+    finally:
+        for future in pending:
+            future.cancel("the map's iterator was closed")
+
+
+def _cancel_error(future: concurrent.futures.Future) -> BaseException:
+    try:
+        future.result()
+    except concurrent.futures.CancelledError as cancelled:
+        return cancelled
+    raise AssertionError("unreachable: the future was cancelled")
+
+
+def _require_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+_live_supervisors: "weakref.WeakSet[Supervisor]" = weakref.WeakSet()
+
+
+def _shutdown_live_supervisors() -> None:
+    # An interpreter that exits with a supervisor still running must not leave workers.
+    for supervisor in list(_live_supervisors):
+        supervisor.shutdown(wait=True, cancel_futures=True, cancel_running=True)
+
+
+# Where CPython's ProcessPoolExecutor hooks its exit (concurrent/futures/process.py): these
+# hooks run in ``threading._shutdown``, before the interpreter joins its non-daemon threads
+# and before ``atexit``. A plain ``atexit`` hook came too late: multiprocessing's own exit
+# hook (registered later, so run earlier) joined the template process, which never exits
+# on its own, and the interpreter hung. The hooks run last-registered first, so importing
+# ``concurrent.futures.thread`` first makes ours run before the thread pools refuse new work
+# (the worker cleanup thread still takes the last temp dirs).
+threading._register_atexit(_shutdown_live_supervisors)
+# A forked child owns none of its parent's supervisors: its exit must not touch them.
+os.register_at_fork(after_in_child=_live_supervisors.clear)

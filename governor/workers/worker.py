@@ -1,0 +1,482 @@
+"""Code that runs inside a worker process, forked from the lanes' warm template.
+
+Life of one worker (see ``governor.workers.template`` for where it comes from)::
+
+    template ── os.fork() ──> serve(slot_id, lane, address)
+        os.setsid()                                  lead a process group
+        task socket    ──> ("task", slot_id, pid)    connect to the supervisor, twice
+        control socket ──> ("control", slot_id, pid)
+        [per-worker setup hook]                      see serve()
+        loop: task socket ──> Assignment ──> run_step ──> kill what the step left running
+              ──> Outcome ──> task socket ──> put the worker's state back (hygiene)
+    control socket ──> ("cancel", task_id, reason, detail) ──> control thread ──> StepContext flag
+                   ──> ("revoke", task_id, number, None)  ──> control thread ──> ("revoked", task_id)
+
+The *task socket* carries one task down and its outcome up, one task at a time; the
+supervisor's manager thread reads it with its selector, so no thread of ours stands
+between a task and its worker. Both are plain tuples on the wire (see
+:func:`outcome_to_wire`). The worker puts its process state back *after* it sent the
+outcome, while the caller already has its result: a worker that cannot be made clean
+sends :data:`DIRTY` and its reason instead of taking another task, and exits; a task sent
+to it meanwhile was never taken, so the supervisor hands it to another worker.
+
+A pool worker may be sent its next task while it runs one (see
+``governor.engine.local_lanes.LocalLanes._may_send_ahead``). The supervisor can take such a task
+back (it waits behind a step that turned out long, and another worker is free): it names
+the task by its number among the assignments sent to this worker, and the control thread
+either marks that assignment to be skipped and answers ``("revoked", task_id)``, or, if the
+main thread already took it, says nothing and the task runs here. The two threads decide
+under one lock, so a task is never both revoked and run. The *control socket* is read by a thread of the worker
+while a step runs: it carries cooperative cancels, and it is the worker's lifeline: on
+its EOF (the supervisor is gone, or retired this worker) the worker kills its own
+process group, so no step outlives the supervisor.
+
+The worker leads its own process group (``os.setsid()``), which every process a step
+starts inherits, so the supervisor can kill the whole tree with one ``killpg`` even after
+the worker itself is gone. A step that forks and returns in the child never makes that
+child a second worker: the child closes the worker's sockets at fork
+(``os.register_at_fork``) and exits when its step returns.
+"""
+
+from __future__ import annotations
+
+import enum
+import mmap
+import os
+import pickle
+import resource
+import signal
+import struct
+import sys
+import threading
+import time
+import traceback
+from multiprocessing.connection import Client, Connection
+from typing import Any, Dict, List, NamedTuple, Optional
+
+from governor import context as _context
+from governor.workers import hygiene
+from governor.workers import proctree
+from governor.workers import sandbox as _sandbox
+from governor.errors import StepCancelled
+from governor.workers.frames import Frames, send_frame
+
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+#: A task whose peak RSS ends this far above the worker's RSS at its end leaves a stale
+#: high-water mark; only then is it reset (a write to /proc/self/clear_refs, ~8 us), so a
+#: task that does not allocate pays ~2 us for its memory figures instead of ~25 us.
+PEAK_RESET_SLACK_BYTES = 1 << 20
+
+#: Cancels kept for tasks not started here yet: more than a worker is ever sent ahead.
+EARLY_CANCELS_KEPT = 8
+
+#: Bytes of the seats file per worker: the id of the task the worker has taken (see
+#: :class:`Seat`).
+SEAT_BYTES = 8
+
+_steps: Dict[str, Any] = {}
+_statm_fd: Optional[int] = None
+_lock = threading.Lock()
+# Cancels that arrived before their task started (the cancel and the dispatch crossed).
+_early_cancels: Dict[int, tuple] = {}
+# How many assignments the main thread has taken off the task socket, and the numbers of
+# those the supervisor took back before they were taken (both under _lock).
+_assignments_taken = 0
+_revoked: set = set()
+# Set in a process a step forked from this worker (os.register_at_fork): it is no worker.
+_forked_by_step = False
+# The modules the template had imported when it forked this worker.
+_preloaded: frozenset = frozenset()
+# The pool lane's sandbox policy (None: sandbox="off"), and what apply() did in this worker.
+_sandbox_policy: Optional[_sandbox.SandboxPolicy] = None
+_sandbox_report: _sandbox.SandboxReport = _sandbox.SandboxReport(0)
+# /proc/self/clear_refs, opened before the sandbox (which refuses opening it for writing).
+_clear_refs_fd: Optional[int] = None
+
+
+#: The first item of a frame a worker sends after an outcome when it could not be made
+#: clean after that step (the second item says why); it then exits without taking another
+#: task, and the supervisor counts ``worker_recycles{reason="dirty"}``.
+DIRTY = "dirty"
+
+
+class OutcomeKind(enum.Enum):
+    """How a step ended, as its worker saw it."""
+
+    OK = "ok"
+    ERROR = "error"  # the step raised
+    CANCELLED = "cancelled"  # the step stopped on its context's cancel
+    OVER_MEMORY = "over_memory"  # the hard cap refused an allocation
+
+
+_KINDS = {kind.value: kind for kind in OutcomeKind}
+
+
+class Assignment(NamedTuple):
+    """One task for a worker. (A named tuple rather than an attrs class, here and in
+    :class:`Outcome`: both cross a socket for every task, as the plain tuple of their
+    fields, which pickles and unpickles in a fifth of a named tuple's time.)
+
+    Attributes:
+        task_id, step, args, kwargs: what to run.
+        hard_cap_mb: cap the worker's address space for the task (``Limits.memory_hard_cap``).
+        chunk: ``args`` is a list of argument tuples (``Supervisor.map``): the step runs
+            once for each, in order, and the value is the list of their results.
+    """
+
+    task_id: int
+    step: str
+    args: tuple
+    kwargs: dict
+    hard_cap_mb: Optional[float] = None
+    chunk: bool = False
+
+
+class Outcome(NamedTuple):
+    """What a worker sends back for one task.
+
+    Attributes:
+        kind: how the step ended.
+        value: the step's return value for ``OK``.
+        exc_type, exc_message, traceback_text: the step's exception otherwise.
+        exception: the exception itself when it pickles, else ``None``.
+        started_at, ended_at: ``time.monotonic()`` in the worker around the step.
+        pid: the worker's pid.
+        peak_rss_bytes: the worker's peak RSS during the step (``None`` if unknown).
+        rss_bytes: the worker's RSS after the step, for leak recycling.
+        denied_path: for ``ERROR``, the path the sandbox refused the step writing, when
+            that is why it failed (the task ends as ``ReadOnlyViolation``).
+    """
+
+    kind: OutcomeKind
+    started_at: float
+    ended_at: float
+    pid: int
+    value: Any = None
+    exc_type: Optional[str] = None
+    exc_message: Optional[str] = None
+    traceback_text: Optional[str] = None
+    exception: Optional[BaseException] = None
+    peak_rss_bytes: Optional[int] = None
+    rss_bytes: Optional[int] = None
+    denied_path: Optional[str] = None
+
+
+def outcome_to_wire(outcome: Outcome) -> tuple:
+    """The plain tuple an outcome travels as: its fields, the kind as its value."""
+    return (outcome.kind.value, *outcome[1:])
+
+
+def outcome_from_wire(raw: tuple) -> Outcome:
+    """The :class:`Outcome` of :func:`outcome_to_wire`'s tuple (built as a tuple: the named
+    tuple's own constructor is a Python call that checks its thirteen arguments)."""
+    return tuple.__new__(Outcome, (_KINDS[raw[0]], *raw[1:]))
+
+
+class Seat:
+    """A worker's 8 bytes in a file both it and the supervisor map: the id of the task it
+    last took off its socket, written before the step starts.
+
+    When a worker dies with a task assigned, this alone says whether the step had
+    started: a task its worker never took goes to another worker instead of failing
+    (an idle worker killed from outside just as a task was sent to it). One store per
+    task, no message, no syscall.
+    """
+
+    def __init__(self, path: str, index: int):
+        with open(path, "r+b") as file:
+            self._map = mmap.mmap(file.fileno(), 0)
+        self._offset = index * SEAT_BYTES
+
+    def write(self, task_id: int) -> None:
+        struct.pack_into("q", self._map, self._offset, task_id)
+
+    def read(self) -> int:
+        return struct.unpack_from("q", self._map, self._offset)[0]
+
+    def close(self) -> None:
+        self._map.close()
+
+
+def install_steps(steps: Dict[str, Any]) -> None:
+    """Give this process the step table (the template, before it forks any worker)."""
+    _steps.update(steps)
+
+
+def install_sandbox(policy: Optional[_sandbox.SandboxPolicy]) -> None:
+    """Give this process the pool lane's sandbox policy (the template; ``None``: no sandbox)."""
+    global _sandbox_policy
+    _sandbox_policy = policy
+    if policy is not None:
+        _sandbox.prepare(policy)
+
+
+def seal_preload() -> None:
+    """Record what the template has imported: every worker shares these modules."""
+    global _preloaded
+    _preloaded = frozenset(sys.modules)
+
+
+def imported_since_fork() -> List[str]:
+    """Modules this worker imported that its template had not: each is private memory
+    in every worker that imports it (import them at the top of the step's module)."""
+    return sorted(set(sys.modules) - _preloaded)
+
+
+def serve(slot_id: int, lane: str, address: str, seats_path: str, seat_index: int) -> None:
+    """A worker's life, in a process just forked from the template; never returns."""
+    global _statm_fd
+    os.setsid()
+    # A subreaper keeps what a step detaches (a double fork, a new session) below this
+    # worker while it lives, where the kill after each step (and a timeout's tree kill)
+    # finds it. Once the worker is dead, the template, a subreaper too, takes it over.
+    proctree.become_subreaper()
+    if _statm_fd is not None:  # the template's own /proc/self/statm, opened at its warm-up
+        os.close(_statm_fd)
+        _statm_fd = None
+    # Per-worker setup hook: here, after the fork and before the first step, knowing the
+    # worker's ``lane``; before the control thread starts, so the sandbox holds every
+    # thread of the worker (Landlock restricts the calling thread and what it starts).
+    seat = Seat(seats_path, seat_index)  # opened for writing: before the sandbox
+    sandbox = _setup_sandbox(lane)
+    tasks = _connect(address, "task", slot_id, sandbox)
+    control = _connect(address, "control", slot_id, sandbox)
+    os.register_at_fork(after_in_child=lambda: _forked_by_a_step(tasks, control))
+    threading.Thread(target=_control_loop, args=(control,), name="governor-control", daemon=True).start()
+    _rss_figures()  # start the first task's peak from here
+    baseline = hygiene.capture()  # last: after the control thread and any setup above
+    frames, fd = Frames(), tasks.fileno()
+    while True:
+        try:
+            frame = frames.next(fd)
+        except (EOFError, OSError):
+            os._exit(0)  # the supervisor retired this worker, or is gone
+        if not _take_assignment():
+            continue  # taken back by the supervisor: it runs elsewhere
+        try:
+            assignment = Assignment(*pickle.loads(frame))
+        except Exception as exc:  # an argument this process cannot rebuild: the task's error, not
+            outcome = _unreadable(exc)  # the worker's death (each replacement would die of it too)
+        else:
+            seat.write(assignment.task_id)
+            outcome = run_step(_steps[assignment.step], assignment.task_id, assignment.step, assignment.args,
+                               assignment.kwargs, assignment.hard_cap_mb, assignment.chunk)
+            if _forked_by_step:
+                os._exit(0)  # a child the step forked returned from it: it is no worker
+        # What the step left running dies before its caller has the result (~6 us when
+        # it left nothing); the rest of the clean-up waits until the outcome is sent.
+        proctree.kill_descendants()
+        send_frame(fd, _dump_outcome(outcome))
+        problem = hygiene.restore(baseline)
+        if problem is not None:
+            send_frame(fd, pickle.dumps((DIRTY, problem)))
+            os._exit(0)
+
+
+def _setup_sandbox(lane: str) -> Optional[tuple]:
+    """Hold a pool worker to read-only (issue 17); ``(label, missing, tmpdir)`` for its hello.
+
+    Only the pool lane, and only with a policy (``sandbox="off"`` sends none); never the
+    template, whose critical workers must write. What must be opened for writing later
+    (``clear_refs``) is opened first: the sandbox refuses it afterwards.
+    """
+    global _sandbox_report, _clear_refs_fd
+    try:
+        _clear_refs_fd = os.open("/proc/self/clear_refs", os.O_WRONLY | os.O_CLOEXEC)
+    except OSError:
+        _clear_refs_fd = None  # no peak reset: the peak figures stay the lifetime high-water mark
+    if lane != "pool" or _sandbox_policy is None:
+        return None
+    _sandbox_report = _sandbox.apply(_sandbox_policy)
+    return _sandbox_report.label, _sandbox_report.missing, _sandbox_report.tmpdir
+
+
+def _connect(address: str, channel: str, slot_id: int, sandbox: Optional[tuple]) -> Connection:
+    connection = Client(address, family="AF_UNIX")
+    connection.send_bytes(pickle.dumps((channel, slot_id, os.getpid(), sandbox)))
+    return connection
+
+
+def _unreadable(error: Exception) -> Outcome:
+    """The outcome of an assignment this worker could not unpickle (its step never ran)."""
+    now = time.monotonic()
+    return Outcome(OutcomeKind.ERROR, now, now, os.getpid(), exc_type=_qualified_name(type(error)),
+                   exc_message=f"its arguments could not be rebuilt in the worker: {error}",
+                   traceback_text="".join(traceback.format_exception(error)))
+
+
+def _forked_by_a_step(*connections: Connection) -> None:
+    # In a process a step forked: the worker's sockets are not its to hold (they would
+    # keep the worker's EOF from the supervisor after the worker dies).
+    global _forked_by_step
+    _forked_by_step = True
+    for connection in connections:
+        connection.close()
+
+
+def _dump_outcome(outcome: Outcome) -> bytes:
+    try:
+        return pickle.dumps(outcome_to_wire(outcome), pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:  # the step's value (or its exception) does not pickle
+        return pickle.dumps(outcome_to_wire(outcome._replace(
+            kind=OutcomeKind.ERROR, value=None, exception=None, exc_type=_qualified_name(type(exc)),
+            exc_message=f"its result could not be sent back from the worker: {exc}",
+            traceback_text="".join(traceback.format_exception(exc)))), pickle.HIGHEST_PROTOCOL)
+
+
+def _control_loop(connection: Connection) -> None:
+    while True:
+        try:
+            kind, task_id, reason, detail = pickle.loads(connection.recv_bytes())
+        except (EOFError, OSError):
+            # The supervisor is gone: take every process of this worker's group with us.
+            os.killpg(0, signal.SIGKILL)
+            return
+        if kind == "cancel":
+            deliver_cancel(task_id, reason, detail)
+        elif kind == "revoke" and _revoke(reason):
+            connection.send_bytes(pickle.dumps(("revoked", task_id)))
+
+
+def _take_assignment() -> bool:
+    """Count the assignment just read; ``False`` if the supervisor took it back first."""
+    global _assignments_taken
+    with _lock:
+        _assignments_taken += 1
+        if _assignments_taken in _revoked:
+            _revoked.discard(_assignments_taken)
+            return False
+        return True
+
+
+def _revoke(number: int) -> bool:
+    """Skip the ``number``-th assignment, unless it is already taken; whether it will be."""
+    with _lock:
+        if _assignments_taken >= number:
+            return False
+        _revoked.add(number)
+        return True
+
+
+def deliver_cancel(task_id: int, reason: str, detail: Optional[str]) -> None:
+    """Set the cancel flag of task ``task_id``'s context, now or when it starts here."""
+    with _lock:
+        current = _context.current_context()
+        if current.task_id == task_id:
+            current.request_cancel(reason, detail)
+        else:
+            # For a task sent ahead, not started yet (or one just ended: a stale entry,
+            # dropped once newer ones push it out).
+            _early_cancels[task_id] = (reason, detail)
+            while len(_early_cancels) > EARLY_CANCELS_KEPT:
+                del _early_cancels[next(iter(_early_cancels))]
+
+
+def run_step(spec: Any, task_id: int, step: str, args: tuple, kwargs: dict,
+             hard_cap_mb: Optional[float], chunk: bool = False) -> Outcome:
+    """Run ``spec`` (a step's spec) as task ``task_id``: context, hard cap, memory figures.
+
+    Never raises for the step's own errors: they are the outcome. With ``chunk``, ``args``
+    holds one argument tuple per call and the value is the list of results.
+    """
+    ctx = _context.StepContext(task_id, step)
+    with _lock:
+        early = _early_cancels.pop(task_id, None)
+        if early is None:
+            _context._set_current(ctx)
+    if early is not None:  # cancelled before it started (a task sent ahead): it does not start
+        now = time.monotonic()
+        return Outcome(OutcomeKind.CANCELLED, now, now, os.getpid())
+    restore_cap = _apply_hard_cap(hard_cap_mb) if hard_cap_mb else None
+    started = time.monotonic()
+    try:
+        value = [spec.invoke(item, kwargs) for item in args] if chunk else spec.invoke(args, kwargs)
+        kind, error = OutcomeKind.OK, None
+    except BaseException as exc:  # the step's failure is data; SystemExit included
+        value = None
+        if ctx.cancelled and isinstance(exc, StepCancelled):
+            kind = OutcomeKind.CANCELLED
+        elif restore_cap is not None and isinstance(exc, MemoryError):
+            kind = OutcomeKind.OVER_MEMORY
+        else:
+            kind = OutcomeKind.ERROR
+        error = exc
+    ended = time.monotonic()
+    if restore_cap is not None:
+        restore_cap()
+    with _lock:
+        _context._set_current(None)
+    peak, rss = _rss_figures()
+    if error is None:
+        return Outcome(kind, started, ended, os.getpid(), value=value, peak_rss_bytes=peak, rss_bytes=rss)
+    denied = _sandbox.denied_write(error, _sandbox_report) if kind is OutcomeKind.ERROR else None
+    return Outcome(kind, started, ended, os.getpid(),
+                   exc_type=_qualified_name(type(error)), exc_message=str(error),
+                   traceback_text="".join(traceback.format_exception(error)),
+                   exception=_picklable_or_none(error), peak_rss_bytes=peak, rss_bytes=rss, denied_path=denied)
+
+
+def _qualified_name(cls: type) -> str:
+    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _picklable_or_none(error: BaseException) -> Optional[BaseException]:
+    try:
+        pickle.loads(pickle.dumps(error))
+    except Exception:
+        return None
+    return error.with_traceback(None)
+
+
+def _rss_figures() -> tuple:
+    """(peak RSS during the task just run, current RSS) in bytes.
+
+    The peak is the kernel's high-water mark (``ru_maxrss``), which :func:`_forget_peak`
+    brings down to the current RSS whenever a task leaves it stale, so it always measures
+    the last task alone.
+    """
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    try:
+        rss = int(os.pread(_statm(), 64, 0).split()[1]) * _PAGE_SIZE
+    except OSError:
+        return peak, None
+    if peak > rss + PEAK_RESET_SLACK_BYTES:
+        _forget_peak()
+    return peak, rss
+
+
+def _statm() -> int:
+    global _statm_fd
+    if _statm_fd is None:
+        _statm_fd = os.open("/proc/self/statm", os.O_RDONLY)
+    return _statm_fd
+
+
+def _forget_peak() -> None:
+    # Writing 5 to clear_refs resets the high-water RSS to the current RSS (Linux >= 4.0),
+    # through the fd opened before the sandbox (a sandboxed worker may not open it).
+    if _clear_refs_fd is None:
+        return
+    try:
+        os.write(_clear_refs_fd, b"5")
+    except OSError:
+        pass
+
+
+def _apply_hard_cap(limit_mb: float):
+    """Cap the worker's address space for one task so its RSS cannot pass ``limit_mb``.
+
+    The task may grow its address space by the headroom its RSS has left: every new
+    allocation it touches becomes RSS, so the cap fails an allocation before the RSS
+    reaches the limit, and before the supervisor's sampler would have to kill.
+    """
+    with open("/proc/self/statm", "rb") as statm:
+        size_pages, resident_pages = (int(field) for field in statm.read().split()[:2])
+    headroom = max(0, int(limit_mb * 2 ** 20) - resident_pages * _PAGE_SIZE)
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    cap = size_pages * _PAGE_SIZE + headroom
+    if hard != resource.RLIM_INFINITY:
+        cap = min(cap, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    return lambda: resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
