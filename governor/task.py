@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import enum
+import os
 import threading
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
@@ -81,6 +82,13 @@ def _check_step(call: "Call", attribute: attrs.Attribute, step: Any) -> None:
     check_step_designator(step)
 
 
+def _check_directory(call: "Call", attribute: attrs.Attribute, cwd: Any) -> None:
+    # Absolute: a worker resolving a relative one against its own directory would give it
+    # the meaning the caller's directory is there to avoid.
+    if not isinstance(cwd, str) or not os.path.isabs(cwd):
+        raise ValueError(f"Call.cwd must be an absolute directory, not {cwd!r}")
+
+
 @attrs.frozen
 class Call:
     """One step invocation: the step's name, its arguments, and optional limits for this call.
@@ -96,6 +104,11 @@ class Call:
         ref: the id the task is known by outside its supervisor (the daemon puts its
             journal id here); logs and ``describe_workers`` show it as ``task_id``
             (``Task.public_id``). ``None``: the supervisor's own id.
+        cwd: the absolute directory the step runs in (the worker changes into it for the
+            step and back after it), so that a relative path the step opens means what
+            the caller meant; the daemon puts its client's directory here. ``None``: the
+            worker's own directory, the supervisor's when it started. Not on the Ray lane,
+            whose workers run on other hosts.
     """
 
     step: str = attrs.field(validator=_check_step)
@@ -105,6 +118,7 @@ class Call:
         default=None, validator=attrs.validators.optional(attrs.validators.instance_of(Limits)))
     tag: Any = None
     ref: Optional[int] = None
+    cwd: Optional[str] = attrs.field(default=None, validator=attrs.validators.optional(_check_directory))
 
     @classmethod
     def of(cls, item: Any) -> "Call":
@@ -169,6 +183,7 @@ class Task:
     error: Optional[BaseException] = None
     kill_claimed: bool = False
     ref: Optional[int] = None
+    cwd: Optional[str] = None  # Call.cwd: where the worker runs the step (None: its own directory)
     _lock: threading.Lock = attrs.field(factory=threading.Lock, repr=False)
 
     @property

@@ -743,7 +743,7 @@ class LocalLanes:
         hard_cap = limits.effective_memory_mb if limits.memory_hard_cap else None
         try:
             # An Assignment's fields, as a plain tuple (see governor.workers.worker.Assignment).
-            payload = _dumps((task.id, task.step, task.args, task.kwargs, hard_cap, task.chunk))
+            payload = _dumps((task.id, task.step, task.args, task.kwargs, hard_cap, task.chunk, task.cwd))
         except Exception as exc:
             self._host.conclude(task, TaskState.FAILED, StepFailed(
                 task.step, task.id, type(exc).__qualname__,

@@ -513,17 +513,18 @@ class Supervisor(concurrent.futures.Executor):
         return route
 
     def _task_of(self, call: Call, lane: Optional[Lane] = None) -> Task:
-        return self._new_task(call.step, call.args, call.kwargs, call.limits, call.tag, call.ref, lane)
+        return self._new_task(call.step, call.args, call.kwargs, call.limits, call.tag, call.ref, lane, call.cwd)
 
     def _new_task(self, step: Any, args: tuple, kwargs: dict, limits: Optional[Limits] = None, tag: Any = None,
-                  ref: Optional[int] = None, lane: Optional[Lane] = None) -> Task:
+                  ref: Optional[int] = None, lane: Optional[Lane] = None, cwd: Optional[str] = None) -> Task:
         """A task for one call, checked (see :meth:`submit`), with its future; not queued yet."""
         if not isinstance(step, str):
             check_step_designator(step)
         route = self._route(step)
         route.check_arguments(args, kwargs)
         limits = route.limits if limits is None else limits.over(route.limits)
-        task = Task(0, route.spec.name, lane or route.lane, args, kwargs, limits, self._clock(), tag=tag, ref=ref)
+        task = Task(0, route.spec.name, lane or route.lane, args, kwargs, limits, self._clock(), tag=tag, ref=ref,
+                    cwd=cwd)
         task.future = TaskFuture(task, self._cancel, self._callbacks)
         return task
 

@@ -123,6 +123,7 @@ class Assignment(NamedTuple):
         hard_cap_mb: cap the worker's address space for the task (``Limits.memory_hard_cap``).
         chunk: ``args`` is a list of argument tuples (``Supervisor.map``): the step runs
             once for each, in order, and the value is the list of their results.
+        cwd: the directory to run the step in (``Call.cwd``); ``None``: the worker's own.
     """
 
     task_id: int
@@ -131,6 +132,7 @@ class Assignment(NamedTuple):
     kwargs: dict
     hard_cap_mb: Optional[float] = None
     chunk: bool = False
+    cwd: Optional[str] = None
 
 
 class Outcome(NamedTuple):
@@ -261,7 +263,7 @@ def serve(slot_id: int, lane: str, address: str, seats_path: str, seat_index: in
         else:
             seat.write(assignment.task_id)
             outcome = run_step(_steps[assignment.step], assignment.task_id, assignment.step, assignment.args,
-                               assignment.kwargs, assignment.hard_cap_mb, assignment.chunk)
+                               assignment.kwargs, assignment.hard_cap_mb, assignment.chunk, assignment.cwd)
             if _forked_by_step:
                 os._exit(0)  # a child the step forked returned from it: it is no worker
         # What the step left running dies before its caller has the result (~6 us when
@@ -374,11 +376,13 @@ def deliver_cancel(task_id: int, reason: str, detail: Optional[str]) -> None:
 
 
 def run_step(spec: Any, task_id: int, step: str, args: tuple, kwargs: dict,
-             hard_cap_mb: Optional[float], chunk: bool = False) -> Outcome:
+             hard_cap_mb: Optional[float], chunk: bool = False, cwd: Optional[str] = None) -> Outcome:
     """Run ``spec`` (a step's spec) as task ``task_id``: context, hard cap, memory figures.
 
     Never raises for the step's own errors: they are the outcome. With ``chunk``, ``args``
-    holds one argument tuple per call and the value is the list of results.
+    holds one argument tuple per call and the value is the list of results. With ``cwd``,
+    the step runs in that directory (one it cannot enter is its error); the caller puts
+    the worker's own back afterwards (``hygiene.restore``).
     """
     ctx = _context.StepContext(task_id, step)
     with _lock:
@@ -391,6 +395,8 @@ def run_step(spec: Any, task_id: int, step: str, args: tuple, kwargs: dict,
     restore_cap = _apply_hard_cap(hard_cap_mb) if hard_cap_mb else None
     started = time.monotonic()
     try:
+        if cwd is not None:
+            os.chdir(cwd)
         value = [spec.invoke(item, kwargs) for item in args] if chunk else spec.invoke(args, kwargs)
         kind, error = OutcomeKind.OK, None
     except BaseException as exc:  # the step's failure is data; SystemExit included

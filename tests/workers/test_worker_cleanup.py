@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from conftest import wait_until
-from governor import WorkerCrashed
+from governor import Call, StepFailed, WorkerCrashed
 from step_library import ENDS, ESCAPES, wait_for_path
 
 
@@ -60,6 +60,22 @@ def test_the_next_task_finds_the_worker_as_it_started(make_supervisor, tmp_path)
     assert messy == before["pid"] == after["pid"]  # the same worker: it was cleaned, not replaced
     assert after == before
     assert sup.metrics()["worker_recycles"].get("pool", {}).get("dirty", 0) == 0
+
+
+def test_a_call_runs_in_its_cwd_and_the_worker_goes_back_to_its_own(make_supervisor, tmp_path):
+    sup = make_supervisor(workers=1, spares=0)
+    before = sup.submit("inherited_state").result(timeout=60)
+    assert before["cwd"] != str(tmp_path)
+    inside = sup.submit_call(Call("inherited_state", cwd=str(tmp_path))).result(timeout=60)
+    after = sup.submit("inherited_state").result(timeout=60)
+    assert inside["cwd"] == str(tmp_path) and inside["pid"] == before["pid"]
+    assert after == before  # the same worker, back in its own directory
+    gone = tmp_path / "gone"
+    with pytest.raises(StepFailed, match="No such file or directory"):  # the caller's directory vanished
+        sup.submit_call(Call("inherited_state", cwd=str(gone))).result(timeout=60)
+    assert sup.submit("inherited_state").result(timeout=60) == before
+    with pytest.raises(ValueError, match="absolute"):
+        Call("inherited_state", cwd="relative/dir")
 
 
 def test_a_worker_that_cannot_be_cleaned_is_recycled(make_supervisor):
