@@ -419,3 +419,23 @@ class UnknownTask(GovernorError, KeyError):
 
     def __str__(self) -> str:
         return f"no task {self.task_id} in the journal (never submitted, or pruned)"
+
+
+class RequestSuperseded(GovernorError, concurrent.futures.CancelledError):
+    """A web request's steps were cancelled because a newer request took its supersede key.
+
+    Raised by :meth:`governor.asgi.RequestGovernor.run_batch`; ``GovernorMiddleware``
+    answers it with HTTP 409 when the response has not started.
+
+    Attributes:
+        key: the supersede key the newer request took.
+        detail: the cancellation's detail as the steps saw it.
+    """
+
+    def __init__(self, key: Optional[str], detail: Optional[str] = None):
+        super().__init__(key, detail)
+        self.key = key
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return f"superseded by a newer request with key {self.key!r}" + (f" ({self.detail})" if self.detail else "")
