@@ -148,7 +148,7 @@ class _Requests:
 
     def workflow(self, calls: Iterable[Any]) -> _Exchange:
         step_calls = tuple(protocol.StepCall(call.step, _keywords(call)) for call in map(Call.of, calls))
-        return _Exchange(protocol.Workflow(self._id(), step_calls, True, _cwd()),
+        return _Exchange(protocol.WorkflowRequest(self._id(), step_calls, True, _cwd()),
                          lambda reply: _value_of(reply["task"]))
 
     def cancel(self, task_ids: Iterable[int]) -> _Exchange:

@@ -778,7 +778,7 @@ class Daemon:
                          target.submit_call(attrs.evolve(call, ref=rid)))
         self._acknowledge(connection, request, record_ids)
 
-    async def _op_workflow(self, connection: _Connection, request: protocol.Workflow) -> None:
+    async def _op_workflow(self, connection: _Connection, request: protocol.WorkflowRequest) -> None:
         self._refuse_while_draining()
         calls = [self._checked(c.step, c.params, request.cwd)[0] for c in request.calls]
         [record_id] = self._journal.submit([NewTask.workflow([{"step": c.step, "params": c.kwargs} for c in calls])])

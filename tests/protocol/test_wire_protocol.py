@@ -262,7 +262,7 @@ GOOD_REQUESTS = [
     ({"op": "batch", "calls": [{"step": "a"}, {"step": "b", "params": {"x": 1}}]},
      protocol.Batch(id=7, calls=(protocol.StepCall("a"), protocol.StepCall("b", {"x": 1})))),
     ({"op": "workflow", "calls": [{"step": "a", "params": {}}], "wait": True},
-     protocol.Workflow(id=7, calls=(protocol.StepCall("a"),), wait=True)),
+     protocol.WorkflowRequest(id=7, calls=(protocol.StepCall("a"),), wait=True)),
     ({"op": "cancel", "task_ids": [1, 2, protocol.MAX_TASK_ID]}, protocol.Cancel(id=7, task_ids=(1, 2, 2 ** 63 - 1))),
     ({"op": "status"}, protocol.Status(id=7)),
     ({"op": "status", "task_id": 3}, protocol.Status(id=7, task_id=3)),
