@@ -288,7 +288,7 @@ def in_done_callback() -> bool:
     return getattr(_resolving, "depth", 0) > 0
 
 
-class _ExplainedCancelFuture(concurrent.futures.Future):
+class ExplainedCancelFuture(concurrent.futures.Future):
     """A future whose ``result()``/``exception()`` raise ``StepCancelled`` (saying why)
     instead of a bare ``CancelledError``."""
 
@@ -310,7 +310,7 @@ class _ExplainedCancelFuture(concurrent.futures.Future):
             raise self._cancel_error() from None
 
 
-class TaskFuture(_ExplainedCancelFuture, CallbackFuture):
+class TaskFuture(ExplainedCancelFuture, CallbackFuture):
     """The future of one task; works with ``concurrent.futures.wait`` and ``as_completed``.
 
     Differences from a plain ``Future``:
@@ -403,7 +403,7 @@ class Workflow:
         return rest
 
 
-class WorkflowFuture(_ExplainedCancelFuture, CallbackFuture):
+class WorkflowFuture(ExplainedCancelFuture, CallbackFuture):
     """The future of a workflow: the list of its steps' results, or ``WorkflowFailed``.
 
     ``steps`` holds each step's own :class:`TaskFuture`. ``cancel()`` cancels every step

@@ -137,12 +137,13 @@ def test_a_built_wheel_installs_everything_under_governor(tmp_path):
 
 def test_the_way_in_does_not_import_the_engine(tmp_path):
     """A worker imports governor for its values and errors; the engine would be private memory
-    in every worker. Defining steps must not load it either."""
+    in every worker. Defining steps must not load it either, nor reaching for either client."""
     probe = ("import sys\n"
-             "from governor import Call, Limits, StepRegistry, StepFailed, step\n"
+             "import governor.client\n"
+             "from governor import AsyncClient, Call, Client, Limits, StepRegistry, StepFailed, step\n"
              "@step(critical=False)\n"
              "def f(): pass\n"
-             "heavy = ('loky', 'psutil', 'prometheus_client', 'governor.engine.supervisor', 'governor.engine.manager')\n"
+             "heavy = ('loky', 'psutil', 'cloudpickle', 'prometheus_client', 'governor.engine', 'governor.service')\n"
              "print(sorted(name for name in sys.modules if name.startswith(heavy)))\n")
     done = run_in(tmp_path, "-c", probe)
     assert done.returncode == 0, done.stderr

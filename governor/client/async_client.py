@@ -1,7 +1,7 @@
 """``governor.AsyncClient``: the daemon's client on asyncio.
 
 The same requests and replies as :class:`governor.Client` (built by the same
-``client._Requests``, routed by the same ``client._Conversation``), read by an asyncio
+``conversation.Requests``, routed by the same ``conversation.Conversation``), read by an asyncio
 task instead of a thread::
 
     async with AsyncClient() as client:
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Union
 
 from governor import protocol
-from governor.client import DaemonUnavailable, _Conversation, _Exchange, _Pending, _Requests, first_error
+from governor.client.conversation import Conversation, DaemonUnavailable, Exchange, Pending, Requests, first_error
 from governor.paths import default_socket_path
 from governor.task import Call
 
@@ -42,8 +42,8 @@ class AsyncClient:
     def __init__(self, socket_path: Optional[Union[str, Path]] = None, timeout: float = 30.0):
         self.socket_path = Path(socket_path) if socket_path is not None else default_socket_path()
         self.timeout = timeout
-        self._requests = _Requests()
-        self._conversation: Optional[_Conversation] = None
+        self._requests = Requests()
+        self._conversation: Optional[Conversation] = None
         self._writer: Optional[asyncio.StreamWriter] = None
         self._reader_task: Optional[asyncio.Task] = None
         self._connecting = asyncio.Lock()
@@ -125,7 +125,7 @@ class AsyncClient:
 
     # ----------------------------------------------------------------- plumbing
 
-    async def _connected(self) -> _Conversation:
+    async def _connected(self) -> Conversation:
         async with self._connecting:
             if self._conversation is None or self._conversation.lost is not None:
                 if self._reader_task is not None:
@@ -134,18 +134,18 @@ class AsyncClient:
                     reader, self._writer = await asyncio.open_unix_connection(str(self.socket_path))
                 except (FileNotFoundError, ConnectionRefusedError) as error:
                     raise DaemonUnavailable(self.socket_path, error.strerror or type(error).__name__) from None
-                self._conversation = _Conversation(self.socket_path)
+                self._conversation = Conversation(self.socket_path)
                 self._reader_task = asyncio.create_task(self._read_replies(reader, self._conversation))
             return self._conversation
 
-    async def _read_replies(self, reader: asyncio.StreamReader, conversation: _Conversation) -> None:
+    async def _read_replies(self, reader: asyncio.StreamReader, conversation: Conversation) -> None:
         try:
             while True:
                 conversation.dispatch(await protocol.read_message(reader))
         except (EOFError, OSError, protocol.ProtocolError) as lost:
             conversation.lose(str(lost))
 
-    async def _send(self, request: protocol.Request, pending: _Pending) -> None:
+    async def _send(self, request: protocol.Request, pending: Pending) -> None:
         conversation = await self._connected()
         self._send_now(conversation, request, pending)
         try:
@@ -154,16 +154,16 @@ class AsyncClient:
             await self._reader_task  # it reads why the daemon closed, if it said
             raise conversation.lost or DaemonUnavailable(self.socket_path, str(error)) from None
 
-    def _send_now(self, conversation: _Conversation, request: protocol.Request, pending: _Pending) -> None:
+    def _send_now(self, conversation: Conversation, request: protocol.Request, pending: Pending) -> None:
         """Register and write one frame without awaiting (safe inside ``except CancelledError``)."""
         frame = protocol.encode(request.to_wire())
         conversation.expect(request.id, pending)
         self._writer.write(frame)
 
-    async def _ask(self, exchange: _Exchange, timeout: Optional[float] = -1) -> Any:
+    async def _ask(self, exchange: Exchange, timeout: Optional[float] = -1) -> Any:
         """Send one request and return its reply's value."""
         reply = asyncio.get_running_loop().create_future()
-        await self._send(exchange.request, _Pending(lambda message: _settle(reply, message),
+        await self._send(exchange.request, Pending(lambda message: _settle(reply, message),
                                                     lambda error: _fail(reply, error)))
         try:
             message = await asyncio.wait_for(reply, self.timeout if timeout == -1 else timeout)
@@ -171,7 +171,7 @@ class AsyncClient:
             self._conversation.forget(exchange.request.id)
         return exchange.value(protocol.unwrap_reply(message))
 
-    async def _run(self, exchange: _Exchange) -> Any:
+    async def _run(self, exchange: Exchange) -> Any:
         """Send a waiting submit/batch/workflow, wait for its ack, then its final reply.
 
         Cancelled while waiting, it cancels the task(s): now if acknowledged, else from the
@@ -198,7 +198,7 @@ class AsyncClient:
             _fail(acknowledged, error)
             _fail(final, error)
 
-        await self._send(exchange.request, _Pending(on_reply, on_lost))
+        await self._send(exchange.request, Pending(on_reply, on_lost))
         try:
             first = await asyncio.wait_for(acknowledged, self.timeout)
             if not isinstance(first, list):
@@ -210,13 +210,13 @@ class AsyncClient:
             raise
         return exchange.value(protocol.unwrap_reply(message))
 
-    def _cancel_soon(self, conversation: _Conversation, task_ids: List[int]) -> None:
+    def _cancel_soon(self, conversation: Conversation, task_ids: List[int]) -> None:
         """Ask the daemon to cancel ``task_ids``, without awaiting its answer."""
         if conversation.lost is None and self._writer is not None:
             self._send_now(conversation, self._requests.cancel(task_ids).request, _IGNORED)
 
 
-_IGNORED = _Pending(lambda message: True, lambda error: None)
+_IGNORED = Pending(lambda message: True, lambda error: None)
 
 
 def _settle(future: asyncio.Future, message: Dict[str, Any]) -> bool:
