@@ -5,7 +5,7 @@ generic life of a task: queued, dispatched, ended, its workflow settled. A *lane
 owns the workers of one or more lanes and everything about them: how a task reaches a
 worker, how a limit is enforced, how a worker's death is noticed. Two implementations:
 
-* ``governor.engine.local_lanes.LocalLanes``: worker processes on this host, forked from a warm
+* ``governor.engine.lanes.LocalLanes``: worker processes on this host, forked from a warm
   template (both lanes by default; the critical lane always);
 * ``governor.engine.ray_lane.RayLane``: the pool lane as Ray tasks on a cluster.
 

@@ -20,7 +20,7 @@ Data flow::
                      conclude(task, state, ...): the one place a task ends
 
 The lanes' workers belong to *lane backends* (``governor.engine.backend``): the local lanes
-(``governor.engine.local_lanes``) and, for ``backend="ray"``, the pool lane on Ray
+(``governor.engine.lanes``) and, for ``backend="ray"``, the pool lane on Ray
 (``governor.engine.ray_lane``). The manager keeps what is the same for both: the inbox, the
 loop, and the end of a task (its state, its metrics, its future, its workflow).
 
@@ -48,12 +48,12 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Sequence
 import attrs
 
 from governor.engine import gilio
-from governor.workers import worker
+from governor.workers.messages import Outcome, OutcomeKind
 from governor.engine.backend import LaneBackend, ReadSelector
 from governor.callbacks import CallbackRunner
 from governor.errors import MemoryLimitExceeded, ReadOnlyViolation, StepFailed, SupervisorBroken, WorkerStartFailed
 from governor.limits import Lane
-from governor.engine.local_lanes import LocalConfig, LocalLanes
+from governor.engine.lanes import LocalConfig, LocalLanes
 from governor.engine.metrics import MetricsRecorder
 from governor.workers.proctree import mib
 from governor.task import CancelRequest, Task, TaskState
@@ -342,17 +342,17 @@ class Manager(threading.Thread):
             return False
         return True
 
-    def conclude_outcome(self, task: Task, outcome: worker.Outcome) -> bool:
+    def conclude_outcome(self, task: Task, outcome: Outcome) -> bool:
         """End a task from its worker's ``Outcome`` (see :meth:`conclude`)."""
         task.started_at, task.ended_at = outcome.started_at, outcome.ended_at
         if outcome.peak_rss_bytes is not None:
             task.peak_rss_bytes = max(task.peak_rss_bytes or 0, outcome.peak_rss_bytes)
         kind = outcome.kind
-        if kind is worker.OutcomeKind.OK:
+        if kind is OutcomeKind.OK:
             state, error = TaskState.DONE, None
-        elif kind is worker.OutcomeKind.CANCELLED:
+        elif kind is OutcomeKind.CANCELLED:
             state, error = TaskState.CANCELLED, task.cancelled_error()
-        elif kind is worker.OutcomeKind.OVER_MEMORY:
+        elif kind is OutcomeKind.OVER_MEMORY:
             state, error = TaskState.OVER_MEMORY, MemoryLimitExceeded(
                 task.step, task.id, task.limits.effective_memory_mb, mib(task.peak_rss_bytes), outcome.pid,
                 killed=False)
@@ -364,7 +364,7 @@ class Manager(threading.Thread):
                 outcome.exception)
         return self.conclude(task, state, error, outcome.value)
 
-    def _read_only_violation(self, task: Task, outcome: worker.Outcome) -> ReadOnlyViolation:
+    def _read_only_violation(self, task: Task, outcome: Outcome) -> ReadOnlyViolation:
         """A pool step the sandbox refused a write: say so loudly, with the way out."""
         error = ReadOnlyViolation(task.step, task.id, outcome.denied_path, outcome.exc_type, outcome.exc_message,
                                   outcome.traceback_text, outcome.exception)

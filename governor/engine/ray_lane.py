@@ -1,4 +1,4 @@
-"""The pool lane on a Ray cluster: a lane backend (``governor.engine.backend``), like ``governor.engine.local_lanes``.
+"""The pool lane on a Ray cluster: a lane backend (``governor.engine.backend``), like ``governor.engine.lanes``.
 
 With ``Supervisor(registry, backend="ray")`` the critical lane stays local and serial, and
 pool-lane steps run as Ray tasks (``governor.workers.ray_worker.run``, through its ``entry``), at

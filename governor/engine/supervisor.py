@@ -25,7 +25,7 @@ from governor.callbacks import CallbackRunner
 from governor.errors import (InvalidParameters, QueueFull, SupervisorBroken, SupervisorClosed, SupervisorForked,
                              UnknownStep, WorkerStartFailed)
 from governor.limits import Lane, Limits
-from governor.engine.local_lanes import LocalConfig
+from governor.engine.lanes import LocalConfig
 from governor.engine.manager import Manager, ManagerConfig
 from governor.engine.metrics import MetricsRecorder, prometheus_registry, prometheus_text
 from governor.steps.registry import REGISTRY, StepLookup

@@ -36,7 +36,7 @@ from typing import Any, Dict, Optional, Tuple
 import attrs
 
 from governor import context as _context
-from governor.workers import worker
+from governor.workers import messages, worker
 from governor.workers.proctree import MEMORY_SAMPLE_INTERVAL_S, TreeSampler, kill_own_tree
 
 
@@ -185,7 +185,7 @@ def _table(info: LinkInfo, steps: list) -> Dict[str, Any]:
 
 
 def run(info: LinkInfo, steps: list, task_id: int, step: str, args: tuple, kwargs: dict,
-        limits: TaskLimits, chunk: bool = False) -> worker.Outcome:
+        limits: TaskLimits, chunk: bool = False) -> messages.Outcome:
     """The Ray task: run one step for the supervisor that ``info`` names.
 
     ``steps`` is a one-element list holding the ``ObjectRef`` of the supervisor's step

@@ -6,10 +6,13 @@
       Template.start() ── loky Process ─────────────>  main(address)
                        <── connection ────────────────  connects back
                        ── (steps, modules, sandbox) ───>  installs the steps, imports every
-                       <── ("ready",) | ("failed", tb)     step module, gc.freeze()
+                       <── Ready() | StartFailed(tb)      step module, gc.freeze()
     manager thread
-      Template.fork(slot_id, lane, seat) ── ("fork", ...) >  os.fork() ──> worker.serve(...)
-                       <── ("exited", pid, code, signal)  reaps every worker it forked
+      Template.fork(slot_id, lane, seat) ── Fork(...) ──>  os.fork() ──> worker.serve(...)
+                       <── Exited(pid, code, signal)      reaps every worker it forked
+                       <── ForkFailed(slot_id, error)
+
+(The messages are ``governor.workers.messages``.)
 
 Why a template: a worker forked from it shares the interpreter, the worker runtime and
 every step module with its siblings copy-on-write, so it costs a few MiB of private
@@ -47,7 +50,7 @@ import socket
 import sys
 import traceback
 from multiprocessing.connection import Client, Connection, wait
-from typing import Any, Dict, Optional, Sequence, Set
+from typing import Any, Dict, Optional, Sequence, Set, Union
 
 import cloudpickle
 from loky.backend.context import get_context
@@ -55,6 +58,7 @@ from loky.backend.context import get_context
 from governor.workers import proctree
 from governor.workers import worker
 from governor.errors import WorkerStartFailed
+from governor.workers.messages import Exited, Fork, ForkFailed, Ready, StartFailed
 from governor.workers.sandbox import SandboxPolicy
 
 #: How often :meth:`Template.start` looks whether the template process died before it
@@ -109,9 +113,10 @@ class Template:
         except BaseException:
             self.close()
             raise
-        if reply[0] != "ready":
+        if type(reply) is not Ready:
             self.close()
-            raise WorkerStartFailed(f"a step module could not be imported in the worker template:\n{reply[1]}")
+            raise WorkerStartFailed(f"a step module could not be imported in the worker template:\n"
+                                    f"{reply.traceback_text}")
 
     def _accept(self, listener: socket.socket, timeout: float) -> Connection:
         for _ in range(max(1, int(timeout / START_POLL_S))):
@@ -132,10 +137,10 @@ class Template:
         Raises:
             OSError: the template is gone.
         """
-        self.connection.send_bytes(pickle.dumps(("fork", slot_id, lane, seats_path, seat)))
+        self.connection.send_bytes(pickle.dumps(Fork(slot_id, lane, seats_path, seat)))
 
-    def receive(self) -> tuple:
-        """One report: ``("exited", pid, exitcode, signal)`` or ``("fork_failed", slot_id, text)``.
+    def receive(self) -> Union[Exited, ForkFailed]:
+        """One report: a worker's :class:`Exited` or a :class:`ForkFailed`.
 
         Raises:
             EOFError, OSError: the template is gone.
@@ -173,7 +178,7 @@ def main(address: str, worker_address: str) -> None:
             importlib.import_module(module)
         worker.seal_preload()
     except BaseException:
-        connection.send_bytes(pickle.dumps(("failed", traceback.format_exc())))
+        connection.send_bytes(pickle.dumps(StartFailed(traceback.format_exc())))
         return
     proctree.become_subreaper()  # a dead worker's orphans land here (module docstring)
     gc.collect()
@@ -184,7 +189,7 @@ def main(address: str, worker_address: str) -> None:
     os.set_blocking(wake_writer, False)
     signal.set_wakeup_fd(wake_writer)
     signal.signal(signal.SIGCHLD, lambda *_: None)  # a handler, so SIGCHLD writes the wake-up fd
-    connection.send_bytes(pickle.dumps(("ready",)))
+    connection.send_bytes(pickle.dumps(Ready()))
     while True:
         ready = wait([connection, wake_reader])
         if wake_reader in ready:
@@ -192,21 +197,20 @@ def main(address: str, worker_address: str) -> None:
             _reap(connection, workers)
         if connection in ready:
             try:
-                request = pickle.loads(connection.recv_bytes())
+                request: Fork = pickle.loads(connection.recv_bytes())
             except (EOFError, OSError):
                 return  # the supervisor is gone; each worker ends on its own EOF
-            pid = _fork(connection, (wake_reader, wake_writer), worker_address, *request[1:])
+            pid = _fork(connection, (wake_reader, wake_writer), worker_address, request)
             if pid is not None:
                 workers.add(pid)
 
 
-def _fork(connection: Connection, fds: tuple, worker_address: str, slot_id: int, lane: str,
-          seats_path: str, seat: int) -> Optional[int]:
+def _fork(connection: Connection, fds: tuple, worker_address: str, request: Fork) -> Optional[int]:
     """Fork one worker; its pid (``None`` if the fork failed, which is reported)."""
     try:
         pid = os.fork()
     except OSError as exc:
-        connection.send_bytes(pickle.dumps(("fork_failed", slot_id, str(exc))))
+        connection.send_bytes(pickle.dumps(ForkFailed(request.slot_id, str(exc))))
         return None
     if pid:
         return pid
@@ -217,7 +221,7 @@ def _fork(connection: Connection, fds: tuple, worker_address: str, slot_id: int,
         connection.close()
         for fd in fds:
             os.close(fd)
-        worker.serve(slot_id, lane, worker_address, seats_path, seat)
+        worker.serve(request.slot_id, request.lane, worker_address, request.seats_path, request.seat)
     except BaseException:
         traceback.print_exc(file=sys.stderr)
     finally:
@@ -256,7 +260,7 @@ def _reap(connection: Connection, workers: Set[int]) -> None:
         workers.discard(info.si_pid)
         proctree.kill_descendants(keep=workers)
         code = os.waitstatus_to_exitcode(status)
-        report = ("exited", info.si_pid, code, None) if code >= 0 else ("exited", info.si_pid, None, -code)
+        report = Exited(info.si_pid, code, None) if code >= 0 else Exited(info.si_pid, None, -code)
         try:
             connection.send_bytes(pickle.dumps(report))
         except OSError:

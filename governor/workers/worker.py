@@ -1,35 +1,36 @@
 """Code that runs inside a worker process, forked from the lanes' warm template.
 
-Life of one worker (see ``governor.workers.template`` for where it comes from)::
+Life of one worker (see ``governor.workers.template`` for where it comes from; the
+messages are ``governor.workers.messages``)::
 
     template ── os.fork() ──> serve(slot_id, lane, address)
         os.setsid()                                  lead a process group
-        task socket    ──> ("task", slot_id, pid)    connect to the supervisor, twice
-        control socket ──> ("control", slot_id, pid)
+        task socket    ──> Hello(TASK, slot_id, pid)    connect to the supervisor, twice
+        control socket ──> Hello(CONTROL, slot_id, pid)
         [per-worker setup hook]                      see serve()
         loop: task socket ──> Assignment ──> run_step ──> kill what the step left running
               ──> Outcome ──> task socket ──> put the worker's state back (hygiene)
-    control socket ──> ("cancel", task_id, reason, detail) ──> control thread ──> StepContext flag
-                   ──> ("revoke", task_id, number, None)  ──> control thread ──> ("revoked", task_id)
+    control socket ──> Cancel(task_id, reason, detail) ──> control thread ──> StepContext flag
+                   ──> Revoke(task_id, number)         ──> control thread ──> Revoked(task_id)
 
 The *task socket* carries one task down and its outcome up, one task at a time; the
 supervisor's manager thread reads it with its selector, so no thread of ours stands
 between a task and its worker. Both are plain tuples on the wire (see
-:func:`outcome_to_wire`). The worker puts its process state back *after* it sent the
+``messages.outcome_to_wire``). The worker puts its process state back *after* it sent the
 outcome, while the caller already has its result: a worker that cannot be made clean
-sends :data:`DIRTY` and its reason instead of taking another task, and exits; a task sent
-to it meanwhile was never taken, so the supervisor hands it to another worker.
+sends ``Dirty(problem)`` instead of taking another task, and exits; a task sent to it
+meanwhile was never taken, so the supervisor hands it to another worker.
 
 A pool worker may be sent its next task while it runs one (see
-``governor.engine.local_lanes.LocalLanes._may_send_ahead``). The supervisor can take such a task
-back (it waits behind a step that turned out long, and another worker is free): it names
-the task by its number among the assignments sent to this worker, and the control thread
-either marks that assignment to be skipped and answers ``("revoked", task_id)``, or, if the
-main thread already took it, says nothing and the task runs here. The two threads decide
-under one lock, so a task is never both revoked and run. The *control socket* is read by a thread of the worker
-while a step runs: it carries cooperative cancels, and it is the worker's lifeline: on
-its EOF (the supervisor is gone, or retired this worker) the worker kills its own
-process group, so no step outlives the supervisor.
+``governor.engine.slots.SendAhead``). The supervisor can take such a task back (it waits
+behind a step that turned out long, and another worker is free): it names the task by
+its number among the assignments sent to this worker, and the control thread either
+marks that assignment to be skipped and answers ``Revoked(task_id)``, or, if the main
+thread already took it, says nothing and the task runs here. The two threads decide
+under one lock, so a task is never both revoked and run. The *control socket* is read by
+a thread of the worker while a step runs: it carries cooperative cancels, and it is the
+worker's lifeline: on its EOF (the supervisor is gone, or retired this worker) the worker
+kills its own process group, so no step outlives the supervisor.
 
 The worker leads its own process group (``os.setsid()``), which every process a step
 starts inherits, so the supervisor can kill the whole tree with one ``killpg`` even after
@@ -40,19 +41,16 @@ child a second worker: the child closes the worker's sockets at fork
 
 from __future__ import annotations
 
-import enum
-import mmap
 import os
 import pickle
 import resource
 import signal
-import struct
 import sys
 import threading
 import time
 import traceback
 from multiprocessing.connection import Client, Connection
-from typing import Any, Dict, List, NamedTuple, Optional
+from typing import Any, Dict, List, Optional
 
 from governor import context as _context
 from governor.workers import hygiene
@@ -60,6 +58,9 @@ from governor.workers import proctree
 from governor.workers import sandbox as _sandbox
 from governor.errors import StepCancelled
 from governor.workers.frames import Frames, send_frame
+from governor.workers.messages import (Assignment, Cancel, Channel, Dirty, Hello, Outcome, OutcomeKind, Revoke,
+                                       Revoked, outcome_to_wire)
+from governor.workers.seats import Seat
 
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
@@ -70,10 +71,6 @@ PEAK_RESET_SLACK_BYTES = 1 << 20
 
 #: Cancels kept for tasks not started here yet: more than a worker is ever sent ahead.
 EARLY_CANCELS_KEPT = 8
-
-#: Bytes of the seats file per worker: the id of the task the worker has taken (see
-#: :class:`Seat`).
-SEAT_BYTES = 8
 
 _steps: Dict[str, Any] = {}
 _statm_fd: Optional[int] = None
@@ -93,112 +90,6 @@ _sandbox_policy: Optional[_sandbox.SandboxPolicy] = None
 _sandbox_report: _sandbox.SandboxReport = _sandbox.SandboxReport(0)
 # /proc/self/clear_refs, opened before the sandbox (which refuses opening it for writing).
 _clear_refs_fd: Optional[int] = None
-
-
-#: The first item of a frame a worker sends after an outcome when it could not be made
-#: clean after that step (the second item says why); it then exits without taking another
-#: task, and the supervisor counts ``worker_recycles{reason="dirty"}``.
-DIRTY = "dirty"
-
-
-class OutcomeKind(enum.Enum):
-    """How a step ended, as its worker saw it."""
-
-    OK = "ok"
-    ERROR = "error"  # the step raised
-    CANCELLED = "cancelled"  # the step stopped on its context's cancel
-    OVER_MEMORY = "over_memory"  # the hard cap refused an allocation
-
-
-_KINDS = {kind.value: kind for kind in OutcomeKind}
-
-
-class Assignment(NamedTuple):
-    """One task for a worker. (A named tuple rather than an attrs class, here and in
-    :class:`Outcome`: both cross a socket for every task, as the plain tuple of their
-    fields, which pickles and unpickles in a fifth of a named tuple's time.)
-
-    Attributes:
-        task_id, step, args, kwargs: what to run.
-        hard_cap_mb: cap the worker's address space for the task (``Limits.memory_hard_cap``).
-        chunk: ``args`` is a list of argument tuples (``Supervisor.map``): the step runs
-            once for each, in order, and the value is the list of their results.
-        cwd: the directory to run the step in (``Call.cwd``); ``None``: the worker's own.
-    """
-
-    task_id: int
-    step: str
-    args: tuple
-    kwargs: dict
-    hard_cap_mb: Optional[float] = None
-    chunk: bool = False
-    cwd: Optional[str] = None
-
-
-class Outcome(NamedTuple):
-    """What a worker sends back for one task.
-
-    Attributes:
-        kind: how the step ended.
-        value: the step's return value for ``OK``.
-        exc_type, exc_message, traceback_text: the step's exception otherwise.
-        exception: the exception itself when it pickles, else ``None``.
-        started_at, ended_at: ``time.monotonic()`` in the worker around the step.
-        pid: the worker's pid.
-        peak_rss_bytes: the worker's peak RSS during the step (``None`` if unknown).
-        rss_bytes: the worker's RSS after the step, for leak recycling.
-        denied_path: for ``ERROR``, the path the sandbox refused the step writing, when
-            that is why it failed (the task ends as ``ReadOnlyViolation``).
-    """
-
-    kind: OutcomeKind
-    started_at: float
-    ended_at: float
-    pid: int
-    value: Any = None
-    exc_type: Optional[str] = None
-    exc_message: Optional[str] = None
-    traceback_text: Optional[str] = None
-    exception: Optional[BaseException] = None
-    peak_rss_bytes: Optional[int] = None
-    rss_bytes: Optional[int] = None
-    denied_path: Optional[str] = None
-
-
-def outcome_to_wire(outcome: Outcome) -> tuple:
-    """The plain tuple an outcome travels as: its fields, the kind as its value."""
-    return (outcome.kind.value, *outcome[1:])
-
-
-def outcome_from_wire(raw: tuple) -> Outcome:
-    """The :class:`Outcome` of :func:`outcome_to_wire`'s tuple (built as a tuple: the named
-    tuple's own constructor is a Python call that checks its thirteen arguments)."""
-    return tuple.__new__(Outcome, (_KINDS[raw[0]], *raw[1:]))
-
-
-class Seat:
-    """A worker's 8 bytes in a file both it and the supervisor map: the id of the task it
-    last took off its socket, written before the step starts.
-
-    When a worker dies with a task assigned, this alone says whether the step had
-    started: a task its worker never took goes to another worker instead of failing
-    (an idle worker killed from outside just as a task was sent to it). One store per
-    task, no message, no syscall.
-    """
-
-    def __init__(self, path: str, index: int):
-        with open(path, "r+b") as file:
-            self._map = mmap.mmap(file.fileno(), 0)
-        self._offset = index * SEAT_BYTES
-
-    def write(self, task_id: int) -> None:
-        struct.pack_into("q", self._map, self._offset, task_id)
-
-    def read(self) -> int:
-        return struct.unpack_from("q", self._map, self._offset)[0]
-
-    def close(self) -> None:
-        self._map.close()
 
 
 def install_steps(steps: Dict[str, Any]) -> None:
@@ -242,8 +133,8 @@ def serve(slot_id: int, lane: str, address: str, seats_path: str, seat_index: in
     # thread of the worker (Landlock restricts the calling thread and what it starts).
     seat = Seat(seats_path, seat_index)  # opened for writing: before the sandbox
     sandbox = _setup_sandbox(lane)
-    tasks = _connect(address, "task", slot_id, sandbox)
-    control = _connect(address, "control", slot_id, sandbox)
+    tasks = _connect(address, Channel.TASK, slot_id, sandbox)
+    control = _connect(address, Channel.CONTROL, slot_id, sandbox)
     os.register_at_fork(after_in_child=lambda: _forked_by_a_step(tasks, control))
     threading.Thread(target=_control_loop, args=(control,), name="governor-control", daemon=True).start()
     _rss_figures()  # start the first task's peak from here
@@ -272,7 +163,7 @@ def serve(slot_id: int, lane: str, address: str, seats_path: str, seat_index: in
         send_frame(fd, _dump_outcome(outcome))
         problem = hygiene.restore(baseline)
         if problem is not None:
-            send_frame(fd, pickle.dumps((DIRTY, problem)))
+            send_frame(fd, pickle.dumps(Dirty(problem)))
             os._exit(0)
 
 
@@ -294,9 +185,9 @@ def _setup_sandbox(lane: str) -> Optional[tuple]:
     return _sandbox_report.label, _sandbox_report.missing, _sandbox_report.tmpdir
 
 
-def _connect(address: str, channel: str, slot_id: int, sandbox: Optional[tuple]) -> Connection:
+def _connect(address: str, channel: Channel, slot_id: int, sandbox: Optional[tuple]) -> Connection:
     connection = Client(address, family="AF_UNIX")
-    connection.send_bytes(pickle.dumps((channel, slot_id, os.getpid(), sandbox)))
+    connection.send_bytes(pickle.dumps(Hello(channel, slot_id, os.getpid(), sandbox)))
     return connection
 
 
@@ -330,15 +221,16 @@ def _dump_outcome(outcome: Outcome) -> bytes:
 def _control_loop(connection: Connection) -> None:
     while True:
         try:
-            kind, task_id, reason, detail = pickle.loads(connection.recv_bytes())
+            message = pickle.loads(connection.recv_bytes())
         except (EOFError, OSError):
             # The supervisor is gone: take every process of this worker's group with us.
             os.killpg(0, signal.SIGKILL)
             return
-        if kind == "cancel":
-            deliver_cancel(task_id, reason, detail)
-        elif kind == "revoke" and _revoke(reason):
-            connection.send_bytes(pickle.dumps(("revoked", task_id)))
+        match message:
+            case Cancel(task_id, reason, detail):
+                deliver_cancel(task_id, reason, detail)
+            case Revoke(task_id, number) if _revoke(number):
+                connection.send_bytes(pickle.dumps(Revoked(task_id)))
 
 
 def _take_assignment() -> bool:

@@ -18,7 +18,7 @@ import pytest
 from conftest import BACKENDS, alive, wait_until
 from governor import (Call, Limits, MemoryLimitExceeded, StepCancelled, StepFailed, StepTimeout, Supervisor,
                       TaskState, WorkerCrashed, WorkerStartFailed)
-from governor.engine.local_lanes import WORKER_START_TIMEOUT_S
+from governor.engine.starts import WORKER_START_TIMEOUT_S
 from governor.steps import StepRegistry
 from step_library import wait_for_path
 

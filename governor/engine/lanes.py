@@ -11,8 +11,9 @@ Data flow, all on the manager thread (a spawn thread only starts a new template)
     timers ──── timeouts, cancel graces, kill and start deadlines, respawns (bound handlers)
     samples ─── RSS of each memory-limited task's tree, every 10 ms
 
-A *slot* is one worker process and what the manager knows about it. The hot path is
-ours: a task is one pickled :class:`~governor.workers.worker.Assignment` on the worker's own
+A *slot* is one worker process and what the manager knows about it (``governor.engine.slots``,
+with its send path and send-ahead). The hot path is
+ours: a task is one pickled :class:`~governor.workers.messages.Assignment` on the worker's own
 socket and its outcome one message back, read by the manager's selector, with no queue
 thread in between. loky is the process layer where it earns its place: its context
 starts the template (a fresh interpreter, safe from a threaded parent) and cloudpickle
@@ -29,37 +30,29 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import enum
 import logging
-import math
-import mmap
 import os
 import pickle
 import select
 import selectors
 import shutil
-import socket
-import struct
 import tempfile
 import traceback
-from multiprocessing.connection import Connection
 from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 import attrs
-import cloudpickle
-import psutil
 
-from governor.engine.backend import worker_view
-from governor.errors import InvalidTransition, MemoryLimitExceeded, StepFailed, StepTimeout, WorkerCrashed, WorkerStartFailed
-from governor.workers.frames import Frames, header as frame_header
+from governor.engine.backend import LaneHost, worker_view
+from governor.engine.slots import Run, SendAhead, Slot, SlotState, dump_assignment
+from governor.engine.starts import WORKER_START_TIMEOUT_S, WorkerStarts
+from governor.engine.timers import Timers
+from governor.errors import InvalidTransition, MemoryLimitExceeded, StepFailed, StepTimeout, WorkerCrashed
 from governor.limits import Lane
 from governor.logs import log_death
-from governor.workers.proctree import MEMORY_SAMPLE_INTERVAL_S, TreeSampler, kill_tree, mib
-from governor.workers.sandbox import SandboxPolicy
 from governor.task import KillOrder, Task, TaskState
-from governor.workers.template import Template
-from governor.engine.timers import Timers
-from governor.workers.worker import DIRTY, SEAT_BYTES, outcome_from_wire
+from governor.workers.messages import Cancel, Dirty, Revoked, outcome_from_wire
+from governor.workers.proctree import MEMORY_SAMPLE_INTERVAL_S, kill_tree, mib
+from governor.workers.sandbox import SandboxPolicy
 
 log = logging.getLogger("governor")
 
@@ -67,9 +60,6 @@ log = logging.getLogger("governor")
 #: written off anyway. SIGKILL is not refusable; this only bounds a process stuck in the
 #: kernel (uninterruptible sleep) on its way out.
 KILL_CONFIRM_S = 2.0
-
-#: How long the template (or a new worker) may take to start before the start fails.
-WORKER_START_TIMEOUT_S = 60.0
 
 #: How long a crashed worker's exit status may take to come from the template (which
 #: reaps it) before its task ends with the status unknown.
@@ -80,92 +70,8 @@ EXIT_STATUS_PATIENCE_S = 1.0
 #: that is confirming the kill that caused it.
 REPLACE_DELAY_S = 0.05
 
-#: Back-off between attempts to replace a worker when starting one fails.
-RESPAWN_BACKOFF_S = (0.1, 0.5, 2.0, 10.0)
-
-#: After this many failed starts in a row, a lane with no worker fails its queued tasks.
-MAX_START_FAILURES = 3
-
 #: How long ``close`` waits for retired workers to be gone before it stops waiting.
 CLOSE_PATIENCE_S = 10.0
-
-#: A pool worker gets its next task while it runs one (see ``LocalLanes._may_send_ahead``)
-#: only if the step it runs typically takes less than this: below it, the worker's sleep
-#: and wake-up between two tasks are a large part of each; above it, they are noise, and a
-#: task sent ahead would wait behind a long one while another worker might be free.
-SEND_AHEAD_BELOW_S = 0.005
-
-#: Weight of the newest run in a step's typical duration (an exponential moving average).
-TYPICAL_WEIGHT = 0.2
-
-#: Tasks a pool worker may hold sent ahead, beyond the one it runs: with one, the worker
-#: still often waited for its next task (the manager sends it as it reads the outcome
-#: before); with two, it rarely does.
-AHEAD_DEPTH = 2
-
-#: A task sent ahead that has not started this long after it was sent waits behind a step
-#: that turned out long: it is taken back as soon as its lane has a free worker.
-AHEAD_PATIENCE_S = 2 * SEND_AHEAD_BELOW_S
-
-
-class SlotState(enum.Enum):
-    """A slot's life: STARTING -> IDLE <-> BUSY -> (KILLING ->) DEAD, or -> RETIRING -> DEAD."""
-
-    STARTING = "starting"
-    IDLE = "idle"
-    BUSY = "busy"
-    KILLING = "killing"
-    RETIRING = "retiring"
-    DEAD = "dead"
-
-    # Members are singletons, so identity hashes them as well as Enum's own __hash__
-    # (a Python call hashing the name), at C speed: the lanes' state counts are read and
-    # written several times per task on the manager thread.
-    __hash__ = object.__hash__
-
-
-@attrs.define(eq=False)
-class Slot:
-    """One worker process and what the manager knows about it."""
-
-    id: int
-    lane: Lane
-    seat: int
-    template: Template
-    state: SlotState = SlotState.STARTING
-    pid: Optional[int] = None
-    tasks: Optional[Connection] = None  # assignments down, outcomes up
-    control: Optional[Connection] = None  # cancels down; its EOF ends the worker
-    pidfd: Optional[int] = None
-    watched: bool = False  # its task socket is in the selector
-    frames: Frames = attrs.field(factory=lambda: Frames())
-    unsent: Deque[memoryview] = attrs.field(factory=collections.deque)  # frames' bytes its socket had no room for
-    room_watched: bool = False  # the selector tells when its task socket has room (``unsent`` waits)
-    run: Optional["Run"] = None
-    aheads: Deque["Run"] = attrs.field(factory=collections.deque)  # sent while ``run`` runs, in order
-    sent: int = 0  # assignments sent to the worker (a task taken back is named by its number)
-    control_watched: bool = False  # its control socket is in the selector
-    recycle_after: Optional[str] = None  # recycle once the tasks sent ahead are done (the reason)
-    sampler: Optional[TreeSampler] = None
-    tasks_run: int = 0
-    exit_status: Optional[Tuple[Optional[int], Optional[int]]] = None
-    awaiting_status: bool = False
-    sandbox: str = "none"  # the worker's SandboxReport.label
-    tmpdir: Optional[str] = None  # its private temp dir (sandboxed workers), removed when it is gone
-
-
-@attrs.define(eq=False)
-class Run:
-    """One dispatch of a task to a slot; timers name the run, so a timer set for an
-    earlier dispatch of the same task (one its worker never took) cannot fire on this one."""
-
-    task: Task
-    slot: Slot
-    number: int = 0  # among the assignments sent to the slot's worker
-    kill: Optional[KillOrder] = None
-    sent_at: float = 0.0  # when it was sent ahead (see LocalLanes._take_back_stuck)
-    taking_back: bool = False  # sent ahead, and asked back
-
 
 @attrs.define(eq=False)
 class LaneState:
@@ -265,41 +171,11 @@ class LocalConfig:
     sandbox: Optional[SandboxPolicy] = None  # the pool lane's; None: no sandbox
 
 
-class Seats:
-    """The supervisor's map of the seats file (see ``governor.workers.worker.Seat``): one 8-byte
-    cell per live worker, handed out and taken back here."""
+class LocalLanes(WorkerStarts):
+    """The lanes whose workers are local processes (see the module docstring; the workers' starts
+    are :class:`~governor.engine.starts.WorkerStarts`)."""
 
-    def __init__(self, path: str, capacity: int):
-        self.path = path
-        with open(path, "wb") as file:
-            file.truncate(capacity * SEAT_BYTES)
-        with open(path, "r+b") as file:
-            self._map = mmap.mmap(file.fileno(), 0)
-        self._free = list(range(capacity - 1, -1, -1))
-
-    def take(self) -> Optional[int]:
-        """A free seat, cleared; ``None`` if every seat is in use."""
-        if not self._free:
-            return None
-        seat = self._free.pop()
-        struct.pack_into("q", self._map, seat * SEAT_BYTES, 0)
-        return seat
-
-    def task_taken(self, seat: int) -> int:
-        """The id of the task the seat's worker last took off its socket (0: none)."""
-        return struct.unpack_from("q", self._map, seat * SEAT_BYTES)[0]
-
-    def give_back(self, seat: int) -> None:
-        self._free.append(seat)
-
-    def close(self) -> None:
-        self._map.close()
-
-
-class LocalLanes:
-    """The lanes whose workers are local processes (see the module docstring)."""
-
-    def __init__(self, host: Any, config: LocalConfig):
+    def __init__(self, host: LaneHost, config: LocalConfig):
         self._host = host
         self._config = config
         self._clock = host.clock
@@ -311,37 +187,19 @@ class LocalLanes:
             for lane, count in config.workers.items()}
         self._slots: Dict[int, Slot] = {}
         self._by_pid: Dict[int, Slot] = {}
-        self._slot_ids = iter(range(1, 2 ** 62))
         self._running: Dict[int, Run] = {}
-        self._typical_s: Dict[str, float] = {}  # step -> how long it takes (see SEND_AHEAD_BELOW_S)
-        self._ahead: Dict[int, Run] = {}  # every task sent ahead and not started, by task id
-        self._take_back_check_due = False  # a timer will look at them again (_take_back_stuck)
         self._memory_watched: Dict[int, Run] = {}
         self._next_sample_at: Optional[float] = None
         self._timers = Timers(host.clock)
-        self._spawner = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="governor-spawn")
+        self._send_ahead = SendAhead(host.clock, self._timers, config.max_tasks_per_worker)
         self._cleaner = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="governor-cleanup")
         self._warm = False
-        self._directory = tempfile.mkdtemp(prefix="governor-")
-        self._worker_address = os.path.join(self._directory, "workers")
-        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._listener.bind(self._worker_address)
-        self._listener.listen(64)
-        self._listener.setblocking(False)
-        # Seats outlive their workers until the pidfd says dead: room for every live slot
-        # of every lane, each with a successor starting, and a margin.
-        capacity = 2 * sum(count + config.spares for count in config.workers.values()) + 64
-        self._seats = Seats(os.path.join(self._directory, "seats"), capacity)
-        self._generation = 0
-        self._template: Optional[Template] = None
-        self._watched_templates: set = set()
         self._begun = False
-        self._template_starting = False
+        directory = tempfile.mkdtemp(prefix="governor-")
         # Pool workers' private temp dirs go beneath our directory: each is removed when its
         # worker is gone, and what is left with the directory at close.
-        self._sandbox = None if config.sandbox is None else attrs.evolve(
-            config.sandbox, tmp_root=_made(os.path.join(self._directory, "tmp")))
-        self._sandbox_told = False
+        self._init_starts(directory, None if config.sandbox is None else attrs.evolve(
+            config.sandbox, tmp_root=_made(os.path.join(directory, "tmp"))))
 
     # ----------------------------------------------------------------- LaneBackend
 
@@ -381,13 +239,13 @@ class LocalLanes:
             if not lane.sends_ahead:
                 continue
             if lane.retry or lane.queue:
-                for slot in [slot for slot in lane.slots.values() if self._may_send_ahead(slot)]:
+                for slot in [slot for slot in lane.slots.values() if self._send_ahead.allows(slot)]:
                     task = self._next_task(lane)
                     if task is None:
                         break
                     self._start_task(slot, task, ahead=True)
-            elif self._ahead and lane.idle and lane.counts[SlotState.BUSY] < lane.workers:
-                self._take_back_stuck(lane)
+            elif self._send_ahead.pending and lane.idle and lane.counts[SlotState.BUSY] < lane.workers:
+                self._send_ahead.take_back_stuck(lane.lane)
 
     def _next_task(self, lane: LaneState) -> Optional[Task]:
         """The lane's next task to hand to a worker, its dispatch recorded; ``None`` if none is left."""
@@ -408,26 +266,6 @@ class LocalLanes:
             if self._host.record_dispatch(task):
                 return task
         return None
-
-    def _may_send_ahead(self, slot: Slot) -> bool:
-        """Whether a busy worker may get its next task now, to start it the moment it
-        sends its outcome: no sleep and no wake-up between two short tasks.
-
-        Only behind a step known to be short (:data:`SEND_AHEAD_BELOW_S`; a step never
-        seen yet is not); behind a task the supervisor will not kill on a limit (no
-        timeout, no memory limit), so a kill for a limit never finds the next task started
-        in its worker; and never beyond a recycle, so the task sent ahead is not lost with
-        its worker. A cancel's kill checks first that the outcome it would race is not on
-        its way.
-        """
-        run = slot.run
-        if (slot.state is not SlotState.BUSY or len(slot.aheads) >= AHEAD_DEPTH or slot.tasks is None or run is None
-                or run.kill is not None or slot.unsent):
-            return False
-        limits, quota = run.task.limits, self._config.max_tasks_per_worker
-        return (self._typical_s.get(run.task.step, SEND_AHEAD_BELOW_S) < SEND_AHEAD_BELOW_S
-                and limits.effective_timeout_s is None and limits.effective_memory_mb is None
-                and slot.recycle_after is None and (quota is None or slot.tasks_run + len(slot.aheads) + 2 <= quota))
 
     def maintain(self) -> None:
         if self._host.closing:
@@ -473,10 +311,7 @@ class LocalLanes:
             return  # its worker is being killed anyway
         request = task.cancel_request
         grace = task.limits.effective_cancel_grace_s
-        try:
-            run.slot.control.send_bytes(pickle.dumps(("cancel", task.id, request.reason, request.detail)))
-        except OSError:
-            pass  # the worker just died: its pidfd settles the task
+        run.slot.send_control(Cancel(task.id, request.reason, request.detail))  # if it just died, its pidfd settles the task
         if run in run.slot.aheads:
             return  # not started: its worker will skip it, and a grace starts if it does not (_begin)
         if grace == 0:
@@ -535,205 +370,6 @@ class LocalLanes:
             for pidfd in ready:
                 self._drop(pidfds[pidfd])
 
-    # ----------------------------------------------------------------- the template
-
-    def _new_template(self) -> Template:
-        self._generation += 1
-        return Template(self._directory, self._generation)
-
-    def _watch_template(self, template: Template) -> None:
-        self._host.selector.register(template.connection, selectors.EVENT_READ,
-                                     lambda: self._on_template_report(template))
-        self._watched_templates.add(template)
-
-    def _unwatch_template(self, template: Template) -> None:
-        """Take the template's socket out of the selector, if it is in (not when the
-        supervisor's start failed before the manager began)."""
-        if template in self._watched_templates:
-            self._watched_templates.discard(template)
-            self._host.selector.unregister(template.connection)
-
-    def _on_template_report(self, template: Template) -> None:
-        if template.connection is None:
-            return  # closed by an earlier event of the same select
-        try:
-            report = template.receive()
-        except (EOFError, OSError):
-            self._template_lost(template)
-            return
-        if report[0] == "exited":
-            _, pid, exitcode, signal_number = report
-            slot = self._by_pid.get(pid)
-            if slot is None:
-                return  # a worker whose end needed no status (retired, killed, idle)
-            slot.exit_status = (exitcode, signal_number)
-            if slot.awaiting_status:
-                self._crashed(slot, exitcode, signal_number)
-        else:  # ("fork_failed", slot_id, text)
-            slot = self._slots.get(report[1])
-            if slot is not None and slot.state is SlotState.STARTING:
-                self._start_failed(slot, OSError(report[2]))
-
-    def _template_lost(self, template: Template) -> None:
-        """The template died (killed from outside): its pending forks will never come."""
-        log.error("the worker template (pid %s) died; starting a new one", template.pid)
-        self._unwatch_template(template)
-        template.close()
-        if self._template is template:
-            self._template = None
-        for slot in [slot for slot in self._slots.values() if slot.template is template]:
-            if slot.state is SlotState.STARTING:
-                self._start_failed(slot, WorkerStartFailed("the worker template died before the worker started"))
-            elif slot.awaiting_status:
-                self._crashed(slot, None, None)
-
-    def _restart_template(self) -> None:
-        if self._template_starting:
-            return
-        self._template_starting = True
-        template = self._new_template()
-        start = self._spawner.submit(template.start, self._config.steps, self._config.step_modules,
-                                     WORKER_START_TIMEOUT_S, self._worker_address, self._sandbox)
-        start.add_done_callback(lambda done: self._host.call_soon(self._on_template_started, template, done))
-
-    def _on_template_started(self, template: Template, start: concurrent.futures.Future) -> None:
-        self._template_starting = False
-        error = start.exception() if not start.cancelled() else WorkerStartFailed("shut down")
-        if error is not None:
-            log.error("could not start a new worker template: %s", error)
-            for lane in self._lanes.values():
-                self._note_start_failure(lane, error)
-            return
-        if self._host.closing:
-            template.close()
-            return
-        self._template = template
-        self._watch_template(template)
-
-    # ----------------------------------------------------------------- slots and workers
-
-    def _spawn(self, lane: LaneState) -> None:
-        seat = self._seats.take()
-        if seat is None:
-            log.error("no free seat for a new %s worker (too many workers dying at once)", lane.lane.value)
-            return
-        slot = Slot(next(self._slot_ids), lane.lane, seat, self._template)
-        lane.add(slot)
-        self._slots[slot.id] = slot
-        try:
-            self._template.fork(slot.id, lane.lane.value, self._seats.path, seat)
-        except OSError:
-            self._template_lost(self._template)
-            return
-        self._timers.after(WORKER_START_TIMEOUT_S, self._start_overdue, slot)
-
-    def _fill(self, lane: LaneState) -> None:
-        for _ in range(lane.workers + lane.spares - lane.live):
-            self._spawn(lane)
-
-    def _respawn_due(self, lane: LaneState) -> None:
-        lane.respawn_pending = False
-        if not self._host.closing and self._template is not None:
-            self._fill(lane)
-
-    def _start_overdue(self, slot: Slot) -> None:
-        if slot.state is SlotState.STARTING:
-            self._start_failed(slot, WorkerStartFailed(f"no worker connected within {WORKER_START_TIMEOUT_S}s"))
-
-    def _accept(self) -> None:
-        try:
-            connection, _ = self._listener.accept()
-        except BlockingIOError:
-            return
-        connection.setblocking(True)
-        hello = Connection(connection.detach())
-        self._host.selector.register(hello, selectors.EVENT_READ, lambda: self._on_hello(hello))
-
-    def _on_hello(self, connection: Connection) -> None:
-        self._host.selector.unregister(connection)
-        try:
-            channel, slot_id, pid, sandbox = pickle.loads(connection.recv_bytes())
-        except (EOFError, OSError):
-            connection.close()
-            return  # a worker that died during its own start: its pidfd or start deadline drops it
-        slot = self._slots.get(slot_id)
-        if slot is None or slot.state is not SlotState.STARTING or channel not in ("task", "control"):
-            connection.close()  # a worker whose slot was given up (a start too slow, shutdown)
-            return
-        if channel == "task":
-            slot.tasks = connection
-            os.set_blocking(connection.fileno(), False)  # the manager never waits on a worker (see _send)
-            if sandbox is not None:
-                self._on_sandbox(slot, *sandbox)
-        else:
-            slot.control = connection
-        if slot.pid is None:
-            # Its pid is known from its first hello: from now on its death is seen at once,
-            # even if it dies before its second (killed from outside while it starts).
-            slot.pid = pid
-            try:
-                slot.pidfd = os.pidfd_open(pid)
-            except OSError as exc:  # it died right after its hello
-                self._start_failed(slot, exc)
-                return
-            self._by_pid[pid] = slot
-            self._host.selector.register(slot.pidfd, selectors.EVENT_READ, lambda: self._on_dead(slot))
-        if slot.tasks is None or slot.control is None:
-            return
-        self._host.selector.register(slot.tasks, selectors.EVENT_READ, lambda: self._on_outcome(slot))
-        slot.watched = True
-        self._host.selector.register(slot.control, selectors.EVENT_READ, lambda: self._on_control(slot))
-        slot.control_watched = True
-        try:
-            slot.sampler = TreeSampler(pid, self._clock)
-        except psutil.Error:
-            return  # it died right after its hello: its pidfd drops the slot
-        lane = self._lanes[slot.lane]
-        lane.start_failures = 0
-        lane.move(slot, SlotState.IDLE)
-        self._host.metrics.worker_spawned(slot.lane)
-        if not self._warm and all(len(lane.idle) == lane.workers + lane.spares for lane in self._lanes.values()):
-            self._warm = True
-
-    def _on_sandbox(self, slot: Slot, label: str, missing: Sequence[str], tmpdir: Optional[str]) -> None:
-        """A pool worker says how it is sandboxed: note it, and tell the log once per
-        supervisor (every pool worker applies the same policy on the same kernel)."""
-        slot.sandbox, slot.tmpdir = label, tmpdir
-        self._host.metrics.sandbox = label
-        if self._sandbox_told:
-            return
-        self._sandbox_told = True
-        if missing:
-            log.warning("pool workers run under sandbox %s; not applied: %s", label, ", ".join(missing))
-        else:
-            log.info("pool workers run under sandbox %s", label)
-
-    def _start_failed(self, slot: Slot, error: BaseException) -> None:
-        self._drop(slot)
-        lane = self._lanes[slot.lane]
-        log.error("could not start a worker for the %s lane (attempt %d): %s",
-                  slot.lane.value, lane.start_failures + 1, error)
-        if not self._warm:
-            failure = WorkerStartFailed(f"a {slot.lane.value} worker did not start: {error}")
-            failure.__cause__ = error
-            self._host.fail_start(failure)
-            return
-        self._note_start_failure(lane, error)
-
-    def _note_start_failure(self, lane: LaneState, error: BaseException) -> None:
-        lane.start_failures += 1
-        if lane.start_failures >= MAX_START_FAILURES and lane.count(SlotState.IDLE, SlotState.BUSY) == 0:
-            failure = WorkerStartFailed(f"no {lane.lane.value} worker could be started "
-                                        f"({lane.start_failures} attempts): {error}")
-            for task in list(lane.retry) + list(lane.queue):
-                self._host.conclude(task, TaskState.FAILED, failure)
-            lane.queue.clear()
-            lane.retry.clear()
-        if not lane.respawn_pending:
-            lane.respawn_pending = True
-            backoff = RESPAWN_BACKOFF_S[min(lane.start_failures, len(RESPAWN_BACKOFF_S)) - 1]
-            self._timers.after(backoff, self._respawn_due, lane)
-
     # ----------------------------------------------------------------- a task's run
 
     def _start_task(self, slot: Slot, task: Task, ahead: bool) -> None:
@@ -742,8 +378,7 @@ class LocalLanes:
         limits = task.limits
         hard_cap = limits.effective_memory_mb if limits.memory_hard_cap else None
         try:
-            # An Assignment's fields, as a plain tuple (see governor.workers.worker.Assignment).
-            payload = _dumps((task.id, task.step, task.args, task.kwargs, hard_cap, task.chunk, task.cwd))
+            payload = dump_assignment(task.id, task.step, task.args, task.kwargs, hard_cap, task.chunk, task.cwd)
         except Exception as exc:
             self._host.conclude(task, TaskState.FAILED, StepFailed(
                 task.step, task.id, type(exc).__qualname__,
@@ -754,99 +389,21 @@ class LocalLanes:
         task.pid = slot.pid
         self._running[task.id] = run
         if ahead:
-            slot.aheads.append(run)
-            self._ahead[task.id] = run
-            run.sent_at = self._clock()
+            self._send_ahead.sent(run)
         else:
             self._lanes[slot.lane].move(slot, SlotState.BUSY)
             self._begin(run)
-        self._send(slot, payload)
-
-    def _send(self, slot: Slot, payload: bytes) -> None:
-        """Send one frame down ``slot``'s task socket without ever making the manager wait.
-
-        What the socket has no room for waits in ``slot.unsent`` and goes when the
-        selector says there is room. A worker that stops reading (stopped, stuck in the
-        kernel) with a large argument on its way then holds up no other task of either
-        lane, and its own task's timeout and cancel still work: they kill it.
-        """
-        slot.unsent.append(memoryview(frame_header(len(payload))))
-        slot.unsent.append(memoryview(payload))
-        if len(slot.unsent) == 2:  # nothing was waiting for room: it goes now
-            self._flush(slot)
-
-    def _flush(self, slot: Slot) -> None:
-        """Write what ``slot.unsent`` holds, as far as its socket has room."""
-        if slot.tasks is None:
-            return  # closed by an earlier event of the same select
-        unsent = slot.unsent
-        try:
-            written = os.writev(slot.tasks.fileno(), unsent)
-        except BlockingIOError:
-            written = 0
-        except OSError:
-            # The worker is dead or unusable: it never took the task, which its pidfd's
-            # news hands to another worker (_on_dead).
-            self._stop_sending(slot)
-            kill_tree(slot.pid, slot.sampler)
-            return
-        while written:
-            first = unsent[0]
-            if written < len(first):
-                unsent[0] = first[written:]
-                break
-            written -= len(first)
-            unsent.popleft()
-        if unsent and not slot.room_watched:
-            self._host.selector.watch_writable(slot.tasks, lambda: self._flush(slot))
-            slot.room_watched = True
-        elif not unsent and slot.room_watched:
-            self._host.selector.unwatch_writable(slot.tasks)
-            slot.room_watched = False
-
-    def _stop_sending(self, slot: Slot) -> None:
-        slot.unsent.clear()
-        if slot.room_watched:
-            self._host.selector.unwatch_writable(slot.tasks)
-            slot.room_watched = False
-
-    def _take_back_stuck(self, lane: LaneState) -> None:
-        """Ask back the tasks sent ahead that have waited :data:`AHEAD_PATIENCE_S` behind a
-        step that turned out long: ``lane`` has a free worker and nothing queued.
-
-        Nothing is looked at while a lane is busy, so a task sent ahead costs nothing here
-        on the way to its start (no timer per task): one timer at a time wakes the manager
-        when the first of them may come due.
-        """
-        now, due = self._clock(), None
-        for run in self._ahead.values():
-            slot = run.slot
-            if run.taking_back or slot.lane is not lane.lane:
-                continue
-            if now < run.sent_at + AHEAD_PATIENCE_S:
-                due = min(due or math.inf, run.sent_at + AHEAD_PATIENCE_S)
-                continue
-            run.taking_back = True
-            try:
-                slot.control.send_bytes(pickle.dumps(("revoke", run.task.id, run.number, None)))
-            except (OSError, AttributeError):  # the worker is dying: its death hands the task on
-                pass
-        if due is not None and not self._take_back_check_due:
-            self._take_back_check_due = True
-            self._timers.after(due - now, self._take_back_check, None)
-
-    def _take_back_check(self, _: None) -> None:
-        self._take_back_check_due = False  # dispatch(), later in this turn, looks again
+        slot.send(payload)
 
     def _on_control(self, slot: Slot) -> None:
         """The control socket is readable: a worker gave back a task sent ahead (or it ended)."""
         try:
-            kind, task_id = pickle.loads(slot.control.recv_bytes())
+            message = pickle.loads(slot.control.recv_bytes())
         except (EOFError, OSError):
-            self._unwatch_control(slot)  # dying: its pidfd says when it is dead
+            slot.unwatch_control()  # dying: its pidfd says when it is dead
             return
-        if kind == "revoked":
-            self._taken_back(slot, task_id)
+        if type(message) is Revoked:
+            self._taken_back(slot, message.task_id)
 
     def _taken_back(self, slot: Slot, task_id: int) -> None:
         """The worker will not run task ``task_id``: it goes to the front of its lane's queue."""
@@ -854,8 +411,7 @@ class LocalLanes:
         if run is None or run.slot is not slot:
             return
         if run in slot.aheads:
-            slot.aheads.remove(run)
-            del self._ahead[task_id]
+            self._send_ahead.drop(run)
         elif slot.run is run and run.kill is None and slot.state is SlotState.BUSY:
             # The outcome before it came first, so it looked started; the worker is idle.
             slot.run = None
@@ -870,11 +426,6 @@ class LocalLanes:
             return
         self._host.metrics.task_redispatched(slot.lane)
         self._lanes[slot.lane].retry.appendleft(task)
-
-    def _unwatch_control(self, slot: Slot) -> None:
-        if slot.control_watched:
-            self._host.selector.unregister(slot.control)
-            slot.control_watched = False
 
     def _begin(self, run: Run) -> None:
         """``run``'s task starts now in its worker: its clock and its limits start too."""
@@ -915,7 +466,7 @@ class LocalLanes:
             # Dying: its pidfd says when it is dead. Meanwhile it takes no task.
             if slot.state is SlotState.IDLE:
                 self._lanes[slot.lane].move(slot, SlotState.RETIRING)
-            self._close_tasks(slot)
+            slot.close_tasks()
 
     def _read_the_rest(self, slot: Slot) -> None:
         """A dead worker's last frames: an outcome it sent just before it died (its task
@@ -938,8 +489,8 @@ class LocalLanes:
             raw, error = pickle.loads(data), None
         except Exception as exc:  # e.g. an exception class this process cannot import
             raw, error = None, exc
-        if raw is not None and raw[0] == DIRTY:
-            self._on_dirty(slot, raw[1])
+        if type(raw) is Dirty:
+            self._on_dirty(slot, raw.problem)
             return
         run = slot.run
         if run is None or slot.state is SlotState.KILLING:
@@ -955,8 +506,7 @@ class LocalLanes:
             return
         outcome = outcome_from_wire(raw)
         took = outcome.ended_at - outcome.started_at
-        typical = self._typical_s.get(task.step, took)
-        self._typical_s[task.step] = typical + TYPICAL_WEIGHT * (took - typical)
+        self._send_ahead.observe(task.step, took)
         self._after_task(slot, outcome.rss_bytes)
         self._host.conclude_outcome(task, outcome)
 
@@ -978,8 +528,7 @@ class LocalLanes:
             reason = "leak"
         if slot.aheads:
             slot.recycle_after = reason
-            run = slot.aheads.popleft()
-            del self._ahead[run.task.id]
+            run = self._send_ahead.started(slot)
             self._begin(run)  # the worker took it as it sent this outcome
         elif reason is not None:
             self._recycle(slot, reason)
@@ -1060,7 +609,7 @@ class LocalLanes:
         taken = self._seats.task_taken(slot.seat)
         self._drop(slot, keep_pid=run is not None and run.kill is None)
         while slot.aheads:
-            self._lost_ahead(slot, slot.aheads.popleft(), taken)
+            self._lost_ahead(slot, slot.aheads[0], taken)
         if run is None:
             if previous in (SlotState.IDLE, SlotState.STARTING) and not self._host.closing:
                 log.warning("idle worker %s of the %s lane died", slot.pid, slot.lane.value)
@@ -1087,7 +636,7 @@ class LocalLanes:
     def _lost_ahead(self, slot: Slot, run: Run, taken: int) -> None:
         """The worker that had ``run`` sent ahead is dead; most often it never took it."""
         task = run.task
-        del self._ahead[task.id]
+        self._send_ahead.drop(run)
         self._running.pop(task.id, None)
         if taken != task.id:
             self._host.metrics.task_redispatched(slot.lane)
@@ -1129,24 +678,7 @@ class LocalLanes:
             self._drop(slot)
             return
         self._lanes[slot.lane].move(slot, SlotState.RETIRING)
-        self._close_sockets(slot)
-
-    def _close_sockets(self, slot: Slot) -> None:
-        self._close_tasks(slot)
-        self._unwatch_control(slot)
-        if slot.control is not None:
-            slot.control.close()
-            slot.control = None
-
-    def _close_tasks(self, slot: Slot) -> None:
-        if slot.tasks is not None:
-            self._stop_sending(slot)
-        if slot.watched:
-            self._host.selector.unregister(slot.tasks)
-            slot.watched = False
-        if slot.tasks is not None:
-            slot.tasks.close()
-            slot.tasks = None
+        slot.close_sockets()
 
     def _drop(self, slot: Slot, keep_pid: bool = False) -> None:
         """The slot's worker is gone (or never came): it leaves its lane, every file of it
@@ -1154,7 +686,7 @@ class LocalLanes:
         if slot.state is SlotState.DEAD:
             return
         self._lanes[slot.lane].move(slot, SlotState.DEAD)
-        self._close_sockets(slot)
+        slot.close_sockets()
         if slot.pidfd is not None:
             self._host.selector.unregister(slot.pidfd)
             os.close(slot.pidfd)
@@ -1182,19 +714,3 @@ class LocalLanes:
 def _made(path: str) -> str:
     os.mkdir(path, 0o700)
     return path
-
-
-def _dumps(assignment: tuple) -> bytes:
-    """Pickle an assignment's fields; cloudpickle only for what pickle cannot carry (a lambda
-    among the arguments), since it is several times slower.
-
-    pickle carries an object of a class defined in the submitting program's ``__main__``
-    by reference, and a worker's ``__main__`` is not that program: cloudpickle carries such
-    a class by value. A payload that names ``__main__`` anywhere (at worst a string among
-    the arguments) goes through cloudpickle.
-    """
-    try:
-        payload = pickle.dumps(assignment, pickle.HIGHEST_PROTOCOL)
-    except (pickle.PicklingError, TypeError, AttributeError):
-        return cloudpickle.dumps(assignment, pickle.HIGHEST_PROTOCOL)
-    return payload if b"__main__" not in payload else cloudpickle.dumps(assignment, pickle.HIGHEST_PROTOCOL)

@@ -1,0 +1,188 @@
+"""What the supervisor and its local worker processes say to each other: one class per message.
+
+Both sides import this module (the supervisor's ``governor.engine.lanes`` and ``slots``, the
+workers' ``worker`` and ``template``), so a message has one definition, a name and named
+fields, and the reader tells messages apart by their type, not by a string in slot 0::
+
+    worker's task socket     down  Assignment                       one task
+                             up    Outcome (as outcome_to_wire's    how it ended
+                                   tuple) | Dirty                   could not be made clean; exits
+    worker's control socket  down  Cancel | Revoke                  stop a task | give one back
+                             up    Revoked                          the task given back will not run
+    a worker's first words   up    Hello (one per socket)           which slot, which socket, its pid
+    template's socket        down  Fork                             start one worker
+                             up    Ready | StartFailed              at start (once)
+                                   Exited | ForkFailed              a worker's end | a fork that failed
+
+:class:`Assignment` and :class:`Outcome` cross a socket for every task, as the plain tuple
+of their fields: a plain tuple pickles and unpickles in a fifth of a named tuple's time.
+The others are rare and travel as themselves (pickled by reference to this module).
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, NamedTuple, Optional, Sequence
+
+
+class OutcomeKind(enum.Enum):
+    """How a step ended, as its worker saw it."""
+
+    OK = "ok"
+    ERROR = "error"  # the step raised
+    CANCELLED = "cancelled"  # the step stopped on its context's cancel
+    OVER_MEMORY = "over_memory"  # the hard cap refused an allocation
+
+
+_KINDS = {kind.value: kind for kind in OutcomeKind}
+
+
+class Assignment(NamedTuple):
+    """One task for a worker, down its task socket (as the plain tuple of its fields).
+
+    Attributes:
+        task_id, step, args, kwargs: what to run.
+        hard_cap_mb: cap the worker's address space for the task (``Limits.memory_hard_cap``).
+        chunk: ``args`` is a list of argument tuples (``Supervisor.map``): the step runs
+            once for each, in order, and the value is the list of their results.
+        cwd: the directory to run the step in (``Call.cwd``); ``None``: the worker's own.
+    """
+
+    task_id: int
+    step: str
+    args: tuple
+    kwargs: dict
+    hard_cap_mb: Optional[float] = None
+    chunk: bool = False
+    cwd: Optional[str] = None
+
+
+class Outcome(NamedTuple):
+    """What a worker sends back for one task, up its task socket (see :func:`outcome_to_wire`).
+
+    Attributes:
+        kind: how the step ended.
+        value: the step's return value for ``OK``.
+        exc_type, exc_message, traceback_text: the step's exception otherwise.
+        exception: the exception itself when it pickles, else ``None``.
+        started_at, ended_at: ``time.monotonic()`` in the worker around the step.
+        pid: the worker's pid.
+        peak_rss_bytes: the worker's peak RSS during the step (``None`` if unknown).
+        rss_bytes: the worker's RSS after the step, for leak recycling.
+        denied_path: for ``ERROR``, the path the sandbox refused the step writing, when
+            that is why it failed (the task ends as ``ReadOnlyViolation``).
+    """
+
+    kind: OutcomeKind
+    started_at: float
+    ended_at: float
+    pid: int
+    value: Any = None
+    exc_type: Optional[str] = None
+    exc_message: Optional[str] = None
+    traceback_text: Optional[str] = None
+    exception: Optional[BaseException] = None
+    peak_rss_bytes: Optional[int] = None
+    rss_bytes: Optional[int] = None
+    denied_path: Optional[str] = None
+
+
+def outcome_to_wire(outcome: Outcome) -> tuple:
+    """The plain tuple an outcome travels as: its fields, the kind as its value."""
+    return (outcome.kind.value, *outcome[1:])
+
+
+def outcome_from_wire(raw: tuple) -> Outcome:
+    """The :class:`Outcome` of :func:`outcome_to_wire`'s tuple (built as a tuple: the named
+    tuple's own constructor is a Python call that checks its twelve arguments)."""
+    return tuple.__new__(Outcome, (_KINDS[raw[0]], *raw[1:]))
+
+
+class Dirty(NamedTuple):
+    """Up the task socket after an outcome: the worker could not be made clean after that
+    step (``problem`` says why) and exits without taking another task; the supervisor
+    counts ``worker_recycles{reason="dirty"}``."""
+
+    problem: str
+
+
+class Cancel(NamedTuple):
+    """Down the control socket: set the cancel flag of task ``task_id``'s context, now or
+    when it starts in this worker (a task sent ahead)."""
+
+    task_id: int
+    reason: str
+    detail: Optional[str]
+
+
+class Revoke(NamedTuple):
+    """Down the control socket: give back task ``task_id``, sent ahead as the worker's
+    ``number``-th assignment, unless the worker has taken it already."""
+
+    task_id: int
+    number: int
+
+
+class Revoked(NamedTuple):
+    """Up the control socket: the worker will not run task ``task_id`` (see :class:`Revoke`)."""
+
+    task_id: int
+
+
+class Channel(enum.Enum):
+    """Which of its two sockets a worker's :class:`Hello` opens."""
+
+    TASK = "task"  # assignments down, outcomes up
+    CONTROL = "control"  # cancels down; its EOF ends the worker
+
+
+class Hello(NamedTuple):
+    """A worker's first message on each of its sockets.
+
+    Attributes:
+        channel: which socket this is.
+        slot_id: the supervisor's slot the worker was forked for (see :class:`Fork`).
+        pid: the worker's pid.
+        sandbox: ``(label, missing, tmpdir)`` of a sandboxed pool worker, else ``None``.
+    """
+
+    channel: Channel
+    slot_id: int
+    pid: int
+    sandbox: Optional[Sequence[Any]] = None
+
+
+class Fork(NamedTuple):
+    """Down the template's socket: fork one worker for ``slot_id`` of ``lane``, which writes
+    the task it takes into cell ``seat`` of the seats file (``governor.workers.seats``)."""
+
+    slot_id: int
+    lane: str
+    seats_path: str
+    seat: int
+
+
+class Ready(NamedTuple):
+    """Up the template's socket, once: it imported every step module and forks on request."""
+
+
+class StartFailed(NamedTuple):
+    """Up the template's socket, once: a step module failed to import (its traceback)."""
+
+    traceback_text: str
+
+
+class Exited(NamedTuple):
+    """Up the template's socket: worker ``pid`` was reaped; ``exitcode`` if it exited,
+    ``signal_number`` if a signal ended it."""
+
+    pid: int
+    exitcode: Optional[int]
+    signal_number: Optional[int]
+
+
+class ForkFailed(NamedTuple):
+    """Up the template's socket: the fork for ``slot_id`` failed (``error`` says why)."""
+
+    slot_id: int
+    error: str
