@@ -33,6 +33,9 @@ LEAK_PATIENCE_S = 15.0
 #: then hangs in its teardown would hang the run without this.
 DEADLOCK_S = 300.0
 
+#: Where the processes of a run measured for coverage (.ci/run) write their data, if it is.
+COVERAGE_DATA_DIR = os.path.dirname(os.environ["COVERAGE_FILE"]) if os.environ.get("COVERAGE_PROCESS_START") else None
+
 faulthandler.enable(file=sys.stderr)
 
 
@@ -154,6 +157,10 @@ def make_supervisor(request, backend):
     started = []
 
     def make(**options):
+        if COVERAGE_DATA_DIR and backend == "loky":
+            # CI measures coverage in every process; a sandboxed pool worker may write its
+            # data only where the sandbox lets it (see .ci/run).
+            options["sandbox_writes"] = [*options.get("sandbox_writes", ()), COVERAGE_DATA_DIR]
         sup = Supervisor(registry, backend=backend, **options).start()
         started.append(sup)
         return sup
