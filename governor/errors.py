@@ -2,8 +2,10 @@
 
 Three kinds of failure, three kinds of type:
 
-* A step raised: :class:`StepFailed`, carrying the original type name, message and the
-  remote traceback (also chained as ``__cause__``).
+* A step raised: its own exception, the worker's traceback chained as ``__cause__`` (a
+  :class:`RemoteTraceback`, as ``ProcessPoolExecutor`` does); :class:`StepFailed` when it
+  does not pickle (or for a supervisor built with ``wrap_step_errors=True``, as the daemon's
+  is), carrying the original type name, message and the remote traceback.
 * A limit the governor enforced: :class:`StepTimeout`, :class:`MemoryLimitExceeded`,
   :class:`StepCancelled`; each carries the limit, what was observed and the worker's pid.
 * Broken infrastructure or misuse: :class:`WorkerCrashed` (a worker died and nobody in
@@ -169,7 +171,10 @@ class RemoteTraceback(Exception):
 
 
 class StepFailed(StepError):
-    """The step raised an exception in its worker (or its result could not be sent back).
+    """The step raised an exception that cannot reach the caller as itself: it does not
+    pickle, the step's result could not be sent back, or the supervisor wraps every step
+    error (``Supervisor(wrap_step_errors=True)``, the daemon). A step's exception that
+    pickles is raised as itself, with a :class:`RemoteTraceback` as ``__cause__``.
 
     Attributes:
         exc_type: the qualified name of the original exception type, e.g. ``"ValueError"``.

@@ -103,6 +103,19 @@ def boom(message: str = "boom"):
     raise ValueError(message)
 
 
+class UnpicklableError(Exception):
+    """An exception that holds a lock, so it cannot cross to the supervisor as itself."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.lock = threading.Lock()
+
+
+@registry.step(critical=False, writes=MARKERS)
+def raise_unpicklable(message: str):
+    raise UnpicklableError(message)
+
+
 @registry.step(critical=True)
 def critical_boom():
     raise RuntimeError("critical boom")

@@ -51,7 +51,8 @@ from governor.engine import gilio
 from governor.workers.messages import Outcome, OutcomeKind
 from governor.engine.backend import LaneBackend, ReadSelector
 from governor.callbacks import CallbackRunner
-from governor.errors import MemoryLimitExceeded, ReadOnlyViolation, StepFailed, SupervisorBroken, WorkerStartFailed
+from governor.errors import (MemoryLimitExceeded, ReadOnlyViolation, RemoteTraceback, StepFailed, SupervisorBroken,
+                             WorkerStartFailed)
 from governor.limits import Lane
 from governor.engine.lanes import LocalConfig, LocalLanes
 from governor.engine.metrics import MetricsRecorder
@@ -72,12 +73,15 @@ class ManagerConfig:
 
     ``local`` describes the local lanes; with ``ray`` (a ``governor.engine.ray_lane.RayConfig``)
     the pool lane runs on Ray instead and ``local`` covers the critical lane alone.
+    ``wrap_step_errors``: a step's exception ends its task as ``StepFailed`` even when it
+    pickles (see ``Supervisor``).
     """
 
     local: LocalConfig
     pool_workers: int
     on_dispatch: Optional[Callable[[Task], None]] = None
     ray: Optional[Any] = None
+    wrap_step_errors: bool = False
 
 
 class Manager(threading.Thread):
@@ -359,10 +363,18 @@ class Manager(threading.Thread):
         elif outcome.denied_path is not None:
             state, error = TaskState.FAILED, self._read_only_violation(task, outcome)
         else:
-            state, error = TaskState.FAILED, StepFailed(
-                task.step, task.id, outcome.exc_type, outcome.exc_message, outcome.traceback_text,
-                outcome.exception)
+            state, error = TaskState.FAILED, self._step_error(task, outcome)
         return self.conclude(task, state, error, outcome.value)
+
+    def _step_error(self, task: Task, outcome: Outcome) -> BaseException:
+        """What a step raised, as its future raises it: the exception itself with the worker's
+        traceback as ``__cause__`` (as ``ProcessPoolExecutor`` does), or ``StepFailed`` when it
+        did not pickle or the supervisor wraps every step error."""
+        own = outcome.exception
+        if own is None or self._config.wrap_step_errors:
+            return StepFailed(task.step, task.id, outcome.exc_type, outcome.exc_message, outcome.traceback_text, own)
+        own.__cause__ = RemoteTraceback(outcome.traceback_text)
+        return own
 
     def _read_only_violation(self, task: Task, outcome: Outcome) -> ReadOnlyViolation:
         """A pool step the sandbox refused a write: say so loudly, with the way out."""

@@ -137,6 +137,11 @@ class Supervisor(concurrent.futures.Executor):
             lane and the Ray lane are never sandboxed (``"require"`` with Ray is an error).
         sandbox_writes: paths every pool worker may also write beneath, besides those the
             pool steps declare with ``writes=``.
+        wrap_step_errors: a step's exception reaches its future as ``StepFailed`` (with the
+            exception as ``original``) even when it pickles. By default the future raises
+            the exception itself, its worker's traceback chained as ``__cause__``, as
+            ``ProcessPoolExecutor`` does; ``StepFailed`` then means it did not pickle. The
+            daemon wraps: its clients cannot rebuild an arbitrary exception type.
         clock: the monotonic clock deadlines are read from (tests inject one).
 
     Use it as a context manager (``with Supervisor(registry) as sup:``), or call
@@ -151,7 +156,7 @@ class Supervisor(concurrent.futures.Executor):
                  on_dispatch: Optional[Callable[[Task], None]] = None,
                  backend: str = "loky", ray_address: Optional[str] = None,
                  ray_options: Optional[Mapping[str, Any]] = None, ray_callback_host: Optional[str] = None,
-                 sandbox: str = "auto", sandbox_writes: Iterable[Any] = (),
+                 sandbox: str = "auto", sandbox_writes: Iterable[Any] = (), wrap_step_errors: bool = False,
                  clock: Callable[[], float] = time.monotonic):
         workers = default_workers() if workers is None else workers
         _require_int("workers", workers, minimum=1)
@@ -199,7 +204,7 @@ class Supervisor(concurrent.futures.Executor):
                 steps=specs, step_modules=sorted({spec.fn.__module__ for spec in specs.values()} - {"__main__"}),
                 workers=local_workers, spares=spares, max_tasks_per_worker=max_tasks_per_worker,
                 recycle_rss_mb=recycle_rss_mb, sandbox=None if sandbox == "off" else self.sandbox_policy),
-            pool_workers=workers, on_dispatch=on_dispatch, ray=ray_config)
+            pool_workers=workers, on_dispatch=on_dispatch, ray=ray_config, wrap_step_errors=wrap_step_errors)
         self._metrics = MetricsRecorder()
         self._prometheus = prometheus_registry(self._metrics, self._queue_depth)
         self._lock = threading.Lock()

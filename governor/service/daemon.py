@@ -579,7 +579,8 @@ class Daemon:
         self._journal = Journal(config.journal_path, retention_s=config.retention_s)
         self._supervisor = Supervisor(self._registry, config.workers, on_dispatch=self._record_start,
                                       backend=config.backend, ray_address=config.ray_address,
-                                      sandbox=config.sandbox, sandbox_writes=config.sandbox_writes)
+                                      sandbox=config.sandbox, sandbox_writes=config.sandbox_writes,
+                                      wrap_step_errors=True)  # the wire rebuilds StepFailed, not any type
         if config.metrics_addr is not None:
             self._start_metrics_endpoint()
         listener = self._listen()  # the last check: bound before any worker starts

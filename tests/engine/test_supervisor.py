@@ -9,6 +9,7 @@ import pytest
 from conftest import BACKENDS, live_children
 from governor import (Call, InvalidParameters, Limits, QueueFull, StepFailed, StepSkipped, StepTimeout, Supervisor,
                       SupervisorClosed, TaskState, UnknownStep, WorkflowFailed)
+from governor.errors import RemoteTraceback
 from governor.limits import Lane
 from step_library import registry, wait_for_path
 
@@ -71,7 +72,7 @@ def test_workflow_stops_at_first_failure(supervisor):
     with pytest.raises(WorkflowFailed) as failed:
         flow.result(timeout=30)
     assert failed.value.index == 1
-    assert isinstance(failed.value.error, StepFailed)
+    assert isinstance(failed.value.error, ValueError)
     assert failed.value.results == [1]
     assert failed.value.skipped == ["echo", "echo"]
     for skipped in flow.steps[2:]:
@@ -94,16 +95,32 @@ def test_bad_parameters_fail_at_submit(supervisor):
         supervisor.run_batch([("echo", {"value": 1}), ("echo", {})])
 
 
-def test_raising_step_gives_step_failed_with_remote_traceback(supervisor):
-    with pytest.raises(StepFailed) as failed:
+def test_a_raising_step_raises_its_own_exception_with_the_remote_traceback(supervisor):
+    with pytest.raises(ValueError, match="^it broke$") as failed:
         supervisor.submit("boom", "it broke").result(timeout=30)
-    error = failed.value
-    assert error.exc_type == "ValueError"
-    assert error.exc_message == "it broke"
-    assert "in boom" in error.remote_traceback
-    assert isinstance(error.original, ValueError)
-    assert "in boom" in str(error.__cause__)
+    assert type(failed.value) is ValueError, "the step's own exception, as ProcessPoolExecutor raises it"
+    assert isinstance(failed.value.__cause__, RemoteTraceback)
+    assert "in boom" in str(failed.value.__cause__)
     assert supervisor.submit("echo", 5).result(timeout=30) == 5, "the worker survives a raising step"
+
+
+def test_a_step_error_that_does_not_pickle_is_a_step_failed(supervisor):
+    with pytest.raises(StepFailed) as failed:
+        supervisor.submit("raise_unpicklable", "it broke").result(timeout=30)
+    error = failed.value
+    assert error.exc_type.endswith("UnpicklableError") and error.exc_message == "it broke"
+    assert error.original is None
+    assert "in raise_unpicklable" in error.remote_traceback and "in raise_unpicklable" in str(error.__cause__)
+
+
+def test_wrap_step_errors_keeps_every_step_error_a_step_failed(make_supervisor):
+    sup = make_supervisor(workers=1, spares=0, wrap_step_errors=True)
+    with pytest.raises(StepFailed) as failed:
+        sup.submit("boom", "it broke").result(timeout=30)
+    error = failed.value
+    assert (error.exc_type, error.exc_message) == ("ValueError", "it broke")
+    assert isinstance(error.original, ValueError)
+    assert "in boom" in error.remote_traceback and "in boom" in str(error.__cause__)
 
 
 def test_unpicklable_result_is_a_clear_step_failure(supervisor):
@@ -115,8 +132,8 @@ def test_unpicklable_result_is_a_clear_step_failure(supervisor):
 def test_run_batch_returns_exceptions_in_place_when_asked(supervisor):
     ok, failed = supervisor.run_batch([("echo", {"value": 1}), ("boom", {})], return_exceptions=True)
     assert ok == 1
-    assert isinstance(failed, StepFailed)
-    with pytest.raises(StepFailed):
+    assert isinstance(failed, ValueError)
+    with pytest.raises(ValueError):
         supervisor.run_batch([("echo", {"value": 1}), ("boom", {})])
 
 
@@ -242,7 +259,7 @@ def test_map_checks_every_call_before_it_submits_any(supervisor):
 
 def test_map_raises_a_failed_call_at_its_place(supervisor):
     results = supervisor.map("boom", ["first", "second"])
-    with pytest.raises(StepFailed, match="first"):
+    with pytest.raises(ValueError, match="first"):
         next(results)
 
 
