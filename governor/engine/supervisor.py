@@ -17,7 +17,7 @@ import threading
 import time
 import warnings
 import weakref
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Union
 
 from governor import aio
 from governor.workers import sandbox as sandboxing
@@ -26,6 +26,7 @@ from governor.errors import (InvalidParameters, QueueFull, SupervisorBroken, Sup
                              UnknownStep, WorkerStartFailed)
 from governor.limits import Lane, Limits
 from governor.engine.lanes import LocalConfig
+from governor.engine.mapping import MapRun, Progress
 from governor.engine.manager import Manager, ManagerConfig
 from governor.engine.metrics import MetricsRecorder, prometheus_registry, prometheus_text
 from governor.steps.registry import REGISTRY, StepLookup
@@ -47,6 +48,10 @@ BACKENDS = ("loky", "ray")
 
 #: The values of ``Supervisor(sandbox=...)``.
 SANDBOX_MODES = ("auto", "require", "off")
+
+#: How often a map waiting for room in a full lane looks again whether the supervisor
+#: broke: a broken manager empties no queue and wakes no one.
+ROOM_RECHECK_S = 1.0
 
 #: How long ``start()`` waits for every worker to be spawned and warm.
 DEFAULT_START_TIMEOUT_S = 120.0
@@ -110,7 +115,8 @@ class Supervisor(concurrent.futures.Executor):
         workers: processes in the pool lane (default: :func:`default_workers`).
         limits: default limits for every step; a step's own limits, then a submission's,
             override them field by field.
-        queue_size: tasks each lane may hold waiting before ``submit`` raises ``QueueFull``.
+        queue_size: tasks each lane may hold waiting before ``submit`` raises ``QueueFull``
+            (``map`` waits for room instead).
         spares: warm idle workers kept per lane beyond ``workers``, so a killed or crashed
             worker is replaced without a cold spawn.
         max_tasks_per_worker: replace a worker after this many tasks (``None``: never).
@@ -208,6 +214,8 @@ class Supervisor(concurrent.futures.Executor):
         self._metrics = MetricsRecorder()
         self._prometheus = prometheus_registry(self._metrics, self._queue_depth)
         self._lock = threading.Lock()
+        self._room = threading.Condition(self._lock)  # a lane's queue has room (Supervisor.map)
+        self._room_waiters = 0
         self._ids = itertools.count(1)
         self._queued = {Lane.CRITICAL: 0, Lane.POOL: 0}
         self._manager: Optional[Manager] = None
@@ -278,6 +286,7 @@ class Supervisor(concurrent.futures.Executor):
         with self._lock:
             self._accepting = False
             self._shut_down = True
+            self._room.notify_all()  # a map waiting for room gives up
             manager = self._manager
         if manager is None or not manager.is_alive():
             return
@@ -358,22 +367,32 @@ class Supervisor(concurrent.futures.Executor):
         return _gather([task.future for task in tasks], return_exceptions, timeout)
 
     def map(self, step: Any, /, *iterables: Iterable[Any], timeout: Optional[float] = None,
-            chunksize: int = 1) -> Iterator[Any]:
+            chunksize: Union[int, str] = 1, buffersize: Optional[int] = None,
+            progress: Progress = None) -> Iterator[Any]:
         """Run ``step`` on the items of ``iterables``, as ``concurrent.futures.Executor.map``.
 
-        Every call is submitted at once (checked first: nothing is submitted if one call
-        has bad parameters); the results come back in order.
+        Lazy and bounded: the iterables are read as the results are taken, and at most
+        ``buffersize`` tasks (default: the lane's ``queue_size``) are submitted and not yet
+        yielded. The first of them are submitted before this returns. A lane whose queue
+        is full makes the map wait, never raise ``QueueFull``.
 
         Args:
             step: a registered step (its name, or its function or class); its lane and
                 limits apply.
             iterables: one per positional parameter, zipped as ``map`` does.
+            timeout: seconds from this call for every result to be ready; past it,
+                iterating raises ``TimeoutError``.
             chunksize: calls per task. A chunk runs as one task, one call after another
                 in one worker: its limits (timeout, memory) apply to the whole chunk, and
                 a chunk whose step raises, or whose worker is killed, fails its own calls
                 and no other chunk's. Larger chunks cost far less per call for tiny steps.
-            timeout: seconds from this call for every result to be ready; past it,
-                iterating raises ``TimeoutError``.
+                ``"auto"``: sized from the first call's time, so that a chunk runs about
+                ``governor.engine.mapping.AUTO_CHUNK_TARGET_S``.
+            buffersize: the most tasks submitted and not yet yielded (Python 3.14's
+                ``Executor.map(buffersize=)``).
+            progress: a callable ``progress(done, total)`` called on the iterating thread
+                after each result, with the calls done so far and their total (``None``
+                when an iterable has no length); or ``True`` for a tqdm bar.
 
         Returns:
             an iterator of the results in order. Iterating raises a failed call's error
@@ -381,26 +400,35 @@ class Supervisor(concurrent.futures.Executor):
             iterator is closed early.
 
         Raises:
-            UnknownStep, InvalidParameters, QueueFull, SupervisorClosed, SupervisorBroken:
-                as :meth:`submit`, for the whole map.
+            UnknownStep, InvalidParameters, SupervisorClosed, SupervisorBroken: as
+                :meth:`submit`, before anything is submitted.
         """
-        _require_int("chunksize", chunksize, minimum=1)
-        deadline = None if timeout is None else time.monotonic() + timeout
+        return self._map_run(step, iterables, timeout, chunksize, buffersize, progress).results_in_order()
+
+    def imap_unordered(self, step: Any, /, *iterables: Iterable[Any], timeout: Optional[float] = None,
+                       chunksize: Union[int, str] = 1, buffersize: Optional[int] = None,
+                       progress: Progress = None) -> Iterator[Any]:
+        """:meth:`map`, yielding each result as soon as its task ends (as
+        ``multiprocessing.Pool.imap_unordered``): a slow call holds up no later result."""
+        return self._map_run(step, iterables, timeout, chunksize, buffersize, progress).results_as_completed()
+
+    def _map_run(self, step: Any, iterables: tuple, timeout: Optional[float], chunksize: Union[int, str],
+                 buffersize: Optional[int], progress: Progress) -> MapRun:
+        if chunksize != "auto":
+            _require_int("chunksize", chunksize, minimum=1)
+        if buffersize is not None:
+            _require_int("buffersize", buffersize, minimum=1)
+        if not iterables:
+            raise TypeError("map() needs at least one iterable")
         route = self._route(step)
-        step = route.spec.name
-        calls = list(zip(*iterables))
-        for args in calls:
-            route.check_arguments(args, {})
-        now = self._clock()
-        if chunksize == 1:
-            tasks = [Task(0, step, route.lane, args, {}, route.limits, now) for args in calls]
-        else:
-            tasks = [Task(0, step, route.lane, tuple(calls[start:start + chunksize]), {}, route.limits, now,
-                          chunk=True) for start in range(0, len(calls), chunksize)]
-        for task in tasks:
-            task.future = TaskFuture(task, self._cancel, self._callbacks)
-        self._enqueue(tasks)
-        return _results_in_order([task.future for task in tasks], chunksize > 1, deadline)
+        route.check_arguments((None,) * len(iterables), {})  # every call has this shape
+        run = MapRun(self, route, iterables, chunksize, buffersize, timeout, progress)
+        try:
+            run.top_up()
+        except BaseException:
+            run.close()
+            raise
+        return run
 
     def workflow(self, calls: Iterable[Any]) -> WorkflowFuture:
         """Run steps one after another in the critical lane, whatever their class.
@@ -530,8 +558,11 @@ class Supervisor(concurrent.futures.Executor):
         limits = route.limits if limits is None else limits.over(route.limits)
         task = Task(0, route.spec.name, lane or route.lane, args, kwargs, limits, self._clock(), tag=tag, ref=ref,
                     cwd=cwd)
-        task.future = TaskFuture(task, self._cancel, self._callbacks)
+        task.future = self._future_of(task)
         return task
+
+    def _future_of(self, task: Task) -> TaskFuture:
+        return TaskFuture(task, self._cancel, self._callbacks)
 
     def _start_on_first_use(self) -> None:
         # ProcessPoolExecutor starts on its first submit, and code written for it never calls
@@ -546,14 +577,7 @@ class Supervisor(concurrent.futures.Executor):
         # Numbering and appending to the inbox under one lock fixes the submission order
         # across threads, which is the critical lane's execution order.
         with self._lock:
-            if self._owner_pid is not None and self._owner_pid != os.getpid():
-                raise SupervisorForked(f"this supervisor was started by process {self._owner_pid}; process "
-                                       f"{os.getpid()} was forked from it and cannot use it: start a new one here")
-            if self._manager is not None and self._manager.broken is not None:
-                raise SupervisorBroken(f"the supervisor is broken (its manager thread failed: "
-                                       f"{self._manager.broken!r}); start a new one") from self._manager.broken
-            if not self._accepting:
-                raise SupervisorClosed("the supervisor was shut down: it takes no more work")
+            self._check_accepting()
             wanted: Dict[Lane, int] = {}
             for task in tasks:
                 wanted[task.lane] = wanted.get(task.lane, 0) + 1
@@ -567,9 +591,49 @@ class Supervisor(concurrent.futures.Executor):
             self._manager.enqueue(tasks)
         self._manager.wake()  # outside the lock: the manager's first act is to take it (_left_queue)
 
+    def _check_accepting(self) -> None:
+        """Raise unless this supervisor takes work from this process (hold ``_lock``)."""
+        if self._owner_pid is not None and self._owner_pid != os.getpid():
+            raise SupervisorForked(f"this supervisor was started by process {self._owner_pid}; process "
+                                   f"{os.getpid()} was forked from it and cannot use it: start a new one here")
+        if self._manager is not None and self._manager.broken is not None:
+            raise SupervisorBroken(f"the supervisor is broken (its manager thread failed: "
+                                   f"{self._manager.broken!r}); start a new one") from self._manager.broken
+        if not self._accepting:
+            raise SupervisorClosed("the supervisor was shut down: it takes no more work")
+
     def _left_queue(self, task: Task) -> None:
         with self._lock:
             self._queued[task.lane] -= 1
+            if self._room_waiters:
+                self._room.notify_all()
+
+    def _queue_room(self, lane: Lane) -> int:
+        """How many more tasks ``lane``'s queue takes now."""
+        with self._lock:
+            return max(0, self.queue_size - self._queued[lane])
+
+    def _wait_for_room(self, lane: Lane, deadline: Optional[float]) -> int:
+        """Wait until ``lane``'s queue takes a task; how many it takes (``Supervisor.map``).
+
+        Raises:
+            TimeoutError: ``deadline`` (on ``time.monotonic()``) passed first.
+            SupervisorClosed, SupervisorBroken: as :meth:`submit`: it will never have room.
+        """
+        with self._room:
+            self._room_waiters += 1
+            try:
+                while self._queued[lane] >= self.queue_size:
+                    self._check_accepting()
+                    # Woken by each task leaving the queue, and by shutdown. The slice bounds
+                    # the wait for a manager that broke (it empties no queue, wakes no one).
+                    wait = ROOM_RECHECK_S if deadline is None else min(ROOM_RECHECK_S, deadline - time.monotonic())
+                    if wait <= 0:
+                        raise TimeoutError(f"the {lane.value} lane's queue had no room before the map's timeout")
+                    self._room.wait(wait)
+                return self.queue_size - self._queued[lane]
+            finally:
+                self._room_waiters -= 1
 
     def _cancel(self, task: Task, request: CancelRequest) -> bool:
         """Cancel ``task`` (any thread): a queued one ends here, a running one is stopped by the manager."""
@@ -684,22 +748,6 @@ def _gather(futures: Sequence[concurrent.futures.Future], return_exceptions: boo
             raise first
         return [future.result() for future in futures]
     return [error if error is not None else future.result() for future, error in zip(futures, errors)]
-
-
-def _results_in_order(futures: List[TaskFuture], chunked: bool, deadline: Optional[float]) -> Iterator[Any]:
-    """``Supervisor.map``'s iterator (as the standard library's ``Executor.map``)."""
-    pending = futures[::-1]
-    try:
-        while pending:
-            future = pending.pop()
-            value = future.result(None if deadline is None else max(0.0, deadline - time.monotonic()))
-            if chunked:
-                yield from value
-            else:
-                yield value
-    finally:
-        for future in pending:
-            future.cancel("the map's iterator was closed")
 
 
 def _cancel_error(future: concurrent.futures.Future) -> BaseException:
