@@ -116,9 +116,29 @@ def test_read_only_by_default_and_bad_requests_are_4xx_without_a_traceback(daemo
                          ("GET", "/static/nothing.js")):
         status, _, body = request(daemon, method, path, auth)
         assert 400 <= status < 500 and "Traceback" not in body, (method, path, status, body)
-    status, _, body = request(daemon, "GET", "/api/live", {**auth, "Content-Length": "5"}, "x" * 200_000)
-    assert status < 500 and "Traceback" not in body
+    # A body longer than its Content-Length: the rest reaches the page as a malformed second
+    # request, refused with a 400. The page closes the connection with that data unread, so
+    # the kernel may reset it before the answer is read: whatever answer arrived is checked,
+    # and the log must hold no traceback.
+    answers = exchange_raw(daemon, b"GET /api/live HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                           + daemon.token.encode() + b"\r\nContent-Length: 5\r\n\r\n" + b"x" * 200_000)
+    statuses = [int(line.split()[1]) for line in answers.split(b"\r\n") if line.startswith(b"HTTP/1.")]
+    assert all(status < 500 for status in statuses) and b"Traceback" not in answers, answers[:2000]
     assert "Traceback" not in daemon.log.read_text()
+
+
+def exchange_raw(daemon, data: bytes) -> bytes:
+    """Send ``data`` on a fresh connection to the page; every byte answered until it closes."""
+    address = urllib.parse.urlsplit(daemon.base)
+    received = []
+    with socket.create_connection((address.hostname, address.port), timeout=30) as raw:
+        try:
+            raw.sendall(data)
+            while chunk := raw.recv(1 << 16):
+                received.append(chunk)
+        except (ConnectionResetError, BrokenPipeError):  # the page closed with our data unread
+            pass
+    return b"".join(received)
 
 
 def test_cancel_from_the_page_when_allowed(tmp_path):
