@@ -11,10 +11,12 @@ every peer with one loop and never has per-peer code.
   starts that Ray, measures it.
 * ``loky``: a ``loky.ProcessPoolExecutor`` of our own (not the process-wide reusable one, so
   shutting it down cannot disturb anything else).
-* ``stdlib``: ``concurrent.futures.ProcessPoolExecutor`` with the platform's default start
-  method (``fork`` on Linux, which launches every worker at the first submission).
+* ``stdlib``: ``concurrent.futures.ProcessPoolExecutor``.
 * ``pebble``: ``pebble.ProcessPool``; optional (the ``bench`` extra), skipped when missing.
-* ``mp.Pool``: ``multiprocessing.Pool`` with the platform's default start method.
+* ``mp.Pool``: ``multiprocessing.Pool``.
+
+The last three spawn their workers (:func:`worker_context`), never by
+forking this process, which runs threads.
 """
 
 from __future__ import annotations
@@ -36,6 +38,19 @@ WARMUP_SLEEP_MS = 20
 
 #: How many warm-up waves at most before giving up on seeing every worker's pid.
 WARMUP_MAX_WAVES = 10
+
+
+def worker_context() -> multiprocessing.context.BaseContext:
+    """The start method of the peers built on multiprocessing (stdlib, pebble, mp.Pool): spawn.
+
+    Not ``fork``: this process runs threads (the other pools', the probes'), and a child
+    forked from it may inherit a lock one of them held (Python 3.12+ warns that it may
+    deadlock). Not ``forkserver``: its server outlives the pools that used it, and its
+    workers see the environment of its own start, not this process's. A spawned worker is
+    a fresh interpreter, started before the peer is timed (``Peer.warm``); once started it
+    serves tasks the same way whatever started it.
+    """
+    return multiprocessing.get_context("spawn")
 
 
 class Peer:
@@ -178,15 +193,15 @@ class LokyPeer(_ExecutorPeer):
 
 
 class StdlibPeer(_ExecutorPeer):
-    """The standard library's ``ProcessPoolExecutor``, default start method."""
+    """The standard library's ``ProcessPoolExecutor``, its workers started by :func:`worker_context`."""
 
     name = "stdlib"
 
     def _make(self) -> concurrent.futures.Executor:
-        return concurrent.futures.ProcessPoolExecutor(max_workers=self.workers)
+        return concurrent.futures.ProcessPoolExecutor(max_workers=self.workers, mp_context=worker_context())
 
     def describe(self) -> Dict[str, Any]:
-        return {**super().describe(), "start_method": multiprocessing.get_start_method()}
+        return {**super().describe(), "start_method": worker_context().get_start_method()}
 
 
 class PebblePeer(_FunctionPeer):
@@ -207,7 +222,7 @@ class PebblePeer(_FunctionPeer):
     def start(self) -> "PebblePeer":
         import pebble  # optional: imported only when available (see unavailable())
 
-        self._pool = pebble.ProcessPool(max_workers=self.workers)
+        self._pool = pebble.ProcessPool(max_workers=self.workers, context=worker_context())
         return self
 
     def _submit(self, fn: Callable[..., Any], args: tuple) -> concurrent.futures.Future:
@@ -221,7 +236,7 @@ class PebblePeer(_FunctionPeer):
 
 class MpPoolPeer(_FunctionPeer):
     """The standard library's ``multiprocessing.Pool`` (``apply_async``, its result passed
-    to a ``Future`` by the pool's result thread), default start method.
+    to a ``Future`` by the pool's result thread), its workers started by :func:`worker_context`.
 
     Attributes:
         pool: the started pool, for scenarios that use its own ``map``.
@@ -234,7 +249,7 @@ class MpPoolPeer(_FunctionPeer):
         self.pool = None
 
     def start(self) -> "MpPoolPeer":
-        self.pool = multiprocessing.Pool(self.workers)
+        self.pool = worker_context().Pool(self.workers)
         return self
 
     def _submit(self, fn: Callable[..., Any], args: tuple) -> concurrent.futures.Future:
@@ -248,9 +263,8 @@ class MpPoolPeer(_FunctionPeer):
             self.pool.join()
 
     def describe(self) -> Dict[str, Any]:
-        return {**super().describe(), "start_method": multiprocessing.get_start_method()}
+        return {**super().describe(), "start_method": worker_context().get_start_method()}
 
 
-#: Every peer, in the order they are started. The forking pools come first: a fork taken
-#: before the other pools' threads exist cannot inherit a lock one of them held.
+#: Every peer, in the order they are started.
 PEERS: List[Type[Peer]] = [MpPoolPeer, StdlibPeer, PebblePeer, LokyPeer, GovernorPeer]

@@ -86,7 +86,7 @@ def start_peers(stack: contextlib.ExitStack, peer_classes: Sequence[Type[Peer]],
             continue
         ctx.progress(f"starting and warming {peer_class.name} ({workers} workers)")
         peer = stack.enter_context(peer_class(workers))
-        peer.warm()  # at once: a forking pool must fork before the next pool's threads exist
+        peer.warm()  # at once: every worker pays its first-call costs before it is timed
         _roundtrips(peer, ROUNDTRIP_WARMUP_PER_UNIT * ctx.size.warmup)
         peers.append(peer)
     return peers

@@ -248,7 +248,6 @@ def _view_real(ctx: ScenarioContext) -> ScenarioResult:
         sequential_s.append(total)
 
     with contextlib.ExitStack() as stack:
-        # The peers first: the forking pools fork before the supervisor's threads exist.
         peers = start_peers(stack, [peer for peer in PEERS if peer is not GovernorPeer], WORKERS, ctx, result)
         ctx.progress(f"starting a Supervisor with {WORKERS} workers")
         supervisor = stack.enter_context(Supervisor(registry, workers=WORKERS))

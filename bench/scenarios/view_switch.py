@@ -81,7 +81,6 @@ def view_switch(ctx: ScenarioContext) -> ScenarioResult:
                             size.view_parallel_reps, size.warmup)
 
     with contextlib.ExitStack() as stack:
-        # The peers first: the forking pools fork before the supervisor's threads exist.
         # A worker per step: the batch's three run at once in every pool, as in ours.
         peers = start_peers(stack, [peer for peer in PEERS if peer is not GovernorPeer],
                             max(size.peer_workers, len(names)), ctx, result)

@@ -23,6 +23,10 @@ from governor.bench.__main__ import main  # noqa: E402
 from governor.bench.runner import scenario_names  # noqa: E402
 from governor.bench.stats import Summary, percentile  # noqa: E402
 
+#: The tiny run starts every pool several times, the peers' workers each a fresh interpreter
+#: (spawned, not forked from this threaded process): minutes on a loaded 2-core machine.
+pytestmark = pytest.mark.timeout(280)
+
 TOP_LEVEL = {"schema_version", "machine", "versions", "date", "parameters", "scenarios", "checks"}
 MACHINE = {"cpu_count", "cpu_model", "memory_total_mb", "os", "kernel", "python", "load_average_1m_at_start"}
 VERSIONS = {"governor", "loky", "psutil", "pebble", "matplotlib", "ray"}
