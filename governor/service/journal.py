@@ -51,7 +51,7 @@ from governor.limits import Lane, Limits
 from governor.task import TaskState
 
 #: The schema this module reads and writes, kept in ``PRAGMA user_version``.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 #: How long finished rows are kept by default: a week answers "what happened to my task
 #: on Friday" after a weekend, while the file stays small (a row is a few hundred bytes
@@ -111,10 +111,18 @@ _SCHEMA = (
         result TEXT,
         error TEXT,
         attempts INTEGER NOT NULL DEFAULT 0,
-        interrupted INTEGER NOT NULL DEFAULT 0 CHECK (interrupted IN (0, 1))
+        interrupted INTEGER NOT NULL DEFAULT 0 CHECK (interrupted IN (0, 1)),
+        cwd TEXT
     )""",
     "CREATE INDEX tasks_state ON tasks (state)",
 )
+
+#: What brings a journal of an older schema version to the next one, by the version it
+#: starts from. Version 2 keeps the directory a task was submitted from (a task journaled
+#: before has none: it resumes in the daemon's own directory, as it would have run).
+_MIGRATIONS = {
+    1: ("ALTER TABLE tasks ADD COLUMN cwd TEXT",),
+}
 
 
 def _dumps(value: Any) -> str:
@@ -153,6 +161,7 @@ class NewTask:
         lane: where it runs.
         key: the submission's supersede key, if any.
         limits: the submission's own limits, if any.
+        cwd: the absolute directory it was submitted from, where its steps run, if known.
     """
 
     kind: str = attrs.field(validator=attrs.validators.in_(KINDS))
@@ -163,6 +172,8 @@ class NewTask:
         default=None, validator=attrs.validators.optional(attrs.validators.instance_of(str)))
     limits: Optional[Limits] = attrs.field(
         default=None, validator=attrs.validators.optional(attrs.validators.instance_of(Limits)))
+    cwd: Optional[str] = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.instance_of(str)))
 
     def __attrs_post_init__(self) -> None:
         if list(self.params) != [_PAYLOAD_KEY[self.kind]]:
@@ -171,18 +182,19 @@ class NewTask:
 
     @classmethod
     def step_call(cls, step: str, params: Mapping[str, Any], lane: Union[Lane, str], key: Optional[str] = None,
-                  limits: Optional[Limits] = None) -> "NewTask":
+                  limits: Optional[Limits] = None, cwd: Optional[str] = None) -> "NewTask":
         """One step with its keyword arguments, in the lane its registration declares."""
-        return cls("step", step, {"params": dict(params)}, lane, key, limits)
+        return cls("step", step, {"params": dict(params)}, lane, key, limits, cwd)
 
     @classmethod
-    def workflow(cls, calls: Sequence[Mapping[str, Any]], label: str = "workflow") -> "NewTask":
+    def workflow(cls, calls: Sequence[Mapping[str, Any]], label: str = "workflow",
+                 cwd: Optional[str] = None) -> "NewTask":
         """A workflow: ``calls`` are ``{"step": name, "params": {...}}`` objects, run in order.
 
         It is journaled in the critical lane, where its steps run: after a crash mid-way it
         is interrupted, never re-run from the start.
         """
-        return cls("workflow", label, {"calls": [dict(call) for call in calls]}, Lane.CRITICAL)
+        return cls("workflow", label, {"calls": [dict(call) for call in calls]}, Lane.CRITICAL, cwd=cwd)
 
 
 @attrs.frozen
@@ -206,6 +218,7 @@ class TaskRecord:
         error: the error as the wire carries it (``protocol.error_to_wire``), if it failed.
         attempts: how many times it was handed to a worker.
         interrupted: whether it was running when a daemon died.
+        cwd: the directory it was submitted from, where its steps run (``None``: unknown).
     """
 
     id: int
@@ -223,6 +236,7 @@ class TaskRecord:
     error: Optional[Dict[str, Any]]
     attempts: int
     interrupted: bool = attrs.field(converter=bool)
+    cwd: Optional[str] = None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> "TaskRecord":
@@ -231,7 +245,7 @@ class TaskRecord:
                    lane=row["lane"], key=row["key"], limits=_loads(row["limits"]),
                    state=row["state"], submitted_at=row["submitted_at"], started_at=row["started_at"],
                    ended_at=row["ended_at"], result=_loads(row["result"]), error=_loads(row["error"]),
-                   attempts=row["attempts"], interrupted=row["interrupted"])
+                   attempts=row["attempts"], interrupted=row["interrupted"], cwd=row["cwd"])
 
     def own_limits(self) -> Optional[Limits]:
         """The task's own limits as a ``Limits``, or ``None`` when it has none.
@@ -335,7 +349,8 @@ class Journal:
         self._migrate(connection)
 
     def _migrate(self, connection: sqlite3.Connection) -> None:
-        """Create the schema in a new file; refuse a file this version cannot read."""
+        """Create the schema in a new file, bring an older journal up to date; refuse a file
+        this version cannot read."""
         with self._begin(connection):
             version = connection.execute("PRAGMA user_version").fetchone()[0]
             if version == SCHEMA_VERSION:
@@ -343,10 +358,15 @@ class Journal:
             if version > SCHEMA_VERSION:
                 raise JournalError(f"the journal {self.path!r} has schema version {version}, written by a newer "
                                    f"Governor; this one reads version {SCHEMA_VERSION}")
-            if connection.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+            if version in _MIGRATIONS:
+                for older in range(version, SCHEMA_VERSION):
+                    for statement in _MIGRATIONS[older]:
+                        connection.execute(statement)
+            elif connection.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
                 raise JournalError(f"{self.path!r} is an SQLite database but not a Governor journal")
-            for statement in _SCHEMA:
-                connection.execute(statement)
+            else:
+                for statement in _SCHEMA:
+                    connection.execute(statement)
             connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     @staticmethod
@@ -399,11 +419,12 @@ class Journal:
             if not isinstance(entry, NewTask):
                 raise TypeError(f"Journal.submit takes NewTask values, not {type(entry).__name__}")
             rows.append((entry.kind, entry.step, _dumps(entry.params), entry.lane.value, entry.key,
-                         None if entry.limits is None else _dumps(_limits_dict(entry.limits)), _QUEUED, at))
+                         None if entry.limits is None else _dumps(_limits_dict(entry.limits)), _QUEUED, at,
+                         entry.cwd))
         with self._transaction() as connection:
             return [connection.execute(
-                "INSERT INTO tasks (kind, step, params, lane, key, limits, state, submitted_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row).lastrowid for row in rows]
+                "INSERT INTO tasks (kind, step, params, lane, key, limits, state, submitted_at, cwd) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", row).lastrowid for row in rows]
 
     def mark_started(self, task_id: int, at: Optional[float] = None) -> None:
         """Record that a queued task is being handed to a worker: ``"running"``, one more attempt.

@@ -98,6 +98,32 @@ def test_a_journal_from_a_newer_governor_is_refused(path):
         Journal(path)
 
 
+def test_a_task_keeps_the_directory_it_was_submitted_from(journal):
+    [step_id, flow_id, unknown_id] = journal.submit([
+        NewTask.step_call("save", {"path": "out.txt"}, Lane.CRITICAL, cwd="/home/me/project"),
+        NewTask.workflow([{"step": "save", "params": {}}], cwd="/srv/other"),
+        NewTask.step_call("save", {}, Lane.CRITICAL)])
+    assert [journal.get(task_id).cwd for task_id in (step_id, flow_id, unknown_id)] == \
+        ["/home/me/project", "/srv/other", None]
+    assert [record.cwd for record in journal.recover().resume] == ["/home/me/project", "/srv/other", None]
+
+
+def test_a_journal_of_the_first_schema_is_brought_up_to_date(path):
+    with Journal(path) as journal:
+        [old_id] = journal.submit([NewTask.step_call("save", {}, Lane.CRITICAL)])
+    with sqlite3.connect(path) as connection:  # what version 1 wrote: no cwd column
+        connection.execute("ALTER TABLE tasks DROP COLUMN cwd")
+        connection.execute("PRAGMA user_version = 1")
+    connection.close()
+    with Journal(path) as journal:
+        assert journal.get(old_id).cwd is None and journal.get(old_id).state == "queued"
+        [new_id] = journal.submit([NewTask.step_call("save", {}, Lane.CRITICAL, cwd="/tmp")])
+        assert journal.get(new_id).cwd == "/tmp"
+    with sqlite3.connect(path) as connection:
+        assert connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    connection.close()
+
+
 @pytest.mark.parametrize("retention_s", [0, -1, float("nan"), "1d", True])
 def test_retention_must_be_positive(path, retention_s):
     with pytest.raises(ValueError, match="retention_s"):
