@@ -1,0 +1,74 @@
+"""The reference page in a real browser: five views clicked 50 ms apart, the last one shown.
+
+Debian's chromium, driven by Playwright (launched by path: Playwright's own browser
+downloads are not needed). The backend is the in-process Governor one on uvicorn; the test
+reads its requests' futures to see how the superseded views' steps ended.
+
+Firefox is not driven: Playwright drives only its own patched Firefox (a download this
+machine cannot fetch), and a stock ``firefox-esr`` speaks WebDriver BiDi, for which no
+driver that needs no download is installed here.
+"""
+
+import time
+
+import pytest
+
+from conftest import wait_until
+from governor import TaskState
+from web_harness import GovernedViews, ServerThread
+
+playwright = pytest.importorskip("playwright.sync_api", reason="needs playwright (the test extra)")
+browser_flags = pytest.importorskip("browser", reason="needs the live extra (tests/browser.py)")
+
+#: Between two clicks, as the issue's rapid switching.
+CLICK_GAP_S = 0.050
+
+CLICKS = 5
+
+#: Playwright starts chromium itself (headless, over a pipe): only the other flags are ours.
+FLAGS = [flag for flag in browser_flags.FLAGS if not flag.startswith(("--headless", "--remote-"))]
+
+
+def test_five_rapid_clicks_show_the_last_view_and_cancel_the_other_four(record_property):
+    if browser_flags.BINARY is None:
+        pytest.skip("no chromium on PATH (apt-get install chromium)")
+    # Four workers for the twelve parts of seed-753: a superseded view has parts running
+    # (the long ones, dispatched first) and parts queued when the next click comes.
+    with ServerThread(GovernedViews(None, workers=4)) as server, playwright.sync_playwright() as driver:
+        browser = driver.chromium.launch(executable_path=browser_flags.BINARY, args=FLAGS)
+        try:
+            page = browser.new_page()
+            page.goto(f"{server.url}/?session=eve&profile=seed-753")
+            started = time.monotonic()
+            for chat in range(1, CLICKS + 1):
+                pause = started + (chat - 1) * CLICK_GAP_S - time.monotonic()
+                if pause > 0:
+                    time.sleep(pause)  # the user's pace, not an ordering
+                page.click(f"#chat-{chat}")
+            page.wait_for_function(f"window.painted && window.painted.chat === {CLICKS}", timeout=60_000)
+            shown = page.get_attribute("#view", "data-chat")
+            clicks = page.evaluate("window.clicks")
+            painted = page.evaluate("window.painted")
+        finally:
+            browser.close()
+
+        assert shown == str(CLICKS)
+        assert [click["chat"] for click in clicks] == list(range(1, CLICKS + 1))
+        last_click_to_paint_ms = painted["at"] - clicks[-1]["at"]
+        record_property("last_click_to_paint_ms", round(last_click_to_paint_ms, 1))
+        print(f"last click to view painted: {last_click_to_paint_ms:.0f} ms")
+
+        requests = list(server.views.recent)
+        assert [governed.key for governed in requests] == ["/view/ eve"] * CLICKS
+        assert wait_until(lambda: all(future.done() for governed in requests for future in governed.futures),
+                          timeout=60)
+        for governed, newer in zip(requests, requests[1:]):
+            superseded_at = newer.futures[0].task.submitted_at
+            for future in governed.futures:
+                task = future.task
+                assert task.state is TaskState.CANCELLED or (
+                    task.state is TaskState.DONE and task.ended_at <= superseded_at), (task.kwargs, task.state)
+                if task.dispatched_at is None:  # queued when cancelled: it never started
+                    assert task.started_at is None and task.pid is None
+        assert all(future.task.state is TaskState.DONE for future in requests[-1].futures)
+
