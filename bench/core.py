@@ -53,6 +53,10 @@ class Size:
         load_rate_factor: each level offers this many times the previous one.
         load_max_rate: the sweep stops here even if the queue never grew.
         load_seconds: how long each level offers its load.
+        view_load_users: user counts of the view-load sweep (``seed`` profile; none: no sweep).
+        view_load_bar_users: users of the view-load ``seed-753`` run (the issue's bar: 10).
+        view_load_seconds: how long each view-load run offers its load.
+        view_load_workers: pool workers of every view-load engine.
     """
 
     warmup: int
@@ -74,6 +78,10 @@ class Size:
     load_rate_factor: float
     load_max_rate: float
     load_seconds: float
+    view_load_users: Tuple[int, ...]
+    view_load_bar_users: int
+    view_load_seconds: float
+    view_load_workers: int
 
 
 #: The three sizes. ``full`` is the default; ``quick`` (``--quick``) must finish under 60 s
@@ -83,17 +91,23 @@ SIZES: Dict[str, Size] = {
                  peer_workers=4, roundtrips=2000, roundtrip_rounds=10, throughput_tasks=5000,
                  throughput_repeats=3, limit_reps=30, memory_reps=10, memory_workers=10,
                  scaling_workers=(1, 2, 4, 8, 16), scaling_tasks=800, load_workers=4,
-                 load_start_rate=50, load_rate_factor=1.5, load_max_rate=6400, load_seconds=3.0),
+                 load_start_rate=50, load_rate_factor=1.5, load_max_rate=6400, load_seconds=3.0,
+                 view_load_users=(1, 10, 25, 50), view_load_bar_users=10, view_load_seconds=15.0,
+                 view_load_workers=16),
     "quick": Size(warmup=2, view_reps=10, view_parallel_reps=5, view_parallel_workers=10,
                   peer_workers=4, roundtrips=600, roundtrip_rounds=3, throughput_tasks=1000,
                   throughput_repeats=3, limit_reps=10, memory_reps=3, memory_workers=10,
                   scaling_workers=(1, 2, 4, 8), scaling_tasks=200, load_workers=4,
-                  load_start_rate=100, load_rate_factor=2.0, load_max_rate=3200, load_seconds=0.75),
+                  load_start_rate=100, load_rate_factor=2.0, load_max_rate=3200, load_seconds=0.75,
+                  view_load_users=(10, 50), view_load_bar_users=10, view_load_seconds=4.0,
+                  view_load_workers=16),
     "tiny": Size(warmup=1, view_reps=2, view_parallel_reps=1, view_parallel_workers=10,
                  peer_workers=2, roundtrips=10, roundtrip_rounds=2, throughput_tasks=20,
                  throughput_repeats=1, limit_reps=1, memory_reps=1, memory_workers=3,
                  scaling_workers=(1, 2), scaling_tasks=10, load_workers=2,
-                 load_start_rate=50, load_rate_factor=4.0, load_max_rate=200, load_seconds=0.2),
+                 load_start_rate=50, load_rate_factor=4.0, load_max_rate=200, load_seconds=0.2,
+                 view_load_users=(), view_load_bar_users=2, view_load_seconds=1.0,
+                 view_load_workers=2),
 }
 
 

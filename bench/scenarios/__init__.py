@@ -8,6 +8,7 @@ module here and import that module below.
 # isort: off
 from governor.bench.scenarios import view_switch  # noqa: F401
 from governor.bench.scenarios import view_real  # noqa: F401
+from governor.bench.scenarios import view_load  # noqa: F401
 from governor.bench.scenarios import overhead  # noqa: F401
 from governor.bench.scenarios import governor_limits  # noqa: F401
 from governor.bench.scenarios import memory  # noqa: F401

@@ -34,13 +34,14 @@ DAEMON_CLIENTS = 50
 START_TIMEOUT_S = 60.0
 
 
-def _start_daemon(directory: Path, workers: int) -> Tuple[subprocess.Popen, Path]:
+def _start_daemon(directory: Path, workers: int,
+                  steps: str = "governor.bench.bench_steps") -> Tuple[subprocess.Popen, Path]:
     socket_path = directory / "run" / "governor.sock"
     root = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     process = subprocess.Popen(
         [sys.executable, "-m", "governor", "serve", "--socket", str(socket_path),
-         "--journal", str(directory / "journal.sqlite3"), "--steps", "governor.bench.bench_steps", "--no-builtin",
+         "--journal", str(directory / "journal.sqlite3"), "--steps", steps, "--no-builtin",
          "--workers", str(workers), "--log-level", "warning"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + START_TIMEOUT_S

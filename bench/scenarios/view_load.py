@@ -1,0 +1,387 @@
+"""Scenario ``view-load``: simulated users switching views on the reference backend, over real HTTP.
+
+The seed's scenario as users live it: each user thinks (exponential, mean 1 s), then
+switches view; one switch in five is a burst of three clicks 100 ms apart, each click
+aborting the request before it (the client closes its connection, as a browser's
+``AbortController`` does). The same app (``governor.bench.backend`` on uvicorn, in a
+subprocess) and the same load, behind four engines, in one run:
+
+* ``before``: the seed's registry, every step of every request one after another in one lane;
+* ``naive pool``: ``asyncio.gather`` over a ``ProcessPoolExecutor`` of as many workers
+  (plain Starlette: a request whose client left still runs to its end);
+* ``governor``: an in-process Supervisor, request-scoped through ``governor.asgi``;
+* ``governor daemon``: uvicorn with 2 worker processes sharing one ``governor serve``.
+
+For each: p50/p95/p99 of the views users waited for (the last click of a burst, never a
+superseded one), views per second, the worker-seconds spent on views nobody received, the
+server's CPU time and private memory. The ``seed`` profile runs at every user count of the
+size (the curve of p95 against users); ``seed-753`` at the bar's 10 users. On the Governor
+engines, five requests of one session 30 ms apart measure the supersede itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import attrs
+import psutil
+
+from governor.bench.core import ScenarioContext, ScenarioResult, scenario
+from governor.bench.scenarios.daemon import _start_daemon
+from governor.bench.stats import Summary, ratio, to_ms
+
+#: A user's mean think time between two view switches (exponential), and the share of
+#: switches that are a burst of rapid clicks, their count and gap.
+THINK_MEAN_S, BURST_SHARE, BURST_CLICKS, BURST_GAP_S = 1.0, 0.2, 3, 0.100
+
+#: The chats a user switches between.
+CHATS = 20
+
+#: How long a user waits for a view before giving up (the view counts at this latency).
+PATIENCE_S = 5.0
+
+#: uvicorn processes in front of the daemon (the pool workers are the size's: the seed asked for "10+").
+DAEMON_FRONT_WORKERS = 2
+
+#: The issue's bars.
+P95_BAR_MS, P95_RATIO_BAR, WASTE_RATIO_BAR = 200.0, 0.8, 0.2
+SUPERSEDE_LAG_BAR_MS, LAST_OF_FIVE_BAR_MS, FIVE_GAP_S = 50.0, 200.0, 0.030
+
+#: How long a server may take to answer its first request, and how long its busy time may
+#: take to settle once the users stopped (steps nobody stopped go on running).
+START_TIMEOUT_S, SETTLE_TIMEOUT_S = 90.0, 10.0
+
+
+@attrs.frozen
+class Engine:
+    """One engine behind the reference app: its label, environment and whether it needs a daemon."""
+
+    name: str
+    view_engine: str
+    daemon: bool = False
+
+
+ENGINES = (Engine("before", "before"), Engine("naive pool", "naive-pool"), Engine("governor", "governor"),
+           Engine("governor daemon", "governor", daemon=True))
+
+
+@attrs.define
+class Load:
+    """What the users of one run saw."""
+
+    latencies_s: List[float] = attrs.field(factory=list)
+    delivered_busy_s: float = 0.0
+    aborted: int = 0
+    gave_up: int = 0
+    errors: int = 0
+
+
+@attrs.frozen
+class RunFigures:
+    """One engine under one load."""
+
+    latencies_s: Tuple[float, ...]
+    views_per_s: float
+    wasted_worker_s: float
+    cpu_s: float
+    uss_mib: float
+    aborted: int
+    gave_up: int
+    errors: int
+
+    @property
+    def latency(self) -> Optional[Summary]:
+        """The views users waited for (``None`` if none came)."""
+        return Summary.of_seconds(self.latencies_s) if self.latencies_s else None
+
+
+class Server:
+    """The reference backend on uvicorn in a subprocess (and its daemon, for the daemon engine)."""
+
+    def __init__(self, engine: Engine, profile_dir: Path, workers: int):
+        self.engine = engine
+        self.workers = workers
+        self.dir = profile_dir
+        self.daemon: Optional[subprocess.Popen] = None
+        self.process: Optional[subprocess.Popen] = None
+        self.url = ""
+
+    def __enter__(self) -> "Server":
+        env = {**os.environ, "GOVERNOR_VIEW_ENGINE": self.engine.view_engine, "GOVERNOR_VIEW_WORKERS": str(self.workers)}
+        env.pop("GOVERNOR_SOCKET", None)
+        front = 1
+        if self.engine.daemon:
+            self.daemon, socket_path = _start_daemon(self.dir, self.workers, steps="governor.bench.backend")
+            env["GOVERNOR_SOCKET"], front = str(socket_path), DAEMON_FRONT_WORKERS
+        port = _free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "governor.bench.backend:app", "--host", "127.0.0.1", "--port", str(port),
+             "--workers", str(front), "--log-level", "warning"],
+            env=env, stdout=subprocess.DEVNULL, stderr=open(self.dir / "uvicorn.log", "ab"))
+        _wait_ready(self.url, self.process, self.dir / "uvicorn.log")
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for process in (self.process, self.daemon):
+            if process is not None:
+                _stop(process)
+
+    def processes(self) -> List[psutil.Process]:
+        """The server's processes (uvicorn and its workers or pool; the daemon and its workers)."""
+        found = []
+        for process in (self.process, self.daemon):
+            if process is not None:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    parent = psutil.Process(process.pid)
+                    found.extend([parent, *parent.children(recursive=True)])
+        return found
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _wait_ready(url: str, process: subprocess.Popen, log: Path) -> None:
+    import httpx
+
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the backend exited with {process.returncode}:\n{log.read_text()[-2000:]}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/stats", timeout=5).status_code == 200:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"the backend did not answer within {START_TIMEOUT_S:g}s")
+
+
+def _stop(process: subprocess.Popen) -> None:
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        for child in psutil.Process(process.pid).children(recursive=True):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+        process.kill()
+        process.wait()
+
+
+def _cpu_s(processes: Sequence[psutil.Process]) -> Dict[int, float]:
+    times = {}
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            cpu = process.cpu_times()
+            times[process.pid] = cpu.user + cpu.system
+    return times
+
+
+def _uss_mib(processes: Sequence[psutil.Process]) -> float:
+    total = 0
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            total += process.memory_full_info().uss
+    return total / 2 ** 20
+
+
+async def _worker_seconds(client, url: str) -> float:
+    return (await client.get(f"{url}/stats")).json()["worker_seconds"]
+
+
+async def _settled_worker_seconds(client, url: str) -> float:
+    """The server's busy time once it stops growing (steps of abandoned views may still run)."""
+    deadline = time.monotonic() + SETTLE_TIMEOUT_S
+    last = await _worker_seconds(client, url)
+    while time.monotonic() < deadline:
+        await asyncio.sleep(0.5)
+        now = await _worker_seconds(client, url)
+        if now == last:
+            break
+        last = now
+    return last
+
+
+async def _user(url: str, profile: str, session: str, deadline: float, rng: random.Random, load: Load) -> None:
+    """One user: think, switch (sometimes in a burst, aborting each superseded click), wait for the view."""
+    import httpx
+
+    loop = asyncio.get_running_loop()
+    async with httpx.AsyncClient(base_url=url, timeout=PATIENCE_S + 5) as client:
+        while True:
+            await asyncio.sleep(rng.expovariate(1 / THINK_MEAN_S))
+            if loop.time() >= deadline:
+                return
+            clicks = BURST_CLICKS if rng.random() < BURST_SHARE else 1
+            request: Optional[asyncio.Task] = None
+            for click in range(clicks):
+                if request is not None:
+                    _collect(request, load)
+                params = {"session": session, "profile": profile}
+                sent = time.perf_counter()
+                request = asyncio.create_task(client.get(f"/view/{rng.randint(1, CHATS)}", params=params))
+                if click < clicks - 1:
+                    await asyncio.sleep(BURST_GAP_S)
+            try:
+                response = await asyncio.wait_for(request, PATIENCE_S)
+            except asyncio.TimeoutError:
+                load.gave_up += 1
+                load.latencies_s.append(PATIENCE_S)
+                continue
+            except httpx.HTTPError:
+                load.errors += 1
+                continue
+            load.latencies_s.append(time.perf_counter() - sent)
+            _account(response, load)
+
+
+def _collect(request: asyncio.Task, load: Load) -> None:
+    """A click the user left: abort it if it is still in flight, else count what it delivered."""
+    if not request.done():
+        request.cancel()  # httpx closes the connection: the server sees the client leave
+        load.aborted += 1
+    elif request.exception() is None:
+        _account(request.result(), load)
+
+
+def _account(response, load: Load) -> None:
+    if response.status_code == 200:
+        load.delivered_busy_s += sum(part["ms"] for part in response.json()["parts"]) / 1000
+    elif response.status_code != 409:
+        load.errors += 1
+
+
+async def _offer_load(url: str, profile: str, users: int, seconds: float, seed: int) -> Tuple[Load, float, float]:
+    """Run ``users`` users for ``seconds``; return what they saw, the elapsed time and the wasted worker-seconds."""
+    import httpx
+
+    load = Load()
+    async with httpx.AsyncClient(timeout=30) as stats:
+        busy_before = await _worker_seconds(stats, url)
+        started = time.perf_counter()
+        deadline = asyncio.get_running_loop().time() + seconds
+        await asyncio.gather(*(_user(url, profile, f"user-{number}", deadline, random.Random(seed * 1000 + number),
+                                     load) for number in range(users)))
+        elapsed = time.perf_counter() - started
+        busy = await _settled_worker_seconds(stats, url) - busy_before
+    return load, elapsed, max(0.0, busy - load.delivered_busy_s)
+
+
+def _run(server: Server, profile: str, users: int, seconds: float, seed: int) -> RunFigures:
+    processes = server.processes()
+    cpu_before = _cpu_s(processes)
+    load, elapsed, wasted = asyncio.run(_offer_load(server.url, profile, users, seconds, seed))
+    processes = server.processes()
+    cpu_after = _cpu_s(processes)
+    cpu = sum(after - cpu_before.get(pid, 0.0) for pid, after in cpu_after.items())
+    return RunFigures(tuple(load.latencies_s), len(load.latencies_s) / elapsed, wasted, cpu, _uss_mib(processes),
+                      load.aborted, load.gave_up, load.errors)
+
+
+async def _five_requests(url: str) -> Tuple[float, float]:
+    """Five views of one session 30 ms apart: the worst lag of a superseded answer behind the
+    next request, and the fifth's latency (ms)."""
+    import httpx
+
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+        async def click(number: int) -> Tuple[float, float, int]:
+            await asyncio.sleep(number * FIVE_GAP_S)  # the pace of the clicks
+            sent = time.perf_counter()
+            response = await client.get(f"/view/{number}", params={"session": "five", "profile": "seed"})
+            return sent, time.perf_counter(), response.status_code
+
+        clicks = await asyncio.gather(*(click(number) for number in range(5)))
+    if [status for _, _, status in clicks] != [409] * 4 + [200]:
+        raise RuntimeError(f"five requests of one session answered {[status for _, _, status in clicks]}")
+    lag = max(ended - clicks[number + 1][0] for number, (_, ended, _) in enumerate(clicks[:4]))
+    return lag * 1000, (clicks[4][1] - clicks[4][0]) * 1000
+
+
+def _figures(result: ScenarioResult, key: str, label: str, figures: RunFigures) -> None:
+    if figures.latency is not None:
+        result.put(f"{key}.latency", figures.latency, f"{label}: views waited for")
+    result.put(f"{key}.views_per_s", round(figures.views_per_s, 2), f"{label}: views per second", "/s")
+    result.put(f"{key}.wasted_worker_s", round(figures.wasted_worker_s, 3),
+               f"{label}: worker-seconds on views nobody received", "s")
+    result.put(f"{key}.cpu_s", round(figures.cpu_s, 2), f"{label}: server CPU time", "s")
+    result.put(f"{key}.uss_mib", round(figures.uss_mib, 1), f"{label}: server private memory (USS)", "MiB")
+    result.put(f"{key}.aborted", figures.aborted)
+    result.put(f"{key}.gave_up", figures.gave_up)
+    result.put(f"{key}.errors", figures.errors)
+
+
+@scenario("view-load")
+def view_load(ctx: ScenarioContext) -> ScenarioResult:
+    """Users switching views over HTTP: before / naive pool / Governor in process / through the daemon."""
+    size, result = ctx.size, ScenarioResult()
+    bar_users, seconds = size.view_load_bar_users, size.view_load_seconds
+    runs = [("seed-753", bar_users), *(("seed", users) for users in size.view_load_users)]
+    p95: Dict[Tuple[str, str, int], Optional[float]] = {}
+    wasted: Dict[str, float] = {}
+    curve = result.curve("View load: p95 of the views users waited for (seed profile)", "users", "p95 (ms)")
+    for engine in ENGINES:
+        key = engine.name.replace(" ", "_")
+        for number, (profile, users) in enumerate(runs):
+            directory = ctx.scratch / f"{key}-{profile}-{users}"
+            directory.mkdir()
+            ctx.progress(f"{engine.name}: {users} users, {profile} profile, {seconds:g} s")
+            with Server(engine, directory, size.view_load_workers) as server:
+                figures = _run(server, profile, users, seconds, seed=number)
+                if engine.name.startswith("governor") and profile == "seed-753":
+                    lag_ms, last_ms = asyncio.run(_five_requests(server.url))
+                    result.put(f"{key}.five_requests.superseded_lag_ms", round(lag_ms, 1),
+                               f"{engine.name}: five requests 30 ms apart, latest superseded answer after the next request", "ms")
+                    result.put(f"{key}.five_requests.last_ms", round(last_ms, 1),
+                               f"{engine.name}: five requests 30 ms apart, the fifth's latency", "ms")
+                    result.target(f"{engine.name}: superseded requests end <= {SUPERSEDE_LAG_BAR_MS:g} ms after the next",
+                                  lag_ms, SUPERSEDE_LAG_BAR_MS, "ms")
+                    result.target(f"{engine.name}: the fifth of five answers <= {LAST_OF_FIVE_BAR_MS:g} ms",
+                                  last_ms, LAST_OF_FIVE_BAR_MS, "ms")
+            _figures(result, f"{key}.{profile}.users_{users}", f"{engine.name}, {profile}, {users} users", figures)
+            p95[engine.name, profile, users] = figures.latency.p95 if figures.latency else None
+            if profile == "seed-753":
+                wasted[engine.name] = figures.wasted_worker_s
+                result.distribution(f"View load: seed-753, {users} users", engine.name, to_ms(figures.latencies_s))
+            elif figures.latency is not None:
+                curve.series.setdefault(engine.name, []).append([users, round(figures.latency.p95, 2)])
+
+    for name in ("governor", "governor daemon"):
+        result.target(f"seed-753, {bar_users} users: {name} p95 < {P95_BAR_MS:g} ms",
+                      p95[name, "seed-753", bar_users], P95_BAR_MS, "ms")
+        naive_p95 = p95["naive pool", "seed-753", bar_users]
+        ours = p95[name, "seed-753", bar_users]
+        result.target(f"seed-753, {bar_users} users: {name} p95 / the naive pool's <= {P95_RATIO_BAR:g}x",
+                      ratio(ours, naive_p95) if ours is not None and naive_p95 else None, P95_RATIO_BAR, "x")
+        result.target(f"seed-753, {bar_users} users: {name} worker-seconds on superseded views / the naive pool's "
+                      f"<= {WASTE_RATIO_BAR:g}x", ratio(wasted[name], wasted["naive pool"]), WASTE_RATIO_BAR, "x")
+        if size.view_load_users:
+            most = max(size.view_load_users)
+            result.target(f"seed, {most} users: {name} p95 < {P95_BAR_MS:g} ms", p95[name, "seed", most],
+                          P95_BAR_MS, "ms")
+    for engine in ENGINES if size.view_load_users else ():
+        crossing = next((users for users in size.view_load_users
+                         if (p95[engine.name, "seed", users] or float("inf")) > P95_BAR_MS), None)
+        result.put(f"crossing.{engine.name.replace(' ', '_')}", crossing,
+                   f"{engine.name}: fewest users (seed) whose p95 passes {P95_BAR_MS:g} ms "
+                   f"({'none' if crossing is None else crossing} of {', '.join(map(str, size.view_load_users))})")
+    result.note(f"Users think {THINK_MEAN_S:g} s on average (exponential); one switch in "
+                f"{round(1 / BURST_SHARE)} is {BURST_CLICKS} clicks {BURST_GAP_S * 1000:g} ms apart, each aborting "
+                f"the last. Each run lasts {seconds:g} s on a fresh server (uvicorn in a subprocess; the daemon "
+                f"engine: {DAEMON_FRONT_WORKERS} uvicorn workers and one governor serve); every engine has "
+                f"{size.view_load_workers} workers. A user gives up after {PATIENCE_S:g} s (counted at that latency). Wasted worker-seconds: "
+                "the server's busy time (Governor's metrics; the pools' step times) minus the parts of the views "
+                "users received. CPU and memory: the server's processes (and the daemon's), not the load "
+                "generator, which shares the machine.")
+    return result
