@@ -61,6 +61,9 @@ SUPERSEDE_LAG_BAR_MS, LAST_OF_FIVE_BAR_MS, FIVE_GAP_S = 50.0, 200.0, 0.030
 #: take to settle once the users stopped (steps nobody stopped go on running).
 START_TIMEOUT_S, SETTLE_TIMEOUT_S = 90.0, 10.0
 
+#: How long a stopping server may finish the requests it holds.
+GRACEFUL_SHUTDOWN_S = 5
+
 
 @attrs.frozen
 class Engine:
@@ -127,7 +130,10 @@ class Server:
         self.url = f"http://127.0.0.1:{port}"
         self.process = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "governor.bench.backend:app", "--host", "127.0.0.1", "--port", str(port),
-             "--workers", str(front), "--log-level", "warning"],
+             "--workers", str(front), "--log-level", "warning",
+             # The engines that cannot stop a step leave every abandoned request running:
+             # past this, uvicorn cancels them rather than drain the backlog.
+             "--timeout-graceful-shutdown", str(int(GRACEFUL_SHUTDOWN_S))],
             env=env, stdout=subprocess.DEVNULL, stderr=open(self.dir / "uvicorn.log", "ab"))
         _wait_ready(self.url, self.process, self.dir / "uvicorn.log")
         return self
