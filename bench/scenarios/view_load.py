@@ -299,9 +299,14 @@ def _run(server: Server, profile: str, users: int, seconds: float, seed: int) ->
                       load.aborted, load.gave_up, load.errors)
 
 
-async def _five_requests(url: str) -> Tuple[float, float]:
-    """Five views of one session 30 ms apart: how long after the next request the latest of
-    the first four ended (409, or done before it came: negative), and the fifth's latency (ms)."""
+async def _five_requests(url: str) -> Tuple[float, Optional[float], List[int]]:
+    """Five views of one session 30 ms apart.
+
+    Returns:
+        how long after the next request the latest of the first four ended (ms; 409, or
+        done before the next came: negative), the fifth's latency (ms; ``None`` unless it
+        was answered 200), and the five statuses.
+    """
     import httpx
 
     async with httpx.AsyncClient(base_url=url, timeout=30) as client:
@@ -312,10 +317,9 @@ async def _five_requests(url: str) -> Tuple[float, float]:
             return sent, time.perf_counter(), response.status_code
 
         clicks = await asyncio.gather(*(click(number) for number in range(5)))
-    if not {status for _, _, status in clicks[:4]} <= {200, 409} or clicks[4][2] != 200:
-        raise RuntimeError(f"five requests of one session answered {[status for _, _, status in clicks]}")
     lag = max(ended - clicks[number + 1][0] for number, (_, ended, _) in enumerate(clicks[:4]))
-    return lag * 1000, (clicks[4][1] - clicks[4][0]) * 1000
+    sent, ended, status = clicks[4]
+    return lag * 1000, (ended - sent) * 1000 if status == 200 else None, [status for _, _, status in clicks]
 
 
 def _figures(result: ScenarioResult, key: str, label: str, figures: RunFigures) -> None:
@@ -349,11 +353,17 @@ def view_load(ctx: ScenarioContext) -> ScenarioResult:
             with Server(engine, directory, size.view_load_workers) as server:
                 figures = _run(server, profile, users, seconds, seed=number)
                 if engine.name.startswith("governor") and profile == "seed-753":
-                    lag_ms, last_ms = asyncio.run(_five_requests(server.url))
+                    lag_ms, last_ms, statuses = asyncio.run(_five_requests(server.url))
+                    result.put(f"{key}.five_requests.statuses", statuses,
+                               f"{engine.name}: five requests 30 ms apart, answered")
                     result.put(f"{key}.five_requests.superseded_lag_ms", round(lag_ms, 1),
                                f"{engine.name}: five requests 30 ms apart, latest superseded answer after the next request", "ms")
-                    result.put(f"{key}.five_requests.last_ms", round(last_ms, 1),
+                    result.put(f"{key}.five_requests.last_ms", None if last_ms is None else round(last_ms, 1),
                                f"{engine.name}: five requests 30 ms apart, the fifth's latency", "ms")
+                    if statuses[4] != 200:
+                        result.note(f"{engine.name}: the fifth of five requests was answered {statuses[4]}: an "
+                                    "earlier request of the session reached the governor after it and superseded it "
+                                    "(the daemon engine's two uvicorn processes need not keep the order of sending).")
                     result.target(f"{engine.name}: superseded requests end <= {SUPERSEDE_LAG_BAR_MS:g} ms after the next",
                                   lag_ms, SUPERSEDE_LAG_BAR_MS, "ms")
                     result.target(f"{engine.name}: the fifth of five answers <= {LAST_OF_FIVE_BAR_MS:g} ms",
