@@ -7,8 +7,10 @@ the picture), never a timing: speed is measured by ``python -m governor.bench``,
 
 import datetime
 import json
+import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -20,8 +22,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import governor.bench as bench  # noqa: E402
 from governor.bench import plot, report  # noqa: E402
 from governor.bench.__main__ import main  # noqa: E402
+from governor.bench.peers import MpPoolPeer, PebblePeer, StdlibPeer  # noqa: E402
+from governor.bench.scenarios import sandbox as sandbox_scenario  # noqa: E402
 from governor.bench.runner import scenario_names  # noqa: E402
 from governor.bench.stats import Summary, percentile  # noqa: E402
+from governor.workers.sandbox import SandboxPolicy  # noqa: E402
 
 #: The tiny run starts every pool several times, the peers' workers each a fresh interpreter
 #: (spawned, not forked from this threaded process): minutes on a loaded 2-core machine.
@@ -128,6 +133,25 @@ def test_without_matplotlib_the_picture_is_skipped_with_a_reason(tiny_run, tmp_p
     reason = plot.write_plot(bench_run, tmp_path / "none.png")
     assert "matplotlib is not installed" in reason
     assert not (tmp_path / "none.png").exists()
+
+
+@pytest.mark.parametrize("peer_class", [StdlibPeer, PebblePeer, MpPoolPeer], ids=lambda peer: peer.name)
+def test_the_peers_start_their_workers_without_forking_this_threaded_process(peer_class, monkeypatch):
+    # A child forked from a process with threads may inherit a lock one of them held (Python
+    # 3.12+ warns of it); this test process has threads, as the bench's has.
+    monkeypatch.setattr(os, "fork", _no_fork)
+    with peer_class(2) as peer:
+        assert peer.warm() == 2 and peer.submit("echo", "x").result(timeout=60) == "x"
+
+
+def test_the_sandbox_scenario_times_apply_without_forking_this_process(monkeypatch, tmp_path):
+    monkeypatch.setattr(os, "fork", _no_fork)
+    policy = SandboxPolicy(tmp_root=str(tmp_path))
+    assert 0 < sandbox_scenario._apply_seconds(policy) < 60
+
+
+def _no_fork():
+    raise AssertionError(f"os.fork() in the bench's own process, which runs {threading.active_count()} threads")
 
 
 def test_the_cli_lists_scenarios_and_rejects_unknown_ones():
