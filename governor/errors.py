@@ -21,7 +21,8 @@ Every error subclasses :class:`GovernorError` and, where one fits, the builtin i
 ``concurrent.futures.CancelledError``), so ``except TimeoutError`` keeps working.
 
 Every error pickles: the daemon and user code may send them across processes. Each class
-keeps its constructor's arguments in ``self.args`` order or defines ``__reduce__``.
+keeps its constructor's arguments in ``self.args`` order (:class:`GovernorError` does it
+for the errors that declare ``fields``) or defines ``__reduce__``.
 """
 
 from __future__ import annotations
@@ -30,11 +31,62 @@ import concurrent.futures
 import difflib
 import errno
 import signal
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Callable, ClassVar, Dict, Iterable, List, Mapping, Optional, Tuple
 
 
 class GovernorError(Exception):
-    """Base class of every error Governor raises."""
+    """Base class of every error Governor raises.
+
+    An error that carries figures declares them once, and the base does the rest:
+
+    * ``fields``: the constructor's parameters, in order. Each is kept as an attribute of
+      that name and in ``args``, so the error pickles the standard way.
+    * ``defaults``: the values of the trailing parameters that may be left out.
+    * ``converters``: what some values pass through before they are kept (``tuple``).
+    * ``template``: the message, ``str.format``-ed with the attributes; a message that
+      depends on them in other ways overrides ``__str__`` instead.
+
+    An error without ``fields`` is an ordinary exception: its message is what it was given.
+    """
+
+    fields: ClassVar[Tuple[str, ...]] = ()
+    defaults: ClassVar[Mapping[str, Any]] = {}
+    converters: ClassVar[Mapping[str, Callable[[Any], Any]]] = {}
+    template: ClassVar[str] = ""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        if not self.fields:
+            super().__init__(*args, **kwargs)
+            return
+        values = self._bind(args, kwargs)
+        super().__init__(*values)
+        for name, value in zip(self.fields, values):
+            setattr(self, name, value)
+
+    def _bind(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> List[Any]:
+        """The value of every field, from the arguments as a call of ``__init__(*fields)`` binds them."""
+        name = type(self).__name__
+        if len(args) > len(self.fields):
+            raise TypeError(f"{name}() takes {len(self.fields)} arguments, {len(args)} given")
+        given = dict(zip(self.fields, args))
+        for key, value in kwargs.items():
+            if key not in self.fields or key in given:
+                raise TypeError(f"{name}() got an unexpected or repeated argument {key!r}")
+            given[key] = value
+        missing = [field for field in self.fields if field not in given and field not in self.defaults]
+        if missing:
+            raise TypeError(f"{name}() is missing {', '.join(map(repr, missing))}")
+        values = [given[field] if field in given else self.defaults[field] for field in self.fields]
+        return [self.converters.get(field, _as_is)(value) for field, value in zip(self.fields, values)]
+
+    def __str__(self) -> str:
+        if not self.template:
+            return super().__str__()
+        return self.template.format_map(vars(self))
+
+
+def _as_is(value: Any) -> Any:
+    return value
 
 
 class RegistrationError(GovernorError, ValueError):
@@ -71,11 +123,9 @@ class UnknownStep(GovernorError, KeyError):
         hint: what to do about it, when there is more to say than the suggestions.
     """
 
-    def __init__(self, name: str, suggestions: Sequence[str] = (), hint: str = ""):
-        super().__init__(name, tuple(suggestions), hint)
-        self.name = name
-        self.suggestions = tuple(suggestions)
-        self.hint = hint
+    fields = ("name", "suggestions", "hint")
+    defaults = {"suggestions": (), "hint": ""}
+    converters = {"suggestions": tuple}
 
     @classmethod
     def for_name(cls, name: str, known: Iterable[str]) -> "UnknownStep":
@@ -97,13 +147,8 @@ class QueueFull(GovernorError):
         capacity: how many queued steps the lane holds at most.
     """
 
-    def __init__(self, lane: str, capacity: int):
-        super().__init__(lane, capacity)
-        self.lane = lane
-        self.capacity = capacity
-
-    def __str__(self) -> str:
-        return (f"the {self.lane} lane's queue is full ({self.capacity} steps waiting); "
+    fields = ("lane", "capacity")
+    template = ("the {lane} lane's queue is full ({capacity} steps waiting); "
                 "retry later or raise Supervisor(queue_size=...)")
 
 
@@ -146,13 +191,8 @@ class StepError(GovernorError):
         task_id: the task's id within its supervisor.
     """
 
-    def __init__(self, step: str, task_id: int, *details: Any):
-        super().__init__(step, task_id, *details)
-        self.step = step
-        self.task_id = task_id
-
-    def __str__(self) -> str:
-        return f"step {self.step!r} (task {self.task_id}) failed"
+    fields = ("step", "task_id")
+    template = "step {step!r} (task {task_id}) failed"
 
     def __repr__(self) -> str:
         # Not the args: for the TimeoutError subclass, OSError keeps only two of them.
@@ -183,17 +223,13 @@ class StepFailed(StepError):
         original: the original exception when it could be pickled, else ``None``.
     """
 
-    def __init__(self, step: str, task_id: int, exc_type: str, exc_message: str,
-                 remote_traceback: str, original: Optional[BaseException] = None):
-        super().__init__(step, task_id, exc_type, exc_message, remote_traceback, original)
-        self.exc_type = exc_type
-        self.exc_message = exc_message
-        self.remote_traceback = remote_traceback
-        self.original = original
-        self.__cause__ = RemoteTraceback(remote_traceback)
+    fields = StepError.fields + ("exc_type", "exc_message", "remote_traceback", "original")
+    defaults = {"original": None}
+    template = "step {step!r} raised {exc_type}: {exc_message}"
 
-    def __str__(self) -> str:
-        return f"step {self.step!r} raised {self.exc_type}: {self.exc_message}"
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.__cause__ = RemoteTraceback(self.remote_traceback)
 
 
 class ReadOnlyViolation(StepFailed, PermissionError):
@@ -208,25 +244,18 @@ class ReadOnlyViolation(StepFailed, PermissionError):
         path: the path the step was refused writing.
     """
 
-    def __init__(self, step: str, task_id: int, path: str, exc_type: str, exc_message: str,
-                 remote_traceback: str, original: Optional[BaseException] = None):
-        StepError.__init__(self, step, task_id, path, exc_type, exc_message, remote_traceback, original)
-        self.path = path
-        self.errno, self.strerror, self.filename = errno.EACCES, "read-only step", path  # as a PermissionError
-        self.exc_type = exc_type
-        self.exc_message = exc_message
-        self.remote_traceback = remote_traceback
-        self.original = original
-        self.__cause__ = RemoteTraceback(remote_traceback)
+    fields = StepError.fields + ("path", "exc_type", "exc_message", "remote_traceback", "original")
+    template = ("step {step!r} is read-only (pool lane) but tried to write {path!r}; the sandbox "
+                "refused it ({exc_type}: {exc_message}). Mark the step critical=True if it "
+                "changes state, or declare the path with writes=[...]")
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.errno, self.strerror, self.filename = errno.EACCES, "read-only step", self.path  # as a PermissionError
 
     def __reduce__(self):
         # OSError's own reduce would rebuild from (errno, strerror) semantics: keep ours.
         return type(self), self.args
-
-    def __str__(self) -> str:
-        return (f"step {self.step!r} is read-only (pool lane) but tried to write {self.path!r}; the sandbox "
-                f"refused it ({self.exc_type}: {self.exc_message}). Mark the step critical=True if it "
-                f"changes state, or declare the path with writes=[...]")
 
 
 class StepSkipped(StepError):
@@ -236,12 +265,8 @@ class StepSkipped(StepError):
         failed_step: the name of the step that failed first.
     """
 
-    def __init__(self, step: str, task_id: int, failed_step: str):
-        super().__init__(step, task_id, failed_step)
-        self.failed_step = failed_step
-
-    def __str__(self) -> str:
-        return f"step {self.step!r} skipped: workflow step {self.failed_step!r} failed before it"
+    fields = StepError.fields + ("failed_step",)
+    template = "step {step!r} skipped: workflow step {failed_step!r} failed before it"
 
 
 class WorkflowFailed(GovernorError):
@@ -254,13 +279,12 @@ class WorkflowFailed(GovernorError):
         skipped: names of the steps that were not run.
     """
 
-    def __init__(self, index: int, error: BaseException, results: Sequence[Any], skipped: Sequence[str]):
-        super().__init__(index, error, list(results), list(skipped))
-        self.index = index
-        self.error = error
-        self.results = list(results)
-        self.skipped = list(skipped)
-        self.__cause__ = error
+    fields = ("index", "error", "results", "skipped")
+    converters = {"results": list, "skipped": list}
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.__cause__ = self.error
 
     def __str__(self) -> str:
         return (f"workflow failed at step {self.index}: {self.error}; "
@@ -276,15 +300,8 @@ class StepTimeout(StepError, TimeoutError):
         pid: the worker's pid.
     """
 
-    def __init__(self, step: str, task_id: int, limit_s: float, elapsed_s: float, pid: Optional[int]):
-        super().__init__(step, task_id, limit_s, elapsed_s, pid)
-        self.limit_s = limit_s
-        self.elapsed_s = elapsed_s
-        self.pid = pid
-
-    def __str__(self) -> str:
-        return (f"step {self.step!r} timed out after {self.elapsed_s:.3f}s "
-                f"(limit {self.limit_s:g}s); worker {self.pid} killed")
+    fields = StepError.fields + ("limit_s", "elapsed_s", "pid")
+    template = "step {step!r} timed out after {elapsed_s:.3f}s (limit {limit_s:g}s); worker {pid} killed"
 
 
 class MemoryLimitExceeded(StepError, MemoryError):
@@ -299,13 +316,8 @@ class MemoryLimitExceeded(StepError, MemoryError):
             cap made an allocation fail and the worker survived.
     """
 
-    def __init__(self, step: str, task_id: int, limit_mb: float, peak_mb: Optional[float],
-                 pid: Optional[int], killed: bool = True):
-        super().__init__(step, task_id, limit_mb, peak_mb, pid, killed)
-        self.limit_mb = limit_mb
-        self.peak_mb = peak_mb
-        self.pid = pid
-        self.killed = killed
+    fields = StepError.fields + ("limit_mb", "peak_mb", "pid", "killed")
+    defaults = {"killed": True}
 
     def __str__(self) -> str:
         peak = "unknown" if self.peak_mb is None else f"{self.peak_mb:.1f} MiB"
@@ -325,12 +337,8 @@ class StepCancelled(StepError, concurrent.futures.CancelledError):
             for longer than ``cancel_grace_s``) rather than stopping by itself.
     """
 
-    def __init__(self, step: str, task_id: int, reason: str, detail: Optional[str] = None,
-                 killed: bool = False):
-        super().__init__(step, task_id, reason, detail, killed)
-        self.reason = reason
-        self.detail = detail
-        self.killed = killed
+    fields = StepError.fields + ("reason", "detail", "killed")
+    defaults = {"detail": None, "killed": False}
 
     def __str__(self) -> str:
         text = f"step {self.step!r} cancelled ({self.reason}{': ' + self.detail if self.detail else ''})"
@@ -349,12 +357,7 @@ class WorkerCrashed(StepError):
         signal: the number of the signal that killed it, else ``None``.
     """
 
-    def __init__(self, step: str, task_id: int, pid: Optional[int], exitcode: Optional[int],
-                 signal_number: Optional[int]):
-        super().__init__(step, task_id, pid, exitcode, signal_number)
-        self.pid = pid
-        self.exitcode = exitcode
-        self.signal = signal_number
+    fields = StepError.fields + ("pid", "exitcode", "signal")
 
     def __str__(self) -> str:
         return (f"worker {self.pid} running step {self.step!r} died "
@@ -380,13 +383,9 @@ class TooManyClients(GovernorError, ConnectionRefusedError):
         limit: the connections one user may hold open at once.
     """
 
-    def __init__(self, limit: int):
-        super().__init__(limit)
-        self.limit = limit
-
-    def __str__(self) -> str:
-        return (f"the governor daemon refused the connection: too many clients (this user already has "
-                f"{self.limit} open); close idle clients, or retry")
+    fields = ("limit",)
+    template = ("the governor daemon refused the connection: too many clients (this user already has "
+                "{limit} open); close idle clients, or retry")
 
 
 class TaskNotResumable(GovernorError, RuntimeError):
@@ -401,14 +400,8 @@ class TaskNotResumable(GovernorError, RuntimeError):
         reason: what stops it, in words.
     """
 
-    def __init__(self, task_id: int, step: str, reason: str):
-        super().__init__(task_id, step, reason)
-        self.task_id = task_id
-        self.step = step
-        self.reason = reason
-
-    def __str__(self) -> str:
-        return f"task {self.task_id} ({self.step}) cannot be resumed: {self.reason}"
+    fields = ("task_id", "step", "reason")
+    template = "task {task_id} ({step}) cannot be resumed: {reason}"
 
 
 class UnknownTask(GovernorError, KeyError):
@@ -418,12 +411,8 @@ class UnknownTask(GovernorError, KeyError):
         task_id: the id asked for.
     """
 
-    def __init__(self, task_id: int):
-        super().__init__(task_id)
-        self.task_id = task_id
-
-    def __str__(self) -> str:
-        return f"no task {self.task_id} in the journal (never submitted, or pruned)"
+    fields = ("task_id",)
+    template = "no task {task_id} in the journal (never submitted, or pruned)"
 
 
 class RequestSuperseded(GovernorError, concurrent.futures.CancelledError):
@@ -437,10 +426,8 @@ class RequestSuperseded(GovernorError, concurrent.futures.CancelledError):
         detail: the cancellation's detail as the steps saw it.
     """
 
-    def __init__(self, key: Optional[str], detail: Optional[str] = None):
-        super().__init__(key, detail)
-        self.key = key
-        self.detail = detail
+    fields = ("key", "detail")
+    defaults = {"detail": None}
 
     def __str__(self) -> str:
         return f"superseded by a newer request with key {self.key!r}" + (f" ({self.detail})" if self.detail else "")
