@@ -11,7 +11,8 @@ Three kinds of failure, three kinds of type:
 * Broken infrastructure or misuse: :class:`WorkerCrashed` (a worker died and nobody in
   Governor killed it), :class:`WorkerStartFailed`, :class:`QueueFull`,
   :class:`SupervisorClosed`, :class:`SupervisorBroken`, :class:`SupervisorForked`, :class:`UnknownStep`, :class:`RegistrationError`,
-  :class:`SandboxUnavailable`.
+  :class:`SandboxUnavailable`; for the daemon, :class:`DaemonError` (it cannot start, one
+  subclass per cause), :class:`PeerRefused`, :class:`TooManyClients`, :class:`UnknownTask`.
 
 A pool step stopped by the sandbox is a :class:`ReadOnlyViolation`: a :class:`StepFailed`
 (the step did raise) and a ``PermissionError``.
@@ -431,3 +432,35 @@ class RequestSuperseded(GovernorError, concurrent.futures.CancelledError):
 
     def __str__(self) -> str:
         return f"superseded by a newer request with key {self.key!r}" + (f" ({self.detail})" if self.detail else "")
+
+
+class PeerRefused(GovernorError, PermissionError):
+    """A connection from a user other than the daemon's was refused."""
+
+
+class DaemonError(GovernorError, RuntimeError):
+    """The daemon cannot start: socket directory unsafe, another daemon running, ...
+
+    Each cause has its own subclass, so a command can give each its own exit code; the
+    message is one line for a person.
+    """
+
+
+class SocketDirectoryUnsafe(DaemonError):
+    """The socket's directory is not a private directory of ours (or cannot be made one)."""
+
+
+class DaemonAlreadyRunning(DaemonError):
+    """A daemon already answers on the socket, or something other than a socket is there."""
+
+
+class JournalLocked(DaemonError):
+    """Another daemon holds the journal's lock."""
+
+
+class MetricsAddressInvalid(DaemonError, ValueError):
+    """``--metrics-addr`` is not ``PORT``, ``HOST:PORT`` or ``[IPV6]:PORT``."""
+
+
+class MetricsAddressUnavailable(DaemonError):
+    """The metrics address cannot be served: in use, not ours, or an unknown host."""

@@ -91,7 +91,8 @@ class InProcessDaemon:
     """
 
     def __init__(self, root: Path, builtin: bool = False, **config):
-        from governor.service.daemon import Daemon, DaemonConfig, load_registry
+        from governor.service.config import DaemonConfig, load_registry
+        from governor.service.daemon import Daemon
 
         self.socket = root / "run" / "governor.sock"
         self.journal = root / "state" / "journal.sqlite3"

@@ -392,8 +392,10 @@ def serve(ctx: click.Context, step_modules: List[str], app_dir: Path, builtin: b
     Stop it with SIGTERM or Ctrl-C: it stops accepting, lets running steps finish (up to
     --drain-timeout), keeps queued ones in the journal for the next start, and exits 0.
     """
-    from governor.service import daemon
     from governor.logs import configure_logging
+    from governor.service.config import DaemonConfig, load_registry, parse_metrics_addr
+    from governor.service.daemon import Daemon
+    from governor.service.preflight import preflight
 
     configure_logging(log_format, getattr(logging, log_level.upper()))
     if ray_address is not None and backend != "ray":
@@ -410,19 +412,19 @@ def serve(ctx: click.Context, step_modules: List[str], app_dir: Path, builtin: b
         settings["journal_path"] = journal_path
     if metrics_addr is not None:
         try:
-            settings["metrics_addr"] = daemon.parse_metrics_addr(metrics_addr)
-        except daemon.MetricsAddressInvalid as error:
+            settings["metrics_addr"] = parse_metrics_addr(metrics_addr)
+        except errors.MetricsAddressInvalid as error:
             raise click.BadParameter(str(error), param_hint="--metrics-addr") from None
     settings["http"] = http_config_from_options(**http_settings)
     try:
-        config = daemon.DaemonConfig(**settings)
-        daemon.preflight(config)
+        config = DaemonConfig(**settings)
+        preflight(config)
         _import_step_modules(step_modules, app_dir)
-        registry = daemon.load_registry(step_modules, builtin=builtin)
-        daemon.Daemon(registry, config).serve()
-    except (daemon.DaemonAlreadyRunning, daemon.JournalLocked) as error:
+        registry = load_registry(step_modules, builtin=builtin)
+        Daemon(registry, config).serve()
+    except (errors.DaemonAlreadyRunning, errors.JournalLocked) as error:
         raise GovernorClickError(str(error), "already_running") from None
-    except (daemon.DaemonError, errors.RegistrationError, errors.BackendUnavailable,
+    except (errors.DaemonError, errors.RegistrationError, errors.BackendUnavailable,
             errors.SandboxUnavailable) as error:
         raise GovernorClickError(str(error), "cannot_start") from None
 

@@ -8,7 +8,7 @@ Data flow::
     manager thread ──on_dispatch(task)──> journal.mark_started (durable, before the worker)
     task future done ──call_soon_threadsafe──> loop: journal.mark_finished -> waiters' replies
 
-Only the loop thread touches connections, waiters and the live-task table; the manager
+Only the loop thread touches connections, waiters and the in-flight table; the manager
 thread's one call into the daemon is the dispatch hook, which writes the journal (guarded
 by its lock) and reads nothing else.
 
@@ -55,333 +55,40 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import errno
-import fcntl
-import importlib
-import ipaddress
 import logging
 import os
 import signal
 import socket
-import stat
 import struct
 import threading
-from importlib import metadata
-from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Awaitable, Callable, Dict, List, Optional, Sequence, Tuple
 
 import attrs
 
 from governor import protocol
-from governor.errors import GovernorError, StepCancelled, TaskNotResumable, TooManyClients, UnknownTask
-from governor.service.journal import Journal, NewTask, TaskRecord
-from governor.limits import Lane
-from governor.service.live import HttpConfig, LiveModel
-from governor.paths import default_journal_path, default_socket_path
 from governor.engine.supervisor import Supervisor
+from governor.errors import (DaemonAlreadyRunning, DaemonError, GovernorError, MetricsAddressUnavailable, PeerRefused,
+                             StepCancelled, TaskNotResumable, TooManyClients, UnknownTask)
+from governor.limits import Lane
+from governor.service.config import DaemonConfig, show_addr
+from governor.service.journal import Journal, NewTask, TaskRecord
+from governor.service.live import LiveModel
+from governor.service.preflight import (JournalLock, bind_metrics_socket, check_socket_directory, check_socket_free,
+                                        ensure_private_directory)
 from governor.task import Call, Task, TaskState, WorkflowFuture
 
 log = logging.getLogger("governor.service.daemon")
 
-#: The entry-point group through which installed packages ship steps to the daemon. Each
-#: entry point names a ``StepRegistry`` (its steps are included) or a callable taking the
-#: daemon's registry (it registers steps on it).
-ENTRY_POINT_GROUP = "governor.steps"
 
 #: How much a connection may have waiting to be sent before the daemon gives up on it: a
 #: client that stops reading must not make the daemon buffer without bound.
 MAX_CLIENT_BACKLOG_BYTES = 8 << 20
 
-#: How many connections one user may hold open at once; the next is refused with
-#: ``TooManyClients``. The peer check already limits clients to the daemon's own user (and
-#: root, if allowed), so this bounds what one runaway program can hold; the idle timeout
-#: frees what it leaked.
-DEFAULT_MAX_CONNECTIONS_PER_UID = 256
-
-#: How long a connection with nothing in flight may stay silent before it is closed. Long
-#: enough for a program that keeps a client between bursts of work (it reconnects on its
-#: next request anyway); short enough that leaked connections free their slots in minutes.
-DEFAULT_IDLE_TIMEOUT_S = 300.0
-
-#: How long running steps may take to finish after SIGTERM before they are cancelled
-#: (they stay "running" in the journal, so the next start treats them as interrupted).
-DEFAULT_DRAIN_TIMEOUT_S = 30.0
-
 #: How often finished journal rows older than the retention are pruned.
 PRUNE_INTERVAL_S = 600.0
 
-#: Where ``--metrics-addr PORT`` listens: loopback, since the figures name steps and hosts.
-DEFAULT_METRICS_HOST = "127.0.0.1"
-
 _PEER_CREDENTIALS = struct.Struct("3i")  # pid, uid, gid
 
-
-class PeerRefused(GovernorError, PermissionError):
-    """A connection from a user other than the daemon's was refused."""
-
-
-class DaemonError(GovernorError, RuntimeError):
-    """The daemon cannot start: socket directory unsafe, another daemon running, ...
-
-    Each cause has its own subclass, so a command can give each its own exit code; the
-    message is one line for a person.
-    """
-
-
-class SocketDirectoryUnsafe(DaemonError):
-    """The socket's directory is not a private directory of ours (or cannot be made one)."""
-
-
-class DaemonAlreadyRunning(DaemonError):
-    """A daemon already answers on the socket, or something other than a socket is there."""
-
-
-class JournalLocked(DaemonError):
-    """Another daemon holds the journal's lock."""
-
-
-class MetricsAddressInvalid(DaemonError, ValueError):
-    """``--metrics-addr`` is not ``PORT``, ``HOST:PORT`` or ``[IPV6]:PORT``."""
-
-
-class MetricsAddressUnavailable(DaemonError):
-    """The metrics address cannot be served: in use, not ours, or an unknown host."""
-
-
-def parse_metrics_addr(text: str) -> Tuple[str, int]:
-    """``(host, port)`` of a metrics address.
-
-    Forms: ``PORT`` (on 127.0.0.1), ``HOST:PORT``, ``IPV4:PORT`` and ``[IPV6]:PORT``
-    (e.g. ``[::1]:9468``). The port is 1-65535.
-
-    Raises:
-        MetricsAddressInvalid: any other text, saying which form was expected.
-    """
-    expected = "expected PORT, HOST:PORT or [IPV6]:PORT (e.g. 127.0.0.1:9464 or [::1]:9464)"
-    text = text.strip()
-    if text.startswith("["):
-        host, bracket, rest = text[1:].partition("]")
-        if not bracket or not rest.startswith(":"):
-            raise MetricsAddressInvalid(f"metrics address {text!r}: {expected}")
-        port = rest[1:]
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise MetricsAddressInvalid(f"metrics address {text!r}: {host!r} is not an IPv6 address") from None
-    elif ":" in text:
-        host, _, port = text.rpartition(":")
-        if ":" in host:
-            raise MetricsAddressInvalid(f"metrics address {text!r}: put an IPv6 address in brackets, "
-                                        f"e.g. [{host}]:{port}")
-    else:
-        host, port = DEFAULT_METRICS_HOST, text
-    if not host:
-        raise MetricsAddressInvalid(f"metrics address {text!r}: name the host ({DEFAULT_METRICS_HOST}:{port}, "
-                                    f"or 0.0.0.0:{port} for every interface)")
-    if not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise MetricsAddressInvalid(f"metrics address {text!r}: the port must be a number from 1 to 65535; {expected}")
-    return host, int(port)
-
-
-def _metrics_addr(value: Union[None, str, Tuple[str, int]]) -> Optional[Tuple[str, int]]:
-    if value is None or isinstance(value, tuple):
-        return value
-    return parse_metrics_addr(value)
-
-
-def _show_addr(addr: Tuple[str, int]) -> str:
-    host, port = addr
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def load_registry(modules: Sequence[str] = (), entry_points: bool = True, builtin: bool = True):
-    """The daemon's steps: the built-in ones, those of ``modules``, and those of installed packages.
-
-    Args:
-        builtin: start from ``steps.builtin.default_registry()`` (else from an empty one).
-        modules: ``MODULE`` or ``MODULE:ATTRIBUTE`` names; the attribute (default
-            ``registry``) is a ``StepRegistry`` to include or a callable to call with the
-            daemon's registry.
-        entry_points: also load the :data:`ENTRY_POINT_GROUP` entry points.
-    """
-    from governor.steps import StepRegistry
-    from governor.steps.builtin import default_registry
-
-    registry = default_registry() if builtin else StepRegistry()
-    sources = [_load_attribute(name) for name in modules]
-    if entry_points:
-        sources += [entry.load() for entry in metadata.entry_points(group=ENTRY_POINT_GROUP)]
-    for source in sources:
-        if callable(getattr(source, "snapshot", None)):
-            registry.include(source)
-        elif callable(source):
-            source(registry)
-        else:
-            raise DaemonError(f"a step source must be a StepRegistry or a callable, not {type(source).__name__}")
-    return registry
-
-
-def _load_attribute(name: str) -> Any:
-    module_name, _, attribute = name.partition(":")
-    module = importlib.import_module(module_name)
-    try:
-        return getattr(module, attribute or "registry")
-    except AttributeError:
-        raise DaemonError(f"module {module_name!r} has no {attribute or 'registry'!r}") from None
-
-
-@attrs.frozen
-class DaemonConfig:
-    """How a daemon runs. Every field has a default that needs nothing installed.
-
-    ``metrics_addr`` takes ``(host, port)`` or any text :func:`parse_metrics_addr` reads.
-    """
-
-    socket_path: Path = attrs.field(factory=default_socket_path, converter=Path)
-    journal_path: Path = attrs.field(factory=default_journal_path, converter=Path)
-    workers: Optional[int] = None
-    allow_root: bool = False
-    drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
-    metrics_addr: Optional[Tuple[str, int]] = attrs.field(default=None, converter=_metrics_addr)
-    retention_s: float = 7 * 24 * 3600.0
-    backend: str = "loky"
-    ray_address: Optional[str] = None
-    idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S
-    max_connections_per_uid: int = DEFAULT_MAX_CONNECTIONS_PER_UID
-    http: Optional[HttpConfig] = None  # the live status page (issue 15); off when None
-    sandbox: str = "auto"
-    sandbox_writes: Tuple[str, ...] = attrs.field(default=(), converter=tuple)
-
-
-# --------------------------------------------------------------------------- start-up checks
-
-def check_socket_directory(socket_path: Path) -> None:
-    """Check that the socket's directory is ours and private, or that it can be created.
-
-    Nothing is created here (:meth:`Daemon.start` creates the directory, 0700).
-
-    Raises:
-        SocketDirectoryUnsafe: it is open to other users, another user's, not a directory,
-            or missing under a parent we cannot write to.
-    """
-    directory = Path(socket_path).parent
-    try:
-        info = directory.stat()
-    except FileNotFoundError:
-        ancestor = next((parent for parent in directory.parents if parent.exists()), None)
-        if ancestor is None or not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
-            raise SocketDirectoryUnsafe(f"cannot create the socket directory {directory}: "
-                                        f"{ancestor} is not a directory we can write to") from None
-        return
-    except NotADirectoryError:
-        raise SocketDirectoryUnsafe(f"{directory} is not a directory (a file is in its path)") from None
-    if not stat.S_ISDIR(info.st_mode):
-        raise SocketDirectoryUnsafe(f"{directory} is not a directory")
-    if info.st_uid != os.getuid():
-        raise SocketDirectoryUnsafe(f"{directory} belongs to uid {info.st_uid}, not to us ({os.getuid()})")
-    if info.st_mode & 0o077:
-        raise SocketDirectoryUnsafe(f"{directory} is open to other users (mode {stat.S_IMODE(info.st_mode):o}); "
-                                    "make it 0700 or choose another --socket")
-
-
-def check_socket_free(socket_path: Path) -> bool:
-    """Check that no daemon answers on ``socket_path``.
-
-    Returns:
-        Whether a stale socket (its daemon gone) is there, to be replaced.
-
-    Raises:
-        DaemonAlreadyRunning: a daemon answers there, or the path is not a socket.
-    """
-    path = Path(socket_path)
-    try:
-        info = path.lstat()
-    except FileNotFoundError:
-        return False
-    if not stat.S_ISSOCK(info.st_mode):
-        raise DaemonAlreadyRunning(f"{path} exists and is not a socket; remove it or choose another --socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(str(path))
-    except OSError:
-        return True  # stale: its daemon is gone
-    finally:
-        probe.close()
-    raise DaemonAlreadyRunning(f"a governor daemon is already listening on {path}")
-
-
-class JournalLock:
-    """The flock on ``journal + ".lock"`` that makes a daemon the journal's only user."""
-
-    def __init__(self, journal_path: Path):
-        path = Path(journal_path)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            # Create the journal 0600 before SQLite does: it holds every task's parameters
-            # and results, and SQLite gives its -wal and -shm files the database file's mode.
-            os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
-            self._file = open(f"{path}.lock", "a")
-        except OSError as error:
-            raise JournalLocked(f"cannot open the journal {path}: {error.strerror or error}") from None
-        try:
-            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._file.close()
-            raise JournalLocked(f"another governor daemon is using the journal {path}") from None
-
-    def release(self) -> None:
-        """Release the lock (closing the file releases the flock)."""
-        self._file.close()
-
-
-def check_metrics_addr(addr: Tuple[str, int]) -> None:
-    """Check that the metrics address resolves and can be bound now.
-
-    Raises:
-        MetricsAddressUnavailable: an unknown host, an address not on this machine, or a
-            port in use or not ours to bind.
-    """
-    server = _bind_metrics_socket(addr)
-    server.close()
-
-
-def _bind_metrics_socket(addr: Tuple[str, int]) -> socket.socket:
-    host, port = addr
-    try:
-        family, kind, proto, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                              flags=socket.AI_PASSIVE)[0]
-    except socket.gaierror as error:
-        raise MetricsAddressUnavailable(f"cannot serve metrics on {_show_addr(addr)}: {error.strerror}") from None
-    server = socket.socket(family, kind, proto)
-    try:
-        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the HTTP server will
-        server.bind(sockaddr)
-    except OSError as error:
-        server.close()
-        raise MetricsAddressUnavailable(f"cannot serve metrics on {_show_addr(addr)}: "
-                                        f"{error.strerror or errno.errorcode.get(error.errno, error)}") from None
-    return server
-
-
-def preflight(config: DaemonConfig) -> None:
-    """Every start-up check that needs no worker, in the order :meth:`Daemon.start` makes them.
-
-    For a command that wants to fail fast; :meth:`Daemon.start` makes the same checks
-    again (holding what it checked), so calling this is optional. Leaves nothing behind
-    but the journal's directory, lock file and empty database.
-
-    Raises:
-        SocketDirectoryUnsafe, DaemonAlreadyRunning, JournalLocked,
-        MetricsAddressUnavailable: the first check that fails.
-    """
-    check_socket_directory(config.socket_path)
-    check_socket_free(config.socket_path)
-    JournalLock(config.journal_path).release()
-    if config.metrics_addr is not None:
-        check_metrics_addr(config.metrics_addr)
-
-
-# --------------------------------------------------------------------------- the daemon
 
 @attrs.frozen
 class DaemonStatistics:
@@ -399,8 +106,8 @@ class DaemonStatistics:
 
 
 @attrs.define(eq=False)
-class _Live:
-    """A journaled task the supervisor is running, and who waits for its end."""
+class _InFlight:
+    """A journaled task the supervisor has not finished (queued or running), and who waits for its end."""
 
     record_id: int
     future: concurrent.futures.Future
@@ -469,25 +176,25 @@ class _Waiter:
 
     def __init__(self, connection: _Connection, request_id: Any, record_ids: List[int], single: bool):
         self.connection, self.request_id, self.record_ids, self.single = connection, request_id, record_ids, single
-        self._lives: List[_Live] = []
+        self._in_flight: List[_InFlight] = []
         self._timer: Optional[asyncio.TimerHandle] = None
 
-    def attach(self, daemon: "Daemon", lives: List[_Live], timeout: Optional[float] = None) -> None:
-        """Wait for ``lives`` (reply at once when there are none), for at most ``timeout`` seconds."""
-        if not lives:
+    def attach(self, daemon: "Daemon", in_flight: List[_InFlight], timeout: Optional[float] = None) -> None:
+        """Wait for ``in_flight`` (reply at once when there are none), for at most ``timeout`` seconds."""
+        if not in_flight:
             self.reply(daemon, final=True)
             return
-        self._lives = list(lives)
-        for live in lives:
-            live.waiters.append(self)
+        self._in_flight = list(in_flight)
+        for entry in in_flight:
+            entry.waiters.append(self)
         self.connection.waiters.add(self)
         self.connection.busy()
         if timeout is not None:
             self._timer = asyncio.get_running_loop().call_later(timeout, self.reply, daemon, False)
 
-    def one_done(self, daemon: "Daemon", live: _Live) -> None:
-        self._lives.remove(live)
-        if not self._lives:
+    def one_done(self, daemon: "Daemon", entry: _InFlight) -> None:
+        self._in_flight.remove(entry)
+        if not self._in_flight:
             self.reply(daemon, final=True)
 
     def reply(self, daemon: "Daemon", final: bool) -> None:
@@ -498,9 +205,9 @@ class _Waiter:
 
     def detach(self) -> None:
         """Stop waiting (answered, timed out, or the connection closed)."""
-        for live in self._lives:
-            live.waiters.remove(self)
-        self._lives = []
+        for entry in self._in_flight:
+            entry.waiters.remove(self)
+        self._in_flight = []
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -516,7 +223,7 @@ class Daemon:
         self.config = config
         self._journal: Optional[Journal] = None
         self._supervisor: Optional[Supervisor] = None
-        self._live: Dict[int, _Live] = {}
+        self._in_flight: Dict[int, _InFlight] = {}
         self._started_records: set = set()
         self._last_critical: Optional[int] = None  # the record of the critical step last started
         self._ends_lock = threading.Lock()  # _journal_end runs on the manager and the loop thread
@@ -528,7 +235,7 @@ class Daemon:
         self._draining = False
         self._lock: Optional[JournalLock] = None
         self._listening = False  # the socket file is ours to remove
-        self.live = LiveModel()  # issue 15: what `governor top` and the status page show
+        self._live_model = LiveModel()  # issue 15: what `governor top` and the status page show
         self.status_page = None  # a governor.service.web.StatusPage while --http-addr serves one
 
     # ----------------------------------------------------------------- life
@@ -552,11 +259,6 @@ class Daemon:
             await self._stopping.wait()
         finally:
             await self.stop()
-
-    def request_stop(self) -> None:
-        """Ask a running daemon to stop (thread-safe)."""
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._stopping.set)
 
     async def start(self) -> None:
         """Check and take the socket, journal and metrics address; then start workers, resume, listen.
@@ -616,7 +318,7 @@ class Daemon:
         supervisor = self._supervisor
         if supervisor is not None:
             supervisor.shutdown(wait=False, cancel_futures=True)
-            running = [asyncio.wrap_future(live.future) for live in self._live.values() if not live.future.done()]
+            running = [asyncio.wrap_future(entry.future) for entry in self._in_flight.values() if not entry.future.done()]
             if running:
                 await asyncio.wait(running, timeout=self.config.drain_timeout_s)
         for connection in list(self._connections):
@@ -649,12 +351,10 @@ class Daemon:
             self._lock.release()
             self._lock = None
 
-    _listening = False
-
     def _listen(self) -> socket.socket:
         """Bind the socket in a private directory, mode 0600, replacing a stale one."""
         path = self.config.socket_path
-        _ensure_private_directory(path.parent)
+        ensure_private_directory(path.parent)
         if check_socket_free(path):
             path.unlink()
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -676,14 +376,14 @@ class Daemon:
         from prometheus_client import start_http_server
 
         addr = self.config.metrics_addr
-        _bind_metrics_socket(addr).close()  # a typed, one-line error for what the server would raise
+        bind_metrics_socket(addr).close()  # a typed, one-line error for what the server would raise
         try:
             self._metrics_server, _ = start_http_server(addr[1], addr=addr[0],
                                                         registry=self._supervisor.prometheus_registry)
         except OSError as error:  # lost a race for the port since the check
-            raise MetricsAddressUnavailable(f"cannot serve metrics on {_show_addr(addr)}: "
+            raise MetricsAddressUnavailable(f"cannot serve metrics on {show_addr(addr)}: "
                                             f"{error.strerror or error}") from None
-        log.info("metrics on http://%s/metrics", _show_addr(addr))
+        log.info("metrics on http://%s/metrics", show_addr(addr))
 
     def _prune(self) -> None:
         if not self._draining:
@@ -695,8 +395,8 @@ class Daemon:
     def statistics(self) -> DaemonStatistics:
         """The daemon's own figures, now (loop thread)."""
         return DaemonStatistics(connections=len(self._connections),
-                                waiters=sum(len(live.waiters) for live in self._live.values()),
-                                live_tasks=len(self._live))
+                                waiters=sum(len(entry.waiters) for entry in self._in_flight.values()),
+                                live_tasks=len(self._in_flight))
 
     # ----------------------------------------------------------------- connections
 
@@ -744,8 +444,7 @@ class Daemon:
         request_id = protocol.request_id_of(message)
         try:
             request = protocol.parse_request(message)
-            handler = getattr(self, f"_op_{request.OP}")
-            reply = await handler(connection, request)
+            reply = await _HANDLERS[type(request)](self, connection, request)
         except Exception as error:  # every failure of a request is a reply, never a crash
             if not isinstance(error, GovernorError):
                 log.exception("request %r failed", request_id)
@@ -790,9 +489,9 @@ class Daemon:
     async def _op_cancel(self, connection: _Connection, request: protocol.Cancel) -> Dict[str, Any]:
         outcome: Dict[str, List[int]] = {"cancelled": [], "finished": [], "unknown": []}
         for record_id in request.task_ids:
-            live = self._live.get(record_id)
-            if live is not None:
-                live.future.cancel("cancelled by a client")
+            entry = self._in_flight.get(record_id)
+            if entry is not None:
+                entry.future.cancel("cancelled by a client")
                 outcome["cancelled"].append(record_id)
             elif self._journal.get(record_id) is not None:
                 outcome["finished"].append(record_id)
@@ -808,9 +507,9 @@ class Daemon:
 
     async def _op_wait(self, connection: _Connection, request: protocol.Wait) -> None:
         record = self._record(request.task_id)
-        live = self._live.get(record.id)
+        entry = self._in_flight.get(record.id)
         _Waiter(connection, request.id, [record.id], single=True).attach(
-            self, [live] if live is not None else [], request.timeout)
+            self, [entry] if entry is not None else [], request.timeout)
 
     async def _op_steps(self, connection: _Connection, request: protocol.Steps) -> Dict[str, Any]:
         return {"steps": self._supervisor.describe_steps()}
@@ -829,7 +528,7 @@ class Daemon:
 
     async def live_snapshot(self) -> Dict[str, Any]:
         """The live picture (``governor.service.live``), for ``governor top`` and the status page."""
-        return await self.live.snapshot(self._supervisor, self._journal)
+        return await self._live_model.snapshot(self._supervisor, self._journal)
 
     async def prometheus_text(self) -> str:
         """The supervisor's figures in the Prometheus text format (the status page's /metrics)."""
@@ -865,11 +564,12 @@ class Daemon:
 
     def _acknowledge(self, connection: _Connection, request: Any, record_ids: List[int]) -> None:
         """Send a submission's ids; with ``wait``, owe the final reply once its tasks end."""
-        ids = {"task_ids": record_ids} if request.OP == "batch" else {"task_id": record_ids[0]}
+        single = not isinstance(request, protocol.Batch)
+        ids = {"task_id": record_ids[0]} if single else {"task_ids": record_ids}
         connection.send(protocol.ok_reply(request.id, final=not request.wait, **ids))
         if request.wait:
-            lives = [self._live[record_id] for record_id in record_ids if record_id in self._live]
-            _Waiter(connection, request.id, record_ids, single=request.OP != "batch").attach(self, lives)
+            in_flight = [self._in_flight[record_id] for record_id in record_ids if record_id in self._in_flight]
+            _Waiter(connection, request.id, record_ids, single=single).attach(self, in_flight)
 
     def _target(self, key: Optional[str]) -> Any:
         """Where a request's tasks go: a scope superseding the last one with ``key``, or the supervisor."""
@@ -882,7 +582,7 @@ class Daemon:
         except GovernorError as refused:  # QueueFull, SupervisorClosed: the row must not stay queued
             self._journal.mark_finished(record_id, TaskState.FAILED.value, error=protocol.error_to_wire(refused))
             raise
-        self._live[record_id] = _Live(record_id, future)
+        self._in_flight[record_id] = _InFlight(record_id, future)
         future.add_done_callback(lambda done: self._loop.call_soon_threadsafe(self._task_done, record_id))
 
     def _resume(self, record: TaskRecord) -> None:
@@ -920,21 +620,21 @@ class Daemon:
             return  # a workflow's later steps: its row is running already
         if task.lane is Lane.CRITICAL:
             previous, self._last_critical = self._last_critical, task.ref
-            live = self._live.get(previous) if previous is not None else None
-            if live is not None and live.future.done():
-                self._journal_end(live)
+            entry = self._in_flight.get(previous) if previous is not None else None
+            if entry is not None and entry.future.done():
+                self._journal_end(entry)
         self._started_records.add(task.ref)
         self._journal.mark_started(task.ref)
 
-    def _journal_end(self, live: _Live) -> None:
+    def _journal_end(self, entry: _InFlight) -> None:
         """Journal a finished record's end, once (the manager or the loop thread, whichever is first)."""
         # The write happens under the lock: the loop thread answers the record's waiters
         # from the journal right after this returns, so it must not pass a write in flight.
         with self._ends_lock:
-            if live.end_journaled:
+            if entry.end_journaled:
                 return
-            live.end_journaled = True
-            record_id, future = live.record_id, live.future
+            entry.end_journaled = True
+            record_id, future = entry.record_id, entry.future
             if self._draining and _cancelled_by_shutdown(future):
                 return  # left queued or running in the journal: the next start takes it up
             state, result, error = _ending(future)
@@ -943,15 +643,36 @@ class Daemon:
 
     def _task_done(self, record_id: int) -> None:
         """Loop thread: journal a task's end and answer who waits for it."""
-        live = self._live.pop(record_id)
+        entry = self._in_flight.pop(record_id)
         self._started_records.discard(record_id)
-        future = live.future
-        self.live.task_ended(record_id, future)
+        future = entry.future
+        self._live_model.task_ended(record_id, future)
         if self._draining and _cancelled_by_shutdown(future):
             return  # left queued or running in the journal: the next start takes it up
-        self._journal_end(live)
-        for waiter in list(live.waiters):
-            waiter.one_done(self, live)
+        self._journal_end(entry)
+        for waiter in list(entry.waiters):
+            waiter.one_done(self, entry)
+
+
+
+#: The handler of each request type. Built at import, so a request type the protocol
+#: defines and the daemon does not handle stops the import rather than a client's request.
+_HANDLERS: Dict[type, Callable[[Daemon, Optional[_Connection], Any], Awaitable[Optional[Dict[str, Any]]]]] = {
+    protocol.Ping: Daemon._op_ping,
+    protocol.Submit: Daemon._op_submit,
+    protocol.Batch: Daemon._op_batch,
+    protocol.WorkflowRequest: Daemon._op_workflow,
+    protocol.Cancel: Daemon._op_cancel,
+    protocol.Status: Daemon._op_status,
+    protocol.Wait: Daemon._op_wait,
+    protocol.Steps: Daemon._op_steps,
+    protocol.Workers: Daemon._op_workers,
+    protocol.Metrics: Daemon._op_metrics,
+    protocol.Live: Daemon._op_live,
+}
+_UNHANDLED = set(protocol.REQUEST_TYPES.values()) - set(_HANDLERS)
+if _UNHANDLED:
+    raise ImportError(f"the daemon has no handler for {sorted(cls.__name__ for cls in _UNHANDLED)}")
 
 
 def _cancelled_by_shutdown(future: concurrent.futures.Future) -> bool:
@@ -977,14 +698,3 @@ def _ending(future: concurrent.futures.Future) -> Tuple[str, Any, Optional[Dict[
         return TaskState.DONE.value, protocol.to_json_value(value), None
     except protocol.ResultNotSerialisable as unsendable:
         return TaskState.FAILED.value, None, protocol.error_to_wire(unsendable)
-
-
-def _ensure_private_directory(directory: Path) -> None:
-    """Create ``directory`` 0700, or check that an existing one is ours and private."""
-    try:
-        directory.mkdir(parents=True, mode=0o700)
-    except FileExistsError:
-        pass
-    except OSError as error:
-        raise SocketDirectoryUnsafe(f"cannot create the socket directory {directory}: {error.strerror}") from None
-    check_socket_directory(directory / "governor.sock")

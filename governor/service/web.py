@@ -37,7 +37,7 @@ from typing import Any, Optional
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from governor.errors import GovernorError
+from governor.errors import DaemonError, GovernorError
 from governor.service.live import HttpConfig
 
 log = logging.getLogger("governor.service.web")
@@ -113,8 +113,6 @@ class StatusPage:
         try:
             await site.start()
         except OSError as error:  # in use, not an address of this host: say so, no traceback
-            from governor.service.daemon import DaemonError
-
             await page._runner.cleanup()
             raise DaemonError(f"cannot serve the status page on {config.host}:{config.port}: "
                               f"{error.strerror or error}") from None

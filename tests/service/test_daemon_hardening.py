@@ -21,9 +21,10 @@ from conftest import wait_until
 from daemon_harness import DaemonProcess, InProcessDaemon, kill_all
 from governor import protocol
 from governor.client import Client, DaemonUnavailable
-from governor.service.daemon import (Daemon, DaemonAlreadyRunning, DaemonConfig, JournalLocked, MetricsAddressInvalid,
-                             MetricsAddressUnavailable, SocketDirectoryUnsafe, load_registry, parse_metrics_addr)
-from governor.errors import StepFailed, StepTimeout, TaskNotResumable, TooManyClients
+from governor.errors import (DaemonAlreadyRunning, JournalLocked, MetricsAddressInvalid, MetricsAddressUnavailable,
+                             SocketDirectoryUnsafe, StepFailed, StepTimeout, TaskNotResumable, TooManyClients)
+from governor.service.config import DaemonConfig, load_registry, parse_metrics_addr
+from governor.service.daemon import Daemon
 from governor.service.journal import Journal, NewTask
 from governor.limits import Lane
 
