@@ -37,8 +37,11 @@ class DaemonProcess:
         env = {**os.environ, **self.env,
                "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
         steps = [] if self.builtin else ["--steps", "step_library", "--no-builtin"]
+        # Bound to this process: if the test process dies without its teardown (os._exit
+        # on a timeout), the daemon gets SIGTERM and shuts its workers down.
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "governor", "serve", "--socket", str(self.socket), "--journal", str(self.journal),
+            [sys.executable, "-m", "parent_bound", str(os.getpid()),
+             "-m", "governor", "serve", "--socket", str(self.socket), "--journal", str(self.journal),
              *steps, "--workers", str(self.workers), "--drain-timeout", "5", *self.extra_args],
             env=env, stdout=subprocess.DEVNULL, stderr=open(self.log, "ab"))
         assert wait_until(self._answers, timeout=60), f"the daemon did not start:\n{self.log.read_text()}"
