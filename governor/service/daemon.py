@@ -59,6 +59,7 @@ import logging
 import os
 import signal
 import socket
+import sqlite3
 import struct
 import threading
 from typing import Any, Awaitable, Callable, Dict, List, Optional, Sequence, Tuple
@@ -86,6 +87,11 @@ MAX_CLIENT_BACKLOG_BYTES = 8 << 20
 
 #: How often finished journal rows older than the retention are pruned.
 PRUNE_INTERVAL_S = 600.0
+
+#: How soon a task's end that could not be journaled is written again (see
+#: ``Daemon._task_done``): often enough that its waiters hear soon after the journal is
+#: free, rarely enough that a journal locked for minutes costs a write a second.
+JOURNAL_RETRY_S = 1.0
 
 _PEER_CREDENTIALS = struct.Struct("3i")  # pid, uid, gid
 
@@ -633,26 +639,38 @@ class Daemon:
         with self._ends_lock:
             if entry.end_journaled:
                 return
-            entry.end_journaled = True
-            record_id, future = entry.record_id, entry.future
-            if self._draining and _cancelled_by_shutdown(future):
+            if self._draining and _cancelled_by_shutdown(entry.future):
                 return  # left queued or running in the journal: the next start takes it up
-            state, result, error = _ending(future)
-            self._journal.mark_finished(record_id, state, result=result,
-                                        error=None if error is None else protocol.with_task_id(error, record_id))
+            state, result, error = _ending(entry.future)
+            self._journal.mark_finished(entry.record_id, state, result=result,
+                                        error=None if error is None else protocol.with_task_id(error, entry.record_id))
+            entry.end_journaled = True  # only once written: a failed write is made again
 
     def _task_done(self, record_id: int) -> None:
-        """Loop thread: journal a task's end and answer who waits for it."""
-        entry = self._in_flight.pop(record_id)
+        """Loop thread: journal a task's end, then answer who waits for it.
+
+        A write that fails (another process holds the journal's lock past its busy
+        timeout, the disk is full) is made again every :data:`JOURNAL_RETRY_S`, the task
+        staying in flight meanwhile: its waiters are answered once its end is durable,
+        never forgotten.
+        """
+        if self._journal is None:
+            return  # stopped: the row stays as it was for the next start
+        entry = self._in_flight[record_id]
+        try:
+            self._journal_end(entry)
+        except sqlite3.OperationalError as error:
+            log.warning("could not journal the end of task %s (%s); trying again in %ss",
+                        record_id, error, JOURNAL_RETRY_S, extra={"task_id": record_id})
+            self._loop.call_later(JOURNAL_RETRY_S, self._task_done, record_id)
+            return
+        del self._in_flight[record_id]
         self._started_records.discard(record_id)
-        future = entry.future
-        self._live_model.task_ended(record_id, future)
-        if self._draining and _cancelled_by_shutdown(future):
-            return  # left queued or running in the journal: the next start takes it up
-        self._journal_end(entry)
+        self._live_model.task_ended(record_id, entry.future)
+        if self._draining and _cancelled_by_shutdown(entry.future):
+            return  # nobody is answered: the task is the next start's
         for waiter in list(entry.waiters):
             waiter.one_done(self, entry)
-
 
 
 #: The handler of each request type. Built at import, so a request type the protocol

@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import struct
 import subprocess
 import sys
@@ -212,6 +213,25 @@ def test_waits_are_forgotten_when_their_connection_closes(tmp_path):
                     assert wait_until(lambda: running.statistics().waiters >= 100, timeout=30)
             assert wait_until(lambda: running.statistics().waiters == 1, timeout=30), running.statistics()
             long.cancel()
+
+
+def test_an_end_the_journal_cannot_take_yet_is_written_later_and_then_answered(tmp_path, caplog):
+    # Another process holds the journal's write lock past the busy timeout as a task ends:
+    # the write fails, and once was the end of the task's waiters too (nobody answered).
+    marker, go = tmp_path / "started", tmp_path / "go"
+    with InProcessDaemon(tmp_path) as running, Client(running.socket) as client:
+        future = client.submit("hold_until", marker=str(marker), go=str(go))
+        assert wait_until(marker.exists, timeout=60)  # its start is journaled: the lock blocks only its end
+        other = sqlite3.connect(running.journal, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            go.touch()
+            assert wait_until(lambda: "database is locked" in caplog.text, timeout=60)
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        assert future.result(timeout=30) == int(marker.read_text())
+        assert client.status(future.task_id)["state"] == "done"
 
 
 # --------------------------------------------------------------------------- the daemon dies
