@@ -8,9 +8,12 @@ Data flow::
     manager thread ──on_dispatch(task)──> journal.mark_started (durable, before the worker)
     task future done ──call_soon_threadsafe──> loop: journal.mark_finished -> waiters' replies
 
-Only the loop thread touches connections, waiters and the in-flight table; the manager
-thread's one call into the daemon is the dispatch hook, which writes the journal (guarded
-by its lock) and reads nothing else.
+Only the loop thread touches connections and waiters, and only it adds to or removes from
+the in-flight table. The manager thread's one call into the daemon is the dispatch hook: it
+journals the start (under the journal's lock), may journal the end of the critical task
+before it (under ``_ends_lock``, which makes each end written once), reads that task's
+in-flight entry, and alone keeps ``_last_critical``; ``_started_records`` is added to there
+and discarded from on the loop (single set operations, atomic under the GIL).
 
 Start-up checks everything it can before any worker starts (:meth:`Daemon.start`, or
 :func:`preflight` alone): the socket's directory, a live or stale socket, the journal's
