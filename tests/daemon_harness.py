@@ -44,16 +44,23 @@ class DaemonProcess:
              "-m", "governor", "serve", "--socket", str(self.socket), "--journal", str(self.journal),
              *steps, "--workers", str(self.workers), "--drain-timeout", "5", *self.extra_args],
             env=env, stdout=subprocess.DEVNULL, stderr=open(self.log, "ab"))
-        assert wait_until(self._answers, timeout=60), f"the daemon did not start:\n{self.log.read_text()}"
+        try:
+            assert wait_until(self._answers, timeout=60), f"the daemon did not start:\n{self.log.read_text()}"
+        except BaseException:
+            if self.process.poll() is None:  # started, but too slowly: it must not outlive the test
+                self.stop()
+            raise
         return self
 
     def _answers(self) -> bool:
         assert self.process.poll() is None, f"the daemon exited:\n{self.log.read_text()}"
         try:
-            with Client(self.socket) as client:
+            # The socket is bound and listening before the workers start, and served only
+            # after: until then a connection is accepted by the kernel and left unanswered.
+            with Client(self.socket, timeout=1) as client:
                 client.ping()
             return True
-        except DaemonUnavailable:
+        except (DaemonUnavailable, TimeoutError):
             return False
 
     def stop(self, sig=signal.SIGTERM) -> int:
