@@ -1,12 +1,13 @@
-"""Scenario ``sandbox``: what the pool lane's Landlock sandbox costs (issue 17).
+"""Scenario ``sandbox``: what the pool lane's sandbox (Landlock and seccomp) costs (issues 17, 27).
 
 Sandbox on (``"auto"``: what this kernel offers) against off, in the same run, each pair
 of supervisors up for the whole scenario and measured in alternating rounds (the order
 rotates), so a noisy spell on the shared machine hits both alike:
 
-* round trip: one no-op on the pool lane, submitted and waited for, repeated; a sandboxed
-  worker pays nothing per task (the rules are checked by the kernel only on the calls
-  they handle, and a no-op makes none of them);
+* round trip: one no-op on the pool lane, submitted and waited for, repeated; Landlock
+  costs a sandboxed worker nothing per task (its rules are checked only on the calls they
+  handle, and a no-op makes none of them), the seccomp filter runs on every system call
+  the worker makes (a few dozen BPF instructions each);
 * worker start: the same round trip on ``Supervisor(workers=1, spares=0,
   max_tasks_per_worker=1)``, where every task waits for a fresh worker (forked from the
   template, sandboxed, connected): the round trip *through a new worker*;

@@ -241,7 +241,7 @@ class Supervisor(concurrent.futures.Executor):
 
     def _start(self, timeout: float) -> "Supervisor":
         if self.sandbox == "require":
-            sandboxing.require_landlock()
+            sandboxing.require()
         with self._lock:
             if self._shut_down:
                 raise SupervisorClosed("this supervisor was shut down")

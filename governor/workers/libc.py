@@ -21,6 +21,8 @@ from typing import Any, Optional
 #: glibc's soname.
 LIBC_SONAME = "libc.so.6"
 
+PR_SET_NO_NEW_PRIVS = 38
+
 
 def _load() -> Optional[ctypes.CDLL]:
     if not sys.platform.startswith("linux"):
@@ -52,3 +54,14 @@ def prctl(option: int, *args: Any, name: str) -> None:
     if libc.prctl(ctypes.c_int(option), *arguments) != 0:
         code = ctypes.get_errno()
         raise OSError(code, f"prctl({name}): {os.strerror(code)}")
+
+
+def no_new_privs() -> None:
+    """``prctl(PR_SET_NO_NEW_PRIVS)``: no program this process starts may gain privileges
+    (a setuid binary) that its Landlock rules or seccomp filter could not follow. Both
+    demand it of an unprivileged caller.
+
+    Raises:
+        OSError: the kernel refused; ``ENOSYS`` off Linux.
+    """
+    prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0, name="PR_SET_NO_NEW_PRIVS")

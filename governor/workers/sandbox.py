@@ -1,17 +1,22 @@
-"""Landlock: hold a pool worker to read-only, for the rest of its life (issue 17).
+"""Landlock and seccomp: hold a pool worker to read-only, for the rest of its life (issues 17, 27).
 
 The pool lane's promise is that its steps only read. :func:`apply` makes the kernel keep
 it: the calling process may read everything, but may write only beneath a private
 per-worker temp directory, to ``/dev/null`` and to the paths its steps declared; where the
 kernel's ABI allows it, it may also not bind or connect TCP (unless a step declared
 network use) and may not signal processes outside its own tree, nor connect to abstract
-Unix sockets created outside it. Rules stay with the process and every process it starts
-for life: there is no undo, so it is applied only in a forked pool worker.
+Unix sockets created outside it. A seccomp filter (``governor.workers.seccomp``) then
+refuses what Landlock does not see: metadata changes, locks, SysV IPC, raw/packet/MPTCP
+sockets, limits and priorities set on other processes, ``TIOCSTI``. Rules stay with the
+process and every process it starts for life: there is no undo, so it is applied only in
+a forked pool worker.
 
 Data flow::
 
     supervisor:  policy_for(pool specs, sandbox_writes) ──> SandboxPolicy ──> (to the worker)
-    pool worker: apply(policy) ──> SandboxReport ("landlock-v7" / "none", what was missing)
+    template:    prepare(policy) ──> the seccomp filter, built once
+    pool worker: apply(policy) ──> Landlock, then seccomp
+                 ──> SandboxReport ("landlock-v7+seccomp" / "none", what was missing)
                  step raises ──> denied_write(exc, report) ──> path ──> ReadOnlyViolation
 
 How :func:`apply` restricts (kernel ABIs: 1 = 5.13, 2 = 5.19, 3 = 6.2, 4 = 6.7, 5 = 6.10,
@@ -49,6 +54,7 @@ from typing import Any, Optional
 import attrs
 
 from governor.workers import libc
+from governor.workers import seccomp
 from governor.errors import SandboxUnavailable
 
 #: The three Landlock syscalls (create_ruleset, add_rule, restrict_self) per machine.
@@ -62,7 +68,6 @@ SYSCALLS = {
 #: Indexes into a :data:`SYSCALLS` entry.
 CREATE_RULESET, ADD_RULE, RESTRICT_SELF = range(3)
 
-PR_SET_NO_NEW_PRIVS = 38
 LANDLOCK_CREATE_RULESET_VERSION = 1 << 0
 LANDLOCK_RULE_PATH_BENEATH = 1
 
@@ -184,18 +189,24 @@ def abi_version() -> int:
         return 0
 
 
-def require_landlock() -> int:
-    """The kernel's Landlock ABI version, for ``Supervisor(sandbox="require")``.
+def require() -> int:
+    """The kernel's Landlock ABI version, for ``Supervisor(sandbox="require")``, once it is
+    sure the kernel offers both Landlock and seccomp filters.
 
     Raises:
-        SandboxUnavailable: this kernel offers no Landlock.
+        SandboxUnavailable: this kernel offers no Landlock, or no seccomp filter.
     """
+    kernel = f"this kernel ({platform.system()} {platform.release()}, {platform.machine()})"
     abi = abi_version()
     if abi < 1:
         raise SandboxUnavailable(
-            f"sandbox='require', but this kernel ({platform.system()} {platform.release()}, "
-            f"{platform.machine()}) offers no Landlock: it needs Linux >= 5.13 with landlock in the "
-            "lsm= boot list. Use sandbox='auto' to run the pool lane unsandboxed here.")
+            f"sandbox='require', but {kernel} offers no Landlock: it needs Linux >= 5.13 with landlock "
+            "in the lsm= boot list. Use sandbox='auto' to run the pool lane unsandboxed here.")
+    why = seccomp.unavailable()
+    if why is not None:
+        raise SandboxUnavailable(
+            f"sandbox='require', but {kernel} cannot hold the pool workers to the seccomp filter: {why}. "
+            "Use sandbox='auto' to run the pool lane under Landlock alone here.")
     return abi
 
 
@@ -253,6 +264,7 @@ class SandboxReport:
 
     Attributes:
         abi: the Landlock ABI applied (0: none).
+        seccomp: whether the seccomp filter holds the process.
         tmpdir: the worker's private temp directory (``TMPDIR``), or ``None``.
         writable: the paths the worker may write beneath, temp dir and ``/dev/null`` included.
         missing: what the policy asked for and this kernel could not do, e.g.
@@ -266,6 +278,7 @@ class SandboxReport:
     writable: tuple[str, ...] = ()
     missing: tuple[str, ...] = ()
     unrestricted_threads: int = 0
+    seccomp: bool = False
 
     @property
     def applied(self) -> bool:
@@ -274,32 +287,47 @@ class SandboxReport:
 
     @property
     def label(self) -> str:
-        """``"landlock-v7"`` or ``"none"``: the value of ``describe_workers()``'s ``sandbox``."""
-        return f"landlock-v{self.abi}" if self.applied else "none"
+        """``"landlock-v7+seccomp"``, ``"landlock-v7"``, ``"seccomp"`` or ``"none"``: the value
+        of ``describe_workers()``'s ``sandbox``."""
+        parts = ([f"landlock-v{self.abi}"] if self.applied else []) + (["seccomp"] if self.seccomp else [])
+        return "+".join(parts) or "none"
 
     def __str__(self) -> str:
         missing = f"; not applied: {', '.join(self.missing)}" if self.missing else ""
         return f"sandbox {self.label}{missing}"
 
 
+_seccomp_filter: Optional[seccomp.Filter] = None
+
+
+def _filter() -> Optional[seccomp.Filter]:
+    global _seccomp_filter
+    if _seccomp_filter is None:
+        _seccomp_filter = seccomp.Filter.build()
+    return _seccomp_filter
+
+
 def prepare(policy: SandboxPolicy) -> None:
     """Work out, once in the process that forks the workers, what :func:`apply` needs in each.
 
-    Python caches both: the default temp directory (``tempfile.gettempdir`` finds it by
-    writing a probe file, 0.8 ms in a fresh fork here) and the machine name the syscall
-    numbers are looked up by (0.1 ms). Done before the fork, every worker inherits them.
+    Python caches the default temp directory (``tempfile.gettempdir`` finds it by writing
+    a probe file, 0.8 ms in a fresh fork here) and the machine name the syscall numbers
+    are looked up by (0.1 ms); the seccomp program is assembled here too. Done before the
+    fork, every worker inherits them.
     """
     if policy.tmp_root is None:
         tempfile.gettempdir()
     platform.machine()
+    _filter()
 
 
 def apply(policy: SandboxPolicy) -> SandboxReport:
     """Restrict this process, for the rest of its life, to what ``policy`` allows.
 
     Makes the private temp directory first and points ``TMPDIR`` (and :mod:`tempfile`)
-    at it, so steps that use temporary files keep working. Where the kernel has no
-    Landlock nothing is restricted and the report says ``"none"`` and why.
+    at it, so steps that use temporary files keep working. Then Landlock, then the
+    seccomp filter; where the kernel lacks one, the other still holds and the report
+    says what is missing (``"none"`` and why when it lacks both).
 
     Returns:
         What was applied.
@@ -311,9 +339,33 @@ def apply(policy: SandboxPolicy) -> SandboxReport:
     tmpdir = _private_tmpdir(policy.tmp_root)
     os.environ["TMPDIR"] = tmpdir
     tempfile.tempdir = tmpdir
-    if abi < 1:
-        return SandboxReport(0, tmpdir, missing=(f"landlock (the kernel offers none: {platform.release()})",))
-    missing = []
+    missing: list = []
+    if abi >= 1:
+        granted = _restrict(policy, abi, tmpdir, missing)
+    else:
+        granted = ()
+        missing.append(f"landlock (the kernel offers none: {platform.release()})")
+    held = _hold_to_seccomp(missing)
+    threads = len(os.listdir("/proc/self/task")) - 1
+    return SandboxReport(abi, tmpdir, granted, tuple(missing), threads, held)
+
+
+def _hold_to_seccomp(missing: list) -> bool:
+    """Load the seccomp filter; whether it holds (else why not is added to ``missing``)."""
+    program = _filter()
+    if program is None:
+        missing.append(f"seccomp (no system call table for {platform.machine()})")
+        return False
+    try:
+        program.load(os.getpid())
+    except OSError as exc:  # EINVAL: a kernel built without seccomp filters
+        missing.append(f"seccomp ({exc.strerror or exc})")
+        return False
+    return True
+
+
+def _restrict(policy: SandboxPolicy, abi: int, tmpdir: str, missing: list) -> tuple[str, ...]:
+    """Apply Landlock at ``abi``; the paths granted (what could not be is added to ``missing``)."""
     write_rights = _HANDLED_FS[abi]
     attr = _RulesetAttr(handled_access_fs=write_rights)
     if not policy.network:
@@ -338,12 +390,12 @@ def apply(policy: SandboxPolicy) -> SandboxReport:
                 missing.append(f"write {path} ({exc.strerror or exc})")
             else:
                 granted.append(path)
-        _prctl_no_new_privs()
+        # landlock_restrict_self demands it of an unprivileged caller.
+        libc.no_new_privs()
         _syscall(RESTRICT_SELF, ctypes.c_int(ruleset), ctypes.c_uint32(0))
     finally:
         os.close(ruleset)
-    threads = len(os.listdir("/proc/self/task")) - 1
-    return SandboxReport(abi, tmpdir, tuple(granted), tuple(missing), threads)
+    return tuple(granted)
 
 
 def _private_tmpdir(root: Optional[str]) -> str:
@@ -378,12 +430,6 @@ def _allow(ruleset: int, path: str, rights: int) -> None:
                  ctypes.c_uint32(0))
     finally:
         os.close(fd)
-
-
-def _prctl_no_new_privs() -> None:
-    # landlock_restrict_self demands it of an unprivileged caller: no setuid binary
-    # started later may gain privileges the rules could not follow.
-    libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0, name="PR_SET_NO_NEW_PRIVS")
 
 
 def _beneath(path: str, roots: Iterable[str]) -> bool:

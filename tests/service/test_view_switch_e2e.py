@@ -11,14 +11,15 @@ import pytest
 from conftest import alive, wait_until
 from daemon_harness import DaemonProcess
 from governor import StepCancelled
-from governor.workers import sandbox
+from governor.workers import sandbox, seccomp
 from governor.client import Client
 
 SWITCH_EVERY_S = 0.03
 SWITCHES = 100
 
 #: What holds the daemon's pool workers on this kernel (sandbox="auto", the default).
-POOL_SANDBOX = f"landlock-v{min(sandbox.abi_version(), sandbox.KNOWN_ABI)}" if sandbox.abi_version() else "none"
+POOL_SANDBOX = sandbox.SandboxReport(min(sandbox.abi_version(), sandbox.KNOWN_ABI),
+                                     seccomp=seccomp.unavailable() is None).label
 
 
 def make_repo(path, branch):
