@@ -22,6 +22,10 @@ copying) the inherited objects. The template itself is started through loky's co
 (a fresh interpreter, safe to start from a threaded supervisor) and gets its step table
 through cloudpickle, so steps defined in ``__main__`` or in closures work.
 
+No worker holds the user's terminal: the template points its own stdin at /dev/null and
+a terminal stdout or stderr at a pipe it copies to the terminal, before any fork
+(``governor.workers.terminal``).
+
 The template runs no step and starts no thread: a fork from a single-threaded process
 copies no lock held by another thread. It reaps its workers (they are its children),
 kills what a dead worker left behind, and reports each one's exit status, which only a
@@ -57,6 +61,7 @@ from loky.backend.context import get_context
 
 from governor.workers import proctree
 from governor.workers import worker
+from governor.workers.terminal import TerminalForward
 from governor.errors import WorkerStartFailed
 from governor.workers.messages import Exited, Fork, ForkFailed, Ready, StartFailed
 from governor.workers.sandbox import SandboxPolicy
@@ -169,6 +174,9 @@ def main(address: str, worker_address: str) -> None:
     # terminal's process group the template died of the KeyboardInterrupt too, orphaning its
     # workers, and the supervisor's shutdown waited for a template that would never answer.
     os.setsid()
+    # No worker may hold the user's terminal (it could push keystrokes into the shell):
+    # stdin from /dev/null, a terminal's output through pipes this process copies to it.
+    forward = TerminalForward.install()
     connection = Client(address, family="AF_UNIX")
     try:
         steps, modules, sandbox = pickle.loads(connection.recv_bytes())
@@ -191,7 +199,10 @@ def main(address: str, worker_address: str) -> None:
     signal.signal(signal.SIGCHLD, lambda *_: None)  # a handler, so SIGCHLD writes the wake-up fd
     connection.send_bytes(pickle.dumps(Ready()))
     while True:
-        ready = wait([connection, wake_reader])
+        ready = wait([connection, wake_reader, *forward.readers])
+        for read_end in forward.readers:
+            if read_end in ready:
+                forward.copy(read_end)
         if wake_reader in ready:
             _drain(wake_reader)
             _reap(connection, workers)
@@ -200,7 +211,7 @@ def main(address: str, worker_address: str) -> None:
                 request: Fork = pickle.loads(connection.recv_bytes())
             except (EOFError, OSError):
                 return  # the supervisor is gone; each worker ends on its own EOF
-            pid = _fork(connection, (wake_reader, wake_writer), worker_address, request)
+            pid = _fork(connection, (wake_reader, wake_writer, *forward.descriptors), worker_address, request)
             if pid is not None:
                 workers.add(pid)
 

@@ -91,6 +91,28 @@ def test_require_fails_start_clearly_where_the_kernel_has_no_landlock(monkeypatc
     assert sup.describe_workers() == []  # refused before any worker was started
 
 
+def test_require_fails_start_where_the_kernel_cannot_hold_workers_to_seccomp(monkeypatch):
+    registry = StepRegistry()
+    registry.register(len, name="reads", critical=False)
+    monkeypatch.setattr(seccomp, "ARCHES", {})  # a machine without a system call table
+    sup = Supervisor(registry, workers=1, sandbox="require")
+    if ABI < 1:
+        pytest.skip("this kernel offers no Landlock: require stops at that first")
+    with pytest.raises(SandboxUnavailable, match="seccomp.*sandbox='auto'"):
+        sup.start()
+    assert sup.describe_workers() == []
+
+
+def test_auto_without_seccomp_keeps_landlock_and_says_what_is_missing(tmp_path, monkeypatch):
+    def no_table():
+        monkeypatch.setattr(seccomp, "ARCHES", {})
+        monkeypatch.setattr(sandbox, "_seccomp_filter", None)
+
+    outcome = run_sandboxed(lambda report: None, SandboxPolicy(tmp_root=tmp_path), before=no_table)
+    assert not outcome.report.seccomp and "seccomp" not in outcome.report.label
+    assert any(text.startswith("seccomp (") for text in outcome.report.missing)
+
+
 def test_serve_checks_its_sandbox_option():
     result = CliRunner().invoke(main, ["serve", "--sandbox", "require", "--backend", "ray"])
     assert result.exit_code == 2 and "Ray lane runs no sandbox" in result.output
