@@ -18,6 +18,7 @@ Data flow::
     pool worker: apply(policy) ──> Landlock, then seccomp
                  ──> SandboxReport ("landlock-v7+seccomp" / "none", what was missing)
                  step raises ──> denied_write(exc, report) ──> path ──> ReadOnlyViolation
+                                 (governor.workers.denials)
 
 How :func:`apply` restricts (kernel ABIs: 1 = 5.13, 2 = 5.19, 3 = 6.2, 4 = 6.7, 5 = 6.10,
 6 = 6.12, 7 = 6.15)::
@@ -53,6 +54,7 @@ from typing import Any, Optional
 
 import attrs
 
+from governor.workers import denials
 from governor.workers import libc
 from governor.workers import seccomp
 from governor.errors import SandboxUnavailable
@@ -336,6 +338,7 @@ def apply(policy: SandboxPolicy) -> SandboxReport:
         OSError: a Landlock syscall failed on a kernel that has Landlock (a bug: report it).
     """
     abi = min(abi_version(), KNOWN_ABI)
+    denials.watch()
     tmpdir = _private_tmpdir(policy.tmp_root)
     os.environ["TMPDIR"] = tmpdir
     tempfile.tempdir = tmpdir
@@ -432,42 +435,11 @@ def _allow(ruleset: int, path: str, rights: int) -> None:
         os.close(fd)
 
 
-def _beneath(path: str, roots: Iterable[str]) -> bool:
-    return any(path == root or path.startswith(root.rstrip(os.sep) + os.sep) for root in roots)
-
-
 def denied_write(error: BaseException, report: SandboxReport) -> Optional[str]:
-    """The path a step was denied writing by the sandbox, if that is why ``error`` happened.
-
-    The worker calls this on a step's exception. It looks through the exception and its
-    causes for a ``PermissionError`` naming a file, and answers with that file when the
-    sandbox, not the file's Unix permissions, refused it: the path is outside every
-    writable path of ``report``, yet ``access(2)`` (which Landlock does not police) says
-    the process could write it (or create it in its directory).
-
-    Returns:
-        The absolute path, or ``None`` when the error is not a sandbox denial (or no
-        sandbox was applied).
+    """The path the sandbox refused a step, if that is why ``error`` happened
+    (``governor.workers.denials``); ``None`` for the step's own error or where nothing
+    holds the process.
     """
-    if not report.applied:
+    if not (report.applied or report.seccomp):
         return None
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, PermissionError):
-            for name in (error.filename, error.filename2):
-                path = _denied_path(name, report)
-                if path is not None:
-                    return path
-        error = error.__cause__ or error.__context__
-    return None
-
-
-def _denied_path(name: Any, report: SandboxReport) -> Optional[str]:
-    if not isinstance(name, (str, bytes, os.PathLike)):
-        return None
-    path = os.path.abspath(os.fsdecode(name))
-    if _beneath(path, report.writable):
-        return None
-    target = path if os.path.lexists(path) else os.path.dirname(path)
-    return path if os.access(target, os.W_OK) else None
+    return denials.denied_write(error, report.writable)

@@ -53,6 +53,7 @@ from multiprocessing.connection import Client, Connection
 from typing import Any, Dict, List, Optional
 
 from governor import context as _context
+from governor.workers import denials
 from governor.workers import hygiene
 from governor.workers import proctree
 from governor.workers import sandbox as _sandbox
@@ -285,6 +286,7 @@ def run_step(spec: Any, task_id: int, step: str, args: tuple, kwargs: dict,
         now = time.monotonic()
         return Outcome(OutcomeKind.CANCELLED, now, now, os.getpid())
     restore_cap = _apply_hard_cap(hard_cap_mb) if hard_cap_mb else None
+    denials.forget()  # a refusal of this task is never blamed on an earlier task's path
     started = time.monotonic()
     try:
         if cwd is not None:

@@ -21,7 +21,7 @@ import termios
 
 import pytest
 
-from governor import StepFailed, Supervisor
+from governor import ReadOnlyViolation, StepFailed, Supervisor
 from governor.steps import StepRegistry
 from governor.workers import libc, seccomp
 from governor.workers.sandbox import SandboxPolicy
@@ -238,3 +238,80 @@ def test_a_pool_step_can_neither_limit_the_supervisor_nor_connect_over_mptcp():
             sup.submit("pool.mptcp", server.getsockname()[1]).result(timeout=60)
         assert refused.value.exc_type == "PermissionError"
         assert all(w["sandbox"].endswith("+seccomp") for w in sup.describe_workers() if w["lane"] == "pool")
+
+
+# -- refusals reported as what they are --------------------------------------------------
+
+def _sqlite_insert(database):
+    connection = sqlite3.connect(database)
+    connection.execute("insert into t values (1)")
+    connection.commit()
+
+
+def _git_commit(repo):
+    subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "m"],
+                   check=True, capture_output=True)
+
+
+def _bind(path):
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(path))
+
+
+@pytest.fixture
+def outside(tmp_path):
+    """A directory outside every writable path, with an SQLite database and a git repository."""
+    area = tmp_path / "outside"
+    area.mkdir()
+    with sqlite3.connect(area / "data.sqlite3") as connection:
+        connection.execute("create table t (x)")
+    connection.close()
+    repo = area / "repo"
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    (repo / "a.txt").write_text("a")
+    subprocess.run(["git", "-C", str(repo), "add", "a.txt"], check=True)
+    (tmp_path / "tmp").mkdir()
+    return area
+
+
+#: (name, refused call(area, report), the path it must be reported as denied, from area)
+REFUSED = [
+    ("sqlite", lambda area, report: _sqlite_insert(area / "data.sqlite3"), "data.sqlite3"),
+    ("git", lambda area, report: _git_commit(area / "repo"), "repo/.git/index.lock"),
+    ("mkfifo", lambda area, report: os.mkfifo(area / "fifo"), "fifo"),
+    ("mkfifo by name", lambda area, report: os.mkfifo(str(area) + "/fifo"), "fifo"),
+    ("unix bind", lambda area, report: _bind(area / "socket"), "socket"),
+    ("link out of it", lambda area, report: os.link(area / "data.sqlite3", os.path.join(report.tmpdir, "l")),
+     "data.sqlite3"),
+    ("chmod", lambda area, report: os.chmod(area / "data.sqlite3", 0o600), "data.sqlite3"),
+]
+
+
+@pytest.mark.parametrize("name,refused,denied", REFUSED, ids=[name for name, _, _ in REFUSED])
+def test_a_refusal_reaching_the_step_by_any_route_is_reported_as_a_denial(name, refused, denied, outside, tmp_path):
+    outcome = run_sandboxed(lambda report: refused(outside, report), SandboxPolicy(tmp_root=tmp_path / "tmp"))
+    assert outcome.error is not None, f"{name} was not refused"
+    assert outcome.denied == str(outside / denied), outcome.traceback
+
+
+def test_a_steps_own_permission_error_is_not_a_denial_whatever_it_names(tmp_path):
+    def claims_a_denial(report):
+        raise PermissionError(errno.EACCES, "Permission denied", "/etc/hostname")
+
+    outcome = run_sandboxed(claims_a_denial, SandboxPolicy(tmp_root=tmp_path))
+    assert isinstance(outcome.error, PermissionError) and outcome.denied is None
+
+
+def sqlite_insert(database: str) -> None:
+    """Insert a row into ``database`` (refused in a sandboxed pool worker)."""
+    _sqlite_insert(database)
+
+
+def test_an_sqlite_refusal_ends_the_task_as_read_only_violation_and_is_counted(outside):
+    registry = StepRegistry()
+    registry.register(sqlite_insert, name="pool.sqlite", critical=False)
+    with Supervisor(registry, workers=1, sandbox="require") as sup:
+        with pytest.raises(ReadOnlyViolation) as refused:
+            sup.submit("pool.sqlite", str(outside / "data.sqlite3")).result(timeout=60)
+        assert refused.value.path == str(outside / "data.sqlite3")
+        assert sup.metrics()["sandbox_denials"] == {"pool.sqlite": 1}
