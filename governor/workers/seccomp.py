@@ -33,7 +33,7 @@ registers, never the memory a pointer names, so no path can be checked):
 
 Why our own BPF and not a binding: pyseccomp (PyPI, ctypes over libseccomp) was last
 released in 2021, libseccomp cannot say "refuse ``socket`` unless the triple is one of
-these" without a rule per refused value, and the program is ~90 instructions, built once
+these" without a rule per refused value, and the program is ~160 instructions, built once
 in the template, checked here against the real kernel (tests/workers/test_sandbox_attacks.py).
 """
 
@@ -41,10 +41,11 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import itertools
 import os
 import platform
 import struct
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import attrs
 
@@ -181,13 +182,42 @@ class _Assembler:
         return offset
 
 
+#: A search ends in a row of equality tests once it is down to this many numbers.
+_LEAF_SIZE = 4
+
+
+def _search(asm: _Assembler, entries: List[Tuple[int, str]], names: Iterator[int]) -> None:
+    """Jump to the label of the system call number loaded, by binary search over ``entries``
+    (sorted ``(number, label)``); allow a number not among them.
+
+    A search of ~85 numbers takes at most ~9 comparisons, where a row of them took up to
+    85: the kernel runs the filter on every call that its per-number cache cannot settle,
+    and runs it for every number of every ABI when the filter is loaded, to build that
+    cache (160 us per worker with the row, here).
+    """
+    if len(entries) <= _LEAF_SIZE:
+        for number, label in entries:
+            asm.jump(number, label)
+        asm.ret(SECCOMP_RET_ALLOW)
+        return
+    middle = len(entries) // 2
+    upper = f"search-{next(names)}"
+    asm.jump(entries[middle][0], upper, None, op=_JGE)
+    _search(asm, entries[:middle], names)
+    asm.label(upper)
+    _search(asm, entries[middle:], names)
+
+
 class _SockFprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
 
-@attrs.frozen
 class Filter:
     """The pool workers' seccomp program, built once (:meth:`build`), loaded in each worker.
+
+    Everything :meth:`load` passes to the kernel is made here, in the template: in a fresh
+    fork, making a ctypes array type and its buffer cost a worker ~0.4 ms of copy-on-write
+    faults; writing its pid into the ready buffer costs it one.
 
     Attributes:
         program: the packed BPF instructions, with 0 where the worker's pid goes.
@@ -195,9 +225,12 @@ class Filter:
         syscall: the ``seccomp`` system call's number on this machine.
     """
 
-    program: bytes
-    pid_offsets: Tuple[int, ...]
-    syscall: int
+    def __init__(self, program: bytes, pid_offsets: Tuple[int, ...], syscall: int):
+        self.program, self.pid_offsets, self.syscall = program, pid_offsets, syscall
+        self._buffer = ctypes.create_string_buffer(program, len(program))
+        self._fprog = _SockFprog(len(program) // 8, ctypes.addressof(self._buffer))
+        self._arguments = (ctypes.c_long(syscall), ctypes.c_uint(SECCOMP_SET_MODE_FILTER),
+                           ctypes.c_uint(SECCOMP_FILTER_FLAG_TSYNC), ctypes.byref(self._fprog))
 
     @classmethod
     def build(cls, machine: Optional[str] = None) -> Optional["Filter"]:
@@ -212,15 +245,11 @@ class Filter:
         asm.load(_NR)
         if arch.foreign_from is not None:
             asm.jump(arch.foreign_from, _DENY, None, op=_JGE)
-        for group in DENIED_GROUPS.values():
-            for name in group:
-                asm.jump(numbers[name], _DENY)
         branches = {"socket": "socket", "socketpair": "socketpair", "ioctl": "ioctl", "fcntl": "fcntl",
                     "setpriority": "setpriority", "ioprio_set": "ioprio_set",
-                    **{name: "self_only" for name in SELF_ONLY}}
-        for name, label in branches.items():
-            asm.jump(numbers[name], label)
-        asm.ret(SECCOMP_RET_ALLOW)
+                    **{name: "self_only" for name in SELF_ONLY},
+                    **{name: _DENY for group in DENIED_GROUPS.values() for name in group}}
+        _search(asm, sorted((numbers[name], label) for name, label in branches.items()), itertools.count())
 
         asm.label("self_only")  # arg 0 is a pid
         asm.load(_arg(0))
@@ -277,14 +306,10 @@ class Filter:
         Raises:
             OSError: the kernel refused (``EINVAL``: no seccomp filters in this kernel).
         """
-        program = bytearray(self.program)
         for offset in self.pid_offsets:
-            struct.pack_into("=I", program, offset, pid)
-        buffer = (ctypes.c_char * len(program)).from_buffer(program)
-        fprog = _SockFprog(len(program) // 8, ctypes.addressof(buffer))
+            struct.pack_into("=I", self._buffer, offset, pid)
         libc.no_new_privs()
-        if libc.libc.syscall(ctypes.c_long(self.syscall), ctypes.c_uint(SECCOMP_SET_MODE_FILTER),
-                             ctypes.c_uint(SECCOMP_FILTER_FLAG_TSYNC), ctypes.byref(fprog)) != 0:
+        if libc.libc.syscall(*self._arguments) != 0:
             code = ctypes.get_errno()
             raise OSError(code, f"seccomp(SET_MODE_FILTER): {os.strerror(code)}")
 
