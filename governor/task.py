@@ -170,7 +170,7 @@ class Task:
     limits: Limits
     submitted_at: float
     future: "TaskFuture" = attrs.field(default=None)
-    workflow: Optional["Workflow"] = None
+    workflow: Optional["WorkflowRun"] = None
     tag: Any = None
     chunk: bool = False  # args is a list of argument tuples, one call each (Supervisor.map)
     state: TaskState = TaskState.QUEUED
@@ -365,8 +365,9 @@ class TaskFuture(ExplainedCancelFuture, CallbackFuture):
         return self.task.error
 
 
-class Workflow:
-    """Steps that run in order in the critical lane, stopping at the first failure.
+class WorkflowRun:
+    """One run of a workflow (``Supervisor.workflow``): its steps' tasks, which run in order
+    in the critical lane, stopping at the first failure, and the results so far.
 
     Owned by the supervisor's manager thread, which calls :meth:`step_finished` as each
     of its tasks ends.

@@ -1,4 +1,4 @@
-"""Task, Timers and Workflow without a process or a thread of their own: the state
+"""Task, Timers and WorkflowRun without a process or a thread of their own: the state
 machine, the deadline heap on an injected clock, and a workflow's stop at its first
 failure. (Their futures are real ``CallbackFuture`` objects on a real runner; no
 supervisor, no worker.)
@@ -9,7 +9,7 @@ import pytest
 from governor.callbacks import CallbackRunner
 from governor.errors import InvalidTransition, StepCancelled, StepFailed, StepSkipped, WorkflowFailed
 from governor.limits import Lane, Limits
-from governor.task import CancelRequest, Task, TaskFuture, TaskState, Workflow, WorkflowFuture
+from governor.task import CancelRequest, Task, TaskFuture, TaskState, WorkflowFuture, WorkflowRun
 from governor.engine.timers import Timers
 
 
@@ -135,12 +135,12 @@ def test_stale_timers_are_pruned_only_when_they_outnumber_the_live():
     assert len(timers) == 10
 
 
-# --------------------------------------------------------------------------- Workflow
+# --------------------------------------------------------------------------- WorkflowRun
 
 def make_workflow(runner, count=3):
     tasks = [make_task(runner, index + 1, f"step{index}") for index in range(count)]
     future = WorkflowFuture([task.future for task in tasks], runner)
-    flow = Workflow(tasks, future)
+    flow = WorkflowRun(tasks, future)
     for task in tasks:
         task.workflow = flow
     return flow, tasks

@@ -158,20 +158,19 @@ class LaneHost(Protocol):
     def call_soon(self, fn: Callable[..., None], *args: Any) -> None:
         """Run ``fn(*args)`` on the manager thread (any thread may call this)."""
 
-    def left_queue(self, task: Task) -> None:
-        """A task left its lane's queue (the supervisor's queue counts)."""
-
-    def record_dispatch(self, task: Task) -> bool:
-        """Run the dispatch hook; ``False`` means the task failed and must not run."""
+    def dispatching(self, task: Task) -> bool:
+        """A task left its lane's queue for a worker (it is ``RUNNING``): count it out and
+        run the dispatch hook; ``False`` means the task failed and must not run."""
 
     def conclude_outcome(self, task: Task, outcome: Any) -> bool:
         """End a task from a worker's ``Outcome``; see :meth:`conclude`."""
 
     def conclude(self, task: Task, state: TaskState, error: Optional[BaseException] = None,
                  result: Any = None, *, by_kill: bool = False) -> bool:
-        """End a task, queued or running: the one place a task ends (state, metrics,
-        future, :meth:`LaneBackend.forget`, workflow). ``False`` if it had ended, or is
-        claimed for a kill and this is not the kill (``by_kill``)."""
+        """End a task, queued or running: the one place a task ends (state, queue count,
+        metrics, future, workflow). ``False`` if it had ended, or is claimed for a kill and
+        this is not the kill (``by_kill``). The backend lets go of the task's run first:
+        the host never calls back down into it for the end."""
 
     def fail_start(self, error: BaseException) -> None:
         """No worker could be started before the supervisor was warm: abort the start."""
@@ -216,9 +215,6 @@ class LaneBackend(Protocol):
 
     def running_tasks(self) -> List[Task]:
         """The tasks its workers run now."""
-
-    def forget(self, task: Task) -> None:
-        """A task of its lanes has ended (called by the host's ``conclude``)."""
 
     def describe(self, now: float) -> List[Dict[str, Any]]:
         """One dict per worker (or task in flight) for ``Supervisor.describe_workers``."""

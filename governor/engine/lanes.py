@@ -28,7 +28,6 @@ may hold open. Each lane keeps ``workers + spares`` live slots and runs at most
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import logging
 import os
@@ -38,12 +37,12 @@ import selectors
 import shutil
 import tempfile
 import traceback
-from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence
 
 import attrs
 
 from governor.engine.backend import LaneHost, worker_view
-from governor.engine.slots import Run, SendAhead, Slot, SlotState, dump_assignment
+from governor.engine.slots import LaneState, Run, SendAhead, Slot, SlotState, dump_assignment
 from governor.engine.starts import WORKER_START_TIMEOUT_S, WorkerStarts
 from governor.engine.timers import Timers
 from governor.errors import InvalidTransition, MemoryLimitExceeded, StepFailed, StepTimeout, WorkerCrashed
@@ -72,91 +71,6 @@ REPLACE_DELAY_S = 0.05
 
 #: How long ``close`` waits for retired workers to be gone before it stops waiting.
 CLOSE_PATIENCE_S = 10.0
-
-@attrs.define(eq=False)
-class LaneState:
-    """A lane's queue and slots, as the manager sees them.
-
-    Slot states change only through :meth:`move`, which keeps the per-state counts, the
-    idle stack and the tuple of worker pids in step, so the hot loop reads them in O(1)
-    and :meth:`gauges` can be read from any thread without a lock (each read is one int,
-    one ``len`` or one tuple: a snapshot may be a task apart, never torn).
-    """
-
-    lane: Lane
-    workers: int
-    spares: int
-    queue: Deque[Task] = attrs.field(factory=collections.deque)
-    retry: Deque[Task] = attrs.field(factory=collections.deque)  # dispatched, never taken: first in line
-    slots: Dict[int, Slot] = attrs.field(factory=dict)
-    idle: List[Slot] = attrs.field(factory=list)
-    counts: collections.Counter = attrs.field(factory=collections.Counter)
-    start_failures: int = 0
-    respawn_pending: bool = False
-    pids: Tuple[int, ...] = ()
-    sends_ahead: bool = False  # its workers may get a task while they run one (the pool lane)
-
-    def add(self, slot: Slot) -> None:
-        self.slots[slot.id] = slot
-        self.counts[slot.state] += 1
-
-    def move(self, slot: Slot, state: SlotState) -> None:
-        """Put ``slot`` in ``state``; DEAD and RETIRING slots leave the lane."""
-        counts, idle = self.counts, self.idle
-        # First the two moves of every task, in a few steps: the idle worker on top of the
-        # stack goes to work, and a busy one comes back.
-        if state is SlotState.BUSY and slot.state is SlotState.IDLE and idle and idle[-1] is slot:
-            idle.pop()
-            counts[SlotState.IDLE] -= 1
-            counts[SlotState.BUSY] += 1
-            slot.state = state
-            return
-        if state is SlotState.IDLE and slot.state is SlotState.BUSY:
-            counts[SlotState.BUSY] -= 1
-            counts[SlotState.IDLE] += 1
-            slot.state = state
-            idle.append(slot)
-            return
-        joins_or_leaves = slot.state is SlotState.STARTING or state in (SlotState.DEAD, SlotState.RETIRING)
-        if slot.id in self.slots:
-            self.counts[slot.state] -= 1
-            if slot.state is SlotState.IDLE:
-                if self.idle and self.idle[-1] is slot:
-                    self.idle.pop()
-                else:
-                    self.idle.remove(slot)
-        slot.state = state
-        if state in (SlotState.DEAD, SlotState.RETIRING):
-            self.slots.pop(slot.id, None)
-        else:
-            self.slots[slot.id] = slot
-            self.counts[state] += 1
-            if state is SlotState.IDLE:
-                self.idle.append(slot)
-        if joins_or_leaves:
-            self.pids = tuple(slot.pid for slot in self.slots.values()
-                              if slot.pid is not None and slot.state is not SlotState.STARTING)
-
-    def count(self, *states: SlotState) -> int:
-        return sum(self.counts[state] for state in states)
-
-    @property
-    def live(self) -> int:
-        """Slots that are or will be able to run a task (every slot in the lane but those
-        being killed)."""
-        return len(self.slots) - self.counts[SlotState.KILLING]
-
-    @property
-    def spares_ready(self) -> int:
-        """Idle warm workers beyond those the lane may still put to work."""
-        return max(0, len(self.idle) - (self.workers - self.counts[SlotState.BUSY]))
-
-    def gauges(self) -> Dict[str, Any]:
-        """The lane's gauges for metrics (safe to call from any thread)."""
-        return {"busy": self.counts[SlotState.BUSY], "idle": len(self.idle),
-                "starting": self.counts[SlotState.STARTING], "spares_ready": self.spares_ready,
-                "worker_pids": self.pids}
-
 
 @attrs.frozen
 class LocalConfig:
@@ -262,8 +176,7 @@ class LocalLanes(WorkerStarts):
                 task.transition(TaskState.RUNNING)
             except InvalidTransition:
                 continue  # cancelled or skipped while it waited: lazy removal
-            self._host.left_queue(task)
-            if self._host.record_dispatch(task):
+            if self._host.dispatching(task):
                 return task
         return None
 
@@ -323,7 +236,9 @@ class LocalLanes(WorkerStarts):
         return [run.task for run in self._running.values()] + [
             task for lane in self._lanes.values() for task in lane.retry]
 
-    def forget(self, task: Task) -> None:
+    def _let_go(self, task: Task) -> None:
+        """``task``'s run is over here (it ends, or goes to another worker): its limits and
+        timers no longer apply. Before the host's ``conclude``, which never calls back."""
         self._running.pop(task.id, None)
         self._memory_watched.pop(task.id, None)
 
@@ -498,6 +413,7 @@ class LocalLanes(WorkerStarts):
         task = run.task
         slot.run = None
         slot.tasks_run += 1
+        self._let_go(task)
         if error is not None:
             self._after_task(slot, None)
             self._host.conclude(task, TaskState.FAILED, StepFailed(
@@ -616,13 +532,12 @@ class LocalLanes(WorkerStarts):
             return
         task = run.task
         if run.kill is not None:
-            self._running.pop(task.id, None)
+            self._let_go(task)
             self._host.conclude(task, run.kill.state, run.kill.error, by_kill=True)
         elif taken != task.id:
             # It died before it took the task off its socket: the step never started, so
             # the task goes to the next free worker of its lane, ahead of the queue.
-            self._running.pop(task.id, None)
-            self._memory_watched.pop(task.id, None)
+            self._let_go(task)
             self._host.metrics.task_redispatched(slot.lane)
             log.info("worker %s died before it took task %s (%s); dispatching it again",
                      slot.pid, task.id, task.step)
@@ -659,7 +574,7 @@ class LocalLanes(WorkerStarts):
         if run is None:
             return
         task = run.task
-        self._running.pop(task.id, None)
+        self._let_go(task)
         crash = WorkerCrashed(task.step, task.id, slot.pid, exitcode, signal_number)
         self._host.metrics.worker_killed(slot.lane, "crash")
         log_death(str(crash), task, slot.lane, slot.pid, "crash", None,

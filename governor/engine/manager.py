@@ -51,7 +51,8 @@ from governor.engine import gilio
 from governor.workers.messages import Outcome, OutcomeKind
 from governor.engine.backend import LaneBackend, ReadSelector
 from governor.callbacks import CallbackRunner
-from governor.errors import (MemoryLimitExceeded, ReadOnlyViolation, RemoteTraceback, StepFailed, SupervisorBroken,
+from governor.errors import (MemoryLimitExceeded, QueueFull, ReadOnlyViolation, RemoteTraceback, StepFailed,
+                             SupervisorBroken,
                              WorkerStartFailed)
 from governor.limits import Lane
 from governor.engine.lanes import LocalConfig, LocalLanes
@@ -74,11 +75,13 @@ class ManagerConfig:
     ``local`` describes the local lanes; with ``ray`` (a ``governor.engine.ray_lane.RayConfig``)
     the pool lane runs on Ray instead and ``local`` covers the critical lane alone.
     ``wrap_step_errors``: a step's exception ends its task as ``StepFailed`` even when it
-    pickles (see ``Supervisor``).
+    pickles (see ``Supervisor``). ``queue_size`` is how many tasks each lane may hold
+    waiting (see :meth:`Manager.admit`).
     """
 
     local: LocalConfig
     pool_workers: int
+    queue_size: int
     on_dispatch: Optional[Callable[[Task], None]] = None
     ray: Optional[Any] = None
     wrap_step_errors: bool = False
@@ -87,21 +90,27 @@ class ManagerConfig:
 class Manager(threading.Thread):
     """The manager thread.
 
-    Other threads may call :meth:`enqueue`, :meth:`wake`, :meth:`call_soon`,
+    Other threads may call :meth:`admit`, :meth:`enqueue`, :meth:`wake`, :meth:`call_soon`,
     :meth:`request_cancel`, :meth:`request_shutdown`, :meth:`request_describe`,
-    :meth:`conclude_queued_cancel`, and :meth:`connect` / :meth:`start` before it runs;
-    read ``warm`` (an Event), ``start_error`` and ``broken``. The rest is the host API of
-    ``governor.engine.backend.LaneHost`` and runs on this thread.
+    :meth:`conclude_queued_cancel`, :meth:`queue_depth`, :meth:`queue_room`, :meth:`wait_for_room`,
+    :meth:`wake_room_waiters`, :meth:`gauges`, and :meth:`connect`
+    / :meth:`start` before it runs; read ``warm`` (an Event), ``start_error`` and ``broken``.
+    The rest is the host API of ``governor.engine.backend.LaneHost`` and runs on this thread.
     """
 
     def __init__(self, config: ManagerConfig, metrics: MetricsRecorder,
-                 on_left_queue: Callable[[Task], None], cancel_task: Callable[[Task, CancelRequest], bool],
+                 cancel_task: Callable[[Task, CancelRequest], bool],
                  clock: Callable[[], float], callbacks: CallbackRunner):
         super().__init__(name="governor-manager", daemon=True)
         self._callbacks = callbacks
         self._config = config
         self.metrics = metrics
-        self.left_queue = on_left_queue
+        # Tasks waiting in each lane's queue, counted in at admit() and out as each leaves
+        # its queue (dispatched or ended): exact at any moment, unlike the deques, which
+        # lag one inbox drain behind and keep cancelled tasks until dispatch skips them.
+        self._queued = {lane: 0 for lane in Lane}
+        self._queued_changed = threading.Condition(threading.Lock())  # guards _queued
+        self._room_waiters = 0  # threads in wait_for_room
         self._cancel_task = cancel_task  # the Supervisor's: the one place a cancel is made
         self.clock = clock
         self.warm = threading.Event()
@@ -128,10 +137,40 @@ class Manager(threading.Thread):
             self._all.append(RayLane(self, config.ray, config.pool_workers, config.local.steps, config.local.spares))
         self._backends: Dict[Lane, LaneBackend] = {lane: backend for backend in self._all for lane in backend.lanes}
         self._lane_queues = self._queues()  # each lane's deque, for a quick "anything waiting?"
-        metrics.lane_gauges = self._gauges
 
-    def _gauges(self) -> Dict[str, Any]:
+    def gauges(self) -> Dict[str, Dict[str, Any]]:
+        """Lane name -> busy / idle / starting / spares_ready / worker_pids (any thread)."""
         return {lane: gauges for backend in self._all for lane, gauges in backend.gauges().items()}
+
+    def queue_depth(self) -> Dict[str, int]:
+        """Lane name -> tasks waiting in its queue (any thread)."""
+        with self._queued_changed:
+            return {lane.value: count for lane, count in self._queued.items()}
+
+    def queue_room(self, lane: Lane) -> int:
+        """How many more tasks ``lane``'s queue takes now (any thread)."""
+        with self._queued_changed:
+            return max(0, self._config.queue_size - self._queued[lane])
+
+    def wait_for_room(self, lane: Lane, timeout: float) -> int:
+        """Wait at most ``timeout`` seconds for ``lane``'s queue to take a task (any thread).
+
+        Returns:
+            how many tasks it takes now (0: still none, or :meth:`wake_room_waiters`).
+        """
+        with self._queued_changed:
+            self._room_waiters += 1
+            try:
+                if self._queued[lane] >= self._config.queue_size:
+                    self._queued_changed.wait(timeout)
+                return max(0, self._config.queue_size - self._queued[lane])
+            finally:
+                self._room_waiters -= 1
+
+    def wake_room_waiters(self) -> None:
+        """Wake every :meth:`wait_for_room` now (the supervisor is shutting down)."""
+        with self._queued_changed:
+            self._queued_changed.notify_all()
 
     def connect(self) -> None:
         """Before :meth:`start`, on the caller's thread: let each backend reach its workers'
@@ -150,6 +189,29 @@ class Manager(threading.Thread):
         """Run ``fn(*args)`` on the manager thread (any thread)."""
         self._inbox.append((fn, args))
         self.wake()
+
+    def admit(self, tasks: Sequence[Task]) -> None:
+        """Count ``tasks`` into their lanes' queues, all or none (any thread; :meth:`enqueue` them next).
+
+        Raises:
+            QueueFull: a lane would hold more than ``queue_size`` tasks waiting.
+        """
+        wanted: Dict[Lane, int] = {}
+        for task in tasks:
+            wanted[task.lane] = wanted.get(task.lane, 0) + 1
+        bound = self._config.queue_size
+        with self._queued_changed:
+            for lane, count in wanted.items():
+                if self._queued[lane] + count > bound:
+                    raise QueueFull(lane.value, bound)
+            for lane, count in wanted.items():
+                self._queued[lane] += count
+
+    def _left_queue(self, task: Task) -> None:
+        with self._queued_changed:
+            self._queued[task.lane] -= 1
+            if self._room_waiters:
+                self._queued_changed.notify_all()
 
     def enqueue(self, tasks: Sequence[Task]) -> None:
         """Queue new tasks without waking the manager; call :meth:`wake` after.
@@ -290,9 +352,8 @@ class Manager(threading.Thread):
                           extra={"task_id": task.public_id, "step": task.step, "lane": task.lane.value})
 
     def _on_cancel(self, task: Task) -> None:
-        if task.state is TaskState.CANCELLED:
-            self._settle_workflow(task, None)  # cancelled in its queue: the canceller did the rest
-            return
+        if task.state.terminal:
+            return  # it ended before the request reached this thread
         self._backends[task.lane].cancel(task)
 
     def _on_shutdown(self, cancel_pending: bool, cancel_running: bool) -> None:
@@ -325,12 +386,15 @@ class Manager(threading.Thread):
         self._closing = True
         self.warm.set()
 
-    def record_dispatch(self, task: Task) -> bool:
-        """Run the ``on_dispatch`` hook (a journal's durable "started"); fail the task if it fails.
+    def dispatching(self, task: Task) -> bool:
+        """``task`` left its lane's queue for a worker (it is ``RUNNING``): count it out of
+        the queue, and run the ``on_dispatch`` hook (a journal's durable "started"); fail
+        the task if the hook fails.
 
         A step whose start could not be recorded must not run: after a crash nobody could
         tell that it had, and a critical step would run twice.
         """
+        self._left_queue(task)
         if self._config.on_dispatch is None:
             return True
         # The tasks ended this turn are resolved first: a journal that records ends from
@@ -389,15 +453,13 @@ class Manager(threading.Thread):
     def conclude(self, task: Task, state: TaskState, error: Optional[BaseException] = None,
                  result: Any = None, *, by_kill: bool = False) -> bool:
         """End ``task`` in ``state``: the one place a task ends, from any path (its outcome,
-        a kill, a crash, a cancel, a skip, shutdown, a transport error, no worker).
+        a kill, a crash, a cancel, a skip, shutdown, a transport error, no worker, a
+        broken manager).
 
         In order: the state (under the task's lock; a task claimed for a kill ends only
-        ``by_kill``, and a task with a cancel request ends cancelled), its queue count,
-        metrics (before the future resolves: a caller who has its result sees it
-        counted), the backend's tables, the log, the workflow. The future is resolved at
-        once if no task waits in a lane's queue; otherwise at the end of the manager's
-        turn, once the freed workers have their next tasks: a caller woken earlier would
-        take the GIL while the manager waits to send them.
+        ``by_kill``, and a task with a cancel request ends cancelled), then the rest of
+        the end (:meth:`_ended`). A backend that calls this has already let go of the
+        task's run: the end never calls back down into it.
 
         Returns:
             whether this call ended the task (``False``: it had ended already).
@@ -405,17 +467,47 @@ class Manager(threading.Thread):
         left = task.end(state, error, by_kill)
         if left is None:
             return False
+        self._ended_now(task, left, result)
+        return True
+
+    def conclude_queued_cancel(self, task: Task) -> None:
+        """The end of a queued task that a user's thread just cancelled (any thread).
+
+        The one end whose transition is not made by :meth:`conclude`: ``future.cancel()``
+        must leave the future cancelled when it returns, as any ``Future`` does, so the
+        canceller's ``Task.request_cancel`` moves the task out of ``QUEUED`` under the
+        task's lock (a dispatch racing it loses, and skips the task). The rest of the end
+        is the same as every other's.
+        """
+        self._ended_now(task, TaskState.QUEUED, None, on_this_thread=False)
+
+    def _ended_now(self, task: Task, left: TaskState, result: Any, on_this_thread: bool = True) -> None:
+        """Everything an end does once the task's state is terminal, whatever ended it.
+
+        In order: its queue count (it left ``left``), its end time, metrics (before the
+        future resolves: a caller who has its result sees it counted), the log, the
+        workflow, the future. On this thread the future is resolved at once if no task
+        waits in a lane's queue; otherwise at the end of the manager's turn, once the
+        freed workers have their next tasks: a caller woken earlier would take the GIL
+        while the manager waits to send them. On a canceller's thread
+        (``on_this_thread=False``) it is resolved there and then, and the workflow, which
+        this thread owns, is settled here next.
+        """
         if left is TaskState.QUEUED:
-            self.left_queue(task)
+            self._left_queue(task)
         elif task.ended_at is None:
             task.ended_at = self.clock()
         self.metrics.task_finished(task)
-        self._ended.append((task, result))
-        self._backends[task.lane].forget(task)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("task %s (%s) %s", task.public_id, task.step, task.state.value,
                       extra={"task_id": task.public_id, "step": task.step, "lane": task.lane.value, "pid": task.pid,
                              "reason": task.state.value})
+        if not on_this_thread:
+            task.resolve(result)
+            if task.workflow is not None:
+                self.call_soon(self._settle_workflow, task, result)
+            return
+        self._ended.append((task, result))
         if task.workflow is not None:
             self._settle_workflow(task, result)
         if not any(self._lane_queues):
@@ -423,7 +515,6 @@ class Manager(threading.Thread):
             # rather than at the end of the turn (a third of a millisecond sooner when the
             # machine was idle, and a closed loop's next task arrives before the select).
             self._resolve_ended()
-        return True
 
     def _resolve_ended(self) -> None:
         ended, self._ended = self._ended, []
@@ -433,25 +524,7 @@ class Manager(threading.Thread):
             except Exception:  # as _guarded, without a call per task
                 log.exception("governor manager: resolving task %s failed; carrying on", task.id)
 
-    def _publish_end(self, task: Task, result: Any) -> None:
-        self.metrics.task_finished(task)
-        task.resolve(result)
-
-    def conclude_queued_cancel(self, task: Task) -> None:
-        """The end of a queued task that a user's thread just cancelled (any thread).
-
-        The one end not made on this thread: ``future.cancel()`` must leave the future
-        cancelled when it returns, as any ``Future`` does. The canceller's
-        ``Task.request_cancel`` made the transition; here it is counted and resolved as
-        :meth:`conclude` would, and this thread settles its workflow.
-        """
-        self.left_queue(task)
-        self._publish_end(task, None)
-        self.request_cancel(task)
-
     def _settle_workflow(self, task: Task, result: Any) -> None:
-        if task.workflow is None:
-            return
         for later in task.workflow.step_finished(task, result):
             self.conclude(later, TaskState.SKIPPED, later.error)
 
@@ -462,14 +535,16 @@ class Manager(threading.Thread):
         broken = SupervisorBroken(f"the supervisor's manager thread failed: {error!r}")
         for backend in self._all:
             self._guarded(backend.abort)
-        tasks = [task for queue in self._queues() for task in queue]
-        tasks += [task for backend in self._all for task in backend.running_tasks()]
+        # The running first: a workflow's steps end in their order (its running step, then
+        # its queued ones, which it skips).
+        tasks = [task for backend in self._all for task in backend.running_tasks()]
+        tasks += [task for queue in self._queues() for task in queue]
         for task in tasks:
             try:
-                if task.end(TaskState.FAILED, broken, by_kill=True) is not None:
-                    self._publish_end(task, None)
+                self.conclude(task, TaskState.FAILED, broken, by_kill=True)
             except Exception:
                 log.exception("could not fail task %s", task.id)
+        self._resolve_ended()
 
     def _close(self) -> None:
         for backend in self._all:

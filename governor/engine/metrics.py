@@ -162,9 +162,16 @@ def _float_label(value: float) -> str:
 
 class MetricsRecorder:
     """Every figure of one supervisor. Any thread may record or read: each record and each
-    read holds one short lock."""
+    read holds one short lock.
 
-    def __init__(self) -> None:
+    Args:
+        lane_gauges: returns lane name -> busy, idle, starting, spares_ready, worker_pids
+            (any thread; ``{}`` before the lanes exist). Read live at snapshot time rather
+            than published per task: gauges change with every task, and publishing them
+            cost the manager time on every round trip.
+    """
+
+    def __init__(self, lane_gauges: Callable[[], Dict[str, Dict[str, Any]]] = dict) -> None:
         self._lock = threading.Lock()
         # (lane, step, state, submitted, dispatched, started, ended, peak RSS) per finished
         # task, not yet folded in: appended without the lock (a deque's append is atomic).
@@ -176,13 +183,9 @@ class MetricsRecorder:
         self._recycles: Dict[Tuple[str, str], int] = collections.Counter()
         self._redispatches: Dict[str, int] = collections.Counter()
         self._sandbox_denials: Dict[str, int] = collections.Counter()
-        #: What holds the pool lane's workers (``SandboxReport.label``), set by the local
-        #: lanes as their first pool worker reports it: ``"none"`` until then, or without one.
-        self.sandbox = "none"
-        #: Set by the manager: lane name -> busy, idle, starting, spares_ready, worker_pids.
-        #: Read live at snapshot time rather than published per task: gauges change with
-        #: every task, and publishing them cost the manager time on every round trip.
-        self.lane_gauges: Callable[[], Dict[str, Dict[str, Any]]] = dict
+        # What holds the pool lane's workers (see sandbox_applied): "none" until then, or without one.
+        self._sandbox = "none"
+        self._lane_gauges = lane_gauges
 
     # ------------------------------------------------------------ recording (any thread)
 
@@ -229,6 +232,11 @@ class MetricsRecorder:
         with self._lock:
             self._recycles[(lane.value, reason)] += 1
 
+    def sandbox_applied(self, label: str) -> None:
+        """A pool worker reported what holds it (``SandboxReport.label``, e.g. ``"landlock-v7"``)."""
+        with self._lock:
+            self._sandbox = label
+
     def sandbox_denied(self, step: str) -> None:
         """Count a pool step's write that the sandbox refused (a ``ReadOnlyViolation``)."""
         with self._lock:
@@ -260,7 +268,8 @@ class MetricsRecorder:
                 timings.setdefault(lane, {}).setdefault(step, {})[name] = histogram.summary()
             spawns, kills, recycles = dict(self._spawns), _nest(self._kills), _nest(self._recycles)
             redispatches, denials = dict(self._redispatches), dict(self._sandbox_denials)
-        lanes = self.lane_gauges()
+            sandbox = self._sandbox
+        lanes = self._lane_gauges()
         memory = memory_figures(pid for state in lanes.values() for pid in state["worker_pids"])
         return {
             "tasks": tasks,
@@ -275,7 +284,7 @@ class MetricsRecorder:
             "worker_kills": kills,
             "worker_recycles": recycles,
             "redispatched": redispatches,
-            "sandbox": {"pool": self.sandbox},
+            "sandbox": {"pool": sandbox},
             "sandbox_denials": denials,
         }
 

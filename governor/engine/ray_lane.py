@@ -397,9 +397,6 @@ class RayLane:
     def running_tasks(self) -> List[Task]:
         return [run.task for run in self._runs.values()]
 
-    def forget(self, task: Task) -> None:
-        """Nothing to forget: a run leaves the table before its task ends (``_on_done``)."""
-
     def abort(self) -> None:
         """Nothing to do: ``close`` drops the links, and a worker whose link drops while it
         runs one of our steps kills its own tree."""
@@ -412,8 +409,7 @@ class RayLane:
                 task.transition(TaskState.RUNNING)
             except InvalidTransition:
                 continue  # cancelled while it waited: lazy removal, as in the local lanes
-            self._host.left_queue(task)
-            if not self._host.record_dispatch(task):
+            if not self._host.dispatching(task):
                 continue
             run = self._runs[task.id] = RayRun(task)
             self._submit(run)

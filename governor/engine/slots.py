@@ -2,7 +2,8 @@
 
 A *slot* is one worker process and what the manager knows about it: its state, its two
 sockets (``governor.workers.messages`` says what crosses them), the task it runs
-(a :class:`Run`) and those sent to it ahead. Everything here runs on the manager thread;
+(a :class:`Run`) and those sent to it ahead; a lane's slots by state are its
+:class:`LaneState`. Everything here runs on the manager thread;
 the lanes (``governor.engine.lanes``) decide which slot runs what, and when a worker is dead.
 
 The send path never makes the manager wait: a frame goes down a worker's task socket as
@@ -20,7 +21,7 @@ import math
 import os
 import pickle
 from multiprocessing.connection import Connection
-from typing import Any, Callable, Deque, Dict, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 import attrs
 import cloudpickle
@@ -189,6 +190,91 @@ class Run:
     kill: Optional[KillOrder] = None
     sent_at: float = 0.0  # when it was sent ahead (see SendAhead.take_back_stuck)
     taking_back: bool = False  # sent ahead, and asked back
+
+
+@attrs.define(eq=False)
+class LaneState:
+    """A lane's queue and slots, as the manager sees them.
+
+    Slot states change only through :meth:`move`, which keeps the per-state counts, the
+    idle stack and the tuple of worker pids in step, so the hot loop reads them in O(1)
+    and :meth:`gauges` can be read from any thread without a lock (each read is one int,
+    one ``len`` or one tuple: a snapshot may be a task apart, never torn).
+    """
+
+    lane: Lane
+    workers: int
+    spares: int
+    queue: Deque[Task] = attrs.field(factory=collections.deque)
+    retry: Deque[Task] = attrs.field(factory=collections.deque)  # dispatched, never taken: first in line
+    slots: Dict[int, Slot] = attrs.field(factory=dict)
+    idle: List[Slot] = attrs.field(factory=list)
+    counts: collections.Counter = attrs.field(factory=collections.Counter)
+    start_failures: int = 0
+    respawn_pending: bool = False
+    pids: Tuple[int, ...] = ()
+    sends_ahead: bool = False  # its workers may get a task while they run one (the pool lane)
+
+    def add(self, slot: Slot) -> None:
+        self.slots[slot.id] = slot
+        self.counts[slot.state] += 1
+
+    def move(self, slot: Slot, state: SlotState) -> None:
+        """Put ``slot`` in ``state``; DEAD and RETIRING slots leave the lane."""
+        counts, idle = self.counts, self.idle
+        # First the two moves of every task, in a few steps: the idle worker on top of the
+        # stack goes to work, and a busy one comes back.
+        if state is SlotState.BUSY and slot.state is SlotState.IDLE and idle and idle[-1] is slot:
+            idle.pop()
+            counts[SlotState.IDLE] -= 1
+            counts[SlotState.BUSY] += 1
+            slot.state = state
+            return
+        if state is SlotState.IDLE and slot.state is SlotState.BUSY:
+            counts[SlotState.BUSY] -= 1
+            counts[SlotState.IDLE] += 1
+            slot.state = state
+            idle.append(slot)
+            return
+        joins_or_leaves = slot.state is SlotState.STARTING or state in (SlotState.DEAD, SlotState.RETIRING)
+        if slot.id in self.slots:
+            self.counts[slot.state] -= 1
+            if slot.state is SlotState.IDLE:
+                if self.idle and self.idle[-1] is slot:
+                    self.idle.pop()
+                else:
+                    self.idle.remove(slot)
+        slot.state = state
+        if state in (SlotState.DEAD, SlotState.RETIRING):
+            self.slots.pop(slot.id, None)
+        else:
+            self.slots[slot.id] = slot
+            self.counts[state] += 1
+            if state is SlotState.IDLE:
+                self.idle.append(slot)
+        if joins_or_leaves:
+            self.pids = tuple(slot.pid for slot in self.slots.values()
+                              if slot.pid is not None and slot.state is not SlotState.STARTING)
+
+    def count(self, *states: SlotState) -> int:
+        return sum(self.counts[state] for state in states)
+
+    @property
+    def live(self) -> int:
+        """Slots that are or will be able to run a task (every slot in the lane but those
+        being killed)."""
+        return len(self.slots) - self.counts[SlotState.KILLING]
+
+    @property
+    def spares_ready(self) -> int:
+        """Idle warm workers beyond those the lane may still put to work."""
+        return max(0, len(self.idle) - (self.workers - self.counts[SlotState.BUSY]))
+
+    def gauges(self) -> Dict[str, Any]:
+        """The lane's gauges for metrics (safe to call from any thread)."""
+        return {"busy": self.counts[SlotState.BUSY], "idle": len(self.idle),
+                "starting": self.counts[SlotState.STARTING], "spares_ready": self.spares_ready,
+                "worker_pids": self.pids}
 
 
 class SendAhead:

@@ -24,12 +24,12 @@ import pickle
 import selectors
 import socket
 from multiprocessing.connection import Connection
-from typing import TYPE_CHECKING, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import psutil
 
 from governor.engine.backend import LaneHost
-from governor.engine.slots import Slot, SlotState
+from governor.engine.slots import LaneState, Slot, SlotState
 from governor.engine.timers import Timers
 from governor.errors import WorkerStartFailed
 from governor.limits import Lane
@@ -39,9 +39,6 @@ from governor.workers.proctree import TreeSampler
 from governor.workers.sandbox import SandboxPolicy
 from governor.workers.seats import Seats
 from governor.workers.template import Template
-
-if TYPE_CHECKING:
-    from governor.engine.lanes import LaneState, LocalConfig
 
 log = logging.getLogger("governor")
 
@@ -58,9 +55,10 @@ MAX_START_FAILURES = 3
 class WorkerStarts:
     """The part of the local lanes that starts workers (see the module docstring)."""
 
+    # Shared with LocalLanes (not imported here: lanes.py imports this module).
     _host: LaneHost
-    _config: "LocalConfig"
-    _lanes: Dict[Lane, "LaneState"]
+    _config: Any  # lanes.LocalConfig
+    _lanes: Dict[Lane, LaneState]
     _slots: Dict[int, Slot]
     _by_pid: Dict[int, Slot]
     _timers: Timers
@@ -255,7 +253,7 @@ class WorkerStarts:
         """A pool worker says how it is sandboxed: note it, and tell the log once per
         supervisor (every pool worker applies the same policy on the same kernel)."""
         slot.sandbox, slot.tmpdir = label, tmpdir
-        self._host.metrics.sandbox = label
+        self._host.metrics.sandbox_applied(label)
         if self._sandbox_told:
             return
         self._sandbox_told = True

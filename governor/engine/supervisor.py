@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optio
 from governor import aio
 from governor.workers import sandbox as sandboxing
 from governor.callbacks import CallbackRunner
-from governor.errors import (InvalidParameters, QueueFull, SupervisorBroken, SupervisorClosed, SupervisorForked,
+from governor.errors import (InvalidParameters, SupervisorBroken, SupervisorClosed, SupervisorForked,
                              UnknownStep, WorkerStartFailed)
 from governor.limits import Lane, Limits
 from governor.engine.lanes import LocalConfig
@@ -30,7 +30,7 @@ from governor.engine.mapping import MapRun, Progress
 from governor.engine.manager import Manager, ManagerConfig
 from governor.engine.metrics import MetricsRecorder, prometheus_registry, prometheus_text
 from governor.steps.registry import REGISTRY, StepLookup
-from governor.task import (CancelRequest, Call, Task, TaskFuture, Workflow, WorkflowFuture, check_step_designator,
+from governor.task import (CancelRequest, Call, Task, TaskFuture, WorkflowFuture, WorkflowRun, check_step_designator,
                            in_done_callback)
 
 #: Tasks a lane may hold waiting before ``submit`` raises ``QueueFull``.
@@ -210,14 +210,12 @@ class Supervisor(concurrent.futures.Executor):
                 steps=specs, step_modules=sorted({spec.fn.__module__ for spec in specs.values()} - {"__main__"}),
                 workers=local_workers, spares=spares, max_tasks_per_worker=max_tasks_per_worker,
                 recycle_rss_mb=recycle_rss_mb, sandbox=None if sandbox == "off" else self.sandbox_policy),
-            pool_workers=workers, on_dispatch=on_dispatch, ray=ray_config, wrap_step_errors=wrap_step_errors)
-        self._metrics = MetricsRecorder()
+            pool_workers=workers, queue_size=queue_size, on_dispatch=on_dispatch, ray=ray_config,
+            wrap_step_errors=wrap_step_errors)
+        self._metrics = MetricsRecorder(self._lane_gauges)
         self._prometheus = prometheus_registry(self._metrics, self._queue_depth)
         self._lock = threading.Lock()
-        self._room = threading.Condition(self._lock)  # a lane's queue has room (Supervisor.map)
-        self._room_waiters = 0
         self._ids = itertools.count(1)
-        self._queued = {Lane.CRITICAL: 0, Lane.POOL: 0}
         self._manager: Optional[Manager] = None
         self._callbacks = CallbackRunner()
         self._accepting = False
@@ -247,7 +245,7 @@ class Supervisor(concurrent.futures.Executor):
                 raise SupervisorClosed("this supervisor was shut down")
             if self._manager is not None:
                 raise SupervisorClosed("this supervisor was already started")
-            self._manager = Manager(self._config, self._metrics, self._left_queue, self._cancel, self._clock,
+            self._manager = Manager(self._config, self._metrics, self._cancel, self._clock,
                                    self._callbacks)
         self._manager.connect()
         self._manager.start()
@@ -286,8 +284,9 @@ class Supervisor(concurrent.futures.Executor):
         with self._lock:
             self._accepting = False
             self._shut_down = True
-            self._room.notify_all()  # a map waiting for room gives up
             manager = self._manager
+        if manager is not None:
+            manager.wake_room_waiters()  # a map waiting for room gives up
         if manager is None or not manager.is_alive():
             return
         manager.request_shutdown(cancel_futures, cancel_running)
@@ -445,7 +444,7 @@ class Supervisor(concurrent.futures.Executor):
         if not tasks:
             raise ValueError("a workflow needs at least one step")
         future = WorkflowFuture([task.future for task in tasks], self._callbacks)
-        flow = Workflow(tasks, future)
+        flow = WorkflowRun(tasks, future)
         for task in tasks:
             task.workflow = flow
         self._enqueue(tasks)
@@ -508,8 +507,12 @@ class Supervisor(concurrent.futures.Executor):
         return prometheus_text(self._prometheus)
 
     def _queue_depth(self) -> Dict[str, int]:
-        with self._lock:
-            return {lane.value: count for lane, count in self._queued.items()}
+        manager = self._manager
+        return manager.queue_depth() if manager is not None else {lane.value: 0 for lane in Lane}
+
+    def _lane_gauges(self) -> Dict[str, Dict[str, Any]]:
+        manager = self._manager
+        return manager.gauges() if manager is not None else {}
 
     # ----------------------------------------------------------------- internals
 
@@ -578,18 +581,11 @@ class Supervisor(concurrent.futures.Executor):
         # across threads, which is the critical lane's execution order.
         with self._lock:
             self._check_accepting()
-            wanted: Dict[Lane, int] = {}
-            for task in tasks:
-                wanted[task.lane] = wanted.get(task.lane, 0) + 1
-            for lane, count in wanted.items():
-                if self._queued[lane] + count > self.queue_size:
-                    raise QueueFull(lane.value, self.queue_size)
-            for lane, count in wanted.items():
-                self._queued[lane] += count
+            self._manager.admit(tasks)  # raises QueueFull, counting none of them
             for task in tasks:
                 task.id = next(self._ids)
             self._manager.enqueue(tasks)
-        self._manager.wake()  # outside the lock: the manager's first act is to take it (_left_queue)
+        self._manager.wake()  # outside the lock: the manager would wake straight into it
 
     def _check_accepting(self) -> None:
         """Raise unless this supervisor takes work from this process (hold ``_lock``)."""
@@ -602,16 +598,10 @@ class Supervisor(concurrent.futures.Executor):
         if not self._accepting:
             raise SupervisorClosed("the supervisor was shut down: it takes no more work")
 
-    def _left_queue(self, task: Task) -> None:
-        with self._lock:
-            self._queued[task.lane] -= 1
-            if self._room_waiters:
-                self._room.notify_all()
-
     def _queue_room(self, lane: Lane) -> int:
         """How many more tasks ``lane``'s queue takes now."""
-        with self._lock:
-            return max(0, self.queue_size - self._queued[lane])
+        manager = self._manager
+        return manager.queue_room(lane) if manager is not None else self.queue_size
 
     def _wait_for_room(self, lane: Lane, deadline: Optional[float]) -> int:
         """Wait until ``lane``'s queue takes a task; how many it takes (``Supervisor.map``).
@@ -620,20 +610,17 @@ class Supervisor(concurrent.futures.Executor):
             TimeoutError: ``deadline`` (on ``time.monotonic()``) passed first.
             SupervisorClosed, SupervisorBroken: as :meth:`submit`: it will never have room.
         """
-        with self._room:
-            self._room_waiters += 1
-            try:
-                while self._queued[lane] >= self.queue_size:
-                    self._check_accepting()
-                    # Woken by each task leaving the queue, and by shutdown. The slice bounds
-                    # the wait for a manager that broke (it empties no queue, wakes no one).
-                    wait = ROOM_RECHECK_S if deadline is None else min(ROOM_RECHECK_S, deadline - time.monotonic())
-                    if wait <= 0:
-                        raise TimeoutError(f"the {lane.value} lane's queue had no room before the map's timeout")
-                    self._room.wait(wait)
-                return self.queue_size - self._queued[lane]
-            finally:
-                self._room_waiters -= 1
+        while True:
+            with self._lock:
+                self._check_accepting()
+            # Woken by each task leaving the queue, and by shutdown. The slice bounds the
+            # wait for a manager that broke (it empties no queue, wakes no one).
+            wait = ROOM_RECHECK_S if deadline is None else min(ROOM_RECHECK_S, deadline - time.monotonic())
+            if wait <= 0:
+                raise TimeoutError(f"the {lane.value} lane's queue had no room before the map's timeout")
+            room = self._manager.wait_for_room(lane, wait)
+            if room:
+                return room
 
     def _cancel(self, task: Task, request: CancelRequest) -> bool:
         """Cancel ``task`` (any thread): a queued one ends here, a running one is stopped by the manager."""

@@ -102,7 +102,7 @@ class NetAccess(enum.IntFlag):
     CONNECT_TCP = 1 << 1
 
 
-class Scope(enum.IntFlag):
+class SandboxScope(enum.IntFlag):
     """``LANDLOCK_SCOPE_*`` (ABI 6)."""
 
     ABSTRACT_UNIX_SOCKET = 1 << 0
@@ -160,7 +160,7 @@ def handled_write_rights(abi: int) -> FsAccess:
 _HANDLED_FS = tuple(int(handled_write_rights(abi)) for abi in range(KNOWN_ABI + 1))
 _FILE_RIGHTS = int(FILE_RIGHTS)
 _HANDLED_NET = int(NetAccess.BIND_TCP | NetAccess.CONNECT_TCP)
-_SCOPED = int(Scope.SIGNAL | Scope.ABSTRACT_UNIX_SOCKET)
+_SCOPED = int(SandboxScope.SIGNAL | SandboxScope.ABSTRACT_UNIX_SOCKET)
 
 
 def _attr_size(abi: int) -> int:
