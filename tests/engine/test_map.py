@@ -66,7 +66,7 @@ def test_map_waits_for_room_when_other_work_fills_the_lane(make_supervisor, tmp_
 
     mapper = threading.Thread(target=run_map)
     mapper.start()
-    assert wait_until(lambda: sup._room_waiters == 1), "the map waits for room rather than raise QueueFull"
+    assert wait_until(lambda: sup._manager._room_waiters == 1), "the map waits for room rather than raise QueueFull"
     (tmp_path / "go").touch()
     mapper.join(timeout=60)
     assert outcome == {"results": list(range(10))}
