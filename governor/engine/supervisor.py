@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import concurrent.futures.thread  # noqa: F401  (see _register_atexit below)
-import inspect
 import itertools
 import os
 import threading
@@ -29,6 +28,7 @@ from governor.engine.lanes import LocalConfig
 from governor.engine.mapping import MapRun, Progress
 from governor.engine.manager import Manager, ManagerConfig
 from governor.engine.metrics import MetricsRecorder, prometheus_registry, prometheus_text
+from governor.steps.parameters import StepParameters, signature_of
 from governor.steps.registry import REGISTRY, StepLookup
 from governor.task import (CancelRequest, Call, Task, TaskFuture, WorkflowFuture, WorkflowRun, check_step_designator,
                            in_done_callback)
@@ -70,17 +70,15 @@ def default_workers() -> int:
 class _Route:
     """Where a step runs and with what, fixed when the supervisor is built."""
 
-    __slots__ = ("spec", "lane", "reason", "limits", "signature", "_fitting_shapes")
+    __slots__ = ("spec", "lane", "reason", "limits", "signature", "parameters", "_fitting_shapes")
 
     #: Argument shapes remembered per step as fitting its signature (see :meth:`check_arguments`).
     MAX_SHAPES = 64
 
     def __init__(self, spec: Any, lane: Lane, reason: str, limits: Limits):
         self.spec, self.lane, self.reason, self.limits = spec, lane, reason, limits
-        fn = spec.fn
-        self.signature = inspect.signature(fn.run if inspect.isclass(fn) else fn)
-        if inspect.isclass(fn):  # bind as if through an instance: drop ``self``
-            self.signature = self.signature.replace(parameters=list(self.signature.parameters.values())[1:])
+        self.signature = signature_of(spec.fn)
+        self.parameters = StepParameters.of(spec.name, spec.fn)
         self._fitting_shapes: set = set()
 
     def check_arguments(self, args: tuple, kwargs: dict) -> None:
@@ -95,8 +93,9 @@ class _Route:
             return
         try:
             self.signature.bind(*args, **kwargs)
-        except TypeError as exc:
-            raise InvalidParameters(f"bad parameters for step {self.spec.name!r}{self.signature}: {exc}") from None
+        except TypeError as exc:  # an unknown name is said with its closest match, as for step names
+            why = self.parameters.unknown(kwargs) or exc
+            raise InvalidParameters(f"bad parameters for step {self.spec.name!r}{self.signature}: {why}") from None
         if len(self._fitting_shapes) < self.MAX_SHAPES:
             self._fitting_shapes.add(shape)
 
@@ -528,12 +527,14 @@ class Supervisor(concurrent.futures.Executor):
         return route
 
     def describe_steps(self) -> List[Dict[str, Any]]:
-        """One dict per step: name, lane, reason, limits (the effective ones), description, signature."""
+        """One dict per step: name, lane, reason, limits (the effective ones), description, signature,
+        and its parameters as ``StepParameters.to_wire`` describes them (what the CLI converts by)."""
         return [{"name": name, "lane": route.lane.value, "reason": route.reason,
                  "limits": {"timeout_s": route.limits.effective_timeout_s,
                             "max_memory_mb": route.limits.effective_memory_mb,
                             "cancel_grace_s": route.limits.effective_cancel_grace_s},
-                 "description": route.spec.description, "signature": str(route.signature)}
+                 "description": route.spec.description, "signature": str(route.signature),
+                 **route.parameters.to_wire()}
                 for name, route in self._routes.items()]
 
     @property
