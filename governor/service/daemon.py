@@ -558,11 +558,13 @@ class Daemon:
         """``(call, lane)`` for a step call, its relative paths made absolute against ``cwd``.
 
         Raises:
-            UnknownStep, InvalidParameters: as the supervisor would at submit (and a
-                relative path with no ``cwd``).
+            UnknownStep, InvalidParameters: as the supervisor would at submit, and also a
+                value its parameter's annotation does not take (JSON from a client, checked
+                here rather than failing in the worker) or a relative path with no ``cwd``.
         """
         call = Call(step, kwargs=params, limits=limits)
         route = self._supervisor.check_call(call)
+        route.parameters.check_values(call.kwargs)
         return attrs.evolve(call, kwargs=route.spec.resolve_paths(call.kwargs, cwd)), route.lane
 
     def _record(self, record_id: int) -> TaskRecord:
