@@ -45,8 +45,8 @@ _CLOSE_ENOUGH = 0.5
 _NULL_WORDS = frozenset({"null", "none"})
 
 
-class ParameterKind(enum.Enum):
-    """What an annotated parameter accepts. The value is its name on the wire."""
+class ParameterType(enum.Enum):
+    """What an annotated parameter accepts. The value is its name on the wire (``"type"``)."""
 
     INT = "int"
     FLOAT = "float"
@@ -57,8 +57,8 @@ class ParameterKind(enum.Enum):
     DICT = "dict"
 
     @classmethod
-    def of(cls, annotation: Any) -> tuple[Optional["ParameterKind"], bool]:
-        """The kind an annotation asks for (``None``: not checked), and whether it allows ``None``."""
+    def of(cls, annotation: Any) -> tuple[Optional["ParameterType"], bool]:
+        """The type an annotation asks for (``None``: not checked), and whether it allows ``None``."""
         nullable = False
         arguments = typing.get_args(annotation)
         if _is_union(annotation) and type(None) in arguments:
@@ -69,36 +69,36 @@ class ParameterKind(enum.Enum):
         origin = typing.get_origin(annotation) or annotation
         if origin is bool:  # before int: bool is an int
             return cls.BOOL, nullable
-        for kind, types in _KIND_TYPES:
-            if isinstance(origin, type) and issubclass(origin, types):
-                return kind, nullable
+        for checked, classes in _CLASSES:
+            if isinstance(origin, type) and issubclass(origin, classes):
+                return checked, nullable
         return None, nullable
 
     @property
     def described(self) -> str:
-        """What a value of this kind is, for an error message."""
+        """What a value of this type is, for an error message."""
         return _DESCRIBED[self]
 
     def accepts(self, value: Any) -> bool:
-        """Whether a JSON value (as the daemon receives it) is of this kind."""
-        if self is ParameterKind.INT:
+        """Whether a JSON value (as the daemon receives it) is of this type."""
+        if self is ParameterType.INT:
             return isinstance(value, int) and not isinstance(value, bool)
-        if self is ParameterKind.FLOAT:
+        if self is ParameterType.FLOAT:
             return isinstance(value, (int, float)) and not isinstance(value, bool)
         return isinstance(value, _JSON_TYPES[self])
 
     def from_text(self, text: str) -> Any:
-        """The value a command line's ``text`` means for this kind; ``ValueError`` if none."""
-        if self in (ParameterKind.STR, ParameterKind.PATH):
+        """The value a command line's ``text`` means for this type; ``ValueError`` if none."""
+        if self in (ParameterType.STR, ParameterType.PATH):
             return text
-        if self is ParameterKind.BOOL:
+        if self is ParameterType.BOOL:
             word = text.strip().lower()
             if word in _TRUE_WORDS or word in _FALSE_WORDS:
                 return word in _TRUE_WORDS
             raise ValueError(text)
-        if self is ParameterKind.INT:
+        if self is ParameterType.INT:
             return int(text)
-        if self is ParameterKind.FLOAT:
+        if self is ParameterType.FLOAT:
             number = float(text)
             if not math.isfinite(number):  # JSON cannot carry it
                 raise ValueError(text)
@@ -109,14 +109,14 @@ class ParameterKind(enum.Enum):
         return value
 
 
-_KIND_TYPES = ((ParameterKind.INT, int), (ParameterKind.FLOAT, float), (ParameterKind.STR, str),
-               (ParameterKind.PATH, pathlib.PurePath), (ParameterKind.LIST, (list, tuple, set, frozenset)),
-               (ParameterKind.DICT, (dict, Mapping)))
-_JSON_TYPES = {ParameterKind.BOOL: bool, ParameterKind.STR: str, ParameterKind.PATH: str,
-               ParameterKind.LIST: list, ParameterKind.DICT: dict}
-_DESCRIBED = {ParameterKind.INT: "an integer", ParameterKind.FLOAT: "a number", ParameterKind.BOOL: "true or false",
-              ParameterKind.STR: "text", ParameterKind.PATH: "a path (text)",
-              ParameterKind.LIST: "a JSON array", ParameterKind.DICT: "a JSON object"}
+_CLASSES = ((ParameterType.INT, int), (ParameterType.FLOAT, float), (ParameterType.STR, str),
+               (ParameterType.PATH, pathlib.PurePath), (ParameterType.LIST, (list, tuple, set, frozenset)),
+               (ParameterType.DICT, (dict, Mapping)))
+_JSON_TYPES = {ParameterType.BOOL: bool, ParameterType.STR: str, ParameterType.PATH: str,
+               ParameterType.LIST: list, ParameterType.DICT: dict}
+_DESCRIBED = {ParameterType.INT: "an integer", ParameterType.FLOAT: "a number", ParameterType.BOOL: "true or false",
+              ParameterType.STR: "text", ParameterType.PATH: "a path (text)",
+              ParameterType.LIST: "a JSON array", ParameterType.DICT: "a JSON object"}
 
 
 def signature_of(fn: Any) -> inspect.Signature:
@@ -134,19 +134,26 @@ def _is_union(annotation: Any) -> bool:
 
 @attrs.frozen
 class Parameter:
-    """One named parameter of a step.
+    """One parameter of a step.
 
     Attributes:
-        name: its keyword.
-        kind: what its annotation accepts, or ``None`` when it is not checked.
+        name: its name.
+        kind: how a call binds it: an ``inspect.Parameter`` kind's name (``"KEYWORD_ONLY"``...).
+        required: whether a call must give it (it has no default).
+        type: what its annotation accepts, or ``None`` when it is not checked.
         nullable: whether ``None`` is accepted (``Optional[...]``, or a default of ``None``).
-        required: whether a call must give it.
     """
 
     name: str
-    kind: Optional[ParameterKind] = None
-    nullable: bool = False
+    kind: str = inspect.Parameter.POSITIONAL_OR_KEYWORD.name
     required: bool = False
+    type: Optional[ParameterType] = None
+    nullable: bool = False
+
+    @property
+    def by_name(self) -> bool:
+        """Whether a call may give it by name (``-p NAME=...``, a JSON ``params`` key)."""
+        return self.kind in _BY_NAME
 
     def check(self, value: Any, step: str) -> None:
         """Refuse a JSON ``value`` that this parameter's annotation does not accept.
@@ -154,7 +161,7 @@ class Parameter:
         Raises:
             InvalidParameters: naming the step, the parameter, what it takes and what came.
         """
-        if self.kind is None or (value is None and self.nullable) or self.kind.accepts(value):
+        if self.type is None or (value is None and self.nullable) or self.type.accepts(value):
             return
         raise InvalidParameters(f"step {step!r}: parameter {self.name!r} takes {self._takes()}, "
                                 f"not {reprlib.repr(value)}")
@@ -165,19 +172,23 @@ class Parameter:
         Raises:
             InvalidParameters: ``text`` means no value this parameter takes.
         """
-        if self.kind is None:
+        if self.type is None:
             return _json_or_text(text)
-        if self.nullable and self.kind not in (ParameterKind.STR, ParameterKind.PATH) \
+        if self.nullable and self.type not in (ParameterType.STR, ParameterType.PATH) \
                 and text.strip().lower() in _NULL_WORDS:
             return None
         try:
-            return self.kind.from_text(text)
+            return self.type.from_text(text)
         except ValueError:
             raise InvalidParameters(f"step {step!r}: parameter {self.name!r} takes {self._takes()}, "
                                     f"not {text!r}") from None
 
     def _takes(self) -> str:
-        return f"{self.kind.described}{' or null' if self.nullable else ''} ({self.kind.value})"
+        return f"{self.type.described}{' or null' if self.nullable else ''} ({self.type.value})"
+
+
+#: The kinds of parameter a call may give by name.
+_BY_NAME = frozenset({inspect.Parameter.POSITIONAL_OR_KEYWORD.name, inspect.Parameter.KEYWORD_ONLY.name})
 
 
 def _json_or_text(text: str) -> Any:
@@ -190,17 +201,15 @@ def _json_or_text(text: str) -> Any:
 
 @attrs.frozen
 class StepParameters:
-    """The keyword parameters of one step, as its signature and annotations declare them.
+    """The parameters of one step, as its signature and annotations declare them.
 
     Attributes:
         step: the step's name, for messages.
-        parameters: the named parameters (positional-only ones cannot be given by name).
-        takes_any_keyword: whether the step takes ``**kwargs`` (then no name is unknown).
+        parameters: every parameter of its signature, in order.
     """
 
     step: str
     parameters: tuple[Parameter, ...]
-    takes_any_keyword: bool = False
 
     @classmethod
     def of(cls, step: str, fn: Any) -> "StepParameters":
@@ -209,26 +218,27 @@ class StepParameters:
         Annotations that cannot be resolved (a forward reference to a name not importable)
         leave their parameters unchecked rather than failing the step's registration.
         """
-        signature = signature_of(fn)
         try:
             hints = typing.get_type_hints(fn.run if inspect.isclass(fn) else fn)
         except Exception:  # any error in a user's annotations: check names only
             hints = {}
         parameters = []
-        for parameter in signature.parameters.values():
-            if parameter.kind not in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY):
-                continue
-            kind, nullable = ParameterKind.of(hints.get(parameter.name))
-            parameters.append(Parameter(parameter.name, kind, nullable or parameter.default is None,
-                                        parameter.default is parameter.empty))
-        takes_any = any(parameter.kind is parameter.VAR_KEYWORD for parameter in signature.parameters.values())
-        return cls(step, tuple(parameters), takes_any)
+        for parameter in signature_of(fn).parameters.values():
+            checked, nullable = ParameterType.of(hints.get(parameter.name))
+            parameters.append(Parameter(parameter.name, parameter.kind.name, parameter.default is parameter.empty,
+                                        checked, nullable or parameter.default is None))
+        return cls(step, tuple(parameters))
+
+    @property
+    def takes_any_keyword(self) -> bool:
+        """Whether the step takes ``**kwargs`` (then no name is unknown)."""
+        return any(parameter.kind == inspect.Parameter.VAR_KEYWORD.name for parameter in self.parameters)
 
     def unknown(self, names: typing.Iterable[str]) -> Optional[str]:
         """Say which of ``names`` the step does not take, with the closest match; ``None`` if all fit."""
         if self.takes_any_keyword:
             return None
-        known = [parameter.name for parameter in self.parameters]
+        known = [parameter.name for parameter in self.parameters if parameter.by_name]
         unknown = [name for name in names if name not in known]
         if not unknown:
             return None
@@ -241,7 +251,7 @@ class StepParameters:
     def check_values(self, params: Mapping[str, Any]) -> None:
         """Refuse a JSON value that its parameter's annotation does not accept (see :meth:`Parameter.check`)."""
         for parameter in self.parameters:
-            if parameter.name in params:
+            if parameter.by_name and parameter.name in params:
                 parameter.check(params[parameter.name], self.step)
 
     def from_texts(self, texts: Mapping[str, str]) -> dict[str, Any]:
@@ -254,22 +264,21 @@ class StepParameters:
         unknown = self.unknown(texts)
         if unknown is not None:
             raise InvalidParameters(f"step {self.step!r}: {unknown}")
-        by_name = {parameter.name: parameter for parameter in self.parameters}
+        by_name = {parameter.name: parameter for parameter in self.parameters if parameter.by_name}
         return {name: by_name[name].from_text(text, self.step) if name in by_name else _json_or_text(text)
                 for name, text in texts.items()}
 
-    def to_wire(self) -> dict[str, Any]:
-        """This description as JSON fields of a step's entry in the daemon's ``steps`` reply."""
-        return {"takes_any_keyword": self.takes_any_keyword,
-                "parameters": [{"name": parameter.name, "kind": parameter.kind and parameter.kind.value,
-                                "nullable": parameter.nullable, "required": parameter.required}
-                               for parameter in self.parameters]}
+    def to_wire(self) -> list[dict[str, Any]]:
+        """The parameters as JSON, as the daemon's ``steps`` reply lists them under ``parameters``:
+        ``{"name", "kind", "required", "type", "nullable"}`` each (``type`` null when not checked)."""
+        return [{"name": parameter.name, "kind": parameter.kind, "required": parameter.required,
+                 "type": parameter.type and parameter.type.value, "nullable": parameter.nullable}
+                for parameter in self.parameters]
 
     @classmethod
-    def from_wire(cls, step: str, wire: Mapping[str, Any]) -> "StepParameters":
-        """The description :meth:`to_wire` put in ``wire`` (a kind this side does not know is not checked)."""
-        known = {kind.value: kind for kind in ParameterKind}
-        return cls(step, tuple(Parameter(item["name"], known.get(item.get("kind")), bool(item.get("nullable")),
-                                         bool(item.get("required")))
-                               for item in wire.get("parameters", ())),
-                   bool(wire.get("takes_any_keyword")))
+    def from_wire(cls, step: str, wire: typing.Iterable[Mapping[str, Any]]) -> "StepParameters":
+        """The parameters :meth:`to_wire` listed (a type this side does not know is not checked)."""
+        types = {checked.value: checked for checked in ParameterType}
+        return cls(step, tuple(Parameter(item["name"], item["kind"], bool(item.get("required")),
+                                         types.get(item.get("type")), bool(item.get("nullable")))
+                               for item in wire))

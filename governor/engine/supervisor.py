@@ -527,14 +527,19 @@ class Supervisor(concurrent.futures.Executor):
         return route
 
     def describe_steps(self) -> List[Dict[str, Any]]:
-        """One dict per step: name, lane, reason, limits (the effective ones), description, signature,
-        and its parameters as ``StepParameters.to_wire`` describes them (what the CLI converts by)."""
+        """One dict per step: name, lane, reason, limits (the effective ones), description, signature.
+
+        ``signature`` is the text people read; ``parameters`` the same signature for a program
+        to check and convert arguments by before it submits (``StepParameters.to_wire``):
+        ``{"name", "kind"`` (an ``inspect.Parameter`` kind's name) ``, "required", "type"``
+        (what the annotation takes, or null) ``, "nullable"}`` each, in order.
+        """
         return [{"name": name, "lane": route.lane.value, "reason": route.reason,
                  "limits": {"timeout_s": route.limits.effective_timeout_s,
                             "max_memory_mb": route.limits.effective_memory_mb,
                             "cancel_grace_s": route.limits.effective_cancel_grace_s},
                  "description": route.spec.description, "signature": str(route.signature),
-                 **route.parameters.to_wire()}
+                 "parameters": route.parameters.to_wire()}
                 for name, route in self._routes.items()]
 
     @property

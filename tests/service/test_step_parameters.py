@@ -35,7 +35,7 @@ def test_the_steps_reply_describes_each_parameter_for_the_cli(daemon):
     with Client(daemon.socket) as client:
         described = {step["name"]: step for step in client.steps()}
     assert described["timed_sleep"]["parameters"][:2] == [
-        {"name": "ms", "kind": "float", "nullable": False, "required": True},
-        {"name": "tag", "kind": "str", "nullable": False, "required": False}]
-    assert described["echo"]["parameters"] == [{"name": "value", "kind": None, "nullable": False, "required": True}]
-    assert described["echo"]["takes_any_keyword"] is False
+        {"name": "ms", "kind": "POSITIONAL_OR_KEYWORD", "required": True, "type": "float", "nullable": False},
+        {"name": "tag", "kind": "POSITIONAL_OR_KEYWORD", "required": False, "type": "str", "nullable": False}]
+    assert described["echo"]["parameters"] == [
+        {"name": "value", "kind": "POSITIONAL_OR_KEYWORD", "required": True, "type": None, "nullable": False}]

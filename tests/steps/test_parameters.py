@@ -7,7 +7,7 @@ from typing import Dict, List, Optional
 import pytest
 
 from governor.errors import InvalidParameters
-from governor.steps.parameters import ParameterKind, StepParameters
+from governor.steps.parameters import ParameterType, StepParameters
 
 
 def fetch(url: str, delay: float = 0.5, retries: int = 3, verbose: bool = False, out: Optional[pathlib.Path] = None,
@@ -86,11 +86,25 @@ def test_a_class_steps_run_and_annotations_that_do_not_resolve():
         def run(self, count: int, later: "NotImportable" = None):  # noqa: F821
             pass
     described = StepParameters.of("s", Step)
-    assert [parameter.kind for parameter in described.parameters] == [None, None]  # names only
+    assert [parameter.type for parameter in described.parameters] == [None, None]  # names only
     assert described.unknown(["cont"]) == "unknown parameter 'cont', did you mean 'count'?"
 
 
 def test_the_description_survives_the_wire():
     described = parameters_of(fetch)
     assert StepParameters.from_wire("fetch", described.to_wire()) == described
-    assert ParameterKind.of(Optional[List[int]]) == (ParameterKind.LIST, True)
+    assert described.to_wire()[1] == {"name": "delay", "kind": "POSITIONAL_OR_KEYWORD", "required": False,
+                                      "type": "float", "nullable": False}
+    assert ParameterType.of(Optional[List[int]]) == (ParameterType.LIST, True)
+
+
+def test_only_what_a_call_may_name_is_known_by_name():
+    def positional(a: int, /, b: int, *rest: int, **more: int):
+        pass
+    described = parameters_of(positional)
+    assert [parameter.kind for parameter in described.parameters] == [
+        "POSITIONAL_ONLY", "POSITIONAL_OR_KEYWORD", "VAR_POSITIONAL", "VAR_KEYWORD"]
+    assert described.takes_any_keyword and not parameters_of(fetch).takes_any_keyword
+    described.check_values({"a": "not checked: it cannot be named", "b": 1})
+    with pytest.raises(InvalidParameters, match="parameter 'b' takes an integer"):
+        described.check_values({"b": "x"})
