@@ -47,6 +47,12 @@ Requests
     working directory; without a ``cwd``, such a relative path is refused
     (``InvalidParameters``). The clients send their working directory.
 
+    Parameters: before it journals anything, the daemon binds ``params`` to the step's
+    signature (an unknown name is refused with its closest match) and checks each value
+    against the parameter's annotation (``delay: float`` refuses ``"abc"``), refusing the
+    whole request with ``InvalidParameters`` (``governor.steps.parameters`` says which
+    annotations are checked). The ``steps`` reply describes each step's parameters.
+
 Replies
     Success: ``{"v": 1, "id": ID, "ok": true, ...op-specific fields}``.
     Failure: ``{"v": 1, "id": ID, "ok": false, "error": {"type": T, "message": M,
