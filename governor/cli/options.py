@@ -5,7 +5,7 @@ for the engine (loky, psutil, the supervisor) it never runs.
 
 ``--socket`` is accepted on the group and on every command that talks to the daemon (or is
 the daemon): ``governor --socket S status`` and ``governor status --socket S`` are the same.
-Each occurrence records the path on the :class:`Connection` in ``ctx.obj``; the command's
+Each occurrence records the path on the :class:`LazyClient` in ``ctx.obj``; the command's
 own comes last, so it wins. ``GOVERNOR_SOCKET`` is read where the path is used, not by click,
 so that it never overrides a ``--socket`` given before the command.
 """
@@ -15,18 +15,24 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional, TypeVar
 
 import click
+
+from governor import errors
+from governor.cli.exits import client_error
+
+T = TypeVar("T")
 
 #: The environment variable naming the daemon's socket when no ``--socket`` is given.
 SOCKET_ENV_VAR = "GOVERNOR_SOCKET"
 
 
-class Connection:
-    """The daemon a command talks to: where it listens, and the client, opened on first use.
+class LazyClient:
+    """The daemon's client for one command, opened on first use.
 
-    Opening lazily keeps ``--help`` and usage errors free of any daemon.
+    It knows where the daemon listens from the start (``--socket``), and connects only when
+    a command first asks: ``--help`` and usage errors never need a daemon.
 
     Attributes:
         socket_path: the ``--socket`` given last (group or command), or ``None``.
@@ -51,6 +57,17 @@ class Connection:
             self._client = Client(self.resolved_socket())
         return self._client
 
+    def ask(self, request: Callable[[Any], T]) -> T:
+        """``request(client)``, with Governor's errors turned into exit-coded click errors.
+
+        Raises:
+            GovernorClickError: the error's row of :data:`~governor.cli.exits.EXIT_STATUSES`.
+        """
+        try:
+            return request(self.client())
+        except errors.GovernorError as error:
+            raise client_error(error) from None
+
     def close(self) -> None:
         """Close the client, if one was opened."""
         if self._client is not None:
@@ -58,9 +75,13 @@ class Connection:
             self._client = None
 
 
+#: Passes the command's :class:`LazyClient` (made on first use) as the first argument.
+pass_client = click.make_pass_decorator(LazyClient, ensure=True)
+
+
 def _remember_socket(ctx: click.Context, param: click.Parameter, value: Optional[Path]) -> None:
     if value is not None:
-        ctx.ensure_object(Connection).socket_path = value
+        ctx.ensure_object(LazyClient).socket_path = value
 
 
 #: ``--socket PATH``, for the group and for each command that reaches the daemon.

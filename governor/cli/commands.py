@@ -1,0 +1,561 @@
+"""The ``governor`` commands: a thin click layer over the Supervisor, the daemon and its client.
+
+Every command parses its options, calls one domain object and prints: text for people by
+default, ``--json`` for programs (times as local ISO 8601 either way). Data flow of a
+client command::
+
+    argv ──click──> options (--socket recorded on the LazyClient in ctx.obj, options.py)
+         ──> LazyClient.ask(request): the light Client (no loky, psutil or supervisor imported)
+         ──> one request; a Governor error ──> GovernorClickError (its row of EXIT_STATUSES, exits.py)
+         ──> print (output.py); exit with the status of how the task ended (done 0, failed 1, ...)
+
+Only ``serve``, ``run`` and ``bench`` import the engine, inside the command.
+
+Waiting commands (``submit --wait``, ``submit --batch``, ``wait``) print the task ids on
+stderr before they wait; on Ctrl-C they say the tasks go on (or, with
+``--cancel-on-interrupt``, cancel them) and exit 130.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence, TextIO, Tuple
+
+import click
+
+from governor import __version__, errors
+from governor.cli.batch import read_batch
+from governor.cli.exits import EXIT_CODES, GovernorClickError, client_error, exit_status, exit_statuses_epilog
+from governor.cli.options import (LazyClient, cancel_on_interrupt_option, json_option, parse_value, pass_client,
+                                  socket_option)
+from governor.cli.output import (echo_json, echo_record, error_headline, format_record, id_ranges, local_time,
+                                 record_json, table)
+from governor.service.journal import STATES
+from governor.service.live import http_config_from_options, http_options
+from governor.protocol import DEFAULT_STATUS_LIMIT, MAX_STATUS_LIMIT
+
+
+@contextlib.contextmanager
+def _interruptible(client: LazyClient, task_ids: Sequence[int], cancel_on_interrupt: bool) -> Iterator[None]:
+    """Wait inside this block; Ctrl-C says what happens to ``task_ids`` and exits 130.
+
+    The ids are printed on stderr on entry, so they are known even if the wait is cut short.
+    """
+    ids = id_ranges(task_ids)
+    try:
+        click.echo(f"waiting for task{'s' if len(task_ids) > 1 else ''} {ids} "
+                   f"(Ctrl-C {'cancels' if cancel_on_interrupt else 'leaves'} {'them' if len(task_ids) > 1 else 'it'}"
+                   f"{'' if cancel_on_interrupt else ' running'})", err=True)
+        yield
+    except KeyboardInterrupt:
+        if cancel_on_interrupt:
+            outcome = client.ask(lambda c: c.cancel(*task_ids))
+            click.echo(f"\ninterrupted: cancelled {id_ranges(outcome['cancelled']) or 'none'}"
+                       + (f"; already finished: {id_ranges(outcome['finished'])}" if outcome["finished"] else ""),
+                       err=True)
+        else:
+            click.echo(f"\ninterrupted: task{'s' if len(task_ids) > 1 else ''} {ids} "
+                       f"{'go' if len(task_ids) > 1 else 'goes'} on; see `governor status ID`, stop with "
+                       "`governor cancel ID`", err=True)
+        raise click.exceptions.Exit(EXIT_CODES["aborted"]) from None
+
+
+# ----------------------------------------------------------------------------- the group
+
+
+class _Commands(click.Group):
+    """The command group; ``run`` (which needs the engine) is imported only when it is named.
+
+    A client command must start fast: importing ``governor.cli.run`` would load the
+    supervisor, loky and psutil for nothing.
+    """
+
+    #: Commands defined in heavy modules: name -> (module, attribute).
+    LAZY = {"run": ("governor.cli.run", "run")}
+
+    def list_commands(self, ctx: click.Context) -> List[str]:
+        return sorted([*super().list_commands(ctx), *self.LAZY])
+
+    def get_command(self, ctx: click.Context, name: str) -> Optional[click.Command]:
+        if name in self.LAZY:
+            import importlib
+
+            module, attribute = self.LAZY[name]
+            return getattr(importlib.import_module(module), attribute)
+        return super().get_command(ctx, name)
+
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]}, epilog=exit_statuses_epilog())
+@click.version_option(version=__version__, prog_name="governor")
+@socket_option
+@click.pass_context
+def main(ctx: click.Context) -> None:
+    """Governor: run many small steps fast and safely in worker processes.
+
+    \b
+    Examples:
+      governor run --view .                  the view switch on this repository
+      governor run git.status:repo=. git.log:repo=.,limit=5
+      governor serve                         the supervisor daemon, in the foreground
+      governor submit git.status -p repo=. --wait
+      governor status --state failed         the recent failures
+    """
+    ctx.call_on_close(ctx.ensure_object(LazyClient).close)
+
+
+@main.command()
+@socket_option
+@click.option("--interval", type=click.FloatRange(min=0.1), default=0.25, show_default=True,
+              help="Seconds between refreshes.")
+@pass_client
+def top(client: LazyClient, interval: float) -> None:
+    """A live terminal view of the daemon (needs the live extra): lanes, workers, kills, latencies.
+
+    \b
+    Keys: up/down move the selection, c cancels the selected task (asks first), q quits.
+    It keeps running while the daemon restarts, and says "reconnecting" meanwhile.
+    """
+    try:
+        from governor.cli.top import run_top  # Textual loads only here: other commands stay fast
+    except ImportError as missing:
+        raise click.ClickException(f"governor top needs the live extra ({missing}): "
+                                   "pip install 'governor[live]'") from None
+    run_top(client.resolved_socket(), interval)
+
+
+@main.command()
+@socket_option
+@click.option("--steps", "step_modules", multiple=True, metavar="MODULE[:ATTR]",
+              help="Also load the steps of MODULE (its `registry`, or ATTR: a StepRegistry or a "
+                   "function taking the daemon's registry). Repeatable. MODULE is looked for in --app-dir "
+                   "first, as `python -m` does. Packages can also ship steps through the `governor.steps` "
+                   "entry-point group.")
+@click.option("--app-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=".",
+              show_default=True, help="Where --steps modules are looked for first (it is put first on the "
+                                      "daemon's and its workers' module path).")
+@click.option("--builtin/--no-builtin", default=True, show_default=True,
+              help="Serve the built-in git and chat steps.")
+@click.option("--workers", type=click.IntRange(min=1), default=None, help="Pool workers [default: 2 x CPUs, 4..16].")
+@click.option("--journal", "journal_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The SQLite journal [default: $XDG_STATE_HOME/governor/journal.sqlite3].")
+@click.option("--metrics-addr", default=None, metavar="[HOST:]PORT",
+              help="Serve Prometheus metrics over HTTP here: PORT (on 127.0.0.1), HOST:PORT or [IPV6]:PORT. "
+                   "Off by default.")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
+              help="Logs on stderr as text or JSON lines.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+              show_default=True)
+@click.option("--drain-timeout", type=click.FloatRange(min=0), default=30.0, show_default=True,
+              help="On SIGTERM/SIGINT, seconds running steps may take to finish before they are cancelled "
+                   "(they are then resumed, or reported interrupted, at the next start).")
+@click.option("--allow-root", is_flag=True, help="Also accept connections from root.")
+@click.option("--backend", type=click.Choice(["loky", "ray"]), default="loky", show_default=True,
+              help="Where the pool lane runs: local worker processes, or tasks on a Ray cluster "
+                   "(needs the ray extra). The critical lane is always local.")
+@click.option("--ray-address", default=None, metavar="ADDR",
+              help="With --backend ray: the cluster to join (auto, HOST:PORT, ray://...) "
+                   "[default: a private local node on 127.0.0.1].")
+@http_options
+@click.option("--sandbox", type=click.Choice(["auto", "require", "off"]), default="auto", show_default=True,
+              help="Hold pool workers to read-only with Landlock: what the kernel offers (auto), or refuse to "
+                   "start without it (require). Not applied on --backend ray.")
+@click.option("--sandbox-write", "sandbox_writes", multiple=True, type=click.Path(path_type=str), metavar="PATH",
+              help="A path every pool worker may also write beneath. Repeatable.")
+@click.pass_context
+def serve(ctx: click.Context, step_modules: List[str], app_dir: Path, builtin: bool, workers: Optional[int],
+          journal_path: Optional[Path], metrics_addr: Optional[str], log_format: str, log_level: str,
+          drain_timeout: float, allow_root: bool, backend: str, ray_address: Optional[str], sandbox: str,
+          sandbox_writes: List[str], **http_settings: Any) -> None:
+    """Run the supervisor daemon in the foreground (as systemd and supervisord expect).
+
+    \b
+    Examples:
+      governor serve
+      governor serve --socket /tmp/g/governor.sock --journal /tmp/g/journal.sqlite3 --workers 8
+      governor serve --steps mysteps --metrics-addr 9464 --log-format json
+      governor serve --steps myapp.steps:register --app-dir ~/src/myapp
+      governor serve --backend ray --ray-address 10.0.0.5:6379 --workers 64
+      governor serve --http-addr 127.0.0.1:8765     a live status page (prints its URL)
+
+    Before any worker starts it checks the socket's directory, that no daemon has the
+    socket or the journal, the metrics address, and that the --steps modules import; a
+    failure is one line and exit status 14 (15: a daemon is already running there).
+
+    Stop it with SIGTERM or Ctrl-C: it stops accepting, lets running steps finish (up to
+    --drain-timeout), keeps queued ones in the journal for the next start, and exits 0.
+    """
+    from governor.logs import configure_logging
+    from governor.service.config import DaemonConfig, load_registry, parse_metrics_addr
+    from governor.service.daemon import Daemon
+    from governor.service.preflight import preflight
+
+    configure_logging(log_format, getattr(logging, log_level.upper()))
+    if ray_address is not None and backend != "ray":
+        raise click.BadParameter("needs --backend ray", param_hint="--ray-address")
+    if sandbox == "require" and backend == "ray":
+        raise click.BadParameter("the Ray lane runs no sandbox; use --backend loky", param_hint="--sandbox")
+    settings: Dict[str, Any] = {"workers": workers, "allow_root": allow_root, "drain_timeout_s": drain_timeout,
+                                "backend": backend, "ray_address": ray_address, "sandbox": sandbox,
+                                "sandbox_writes": sandbox_writes}
+    socket_path = ctx.ensure_object(LazyClient).resolved_socket()
+    if socket_path is not None:
+        settings["socket_path"] = socket_path
+    if journal_path is not None:
+        settings["journal_path"] = journal_path
+    if metrics_addr is not None:
+        try:
+            settings["metrics_addr"] = parse_metrics_addr(metrics_addr)
+        except errors.MetricsAddressInvalid as error:
+            raise click.BadParameter(str(error), param_hint="--metrics-addr") from None
+    settings["http"] = http_config_from_options(**http_settings)
+    try:
+        config = DaemonConfig(**settings)
+        preflight(config)
+        _import_step_modules(step_modules, app_dir)
+        registry = load_registry(step_modules, builtin=builtin)
+        Daemon(registry, config).serve()
+    except (errors.DaemonAlreadyRunning, errors.JournalLocked) as error:
+        raise GovernorClickError(str(error), "already_running") from None
+    except (errors.DaemonError, errors.RegistrationError, errors.BackendUnavailable,
+            errors.SandboxUnavailable) as error:
+        raise GovernorClickError(str(error), "cannot_start") from None
+
+
+def _import_step_modules(step_modules: Sequence[str], app_dir: Path) -> None:
+    """Import each ``--steps`` module from ``app_dir`` first, showing a failure as the module's own.
+
+    ``app_dir`` goes first on ``sys.path``, as ``python -m`` puts the current directory (the
+    ``governor`` script's own directory is what Python would look in otherwise). Local
+    workers get the daemon's ``sys.path``; a Ray node's workers do not, so it also goes
+    first on ``PYTHONPATH``, which the node the daemon starts inherits.
+
+    Raises:
+        GovernorClickError: (cannot_start) no such module, naming where it was looked for; or
+            the module raised while importing, with its traceback from its own code on.
+    """
+    import importlib
+    import os
+    import sys
+
+    directory = str(app_dir.resolve())
+    sys.path.insert(0, directory)
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [directory, os.environ.get("PYTHONPATH")]))
+    for name in step_modules:
+        module_name = name.partition(":")[0]
+        try:
+            importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            if error.name is not None and (module_name + ".").startswith(error.name + "."):  # it, or its package
+                raise GovernorClickError(f"no module named {error.name!r} in {directory} or on the module path; "
+                                         "run `governor serve` from the directory that holds it, or pass "
+                                         "--app-dir DIR", "cannot_start") from None
+            raise GovernorClickError(_module_error(module_name, error), "cannot_start") from None
+        except Exception as error:  # the module's own code raised: show it as Python would
+            raise GovernorClickError(_module_error(module_name, error), "cannot_start") from None
+
+
+def _module_error(module_name: str, error: BaseException) -> str:
+    """The import failure of a steps module, its traceback starting at the module's own frames."""
+    import traceback
+
+    import importlib
+
+    # Governor's and the import machinery's frames come first: the user's module is what to read.
+    machinery = (str(Path(__file__).parent), str(Path(importlib.__file__).parent), "<frozen importlib")
+    frames = error.__traceback__
+    while frames is not None and frames.tb_frame.f_code.co_filename.startswith(machinery):
+        frames = frames.tb_next
+    shown = "".join(traceback.format_exception(type(error), error, frames)).rstrip()
+    return f"the steps module {module_name!r} failed to import:\n{shown}"
+
+
+@main.command()
+@click.argument("step", required=False)
+@click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE",
+              help="A parameter; VALUE is read as JSON when it parses (5, true, \"x\"), else as text. Repeatable.")
+@click.option("--params", "params_json", default=None, metavar="OBJECT", help="All parameters as one JSON object.")
+@click.option("--wait/--no-wait", default=False, show_default=True,
+              help="Wait for the task and print its record (else print its id).")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="With --wait: give up waiting after S seconds (exit 10; the task goes on).")
+@click.option("--limit-timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="This task's own timeout in seconds (kills it when it runs longer).")
+@click.option("--key", default=None, help="Supersede key: cancels the unfinished steps of the previous "
+                                          "submission with the same key.")
+@click.option("--batch", "batch_file", type=click.File("r"), default=None,
+              help="Submit every line of a JSONL file ({\"step\": ..., \"params\": {...}}) as one batch, all "
+                   "or nothing, and wait with a progress bar. Every line is checked first.")
+@cancel_on_interrupt_option
+@json_option
+@socket_option
+@pass_client
+def submit(client: LazyClient, step: Optional[str], params: List[str], params_json: Optional[str], wait: bool,
+           timeout: Optional[float], limit_timeout: Optional[float], key: Optional[str], batch_file: Optional[TextIO],
+           cancel_on_interrupt: bool, as_json: bool) -> None:
+    """Submit a step (or a batch of steps) to the daemon.
+
+    \b
+    Examples:
+      governor submit git.status -p repo=.
+      governor submit chat.send_message -p chat_id=1 -p text=hello --wait
+      governor submit git.log --params '{"repo": "/src/app", "limit": 5}' --wait --timeout 10
+      governor submit --batch calls.jsonl
+
+    Relative paths in parameters are resolved against this directory, not the daemon's.
+    Exit status: see `governor --help` (0 done, 1 failed, 4 timed out, ...).
+    """
+    if batch_file is not None:
+        if step is not None or params or params_json is not None or limit_timeout is not None:
+            raise click.UsageError("--batch takes its steps and parameters from the file only")
+        _submit_batch(client, batch_file, key, cancel_on_interrupt, as_json)
+        return
+    if step is None:
+        raise click.UsageError("name a STEP, or give --batch FILE")
+    call_params = _parameters(params, params_json)
+    from governor.limits import Limits
+    from governor.task import Call
+
+    limits = Limits(timeout_s=limit_timeout) if limit_timeout else None
+    # submit_call returns once the daemon journaled the task: the id is known.
+    task_id = client.ask(lambda c: c.submit_call(
+        Call(step, kwargs=call_params, limits=limits), key=key).task_id)
+    if not wait:
+        click.echo(task_id)
+        return
+    with _interruptible(client, [task_id], cancel_on_interrupt):
+        record = client.ask(lambda c: c.wait(task_id, timeout=timeout))
+    echo_record(record, as_json)
+    raise click.exceptions.Exit(exit_status([record]))
+
+
+def _parameters(params: List[str], params_json: Optional[str]) -> Dict[str, Any]:
+    parsed: Dict[str, Any] = {}
+    if params_json is not None:
+        try:
+            parsed = json.loads(params_json)
+        except ValueError as error:
+            raise click.BadParameter(f"not JSON: {error}", param_hint="--params") from None
+        if not isinstance(parsed, dict):
+            raise click.BadParameter("must be a JSON object", param_hint="--params")
+    for item in params:
+        name, equals, value = item.partition("=")
+        if not equals or not name:
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="-p")
+        parsed[name] = parse_value(value)
+    return parsed
+
+
+@main.command()
+@click.argument("task_ids", type=click.IntRange(min=1), nargs=-1, required=True)
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Give up waiting after S seconds in all (exit 10; the tasks go on).")
+@cancel_on_interrupt_option
+@json_option
+@socket_option
+@pass_client
+def wait(client: LazyClient, task_ids: Tuple[int, ...], timeout: Optional[float], cancel_on_interrupt: bool,
+         as_json: bool) -> None:
+    """Wait for tasks to end and print their records.
+
+    \b
+    Examples:
+      governor wait 42
+      governor wait 41 42 --timeout 30 --json
+
+    Exit status: that of the first task (in the order given) that did not end done.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    records = []
+    with _interruptible(client, task_ids, cancel_on_interrupt):
+        for task_id in task_ids:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            records.append(client.ask(lambda c: c.wait(task_id, timeout=left)))
+    if as_json:  # a list, however many ids: a script need not count them
+        echo_json([record_json(record) for record in records])
+    else:
+        click.echo("\n\n".join(format_record(record) for record in records))
+    raise click.exceptions.Exit(exit_status(records))
+
+
+@main.command()
+@click.argument("task_id", type=click.IntRange(min=1), required=False)
+@click.option("--state", "states", multiple=True, type=click.Choice(STATES),
+              help="Only tasks in this state. Repeatable.")
+@click.option("--step", default=None, metavar="NAME", help="Only tasks of this step.")
+@click.option("-n", "--limit", type=click.IntRange(min=1, max=MAX_STATUS_LIMIT), default=DEFAULT_STATUS_LIMIT,
+              show_default=True,
+              help="How many tasks, newest first.")
+@json_option
+@socket_option
+@pass_client
+def status(client: LazyClient, task_id: Optional[int], states: Tuple[str, ...], step: Optional[str], limit: int,
+           as_json: bool) -> None:
+    """Show one task in full (result, or error with its traceback), or the recent tasks.
+
+    \b
+    Examples:
+      governor status                        the 50 most recent tasks, newest first
+      governor status 42                     task 42 in full
+      governor status --state failed --state timed_out -n 10
+      governor status --step git.status --json
+    """
+    if task_id is not None:
+        if states or step is not None:
+            raise click.UsageError("--state and --step filter the listing; not with a TASK_ID")
+        record = client.ask(lambda c: c.status(task_id))
+        echo_record(record, as_json)
+        return
+    found = client.ask(lambda c: c.status(states=states, step=step, limit=limit))
+    if as_json:
+        echo_json([record_json(record) for record in found])
+        return
+    table(["id", "step", "lane", "state", "submitted", "ran_s", "attempts", "error"],
+          [[t["task_id"], t["step"], t["lane"], t["state"] + (" (interrupted)" if t["interrupted"] else ""),
+            local_time(t["submitted_at"], "seconds"),
+            "" if t["started_at"] is None or t["ended_at"] is None else f"{t['ended_at'] - t['started_at']:.3f}",
+            t["attempts"], error_headline(t)] for t in found])
+
+
+@main.command()
+@click.argument("task_ids", type=click.IntRange(min=1), nargs=-1, required=True)
+@json_option
+@socket_option
+@pass_client
+def cancel(client: LazyClient, task_ids: Tuple[int, ...], as_json: bool) -> None:
+    """Cancel tasks: queued ones never run, running ones are stopped.
+
+    \b
+    Examples:
+      governor cancel 41 42
+      governor cancel 41 --json
+
+    Exit status: 13 when any id is unknown (the others are still cancelled).
+    """
+    outcome = client.ask(lambda c: c.cancel(*task_ids))
+    if as_json:
+        echo_json(outcome)
+    else:
+        for key, label in (("cancelled", "cancelled"), ("finished", "already finished"),
+                           ("unknown", "no such task")):
+            if outcome[key]:
+                click.echo(f"{label}: {' '.join(map(str, outcome[key]))}")
+    if outcome["unknown"]:
+        raise click.exceptions.Exit(EXIT_CODES["unknown_task"])
+
+
+@main.command()
+@json_option
+@socket_option
+@pass_client
+def steps(client: LazyClient, as_json: bool) -> None:
+    """List the daemon's steps: lane, why that lane, and limits.
+
+    \b
+    Examples:
+      governor steps
+      governor steps --json
+    """
+    described = client.ask(lambda c: c.steps())
+    if as_json:
+        echo_json(described)
+        return
+    table(["step", "lane", "timeout_s", "max_memory_mb", "why"],
+          [[s["name"], s["lane"], s["limits"]["timeout_s"] or "", s["limits"]["max_memory_mb"] or "", s["reason"]]
+            for s in described])
+
+
+@main.command()
+@json_option
+@socket_option
+@pass_client
+def workers(client: LazyClient, as_json: bool) -> None:
+    """List the daemon's worker processes: pid, lane, current step, RSS, time on the step.
+
+    \b
+    Examples:
+      governor workers
+      governor workers --json
+    """
+    described = client.ask(lambda c: c.workers())
+    if as_json:
+        echo_json(described)
+        return
+    table(["pid", "lane", "state", "step", "running_s", "rss_mib"],
+          [[w["pid"], w["lane"], w["state"], w["step"] or "",
+            "" if w["running_s"] is None else f"{w['running_s']:.3f}",
+            "" if w["rss_bytes"] is None else f"{w['rss_bytes'] / 2 ** 20:.1f}"] for w in described])
+
+
+@main.command()
+@click.option("--prometheus", is_flag=True, help="The Prometheus text format instead of JSON.")
+@socket_option
+@pass_client
+def metrics(client: LazyClient, prometheus: bool) -> None:
+    """Print the daemon's metrics (a JSON snapshot, or the Prometheus text).
+
+    \b
+    Examples:
+      governor metrics
+      governor metrics --prometheus
+    """
+    found = client.ask(lambda c: c.metrics("prometheus" if prometheus else "json"))
+    click.echo(found if prometheus else json.dumps(found, indent=2))
+
+
+def _submit_batch(client: LazyClient, batch_file: TextIO, key: Optional[str], cancel_on_interrupt: bool,
+                  as_json: bool) -> None:
+    """Check every line, submit them as one batch request (all or nothing), then wait with a progress bar."""
+    described = client.ask(lambda c: c.steps())
+    lines = read_batch(batch_file, described)
+    batch = client.ask(lambda c: c.submit_batch([(line.step, line.params) for line in lines], key=key))
+    task_ids = list(batch.task_ids)
+    records: Dict[int, Dict[str, Any]] = {}
+    with _interruptible(client, task_ids, cancel_on_interrupt):
+        waits = {client.ask(lambda c, task_id=task_id: c.wait_future(task_id)): task_id
+                 for task_id in task_ids}
+        failed = 0
+
+        def counts(_: Any) -> str:
+            return f"{len(records) - failed} done, {failed} failed"
+
+        with click.progressbar(length=len(task_ids), label="waiting", show_pos=True, show_percent=True,
+                               item_show_func=counts, file=click.get_text_stream("stderr")) as bar:
+            for done in concurrent.futures.as_completed(waits):
+                try:
+                    record = done.result()
+                except errors.GovernorError as error:
+                    raise client_error(error) from None
+                records[waits[done]] = record
+                failed += record["state"] != "done"
+                bar.update(1, record)
+    ordered = [records[task_id] for task_id in task_ids]
+    click.echo(f"{len(ordered)} tasks: {len(ordered) - failed} done, {failed} failed", err=True)
+    if as_json:
+        echo_json([{"line": line.number, **record_json(record)} for line, record in zip(lines, ordered)])
+    else:
+        table(["line", "id", "step", "state", "error"],
+              [[line.number, record["task_id"], record["step"], record["state"], error_headline(record)]
+               for line, record in zip(lines, ordered)])
+    raise click.exceptions.Exit(exit_status(ordered))
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+              add_help_option=False)
+@click.pass_context
+def bench(ctx: click.Context) -> None:
+    """Run the benchmark harness: the same as `python -m governor.bench` (see `governor bench --help`).
+
+    \b
+    Examples:
+      governor bench --quick
+      governor bench --scenario overhead --json out.json --report out.md --plot out.png
+    """
+    from governor.bench.__main__ import main as bench_main
+
+    bench_main.main(args=ctx.args, prog_name="governor bench")
