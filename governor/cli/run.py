@@ -1,30 +1,27 @@
-"""``governor run``: run steps once through an in-process Supervisor and show what they cost.
+"""``governor run``: run steps once through an in-process Supervisor and show what each did.
 
 No daemon is involved: the command builds its own :class:`~governor.engine.supervisor.Supervisor`
 over :func:`steps.builtin.default_registry`, and the ``with`` block shuts it down (cancelling
 what runs if the command is interrupted). Data flow::
 
-    argv ──> parse_step() per STEP ──> Call(name, kwargs, limits)   relative repo/store made absolute
+    argv ──> parse_step() per STEP ──> Call(name, kwargs, limits)
+         ──> StepSpec.resolve_paths(kwargs, cwd)    the step's declared paths= made absolute
          ──> Supervisor(...).check_call(call)   before any worker starts: UnknownStep or
                                                 InvalidParameters become a UsageError (exit 2)
          ──> with Supervisor(...) as sup:
                [--view: git.refresh_index; a store without a chat: chat.create +
                 chat.send_message; one after another, critical lane]
-               ┌ rounds (default 5 when every step is read-only, else 1):
-               │   the batch, submitted at once and awaited          timed: the batch total
-               │   the same steps one after another in this process (spec.invoke), timed
-               └ stop early when a step fails
-         ──> a table (or --json) of medians, and the first batch's total; exit 0 when every
-             step is done, else 1
+               the batch, submitted at once and awaited          timed: the batch total
+         ──> a table (or --json) of each step's lane, status, time and peak RSS, and the
+             batch's wall clock; exit 0 when every step is done, else 1
 
 A step's time is the worker's own (``Task.started_at`` to ``Task.ended_at``, both
 ``time.monotonic()`` in the worker); for a task that never reported them (killed, crashed)
 it is the supervisor's dispatch to end.
 
-Why rounds: the first batch runs in workers just forked, whose first call of a step pays
-for what the fork left shared (copy-on-write faults, ~1 ms for ``chat.history``), while a
-backend keeps its workers for thousands of switches. Alternating batch and comparison in
-each round lets a noisy spell on the machine hit both alike; the first batch is still shown.
+This command shows what one run of the steps did; how the batch compares with the same
+steps one after another, or with other pools, over many rounds, is the benchmark's job:
+``governor bench --scenario view-real``.
 """
 
 from __future__ import annotations
@@ -35,9 +32,6 @@ import inspect
 import json
 import math
 import os
-import resource
-import sqlite3
-import statistics
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -50,11 +44,7 @@ from governor.limits import Lane, Limits
 from governor.engine.supervisor import Supervisor, default_workers
 from governor.task import Call, Task
 from governor.steps.builtin import chat, default_registry
-
-#: The parameters that name paths on this machine. Workers resolve a relative path against
-#: their own current directory, which need not be the caller's (a daemon's is not), so
-#: these are made absolute here, at any depth (``task.execute`` nests step parameters).
-PATH_PARAMS = frozenset({"repo", "store"})
+from governor.steps.builtin.errors import BuiltinStepError
 
 #: How many messages ``--view`` shows, as a chat window would on opening.
 VIEW_HISTORY_LIMIT = 50
@@ -62,16 +52,6 @@ VIEW_HISTORY_LIMIT = 50
 #: What ``--view`` writes to a chat store that has no chat yet, so a first run shows a chat.
 WELCOME_TITLE = "welcome"
 WELCOME_TEXT = "hello from governor"
-
-#: The most rounds ``--rounds`` takes: a few seconds of the view switch, not a soak test.
-MAX_ROUNDS = 1000
-
-#: Rounds of batch-then-comparison when every step is read-only and ``--rounds`` is not
-#: given: enough for a median that one noisy round cannot move, at a few ms per round.
-DEFAULT_ROUNDS = 5
-
-#: The CPUs this process may run on: what a batch of CPU-bound steps can overlap.
-CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 #: The widest result shown in the table's last column (``--json`` gives every result whole).
 RESULT_WIDTH = 56
@@ -150,17 +130,6 @@ def _split_params(text: str, params: str) -> List[str]:
     return items
 
 
-def absolute_paths(value: Any, key: Optional[str] = None) -> Any:
-    """``value`` with every string under a :data:`PATH_PARAMS` key made absolute, at any depth."""
-    if isinstance(value, dict):
-        return {k: absolute_paths(v, k) for k, v in value.items()}
-    if isinstance(value, list):
-        return [absolute_paths(item, key) for item in value]
-    if key in PATH_PARAMS and isinstance(value, str) and value:
-        return os.path.abspath(os.path.expanduser(value))
-    return value
-
-
 # ----------------------------------------------------------------------------- results
 
 
@@ -234,55 +203,26 @@ class StepRun:
 
 
 @attrs.frozen
-class Sequential:
-    """The same steps one after another in this process, as the old registry ran them.
-
-    Attributes:
-        total_ms: the sum (over several rounds, the median of the rounds' sums), or
-            ``None`` when the comparison was skipped.
-        rerun: the steps called again in this process (the read-only ones).
-        counted: the state-changing steps whose worker time stands in for a re-run.
-        skipped_because: why there is no comparison, if there is none.
-        cpu_ms: the CPU time the re-run steps used, in this process and in the processes
-            they started and waited for (git): with :data:`CPUS` CPUs, no batch of them can
-            take less than ``cpu_ms / CPUS``.
-    """
-
-    total_ms: Optional[float]
-    rerun: Tuple[str, ...] = ()
-    counted: Tuple[str, ...] = ()
-    skipped_because: Optional[str] = None
-    cpu_ms: Optional[float] = None
-
-
-@attrs.frozen
 class RunReport:
     """Everything ``governor run`` prints.
 
     Attributes:
         setup: the ``--view`` setup steps (the index refresh, and the welcome chat when
             the store had none).
-        steps: the batch's steps, in the order given (the last round's).
-        batch_ms: the batch's wall clock, from the first submit to the last result; over
-            several rounds, the median.
-        sequential: the one-after-another comparison.
+        steps: the batch's steps, in the order given.
+        batch_ms: the batch's wall clock, from the first submit to the last result
+            (``None`` when setup failed and the batch never ran).
         workers: the supervisor's pool workers.
         startup_ms: how long the supervisor took to have every worker warm.
         view: the ``--view`` repository and chat store, or ``None``.
-        rounds: the rounds run (fewer than asked when a step failed; the figures are then
-            that round's alone).
-        first_batch_ms: the first round's batch, in workers that had run nothing yet.
     """
 
     setup: Tuple[StepRun, ...]
     steps: Tuple[StepRun, ...]
     batch_ms: Optional[float]
-    sequential: Sequential
     workers: int
     startup_ms: float
     view: Optional[Dict[str, Any]] = None
-    rounds: int = 1
-    first_batch_ms: Optional[float] = None
 
     @property
     def ok(self) -> bool:
@@ -291,26 +231,13 @@ class RunReport:
 
     def to_json(self) -> Dict[str, Any]:
         """The ``--json`` document."""
-        sequential = self.sequential
         return {
             "ok": self.ok,
             "view": self.view,
             "setup": [run.to_json() for run in self.setup],
             "steps": [run.to_json() for run in self.steps],
-            "totals": {
-                "batch_ms": _rounded(self.batch_ms),
-                "first_batch_ms": _rounded(self.first_batch_ms),
-                "rounds": self.rounds,
-                "sequential_ms": _rounded(sequential.total_ms),
-                "sequential_rerun": list(sequential.rerun),
-                "sequential_counted_from_workers": list(sequential.counted),
-                "sequential_skipped_because": sequential.skipped_because,
-                "sequential_cpu_ms": _rounded(sequential.cpu_ms),
-                "cpus": CPUS,
-                "saved_ms": _rounded(_saved(self.batch_ms, sequential.total_ms)),
-                "startup_ms": _rounded(self.startup_ms),
-                "workers": self.workers,
-            },
+            "totals": {"batch_ms": _rounded(self.batch_ms), "startup_ms": _rounded(self.startup_ms),
+                       "workers": self.workers},
         }
 
 
@@ -329,74 +256,7 @@ def _rounded(value: Optional[float], digits: int = 3) -> Optional[float]:
     return None if value is None else round(value, digits)
 
 
-def _saved(batch_ms: Optional[float], sequential_ms: Optional[float]) -> Optional[float]:
-    return None if batch_ms is None or sequential_ms is None else sequential_ms - batch_ms
-
-
 # ----------------------------------------------------------------------------- running
-
-
-def _newest_chat(store: str) -> Optional[int]:
-    """The id of the newest chat in ``store``, or ``None`` when it has none (or does not exist).
-
-    Read here, directly: creating the file or its schema is left to the steps.
-    """
-    if not os.path.isfile(store):
-        return None
-    connection = sqlite3.connect(store, timeout=chat.BUSY_TIMEOUT_S)
-    try:
-        row = connection.execute("SELECT max(id) FROM chats").fetchone()
-    except sqlite3.DatabaseError:  # no chats table yet (or not a chat store: the steps will say)
-        return None
-    finally:
-        connection.close()
-    return row[0] if row else None
-
-
-def _run_sequential(registry: Any, runs: Sequence[StepRun]) -> Sequential:
-    """Time the steps one after another in this process, calling each spec's ``invoke``.
-
-    Read-only (pool) steps are called again. State-changing (critical) ones are not, since
-    that would repeat their writes (a second message sent): their worker time is counted.
-    Nothing is re-run unless every step succeeded, so a step that hung or failed is not
-    run again without a limit here.
-    """
-    if not runs:
-        return Sequential(None, skipped_because="no steps")
-    if not all(run.ok for run in runs):
-        return Sequential(None, skipped_because="not every step succeeded")
-    total_s, cpu_s, rerun, counted = 0.0, 0.0, [], []
-    for run in runs:
-        if run.lane == Lane.CRITICAL.value:
-            total_s += (run.time_ms or 0.0) / 1000
-            counted.append(run.step)
-            continue
-        spec = registry.get(run.step)
-        cpu_start, start = _cpu_s(), time.perf_counter()
-        try:
-            spec.invoke((), dict(run.params))
-        except Exception as exc:  # it succeeded in its worker; report, do not fail the run
-            return Sequential(None, skipped_because=f"{run.step} raised {type(exc).__name__} in this process: {exc}")
-        total_s += time.perf_counter() - start
-        cpu_s += _cpu_s() - cpu_start
-        rerun.append(run.step)
-    return Sequential(total_s * 1000, tuple(rerun), tuple(counted), cpu_ms=cpu_s * 1000 if rerun else None)
-
-
-def _cpu_s() -> float:
-    """CPU seconds used by this process and by the children it has waited for."""
-    children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return time.process_time() + children.ru_utime + children.ru_stime
-
-
-def _median_sequential(rounds: Sequence[Sequential]) -> Sequential:
-    """One :class:`Sequential` for rounds that all succeeded: the median total, the first round's lists."""
-    first = rounds[0]
-    if first.total_ms is None:
-        return first
-    cpu = [round_.cpu_ms for round_ in rounds if round_.cpu_ms is not None]
-    return attrs.evolve(first, total_ms=statistics.median(round_.total_ms for round_ in rounds),
-                        cpu_ms=statistics.median(cpu) if cpu else None)
 
 
 def _view_calls(repo: str, store: str, chat_id: int) -> List[Call]:
@@ -441,7 +301,7 @@ def _submit_one(sup: Supervisor, call: Call) -> StepRun:
 
 
 def execute(calls: Sequence[Call], *, workers: Optional[int] = None, timeout_s: Optional[float] = None,
-            view: Optional[Tuple[str, str, Optional[int]]] = None, rounds: Optional[int] = None) -> RunReport:
+            view: Optional[Tuple[str, str, Optional[int]]] = None) -> RunReport:
     """Run ``calls`` (after the ``--view`` steps, if ``view``) through an in-process Supervisor.
 
     Args:
@@ -450,28 +310,30 @@ def execute(calls: Sequence[Call], *, workers: Optional[int] = None, timeout_s: 
         timeout_s: a per-step timeout for this run, on top of each step's own limits.
         view: ``(repo, store, chat_id)`` (absolute paths; ``chat_id`` ``None`` for the
             newest chat) to run the view switch first.
-        rounds: how many times to run the batch and the comparison, alternating (default
-            :data:`DEFAULT_ROUNDS` when every step is read-only, else 1).
 
     Returns:
         the :class:`RunReport`.
 
     Raises:
-        click.UsageError: an unknown step or bad parameters, before any worker starts; or
-            more than one round of a state-changing step (its writes would repeat).
+        click.UsageError: an unknown step or bad parameters, before any worker starts.
+        click.ClickException: ``view``'s chat store cannot be read.
     """
     registry = default_registry()
     limits = None if timeout_s is None else Limits(timeout_s=timeout_s)
     chat_id = None
-    if view is not None:
-        chat_id = view[2] if view[2] is not None else _newest_chat(view[1])
+    if view is not None and view[2] is None:
+        try:
+            chat_id = chat.newest_chat(view[1])
+        except BuiltinStepError as error:  # not a chat store: said before any worker starts
+            raise click.ClickException(describe_error(error)) from None
+    elif view is not None:
+        chat_id = view[2]
     # The view's calls need the chat id, which setup may only learn from chat.create: the
     # placeholder 1 checks their parameters now; they are rebuilt after setup.
     view_calls = [] if view is None else _view_calls(view[0], view[1], chat_id or 1)
     planned = [attrs.evolve(call, limits=limits) for call in (*view_calls, *calls)]
     pool_steps = sum(registry.classify(call.step).lane is Lane.POOL for call in planned if call.step in registry)
     workers = workers or max(1, min(default_workers(), pool_steps))
-    rounds = _rounds(rounds, planned, registry)
     # spares=0: a one-shot run does not need a warm replacement standing by, and each
     # spare is one more interpreter to start before the first step runs.
     sup = Supervisor(registry, workers=workers, spares=0)
@@ -488,40 +350,14 @@ def execute(calls: Sequence[Call], *, workers: Optional[int] = None, timeout_s: 
                     created, chat_id = _setup_view(sup, view[1], limits)
                     setup += created
                 if not all(run.ok for run in setup):  # the view would only fail after it
-                    return RunReport(tuple(setup), (), None, Sequential(None, skipped_because="setup failed"),
-                                     workers, startup_ms, _view_json(view, chat_id), rounds=0)
+                    return RunReport(tuple(setup), (), None, workers, startup_ms, _view_json(view, chat_id))
                 view_calls = _view_calls(view[0], view[1], chat_id)
-            batch = [attrs.evolve(call, limits=limits) for call in (*view_calls, *calls)]
-            batches: List[Tuple[float, List[StepRun]]] = []
-            comparisons: List[Sequential] = []
-            for _ in range(rounds):
-                batches.append(_run_batch(sup, batch))
-                comparisons.append(_run_sequential(registry, batches[-1][1]))
-                if comparisons[-1].total_ms is None:  # a step failed: do not run it again
-                    break
+            batch_ms, runs = _run_batch(sup, [attrs.evolve(call, limits=limits) for call in (*view_calls, *calls)])
         except BaseException:
             # Interrupted (Ctrl-C): stop the steps rather than wait for them to end.
             sup.shutdown(wait=True, cancel_futures=True, cancel_running=True)
             raise
-    first_batch_ms, rounds_run = batches[0][0], len(batches)
-    if comparisons[-1].total_ms is None:  # a step failed: report that round, which shows why
-        batches, comparisons = batches[-1:], comparisons[-1:]
-    runs = _median_times(batches[-1][1], [runs for _, runs in batches])
-    return RunReport(tuple(setup), tuple(runs), statistics.median(ms for ms, _ in batches),
-                     _median_sequential(comparisons), workers, startup_ms, _view_json(view, chat_id),
-                     rounds=rounds_run, first_batch_ms=first_batch_ms)
-
-
-def _rounds(asked: Optional[int], planned: Sequence[Call], registry: Any) -> int:
-    """The rounds to run: ``asked``, else :data:`DEFAULT_ROUNDS` when nothing would repeat a write."""
-    critical = [call.step for call in planned
-                if call.step in registry and registry.classify(call.step).lane is Lane.CRITICAL]
-    if asked is None:
-        return 1 if critical else DEFAULT_ROUNDS
-    if asked > 1 and critical:
-        raise click.UsageError(f"--rounds {asked} would repeat {critical[0]}, which changes state: "
-                               "only read-only steps run in several rounds")
-    return asked
+    return RunReport(tuple(setup), tuple(runs), batch_ms, workers, startup_ms, _view_json(view, chat_id))
 
 
 def _run_batch(sup: Supervisor, batch: Sequence[Call]) -> Tuple[float, List[StepRun]]:
@@ -537,16 +373,6 @@ def _run_batch(sup: Supervisor, batch: Sequence[Call]) -> Tuple[float, List[Step
     return batch_ms, [StepRun.of(call, sup.classify(call.step)[0], future.task, _outcome(future))
                       for call, future in zip(batch, futures)]
 
-
-def _median_times(last: Sequence[StepRun], rounds: Sequence[Sequence[StepRun]]) -> List[StepRun]:
-    """The last round's rows, each step's time the median of its rounds."""
-    if len(rounds) == 1:
-        return list(last)
-    medians = []
-    for position, run in enumerate(last):
-        times = [runs[position].time_ms for runs in rounds if runs[position].time_ms is not None]
-        medians.append(attrs.evolve(run, time_ms=statistics.median(times) if times else None))
-    return medians
 
 
 def _outcome(future: concurrent.futures.Future) -> Any:
@@ -634,8 +460,7 @@ def format_table(report: RunReport) -> str:
         sections.append((_setup_title(report.setup), report.setup))
     if report.steps:
         title = "view switch" if report.view is not None else "steps"
-        times = "" if report.rounds <= 1 else f"; times are medians of {report.rounds} rounds"
-        sections.append((f"{title}: one batch, submitted at once{times}", report.steps))
+        sections.append((f"{title}: one batch, submitted at once", report.steps))
     every = [row for _, rows in sections for row in rows]
     cells = [[run.step, run.lane, run.status, _format_ms(run.time_ms), _format_mib(run.peak_rss_mib), brief(run)]
              for run in every]
@@ -661,31 +486,8 @@ def format_table(report: RunReport) -> str:
     failed = [run for run in every if run.error is not None]
     if failed:
         out += ["", "errors:"] + [f"  {run.step}: {run.error}" for run in failed]
-    out.append("")
-    seq = report.sequential
-    median = ", median" if report.rounds > 1 else ""
-
-    def total(label: str, value: str, note: str = "") -> str:
-        return f"{label:<42}{value:>12}{note}"
-
-    if report.rounds > 1:
-        out.append(total("first batch (workers' first steps)", _format_ms(report.first_batch_ms)))
-    out.append(total(f"batch total (wall clock{median})", _format_ms(report.batch_ms)))
-    if seq.total_ms is None:
-        out.append(total("one after another (this process)", "—", f"  ({seq.skipped_because})"))
-    else:
-        note = "" if not seq.counted else f"  ({', '.join(seq.counted)}: worker time, not re-run)"
-        out.append(total(f"one after another (this process{median})", _format_ms(seq.total_ms), note))
-        saved = _saved(report.batch_ms, seq.total_ms)
-        speedup = f" ({seq.total_ms / report.batch_ms:.1f}x)" if report.batch_ms else ""
-        if saved >= 0:
-            out.append(total("saved by the parallel batch", _format_ms(saved), speedup))
-        else:
-            out.append(total("the batch took longer by", _format_ms(-saved), speedup))
-        if seq.cpu_ms is not None:  # why a batch of CPU-bound steps gains little on few CPUs
-            out.append(total("CPU time one after another (with git's)", _format_ms(seq.cpu_ms),
-                             f"  (on {CPUS} CPU{'s' if CPUS != 1 else ''}: no batch of these steps under "
-                             f"{_format_ms(seq.cpu_ms / CPUS)})"))
+    out += ["", f"batch total (wall clock): {_format_ms(report.batch_ms)}",
+            "(compared with one after another and with other pools: governor bench --scenario view-real)"]
     return "\n".join(out)
 
 
@@ -734,25 +536,18 @@ def _steps_epilog() -> str:
               help="Pool workers (default: one per read-only step, at most 2 x CPUs clamped to 4..16).")
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True), default=None,
               metavar="SECONDS", help="Per-step timeout for this run; a step past it is killed (timed_out).")
-@click.option("--rounds", type=click.IntRange(min=1, max=MAX_ROUNDS), default=None,
-              help=f"Run the batch and the one-after-another comparison this many times, alternating, "
-                   f"and show medians (default: {DEFAULT_ROUNDS} when every step is read-only, else 1; "
-                   "a state-changing step is never repeated).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON document (steps, results, totals) instead "
                                                      "of the table.")
 def run(steps: Tuple[str, ...], view_repo: Optional[str], store: Optional[str], chat_id: Optional[int],
-        workers: Optional[int], timeout_s: Optional[float], rounds: Optional[int], as_json: bool) -> None:
-    """Run STEPs through an in-process Supervisor and show what each cost.
+        workers: Optional[int], timeout_s: Optional[float], as_json: bool) -> None:
+    """Run STEPs through an in-process Supervisor and show what each did.
 
     No daemon is needed: the command starts its own Supervisor over the built-in steps,
     submits the STEPs as one batch (read-only steps in parallel in the pool lane,
     state-changing ones in order in the critical lane), and prints one row per step: its
-    lane, final status, time in its worker and peak memory. The batch's wall clock is
-    compared with the same steps run one after another in this process, as a plain
-    registry would (read-only steps are called again; state-changing ones are not
-    repeated, and count with their worker time). Read-only steps run in several rounds
-    (--rounds), batch and comparison alternating, and the table shows medians next to
-    the first batch, whose workers had run nothing yet.
+    lane, final status, time in its worker and peak memory, then the batch's wall clock.
+    How the batch compares with the same steps one after another, over many rounds, is
+    measured by `governor bench --scenario view-real`.
 
     \b
     STEP syntax:  NAME[:key=value,key=value,...]
@@ -761,7 +556,8 @@ def run(steps: Tuple[str, ...], view_repo: Optional[str], store: Optional[str], 
         title='"42"' the text "42" (quotes kept from the shell)
       * parameters are separated by commas; a value with a comma in it
         must be a JSON string (text='"hi, there"') or list (ids=[1,2])
-      * relative repo and store paths are made absolute before submitting
+      * relative paths in the parameters a step declares as paths (repo,
+        store) are made absolute against this directory before submitting
 
     \b
     Examples:
@@ -785,7 +581,9 @@ def run(steps: Tuple[str, ...], view_repo: Optional[str], store: Optional[str], 
         except StepSyntaxError as error:
             error.param_hint = "STEP"
             raise
-        kwargs = absolute_paths(call.kwargs)
+        # The paths the step declares (paths=) mean the caller's directory, not a worker's.
+        kwargs = _REGISTRY.get(call.step).resolve_paths(call.kwargs, os.getcwd()) \
+            if call.step in _STEP_NAMES else dict(call.kwargs)
         if store_path is not None and "store" not in kwargs and call.step in _STEP_NAMES \
                 and "store" in _signature(_REGISTRY.get(call.step)).parameters:
             kwargs["store"] = store_path
@@ -800,7 +598,7 @@ def run(steps: Tuple[str, ...], view_repo: Optional[str], store: Optional[str], 
     stores = [call.kwargs["store"] for call in calls if isinstance(call.kwargs.get("store"), str)]
     try:
         with chat.allowing_stores(stores + ([view[1]] if view else [])):
-            report = execute(calls, workers=workers, timeout_s=timeout_s, view=view, rounds=rounds)
+            report = execute(calls, workers=workers, timeout_s=timeout_s, view=view)
     except GovernorError as error:  # e.g. WorkerStartFailed: no step could run at all
         raise click.ClickException(f"{type(error).__name__}: {error}") from error
     if as_json:
@@ -811,5 +609,4 @@ def run(steps: Tuple[str, ...], view_repo: Optional[str], store: Optional[str], 
         raise click.exceptions.Exit(1)
 
 
-__all__ = ["RunReport", "Sequential", "StepRun", "StepSyntaxError", "absolute_paths", "execute", "format_table",
-           "parse_step", "parse_value", "run"]
+__all__ = ["RunReport", "StepRun", "StepSyntaxError", "execute", "format_table", "parse_step", "parse_value", "run"]

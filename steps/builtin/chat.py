@@ -356,6 +356,29 @@ def history(chat_id: int, limit: int = 50, store: Optional[str] = None) -> list[
     return [dict(zip(_MESSAGE_COLUMNS, row)) for row in reversed(rows)]
 
 
+def newest_chat(store: Optional[str] = None) -> Optional[int]:
+    """The id of the store's newest chat, or ``None`` when it has none (or is not made yet).
+
+    Read-only, as :func:`history`: what a program that opens on the latest chat asks
+    first (``governor run --view``).
+
+    Args:
+        store: the chat store's path (default: see :func:`store_path`).
+
+    Raises:
+        StepInputError: a bad ``store``.
+        ChatStoreError: as :func:`read_store`.
+    """
+    path = _usable_store_path(store)
+    if not os.path.exists(path) or os.path.getsize(path) == 0:
+        return None  # nothing written yet: the steps that write create the store
+
+    def read(connection: sqlite3.Connection) -> Optional[int]:
+        return connection.execute("SELECT max(id) FROM chats").fetchone()[0]
+
+    return read_store(path, read)
+
+
 #: SQLite's answers when a read-only connection may not create the WAL index (``-shm``)
 #: of a WAL store that no connection has open: the directory is not writable for us,
 #: e.g. in a sandboxed pool worker.
