@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional
 
 import governor
 from governor.bench.core import SCENARIOS, Target, describe
+from governor.bench.scenarios import scenario_names
 
 #: The checkout Governor runs from (when it runs from one), and the user's home: machine
 #: paths that mean nothing on another machine, so the report writes them as placeholders.
@@ -33,8 +34,6 @@ def run_title(document: Dict[str, Any]) -> str:
 
     A run of chosen scenarios is named by them (``Governor benchmark: ray, size full, DATE``).
     """
-    from governor.bench.runner import scenario_names  # runner imports this module
-
     parameters = document["parameters"]
     ran = parameters["scenarios"]
     every = scenario_names(None, parameters.get("backend", "loky"))

@@ -30,8 +30,8 @@ import psutil
 import governor
 from governor.engine.supervisor import BACKENDS
 
-import governor.bench.scenarios  # noqa: F401 (importing it registers every scenario)
 from governor.bench import plot, probes, report
+from governor.bench.scenarios import scenario_names  # importing it registers every scenario
 from governor.bench.core import SCENARIOS, SCRATCH_ROOT, SIZES, Progress, ScenarioContext, ScenarioResult
 
 #: Bump when a key is renamed or removed or its meaning changes; adding keys does not.
@@ -60,27 +60,6 @@ class BenchRun:
     def ok(self) -> bool:
         """Whether every scenario ran and nothing was left running."""
         return not self.errors and not self.document["checks"]["leftover_processes"]
-
-
-def scenario_names(requested: Optional[Iterable[str]] = None, backend: str = "loky") -> List[str]:
-    """The scenarios to run, in run order.
-
-    Args:
-        requested: names to run (default: every scenario of no particular backend and
-            not :attr:`~bench.core.Scenario.named_only`, see :attr:`bench.core.Scenario.backend`).
-        backend: the scenarios of this backend join the run (``"ray"`` adds ``ray``).
-
-    Raises:
-        KeyError: for an unknown name.
-    """
-    known = list(SCENARIOS)
-    wanted = set(requested or (name for name in known
-                               if SCENARIOS[name].backend is None and not SCENARIOS[name].named_only))
-    unknown = wanted - set(SCENARIOS)
-    if unknown:
-        raise KeyError(f"unknown scenario(s) {sorted(unknown)}; known: {known}")
-    wanted.update(name for name in known if SCENARIOS[name].backend == backend)
-    return [name for name in known if name in wanted]
 
 
 def _version(package: str) -> Optional[str]:

@@ -24,7 +24,7 @@ from governor.bench import plot, report  # noqa: E402
 from governor.bench.__main__ import main  # noqa: E402
 from governor.bench.peers import MpPoolPeer, PebblePeer, StdlibPeer  # noqa: E402
 from governor.bench.scenarios import sandbox as sandbox_scenario  # noqa: E402
-from governor.bench.runner import scenario_names  # noqa: E402
+from governor.bench.scenarios import scenario_names  # noqa: E402
 from governor.bench.stats import Summary, percentile  # noqa: E402
 from governor.workers.sandbox import SandboxPolicy  # noqa: E402
 

@@ -12,6 +12,7 @@ import pytest
 import governor
 from governor.bench import plot, report, runner
 from governor.bench.core import ScenarioResult
+from governor.bench.scenarios import scenario_names
 from governor.bench.stats import Summary
 
 matplotlib = pytest.importorskip("matplotlib")
@@ -85,7 +86,7 @@ def test_titles_name_the_scenarios_run_or_say_all():
     one = build_run(["governor"], {"governor": governor_result()})
     assert report.run_title(one.document).startswith("Governor benchmark: governor, size quick, ")
     assert report.markdown(one).startswith("# Governor benchmark: governor, size quick")
-    every = build_run(runner.scenario_names(), {})
+    every = build_run(scenario_names(), {})
     assert report.run_title(every.document).startswith("Governor benchmark, all scenarios, size quick")
     figure = plot.draw(one.document)
     assert figure._suptitle.get_text().startswith("Governor benchmark: governor, size quick")

@@ -6,7 +6,7 @@ timeouts, crashes and double forks among innocent tasks, each kind at least twic
 import pytest
 
 import governor.bench as bench
-from governor.bench.runner import scenario_names
+from governor.bench.scenarios import scenario_names
 
 
 @pytest.fixture(scope="module")
