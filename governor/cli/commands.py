@@ -33,8 +33,8 @@ from governor.cli.batch import read_batch
 from governor.cli.exits import EXIT_CODES, GovernorClickError, client_error, exit_status, exit_statuses_epilog
 from governor.cli.options import (LazyClient, cancel_on_interrupt_option, json_option, parse_value, pass_client,
                                   socket_option)
-from governor.cli.output import (echo_json, echo_record, error_headline, format_record, id_ranges, local_time,
-                                 record_json, table)
+from governor.cli.output import (echo_json, echo_record, echo_tables, error_headline, format_metrics, format_record,
+                                 id_ranges, local_time, record_json, table)
 from governor.service.journal import STATES
 from governor.service.live import http_config_from_options, http_options
 from governor.protocol import DEFAULT_STATUS_LIMIT, MAX_STATUS_LIMIT
@@ -493,19 +493,31 @@ def workers(client: LazyClient, as_json: bool) -> None:
 
 
 @main.command()
-@click.option("--prometheus", is_flag=True, help="The Prometheus text format instead of JSON.")
+@click.option("--prometheus", is_flag=True, help="The Prometheus text format (what a scraper reads).")
+@click.option("--json", "as_json", is_flag=True, help="The whole snapshot as JSON (every figure, unrounded).")
 @socket_option
 @pass_client
-def metrics(client: LazyClient, prometheus: bool) -> None:
-    """Print the daemon's metrics (a JSON snapshot, or the Prometheus text).
+def metrics(client: LazyClient, prometheus: bool, as_json: bool) -> None:
+    """Show the daemon's figures: lanes, each step's outcomes and times, workers, memory.
+
+    Times are split into the wait in the lane's queue and the run in a worker, each as
+    p50 / p95 of the step's recent tasks.
 
     \b
     Examples:
       governor metrics
+      governor metrics --json
       governor metrics --prometheus
     """
+    if prometheus and as_json:
+        raise click.UsageError("--prometheus and --json are two formats: pick one")
     found = client.ask(lambda c: c.metrics("prometheus" if prometheus else "json"))
-    click.echo(found if prometheus else json.dumps(found, indent=2))
+    if prometheus:
+        click.echo(found.rstrip("\n"))
+    elif as_json:
+        echo_json(found)
+    else:
+        echo_tables(format_metrics(found))
 
 
 def _submit_batch(client: LazyClient, batch_file: TextIO, key: Optional[str], cancel_on_interrupt: bool,

@@ -108,12 +108,12 @@ def error_headline(record: Dict[str, Any], width: int = 60) -> str:
     return text if len(text) <= width else text[:width - 1] + "…"
 
 
-def table(headers: List[str], rows: List[List[Any]]) -> None:
+def table(headers: List[str], rows: List[List[Any]], indent: str = "") -> None:
     """Print ``rows`` under ``headers`` in left-aligned columns as wide as their widest cell."""
     cells = [[str(cell) for cell in row] for row in rows]
     widths = [max([len(header)] + [len(row[i]) for row in cells]) for i, header in enumerate(headers)]
     for row in [headers] + cells:
-        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+        click.echo(indent + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
 
 
 def echo_json(value: Any) -> None:
@@ -127,3 +127,78 @@ def echo_record(record: Dict[str, Any], as_json: bool) -> None:
         echo_json(record_json(record))
     else:
         click.echo(format_record(record))
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def seconds_text(value: Optional[float]) -> str:
+    """``23 ms`` under a second, ``2.4 s`` above; ``-`` when there is no figure."""
+    if value is None:
+        return "-"
+    return f"{value * 1000:.3g} ms" if value < 1 else f"{value:.3g} s"
+
+
+def _mib_text(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value / 2 ** 20:.1f} MiB"
+
+
+def _percentiles(summary: Optional[Dict[str, Any]], text=seconds_text) -> str:
+    """``p50 / p95`` of a histogram's summary, ``-`` when it has no samples."""
+    if not summary or not summary.get("count"):
+        return "-"
+    return f"{text(summary['p50'])} / {text(summary['p95'])}"
+
+
+def _counts(counts: Dict[str, int]) -> str:
+    """``done 12, failed 1``: counts by name, largest first; ``-`` when there are none."""
+    shown = [f"{name} {count:,}" for name, count in sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+             if count]
+    return ", ".join(shown) or "-"
+
+
+def format_metrics(metrics: Dict[str, Any]) -> List[Tuple[str, List[str], List[List[Any]]]]:
+    """The daemon's metrics snapshot as tables for people: ``(title, headers, rows)`` each.
+
+    Times are split where the snapshot splits them: the wait in the lane's queue, and the
+    run in a worker. Percentiles are over each step's recent tasks; counts since the start.
+    """
+    lanes = sorted(set(metrics["workers"]) | set(metrics["queue_depth"]))
+    # A warm spare is an idle worker held back to replace a killed one at once: counted as
+    # idle, and named, so that idle workers beside a long queue are not a mystery.
+    tables = [("lanes", ["lane", "queued", "busy", "idle", "of which warm spares", "starting"],
+               [[lane, metrics["queue_depth"].get(lane, 0),
+                 *(metrics["workers"].get(lane, {}).get(key, 0) for key in ("busy", "idle")),
+                 metrics["warm_spares"].get(lane, 0), metrics["workers"].get(lane, {}).get("starting", 0)]
+                for lane in lanes])]
+    steps = sorted({(lane, step) for lane, by_step in metrics["tasks"].items() for step in by_step}
+                   | {(lane, step) for lane, by_step in metrics["timings"].items() for step in by_step})
+    rows = []
+    for lane, step in steps:
+        timings = metrics["timings"].get(lane, {}).get(step, {})
+        rows.append([step, lane, _counts(metrics["tasks"].get(lane, {}).get(step, {})),
+                     _percentiles(timings.get("queue_wait_seconds")), _percentiles(timings.get("duration_seconds")),
+                     _percentiles(timings.get("peak_rss_bytes"), _mib_text)])
+    tables.append(("steps (p50 / p95 of recent tasks)",
+                   ["step", "lane", "ended", "queue wait", "run time", "peak RSS"], rows))
+    tables.append(("workers", ["lane", "started", "killed", "recycled", "redispatched tasks"],
+                   [[lane, metrics["worker_spawns"].get(lane, 0), _counts(metrics["worker_kills"].get(lane, {})),
+                     _counts(metrics["worker_recycles"].get(lane, {})), metrics.get("redispatched", {}).get(lane, 0)]
+                    for lane in lanes]))
+    memory, daemon = metrics["memory"], metrics.get("daemon", {})
+    tables.append(("process", ["figure", "value"], [
+        ["supervisor RSS", _mib_text(memory.get("supervisor_rss_bytes"))],
+        ["workers' RSS", _mib_text(memory.get("workers_rss_bytes"))],
+        ["pool sandbox", metrics.get("sandbox", {}).get("pool", "-")],
+        *([["client connections", daemon["connections"]], ["waiting clients", daemon["waiters"]],
+           ["unfinished tasks", daemon["live_tasks"]]] if daemon else [])]))
+    return tables
+
+
+def echo_tables(tables: List[Tuple[str, List[str], List[List[Any]]]]) -> None:
+    """Print each ``(title, headers, rows)`` with :func:`table`, a blank line between them."""
+    for index, (title, headers, rows) in enumerate(tables):
+        if index:
+            click.echo("")
+        click.echo(title)
+        table(headers, rows or [["(none)"] + [""] * (len(headers) - 1)], indent="  ")

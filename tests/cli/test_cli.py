@@ -137,6 +137,27 @@ def test_status_filters_by_state_step_and_count_in_the_daemon(daemon):
     assert governor("--socket", sock, "status", "1", "--state", "done").returncode == EXIT_CODES["usage"]
 
 
+def test_metrics_are_tables_for_people_and_json_or_prometheus_for_programs(daemon):
+    sock = str(daemon.socket)
+    assert governor("--socket", sock, "submit", "echo", "-p", "value=1", "--wait").returncode == 0
+    assert governor("--socket", sock, "submit", "boom", "--wait").returncode == EXIT_CODES["failed"]
+    shown = governor("--socket", sock, "metrics")
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert "{" not in shown.stdout, "a table, not JSON"
+    header = next(line for line in lines if line.lstrip().startswith("step "))
+    assert "queue wait" in header and "run time" in header, "the two parts of a latency, each labelled"
+    assert "of which warm spares" in next(line for line in lines if line.lstrip().startswith("lane "))
+    echo_row = next(line for line in lines if line.split()[:2] == ["echo", "pool"])
+    assert " ms / " in echo_row, echo_row  # p50 / p95 with their unit, not raw seconds
+    assert "failed 1" in next(line for line in lines if line.split()[:1] == ["boom"])
+    document = json.loads(governor("--socket", sock, "metrics", "--json").stdout)
+    assert document["timings"]["pool"]["echo"]["duration_seconds"]["count"] == 1
+    assert "governor_tasks_total" in governor("--socket", sock, "metrics", "--prometheus").stdout
+    both = governor("--socket", sock, "metrics", "--json", "--prometheus")
+    assert both.returncode == EXIT_CODES["usage"] and "pick one" in both.stderr
+
+
 def test_a_batch_with_bad_lines_submits_nothing_and_names_each_line(daemon, tmp_path):
     lines = [json.dumps({"step": "echo", "params": {"value": n}}) for n in range(200)]
     lines[149] = json.dumps({"step": "noopp"})

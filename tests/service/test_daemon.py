@@ -58,7 +58,7 @@ def test_cli_round_trips_through_the_real_binary(daemon, tmp_path):
     assert "ledger.append" in steps and "critical" in steps
     assert "pool" in daemon.cli("workers").stdout
     assert "governor_tasks_total" in daemon.cli("metrics", "--prometheus").stdout
-    assert "worker_kills" in json.loads(daemon.cli("metrics").stdout)
+    assert "worker_kills" in json.loads(daemon.cli("metrics", "--json").stdout)
     batch = tmp_path / "calls.jsonl"
     batch.write_text("\n".join(json.dumps({"step": "echo", "params": {"value": n}}) for n in range(20)))
     batched = daemon.cli("submit", "--batch", str(batch), "--json")
