@@ -31,8 +31,8 @@ import click
 from governor import __version__, errors
 from governor.cli.batch import read_batch
 from governor.cli.exits import EXIT_CODES, GovernorClickError, client_error, exit_status, exit_statuses_epilog
-from governor.cli.options import (LazyClient, cancel_on_interrupt_option, json_option, parse_value, pass_client,
-                                  socket_option)
+from governor.cli.options import (LazyClient, cancel_on_interrupt_option, deprecated, json_option, limit_options,
+                                  limits_from_options, parse_value, pass_client, socket_option, wait_timeout_option)
 from governor.cli.output import (echo_json, echo_record, echo_tables, error_headline, format_metrics, format_record,
                                  id_ranges, local_time, record_json, table)
 from governor.service.journal import STATES
@@ -282,21 +282,20 @@ def _module_error(module_name: str, error: BaseException) -> str:
 @click.option("--params", "params_json", default=None, metavar="OBJECT", help="All parameters as one JSON object.")
 @click.option("--wait/--no-wait", default=False, show_default=True,
               help="Wait for the task and print its record (else print its id).")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="With --wait: give up waiting after S seconds (exit 10; the task goes on).")
-@click.option("--limit-timeout", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="This task's own timeout in seconds (kills it when it runs longer).")
+@wait_timeout_option
+@limit_options
 @click.option("--key", default=None, help="Supersede key: cancels the unfinished steps of the previous "
                                           "submission with the same key.")
 @click.option("--batch", "batch_file", type=click.File("r"), default=None,
-              help="Submit every line of a JSONL file ({\"step\": ..., \"params\": {...}}) as one batch, all "
-                   "or nothing, and wait with a progress bar. Every line is checked first.")
+              help="Submit every line of a JSONL file ({\"step\": ..., \"params\": {...}, \"limits\": {...}}) as "
+                   "one batch, all or nothing, and wait with a progress bar. Every line is checked first.")
 @cancel_on_interrupt_option
 @json_option
 @socket_option
 @pass_client
 def submit(client: LazyClient, step: Optional[str], params: List[str], params_json: Optional[str], wait: bool,
-           timeout: Optional[float], limit_timeout: Optional[float], key: Optional[str], batch_file: Optional[TextIO],
+           wait_timeout: Optional[float], timeout_s: Optional[float], max_memory_mb: Optional[float],
+           old_limit_timeout: Optional[float], key: Optional[str], batch_file: Optional[TextIO],
            cancel_on_interrupt: bool, as_json: bool) -> None:
     """Submit a step (or a batch of steps) to the daemon.
 
@@ -304,32 +303,39 @@ def submit(client: LazyClient, step: Optional[str], params: List[str], params_js
     Examples:
       governor submit git.status -p repo=.
       governor submit chat.send_message -p chat_id=1 -p text=hello --wait
-      governor submit git.log --params '{"repo": "/src/app", "limit": 5}' --wait --timeout 10
+      governor submit git.log --params '{"repo": "/src/app", "limit": 5}' --wait --wait-timeout 10
+      governor submit mysteps.crunch -p n=9 --timeout 30 --max-memory 500 --wait
       governor submit --batch calls.jsonl
 
-    Relative paths in parameters are resolved against this directory, not the daemon's.
+    --timeout and --max-memory are the task's own limits: past them it is killed.
+    --wait-timeout only stops waiting; the task goes on. Relative paths in parameters
+    are resolved against this directory, not the daemon's.
     Exit status: see `governor --help` (0 done, 1 failed, 4 timed out, ...).
     """
+    limits = limits_from_options(timeout_s, max_memory_mb, old_limit_timeout)
     if batch_file is not None:
-        if step is not None or params or params_json is not None or limit_timeout is not None:
-            raise click.UsageError("--batch takes its steps and parameters from the file only")
+        if step is not None or params or params_json is not None or limits is not None:
+            raise click.UsageError("--batch takes its steps, parameters and limits from the file only")
         _submit_batch(client, batch_file, key, cancel_on_interrupt, as_json)
         return
     if step is None:
         raise click.UsageError("name a STEP, or give --batch FILE")
+    if wait_timeout is not None and not wait:
+        raise click.UsageError("--wait-timeout needs --wait")
+    if timeout_s is not None and wait and wait_timeout is None:
+        # --timeout used to mean --wait-timeout: say so while scripts may still mean that.
+        click.echo("note: --timeout is the task's own time limit (it is killed past it); to stop waiting "
+                   "and leave it running, use --wait-timeout", err=True)
     call_params = _parameters(params, params_json)
-    from governor.limits import Limits
     from governor.task import Call
 
-    limits = Limits(timeout_s=limit_timeout) if limit_timeout else None
     # submit_call returns once the daemon journaled the task: the id is known.
-    task_id = client.ask(lambda c: c.submit_call(
-        Call(step, kwargs=call_params, limits=limits), key=key).task_id)
+    task_id = client.ask(lambda c: c.submit_call(Call(step, kwargs=call_params, limits=limits), key=key).task_id)
     if not wait:
         click.echo(task_id)
         return
     with _interruptible(client, [task_id], cancel_on_interrupt):
-        record = client.ask(lambda c: c.wait(task_id, timeout=timeout))
+        record = client.ask(lambda c: c.wait(task_id, timeout=wait_timeout))
     echo_record(record, as_json)
     raise click.exceptions.Exit(exit_status([record]))
 
@@ -353,23 +359,25 @@ def _parameters(params: List[str], params_json: Optional[str]) -> Dict[str, Any]
 
 @main.command()
 @click.argument("task_ids", type=click.IntRange(min=1), nargs=-1, required=True)
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Give up waiting after S seconds in all (exit 10; the tasks go on).")
+@wait_timeout_option
+@click.option("--timeout", "old_timeout", type=click.FloatRange(min=0, min_open=True), default=None, hidden=True,
+              callback=deprecated("--wait-timeout", "how long to wait; --timeout is a task's own limit"))
 @cancel_on_interrupt_option
 @json_option
 @socket_option
 @pass_client
-def wait(client: LazyClient, task_ids: Tuple[int, ...], timeout: Optional[float], cancel_on_interrupt: bool,
-         as_json: bool) -> None:
+def wait(client: LazyClient, task_ids: Tuple[int, ...], wait_timeout: Optional[float], old_timeout: Optional[float],
+         cancel_on_interrupt: bool, as_json: bool) -> None:
     """Wait for tasks to end and print their records.
 
     \b
     Examples:
       governor wait 42
-      governor wait 41 42 --timeout 30 --json
+      governor wait 41 42 --wait-timeout 30 --json
 
     Exit status: that of the first task (in the order given) that did not end done.
     """
+    timeout = wait_timeout if wait_timeout is not None else old_timeout
     deadline = None if timeout is None else time.monotonic() + timeout
     records = []
     with _interruptible(client, task_ids, cancel_on_interrupt):

@@ -43,7 +43,7 @@ EXIT_STATUSES = (
     ExitStatus("crashed", 7, "a task's worker died"),
     ExitStatus("bad_request", 8, "refused: unknown step, bad parameters, a bad batch line"),
     ExitStatus("queue_full", 9, "refused: the lane's queue is full"),
-    ExitStatus("still_running", 10, "--timeout passed first; the task goes on"),
+    ExitStatus("still_running", 10, "--wait-timeout passed first; the task goes on"),
     ExitStatus("skipped", 11, "a task was skipped (an earlier workflow step failed)"),
     ExitStatus("interrupted", 12, "the daemon died while a critical task ran"),
     ExitStatus("unknown_task", 13, "no such task (status, cancel, wait)"),

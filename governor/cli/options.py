@@ -107,3 +107,63 @@ def parse_value(raw: str) -> Any:
         return json.loads(raw)
     except ValueError:
         return raw
+
+
+def deprecated(new: str, meaning: str) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    """A callback that accepts an option's old name and says, on stderr, which one to use."""
+
+    def warn(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        if value is not None:
+            click.echo(f"warning: {param.opts[0]} is deprecated: use {new} ({meaning})", err=True)
+        return value
+
+    return warn
+
+
+_SECONDS = click.FloatRange(min=0, min_open=True)
+
+
+def limit_options(command: Callable) -> Callable:
+    """``--timeout`` and ``--max-memory``: the task's own limits, enforced by killing it.
+
+    ``--limit-timeout``, the old name of ``--timeout``, is still accepted with a warning.
+    """
+    for option in reversed([
+        click.option("--timeout", "timeout_s", type=_SECONDS, default=None, metavar="SECONDS",
+                     help="This task's own time limit: past it the task is killed (exit 4). "
+                          "To stop waiting and leave the task running, see --wait-timeout."),
+        click.option("--max-memory", "max_memory_mb", type=click.FloatRange(min=0, min_open=True), default=None,
+                     metavar="MIB", help="This task's memory limit: over this RSS (its whole process tree) "
+                                         "the task is killed (exit 5)."),
+        click.option("--limit-timeout", "old_limit_timeout", type=_SECONDS, default=None, hidden=True,
+                     callback=deprecated("--timeout", "the task's own time limit")),
+    ]):
+        command = option(command)
+    return command
+
+
+def limits_from_options(timeout_s: Optional[float], max_memory_mb: Optional[float],
+                        old_limit_timeout: Optional[float] = None):
+    """The :class:`~governor.limits.Limits` that :func:`limit_options` asked for, or ``None`` for none.
+
+    Raises:
+        click.UsageError: ``--timeout`` and its old name both given.
+        click.BadParameter: a figure the supervisor cannot enforce.
+    """
+    if timeout_s is not None and old_limit_timeout is not None:
+        raise click.UsageError("--limit-timeout is the old name of --timeout: give --timeout alone")
+    timeout_s = timeout_s if timeout_s is not None else old_limit_timeout
+    if timeout_s is None and max_memory_mb is None:
+        return None
+    from governor.limits import Limits
+
+    try:
+        return Limits(timeout_s=timeout_s, max_memory_mb=max_memory_mb)
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="--timeout/--max-memory") from None
+
+
+def wait_timeout_option(command: Callable) -> Callable:
+    """``--wait-timeout``, for each command that waits: how long to wait, not how long the task may run."""
+    return click.option("--wait-timeout", type=_SECONDS, default=None, metavar="SECONDS",
+                        help="Give up waiting after SECONDS in all (exit 10); the tasks go on.")(command)

@@ -106,7 +106,7 @@ def test_one_exit_status_table_for_every_command(daemon):
         assert unknown.returncode == EXIT_CODES["unknown_task"], (command, unknown.stderr)
         assert "99999" in unknown.stdout + unknown.stderr
     slow = governor("--socket", sock, "submit", "timed_sleep", "-p", "ms=60000").stdout.strip()
-    still = governor("--socket", sock, "wait", slow, "--timeout", "0.1")
+    still = governor("--socket", sock, "wait", slow, "--wait-timeout", "0.1")
     assert still.returncode == EXIT_CODES["still_running"] and "(still running)" in still.stdout
     governor("--socket", sock, "cancel", slow)
     assert governor("--socket", sock, "wait", slow).returncode == EXIT_CODES["cancelled"]
@@ -135,6 +135,31 @@ def test_status_filters_by_state_step_and_count_in_the_daemon(daemon):
     assert json.loads(none.stdout) == []
     assert len(json.loads(governor("--socket", sock, "status", "--json").stdout)) == 50
     assert governor("--socket", sock, "status", "1", "--state", "done").returncode == EXIT_CODES["usage"]
+
+
+def test_timeout_is_the_tasks_own_limit_and_wait_timeout_only_stops_waiting(daemon):
+    sock = str(daemon.socket)
+    killed = governor("--socket", sock, "submit", "busy_loop", "--timeout", "0.3", "--wait")
+    assert killed.returncode == EXIT_CODES["timed_out"], killed.stderr
+    assert "use --wait-timeout" in killed.stderr, "the old meaning of --timeout is pointed out"
+    over = governor("--socket", sock, "submit", "allocate", "-p", "chunk_mb=20", "-p", "total_mb=600",
+                    "--max-memory", "150", "--wait", "--json")
+    assert over.returncode == EXIT_CODES["over_memory"], over.stdout + over.stderr
+    assert json.loads(over.stdout)["limits"]["max_memory_mb"] == 150
+    waited = governor("--socket", sock, "submit", "timed_sleep", "-p", "ms=60000", "--wait", "--wait-timeout", "0.2",
+                      "--json")
+    assert waited.returncode == EXIT_CODES["still_running"] and "warning" not in waited.stderr
+    running = json.loads(waited.stdout)["task_id"]
+    old_wait = governor("--socket", sock, "wait", str(running), "--timeout", "0.1")
+    assert old_wait.returncode == EXIT_CODES["still_running"]
+    assert "--timeout is deprecated: use --wait-timeout" in old_wait.stderr
+    assert json.loads(governor("--socket", sock, "status", str(running), "--json").stdout)["state"] == "running"
+    governor("--socket", sock, "cancel", str(running))
+    old_limit = governor("--socket", sock, "submit", "busy_loop", "--limit-timeout", "0.3", "--wait")
+    assert old_limit.returncode == EXIT_CODES["timed_out"]
+    assert "--limit-timeout is deprecated: use --timeout" in old_limit.stderr
+    refused = governor("--socket", sock, "submit", "echo", "-p", "value=1", "--wait-timeout", "1")
+    assert refused.returncode == EXIT_CODES["usage"] and "--wait-timeout needs --wait" in refused.stderr
 
 
 def test_metrics_are_tables_for_people_and_json_or_prometheus_for_programs(daemon):

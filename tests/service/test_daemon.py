@@ -45,10 +45,10 @@ def test_cli_round_trips_through_the_real_binary(daemon, tmp_path):
     waited = daemon.cli("submit", "echo", "--params", '{"value": [1, "two"]}', "--wait", "--json")
     assert waited.returncode == 0 and json.loads(waited.stdout)["result"] == [1, "two"]
     assert daemon.cli("submit", "boom", "--wait").returncode == EXIT_CODES["failed"]
-    assert daemon.cli("submit", "busy_loop", "--limit-timeout", "0.2", "--wait").returncode == EXIT_CODES["timed_out"]
+    assert daemon.cli("submit", "busy_loop", "--timeout", "0.2", "--wait").returncode == EXIT_CODES["timed_out"]
     unknown = daemon.cli("submit", "git.stats", "--wait")
     assert unknown.returncode == EXIT_CODES["bad_request"] and "unknown step" in unknown.stderr
-    still = daemon.cli("submit", "timed_sleep", "-p", "ms=120000", "--wait", "--timeout", "0.2", "--json")
+    still = daemon.cli("submit", "timed_sleep", "-p", "ms=120000", "--wait", "--wait-timeout", "0.2", "--json")
     assert still.returncode == EXIT_CODES["still_running"]
     running_id = json.loads(still.stdout)["task_id"]
     assert json.loads(daemon.cli("cancel", str(running_id), "--json").stdout)["cancelled"] == [running_id]
