@@ -118,9 +118,14 @@ def top(client: LazyClient, interval: float) -> None:
     """A live terminal view of the daemon (needs the live extra): lanes, workers, kills, latencies.
 
     \b
-    Keys: up/down move the selection, c cancels the selected task (asks first), q quits.
-    It keeps running while the daemon restarts, and says "reconnecting" meanwhile.
+    Keys: up/down move the selection; c cancels a task by its id (the selected worker's
+    task unless another id is typed), after a confirmation that names it; q quits.
+    With no daemon it exits 3 at once, like every command. Once started, it keeps
+    running while the daemon restarts, and says "reconnecting" meanwhile.
     """
+    # Before Textual loads and takes the terminal: no daemon is an error, said at once.
+    client.ask(lambda c: c.ping())
+    client.close()  # top opens its own clients, on its own threads
     try:
         from governor.cli.top import run_top  # Textual loads only here: other commands stay fast
     except ImportError as missing:

@@ -133,10 +133,10 @@ def echo_record(record: Dict[str, Any], as_json: bool) -> None:
 
 
 def seconds_text(value: Optional[float]) -> str:
-    """``23 ms`` under a second, ``2.4 s`` above; ``-`` when there is no figure."""
+    """``0.861 ms`` or ``23.2 ms`` under a second, ``2.4 s`` above; ``-`` when there is no figure."""
     if value is None:
         return "-"
-    return f"{value * 1000:.3g} ms" if value < 1 else f"{value:.3g} s"
+    return f"{value * 1000:.3g} ms" if value < 1 else f"{value:.1f} s"
 
 
 def _mib_text(value: Optional[float]) -> str:

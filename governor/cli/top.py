@@ -4,7 +4,9 @@ Data flow::
 
     every --interval: a Textual thread worker -> Client.live() (the ``live`` op, governor.service.live)
                       -> call_from_thread -> TopApp.show(snapshot): tables updated in place
-    c -> ConfirmCancel -> yes -> a thread worker -> Client.cancel(task_id)
+    c -> CancelPrompt (a task id; Enter alone: the selected worker's task)
+      -> a thread worker -> Client.status(task_id): still running?  -> ConfirmCancel naming it
+      -> yes -> a thread worker -> Client.cancel(task_id)
     the daemon gone -> "reconnecting" in the header; each tick tries a new Client
 
 Everything drawn is a field of the snapshot; nothing is computed here but units.
@@ -21,19 +23,15 @@ from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
-from textual.widgets import Button, DataTable, Footer, Label, Static
+from textual.widgets import Button, DataTable, Footer, Input, Label, Static
 
+from governor.cli.output import seconds_text
 from governor.client import Client, DaemonUnavailable
-from governor.errors import GovernorError
+from governor.errors import GovernorError, UnknownTask
+from governor.service.journal import TERMINAL_STATES
 
 #: How long a request to the daemon may take before top treats it as gone.
 REQUEST_TIMEOUT_S = 5.0
-
-
-def _seconds(value: Optional[float]) -> str:
-    if value is None:
-        return "-"
-    return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.1f} s"
 
 
 def _against(value: str, limit: str) -> str:
@@ -44,13 +42,59 @@ def _mib(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.0f} MiB"
 
 
-def worker_row(worker: Dict[str, Any]) -> List[str]:
-    """A worker's cells: running time against its timeout, RSS against its memory limit."""
+#: What an idle worker held back as a lane's warm spare is called in the workers table.
+SPARE_STATE = "idle (warm spare)"
+
+
+def worker_row(worker: Dict[str, Any], state: Optional[str] = None) -> List[str]:
+    """A worker's cells: running time against its timeout, RSS against its memory limit.
+
+    ``state`` replaces the worker's own (a spare is shown as one).
+    """
     rss = None if worker.get("rss_bytes") is None else worker["rss_bytes"] / (1 << 20)
-    return [str(worker.get("pid") or "-"), worker["lane"], worker["state"], worker.get("step") or "-",
+    return [str(worker.get("pid") or "-"), worker["lane"], state or worker["state"], worker.get("step") or "-",
             str(worker["task_id"]) if worker.get("task_id") is not None else "-",
-            _against(_seconds(worker.get("running_s")), _seconds(worker.get("timeout_s"))),
+            _against(seconds_text(worker.get("running_s")), seconds_text(worker.get("timeout_s"))),
             _against(_mib(rss), _mib(worker.get("max_memory_mb")))]
+
+
+def worker_states(workers: List[Dict[str, Any]], lanes: List[Dict[str, Any]]) -> List[str]:
+    """Each worker's state as shown: a lane's last ``warm_spares`` idle workers are its spares.
+
+    A lane keeps spares beyond the workers it may run tasks on, to replace a killed worker
+    at once; any idle worker can be the one, so the last idle ones are labelled.
+    """
+    spares = {lane["lane"]: lane["warm_spares"] for lane in lanes}
+    states = [worker["state"] for worker in workers]
+    for index in reversed(range(len(workers))):
+        lane = workers[index]["lane"]
+        if states[index] == "idle" and spares.get(lane, 0) > 0:
+            states[index] = SPARE_STATE
+            spares[lane] -= 1
+    return states
+
+
+class CancelPrompt(ModalScreen[Optional[int]]):
+    """Asks which task to cancel: an id typed, or Enter alone for ``suggested``; Escape for none."""
+
+    BINDINGS = [Binding("escape", "dismiss_none", "back")]
+
+    def __init__(self, suggested: Optional[int]):
+        super().__init__()
+        self.suggested = suggested
+
+    def compose(self) -> ComposeResult:
+        hint = f"Enter alone: task {self.suggested}, the selected worker's" if self.suggested else "type its id"
+        with Vertical(id="confirm"):
+            yield Label(f"Cancel which task? ({hint}; Escape: none)")
+            yield Input(placeholder=str(self.suggested or ""), type="integer", id="task-id")
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        typed = event.value.strip()
+        self.dismiss(int(typed) if typed else self.suggested)
+
+    def action_dismiss_none(self) -> None:
+        self.dismiss(None)
 
 
 class ConfirmCancel(ModalScreen[bool]):
@@ -86,9 +130,9 @@ class TopApp(App):
     .title { text-style: bold; }
     #confirm { width: 64; height: auto; border: thick $error; background: $surface; padding: 1 2; }
     #confirm Horizontal { height: auto; margin-top: 1; }
-    ConfirmCancel { align: center middle; }
+    ConfirmCancel, CancelPrompt { align: center middle; }
     """
-    BINDINGS = [Binding("q", "quit", "quit"), Binding("c", "cancel_selected", "cancel task")]
+    BINDINGS = [Binding("q", "quit", "quit"), Binding("c", "cancel_task", "cancel a task")]
 
     def __init__(self, socket_path: Optional[Path], interval: float):
         super().__init__()
@@ -100,7 +144,8 @@ class TopApp(App):
         yield Static("connecting...", id="status")
         yield Label("lanes", classes="title")
         yield DataTable(id="lanes", cursor_type="none")
-        yield Label("workers  (up/down select, c cancels the selected task)", classes="title")
+        yield Label("workers  (up/down select; c cancels a task by id, the selected one's by default)",
+                    classes="title")
         yield DataTable(id="workers", cursor_type="row")
         yield Label("last kills and crashes", classes="title")
         yield DataTable(id="kills", cursor_type="none")
@@ -160,7 +205,8 @@ class TopApp(App):
         selected = self._selected_worker()
         # A stable order (lane, then pid), so rows do not jump as workers come and go.
         self._shown_workers = sorted(snapshot["workers"], key=lambda w: (w["lane"], w.get("pid") or 1 << 62))
-        self._fill("workers", [worker_row(worker) for worker in self._shown_workers])
+        self._fill("workers", [worker_row(worker, state) for worker, state
+                               in zip(self._shown_workers, worker_states(self._shown_workers, snapshot["lanes"]))])
         pids = [worker.get("pid") for worker in self._shown_workers]
         if selected is not None and selected.get("pid") in pids:
             table.move_cursor(row=pids.index(selected["pid"]))
@@ -169,7 +215,7 @@ class TopApp(App):
                               kill["observed"] or "-", str(kill["pid"] or "-")] for kill in snapshot["kills"][:10]])
         self._fill("steps", [[step["step"], step["lane"], str(step["count"]),
                               "-" if step["per_s"] is None else f"{step['per_s']:.2f}",
-                              _seconds(step["p50_s"]), _seconds(step["p95_s"])] for step in snapshot["steps"]])
+                              seconds_text(step["p50_s"]), seconds_text(step["p95_s"])] for step in snapshot["steps"]])
 
     def _fill(self, name: str, rows: List[List[str]]) -> None:
         table = self.query_one(f"#{name}", DataTable)
@@ -187,18 +233,39 @@ class TopApp(App):
 
     # ----------------------------------------------------------------- cancel
 
-    def action_cancel_selected(self) -> None:
+    def action_cancel_task(self) -> None:
+        """Ask for a task id (the selected worker's by default), then confirm naming the task."""
         worker = self._selected_worker()
-        if worker is None or worker.get("task_id") is None:
-            self.notify("the selected worker runs no task", severity="warning")
+        suggested = None if worker is None else worker.get("task_id")
+
+        def chosen(task_id: Optional[int]) -> None:
+            if task_id is not None:
+                self.confirm_cancel(task_id)
+
+        self.push_screen(CancelPrompt(suggested), chosen)
+
+    @work(thread=True, group="cancel")
+    def confirm_cancel(self, task_id: int) -> None:
+        """Look the task up by id, now: the confirmation names it, whatever the table shows since."""
+        try:
+            with Client(self.socket_path, timeout=REQUEST_TIMEOUT_S) as client:
+                record = client.status(task_id)
+        except UnknownTask:
+            self.call_from_thread(self.notify, f"no task {task_id}", severity="warning")
             return
-        task_id, step = worker["task_id"], worker.get("step")
+        except (GovernorError, OSError) as failed:
+            self.call_from_thread(self.notify, f"task {task_id} could not be looked up: {failed}", severity="error")
+            return
+        if record["state"] in TERMINAL_STATES:
+            self.call_from_thread(self.notify, f"task {task_id} ({record['step']}) already ended: {record['state']}")
+            return
 
         def answered(yes: Optional[bool]) -> None:
             if yes:
                 self.cancel_task(task_id)
 
-        self.push_screen(ConfirmCancel(f"Cancel task {task_id} ({step}) on worker {worker.get('pid')}?"), answered)
+        question = f"Cancel task {task_id} ({record['step']}, {record['state']} in the {record['lane']} lane)?"
+        self.call_from_thread(self.push_screen, ConfirmCancel(question), answered)
 
     @work(thread=True, group="cancel")
     def cancel_task(self, task_id: int) -> None:

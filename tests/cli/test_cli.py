@@ -162,6 +162,14 @@ def test_timeout_is_the_tasks_own_limit_and_wait_timeout_only_stops_waiting(daem
     assert refused.returncode == EXIT_CODES["usage"] and "--wait-timeout needs --wait" in refused.stderr
 
 
+def test_top_without_a_daemon_exits_3_at_once_like_every_command(tmp_path):
+    nobody = str(tmp_path / "nobody-here.sock")
+    for command in (["top"], ["status"]):
+        shown = governor("--socket", nobody, *command)
+        assert shown.returncode == EXIT_CODES["daemon_unavailable"], (command, shown.stdout[-500:], shown.stderr)
+        assert "no daemon" in shown.stderr.lower() or nobody in shown.stderr, shown.stderr
+
+
 def test_metrics_are_tables_for_people_and_json_or_prometheus_for_programs(daemon):
     sock = str(daemon.socket)
     assert governor("--socket", sock, "submit", "echo", "-p", "value=1", "--wait").returncode == 0

@@ -83,18 +83,12 @@ def workers_rows(screen: str) -> list:
     return rows
 
 
-def select_and_ask_to_cancel(tmux, step: str, task_id: int, attempts: int = 3) -> None:
-    """Move the selection to the worker running ``step`` with up/down, as a person would, and
-    press c. A row can move between reading the screen and the keys landing (a worker
-    respawned); then the dialog names another task, and we say no and try again."""
-    for _ in range(attempts):
-        rows = workers_rows(tmux.screen())
-        index = next(i for i, line in enumerate(rows) if step in line)
-        tmux.keys(*["Up"] * len(rows), *["Down"] * index, "c")
-        if wait_until(lambda: f"Cancel task {task_id} ({step})" in tmux.screen(), timeout=10, interval=0.1):
-            return
-        tmux.keys("Escape")
-    raise AssertionError(f"could not select the worker running {step}:\n{tmux.screen()}")
+def ask_to_cancel(tmux, task_id: int, question: str) -> None:
+    """Press c and type the task's id, as a person who read it on the screen would."""
+    tmux.keys("c")
+    tmux.wait_for("Cancel which task?")
+    tmux.keys(str(task_id), "Enter")
+    tmux.wait_for(question)
 
 
 def test_top_in_a_terminal_shows_steps_kills_cancels_and_survives_a_restart(daemon, tmux):
@@ -118,8 +112,9 @@ def test_top_in_a_terminal_shows_steps_kills_cancels_and_survives_a_restart(daem
         assert str(timeout.value.pid) in kill
         tmux.wait_for("busy_loop", "timed_sleep", "p95")
 
-        # Select the worker that runs the held step, ask to cancel, answer yes.
-        select_and_ask_to_cancel(tmux, "timed_sleep", held_id)
+        assert "idle (warm spare)" in tmux.wait_for("idle (warm spare)")
+        # Ask to cancel the held task by its id: the confirmation names it; answer yes.
+        ask_to_cancel(tmux, held_id, f"Cancel task {held_id} (timed_sleep, running in the pool lane)?")
         tmux.keys("y")
         with pytest.raises(StepCancelled):
             held.result(60)
