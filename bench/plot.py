@@ -27,16 +27,25 @@ import math
 import os
 import re
 import sys
+import textwrap
 from typing import Any, Dict, List, Optional, Tuple
 
 from governor.bench.report import run_title
+
+#: The picture's resolution, dots per inch.
+DPI = 100
 
 #: Columns of the panel grid; each panel is PANEL_SIZE inches.
 COLUMNS = 2
 PANEL_SIZE = (6.4, 4.2)
 
-#: Height of one target's row in the verdict panel, inches (plus TARGETS_MARGIN for axes).
+#: Height of one target's row in the verdict panel, inches (plus TARGETS_MARGIN for axes),
+#: for labels of up to two lines; rows grow with longer labels.
 TARGET_ROW_IN = 0.42
+
+#: Target labels are wrapped at this many characters: a long name must not squeeze the
+#: panel until the layout gives up and the name falls off the picture's left edge.
+LABEL_WIDTH_CHARS = 60
 TARGETS_MARGIN_IN = 1.3
 
 #: Samples spanning more than this ratio (max / min) get a log latency axis.
@@ -73,7 +82,9 @@ def write_document_plot(document: Dict[str, Any], path: os.PathLike) -> Optional
     figure = draw(document)
     if figure is None:
         return "picture skipped: no scenario produced a target, a distribution or a curve"
-    figure.savefig(path, dpi=100)
+    # "tight": the picture grows to hold every label (a long target name on the left of
+    # the verdict panel, the legends), rather than cutting what the layout pushed out.
+    figure.savefig(path, dpi=DPI, bbox_inches="tight")
     plt.close(figure)
     return None
 
@@ -97,7 +108,8 @@ def draw(document: Dict[str, Any]):
     if not panels and not targets:
         return None
     rows = math.ceil(len(panels) / COLUMNS)
-    targets_height = TARGETS_MARGIN_IN + TARGET_ROW_IN * len(targets) if targets else 0.0
+    lines = max([_target_label(scenario, target).count("\n") + 1 for scenario, target in targets] + [1])
+    targets_height = TARGETS_MARGIN_IN + TARGET_ROW_IN * max(1.0, lines / 2) * len(targets) if targets else 0.0
     panels_height = PANEL_SIZE[1] * rows
     # Two subfigures, each laid out on its own: the targets' long labels must not push the
     # panels' grid aside.
@@ -132,6 +144,11 @@ def _amount(value: float, unit: str) -> str:
     return f"{text} {unit}" if unit not in ("x", "%") else f"{text}{unit}"
 
 
+def _target_label(scenario: str, target: Dict[str, Any]) -> str:
+    """A target's name and scenario, wrapped at :data:`LABEL_WIDTH_CHARS`."""
+    return textwrap.fill(f"{target['name']} [{scenario}]", LABEL_WIDTH_CHARS)
+
+
 def _draw_targets(axis, targets: List[Tuple[str, Dict[str, Any]]]) -> None:
     low, high = RATIO_RANGE
     for row, (scenario, target) in enumerate(targets):
@@ -147,7 +164,7 @@ def _draw_targets(axis, targets: List[Tuple[str, Dict[str, Any]]]) -> None:
         text = f"{verdict}: {_amount(target['value'], target['unit'])} vs {_amount(target['limit'], target['unit'])}"
         axis.annotate(text, (shown, row), xytext=(4, 5), textcoords="offset points", ha="left", va="bottom",
                       fontsize=8, color=colour)
-    axis.set_yticks(range(len(targets)), [f"{target['name']} [{scenario}]" for scenario, target in targets],
+    axis.set_yticks(range(len(targets)), [_target_label(scenario, target) for scenario, target in targets],
                     fontsize=8)
     for label, (_, target) in zip(axis.get_yticklabels(), targets):
         label.set_color(_verdict(target)[1])

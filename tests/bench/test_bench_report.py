@@ -16,6 +16,7 @@ from governor.bench.scenarios import scenario_names
 from governor.bench.stats import Summary
 
 matplotlib = pytest.importorskip("matplotlib")
+import matplotlib.image  # noqa: E402 (after the skip)
 
 
 def build_run(scenarios, results):
@@ -111,6 +112,31 @@ def test_the_picture_shows_every_verdict_each_target_as_a_line_and_a_memory_pane
     memory = axes["Memory: what Governor adds, against bare loky workers"]
     assert sum(patch.get_height() for patch in memory.patches[:3]) == pytest.approx(48.5)
     assert [line.get_ydata()[0] for line in memory.get_lines()] == [100.0], "the budget as a line"
+    matplotlib.pyplot.close(figure)
+
+
+def test_the_picture_holds_every_label_of_the_verdicts(tmp_path):
+    """A long target name (left) and a wild figure's verdict (right) must not fall off the picture."""
+    from matplotlib.transforms import Bbox
+
+    result = governor_result()
+    long_name = "parallel view p50 beyond the slowest single step, ours / the best peer's, " * 3
+    result.target(long_name, 1.02, 1.0, "x")  # long enough that the layout would give up
+    result.target("a figure far past its limit", 1000.0, 1.0, "x")  # drawn at the axis' end, its text beyond
+    bench_run = build_run(["governor"], {"governor": result})
+    picture = tmp_path / "run.png"
+    assert plot.write_plot(bench_run, picture) is None
+    figure = plot.draw(bench_run.document)
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    [verdicts] = [axis for axis in figure.get_axes() if axis.get_title() == "Targets of this run"]
+    labels = [*verdicts.get_yticklabels(), *verdicts.texts]
+    assert any("1,000x" in label.get_text() for label in labels)
+    drawn = Bbox.union([figure.bbox, *(label.get_window_extent(renderer) for label in labels)])
+    height, width = matplotlib.image.imread(picture).shape[:2]
+    scale = plot.DPI / figure.dpi
+    assert width >= drawn.width * scale and height >= drawn.height * scale, (
+        f"the labels span {drawn.width * scale:.0f} x {drawn.height * scale:.0f} px; the picture is {width} x {height}")
     matplotlib.pyplot.close(figure)
 
 
