@@ -7,7 +7,11 @@ bench's own steps. Measured, in one run:
   insert, dispatch record, end record and two socket hops included), next to the same
   round trip through an in-process Supervisor;
 * throughput and per-task latency with 1 and with ``DAEMON_CLIENTS`` clients, each on its
-  own connection in its own thread, all submitting at once.
+  own connection in its own thread, all submitting at once: saturation, where a task's
+  latency is mostly its wait behind the others (and named so);
+* the daemon's own latency: one client offering no-ops at a steady rate below saturation
+  (:data:`STEADY_SHARE` of the one-client throughput just measured), open loop, each
+  latency from the task's scheduled send to its result.
 """
 
 from __future__ import annotations
@@ -29,6 +33,14 @@ from governor.client import Client, DaemonUnavailable
 
 #: Concurrent clients in the many-clients run (the daemon issue's load test uses 50).
 DAEMON_CLIENTS = 50
+
+#: The steady load's rate, as a share of the throughput one client reached at saturation:
+#: low enough that tasks do not queue behind each other, so what is left is the daemon's
+#: own latency; high enough to keep it busy.
+STEADY_SHARE = 0.25
+
+#: The steady load runs about this long (fewer tasks than the saturated run when the rate is low).
+STEADY_SECONDS = 5.0
 
 #: How long the daemon may take to start and answer a ping.
 START_TIMEOUT_S = 60.0
@@ -88,9 +100,31 @@ def _load(socket_path: Path, clients: int, tasks: int) -> Tuple[Throughput, List
     return Throughput(tasks, time.perf_counter() - start), latencies
 
 
+def _steady(socket_path: Path, rate: float, tasks: int) -> List[float]:
+    """``tasks`` no-ops from one client at ``rate`` per second: each one's latency, in seconds.
+
+    An open loop: sends keep to their schedule whatever the replies do, and a latency runs
+    from the task's scheduled send to its result, so a daemon that falls behind shows as
+    growing latencies rather than as a slower offered load.
+    """
+    interval, latencies = 1.0 / rate, []
+    with Client(socket_path) as client:
+        start, futures = time.perf_counter(), []
+        for n in range(tasks):
+            scheduled = start + n * interval
+            time.sleep(max(0.0, scheduled - time.perf_counter()))
+            future = client.submit("noop")
+            # On the client's reader thread, as the result arrives (list.append is atomic).
+            future.add_done_callback(lambda _, scheduled=scheduled: latencies.append(time.perf_counter() - scheduled))
+            futures.append(future)
+        for future in futures:
+            future.result(timeout=300)
+    return latencies
+
+
 @scenario("daemon")
 def daemon(ctx: ScenarioContext) -> ScenarioResult:
-    """No-op round trip and throughput through the daemon's Unix socket, 1 and 50 clients."""
+    """No-op round trip, throughput at saturation and latency at a steady rate, through the daemon's socket."""
     size, result = ctx.size, ScenarioResult()
     workers = size.peer_workers
     count = max(10, size.roundtrips // 2)
@@ -102,14 +136,27 @@ def daemon(ctx: ScenarioContext) -> ScenarioResult:
             ctx.progress(f"round trips through the socket: {count}")
             through_socket = _roundtrips(client.submit, count)
         clients = min(DAEMON_CLIENTS, size.throughput_tasks)
+        saturated = {}
         for label, connections in (("1 client", 1), (f"{clients} clients", clients)):
             ctx.progress(f"throughput, {label}: {size.throughput_tasks} no-ops")
             throughput, latencies = _load(socket_path, connections, size.throughput_tasks)
+            saturated[connections] = throughput
             key = "one_client" if connections == 1 else "many_clients"
+            at_once = f"{label}, all {size.throughput_tasks:,} submitted at once"
             result.put(f"{key}.clients", connections)
-            result.put(f"{key}.throughput", throughput, f"throughput, {label}")
-            result.put(f"{key}.latency", Summary.of_seconds(latencies), f"latency per task, {label}")
-            result.distribution("Latency through the daemon", label, to_ms(latencies))
+            result.put(f"{key}.throughput", throughput, f"throughput, {at_once}")
+            result.put(f"{key}.latency", Summary.of_seconds(latencies),
+                       f"latency per task at saturation (mostly queueing), {at_once}")
+            result.distribution("Latency through the daemon", f"saturated, {label}", to_ms(latencies))
+        rate = STEADY_SHARE * saturated[1].per_s
+        tasks = max(20, min(size.throughput_tasks, round(rate * STEADY_SECONDS)))
+        ctx.progress(f"steady load: {tasks} no-ops at {rate:,.0f}/s from 1 client")
+        steady = _steady(socket_path, rate, tasks)
+        result.put("steady.rate_per_s", round(rate, 1))
+        result.put("steady.tasks", tasks)
+        result.put("steady.latency", Summary.of_seconds(steady),
+                   f"latency per task at a steady {rate:,.0f}/s ({STEADY_SHARE:.0%} of saturation), 1 client")
+        result.distribution("Latency through the daemon", f"steady {rate:,.0f}/s, 1 client", to_ms(steady))
     finally:
         process.send_signal(signal.SIGTERM)
         try:
