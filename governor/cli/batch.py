@@ -1,6 +1,8 @@
 """``governor submit --batch FILE``: every line of a JSONL file checked before anything is submitted.
 
-A line is ``{"step": NAME, "params": {...}}``. Each line is checked here against the daemon's
+A line is ``{"step": NAME, "params": {...}, "limits": {"timeout_s": S, "max_memory_mb": M}}``
+(``params`` and ``limits`` may be left out: no parameters, the step's own limits). Each
+line is checked here against the daemon's
 own description of its steps (``Client.steps``): the step's name, and its parameters bound
 to the step's signature, which the daemon sends as ``parameters`` next to its text. Every
 line at fault is named by its number, so a file is mended in one pass; the daemon checks
@@ -17,6 +19,7 @@ import attrs
 
 from governor import errors
 from governor.cli.exits import GovernorClickError
+from governor.limits import Limits
 
 #: At most this many bad lines are listed when a batch file is refused (then a count).
 MAX_BATCH_PROBLEMS_SHOWN = 20
@@ -30,11 +33,13 @@ class BatchLine:
         number: its line number in the file (1-based), for messages.
         step: the step's name.
         params: its parameters.
+        limits: its own limits, or ``None`` for the step's.
     """
 
     number: int
     step: str
     params: Dict[str, Any]
+    limits: Optional[Limits] = None
 
 
 class BatchRefused(GovernorClickError):
@@ -89,13 +94,14 @@ def _batch_line(number: int, line: str, steps: Dict[str, Dict[str, Any]]) -> Bat
         raise ValueError(f"not JSON ({error})") from None
     if not isinstance(item, dict) or not isinstance(item.get("step"), str):
         raise ValueError('expected an object {"step": NAME, "params": {...}}')
-    extra = sorted(set(item) - {"step", "params"})
+    extra = sorted(set(item) - {"step", "params", "limits"})
     if extra:
         raise ValueError(f"unknown field{'s' if len(extra) > 1 else ''} {', '.join(map(repr, extra))} "
-                         "(a line has \"step\" and \"params\")")
+                         "(a line has \"step\", \"params\" and \"limits\")")
     step, params = item["step"], item.get("params", {})
     if not isinstance(params, dict):
         raise ValueError('"params" must be an object')
+    limits = _limits(item.get("limits"))
     if step not in steps:
         raise ValueError(str(errors.UnknownStep.for_name(step, steps)))
     signature = step_signature(steps[step])
@@ -104,7 +110,18 @@ def _batch_line(number: int, line: str, steps: Dict[str, Dict[str, Any]]) -> Bat
             signature.bind(**params)
         except TypeError as error:
             raise ValueError(f"bad parameters for step {step!r}{steps[step]['signature']}: {error}") from None
-    return BatchLine(number, step, params)
+    return BatchLine(number, step, params, limits)
+
+
+def _limits(value: Any) -> Optional[Limits]:
+    """A line's ``limits`` object as the daemon will read it, or why it will not."""
+    from governor.protocol import ProtocolError
+    from governor.protocol.decoders import limits
+
+    try:
+        return limits(value)
+    except ProtocolError as error:
+        raise ValueError(f'"limits": {error}') from None
 
 
 def step_signature(described: Dict[str, Any]) -> Optional[inspect.Signature]:

@@ -538,7 +538,10 @@ def _submit_batch(client: LazyClient, batch_file: TextIO, key: Optional[str], ca
     """Check every line, submit them as one batch request (all or nothing), then wait with a progress bar."""
     described = client.ask(lambda c: c.steps())
     lines = read_batch(batch_file, described)
-    batch = client.ask(lambda c: c.submit_batch([(line.step, line.params) for line in lines], key=key))
+    from governor.task import Call
+
+    batch = client.ask(lambda c: c.submit_batch([Call(line.step, kwargs=line.params, limits=line.limits)
+                                                 for line in lines], key=key))
     task_ids = list(batch.task_ids)
     records: Dict[int, Dict[str, Any]] = {}
     with _interruptible(client, task_ids, cancel_on_interrupt):

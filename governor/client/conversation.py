@@ -124,12 +124,12 @@ class Requests:
                          lambda reply: _value_of(reply["task"]))
 
     def batch(self, calls: Iterable[Any], key: Optional[str]) -> Exchange:
-        step_calls = tuple(protocol.StepCall(call.step, _keywords(call)) for call in map(Call.of, calls))
+        step_calls = tuple(protocol.StepCall(call.step, _keywords(call), call.limits) for call in map(Call.of, calls))
         return Exchange(protocol.Batch(self._id(), step_calls, True, key, _cwd()),
                          lambda reply: [_outcome_of(record) for record in reply["tasks"]])
 
     def workflow(self, calls: Iterable[Any]) -> Exchange:
-        step_calls = tuple(protocol.StepCall(call.step, _keywords(call)) for call in map(Call.of, calls))
+        step_calls = tuple(protocol.StepCall(call.step, _keywords(call), call.limits) for call in map(Call.of, calls))
         return Exchange(protocol.WorkflowRequest(self._id(), step_calls, True, _cwd()),
                          lambda reply: _value_of(reply["task"]))
 

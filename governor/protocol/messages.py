@@ -20,8 +20,9 @@ Requests
                  ``timeout_s`` and/or ``max_memory_mb``, each a finite number > 0 or null,
                  within what ``Limits`` accepts; ``cwd``: the caller's working
                  directory, an absolute path of at most 4,096 characters, or null [null]
-    ``batch``    ``calls``: 1-10,000 objects ``{"step": string, "params": object}``
-                 (``params`` defaults to ``{}``); ``wait``: bool [false]; ``key``: as for
+    ``batch``    ``calls``: 1-10,000 objects ``{"step": string, "params": object,
+                 "limits": as for submit}`` (``params`` defaults to ``{}``, ``limits`` to
+                 null: the step's own); ``wait``: bool [false]; ``key``: as for
                  ``submit``, for the whole batch (a view switch supersedes the last view);
                  ``cwd``: as for ``submit``
     ``workflow`` ``calls``: as for ``batch``, 1-1,000 of them; ``wait``: bool [false];
@@ -105,10 +106,11 @@ MAX_CANCEL_IDS = 10_000
 
 @wire_type
 class StepCall:
-    """One call in a ``batch`` or ``workflow``: a step's name and its keyword arguments."""
+    """One call in a ``batch`` or ``workflow``: a step's name, its keyword arguments and its own limits."""
 
     step: str = attrs.field(converter=decode.text(MAX_STEP_NAME_CHARS, min_chars=1))
     params: Dict[str, Any] = attrs.field(factory=dict, converter=decode.params)
+    limits: Optional[Limits] = attrs.field(default=None, converter=decode.limits)
 
 
 def _step_call(value: Any) -> StepCall:
@@ -119,8 +121,9 @@ def _wire_value(value: Any) -> Any:
     """A request field's value as JSON: the inverse of its decoder."""
     if isinstance(value, Limits):
         return {name: getattr(value, name) for name in WIRE_LIMITS}
-    if isinstance(value, StepCall):
-        return {"step": value.step, "params": value.params}
+    if isinstance(value, StepCall):  # limits only when set: what a daemon without them accepts
+        return {"step": value.step, "params": value.params,
+                **({} if value.limits is None else {"limits": _wire_value(value.limits)})}
     if isinstance(value, tuple):
         return [_wire_value(item) for item in value]
     return value

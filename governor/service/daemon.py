@@ -478,8 +478,9 @@ class Daemon:
 
     async def _op_batch(self, connection: _Connection, request: protocol.Batch) -> None:
         self._refuse_while_draining()
-        checked = [self._checked(c.step, c.params, request.cwd) for c in request.calls]  # all, before any is kept
-        record_ids = self._journal.submit([NewTask.step_call(call.step, call.kwargs, lane, request.key)
+        checked = [self._checked(c.step, c.params, request.cwd, c.limits)
+                   for c in request.calls]  # all, before any is kept
+        record_ids = self._journal.submit([NewTask.step_call(call.step, call.kwargs, lane, request.key, call.limits)
                                            for call, lane in checked])
         target = self._target(request.key)  # one scope for the batch: it supersedes as one view
         for record_id, (call, _) in zip(record_ids, checked):
@@ -489,7 +490,7 @@ class Daemon:
 
     async def _op_workflow(self, connection: _Connection, request: protocol.WorkflowRequest) -> None:
         self._refuse_while_draining()
-        calls = [self._checked(c.step, c.params, request.cwd)[0] for c in request.calls]
+        calls = [self._checked(c.step, c.params, request.cwd, c.limits)[0] for c in request.calls]
         [record_id] = self._journal.submit([NewTask.workflow([{"step": c.step, "params": c.kwargs} for c in calls])])
         self._launch(record_id, self._supervisor, lambda target: target.workflow(
             [attrs.evolve(call, ref=record_id) for call in calls]))

@@ -207,6 +207,25 @@ def test_a_batch_with_bad_lines_submits_nothing_and_names_each_line(daemon, tmp_
     assert json.loads(governor("--socket", str(daemon.socket), "status", "--json").stdout) == []
 
 
+def test_a_batch_line_carries_its_own_limits(daemon, tmp_path):
+    sock = str(daemon.socket)
+    batch = tmp_path / "calls.jsonl"
+    batch.write_text("\n".join(json.dumps(line) for line in (
+        {"step": "busy_loop", "limits": {"timeout_s": 0.3}},
+        {"step": "echo", "params": {"value": 1}, "limits": {"max_memory_mb": 500}})))
+    ran = governor("--socket", sock, "submit", "--batch", str(batch), "--json")
+    assert ran.returncode == EXIT_CODES["timed_out"], ran.stderr
+    looped, echoed = json.loads(ran.stdout)
+    assert (looped["state"], looped["limits"]["timeout_s"]) == ("timed_out", 0.3)
+    assert (echoed["state"], echoed["limits"]["max_memory_mb"]) == ("done", 500)
+    batch.write_text(json.dumps({"step": "echo", "params": {"value": 1}, "limits": {"timeout_s": -1}}) + "\n"
+                     + json.dumps({"step": "echo", "params": {"value": 2}, "limits": {"time": 1}}))
+    refused = governor("--socket", sock, "submit", "--batch", str(batch))
+    assert refused.returncode == EXIT_CODES["bad_request"]
+    assert 'line 1: "limits": timeout_s: must be a finite number > 0' in refused.stderr
+    assert 'line 2: "limits": time: unknown limit' in refused.stderr
+
+
 def test_a_batch_prints_every_task_id_and_its_progress_counts(daemon, tmp_path):
     batch = tmp_path / "calls.jsonl"
     batch.write_text("\n".join([json.dumps({"step": "echo", "params": {"value": n}}) for n in range(30)]
