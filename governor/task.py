@@ -184,6 +184,7 @@ class Task:
     kill_claimed: bool = False
     ref: Optional[int] = None
     cwd: Optional[str] = None  # Call.cwd: where the worker runs the step (None: its own directory)
+    key: Any = None  # the critical lane's key (StepSpec.key): same key, one at a time; None: alone
     _lock: threading.Lock = attrs.field(factory=threading.Lock, repr=False)
 
     @property

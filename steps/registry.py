@@ -41,7 +41,7 @@ class StepRegistry:
     def step(self, fn: Optional[StepCallable] = None, *, name: Optional[str] = None,
              critical: Optional[bool] = None, category: Optional[str] = None, tags: Iterable[str] = (),
              limits: Optional[Limits] = None, description: Optional[str] = None, paths: Iterable[str] = (),
-             writes: Iterable[str] = (), network: Optional[bool] = None) -> Any:
+             writes: Iterable[str] = (), network: Optional[bool] = None, key: Optional[Any] = None) -> Any:
         """Register the decorated function or class as a step and return it unchanged.
 
         Usable bare (``@registry.step``) or with the keywords of :meth:`register`
@@ -56,7 +56,8 @@ class StepRegistry:
 
         def decorate(target: StepCallable) -> StepCallable:
             self.register(target, name=name, critical=critical, category=category, tags=tags,
-                          limits=limits, description=description, paths=paths, writes=writes, network=network)
+                          limits=limits, description=description, paths=paths, writes=writes, network=network,
+                          key=key)
             return target
 
         return decorate if fn is None else decorate(fn)
@@ -65,7 +66,7 @@ class StepRegistry:
                  critical: Optional[bool] = None, category: Optional[str] = None,
                  tags: Iterable[str] = (), limits: Optional[Limits] = None,
                  description: Optional[str] = None, paths: Iterable[str] = (), writes: Iterable[str] = (),
-                 network: Optional[bool] = None) -> StepSpec:
+                 network: Optional[bool] = None, key: Optional[Any] = None) -> StepSpec:
         """Register ``fn`` as a step.
 
         Args:
@@ -89,6 +90,11 @@ class StepRegistry:
                 pool worker starts.
             network: ``True`` if the step binds or connects TCP in the pool lane (default
                 ``False``: where the kernel allows, pool workers may not).
+            key: for a critical step, the parameter whose value is its lane key
+                (``key="chat_id"``), or a callable of its parameters returning the key:
+                critical steps with the same key run one at a time in submission order,
+                different keys in parallel (``Supervisor(critical_workers=N)``). Without
+                one, a critical step runs alone (see :attr:`StepSpec.key`).
 
         For a :class:`~steps.spec.Step` subclass, arguments left ``None`` (or ``tags`` left
         empty) come from its class attributes.
@@ -101,7 +107,7 @@ class StepRegistry:
         """
         spec = StepSpec.declare(fn, name=name, critical=critical, category=category, tags=tags,
                                 limits=limits, description=description, paths=paths, writes=writes,
-                                network=network)
+                                network=network, key=key)
         with self._lock:
             existing = self._specs.get(spec.name)
             if existing is not None:

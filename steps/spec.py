@@ -163,6 +163,24 @@ def _path_set(value: Any, spec: "StepSpec") -> frozenset[tuple[str, ...]]:
     return frozenset(declared)
 
 
+def _check_key(spec: "StepSpec", attribute: attrs.Attribute, value: Any) -> None:
+    if value is None or callable(value):
+        return
+    if not isinstance(value, str):
+        raise RegistrationError(f"step {spec.name!r}: key must name a parameter (or be a callable of the "
+                                f"parameters), got {type(value).__name__} {value!r}")
+    if spec.critical is False:
+        raise RegistrationError(f"step {spec.name!r}: key orders critical steps; a pool step (critical=False) "
+                                f"has no order to keep")
+    try:
+        parameters = inspect.signature(spec.fn.run if inspect.isclass(spec.fn) else spec.fn).parameters
+    except (TypeError, ValueError):  # a builtin without a signature: the submit will tell
+        return
+    if value not in parameters:
+        raise RegistrationError(f"step {spec.name!r}: key {value!r} is not one of its parameters "
+                                f"({', '.join(parameters) or 'none'})")
+
+
 def _check_limits(spec: "StepSpec", attribute: attrs.Attribute, value: Any) -> None:
     if not isinstance(value, Limits):
         raise RegistrationError(f"step {spec.name!r}: limits must be a Limits instance such as "
@@ -191,6 +209,12 @@ class StepSpec:
             lane's read-only sandbox; the critical lane is not sandboxed.
         network: whether the step binds or connects TCP in the pool lane (the sandbox
             denies it to pool workers when no pool step declares it).
+        key: what orders the step in the critical lane: the name of the parameter whose
+            value is its lane key (``"chat_id"``), or a callable that takes the step's
+            parameters and returns the key. Critical steps with the same key run one at a
+            time in submission order; different keys may run at once
+            (``Supervisor(critical_workers=N)``). ``None``: the step runs alone, after
+            every critical step submitted before it and before every one after it.
     """
 
     name: str = attrs.field(converter=_step_name)
@@ -207,6 +231,7 @@ class StepSpec:
         default=frozenset(), converter=attrs.Converter(_path_set, takes_self=True))
     writes: tuple[str, ...] = attrs.field(default=(), converter=attrs.Converter(_path_list, takes_self=True))
     network: bool = attrs.field(default=False, validator=_check_network)
+    key: Optional[Any] = attrs.field(default=None, validator=_check_key)
 
     @description.default
     def _first_docstring_line(self) -> str:
@@ -220,7 +245,7 @@ class StepSpec:
                 category: Optional[str] = None, tags: Iterable[str] = (),
                 limits: Optional[Limits] = None, description: Optional[str] = None,
                 paths: Iterable[str] = (), writes: Iterable[str] = (),
-                network: Optional[bool] = None) -> "StepSpec":
+                network: Optional[bool] = None, key: Optional[Any] = None) -> "StepSpec":
         """Build the spec for ``fn`` from what was declared about it.
 
         An argument left ``None`` (or ``tags`` or ``writes`` left empty) takes the value of the same-named
@@ -233,7 +258,7 @@ class StepSpec:
         _check_runnable(fn, name)  # first, or a non-callable would be reported as nameless
         explicit = {"name": name, "critical": critical, "category": category,
                     "tags": tags or None, "limits": limits, "description": description, "paths": paths or None,
-                    "writes": writes or None, "network": network}
+                    "writes": writes or None, "network": network, "key": key}
         inherited = ({"name": fn.name, "critical": fn.critical, "category": fn.category,
                       "tags": fn.tags or None, "limits": fn.limits, "paths": fn.paths or None,
                       "writes": fn.writes or None, "network": fn.network}

@@ -80,6 +80,14 @@ def critical_record(ms: float, tag: str = ""):
     return tag, start, time.monotonic(), os.getpid(), current_context().task_id
 
 
+@registry.step(critical=True, key="chat")
+def keyed_record(chat: str, ms: float, tag: str = ""):
+    """A state-changing step of one chat (its lane key): sleeps ``ms``; returns (tag, start, end, pid)."""
+    start = time.monotonic()
+    time.sleep(ms / 1000)
+    return tag, start, time.monotonic(), os.getpid()
+
+
 # The view switch's three steps, with their measured durations. Given a ``meeting``
 # directory, each waits there for the other two to start (see timed_sleep).
 

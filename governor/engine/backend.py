@@ -37,13 +37,18 @@ def worker_view(pid: Optional[int], lane: Lane, state: str, now: float, task: Op
     ``max_memory_mb`` are the limits enforced on the task (``None``: none), so a live view
     can set running time and RSS against them. ``sandbox`` is what holds the worker:
     ``"none"`` or ``"landlock-v7"`` (a pool worker under Landlock ABI 7, see
-    ``governor.workers.sandbox``)."""
+    ``governor.workers.sandbox``). ``key`` is the task's critical-lane key (``StepSpec.key``;
+    its ``repr`` unless a string or an int), ``None`` without one."""
     return {"pid": pid, "lane": lane.value, "state": state, "task_id": task.public_id if task else None,
-            "tag": task.tag if task else None,
+            "tag": task.tag if task else None, "key": _shown_key(task.key) if task else None,
             "step": task.step if task else None, "running_s": (now - task.dispatched_at) if task else None,
             "timeout_s": task.limits.effective_timeout_s if task else None,
             "max_memory_mb": task.limits.effective_memory_mb if task else None,
             "tasks_run": tasks_run, "rss_bytes": rss_bytes, "node": node, "sandbox": sandbox}
+
+
+def _shown_key(key: Any) -> Any:
+    return key if key is None or (isinstance(key, (str, int)) and not isinstance(key, bool)) else repr(key)
 
 
 class ReadSelector:

@@ -94,10 +94,12 @@ class LocalLanes(WorkerStarts):
         self._config = config
         self._clock = host.clock
         self.lanes = tuple(config.workers)
-        # The critical lane never sends ahead: one step at a time, each journaled as it
-        # starts, and no second one waiting behind it (see LaneState.sends_ahead).
+        # The critical lane never sends ahead: one step at a time per key, each journaled
+        # as it starts, and no second one waiting behind it (see LaneState.sends_ahead).
+        # With one worker it runs its queue in order; with more, in key order (_next_by_key).
         self._lanes: Dict[Lane, LaneState] = {
-            lane: LaneState(lane, count, config.spares, sends_ahead=lane is Lane.POOL)
+            lane: LaneState(lane, count, config.spares, sends_ahead=lane is Lane.POOL,
+                            keyed=lane is Lane.CRITICAL and count > 1)
             for lane, count in config.workers.items()}
         self._slots: Dict[int, Slot] = {}
         self._by_pid: Dict[int, Slot] = {}
@@ -146,10 +148,12 @@ class LocalLanes(WorkerStarts):
 
     def dispatch(self) -> None:
         for lane in self._lanes.values():
+            next_task = self._next_by_key if lane.keyed else self._next_task
             while lane.idle and lane.counts[SlotState.BUSY] < lane.workers and (lane.retry or lane.queue):
-                task = self._next_task(lane)
-                if task is not None:
-                    self._start_task(lane.idle[-1], task, ahead=False)
+                task = next_task(lane)
+                if task is None:
+                    break
+                self._start_task(lane.idle[-1], task, ahead=False)
             if not lane.sends_ahead:
                 continue
             if lane.retry or lane.queue:
@@ -172,12 +176,58 @@ class LocalLanes(WorkerStarts):
                 self._host.conclude(task, TaskState.CANCELLED, task.cancelled_error())
                 continue
             task = lane.queue.popleft()
-            try:
-                task.transition(TaskState.RUNNING)
-            except InvalidTransition:
-                continue  # cancelled or skipped while it waited: lazy removal
-            if self._host.dispatching(task):
+            if self._dispatched(task):
                 return task
+        return None
+
+    def _dispatched(self, task: Task) -> bool:
+        """Move a task just taken off its queue to ``RUNNING`` and record its dispatch;
+        ``False`` if it is not to run (cancelled or skipped while it waited: lazy removal;
+        or its start could not be recorded, and it failed)."""
+        try:
+            task.transition(TaskState.RUNNING)
+        except InvalidTransition:
+            return False
+        return self._host.dispatching(task)
+
+    def _next_by_key(self, lane: LaneState) -> Optional[Task]:
+        """:meth:`_next_task` for a keyed lane: the first queued task that may start now.
+
+        A task waits while a task of its key runs, or waits before it in the queue (one
+        key, one at a time, in submission order); a task without a key starts only when
+        nothing of the lane runs and nothing waits before it, and nothing queued after it
+        starts before it has run (a barrier). A task dispatched and never taken (``retry``)
+        kept its key and goes first, as in :meth:`_next_task`.
+        """
+        queue = lane.queue
+        while True:
+            while queue and queue[0].state is not TaskState.QUEUED:
+                queue.popleft()  # cancelled or skipped while it waited: lazy removal
+            if lane.retry:
+                return self._next_task(lane)
+            task = self._first_startable(lane)
+            if task is None:
+                return None
+            queue.remove(task)
+            if self._dispatched(task):
+                return task
+
+    def _first_startable(self, lane: LaneState) -> Optional[Task]:
+        """The first task in ``lane``'s queue that its key lets start now (see :meth:`_next_by_key`)."""
+        running = {run.task.key for run in self._running.values() if run.task.lane is lane.lane}
+        if None in running:
+            return None  # a task without a key runs alone
+        waiting: set = set()  # keys with a task queued before the one looked at
+        for task in lane.queue:
+            if task.state is not TaskState.QUEUED:
+                continue
+            key = task.key
+            if key is None:
+                return None if running or waiting else task
+            if key in running or key in waiting:
+                waiting.add(key)
+                continue
+            return task
         return None
 
     def maintain(self) -> None:

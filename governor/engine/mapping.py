@@ -33,7 +33,8 @@ from governor.errors import QueueFull
 from governor.task import Task, TaskFuture
 
 if TYPE_CHECKING:
-    from governor.engine.supervisor import Supervisor, _Route
+    from governor.engine.routes import Route
+    from governor.engine.supervisor import Supervisor
 
 #: ``chunksize="auto"`` aims at chunks that run this long in their worker: long enough that
 #: the ~0.1-0.3 ms a task costs on its way is under 1 % of it, short enough that a chunk
@@ -66,7 +67,7 @@ class MapRun:
         progress: reported the calls done so far (see :func:`progress_reporter`).
     """
 
-    def __init__(self, supervisor: "Supervisor", route: "_Route", iterables: tuple, chunksize: Union[int, str],
+    def __init__(self, supervisor: "Supervisor", route: "Route", iterables: tuple, chunksize: Union[int, str],
                  buffersize: Optional[int], timeout: Optional[float], progress: Progress):
         self._supervisor = supervisor
         self._route = route
@@ -133,7 +134,8 @@ class MapRun:
             if self._chunked:
                 task = Task(0, route.spec.name, route.lane, tuple(calls), {}, route.limits, now, chunk=True)
             else:
-                task = Task(0, route.spec.name, route.lane, calls[0], {}, route.limits, now)
+                task = Task(0, route.spec.name, route.lane, calls[0], {}, route.limits, now,
+                            key=route.key_of(calls[0], {}))
             task.future = self._supervisor._future_of(task)
             self._held.append(task)
             wanted -= 1

@@ -214,6 +214,7 @@ class LaneState:
     respawn_pending: bool = False
     pids: Tuple[int, ...] = ()
     sends_ahead: bool = False  # its workers may get a task while they run one (the pool lane)
+    keyed: bool = False  # tasks start in key order, several at once (a critical lane of several workers)
 
     def add(self, slot: Slot) -> None:
         self.slots[slot.id] = slot

@@ -21,14 +21,14 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optio
 from governor import aio
 from governor.workers import sandbox as sandboxing
 from governor.callbacks import CallbackRunner
-from governor.errors import (InvalidParameters, SupervisorBroken, SupervisorClosed, SupervisorForked,
+from governor.errors import (SupervisorBroken, SupervisorClosed, SupervisorForked,
                              UnknownStep, WorkerStartFailed)
 from governor.limits import Lane, Limits
 from governor.engine.lanes import LocalConfig
 from governor.engine.mapping import MapRun, Progress
 from governor.engine.manager import Manager, ManagerConfig
 from governor.engine.metrics import MetricsRecorder, prometheus_registry, prometheus_text
-from governor.steps.parameters import StepParameters, signature_of
+from governor.engine.routes import Route
 from governor.steps.registry import REGISTRY, StepLookup
 from governor.task import (CancelRequest, Call, Task, TaskFuture, WorkflowFuture, WorkflowRun, check_step_designator,
                            in_done_callback)
@@ -65,39 +65,6 @@ def default_workers() -> int:
     memory.
     """
     return max(4, min(16, 2 * (os.cpu_count() or 1)))
-
-
-class _Route:
-    """Where a step runs and with what, fixed when the supervisor is built."""
-
-    __slots__ = ("spec", "lane", "reason", "limits", "signature", "parameters", "_fitting_shapes")
-
-    #: Argument shapes remembered per step as fitting its signature (see :meth:`check_arguments`).
-    MAX_SHAPES = 64
-
-    def __init__(self, spec: Any, lane: Lane, reason: str, limits: Limits):
-        self.spec, self.lane, self.reason, self.limits = spec, lane, reason, limits
-        self.signature = signature_of(spec.fn)
-        self.parameters = StepParameters.of(spec.name, spec.fn)
-        self._fitting_shapes: set = set()
-
-    def check_arguments(self, args: tuple, kwargs: dict) -> None:
-        """Raise ``InvalidParameters`` if ``args`` and ``kwargs`` do not fit the step's signature.
-
-        Whether a call binds depends only on its shape (how many positional arguments, which
-        keywords), so a shape that bound once is remembered: ``Signature.bind`` was most of
-        a no-op's submit (~2 us of Python per call, and more under load).
-        """
-        shape = (len(args), *kwargs) if kwargs else len(args)
-        if shape in self._fitting_shapes:
-            return
-        try:
-            self.signature.bind(*args, **kwargs)
-        except TypeError as exc:  # an unknown name is said with its closest match, as for step names
-            why = self.parameters.unknown(kwargs) or exc
-            raise InvalidParameters(f"bad parameters for step {self.spec.name!r}{self.signature}: {why}") from None
-        if len(self._fitting_shapes) < self.MAX_SHAPES:
-            self._fitting_shapes.add(shape)
 
 
 class Supervisor(concurrent.futures.Executor):
@@ -147,6 +114,12 @@ class Supervisor(concurrent.futures.Executor):
             the exception itself, its worker's traceback chained as ``__cause__``, as
             ``ProcessPoolExecutor`` does; ``StepFailed`` then means it did not pickle. The
             daemon wraps: its clients cannot rebuild an arbitrary exception type.
+        critical_workers: processes in the critical lane. With one (the default), critical
+            steps run one at a time in submission order. With more, critical steps with
+            the same lane key (``@registry.step(critical=True, key="chat_id")``) still do,
+            while steps of different keys run in parallel, at most this many at once; a
+            critical step without a key runs alone, after every critical step submitted
+            before it and before every one submitted after it.
         clock: the monotonic clock deadlines are read from (tests inject one).
 
     Use it as a context manager (``with Supervisor(registry) as sup:``), or call
@@ -162,9 +135,10 @@ class Supervisor(concurrent.futures.Executor):
                  backend: str = "loky", ray_address: Optional[str] = None,
                  ray_options: Optional[Mapping[str, Any]] = None, ray_callback_host: Optional[str] = None,
                  sandbox: str = "auto", sandbox_writes: Iterable[Any] = (), wrap_step_errors: bool = False,
-                 clock: Callable[[], float] = time.monotonic):
+                 critical_workers: int = 1, clock: Callable[[], float] = time.monotonic):
         workers = default_workers() if workers is None else workers
         _require_int("workers", workers, minimum=1)
+        _require_int("critical_workers", critical_workers, minimum=1)
         _require_int("queue_size", queue_size, minimum=1)
         _require_int("spares", spares, minimum=0)
         if max_tasks_per_worker is not None:
@@ -191,15 +165,17 @@ class Supervisor(concurrent.futures.Executor):
         registry = REGISTRY if registry is None else registry
         specs = registry.snapshot()
         self._lookup = StepLookup(specs)
-        self._routes: Dict[str, _Route] = {}
+        self._routes: Dict[str, Route] = {}
         for name, spec in specs.items():
             classification = registry.classify(name)
-            self._routes[name] = _Route(spec, classification.lane, classification.reason,
+            self._routes[name] = Route(spec, classification.lane, classification.reason,
                                         spec.limits.over(defaults))
         self.workers = workers
         self.queue_size = queue_size
         self._clock = clock
-        local_workers = {Lane.CRITICAL: 1} if ray_config else {Lane.CRITICAL: 1, Lane.POOL: workers}
+        local_workers = {Lane.CRITICAL: critical_workers}
+        if not ray_config:
+            local_workers[Lane.POOL] = workers
         self.backend = backend
         self.sandbox = sandbox
         self.sandbox_policy = sandboxing.policy_for(
@@ -428,12 +404,14 @@ class Supervisor(concurrent.futures.Executor):
             raise
         return run
 
-    def workflow(self, calls: Iterable[Any]) -> WorkflowFuture:
+    def workflow(self, calls: Iterable[Any], *, key: Any = None) -> WorkflowFuture:
         """Run steps one after another in the critical lane, whatever their class.
 
-        The workflow is queued as one block: no other critical step runs between its
-        steps. It stops at the first step that does not succeed; the later ones are
-        skipped (their futures raise ``StepSkipped``).
+        The workflow is queued as one block: no other critical step of its key runs
+        between its steps. Its key is ``key`` if given, else the one lane key its steps
+        declare (``None``, so that it runs alone like any keyless critical step, when they
+        declare none or several). It stops at the first step that does not succeed; the
+        later ones are skipped (their futures raise ``StepSkipped``).
 
         Returns:
             a future of the list of results, which raises ``WorkflowFailed`` (with the
@@ -444,8 +422,11 @@ class Supervisor(concurrent.futures.Executor):
             raise ValueError("a workflow needs at least one step")
         future = WorkflowFuture([task.future for task in tasks], self._callbacks)
         flow = WorkflowRun(tasks, future)
+        if key is None:
+            keys = {task.key for task in tasks if task.key is not None}
+            key = keys.pop() if len(keys) == 1 else None
         for task in tasks:
-            task.workflow = flow
+            task.workflow, task.key = flow, key
         self._enqueue(tasks)
         return future
 
@@ -515,7 +496,7 @@ class Supervisor(concurrent.futures.Executor):
 
     # ----------------------------------------------------------------- internals
 
-    def check_call(self, call: Call) -> _Route:
+    def check_call(self, call: Call) -> Route:
         """Raise what :meth:`submit_call` would for ``call``'s step and arguments, submitting nothing.
 
         Raises:
@@ -547,7 +528,7 @@ class Supervisor(concurrent.futures.Executor):
         """This supervisor's own prometheus_client ``CollectorRegistry`` (to serve over HTTP)."""
         return self._prometheus
 
-    def _route(self, step: Any) -> _Route:
+    def _route(self, step: Any) -> Route:
         name = self._lookup.name_of(step)
         route = self._routes.get(name)
         if route is None:
@@ -566,7 +547,7 @@ class Supervisor(concurrent.futures.Executor):
         route.check_arguments(args, kwargs)
         limits = route.limits if limits is None else limits.over(route.limits)
         task = Task(0, route.spec.name, lane or route.lane, args, kwargs, limits, self._clock(), tag=tag, ref=ref,
-                    cwd=cwd)
+                    cwd=cwd, key=route.key_of(args, kwargs))
         task.future = self._future_of(task)
         return task
 
