@@ -109,6 +109,10 @@ class Call:
             the caller meant; the daemon puts its client's directory here. ``None``: the
             worker's own directory, the supervisor's when it started. Not on the Ray lane,
             whose workers run on other hosts.
+        priority: in the pool lane, queued tasks of a higher priority start first,
+            first come first served within one; waiting ``governor.engine.queues.AGING_S``
+            (1 s) counts as one step of priority, so none waits for ever. The critical lane
+            keeps its order and ignores it.
     """
 
     step: str = attrs.field(validator=_check_step)
@@ -119,6 +123,7 @@ class Call:
     tag: Any = None
     ref: Optional[int] = None
     cwd: Optional[str] = attrs.field(default=None, validator=attrs.validators.optional(_check_directory))
+    priority: int = attrs.field(default=0, validator=attrs.validators.instance_of(int))
 
     @classmethod
     def of(cls, item: Any) -> "Call":
@@ -185,6 +190,7 @@ class Task:
     ref: Optional[int] = None
     cwd: Optional[str] = None  # Call.cwd: where the worker runs the step (None: its own directory)
     key: Any = None  # the critical lane's key (StepSpec.key): same key, one at a time; None: alone
+    priority: int = 0  # Call.priority: rank in the pool lane's queue (governor.engine.queues)
     _lock: threading.Lock = attrs.field(factory=threading.Lock, repr=False)
 
     @property

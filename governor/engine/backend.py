@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import select
 import selectors
-from typing import Any, Callable, Deque, Dict, List, Optional, Protocol, Sequence
+from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence
 
 from governor.limits import Lane
 from governor.engine.metrics import MetricsRecorder
@@ -186,8 +186,9 @@ class LaneBackend(Protocol):
 
     lanes: Sequence[Lane]
 
-    def queue(self, lane: Lane) -> Deque[Task]:
-        """The queue of one of its lanes (the manager appends; the backend pops)."""
+    def queue(self, lane: Lane) -> Any:
+        """The queue of one of its lanes (the manager appends; the backend pops): a deque, or the
+        pool lane's ``RankedQueue`` (``append``, ``popleft``, ``len``, iteration)."""
 
     def connect(self) -> None:
         """Reach the workers' infrastructure before the manager starts (caller's thread)."""

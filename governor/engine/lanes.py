@@ -28,6 +28,7 @@ may hold open. Each lane keeps ``workers + spares`` live slots and runs at most
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import logging
 import os
@@ -37,11 +38,12 @@ import selectors
 import shutil
 import tempfile
 import traceback
-from typing import Any, Callable, Deque, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import attrs
 
 from governor.engine.backend import LaneHost, worker_view
+from governor.engine.queues import RankedQueue
 from governor.engine.slots import LaneState, Run, SendAhead, Slot, SlotState, dump_assignment
 from governor.engine.starts import WORKER_START_TIMEOUT_S, WorkerStarts
 from governor.engine.timers import Timers
@@ -97,9 +99,11 @@ class LocalLanes(WorkerStarts):
         # The critical lane never sends ahead: one step at a time per key, each journaled
         # as it starts, and no second one waiting behind it (see LaneState.sends_ahead).
         # With one worker it runs its queue in order; with more, in key order (_next_by_key).
+        # The pool lane's queue is in priority order (governor.engine.queues).
         self._lanes: Dict[Lane, LaneState] = {
             lane: LaneState(lane, count, config.spares, sends_ahead=lane is Lane.POOL,
-                            keyed=lane is Lane.CRITICAL and count > 1)
+                            keyed=lane is Lane.CRITICAL and count > 1,
+                            queue=RankedQueue() if lane is Lane.POOL else collections.deque())
             for lane, count in config.workers.items()}
         self._slots: Dict[int, Slot] = {}
         self._by_pid: Dict[int, Slot] = {}
@@ -119,7 +123,7 @@ class LocalLanes(WorkerStarts):
 
     # ----------------------------------------------------------------- LaneBackend
 
-    def queue(self, lane: Lane) -> Deque[Task]:
+    def queue(self, lane: Lane) -> Any:
         return self._lanes[lane].queue
 
     def connect(self) -> None:

@@ -29,7 +29,6 @@ callback threads only ``call_soon`` on the manager.
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import enum
 import functools
@@ -45,11 +44,12 @@ import struct
 import threading
 import uuid
 from multiprocessing.connection import Connection, wait as wait_for_connections
-from typing import Any, Deque, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 import attrs
 
 from governor.workers import ray_worker
+from governor.engine.queues import RankedQueue
 from governor.engine.backend import worker_view
 from governor.errors import (BackendUnavailable, InvalidTransition, MemoryLimitExceeded, StepFailed, StepTimeout,
                              WorkerCrashed, WorkerStartFailed)
@@ -203,7 +203,7 @@ class RayLane:
         self._host, self._config, self.workers, self._steps, self._spares = host, config, workers, steps, spares
         self._metrics, self._clock = host.metrics, host.clock
         self._timers = Timers(host.clock)
-        self._queue: Deque[Task] = collections.deque()
+        self._queue = RankedQueue()
         self._runs: Dict[int, RayRun] = {}
         self._links: Dict[int, RayLink] = {}
         self._remote: Dict[str, Any] = {}
@@ -351,7 +351,7 @@ class RayLane:
 
     # ----------------------------------------------------------------- LaneBackend (manager thread)
 
-    def queue(self, lane: Lane) -> Deque[Task]:
+    def queue(self, lane: Lane) -> Any:
         return self._queue
 
     def begin(self) -> None:

@@ -205,7 +205,7 @@ class LaneState:
     lane: Lane
     workers: int
     spares: int
-    queue: Deque[Task] = attrs.field(factory=collections.deque)
+    queue: Any = attrs.field(factory=collections.deque)  # a deque, or the pool lane's RankedQueue
     retry: Deque[Task] = attrs.field(factory=collections.deque)  # dispatched, never taken: first in line
     slots: Dict[int, Slot] = attrs.field(factory=dict)
     idle: List[Slot] = attrs.field(factory=list)

@@ -536,10 +536,12 @@ class Supervisor(concurrent.futures.Executor):
         return route
 
     def _task_of(self, call: Call, lane: Optional[Lane] = None) -> Task:
-        return self._new_task(call.step, call.args, call.kwargs, call.limits, call.tag, call.ref, lane, call.cwd)
+        return self._new_task(call.step, call.args, call.kwargs, call.limits, call.tag, call.ref, lane, call.cwd,
+                              call.priority)
 
     def _new_task(self, step: Any, args: tuple, kwargs: dict, limits: Optional[Limits] = None, tag: Any = None,
-                  ref: Optional[int] = None, lane: Optional[Lane] = None, cwd: Optional[str] = None) -> Task:
+                  ref: Optional[int] = None, lane: Optional[Lane] = None, cwd: Optional[str] = None,
+                  priority: int = 0) -> Task:
         """A task for one call, checked (see :meth:`submit`), with its future; not queued yet."""
         if not isinstance(step, str):
             check_step_designator(step)
@@ -547,7 +549,7 @@ class Supervisor(concurrent.futures.Executor):
         route.check_arguments(args, kwargs)
         limits = route.limits if limits is None else limits.over(route.limits)
         task = Task(0, route.spec.name, lane or route.lane, args, kwargs, limits, self._clock(), tag=tag, ref=ref,
-                    cwd=cwd, key=route.key_of(args, kwargs))
+                    cwd=cwd, key=route.key_of(args, kwargs), priority=priority)
         task.future = self._future_of(task)
         return task
 
