@@ -7,7 +7,6 @@ from conftest import wait_until
 
 from governor import StepRegistry
 from governor.errors import RegistrationError
-from step_library import registry
 
 KEYS = "abcd"
 ROUNDS = 8
