@@ -124,6 +124,36 @@ def raise_unpicklable(message: str):
     raise UnpicklableError(message)
 
 
+# Supervisor(initializer=...): what a worker's initializer did, seen by its tasks.
+_initialized_with = None
+
+
+def record_initialized(directory: str, value: str) -> None:
+    """An initializer: append ``value`` to ``directory/<pid>`` and keep it for this worker's tasks."""
+    global _initialized_with
+    with open(os.path.join(directory, str(os.getpid())), "a") as record:
+        record.write(value + "\n")
+    _initialized_with = value
+
+
+def fail_to_initialize_once(flag: str, attempts: str) -> None:
+    """An initializer that raises once ``flag`` exists, counting its tries in ``attempts``."""
+    with open(attempts, "a") as record:
+        record.write(f"{os.getpid()}\n")
+    if os.path.exists(flag):
+        raise ConnectionRefusedError(f"the database is gone ({flag} exists)")
+
+
+def sleep_initializing(seconds: float) -> None:
+    """An initializer that takes ``seconds``."""
+    time.sleep(seconds)
+
+
+@registry.step(critical=False, writes=MARKERS)
+def initialized():
+    return os.getpid(), _initialized_with
+
+
 @registry.step(critical=True)
 def critical_boom():
     raise RuntimeError("critical boom")

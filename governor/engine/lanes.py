@@ -85,6 +85,8 @@ class LocalConfig:
     max_tasks_per_worker: Optional[int]
     recycle_rss_mb: Optional[float]
     sandbox: Optional[SandboxPolicy] = None  # the pool lane's; None: no sandbox
+    initializer: Optional[tuple] = None  # (function, args) each worker runs before its first task
+    start_timeout_s: float = WORKER_START_TIMEOUT_S  # a new worker's, its initializer included
 
 
 class LocalLanes(WorkerStarts):
@@ -131,7 +133,7 @@ class LocalLanes(WorkerStarts):
         ``WorkerStartFailed``, naming a step module that would not import)."""
         self._template = self._new_template()
         self._template.start(self._config.steps, self._config.step_modules, WORKER_START_TIMEOUT_S,
-                             self._worker_address, self._sandbox)
+                             self._worker_address, self._sandbox, self._config.initializer)
 
     def begin(self) -> None:
         self._begun = True

@@ -147,7 +147,8 @@ class WorkerStarts:
         self._template_starting = True
         template = self._new_template()
         start = self._spawner.submit(template.start, self._config.steps, self._config.step_modules,
-                                     WORKER_START_TIMEOUT_S, self._worker_address, self._sandbox)
+                                     WORKER_START_TIMEOUT_S, self._worker_address, self._sandbox,
+                                     self._config.initializer)
         start.add_done_callback(lambda done: self._host.call_soon(self._on_template_started, template, done))
 
     def _on_template_started(self, template: Template, start: concurrent.futures.Future) -> None:
@@ -179,7 +180,7 @@ class WorkerStarts:
         except OSError:
             self._template_lost(self._template)
             return
-        self._timers.after(WORKER_START_TIMEOUT_S, self._start_overdue, slot)
+        self._timers.after(self._config.start_timeout_s, self._start_overdue, slot)
 
     def _fill(self, lane: LaneState) -> None:
         for _ in range(lane.workers + lane.spares - lane.live):
@@ -192,7 +193,8 @@ class WorkerStarts:
 
     def _start_overdue(self, slot: Slot) -> None:
         if slot.state is SlotState.STARTING:
-            self._start_failed(slot, WorkerStartFailed(f"no worker connected within {WORKER_START_TIMEOUT_S}s"))
+            what = "ran its initializer and connected" if self._config.initializer else "connected"
+            self._start_failed(slot, WorkerStartFailed(f"no worker {what} within {self._config.start_timeout_s:g}s"))
 
     def _accept(self) -> None:
         try:
@@ -213,6 +215,11 @@ class WorkerStarts:
         slot, pid = self._slots.get(hello.slot_id), hello.pid
         if slot is None or slot.state is not SlotState.STARTING:
             connection.close()  # a worker whose slot was given up (a start too slow, shutdown)
+            return
+        if hello.init_failure is not None:  # the worker exits: it takes no task unprepared
+            connection.close()
+            self._start_failed(slot, WorkerStartFailed(
+                f"the initializer raised in worker {pid}:\n{hello.init_failure}"))
             return
         if hello.channel is Channel.TASK:
             slot.tasks = connection

@@ -25,6 +25,7 @@ from governor.errors import (SupervisorBroken, SupervisorClosed, SupervisorForke
                              UnknownStep, WorkerStartFailed)
 from governor.limits import Lane, Limits
 from governor.engine.lanes import LocalConfig
+from governor.engine.starts import WORKER_START_TIMEOUT_S
 from governor.engine.mapping import MapRun, Progress
 from governor.engine.scope import Scope, gather
 from governor.engine.manager import Manager, ManagerConfig
@@ -82,7 +83,14 @@ class Supervisor(concurrent.futures.Executor):
             (``map`` waits for room instead).
         spares: warm idle workers kept per lane beyond ``workers``, so a killed or crashed
             worker is replaced without a cold spawn.
-        max_tasks_per_worker: replace a worker after this many tasks (``None``: never).
+        max_tasks_per_worker: replace a worker after this many tasks (``None``: never);
+            ``max_tasks_per_child`` is its ``ProcessPoolExecutor`` name.
+        initializer: called as ``initializer(*initargs)`` once in every worker of both
+            local lanes, after its fork and before its first task, under the pool lane's
+            sandbox. If it raises, or the worker has not run it and connected within
+            ``initializer_timeout_s``, the worker takes no task: :meth:`start` raises
+            ``WorkerStartFailed`` with the traceback; a replacement is retried with
+            back-off, and the lane's queued tasks fail after three failures in a row.
         recycle_rss_mb: replace a worker whose RSS after a task exceeds this (a leak).
         on_dispatch: called on the manager thread with each task right before it is handed
             to its worker (a journal records "started" here, durably, so a critical step
@@ -127,7 +135,9 @@ class Supervisor(concurrent.futures.Executor):
 
     def __init__(self, registry: Any = None, workers: Optional[int] = None, *, limits: Optional[Limits] = None,
                  queue_size: int = DEFAULT_QUEUE_SIZE, spares: int = 1,
-                 max_tasks_per_worker: Optional[int] = None, recycle_rss_mb: Optional[float] = None,
+                 max_tasks_per_worker: Optional[int] = None, max_tasks_per_child: Optional[int] = None,
+                 initializer: Optional[Callable[..., Any]] = None, initargs: Iterable[Any] = (),
+                 initializer_timeout_s: float = WORKER_START_TIMEOUT_S, recycle_rss_mb: Optional[float] = None,
                  on_dispatch: Optional[Callable[[Task], None]] = None,
                  backend: str = "loky", ray_address: Optional[str] = None,
                  ray_options: Optional[Mapping[str, Any]] = None, ray_callback_host: Optional[str] = None,
@@ -138,8 +148,18 @@ class Supervisor(concurrent.futures.Executor):
         _require_int("critical_workers", critical_workers, minimum=1)
         _require_int("queue_size", queue_size, minimum=1)
         _require_int("spares", spares, minimum=0)
+        if max_tasks_per_child is not None:
+            if max_tasks_per_worker is not None:
+                raise TypeError("give max_tasks_per_worker or its alias max_tasks_per_child, not both")
+            max_tasks_per_worker = max_tasks_per_child
         if max_tasks_per_worker is not None:
             _require_int("max_tasks_per_worker", max_tasks_per_worker, minimum=1)
+        if initializer is not None and not callable(initializer):
+            raise TypeError(f"initializer must be callable, not {type(initializer).__name__}")
+        if initializer is not None and backend == "ray":
+            raise ValueError("initializer needs backend='loky': Ray reuses its workers for other work")
+        if not initializer_timeout_s > 0:
+            raise ValueError(f"initializer_timeout_s must be > 0, got {initializer_timeout_s!r}")
         if limits is not None and not isinstance(limits, Limits):
             raise TypeError(f"limits must be a Limits, not {type(limits).__name__}")
         if recycle_rss_mb is not None and not recycle_rss_mb > 0:
@@ -181,7 +201,9 @@ class Supervisor(concurrent.futures.Executor):
             local=LocalConfig(
                 steps=specs, step_modules=sorted({spec.fn.__module__ for spec in specs.values()} - {"__main__"}),
                 workers=local_workers, spares=spares, max_tasks_per_worker=max_tasks_per_worker,
-                recycle_rss_mb=recycle_rss_mb, sandbox=None if sandbox == "off" else self.sandbox_policy),
+                recycle_rss_mb=recycle_rss_mb, sandbox=None if sandbox == "off" else self.sandbox_policy,
+                initializer=None if initializer is None else (initializer, tuple(initargs)),
+                start_timeout_s=WORKER_START_TIMEOUT_S if initializer is None else initializer_timeout_s),
             pool_workers=workers, queue_size=queue_size, on_dispatch=on_dispatch, ray=ray_config,
             wrap_step_errors=wrap_step_errors)
         self._metrics = MetricsRecorder(self._lane_gauges)

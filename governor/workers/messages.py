@@ -144,12 +144,15 @@ class Hello(NamedTuple):
         slot_id: the supervisor's slot the worker was forked for (see :class:`Fork`).
         pid: the worker's pid.
         sandbox: ``(label, missing, tmpdir)`` of a sandboxed pool worker, else ``None``.
+        init_failure: the traceback of the worker's initializer (``Supervisor(initializer=)``)
+            when it raised; the worker then exits without opening its second socket.
     """
 
     channel: Channel
     slot_id: int
     pid: int
     sandbox: Optional[Sequence[Any]] = None
+    init_failure: Optional[str] = None
 
 
 class Fork(NamedTuple):

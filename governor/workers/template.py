@@ -5,7 +5,8 @@
     supervisor (spawn thread)                          template process (loky's context)
       Template.start() ── loky Process ─────────────>  main(address)
                        <── connection ────────────────  connects back
-                       ── (steps, modules, sandbox) ───>  installs the steps, imports every
+                       ── (steps, modules, sandbox,  ──>  installs the steps, imports every
+                           initializer)
                        <── Ready() | StartFailed(tb)      step module, gc.freeze()
     manager thread
       Template.fork(slot_id, lane, seat) ── Fork(...) ──>  os.fork() ──> worker.serve(...)
@@ -85,11 +86,13 @@ class Template:
         self.pid: Optional[int] = None
 
     def start(self, steps: Dict[str, Any], modules: Sequence[str], timeout: float, worker_address: str,
-              sandbox: Optional[SandboxPolicy] = None) -> None:
+              sandbox: Optional[SandboxPolicy] = None, initializer: Optional[tuple] = None) -> None:
         """Start the template process and wait until it is warm.
 
         ``sandbox`` is the pool lane's policy, which each pool worker applies after its
         fork (``None``: no sandbox); the template itself is never restricted.
+        ``initializer`` is ``(function, args)``, which each worker runs after its fork; the
+        template itself never runs it.
 
         Raises:
             WorkerStartFailed: it did not start, or a step module failed to import in it
@@ -108,7 +111,7 @@ class Template:
             listener.close()
             os.unlink(self._address)
         try:
-            self.connection.send_bytes(cloudpickle.dumps((steps, list(modules), sandbox)))
+            self.connection.send_bytes(cloudpickle.dumps((steps, list(modules), sandbox, initializer)))
             if not self.connection.poll(timeout):
                 raise WorkerStartFailed(f"the worker template did not warm up within {timeout}s")
             reply = pickle.loads(self.connection.recv_bytes())
@@ -179,9 +182,10 @@ def main(address: str, worker_address: str) -> None:
     forward = TerminalForward.install()
     connection = Client(address, family="AF_UNIX")
     try:
-        steps, modules, sandbox = pickle.loads(connection.recv_bytes())
+        steps, modules, sandbox, initializer = pickle.loads(connection.recv_bytes())
         worker.install_steps(steps)
         worker.install_sandbox(sandbox)
+        worker.install_initializer(initializer)
         for module in modules:
             importlib.import_module(module)
         worker.seal_preload()

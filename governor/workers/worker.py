@@ -7,6 +7,7 @@ messages are ``governor.workers.messages``)::
         os.setsid()                                  lead a process group
         task socket    ──> Hello(TASK, slot_id, pid)    connect to the supervisor, twice
         control socket ──> Hello(CONTROL, slot_id, pid)
+        (before both: initializer(*initargs), once; Supervisor(initializer=...))
         [per-worker setup hook]                      see serve()
         loop: task socket ──> Assignment ──> run_step ──> kill what the step left running
               ──> Outcome ──> task socket ──> put the worker's state back (hygiene)
@@ -50,7 +51,7 @@ import threading
 import time
 import traceback
 from multiprocessing.connection import Client, Connection
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from governor import context as _context
 from governor.workers import denials
@@ -91,6 +92,8 @@ _sandbox_policy: Optional[_sandbox.SandboxPolicy] = None
 _sandbox_report: _sandbox.SandboxReport = _sandbox.SandboxReport(0)
 # /proc/self/clear_refs, opened before the sandbox (which refuses opening it for writing).
 _clear_refs_fd: Optional[int] = None
+# Supervisor(initializer=, initargs=): (function, args) every worker runs once before its first task.
+_initializer: Optional[Tuple[Callable[..., Any], tuple]] = None
 
 
 def install_steps(steps: Dict[str, Any]) -> None:
@@ -104,6 +107,25 @@ def install_sandbox(policy: Optional[_sandbox.SandboxPolicy]) -> None:
     _sandbox_policy = policy
     if policy is not None:
         _sandbox.prepare(policy)
+
+
+def install_initializer(initializer: Optional[Tuple[Callable[..., Any], tuple]]) -> None:
+    """Give this process the ``(initializer, initargs)`` each worker runs (the template; ``None``: none)."""
+    global _initializer
+    _initializer = initializer
+
+
+def _initialize() -> Optional[str]:
+    """Run the initializer, if any; the traceback's text if it raised (the worker then says
+    so in its hello and exits, rather than take tasks it was not set up for)."""
+    if _initializer is None:
+        return None
+    function, args = _initializer
+    try:
+        function(*args)
+    except BaseException:  # SystemExit too: the worker reports it rather than vanish
+        return traceback.format_exc()
+    return None
 
 
 def seal_preload() -> None:
@@ -134,7 +156,13 @@ def serve(slot_id: int, lane: str, address: str, seats_path: str, seat_index: in
     # thread of the worker (Landlock restricts the calling thread and what it starts).
     seat = Seat(seats_path, seat_index)  # opened for writing: before the sandbox
     sandbox = _setup_sandbox(lane)
-    tasks = _connect(address, Channel.TASK, slot_id, sandbox)
+    # The initializer runs under the sandbox (a pool worker's set-up is read-only too) and
+    # before the hellos, so no task reaches a worker that is not set up, and the deadline
+    # the supervisor keeps for each new worker's start bounds it.
+    failure = _initialize()
+    tasks = _connect(address, Channel.TASK, slot_id, sandbox, failure)
+    if failure is not None:
+        os._exit(1)  # the supervisor reads the failure from the hello just sent
     control = _connect(address, Channel.CONTROL, slot_id, sandbox)
     os.register_at_fork(after_in_child=lambda: _forked_by_a_step(tasks, control))
     threading.Thread(target=_control_loop, args=(control,), name="governor-control", daemon=True).start()
@@ -186,9 +214,10 @@ def _setup_sandbox(lane: str) -> Optional[tuple]:
     return _sandbox_report.label, _sandbox_report.missing, _sandbox_report.tmpdir
 
 
-def _connect(address: str, channel: Channel, slot_id: int, sandbox: Optional[tuple]) -> Connection:
+def _connect(address: str, channel: Channel, slot_id: int, sandbox: Optional[tuple],
+             init_failure: Optional[str] = None) -> Connection:
     connection = Client(address, family="AF_UNIX")
-    connection.send_bytes(pickle.dumps(Hello(channel, slot_id, os.getpid(), sandbox)))
+    connection.send_bytes(pickle.dumps(Hello(channel, slot_id, os.getpid(), sandbox, init_failure)))
     return connection
 
 
