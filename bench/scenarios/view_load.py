@@ -223,37 +223,36 @@ async def _settled_worker_seconds(client, url: str) -> float:
     return last
 
 
-async def _user(url: str, profile: str, session: str, deadline: float, rng: random.Random, load: Load) -> None:
+async def _user(client, profile: str, session: str, deadline: float, rng: random.Random, load: Load) -> None:
     """One user: think, switch (sometimes in a burst, aborting each superseded click), wait for the view."""
     import httpx
 
     loop = asyncio.get_running_loop()
-    async with httpx.AsyncClient(base_url=url, timeout=PATIENCE_S + 5) as client:
-        while True:
-            await asyncio.sleep(rng.expovariate(1 / THINK_MEAN_S))
-            if loop.time() >= deadline:
-                return
-            clicks = BURST_CLICKS if rng.random() < BURST_SHARE else 1
-            request: Optional[asyncio.Task] = None
-            for click in range(clicks):
-                if request is not None:
-                    _collect(request, load)
-                params = {"session": session, "profile": profile}
-                sent = time.perf_counter()
-                request = asyncio.create_task(client.get(f"/view/{rng.randint(1, CHATS)}", params=params))
-                if click < clicks - 1:
-                    await asyncio.sleep(BURST_GAP_S)
-            try:
-                response = await asyncio.wait_for(request, PATIENCE_S)
-            except asyncio.TimeoutError:
-                load.gave_up += 1
-                load.latencies_s.append(PATIENCE_S)
-                continue
-            except httpx.HTTPError:
-                load.errors += 1
-                continue
-            load.latencies_s.append(time.perf_counter() - sent)
-            _account(response, load)
+    while True:
+        await asyncio.sleep(rng.expovariate(1 / THINK_MEAN_S))
+        if loop.time() >= deadline:
+            return
+        clicks = BURST_CLICKS if rng.random() < BURST_SHARE else 1
+        request: Optional[asyncio.Task] = None
+        for click in range(clicks):
+            if request is not None:
+                _collect(request, load)
+            params = {"session": session, "profile": profile}
+            sent = time.perf_counter()
+            request = asyncio.create_task(client.get(f"/view/{rng.randint(1, CHATS)}", params=params))
+            if click < clicks - 1:
+                await asyncio.sleep(BURST_GAP_S)
+        try:
+            response = await asyncio.wait_for(request, PATIENCE_S)
+        except asyncio.TimeoutError:
+            load.gave_up += 1
+            load.latencies_s.append(PATIENCE_S)
+            continue
+        except httpx.HTTPError:
+            load.errors += 1
+            continue
+        load.latencies_s.append(time.perf_counter() - sent)
+        _account(response, load)
 
 
 def _collect(request: asyncio.Task, load: Load) -> None:
@@ -277,14 +276,18 @@ async def _offer_load(url: str, profile: str, users: int, seconds: float, seed: 
     import httpx
 
     load = Load()
-    async with httpx.AsyncClient(timeout=30) as stats:
-        busy_before = await _worker_seconds(stats, url)
+    # One client for every user, made before the clock starts: an httpx client builds an SSL
+    # context when made, which under load took longer than a run for 50 users. Each request
+    # in flight has a connection of its own; cancelling it closes that connection.
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=2 * users)
+    async with httpx.AsyncClient(base_url=url, timeout=PATIENCE_S + 5, limits=limits) as client:
+        busy_before = await _worker_seconds(client, url)
         started = time.perf_counter()
         deadline = asyncio.get_running_loop().time() + seconds
-        await asyncio.gather(*(_user(url, profile, f"user-{number}", deadline, random.Random(seed * 1000 + number),
-                                     load) for number in range(users)))
+        await asyncio.gather(*(_user(client, profile, f"user-{number}", deadline,
+                                     random.Random(seed * 1000 + number), load) for number in range(users)))
         elapsed = time.perf_counter() - started
-        busy = await _settled_worker_seconds(stats, url) - busy_before
+        busy = await _settled_worker_seconds(client, url) - busy_before
     return load, elapsed, max(0.0, busy - load.delivered_busy_s)
 
 
