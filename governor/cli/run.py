@@ -38,6 +38,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import attrs
 import click
 
+from governor.cli import crowd
 from governor.cli.options import parse_value
 from governor.errors import GovernorError, InvalidParameters, StepCancelled, StepFailed, StepSkipped, UnknownStep
 from governor.limits import Lane, Limits
@@ -536,10 +537,13 @@ def _steps_epilog() -> str:
               help="Pool workers (default: one per read-only step, at most 2 x CPUs clamped to 4..16).")
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True), default=None,
               metavar="SECONDS", help="Per-step timeout for this run; a step past it is killed (timed_out).")
+@click.option("--users", type=click.IntRange(min=0), default=crowd.DEFAULT_USERS, show_default=True,
+              help=f"With --view, then: this many simulated users switch the seed's 753 ms view for "
+                   f"{crowd.DEFAULT_SECONDS:g} s, on the seed's one lane and on Governor (0: skip).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON document (steps, results, totals) instead "
                                                      "of the table.")
 def run(steps: Tuple[str, ...], view_repo: Optional[str], store: Optional[str], chat_id: Optional[int],
-        workers: Optional[int], timeout_s: Optional[float], as_json: bool) -> None:
+        workers: Optional[int], timeout_s: Optional[float], users: int, as_json: bool) -> None:
     """Run STEPs through an in-process Supervisor and show what each did.
 
     No daemon is needed: the command starts its own Supervisor over the built-in steps,
@@ -562,6 +566,7 @@ def run(steps: Tuple[str, ...], view_repo: Optional[str], store: Optional[str], 
     \b
     Examples:
       governor run --view .
+      governor run --view . --users 25
       governor run --view ~/src/app --store /tmp/chat.sqlite3
       governor run git.status:repo=. git.log:repo=.,limit=5
       governor run chat.history:chat_id=1,limit=10
@@ -599,12 +604,13 @@ def run(steps: Tuple[str, ...], view_repo: Optional[str], store: Optional[str], 
     try:
         with chat.allowing_stores(stores + ([view[1]] if view else [])):
             report = execute(calls, workers=workers, timeout_s=timeout_s, view=view)
+        crowded = crowd.run_crowd(users) if view is not None and users else None
     except GovernorError as error:  # e.g. WorkerStartFailed: no step could run at all
         raise click.ClickException(f"{type(error).__name__}: {error}") from error
     if as_json:
-        click.echo(json.dumps(report.to_json(), indent=2, default=repr))
+        click.echo(json.dumps({**report.to_json(), "crowd": crowded and crowded.to_json()}, indent=2, default=repr))
     else:
-        click.echo(format_table(report))
+        click.echo(format_table(report) + ("\n\n" + "\n".join(crowded.lines()) if crowded else ""))
     if not report.ok:
         raise click.exceptions.Exit(1)
 

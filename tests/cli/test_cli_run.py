@@ -123,7 +123,7 @@ def test_the_paths_a_step_declares_are_made_absolute_against_this_directory(repo
 
 def test_view_creates_a_welcome_chat_on_a_fresh_store_then_shows_it(repo, tmp_path):
     store = tmp_path / "state" / "chat.sqlite3"
-    first = invoke("--view", repo, "--store", store)
+    first = invoke("--view", repo, "--store", store, "--users", "0")
     assert first.exit_code == 0, first.output
     rows = table_rows(first.output)
     assert rows["git.refresh_index"] == ["critical", "done"]
@@ -135,7 +135,7 @@ def test_view_creates_a_welcome_chat_on_a_fresh_store_then_shows_it(repo, tmp_pa
     with chat.allowing_stores([store]):
         assert chat.history(1, store=str(store))[0]["text"] == "hello from governor"
 
-    again = invoke("--view", repo, "--store", store, "--json")
+    again = invoke("--view", repo, "--store", store, "--json", "--users", "0")
     assert again.exit_code == 0, again.output
     document = json.loads(again.output)
     assert document["ok"] is True
@@ -153,7 +153,7 @@ def test_view_creates_a_welcome_chat_on_a_fresh_store_then_shows_it(repo, tmp_pa
 def test_view_of_a_store_that_is_not_one_says_so_before_any_step_runs(repo, tmp_path):
     store = tmp_path / "not-sqlite"
     store.write_text("this is not a database\n")
-    result = invoke("--json", "--view", repo, "--store", store)
+    result = invoke("--json", "--view", repo, "--store", store, "--users", "0")
     assert result.exit_code == 1, result.output
     assert "ChatStoreError" in result.output and "cannot be read as SQLite" in result.output
     assert store.read_text() == "this is not a database\n"
@@ -175,7 +175,7 @@ def test_view_refreshes_a_racily_clean_index_before_the_read_only_steps_read_it(
     index = repo / ".git" / "index"
     readme = (repo / "README").stat()
     os.utime(index, ns=(readme.st_atime_ns, readme.st_mtime_ns))
-    result = invoke("--json", "--view", repo, "--store", tmp_path / "state" / "chat.sqlite3")
+    result = invoke("--json", "--view", repo, "--store", tmp_path / "state" / "chat.sqlite3", "--users", "0")
     assert result.exit_code == 0, result.output
     assert index.stat().st_mtime_ns > readme.st_mtime_ns, "the index was written after its files"
     assert json.loads(result.output)["steps"][1]["result"]["clean"] is True
@@ -186,7 +186,7 @@ def test_a_refresh_another_git_blocks_is_shown_as_skipped_and_the_view_still_run
     readme = (repo / "README").stat()
     os.utime(index, ns=(readme.st_atime_ns, readme.st_mtime_ns))  # so the refresh must write
     (repo / ".git" / "index.lock").write_text("")  # another git is writing the index
-    result = invoke("--view", repo, "--store", tmp_path / "state" / "chat.sqlite3")
+    result = invoke("--view", repo, "--store", tmp_path / "state" / "chat.sqlite3", "--users", "0")
     assert result.exit_code == 0, result.output
     assert "index not refreshed" in result.output and "index refreshed" not in result.output
     assert table_rows(result.output)["git.refresh_index"] == ["critical", "done"]
@@ -289,3 +289,15 @@ def test_python_m_governor_run_view_on_a_fresh_machine(repo, tmp_path):
         assert rows[step] == ["pool", "done"], completed.stdout
     assert f"view of {repo}, chat 1 of chat store {store}" in completed.stdout  # "." was made absolute
     assert store.is_file()
+    # Then ten users switch the seed's 753 ms view, on the seed's one lane and on Governor.
+    crowd_lines = completed.stdout.split("The seed's 753 ms view, 10 users")[1].splitlines()
+    assert crowd_lines[1].split()[0] == "before" and crowd_lines[2].split()[0] == "Governor", completed.stdout
+
+
+def test_view_json_carries_the_crowds_figures_for_both_engines(repo, tmp_path):
+    result = invoke("--json", "--view", repo, "--store", tmp_path / "state" / "chat.sqlite3", "--users", "2")
+    assert result.exit_code == 0, result.output
+    crowd = json.loads(result.output)["crowd"]
+    assert crowd["users"] == 2 and crowd["view_ms"] == 753
+    assert crowd["governor"]["views"] >= 1
+    assert crowd["before"]["engine"] == "before"

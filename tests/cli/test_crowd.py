@@ -38,4 +38,3 @@ def test_the_crowd_reports_both_engines_on_the_same_users():
     report = crowd.run_crowd(users=2, seconds=0.5)
     assert [line.split()[0] for line in report.lines()[1:]] == ["before", "Governor"]
     assert report.to_json()["users"] == 2 and report.view_ms == 753
-    assert report.governor.gave_up == 0
