@@ -131,6 +131,13 @@ class StepRegistry:
                 raise RegistrationError(f"steps already registered: {', '.join(map(repr, clashes))}")
             self._specs.update(incoming)
 
+    def only(self, keep: Callable[[StepSpec], bool]) -> "StepRegistry":
+        """A new registry of the steps ``keep`` accepts (the steps only, as :meth:`include`
+        takes them: the new registry's classifier has the default rules)."""
+        chosen = StepRegistry()
+        chosen._specs = {name: spec for name, spec in self.snapshot().items() if keep(spec)}
+        return chosen
+
     def get(self, name: str) -> StepSpec:
         """The step called ``name``.
 

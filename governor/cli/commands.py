@@ -137,8 +137,9 @@ def top(client: LazyClient, interval: float) -> None:
 @main.command()
 @socket_option
 @click.option("--steps", "step_modules", multiple=True, metavar="MODULE[:ATTR]",
-              help="Also load the steps of MODULE (its `registry`, or ATTR: a StepRegistry or a "
-                   "function taking the daemon's registry). Repeatable. MODULE is looked for in --app-dir "
+              help="Also serve the steps of MODULE: its `registry`, else the steps it registered with "
+                   "@governor.step; or ATTR, a StepRegistry or a function taking the daemon's registry. "
+                   "Repeatable. MODULE is looked for in --app-dir "
                    "first, as `python -m` does. Packages can also ship steps through the `governor.steps` "
                    "entry-point group.")
 @click.option("--app-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=".",

@@ -95,9 +95,10 @@ def load_registry(modules: Sequence[str] = (), entry_points: bool = True, builti
 
     Args:
         builtin: start from ``steps.builtin.default_registry()`` (else from an empty one).
-        modules: ``MODULE`` or ``MODULE:ATTRIBUTE`` names; the attribute (default
-            ``registry``) is a ``StepRegistry`` to include or a callable to call with the
-            daemon's registry.
+        modules: ``MODULE`` or ``MODULE:ATTRIBUTE`` names; the attribute is a
+            ``StepRegistry`` to include or a callable to call with the daemon's registry.
+            Without one: the module's ``registry``, else the steps ``@governor.step``
+            registered from the module.
         entry_points: also load the :data:`ENTRY_POINT_GROUP` entry points.
     """
     from governor.steps import StepRegistry
@@ -118,12 +119,35 @@ def load_registry(modules: Sequence[str] = (), entry_points: bool = True, builti
 
 
 def _load_attribute(name: str) -> Any:
+    """The step source ``MODULE[:ATTR]`` names: ATTR; else the module's ``registry``; else the
+    steps ``@governor.step`` registered from the module (or, for a package, its submodules).
+
+    Raises:
+        DaemonError: there is no such ATTR, or the module has neither a registry nor steps;
+            the message says how to give it either.
+    """
     module_name, _, attribute = name.partition(":")
     module = importlib.import_module(module_name)
-    try:
-        return getattr(module, attribute or "registry")
-    except AttributeError:
-        raise DaemonError(f"module {module_name!r} has no {attribute or 'registry'!r}") from None
+    if attribute:
+        try:
+            return getattr(module, attribute)
+        except AttributeError:
+            raise DaemonError(f"module {module_name!r} has no {attribute!r}") from None
+    if hasattr(module, "registry"):
+        return module.registry
+    from governor.steps import REGISTRY
+
+    decorated = REGISTRY.only(lambda spec: _defined_in(spec.fn, module_name))
+    if not len(decorated):
+        raise DaemonError(f"module {module_name!r} has no steps to serve: decorate its step functions with "
+                          f"@governor.step, or give it `registry = StepRegistry()` and register them with "
+                          f"@registry.step")
+    return decorated
+
+
+def _defined_in(fn: Any, module_name: str) -> bool:
+    owner = getattr(fn, "__module__", None) or ""
+    return owner == module_name or owner.startswith(module_name + ".")
 
 
 @attrs.frozen

@@ -379,6 +379,48 @@ def test_serve_finds_steps_modules_in_the_current_directory_or_the_app_dir(tmp_p
             assert said.returncode == 0 and json.loads(said.stdout)["result"] == "hello you", (name, said.stderr)
 
 
+#: A steps module as the README's quick start writes one: ``@governor.step``, no registry.
+DECORATED_STEPS_MODULE = '''
+import os
+
+import governor
+
+
+@governor.step(critical=True)
+def save(path: str, text: str = "saved") -> str:
+    """Write ``text`` to ``path``: a relative path the step does not declare in paths=."""
+    with open(path, "w") as file:
+        file.write(text)
+    return os.path.abspath(path)
+
+
+@governor.step(critical=False)
+def hello(name: str):
+    return f"hello {name}"
+'''
+
+
+def test_serve_takes_the_steps_a_module_registered_with_governor_step(tmp_path):
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "mysteps.py").write_text(DECORATED_STEPS_MODULE)
+    with served(tmp_path / "daemon", app, "--steps", "mysteps", "--no-builtin") as socket_path:
+        listed = governor("--socket", str(socket_path), "steps", "--json")
+        assert sorted(step["name"] for step in json.loads(listed.stdout)) == ["hello", "save"], listed.stderr
+        said = governor("--socket", str(socket_path), "submit", "hello", "-p", "name=you", "--wait", "--json")
+        assert said.returncode == 0 and json.loads(said.stdout)["result"] == "hello you", said.stderr
+
+
+def test_serve_names_both_ways_when_a_module_has_neither_registry_nor_steps(tmp_path):
+    (tmp_path / "nosteps.py").write_text("import governor\n\ndef save(path):\n    pass\n")
+    places = ("--socket", str(tmp_path / "run" / "g.sock"), "--journal", str(tmp_path / "journal.sqlite3"))
+    refused = governor("serve", "--steps", "nosteps", "--no-builtin", *places, cwd=tmp_path, python_flags=("-P",))
+    assert refused.returncode == EXIT_CODES["cannot_start"], refused.stderr
+    assert "nosteps" in refused.stderr and "registry = StepRegistry()" in refused.stderr
+    assert "@governor.step" in refused.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_serve_shows_a_steps_modules_own_import_error(tmp_path):
     (tmp_path / "broken.py").write_text("import os\nimport not_installed_anywhere\n")
     places = ("--socket", str(tmp_path / "run" / "g.sock"), "--journal", str(tmp_path / "journal.sqlite3"))
