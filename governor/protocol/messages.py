@@ -46,7 +46,9 @@ Requests
     (``StepSpec.paths``). The daemon makes a relative path there absolute against the
     request's ``cwd`` before it journals the task, so a step never sees the daemon's own
     working directory; without a ``cwd``, such a relative path is refused
-    (``InvalidParameters``). The clients send their working directory.
+    (``InvalidParameters``). The step then runs in ``cwd`` (its worker changes into it),
+    so a relative path it opens means the caller's directory too; without a ``cwd``, it
+    runs in the daemon's. The clients send their working directory.
 
     Parameters: before it journals anything, the daemon binds ``params`` to the step's
     signature (an unknown name is refused with its closest match) and checks each value

@@ -22,7 +22,8 @@ subclass with a one-line message, and leaves nothing behind.
 
 Paths: a step declares which parameters name files (``StepSpec.paths``); the daemon makes
 a relative path there absolute against the request's ``cwd`` (the client's working
-directory) before journaling, so a step never sees the daemon's own directory.
+directory) before journaling, and the task runs in ``cwd`` (journaled with it, so a task
+resumed after a restart does too): a step never sees the daemon's own directory.
 
 Ids: a task's journal id is its one id: replies, status, and the ``task_id`` of its errors
 (``protocol.with_task_id``) all say it. The supervisor's own task numbers stay inside.
@@ -471,7 +472,7 @@ class Daemon:
         self._refuse_while_draining()
         call, lane = self._checked(request.step, request.params, request.cwd, request.limits)
         [record_id] = self._journal.submit([NewTask.step_call(call.step, call.kwargs, lane,
-                                                              request.key, request.limits)])
+                                                              request.key, request.limits, call.cwd)])
         self._launch(record_id, self._target(request.key), lambda target: target.submit_call(
             attrs.evolve(call, ref=record_id)))
         self._acknowledge(connection, request, [record_id])
@@ -480,8 +481,8 @@ class Daemon:
         self._refuse_while_draining()
         checked = [self._checked(c.step, c.params, request.cwd, c.limits)
                    for c in request.calls]  # all, before any is kept
-        record_ids = self._journal.submit([NewTask.step_call(call.step, call.kwargs, lane, request.key, call.limits)
-                                           for call, lane in checked])
+        record_ids = self._journal.submit([NewTask.step_call(call.step, call.kwargs, lane, request.key, call.limits,
+                                                             call.cwd) for call, lane in checked])
         target = self._target(request.key)  # one scope for the batch: it supersedes as one view
         for record_id, (call, _) in zip(record_ids, checked):
             self._launch(record_id, target, lambda target, call=call, rid=record_id:
@@ -491,7 +492,8 @@ class Daemon:
     async def _op_workflow(self, connection: _Connection, request: protocol.WorkflowRequest) -> None:
         self._refuse_while_draining()
         calls = [self._checked(c.step, c.params, request.cwd, c.limits)[0] for c in request.calls]
-        [record_id] = self._journal.submit([NewTask.workflow([{"step": c.step, "params": c.kwargs} for c in calls])])
+        [record_id] = self._journal.submit([NewTask.workflow([{"step": c.step, "params": c.kwargs} for c in calls],
+                                                             cwd=request.cwd)])
         self._launch(record_id, self._supervisor, lambda target: target.workflow(
             [attrs.evolve(call, ref=record_id) for call in calls]))
         self._acknowledge(connection, request, [record_id])
@@ -556,7 +558,8 @@ class Daemon:
 
     def _checked(self, step: str, params: Dict[str, Any], cwd: Optional[str],
                  limits: Optional[Any] = None) -> Tuple[Call, Any]:
-        """``(call, lane)`` for a step call, its relative paths made absolute against ``cwd``.
+        """``(call, lane)`` for a step call, its relative paths made absolute against ``cwd``,
+        to run in ``cwd`` (the client's directory: a relative path the step opens means it).
 
         Raises:
             UnknownStep, InvalidParameters: as the supervisor would at submit, and also a
@@ -566,7 +569,7 @@ class Daemon:
         call = Call(step, kwargs=params, limits=limits)
         route = self._supervisor.check_call(call)
         route.parameters.check_values(call.kwargs)
-        return attrs.evolve(call, kwargs=route.spec.resolve_paths(call.kwargs, cwd)), route.lane
+        return attrs.evolve(call, kwargs=route.spec.resolve_paths(call.kwargs, cwd), cwd=cwd), route.lane
 
     def _record(self, record_id: int) -> TaskRecord:
         record = self._journal.get(record_id)
@@ -601,12 +604,12 @@ class Daemon:
         """Run a journaled task again, or fail it with ``TaskNotResumable`` when it can no longer run."""
         try:
             if record.kind == "workflow":
-                calls = [self._resumable(Call(call["step"], kwargs=call["params"], ref=record.id))
+                calls = [self._resumable(Call(call["step"], kwargs=call["params"], ref=record.id, cwd=record.cwd))
                          for call in record.params["calls"]]
                 self._launch(record.id, self._supervisor, lambda target: target.workflow(calls))
             else:
                 call = self._resumable(Call(record.step, kwargs=record.params["params"],
-                                            limits=record.own_limits(), ref=record.id))
+                                            limits=record.own_limits(), ref=record.id, cwd=record.cwd))
                 self._launch(record.id, self._supervisor, lambda target: target.submit_call(call))
         except (GovernorError, ValueError, TypeError) as cause:
             if self._journal.get(record.id).terminal:

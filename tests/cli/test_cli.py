@@ -421,6 +421,24 @@ def test_serve_names_both_ways_when_a_module_has_neither_registry_nor_steps(tmp_
     assert not (tmp_path / "run").exists()
 
 
+def test_a_step_runs_in_the_directory_it_was_submitted_from(tmp_path):
+    app, caller = tmp_path / "app", tmp_path / "caller"
+    app.mkdir()
+    caller.mkdir()
+    (app / "mysteps.py").write_text(DECORATED_STEPS_MODULE)
+    with served(tmp_path / "daemon", app, "--steps", "mysteps", "--no-builtin") as socket_path:
+        saved = governor("--socket", str(socket_path), "submit", "save", "-p", "path=out.txt", "--wait", "--json",
+                         cwd=caller)
+        assert saved.returncode == 0, saved.stderr
+        assert json.loads(saved.stdout)["result"] == str(caller / "out.txt")
+        assert (caller / "out.txt").read_text() == "saved" and not (app / "out.txt").exists()
+        # Each call runs where it came from, on the same worker.
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        again = governor("--socket", str(socket_path), "submit", "save", "-p", "path=out.txt", "--wait", cwd=elsewhere)
+        assert again.returncode == 0 and (elsewhere / "out.txt").exists(), again.stderr
+
+
 def test_serve_shows_a_steps_modules_own_import_error(tmp_path):
     (tmp_path / "broken.py").write_text("import os\nimport not_installed_anywhere\n")
     places = ("--socket", str(tmp_path / "run" / "g.sock"), "--journal", str(tmp_path / "journal.sqlite3"))

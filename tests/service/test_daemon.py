@@ -168,7 +168,11 @@ def test_a_workflow_queued_at_kill_9_resumes_and_the_running_critical_step_is_in
         marker = tmp_path / "blocking"
         blocker = client.submit_batch([("critical_busy_loop", {"marker": str(marker)})])
         assert wait_until(marker.exists, timeout=60)
-        flow = client.workflow([("echo", {"value": "a"}), ("critical_record", {"ms": 1, "tag": "b"})])
+        caller = tmp_path / "caller"
+        caller.mkdir()
+        with contextlib.chdir(caller):  # the client's directory, not the daemons'
+            flow = client.workflow([("echo", {"value": "a"}), ("critical_record", {"ms": 1, "tag": "b"}),
+                                    ("inherited_state", {})])
         ids = blocker.task_ids + [flow.task_id]
     first.stop(signal.SIGKILL)
     assert wait_until(lambda: not any(alive(child.pid) for child in _descendants_of(first.process.pid)), timeout=15)
@@ -180,6 +184,7 @@ def test_a_workflow_queued_at_kill_9_resumes_and_the_running_critical_step_is_in
         assert second.stop() == 0
     assert interrupted["state"] == "interrupted" and interrupted["interrupted"]
     assert resumed["state"] == "done" and resumed["result"][0] == "a"
+    assert resumed["result"][2]["cwd"] == str(caller)  # resumed where it was asked from
 
 
 def _descendants_of(pid):
