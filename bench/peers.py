@@ -15,8 +15,8 @@ every peer with one loop and never has per-peer code.
 * ``pebble``: ``pebble.ProcessPool``; optional (the ``bench`` extra), skipped when missing.
 * ``mp.Pool``: ``multiprocessing.Pool``.
 
-The last three spawn their workers (:func:`worker_context`), never by
-forking this process, which runs threads.
+The last three fork their workers from a forkserver (:func:`worker_context`), never from
+this process, which runs threads.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from __future__ import annotations
 import concurrent.futures
 import importlib.util
 import multiprocessing
+import os
 from typing import Any, Callable, Dict, List, Optional, Type
 
 import loky
@@ -41,16 +42,32 @@ WARMUP_MAX_WAVES = 10
 
 
 def worker_context() -> multiprocessing.context.BaseContext:
-    """The start method of the peers built on multiprocessing (stdlib, pebble, mp.Pool): spawn.
+    """How the peers built on multiprocessing (stdlib, pebble, mp.Pool) start their workers.
 
-    Not ``fork``: this process runs threads (the other pools', the probes'), and a child
-    forked from it may inherit a lock one of them held (Python 3.12+ warns that it may
-    deadlock). Not ``forkserver``: its server outlives the pools that used it, and its
-    workers see the environment of its own start, not this process's. A spawned worker is
-    a fresh interpreter, started before the peer is timed (``Peer.warm``); once started it
-    serves tasks the same way whatever started it.
+    Not by forking this process: it runs threads (the other pools', the probes'), and a
+    child forked from it may inherit a lock one of them held (Python 3.12+ warns that it
+    may deadlock). A forkserver is a single-threaded interpreter started once, which forks
+    every worker with the bench's steps already imported: as cheap as a fork of this
+    process, where spawning a fresh interpreter per worker costs ~0.5 s of CPU. Like the
+    resource tracker, it lives until this interpreter exits. Its workers would see the
+    environment of its own start: each pool hands them this process's (:func:`pool_options`).
     """
-    return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([bench_steps.__name__, "governor.workers.sandbox"])
+    return context
+
+
+def pool_options() -> Dict[str, Any]:
+    """The start method and initializer of a multiprocessing peer's pool: workers from
+    :func:`worker_context` that take this process's environment as it is now (a chat store
+    allowed by ``allowing_stores`` after the forkserver started, say)."""
+    return {"initializer": adopt_environment, "initargs": (dict(os.environ),)}
+
+
+def adopt_environment(environ: Dict[str, str]) -> None:
+    """In a worker: make ``environ`` its whole environment."""
+    os.environ.clear()
+    os.environ.update(environ)
 
 
 class Peer:
@@ -198,7 +215,8 @@ class StdlibPeer(_ExecutorPeer):
     name = "stdlib"
 
     def _make(self) -> concurrent.futures.Executor:
-        return concurrent.futures.ProcessPoolExecutor(max_workers=self.workers, mp_context=worker_context())
+        return concurrent.futures.ProcessPoolExecutor(max_workers=self.workers, mp_context=worker_context(),
+                                                      **pool_options())
 
     def describe(self) -> Dict[str, Any]:
         return {**super().describe(), "start_method": worker_context().get_start_method()}
@@ -222,7 +240,7 @@ class PebblePeer(_FunctionPeer):
     def start(self) -> "PebblePeer":
         import pebble  # optional: imported only when available (see unavailable())
 
-        self._pool = pebble.ProcessPool(max_workers=self.workers, context=worker_context())
+        self._pool = pebble.ProcessPool(max_workers=self.workers, context=worker_context(), **pool_options())
         return self
 
     def _submit(self, fn: Callable[..., Any], args: tuple) -> concurrent.futures.Future:
@@ -249,7 +267,7 @@ class MpPoolPeer(_FunctionPeer):
         self.pool = None
 
     def start(self) -> "MpPoolPeer":
-        self.pool = worker_context().Pool(self.workers)
+        self.pool = worker_context().Pool(self.workers, **pool_options())
         return self
 
     def _submit(self, fn: Callable[..., Any], args: tuple) -> concurrent.futures.Future:

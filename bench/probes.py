@@ -172,8 +172,14 @@ def governor_processes() -> List[psutil.Process]:
     return found
 
 
+#: What the command lines of multiprocessing's per-interpreter helpers hold: they live until
+#: the interpreter exits, whatever the run does.
+INTERPRETER_HELPERS = ("resource_tracker", "multiprocessing.forkserver import main")
+
+
 def leftover_children(preexisting: Iterable[psutil.Process] = ()) -> List[psutil.Process]:
-    """Live descendants of this process other than the per-interpreter resource trackers.
+    """Live descendants of this process other than the per-interpreter helpers (the resource
+    trackers, and the forkserver the peers start their workers from).
 
     Args:
         preexisting: processes that ran before the caller started its work; they and their
@@ -191,9 +197,12 @@ def leftover_children(preexisting: Iterable[psutil.Process] = ()) -> List[psutil
     left = []
     for child in psutil.Process().children(recursive=True):
         try:
-            if child.pid in excluded or "resource_tracker" in " ".join(child.cmdline()) or not alive(child.pid):
+            if child.pid in excluded or not alive(child.pid):
+                continue
+            if any(helper in " ".join(child.cmdline()) for helper in INTERPRETER_HELPERS):
                 continue
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
         left.append(child)
     return left
+

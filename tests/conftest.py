@@ -56,14 +56,20 @@ def wait_until(predicate, timeout: float = LEAK_PATIENCE_S, interval: float = 0.
     return True
 
 
-def is_resource_tracker(process: psutil.Process) -> bool:
-    """loky's and multiprocessing's resource trackers: one each per interpreter, started on
-    first use and ended when the interpreter exits. They run no step and are not workers;
+#: What the command lines of multiprocessing's per-interpreter helpers hold.
+INTERPRETER_HELPERS = ("resource_tracker import main", "multiprocessing.forkserver import main")
+
+
+def is_interpreter_helper(process: psutil.Process) -> bool:
+    """loky's and multiprocessing's resource trackers, and multiprocessing's forkserver (the
+    bench's peers start their workers from it): one each per interpreter, started on first
+    use and ended when the interpreter exits. They run no step and are not workers;
     stopping them from a library would break other users of multiprocessing in-process."""
     try:
-        return "resource_tracker import main" in " ".join(process.cmdline())
+        command = " ".join(process.cmdline())
     except psutil.NoSuchProcess:
         return False
+    return any(helper in command for helper in INTERPRETER_HELPERS)
 
 
 def is_ray_process(process: psutil.Process) -> bool:
@@ -78,9 +84,9 @@ def is_ray_process(process: psutil.Process) -> bool:
 
 
 def live_children():
-    """Every live descendant of the test process except the resource trackers and Ray's own."""
+    """Every live descendant of the test process except the interpreter helpers and Ray's own."""
     return [child for child in psutil.Process().children(recursive=True)
-            if alive(child.pid) and not is_resource_tracker(child) and not is_ray_process(child)]
+            if alive(child.pid) and not is_interpreter_helper(child) and not is_ray_process(child)]
 
 
 def governor_threads():

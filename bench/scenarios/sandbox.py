@@ -19,7 +19,6 @@ Costs are ``100 * (p50 on / p50 off - 1)``; the issue's target is at most 5 %.
 
 from __future__ import annotations
 
-import multiprocessing
 import multiprocessing.connection
 import time
 from typing import Dict, List
@@ -28,6 +27,7 @@ from governor import Supervisor
 from governor.workers import sandbox
 from governor.bench import bench_steps
 from governor.bench.core import ScenarioContext, ScenarioResult, scenario
+from governor.bench.peers import worker_context
 from governor.bench.scenarios.overhead import _roundtrips  # a Supervisor submits as a peer does
 from governor.bench.stats import Summary
 
@@ -44,10 +44,10 @@ MODES = ("auto", "off")
 def _apply_seconds(policy: sandbox.SandboxPolicy) -> float:
     """``sandbox.apply(policy)`` timed in a fresh child (it is for life: never here).
 
-    The child is spawned, not forked from this process, which runs threads (a child forked
-    from it could inherit a lock one of them held).
+    The child comes from the peers' forkserver, not a fork of this process, which runs
+    threads (a child forked from it could inherit a lock one of them held).
     """
-    context = multiprocessing.get_context("spawn")
+    context = worker_context()
     receiver, sender = context.Pipe(duplex=False)
     child = context.Process(target=_time_apply, args=(policy, sender), name="governor-bench-apply")
     child.start()

@@ -28,8 +28,7 @@ from governor.bench.scenarios import scenario_names  # noqa: E402
 from governor.bench.stats import Summary, percentile  # noqa: E402
 from governor.workers.sandbox import SandboxPolicy  # noqa: E402
 
-#: The tiny run starts every pool several times, the peers' workers each a fresh interpreter
-#: (spawned, not forked from this threaded process): minutes on a loaded 2-core machine.
+#: The tiny run starts every pool several times: minutes on a loaded 2-core machine.
 pytestmark = pytest.mark.timeout(280)
 
 TOP_LEVEL = {"schema_version", "machine", "versions", "date", "parameters", "scenarios", "checks"}
