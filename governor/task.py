@@ -2,8 +2,8 @@
 
 ::
 
-    QUEUED ──> RUNNING ──> DONE | FAILED | TIMED_OUT | OVER_MEMORY | CANCELLED | CRASHED
-       │
+    QUEUED ──> RUNNING ──> DONE | FAILED | TIMED_OUT | OVER_MEMORY | CANCELLED | CRASHED | EXHAUSTED
+       │  <──────┘ (a failed attempt of a step that retries: Task.requeue)
        └────> CANCELLED | SKIPPED | FAILED (no worker could be started)
 
 Transitions happen under the task's lock through :meth:`Task.transition`, which raises
@@ -50,6 +50,7 @@ class TaskState(enum.Enum):
     CANCELLED = "cancelled"
     CRASHED = "crashed"
     SKIPPED = "skipped"
+    EXHAUSTED = "exhausted"  # every attempt of a step that retries failed (StepSpec.retries)
 
     # Members are singletons, so identity hashes them as well as Enum's own __hash__ (a
     # Python call hashing the name), at C speed: states are looked up several times per task.
@@ -67,7 +68,8 @@ _ALLOWED: Dict[TaskState, frozenset] = {
     TaskState.QUEUED: frozenset({TaskState.RUNNING, TaskState.CANCELLED, TaskState.SKIPPED,
                                  TaskState.FAILED}),
     TaskState.RUNNING: frozenset({TaskState.DONE, TaskState.FAILED, TaskState.TIMED_OUT,
-                                  TaskState.OVER_MEMORY, TaskState.CANCELLED, TaskState.CRASHED}),
+                                  TaskState.OVER_MEMORY, TaskState.CANCELLED, TaskState.CRASHED,
+                                  TaskState.EXHAUSTED, TaskState.QUEUED}),
 }
 
 
@@ -191,6 +193,7 @@ class Task:
     cwd: Optional[str] = None  # Call.cwd: where the worker runs the step (None: its own directory)
     key: Any = None  # the critical lane's key (StepSpec.key): same key, one at a time; None: alone
     priority: int = 0  # Call.priority: rank in the pool lane's queue (governor.engine.queues)
+    attempt: int = 1  # which run of the step this is (StepSpec.retries)
     _lock: threading.Lock = attrs.field(factory=threading.Lock, repr=False)
 
     @property
@@ -229,6 +232,17 @@ class Task:
             self._transition_locked(state)
             self.error = error
             return left
+
+    def requeue(self) -> bool:
+        """Send a running task whose attempt failed back to ``QUEUED``, for its next attempt;
+        ``False`` (nothing changed) if it was cancelled or claimed for a kill meanwhile."""
+        with self._lock:
+            if self.state is not TaskState.RUNNING or self.kill_claimed or self.cancel_request is not None:
+                return False
+            self._transition_locked(TaskState.QUEUED)
+            self.attempt += 1
+            self.dispatched_at = self.started_at = self.ended_at = self.pid = None
+            return True
 
     def claim_for_kill(self) -> bool:
         """Reserve a running task's end for a kill; ``False`` if it has already ended."""

@@ -41,7 +41,8 @@ class StepRegistry:
     def step(self, fn: Optional[StepCallable] = None, *, name: Optional[str] = None,
              critical: Optional[bool] = None, category: Optional[str] = None, tags: Iterable[str] = (),
              limits: Optional[Limits] = None, description: Optional[str] = None, paths: Iterable[str] = (),
-             writes: Iterable[str] = (), network: Optional[bool] = None, key: Optional[Any] = None) -> Any:
+             writes: Iterable[str] = (), network: Optional[bool] = None, key: Optional[Any] = None,
+             **retrying: Any) -> Any:
         """Register the decorated function or class as a step and return it unchanged.
 
         Usable bare (``@registry.step``) or with the keywords of :meth:`register`
@@ -57,7 +58,7 @@ class StepRegistry:
         def decorate(target: StepCallable) -> StepCallable:
             self.register(target, name=name, critical=critical, category=category, tags=tags,
                           limits=limits, description=description, paths=paths, writes=writes, network=network,
-                          key=key)
+                          key=key, **retrying)
             return target
 
         return decorate if fn is None else decorate(fn)
@@ -66,7 +67,7 @@ class StepRegistry:
                  critical: Optional[bool] = None, category: Optional[str] = None,
                  tags: Iterable[str] = (), limits: Optional[Limits] = None,
                  description: Optional[str] = None, paths: Iterable[str] = (), writes: Iterable[str] = (),
-                 network: Optional[bool] = None, key: Optional[Any] = None) -> StepSpec:
+                 network: Optional[bool] = None, key: Optional[Any] = None, **retrying: Any) -> StepSpec:
         """Register ``fn`` as a step.
 
         Args:
@@ -95,6 +96,9 @@ class StepRegistry:
                 critical steps with the same key run one at a time in submission order,
                 different keys in parallel (``Supervisor(critical_workers=N)``). Without
                 one, a critical step runs alone (see :attr:`StepSpec.key`).
+            retrying: ``retries``, ``retry_on``, ``retry_backoff``, ``idempotent``: run a
+                failed attempt again (see :class:`StepSpec`), e.g.
+                ``retries=3, retry_on=(OSError,), retry_backoff=(0.1, 30.0)``.
 
         For a :class:`~steps.spec.Step` subclass, arguments left ``None`` (or ``tags`` left
         empty) come from its class attributes.
@@ -107,7 +111,7 @@ class StepRegistry:
         """
         spec = StepSpec.declare(fn, name=name, critical=critical, category=category, tags=tags,
                                 limits=limits, description=description, paths=paths, writes=writes,
-                                network=network, key=key)
+                                network=network, key=key, **retrying)
         with self._lock:
             existing = self._specs.get(spec.name)
             if existing is not None:

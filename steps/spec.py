@@ -181,6 +181,30 @@ def _check_key(spec: "StepSpec", attribute: attrs.Attribute, value: Any) -> None
                                 f"({', '.join(parameters) or 'none'})")
 
 
+def _exception_types(value: Any, spec: "StepSpec") -> tuple:
+    types = (value,) if isinstance(value, type) else tuple(value)
+    if not all(isinstance(kind, type) and issubclass(kind, BaseException) for kind in types):
+        raise RegistrationError(f"step {spec.name!r}: retry_on must be exception classes such as (OSError,), "
+                                f"got {value!r}")
+    return types
+
+
+def _check_retries(spec: "StepSpec", attribute: attrs.Attribute, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise RegistrationError(f"step {spec.name!r}: retries must be an int >= 0, got {value!r}")
+    if value and spec.critical and not spec.idempotent:
+        raise RegistrationError(f"step {spec.name!r}: a critical step retries only if it is declared "
+                                f"idempotent=True (running it twice must be safe)")
+
+
+def _check_backoff(spec: "StepSpec", attribute: attrs.Attribute, value: Any) -> None:
+    if (not isinstance(value, tuple) or len(value) != 2
+            or not all(isinstance(bound, (int, float)) and not isinstance(bound, bool) for bound in value)
+            or not 0 <= value[0] <= value[1]):
+        raise RegistrationError(f"step {spec.name!r}: retry_backoff must be (first, most) seconds with "
+                                f"0 <= first <= most, got {value!r}")
+
+
 def _check_limits(spec: "StepSpec", attribute: attrs.Attribute, value: Any) -> None:
     if not isinstance(value, Limits):
         raise RegistrationError(f"step {spec.name!r}: limits must be a Limits instance such as "
@@ -215,6 +239,14 @@ class StepSpec:
             time in submission order; different keys may run at once
             (``Supervisor(critical_workers=N)``). ``None``: the step runs alone, after
             every critical step submitted before it and before every one after it.
+        retries: how many times a failed attempt runs again (0: never) when its exception
+            is one of ``retry_on`` (a ``WorkerCrashed`` too, if listed there). A timeout, a
+            memory kill or a cancel is never retried. A critical step retries only if it is
+            ``idempotent``.
+        retry_on: the exception classes worth another attempt, e.g. ``(OSError,)``.
+        retry_backoff: ``(first, most)`` seconds: the wait before attempt ``n + 1`` is drawn
+            between ``first`` and ``min(most, first * 2 ** n)`` (exponential, with jitter).
+        idempotent: running the step twice is safe (a critical step may then retry).
     """
 
     name: str = attrs.field(converter=_step_name)
@@ -232,6 +264,10 @@ class StepSpec:
     writes: tuple[str, ...] = attrs.field(default=(), converter=attrs.Converter(_path_list, takes_self=True))
     network: bool = attrs.field(default=False, validator=_check_network)
     key: Optional[Any] = attrs.field(default=None, validator=_check_key)
+    idempotent: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
+    retries: int = attrs.field(default=0, validator=_check_retries)
+    retry_on: tuple = attrs.field(default=(), converter=attrs.Converter(_exception_types, takes_self=True))
+    retry_backoff: tuple = attrs.field(default=(0.1, 30.0), converter=tuple, validator=_check_backoff)
 
     @description.default
     def _first_docstring_line(self) -> str:
@@ -245,7 +281,8 @@ class StepSpec:
                 category: Optional[str] = None, tags: Iterable[str] = (),
                 limits: Optional[Limits] = None, description: Optional[str] = None,
                 paths: Iterable[str] = (), writes: Iterable[str] = (),
-                network: Optional[bool] = None, key: Optional[Any] = None) -> "StepSpec":
+                network: Optional[bool] = None, key: Optional[Any] = None,
+                **retrying: Any) -> "StepSpec":
         """Build the spec for ``fn`` from what was declared about it.
 
         An argument left ``None`` (or ``tags`` or ``writes`` left empty) takes the value of the same-named
@@ -269,7 +306,7 @@ class StepSpec:
             if not hasattr(fn, "__name__"):
                 raise RegistrationError(f"{fn!r} has no __name__ to name the step after: pass name=...")
             fields["name"] = fn.__name__
-        return cls(fn=fn, **fields)
+        return cls(fn=fn, **fields, **{name: value for name, value in retrying.items() if value is not None})
 
     @property
     def is_class_based(self) -> bool:

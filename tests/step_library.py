@@ -80,6 +80,25 @@ def critical_record(ms: float, tag: str = ""):
     return tag, start, time.monotonic(), os.getpid(), current_context().task_id
 
 
+@registry.step(critical=False, writes=MARKERS, retries=3, retry_on=(OSError,), retry_backoff=(0.01, 0.05))
+def flaky(counter: str, failures: int):
+    """Raise ``OSError`` on each of the first ``failures`` attempts (counted in the file
+    ``counter``); then return the attempt's number."""
+    attempt = int(Path(counter).read_text()) + 1 if os.path.exists(counter) else 1
+    announce(counter, attempt)
+    if attempt <= failures:
+        raise OSError(f"attempt {attempt} failed")
+    return attempt
+
+
+@registry.step(critical=False, writes=MARKERS, retries=3, retry_on=(Exception,), retry_backoff=(0.01, 0.05))
+def flaky_hang(counter: str):
+    """Count the attempt in the file ``counter``, then hang: only a limit ends it."""
+    flaky(counter, 0)
+    while True:
+        time.sleep(1)
+
+
 @registry.step(critical=True, key="chat")
 def keyed_record(chat: str, ms: float, tag: str = ""):
     """A state-changing step of one chat (its lane key): sleeps ``ms``; returns (tag, start, end, pid)."""

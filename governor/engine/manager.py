@@ -41,9 +41,10 @@ import collections
 import concurrent.futures
 import logging
 import os
+import random
 import selectors
 import threading
-from typing import Any, Callable, Deque, Dict, List, Optional, Sequence
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 import attrs
 
@@ -57,10 +58,20 @@ from governor.errors import (MemoryLimitExceeded, QueueFull, ReadOnlyViolation, 
 from governor.limits import Lane
 from governor.engine.lanes import LocalConfig, LocalLanes
 from governor.engine.metrics import MetricsRecorder
+from governor.engine.timers import Timers
 from governor.workers.proctree import mib
 from governor.task import CancelRequest, Task, TaskState
 
 log = logging.getLogger("governor")
+
+#: The ends a step's retries may turn into another attempt (``StepSpec.retries``): its own
+#: error, or its worker's crash. Never a timeout, a memory kill or a cancel.
+_RETRIED = frozenset({TaskState.FAILED, TaskState.CRASHED})
+
+
+def _retried_on(error: Optional[BaseException], kinds: tuple) -> bool:
+    """Whether ``error`` (or, for a wrapped ``StepFailed``, the step's own exception) is one of ``kinds``."""
+    return isinstance(error, kinds) or isinstance(getattr(error, "exception", None), kinds)
 
 #: The longest the manager sleeps in one ``select``: a deadline further away (a 25-day
 #: timeout) is waited for in slices, since epoll takes at most 2**31 ms. One extra
@@ -129,6 +140,9 @@ class Manager(threading.Thread):
         self.selector.register(self._wakeup_reader, selectors.EVENT_READ, self._on_wakeup)
         self._woken = False
         self._due_at: Optional[float] = None  # the backends' earliest deadline, as of the last turn
+        self._retries = Timers(clock)  # tasks waiting out a retry's backoff (see _retry_later)
+        self._backing_off: Dict[int, Task] = {}  # those tasks, by id (QUEUED, in no lane's queue yet)
+        self._random = random.Random()
 
         local = LocalLanes(self, config.local)
         self._all: List[LaneBackend] = [local]
@@ -267,6 +281,8 @@ class Manager(threading.Thread):
                 if self._due_at is not None and self.clock() >= self._due_at:
                     for backend in self._all:
                         self._guarded(backend.on_time)
+                    for handler, task in self._retries.pop_due():
+                        self._guarded(handler, task)
                 for backend in self._all:
                     self._guarded(backend.dispatch)
                 if not self._closing:
@@ -303,12 +319,15 @@ class Manager(threading.Thread):
             log.exception("governor manager: %s failed; carrying on", getattr(handler, "__qualname__", handler))
 
     def _finished(self) -> bool:
-        return self._closing and all(backend.quiet for backend in self._all)
+        return (self._closing and not any(task.state is TaskState.QUEUED for task in self._backing_off.values())
+                and all(backend.quiet for backend in self._all))
 
     def _next_timeout(self) -> float:
         """How long the next select may sleep: until the backends' earliest deadline
         (kept in ``_due_at``, so the turn after it runs ``on_time`` only when one is due)."""
         due = [when for when in (backend.next_deadline() for backend in self._all) if when is not None]
+        if self._retries:
+            due.append(self._retries.next_due())
         self._due_at = min(due) if due else None
         return MAX_WAIT_S if self._due_at is None else min(MAX_WAIT_S, max(0.0, self._due_at - self.clock()))
 
@@ -360,9 +379,8 @@ class Manager(threading.Thread):
         self._closing = True
         request = CancelRequest("shutdown", "the supervisor is shutting down")
         if cancel_pending:
-            for queue in self._queues():
-                for task in list(queue):
-                    self._cancel_task(task, request)
+            for task in self._queued_tasks():
+                self._cancel_task(task, request)
         if cancel_running:
             for backend in self._all:
                 for task in backend.running_tasks():
@@ -372,8 +390,12 @@ class Manager(threading.Thread):
         now = self.clock()
         reply.set_result([worker for backend in self._all for worker in backend.describe(now)])
 
-    def _queues(self) -> List[Deque[Task]]:
+    def _queues(self) -> List[Any]:
         return [backend.queue(lane) for lane, backend in self._backends.items()]
+
+    def _queued_tasks(self) -> List[Task]:
+        """Every task in a lane's queue, and those waiting out a retry's backoff (queued too)."""
+        return [task for queue in self._queues() for task in queue] + list(self._backing_off.values())
 
     # ----------------------------------------------------------------- the host API (LaneHost)
 
@@ -464,11 +486,45 @@ class Manager(threading.Thread):
         Returns:
             whether this call ended the task (``False``: it had ended already).
         """
+        if state in _RETRIED:
+            spec = self._config.local.steps.get(task.step)
+            if spec is not None and spec.retries and _retried_on(error, spec.retry_on):
+                if task.attempt <= spec.retries:
+                    if self._retry_later(task, spec.retry_backoff, error):
+                        return False
+                else:
+                    state = TaskState.EXHAUSTED
+                    error.add_note(f"step {task.step!r}: all {task.attempt} attempts failed")
         left = task.end(state, error, by_kill)
         if left is None:
             return False
         self._ended_now(task, left, result)
         return True
+
+    def _retry_later(self, task: Task, backoff: Tuple[float, float], error: BaseException) -> bool:
+        """Queue ``task``'s next attempt after a backoff drawn from ``backoff``
+        (``StepSpec.retry_backoff``); ``False`` if it was cancelled meanwhile (it then ends
+        as :meth:`conclude` says). A cancel, a timeout or a memory kill never gets here
+        (:data:`_RETRIED`)."""
+        if not task.requeue():
+            return False
+        first, most = backoff
+        delay = self._random.uniform(first, max(first, min(most, first * 2 ** (task.attempt - 2))))
+        self.metrics.task_retried(task.lane, task.step)
+        log.info("task %s (%s) failed its attempt %d (%r); attempt %d in %.2fs", task.public_id, task.step,
+                 task.attempt - 1, error, task.attempt, delay,
+                 extra={"task_id": task.public_id, "step": task.step, "lane": task.lane.value, "reason": "retry"})
+        with self._queued_changed:
+            self._queued[task.lane] += 1  # queued again (past the bound: it was admitted once)
+        self._backing_off[task.id] = task
+        self._retries.after(delay, self._requeue, task)
+        return True
+
+    def _requeue(self, task: Task) -> None:
+        """A retry's backoff is over: the task joins its lane's queue, unless cancelled meanwhile."""
+        del self._backing_off[task.id]
+        if task.state is TaskState.QUEUED:
+            self._on_submit([task])
 
     def conclude_queued_cancel(self, task: Task) -> None:
         """The end of a queued task that a user's thread just cancelled (any thread).
@@ -538,7 +594,7 @@ class Manager(threading.Thread):
         # The running first: a workflow's steps end in their order (its running step, then
         # its queued ones, which it skips).
         tasks = [task for backend in self._all for task in backend.running_tasks()]
-        tasks += [task for queue in self._queues() for task in queue]
+        tasks += self._queued_tasks()
         for task in tasks:
             try:
                 self.conclude(task, TaskState.FAILED, broken, by_kill=True)

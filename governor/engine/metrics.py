@@ -57,7 +57,7 @@ BYTES_BUCKETS = tuple(2 ** power for power in range(24, 34))
 OUTCOMES = {
     TaskState.DONE: "ok", TaskState.FAILED: "failed", TaskState.TIMED_OUT: "timeout",
     TaskState.OVER_MEMORY: "memory", TaskState.CANCELLED: "cancelled", TaskState.CRASHED: "crashed",
-    TaskState.SKIPPED: "skipped",
+    TaskState.SKIPPED: "skipped", TaskState.EXHAUSTED: "exhausted",
 }
 
 #: The histograms recorded per (lane, step): name -> (bucket bounds, help text).
@@ -182,6 +182,7 @@ class MetricsRecorder:
         self._kills: Dict[Tuple[str, str], int] = collections.Counter()
         self._recycles: Dict[Tuple[str, str], int] = collections.Counter()
         self._redispatches: Dict[str, int] = collections.Counter()
+        self._retries: Dict[Tuple[str, str], int] = collections.Counter()
         self._sandbox_denials: Dict[str, int] = collections.Counter()
         # What holds the pool lane's workers (see sandbox_applied): "none" until then, or without one.
         self._sandbox = "none"
@@ -221,6 +222,11 @@ class MetricsRecorder:
         """Count a worker that died: ``reason`` is timeout, memory, cancel or crash."""
         with self._lock:
             self._kills[(lane.value, reason)] += 1
+
+    def task_retried(self, lane: Lane, step: str) -> None:
+        """Count a failed attempt that will run again (``StepSpec.retries``)."""
+        with self._lock:
+            self._retries[(lane.value, step)] += 1
 
     def task_redispatched(self, lane: Lane) -> None:
         """Count a task whose worker died before it took the task, sent to another worker."""
@@ -268,6 +274,7 @@ class MetricsRecorder:
                 timings.setdefault(lane, {}).setdefault(step, {})[name] = histogram.summary()
             spawns, kills, recycles = dict(self._spawns), _nest(self._kills), _nest(self._recycles)
             redispatches, denials = dict(self._redispatches), dict(self._sandbox_denials)
+            retries = _nest(self._retries)
             sandbox = self._sandbox
         lanes = self._lane_gauges()
         memory = memory_figures(pid for state in lanes.values() for pid in state["worker_pids"])
@@ -284,6 +291,7 @@ class MetricsRecorder:
             "worker_kills": kills,
             "worker_recycles": recycles,
             "redispatched": redispatches,
+            "retries": retries,
             "sandbox": {"pool": sandbox},
             "sandbox_denials": denials,
         }

@@ -497,7 +497,7 @@ class Supervisor(concurrent.futures.Executor):
         sum, p50, p95, p99), ``queue_depth``, ``in_flight``, ``workers`` (busy / idle /
         starting), ``warm_spares`` (per lane), ``memory`` (supervisor_rss_bytes,
         workers_rss_bytes), ``worker_spawns``, ``worker_kills`` (lane -> reason),
-        ``worker_recycles`` (lane -> reason).
+        ``worker_recycles`` (lane -> reason), ``retries`` (lane -> step -> attempts run again).
         """
         return self._metrics.snapshot(self._queue_depth())
 

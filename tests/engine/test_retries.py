@@ -1,0 +1,42 @@
+"""Retries: a failed attempt whose exception the step lists in ``retry_on`` runs again after
+a backoff; the last failure ends the task ``EXHAUSTED`` and says how many attempts ran."""
+
+import pytest
+
+from governor import Limits, TaskState
+from governor.errors import RegistrationError
+from governor import Call, StepRegistry
+
+
+def test_a_step_that_fails_twice_returns_on_its_third_attempt(supervisor, tmp_path):
+    future = supervisor.submit("flaky", str(tmp_path / "count"), 2)
+    assert future.result(timeout=60) == 3
+    assert future.state is TaskState.DONE
+    assert supervisor.metrics()["retries"]["pool"]["flaky"] == 2
+
+
+def test_a_step_that_always_fails_runs_four_attempts_and_ends_exhausted(supervisor, tmp_path):
+    counter = tmp_path / "count"
+    future = supervisor.submit("flaky", str(counter), 100)
+    with pytest.raises(OSError) as failed:
+        future.result(timeout=60)
+    assert future.state is TaskState.EXHAUSTED
+    assert counter.read_text() == "4"
+    assert "all 4 attempts failed" in "".join(failed.value.__notes__)
+    assert supervisor.metrics()["tasks"]["pool"]["flaky"] == {"exhausted": 1}
+
+
+def test_a_timeout_is_never_retried_even_when_retry_on_covers_it(supervisor, tmp_path):
+    counter = tmp_path / "count"  # flaky_hang retries on any Exception, StepTimeout included
+    future = supervisor.submit_call(Call("flaky_hang", (str(counter),), limits=Limits(timeout_s=0.5)))
+    with pytest.raises(TimeoutError):
+        future.result(timeout=60)
+    assert future.state is TaskState.TIMED_OUT and counter.read_text() == "1"
+
+
+def test_a_critical_step_retries_only_if_idempotent():
+    local = StepRegistry()
+    with pytest.raises(RegistrationError, match="idempotent"):
+        local.register(lambda: None, name="send", critical=True, retries=2, retry_on=(OSError,))
+    assert local.register(lambda: None, name="save", critical=True, retries=2, retry_on=(OSError,),
+                          idempotent=True).retries == 2
