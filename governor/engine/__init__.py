@@ -41,10 +41,12 @@ on the left, other processes on the right)::
   The warm template (governor.workers.template) forks every worker; a spawn thread starts
   a new template when one dies; a cleanup thread removes a gone worker's temp dir.
 
-Where each part lives: ``supervisor`` (the API), ``manager`` (the loop and ``conclude``),
-``backend`` (what a lane backend is, and the selector), ``lanes`` (the local lanes:
-dispatch, limits, deaths), ``starts`` (the template, forks, a new worker's handshake),
-``slots`` (one worker's seat, its send path, send-ahead), ``ray_lane`` (the pool lane on
-Ray), ``timers``, ``metrics``; the messages on the sockets are
-``governor.workers.messages``.
+Where each part lives: ``supervisor`` (the API), ``routes`` (a step's lane, limits,
+signature and lane key), ``manager`` (the loop, the queue counts, ``conclude`` and
+retries), ``backend`` (what a lane backend is, and the selector), ``lanes`` (the local
+lanes: dispatch, key order, limits, deaths), ``starts`` (the template, forks, a new
+worker's handshake), ``slots`` (one worker's seat, its send path, send-ahead, a lane's
+slots by state), ``queues`` (the pool lane's priority order), ``mapping`` (the bounded
+``map``), ``ray_lane`` (the pool lane on Ray), ``timers``, ``metrics``; the messages on the
+sockets are ``governor.workers.messages``.
 """
