@@ -284,7 +284,9 @@ def _module_error(module_name: str, error: BaseException) -> str:
 @main.command()
 @click.argument("step", required=False)
 @click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE",
-              help="A parameter; VALUE is read as JSON when it parses (5, true, \"x\"), else as text. Repeatable.")
+              help="A parameter; VALUE is converted by the step's annotation (int, float, bool, str, Path, "
+                   "a JSON array or object), else read as JSON when it parses (5, true), else as text. "
+                   "Repeatable.")
 @click.option("--params", "params_json", default=None, metavar="OBJECT", help="All parameters as one JSON object.")
 @click.option("--wait/--no-wait", default=False, show_default=True,
               help="Wait for the task and print its record (else print its id).")
@@ -332,7 +334,7 @@ def submit(client: LazyClient, step: Optional[str], params: List[str], params_js
         # --timeout used to mean --wait-timeout: say so while scripts may still mean that.
         click.echo("note: --timeout is the task's own time limit (it is killed past it); to stop waiting "
                    "and leave it running, use --wait-timeout", err=True)
-    call_params = _parameters(params, params_json)
+    call_params = _parameters(client, step, params, params_json)
     from governor.task import Call
 
     # submit_call returns once the daemon journaled the task: the id is known.
@@ -346,7 +348,8 @@ def submit(client: LazyClient, step: Optional[str], params: List[str], params_js
     raise click.exceptions.Exit(exit_status([record]))
 
 
-def _parameters(params: List[str], params_json: Optional[str]) -> Dict[str, Any]:
+def _parameters(client: LazyClient, step: str, params: List[str], params_json: Optional[str]) -> Dict[str, Any]:
+    """``--params`` and the ``-p`` pairs (which win), each ``-p`` text converted by its annotation."""
     parsed: Dict[str, Any] = {}
     if params_json is not None:
         try:
@@ -355,12 +358,28 @@ def _parameters(params: List[str], params_json: Optional[str]) -> Dict[str, Any]
             raise click.BadParameter(f"not JSON: {error}", param_hint="--params") from None
         if not isinstance(parsed, dict):
             raise click.BadParameter("must be a JSON object", param_hint="--params")
+    texts: Dict[str, str] = {}
     for item in params:
-        name, equals, value = item.partition("=")
+        name, equals, text = item.partition("=")
         if not equals or not name:
             raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="-p")
-        parsed[name] = parse_value(value)
+        texts[name] = text
+    if texts:
+        parsed.update(client.ask(lambda c: _converted(c, step, texts)))
     return parsed
+
+
+def _converted(client: Any, step: str, texts: Dict[str, str]) -> Dict[str, Any]:
+    """``-p`` texts as the values the step's annotations say, by the daemon's description of
+    the step: an unknown name or a bad value is refused here (``InvalidParameters``), before
+    anything is submitted. A step the daemon does not list keeps the JSON-or-text reading:
+    the daemon then refuses it by name, with its closest matches."""
+    from governor.steps.parameters import StepParameters
+
+    described = next((entry for entry in client.steps() if entry["name"] == step), None)
+    if described is None or "parameters" not in described:
+        return {name: parse_value(text) for name, text in texts.items()}
+    return StepParameters.from_wire(step, described["parameters"]).from_texts(texts)
 
 
 @main.command()
@@ -464,24 +483,54 @@ def cancel(client: LazyClient, task_ids: Tuple[int, ...], as_json: bool) -> None
 
 
 @main.command()
+@click.argument("step", required=False)
 @json_option
 @socket_option
 @pass_client
-def steps(client: LazyClient, as_json: bool) -> None:
-    """List the daemon's steps: lane, why that lane, and limits.
+def steps(client: LazyClient, step: Optional[str], as_json: bool) -> None:
+    """List the daemon's steps: lane, why that lane, and limits; or one STEP in full.
 
     \b
     Examples:
       governor steps
+      governor steps timed_sleep
       governor steps --json
     """
     described = client.ask(lambda c: c.steps())
+    if step is not None:
+        chosen = [entry for entry in described if entry["name"] == step]
+        if not chosen:
+            raise client_error(errors.UnknownStep.for_name(step, [entry["name"] for entry in described]))
+        described = chosen
+        if not as_json:
+            _echo_step(described[0])
+            return
     if as_json:
         echo_json(described)
         return
     table(["step", "lane", "timeout_s", "max_memory_mb", "why"],
           [[s["name"], s["lane"], s["limits"]["timeout_s"] or "", s["limits"]["max_memory_mb"] or "", s["reason"]]
             for s in described])
+
+
+def _echo_step(described: Dict[str, Any]) -> None:
+    """One step in full: its signature and description, lane, limits and parameters."""
+    click.echo(f"{described['name']}{described['signature']}")
+    if described["description"]:
+        click.echo(f"  {described['description']}")
+    click.echo(f"lane: {described['lane']} ({described['reason']})")
+    click.echo("limits: " + ", ".join(f"{name} {value if value is not None else '-'}"
+                                      for name, value in described["limits"].items()))
+    from governor.steps.parameters import StepParameters
+
+    parameters = StepParameters.from_wire(described["name"], described.get("parameters", ())).parameters
+    named = [parameter for parameter in parameters if parameter.by_name]
+    if named:
+        click.echo("parameters:")
+        table(["name", "takes", "required"],
+              [[parameter.name, (parameter.type.value if parameter.type else "any")
+                + (" or null" if parameter.nullable else ""), "yes" if parameter.required else ""]
+               for parameter in named], indent="  ")
 
 
 @main.command()
