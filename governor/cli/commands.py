@@ -148,6 +148,9 @@ def top(client: LazyClient, interval: float) -> None:
 @click.option("--builtin/--no-builtin", default=True, show_default=True,
               help="Serve the built-in git and chat steps.")
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="Pool workers [default: 2 x CPUs, 4..16].")
+@click.option("--critical-workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Critical workers: critical steps with the same key (@step(critical=True, key=...)) run one "
+                   "at a time in order, different keys at once on up to this many; a step without a key alone.")
 @click.option("--journal", "journal_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="The SQLite journal [default: $XDG_STATE_HOME/governor/journal.sqlite3].")
 @click.option("--metrics-addr", default=None, metavar="[HOST:]PORT",
@@ -175,7 +178,7 @@ def top(client: LazyClient, interval: float) -> None:
               help="A path every pool worker may also write beneath. Repeatable.")
 @click.pass_context
 def serve(ctx: click.Context, step_modules: List[str], app_dir: Path, builtin: bool, workers: Optional[int],
-          journal_path: Optional[Path], metrics_addr: Optional[str], log_format: str, log_level: str,
+          critical_workers: int, journal_path: Optional[Path], metrics_addr: Optional[str], log_format: str, log_level: str,
           drain_timeout: float, allow_root: bool, backend: str, ray_address: Optional[str], sandbox: str,
           sandbox_writes: List[str], **http_settings: Any) -> None:
     """Run the supervisor daemon in the foreground (as systemd and supervisord expect).
@@ -206,9 +209,9 @@ def serve(ctx: click.Context, step_modules: List[str], app_dir: Path, builtin: b
         raise click.BadParameter("needs --backend ray", param_hint="--ray-address")
     if sandbox == "require" and backend == "ray":
         raise click.BadParameter("the Ray lane runs no sandbox; use --backend loky", param_hint="--sandbox")
-    settings: Dict[str, Any] = {"workers": workers, "allow_root": allow_root, "drain_timeout_s": drain_timeout,
-                                "backend": backend, "ray_address": ray_address, "sandbox": sandbox,
-                                "sandbox_writes": sandbox_writes}
+    settings: Dict[str, Any] = {"workers": workers, "critical_workers": critical_workers, "allow_root": allow_root,
+                                "drain_timeout_s": drain_timeout, "backend": backend, "ray_address": ray_address,
+                                "sandbox": sandbox, "sandbox_writes": sandbox_writes}
     socket_path = ctx.ensure_object(LazyClient).resolved_socket()
     if socket_path is not None:
         settings["socket_path"] = socket_path

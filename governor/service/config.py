@@ -160,6 +160,7 @@ class DaemonConfig:
     socket_path: Path = attrs.field(factory=default_socket_path, converter=Path)
     journal_path: Path = attrs.field(factory=default_journal_path, converter=Path)
     workers: Optional[int] = None
+    critical_workers: int = 1  # Supervisor(critical_workers=): keyed critical steps of different keys at once
     allow_root: bool = False
     drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S
     metrics_addr: Optional[Tuple[str, int]] = attrs.field(default=None, converter=_metrics_addr)

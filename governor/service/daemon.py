@@ -289,7 +289,8 @@ class Daemon:
         check_socket_free(config.socket_path)
         self._lock = JournalLock(config.journal_path)
         self._journal = Journal(config.journal_path, retention_s=config.retention_s)
-        self._supervisor = Supervisor(self._registry, config.workers, on_dispatch=self._record_start,
+        self._supervisor = Supervisor(self._registry, config.workers, critical_workers=config.critical_workers,
+                                      on_dispatch=self._record_start,
                                       backend=config.backend, ray_address=config.ray_address,
                                       sandbox=config.sandbox, sandbox_writes=config.sandbox_writes,
                                       wrap_step_errors=True)  # the wire rebuilds StepFailed, not any type

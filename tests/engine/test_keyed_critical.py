@@ -59,3 +59,4 @@ def test_a_key_must_name_a_parameter_of_a_critical_step():
         local.register(lambda chat_id: chat_id, name="read", critical=False, key="chat_id")
     spec = local.register(lambda chat_id, text="": chat_id, name="post", critical=True, key="chat_id")
     assert spec.key == "chat_id"
+
