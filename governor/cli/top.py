@@ -34,6 +34,10 @@ from governor.service.journal import TERMINAL_STATES
 REQUEST_TIMEOUT_S = 5.0
 
 
+def _pair(p50: Optional[float], p95: Optional[float]) -> str:
+    return "-" if p50 is None else f"{seconds_text(p50)} / {seconds_text(p95)}"
+
+
 def _against(value: str, limit: str) -> str:
     return value if limit == "-" else f"{value} / {limit}"
 
@@ -149,7 +153,8 @@ class TopApp(App):
         yield DataTable(id="workers", cursor_type="row")
         yield Label("last kills and crashes", classes="title")
         yield DataTable(id="kills", cursor_type="none")
-        yield Label("steps over the last minute", classes="title")
+        yield Label("steps over the last minute (a latency is its queue wait, then its run time)",
+                    classes="title")
         yield DataTable(id="steps", cursor_type="none")
         yield Footer()
 
@@ -157,7 +162,7 @@ class TopApp(App):
         self._columns("lanes", "lane", "queued", "in flight", "warm spares", "busy", "idle", "starting")
         self._columns("workers", "pid", "lane", "state", "step", "task", "running / timeout", "RSS / limit")
         self._columns("kills", "when", "task", "step", "lane", "reason", "limit", "observed", "pid")
-        self._columns("steps", "step", "lane", "ended", "per s", "p50", "p95")
+        self._columns("steps", "step", "lane", "ended", "per s", "queue wait p50 / p95", "run time p50 / p95")
         self.query_one("#workers", DataTable).focus()
         self.poll()
         self.set_interval(self.interval, self.poll)
@@ -215,7 +220,8 @@ class TopApp(App):
                               kill["observed"] or "-", str(kill["pid"] or "-")] for kill in snapshot["kills"][:10]])
         self._fill("steps", [[step["step"], step["lane"], str(step["count"]),
                               "-" if step["per_s"] is None else f"{step['per_s']:.2f}",
-                              seconds_text(step["p50_s"]), seconds_text(step["p95_s"])] for step in snapshot["steps"]])
+                              _pair(step.get("queue_p50_s"), step.get("queue_p95_s")),
+                              _pair(step.get("run_p50_s"), step.get("run_p95_s"))] for step in snapshot["steps"]])
 
     def _fill(self, name: str, rows: List[List[str]]) -> None:
         table = self.query_one(f"#{name}", DataTable)

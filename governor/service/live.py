@@ -71,7 +71,18 @@ class TaskEnd:
     lane: str
     state: str
     ended_at: float
-    latency_s: float
+    latency_s: float  # submit to end: queue_s + run_s, as the caller waited
+    queue_s: float  # submit to dispatch (to the end, for a task that never left the queue)
+    run_s: Optional[float]  # in a worker; None when it never reached one
+
+    @classmethod
+    def of(cls, task_id: int, task: Any) -> "TaskEnd":
+        """The end of ``task`` (which has ended), its latency split as the metrics split it."""
+        left_queue = task.dispatched_at if task.dispatched_at is not None else task.ended_at
+        started = task.started_at if task.started_at is not None else task.dispatched_at
+        return cls(task_id, task.step, task.lane.value, task.state.value, task.ended_at,
+                   max(0.0, task.ended_at - task.submitted_at), max(0.0, left_queue - task.submitted_at),
+                   None if started is None else max(0.0, task.ended_at - started))
 
 
 @attrs.frozen
@@ -117,6 +128,17 @@ class Kill:
                    getattr(error, "pid", None) or task.pid, wall_now, str(error))
 
 
+def _split_quantiles(ends: List[TaskEnd]) -> Dict[str, Optional[float]]:
+    """p50 and p95 of the latency (``p50_s``, ``p95_s``: submit to end) and of its two parts,
+    the wait in the queue (``queue_p50_s``...) and the run in a worker (``run_p50_s``...)."""
+    figures: Dict[str, Optional[float]] = {}
+    for prefix, values in (("", [end.latency_s for end in ends]), ("queue_", [end.queue_s for end in ends]),
+                           ("run_", [end.run_s for end in ends if end.run_s is not None])):
+        values.sort()
+        figures[f"{prefix}p50_s"], figures[f"{prefix}p95_s"] = _quantile(values, 0.5), _quantile(values, 0.95)
+    return figures
+
+
 def _figure(value: Optional[float], unit: str) -> Optional[str]:
     return None if value is None else f"{value:.4g} {unit}"
 
@@ -148,8 +170,7 @@ class LiveModel:
         for task in _tasks_of(future):
             if task.ended_at is None:
                 continue  # skipped or dropped before it ran: no latency to show
-            self._ends.append(TaskEnd(task_id, task.step, task.lane.value, task.state.value, task.ended_at,
-                                      max(0.0, task.ended_at - task.submitted_at)))
+            self._ends.append(TaskEnd.of(task_id, task))
             kill = Kill.from_task(task_id, task, self._wall_clock())
             if kill is not None:
                 self._kills.appendleft(kill)
@@ -163,15 +184,14 @@ class LiveModel:
         covered = min(WINDOW_S, now - self._born)
         if len(self._ends) == MAX_ENDS:
             covered = min(covered, now - self._ends[0].ended_at)
-        per_step: Dict[Tuple[str, str], List[float]] = collections.defaultdict(list)
+        per_step: Dict[Tuple[str, str], List[TaskEnd]] = collections.defaultdict(list)
         for end in window:
-            per_step[(end.step, end.lane)].append(end.latency_s)
+            per_step[(end.step, end.lane)].append(end)
         steps = []
-        for (step, lane), latencies in sorted(per_step.items()):
-            latencies.sort()
-            steps.append({"step": step, "lane": lane, "count": len(latencies),
-                          "per_s": len(latencies) / covered if covered > 0 else None,
-                          "p50_s": _quantile(latencies, 0.5), "p95_s": _quantile(latencies, 0.95)})
+        for (step, lane), ends in sorted(per_step.items()):
+            steps.append({"step": step, "lane": lane, "count": len(ends),
+                          "per_s": len(ends) / covered if covered > 0 else None,
+                          **_split_quantiles(ends)})
         return {"window_s": covered, "steps": steps, "kills": [attrs.asdict(kill) for kill in self._kills],
                 "series": self._series(now, wall_now)}
 

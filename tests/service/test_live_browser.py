@@ -81,3 +81,27 @@ def test_the_page_without_the_token_is_refused(daemon, chromium):
             assert json.loads(await page.evaluate("JSON.stringify(document.cookie)")) == ""
 
     asyncio.run(scenario())
+
+
+def test_the_latency_chart_leaves_a_gap_where_no_task_ended(daemon, chromium):
+    """A bucket with no end is drawn as nothing: the line stops and starts again after it."""
+    chromium.start(daemon.url)
+
+    async def scenario() -> None:
+        import aiohttp
+
+        async with aiohttp.ClientSession() as session:
+            page = await chromium.page(session)
+            await page.wait_for_text("#connection", "live")
+            # The page's own chart(), on points with two empty buckets in the middle; read back
+            # in the same turn, before the next snapshot redraws it.
+            path = await page.evaluate("""(() => {
+                const points = [0.1, 0.2, null, null, 0.3, 0.4].map((v) => ({p50_s: v}));
+                chart("latency", points, [{cls: "p50", value: (p) => p.p50_s, label: seconds}], 5);
+                return document.querySelector("#latency path.p50").getAttribute("d");
+            })()""")
+            segments = path.split("M")[1:]
+            assert len(segments) == 2, path
+            assert [segment.count("L") for segment in segments] == [1, 1], path
+
+    asyncio.run(scenario())

@@ -51,6 +51,22 @@ def test_the_window_keeps_the_last_minute_and_its_quantiles_are_nearest_rank(mod
     assert figures["window_s"] == WINDOW_S and step["per_s"] == pytest.approx(20 / WINDOW_S)
 
 
+def test_a_steps_latency_is_split_into_its_queue_wait_and_its_run(model, clock):
+    clock.now += 10
+    for waited in (0.1, 0.2, 3.0):  # a task that waited 3 s behind others still ran 0.2 s
+        future = ended("crunch", clock.now - 5, waited + 0.2)
+        future.task.dispatched_at = future.task.started_at = future.task.submitted_at + waited
+        model.task_ended(1, future)
+    never_ran = ended("crunch", clock.now - 5, 1.0, TaskState.CANCELLED)
+    never_ran.task.dispatched_at = None  # cancelled in the queue
+    model.task_ended(2, never_ran)
+    [step] = model.figures()["steps"]
+    assert step["count"] == 4
+    assert step["run_p50_s"] == pytest.approx(0.2) and step["run_p95_s"] == pytest.approx(0.2)
+    assert step["queue_p50_s"] == pytest.approx(0.2) and step["queue_p95_s"] == pytest.approx(3.0)
+    assert step["p95_s"] == pytest.approx(3.2), "the latency is both parts together"
+
+
 def test_just_after_a_start_rates_are_over_the_time_since_then(model, clock):
     clock.now += 10
     model.task_ended(1, ended("echo", clock.now - 1, 0.5))

@@ -9,6 +9,7 @@ function seconds(value) {
   if (value === null || value === undefined) return "-";
   return value < 1 ? `${(value * 1000).toFixed(0)} ms` : `${value.toFixed(1)} s`;
 }
+function pair(p50, p95) { return p50 === null || p50 === undefined ? "-" : `${seconds(p50)} / ${seconds(p95)}`; }
 function mib(value) { return value === null || value === undefined ? "-" : `${value.toFixed(0)} MiB`; }
 function clock(wall) { return wall ? new Date(wall * 1000).toLocaleTimeString() : "-"; }
 
@@ -93,8 +94,16 @@ function chart(id, points, series, bucket) {
         parts.push(bar);
       });
     } else {
-      const d = points.map((p, i) => [i, s.value(p)]).filter(([, v]) => v !== null)
-        .map(([i, v], n) => `${n ? "L" : "M"}${x(i).toFixed(1)},${y(v).toFixed(1)}`).join(" ");
+      // A bucket with no task is a gap: the line stops there and starts again after it,
+      // rather than bridging (or falling to 0) as if something had been measured.
+      let pen = "M";
+      const d = points.map((p, i) => {
+        const v = s.value(p);
+        if (v === null) { pen = "M"; return ""; }
+        const step = `${pen}${x(i).toFixed(1)},${y(v).toFixed(1)}`;
+        pen = "L";
+        return step;
+      }).filter(Boolean).join(" ");
       if (d) {
         const path = document.createElementNS(SVG, "path");
         path.setAttribute("d", d); path.setAttribute("class", s.cls);
@@ -141,7 +150,8 @@ function draw(snap) {
   document.getElementById("window").textContent = `${Math.round(snap.window_s)} s`;
   fill("steps", snap.steps, (row, s) => {
     cell(row, s.step); cell(row, s.lane); cell(row, s.count);
-    cell(row, s.per_s === null ? "-" : s.per_s.toFixed(2)); cell(row, seconds(s.p50_s)); cell(row, seconds(s.p95_s));
+    cell(row, s.per_s === null ? "-" : s.per_s.toFixed(2));
+    cell(row, pair(s.queue_p50_s, s.queue_p95_s)); cell(row, pair(s.run_p50_s, s.run_p95_s));
   });
   fill("tasks", snap.tasks, (row, t) => {
     cell(row, t.task_id); cell(row, t.step || t.kind); cell(row, t.lane); cell(row, t.state, `state-${t.state}`);
