@@ -586,6 +586,23 @@ def metrics(client: LazyClient, prometheus: bool, as_json: bool) -> None:
         echo_tables(format_metrics(found))
 
 
+@main.command()
+@socket_option
+@pass_client
+def page(client: LazyClient) -> None:
+    """Print the status page's URL, with a fresh token that opens it.
+
+    The daemon must serve the page (`governor serve --http-addr [HOST:]PORT`); only its
+    own user is given a token. The URL printed when the daemon started stays valid too.
+
+    \b
+    Examples:
+      governor page
+      xdg-open "$(governor page)"
+    """
+    click.echo(client.ask(lambda c: c.page()))
+
+
 def _submit_batch(client: LazyClient, batch_file: TextIO, key: Optional[str], cancel_on_interrupt: bool,
                   as_json: bool) -> None:
     """Check every line, submit them as one batch request (all or nothing), then wait with a progress bar."""

@@ -103,6 +103,10 @@ class AsyncClient:
         """The daemon's workers."""
         return await self._ask(self._requests.workers())
 
+    async def page(self) -> str:
+        """The status page's URL with a fresh token (the daemon serves it with ``--http-addr``)."""
+        return await self._ask(self._requests.page())
+
     async def metrics(self, format: str = "json") -> Any:
         """The daemon's metrics snapshot, or its Prometheus text with ``format="prometheus"``."""
         return await self._ask(self._requests.metrics(format))

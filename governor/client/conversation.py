@@ -155,6 +155,9 @@ class Requests:
     def live(self) -> Exchange:
         return Exchange(protocol.Live(self._id()), lambda reply: reply["live"])
 
+    def page(self) -> Exchange:
+        return Exchange(protocol.Page(self._id()), lambda reply: reply["url"])
+
     def metrics(self, format: str) -> Exchange:
         return Exchange(protocol.Metrics(self._id(), format),
                          lambda reply: reply["text"] if format == "prometheus" else reply["metrics"])

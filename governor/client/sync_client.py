@@ -186,6 +186,10 @@ class Client:
         """The daemon's metrics snapshot, or its Prometheus text with ``format="prometheus"``."""
         return self._ask(self._requests.metrics(format))
 
+    def page(self) -> str:
+        """The status page's URL with a fresh token (the daemon serves it with ``--http-addr``)."""
+        return self._ask(self._requests.page())
+
     def live(self) -> Dict[str, Any]:
         """The live picture ``governor top`` draws: lanes, workers, recent tasks, kills,
         per-step latencies (see ``governor.service.live``)."""

@@ -23,8 +23,9 @@ from governor.protocol.errors import ErrorCode, ProtocolError, RemoteError, Resu
 from governor.protocol.framing import FrameDecoder, encode, read_message, recv_message, send_message, write_message
 from governor.protocol.messages import (DEFAULT_STATUS_LIMIT, MAX_BATCH_CALLS, MAX_CANCEL_IDS, MAX_KEY_CHARS,
                                         MAX_STATE_CHARS, MAX_STATUS_LIMIT, MAX_STEP_NAME_CHARS, MAX_WORKFLOW_CALLS,
-                                        PROTOCOL_VERSION, REQUEST_TYPES, Batch, Cancel, Live, Metrics, Ping, Request,
-                                        Status, StepCall, Steps, Submit, Wait, Workers, WorkflowRequest, error_reply,
+                                        PROTOCOL_VERSION, REQUEST_TYPES, Batch, Cancel, Live, Metrics, Page, Ping,
+                                        Request, Status, StepCall, Steps, Submit, Wait, Workers, WorkflowRequest,
+                                        error_reply,
                                         ok_reply, parse_request, request_id_of, unwrap_reply)
 from governor.protocol.values import MAX_MESSAGE_BYTES, MAX_RESULT_DEPTH, to_json_value
 
@@ -32,7 +33,7 @@ __all__ = [
     "Batch", "Cancel", "DEFAULT_STATUS_LIMIT", "ErrorCode", "FrameDecoder", "Live", "MAX_BATCH_CALLS",
     "MAX_CANCEL_IDS", "MAX_KEY_CHARS", "MAX_MESSAGE_BYTES", "MAX_PARAMS_DEPTH", "MAX_PATH_CHARS",
     "MAX_REQUEST_ID_CHARS", "MAX_RESULT_DEPTH", "MAX_STATE_CHARS", "MAX_STATUS_LIMIT", "MAX_STEP_NAME_CHARS",
-    "MAX_TASK_ID", "MAX_WORKFLOW_CALLS", "Metrics", "PROTOCOL_VERSION", "Ping", "ProtocolError", "REQUEST_TYPES",
+    "MAX_TASK_ID", "MAX_WORKFLOW_CALLS", "Metrics", "PROTOCOL_VERSION", "Page", "Ping", "ProtocolError", "REQUEST_TYPES",
     "RemoteError", "Request", "RequestId", "ResultNotSerialisable", "Status", "StepCall", "Steps", "Submit",
     "WIRE_LIMITS", "Wait", "Workers", "WorkflowRequest", "encode", "error_from_wire", "error_reply",
     "error_to_wire", "ok_reply", "parse_request", "read_message", "recv_message", "request_id_of", "send_message",

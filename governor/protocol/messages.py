@@ -37,6 +37,8 @@ Requests
     ``workers``  none
     ``metrics``  ``format``: ``"json"`` or ``"prometheus"`` [``"json"``]
     ``live``     none; the live picture ``governor top`` draws (``governor.service.live``)
+    ``page``     none; the status page's URL with a fresh token (``governor page``), for
+                 the daemon's own user, when it serves the page (``--http-addr``)
     ===========  =====================================================================
 
     A task id is an integer from 1 to 2**63 - 1. A ``params`` object nests at most 32
@@ -250,9 +252,16 @@ class Live(Request):
     OP = "live"
 
 
+@wire_type
+class Page(Request):
+    """``page``: the status page's URL, with a fresh token."""
+
+    OP = "page"
+
+
 #: Every request type by its op.
 REQUEST_TYPES: Dict[str, type] = {cls.OP: cls for cls in (Ping, Submit, Batch, WorkflowRequest, Cancel, Status, Wait,
-                                                          Steps, Workers, Metrics, Live)}
+                                                          Steps, Workers, Metrics, Live, Page)}
 
 _ENVELOPE = frozenset({"v", "op"})
 

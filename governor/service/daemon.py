@@ -536,6 +536,15 @@ class Daemon:
         metrics = await self._loop.run_in_executor(None, self._supervisor.metrics)
         return {"metrics": {**metrics, "daemon": attrs.asdict(self.statistics())}}
 
+    async def _op_page(self, connection: _Connection, request: protocol.Page) -> Dict[str, Any]:
+        # The token opens the page to whoever holds it: mint one only for the daemon's own
+        # user (root, admitted with --allow-root, must read the daemon's log instead).
+        if connection.uid != os.getuid():
+            raise DaemonError("only the daemon's own user may have a token for its status page")
+        if self.status_page is None:
+            raise DaemonError("this daemon serves no status page: start it with --http-addr [HOST:]PORT")
+        return {"url": self.status_page.mint_url()}
+
     async def _op_live(self, connection: Optional[_Connection], request: protocol.Live) -> Dict[str, Any]:
         return {"live": await self.live_snapshot()}
 
@@ -697,6 +706,7 @@ _HANDLERS: Dict[type, Callable[[Daemon, Optional[_Connection], Any], Awaitable[O
     protocol.Workers: Daemon._op_workers,
     protocol.Metrics: Daemon._op_metrics,
     protocol.Live: Daemon._op_live,
+    protocol.Page: Daemon._op_page,
 }
 _UNHANDLED = set(protocol.REQUEST_TYPES.values()) - set(_HANDLERS)
 if _UNHANDLED:

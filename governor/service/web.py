@@ -15,8 +15,9 @@ tasks, the live model's ring) and wakes every event stream with the same JSON, s
 pages cost the daemon what one does.
 
 Security: a loopback port has no peer-credential check and the page shows what steps run,
-so every request must carry the per-daemon token: ``?token=`` (the URL printed at start;
-the page then trades it for a cookie and a redirect that drops it from the address bar), the
+so every request must carry the per-daemon token: ``?token=`` (the URL printed at start, or
+one with a fresh token from ``governor page``, for the daemon's own user; the page then
+trades it for a cookie and a redirect that drops it from the address bar), the
 cookie, or ``Authorization: Bearer``. Anything else is 403. The page is read-only unless
 the daemon was started with ``--http-allow-cancel``; a cancel must be a same-origin JSON
 POST (the cookie is SameSite=Strict as well). Errors are 4xx, or a plain 500 that names no
@@ -26,13 +27,14 @@ internals; a traceback goes to the daemon's log only.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hmac
 import json
 import logging
 import secrets
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Deque, Optional
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -45,6 +47,10 @@ log = logging.getLogger("governor.service.web")
 #: How often the page is refreshed: several times a second looks live; each refresh costs
 #: the manager one describe round trip and the journal one small query.
 REFRESH_S = 0.5
+
+#: Tokens ``governor page`` minted that still open the page (the oldest goes first): one per
+#: time someone asked, kept few so a forgotten one does not stay valid for long.
+MAX_MINTED_TOKENS = 16
 
 #: The largest request body accepted (a cancel of many ids fits easily).
 MAX_BODY_BYTES = 64 << 10
@@ -86,6 +92,8 @@ class StatusPage:
     def __init__(self, daemon: Any, config: HttpConfig):
         self._daemon, self.config = daemon, config
         self.token = config.token or secrets.token_urlsafe(32)
+        self._minted: Deque[str] = collections.deque(maxlen=MAX_MINTED_TOKENS)  # by mint_url, newest last
+        self._base = ""  # http://host:port
         self._runner: Optional[web.AppRunner] = None
         self.url = ""  # the address actually bound, with the token: what to open
         self._cookie = ""
@@ -119,7 +127,8 @@ class StatusPage:
         host, port = page._runner.addresses[0][:2]
         shown = f"[{host}]" if ":" in host else host
         page._cookie = f"governor_token_{port}"  # cookies ignore ports: one per daemon
-        page.url = f"http://{shown}:{port}/?token={page.token}"
+        page._base = f"http://{shown}:{port}"
+        page.url = f"{page._base}/?token={page.token}"
         log.info("status page on %s%s", page.url, "" if config.allow_cancel else " (read-only)")
         return page
 
@@ -164,7 +173,18 @@ class StatusPage:
         return response
 
     def _is_token(self, offered: str) -> bool:
-        return hmac.compare_digest(offered.encode(), self.token.encode())
+        # Every token compared, the same work whichever matches: no timing says which.
+        matches = [hmac.compare_digest(offered.encode(), token.encode()) for token in (self.token, *self._minted)]
+        return any(matches)
+
+    def mint_url(self) -> str:
+        """The page's URL with a fresh token (``governor page``): it opens the page, as the printed one does.
+
+        The last :data:`MAX_MINTED_TOKENS` stay valid until the daemon stops.
+        """
+        token = secrets.token_urlsafe(32)
+        self._minted.append(token)
+        return f"{self._base}/?token={token}"
 
     # ----------------------------------------------------------------- routes
 

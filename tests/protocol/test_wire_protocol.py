@@ -273,6 +273,9 @@ GOOD_REQUESTS = [
     ({"op": "metrics"}, protocol.Metrics(id=7)),
     ({"op": "metrics", "format": "prometheus"}, protocol.Metrics(id=7, format="prometheus")),
     ({"op": "live"}, protocol.Live(id=7)),
+    ({"op": "page"}, protocol.Page(id=7)),
+    ({"op": "batch", "calls": [{"step": "a", "limits": {"timeout_s": 2.5}}, {"step": "b", "limits": None}]},
+     protocol.Batch(id=7, calls=(protocol.StepCall("a", limits=Limits(timeout_s=2.5)), protocol.StepCall("b")))),
 ]
 
 

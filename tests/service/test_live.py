@@ -6,7 +6,9 @@ import json
 import socket
 import subprocess
 import sys
+import urllib.error
 import urllib.parse
+import urllib.request
 
 import pytest
 
@@ -182,3 +184,29 @@ def test_a_taken_port_is_a_clear_error_and_leaves_nothing_running(tmp_path):
     assert refused.returncode == EXIT_CODES["cannot_start"] and f"cannot serve the status page on 127.0.0.1:{port}" in refused.stderr
     assert "Traceback" not in refused.stderr and "could not start a worker" not in refused.stderr
     assert not (tmp_path / "s.sock").exists()
+
+
+def test_governor_page_prints_a_url_with_a_fresh_token_that_opens_the_page(daemon):
+    first, second = (daemon.cli("page") for _ in range(2))
+    assert first.returncode == 0 and second.returncode == 0, first.stderr
+    urls = [first.stdout.strip(), second.stdout.strip()]
+    assert all(url.startswith(daemon.base + "/?token=") for url in urls), urls
+    assert len({*urls, daemon.url}) == 3, "a fresh token each time"
+    for url in urls:  # each opens the page, as the printed one does (a person pastes it)
+        opened = urllib.request.urlopen(url.replace("/?", "/api/live?"), timeout=60)
+        assert opened.status == 200 and json.loads(opened.read())["daemon_pid"] == daemon.process.pid
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(daemon.base + "/api/live?token=" + urls[0].split("token=")[1][:-2] + "xx",
+                               timeout=60)
+    assert refused.value.code == 403
+
+
+def test_governor_page_of_a_daemon_without_the_page_says_how_to_serve_it(tmp_path):
+    from daemon_harness import DaemonProcess
+
+    plain = DaemonProcess(tmp_path).start()
+    try:
+        shown = plain.cli("page")
+    finally:
+        assert plain.stop() == 0
+    assert shown.returncode == EXIT_CODES["failed"] and "--http-addr" in shown.stderr
