@@ -9,7 +9,7 @@ Three kinds of failure, three kinds of type:
 * A limit the governor enforced: :class:`StepTimeout`, :class:`MemoryLimitExceeded`,
   :class:`StepCancelled`; each carries the limit, what was observed and the worker's pid.
 * Broken infrastructure or misuse: :class:`WorkerCrashed` (a worker died and nobody in
-  Governor killed it), :class:`WorkerStartFailed`, :class:`QueueFull`,
+  Governor killed it; :class:`PoisonedTask` when it died taking the task), :class:`WorkerStartFailed`, :class:`QueueFull`,
   :class:`SupervisorClosed`, :class:`SupervisorBroken`, :class:`SupervisorForked`, :class:`UnknownStep`, :class:`RegistrationError`,
   :class:`SandboxUnavailable`; for the daemon, :class:`DaemonError` (it cannot start, one
   subclass per cause), :class:`PeerRefused`, :class:`TooManyClients`, :class:`UnknownTask`.
@@ -363,6 +363,34 @@ class WorkerCrashed(StepError):
     def __str__(self) -> str:
         return (f"worker {self.pid} running step {self.step!r} died "
                 f"({describe_exit(self.exitcode, self.signal)})")
+
+
+class PoisonedTask(WorkerCrashed):
+    """Workers died taking the task, before its step could start, so it was not sent again.
+
+    Most likely an argument whose unpickling ends the process (a ``__reduce__`` that calls
+    ``os._exit``, a C extension that crashes on the bytes): every worker the task went to
+    would die the same way, and in the critical lane every later task would wait behind it.
+
+    Attributes:
+        while_unpickling: the last worker died while it unpickled the task's arguments
+            (else before it read the task off its socket).
+        workers_lost: how many workers died taking it.
+    """
+
+    def __init__(self, step: str, task_id: int, pid: Optional[int], exitcode: Optional[int],
+                 signal_number: Optional[int], while_unpickling: bool, workers_lost: int):
+        super().__init__(step, task_id, pid, exitcode, signal_number)
+        self.args = (step, task_id, pid, exitcode, signal_number, while_unpickling, workers_lost)
+        self.while_unpickling = while_unpickling
+        self.workers_lost = workers_lost
+
+    def __str__(self) -> str:
+        when = ("while it unpickled the task's arguments" if self.while_unpickling
+                else f"before it took the task ({self.workers_lost} workers lost to it)")
+        return (f"worker {self.pid} died ({describe_exit(self.exitcode, self.signal)}) {when}; step "
+                f"{self.step!r} (task {self.task_id}) never started. Likely cause: an argument that "
+                "cannot be unpickled safely (its unpickling ends the process); pass plain data instead")
 
 
 def describe_exit(exitcode: Optional[int], signal_number: Optional[int]) -> str:

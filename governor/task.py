@@ -182,6 +182,8 @@ class Task:
     chunk: bool = False  # args is a list of argument tuples, one call each (Supervisor.map)
     state: TaskState = TaskState.QUEUED
     dispatched_at: Optional[float] = None
+    first_dispatched_at: Optional[float] = None  # its timeout runs from here, however often it is sent
+    workers_lost: int = 0  # workers that died taking it, before its step started
     started_at: Optional[float] = None
     ended_at: Optional[float] = None
     pid: Optional[int] = None

@@ -47,7 +47,8 @@ from governor.engine.queues import RankedQueue
 from governor.engine.slots import LaneState, Run, SendAhead, Slot, SlotState, dump_assignment
 from governor.engine.starts import WORKER_START_TIMEOUT_S, WorkerStarts
 from governor.engine.timers import Timers
-from governor.errors import InvalidTransition, MemoryLimitExceeded, StepFailed, StepTimeout, WorkerCrashed
+from governor.errors import (InvalidTransition, MemoryLimitExceeded, PoisonedTask, StepFailed, StepTimeout,
+                             WorkerCrashed)
 from governor.limits import Lane
 from governor.logs import log_death
 from governor.task import KillOrder, Task, TaskState
@@ -70,6 +71,11 @@ EXIT_STATUS_PATIENCE_S = 1.0
 #: lost worker: the spare covers capacity, and a fork at once would compete for the core
 #: that is confirming the kill that caused it.
 REPLACE_DELAY_S = 0.05
+
+#: How many workers a task may lose before its step starts (killed from outside just as it
+#: was sent, say) and still be sent to another; one more fails it as PoisonedTask. Each
+#: loss is a fork: without a bound, a task that kills every worker taking it looped.
+MAX_WORKERS_LOST = 2
 
 #: How long ``close`` waits for retired workers to be gone before it stops waiting.
 CLOSE_PATIENCE_S = 10.0
@@ -404,8 +410,11 @@ class LocalLanes(WorkerStarts):
         slot.run = run
         limits = task.limits
         now = task.dispatched_at = self._clock()
-        if limits.effective_timeout_s is not None:
-            self._timers.after(limits.effective_timeout_s, self._timeout_due, run)
+        if task.first_dispatched_at is None:
+            task.first_dispatched_at = now
+        if limits.effective_timeout_s is not None:  # from its first dispatch, if it is sent again
+            self._timers.after(max(0.0, task.first_dispatched_at + limits.effective_timeout_s - now),
+                               self._timeout_due, run)
         if limits.effective_memory_mb is not None:
             self._memory_watched[task.id] = run
             if self._next_sample_at is None:
@@ -511,7 +520,7 @@ class LocalLanes(WorkerStarts):
         if self._running.get(run.task.id) is not run or run.kill is not None:
             return
         task = run.task
-        elapsed = self._clock() - task.dispatched_at
+        elapsed = self._clock() - task.first_dispatched_at
         limit = task.limits.effective_timeout_s
         self._kill(run, "timeout", TaskState.TIMED_OUT, StepTimeout(task.step, task.id, limit, elapsed, run.slot.pid),
                    limit, elapsed)
@@ -590,19 +599,15 @@ class LocalLanes(WorkerStarts):
         if run.kill is not None:
             self._let_go(task)
             self._host.conclude(task, run.kill.state, run.kill.error, by_kill=True)
-        elif taken != task.id:
-            # It died before it took the task off its socket: the step never started, so
-            # the task goes to the next free worker of its lane, ahead of the queue.
+        elif taken != task.id and self._sent_again(slot, task):
             self._let_go(task)
-            self._host.metrics.task_redispatched(slot.lane)
-            log.info("worker %s died before it took task %s (%s); dispatching it again",
-                     slot.pid, task.id, task.step)
-            self._lanes[slot.lane].retry.appendleft(task)
-        elif slot.exit_status is not None or slot.template.connection is None:
-            self._crashed(slot, *(slot.exit_status or (None, None)))
-        else:
-            slot.awaiting_status = True  # the template reaps it and reports how it ended
-            self._timers.after(EXIT_STATUS_PATIENCE_S, self._status_overdue, slot)
+        else:  # its step had started (a crash), or the task cost too many workers (poisoned)
+            run.taken_at_death = taken
+            if slot.exit_status is not None or slot.template.connection is None:
+                self._crashed(slot, *(slot.exit_status or (None, None)))
+            else:
+                slot.awaiting_status = True  # the template reaps it and reports how it ended
+                self._timers.after(EXIT_STATUS_PATIENCE_S, self._status_overdue, slot)
 
     def _lost_ahead(self, slot: Slot, run: Run, taken: int) -> None:
         """The worker that had ``run`` sent ahead is dead; most often it never took it."""
@@ -610,14 +615,30 @@ class LocalLanes(WorkerStarts):
         self._send_ahead.drop(run)
         self._running.pop(task.id, None)
         if taken != task.id:
-            self._host.metrics.task_redispatched(slot.lane)
-            self._lanes[slot.lane].retry.appendleft(task)
+            if not self._sent_again(slot, task):
+                self._conclude_crash(slot, task, PoisonedTask(task.step, task.id, slot.pid, None, None,
+                                                              taken == -task.id, task.workers_lost))
             return
         # It had started it, and was killed for the task before it, whose outcome the kill
         # overtook: the one race a kill can lose (see _kill).
         crash = WorkerCrashed(task.step, task.id, slot.pid, None, None)
         log_death(f"{crash} (killed for the task before it)", task, slot.lane, slot.pid, "crash", None, None)
         self._host.conclude(task, TaskState.CRASHED, crash)
+
+    def _sent_again(self, slot: Slot, task: Task) -> bool:
+        """``slot``'s worker died taking ``task``, before its step started (before it read
+        the task, or while it unpickled the arguments: a kill from outside may land there
+        too): the task goes to the next free worker of its lane, ahead of the queue, unless
+        it has cost :data:`MAX_WORKERS_LOST` workers already. Whether it was sent again
+        (if not, it fails as :class:`PoisonedTask` and the lane goes on)."""
+        task.workers_lost += 1
+        if task.workers_lost > MAX_WORKERS_LOST:
+            return False
+        self._host.metrics.task_redispatched(slot.lane)
+        log.info("worker %s died before it started task %s (%s); dispatching it again",
+                 slot.pid, task.id, task.step)
+        self._lanes[slot.lane].retry.appendleft(task)
+        return True
 
     def _status_overdue(self, slot: Slot) -> None:
         if slot.awaiting_status:
@@ -631,10 +652,17 @@ class LocalLanes(WorkerStarts):
             return
         task = run.task
         self._let_go(task)
-        crash = WorkerCrashed(task.step, task.id, slot.pid, exitcode, signal_number)
+        if run.taken_at_death not in (None, task.id):  # it died taking the task, too often
+            crash = PoisonedTask(task.step, task.id, slot.pid, exitcode, signal_number,
+                                 run.taken_at_death == -task.id, task.workers_lost)
+        else:
+            crash = WorkerCrashed(task.step, task.id, slot.pid, exitcode, signal_number)
+        self._conclude_crash(slot, task, crash)
+
+    def _conclude_crash(self, slot: Slot, task: Task, crash: WorkerCrashed) -> None:
         self._host.metrics.worker_killed(slot.lane, "crash")
         log_death(str(crash), task, slot.lane, slot.pid, "crash", None,
-                  exitcode if signal_number is None else -signal_number)
+                  crash.exitcode if crash.signal is None else -crash.signal)
         self._host.conclude(task, TaskState.CRASHED, crash)
 
     def _recycle(self, slot: Slot, reason: str) -> None:

@@ -31,7 +31,7 @@ from governor.engine.timers import Timers
 from governor.limits import Lane
 from governor.task import KillOrder, Task
 from governor.workers.frames import Frames, header as frame_header
-from governor.workers.messages import Revoke
+from governor.workers.messages import TASK_ID, Revoke
 from governor.workers.proctree import TreeSampler, kill_tree
 from governor.workers.template import Template
 
@@ -190,6 +190,7 @@ class Run:
     kill: Optional[KillOrder] = None
     sent_at: float = 0.0  # when it was sent ahead (see SendAhead.take_back_stuck)
     taking_back: bool = False  # sent ahead, and asked back
+    taken_at_death: Optional[int] = None  # what its dead worker's seat said (governor.workers.seats)
 
 
 @attrs.define(eq=False)
@@ -365,7 +366,8 @@ class SendAhead:
 
 def dump_assignment(task_id: int, step: str, args: tuple, kwargs: dict, hard_cap_mb: Optional[float],
                     chunk: bool, cwd: Optional[str]) -> bytes:
-    """An :class:`~governor.workers.messages.Assignment`'s fields, pickled as the plain tuple
+    """An :class:`~governor.workers.messages.Assignment`'s frame: the task id
+    (:data:`~governor.workers.messages.TASK_ID`), then its fields pickled as the plain tuple
     the worker reads; cloudpickle only for what pickle cannot carry (a lambda among the
     arguments), since it is several times slower.
 
@@ -378,5 +380,8 @@ def dump_assignment(task_id: int, step: str, args: tuple, kwargs: dict, hard_cap
     try:
         payload = pickle.dumps(fields, pickle.HIGHEST_PROTOCOL)
     except (pickle.PicklingError, TypeError, AttributeError):
-        return cloudpickle.dumps(fields, pickle.HIGHEST_PROTOCOL)
-    return payload if b"__main__" not in payload else cloudpickle.dumps(fields, pickle.HIGHEST_PROTOCOL)
+        payload = cloudpickle.dumps(fields, pickle.HIGHEST_PROTOCOL)
+    else:
+        if b"__main__" in payload:
+            payload = cloudpickle.dumps(fields, pickle.HIGHEST_PROTOCOL)
+    return TASK_ID.pack(task_id) + payload

@@ -4,7 +4,7 @@ Both sides import this module (the supervisor's ``governor.engine.lanes`` and ``
 workers' ``worker`` and ``template``), so a message has one definition, a name and named
 fields, and the reader tells messages apart by their type, not by a string in slot 0::
 
-    worker's task socket     down  Assignment                       one task
+    worker's task socket     down  task id, Assignment              one task
                              up    Outcome (as outcome_to_wire's    how it ended
                                    tuple) | Dirty                   could not be made clean; exits
     worker's control socket  down  Cancel | Revoke                  stop a task | give one back
@@ -22,6 +22,7 @@ The others are rare and travel as themselves (pickled by reference to this modul
 from __future__ import annotations
 
 import enum
+import struct
 from typing import Any, NamedTuple, Optional, Sequence
 
 
@@ -55,6 +56,13 @@ class Assignment(NamedTuple):
     hard_cap_mb: Optional[float] = None
     chunk: bool = False
     cwd: Optional[str] = None
+
+
+#: What precedes an :class:`Assignment`'s pickled fields in its frame: the task's id, which
+#: the worker writes into its seat (negated) before it unpickles anything of the task, so
+#: an argument whose unpickling kills the worker is known for what it is
+#: (``governor.workers.seats``).
+TASK_ID = struct.Struct("q")
 
 
 class Outcome(NamedTuple):

@@ -1,10 +1,13 @@
 """The seats file: 8 bytes per live worker, mapped by the worker and by the supervisor.
 
-A worker writes into its seat the id of the task it takes off its socket, before the step
-starts (:class:`Seat`, in the worker). When a worker dies with a task assigned, the
-supervisor reads the seat (:class:`Seats`) to know whether the step had started: a task
-its worker never took goes to another worker instead of failing (an idle worker killed
-from outside just as a task was sent to it). One store per task, no message, no syscall.
+A worker writes into its seat the negated id of the task it takes off its socket, before
+it unpickles the task's arguments, then the id itself, before the step starts (:class:`Seat`,
+in the worker). When a worker dies with a task assigned, the supervisor reads the seat
+(:class:`Seats`) to know how far it got: a task its worker never took goes to another
+worker instead of failing (an idle worker killed from outside just as a task was sent to
+it); one whose unpickling killed it fails as ``PoisonedTask`` (each worker it went to
+would die alike); one whose step had started crashed. Two stores per task, no message,
+no syscall.
 """
 
 from __future__ import annotations
@@ -56,7 +59,8 @@ class Seats:
         return seat
 
     def task_taken(self, seat: int) -> int:
-        """The id of the task the seat's worker last took off its socket (0: none)."""
+        """The id of the task the seat's worker last took off its socket (0: none); its
+        negative while the worker unpickled that task's arguments."""
         return struct.unpack_from("q", self._map, seat * SEAT_BYTES)[0]
 
     def give_back(self, seat: int) -> None:

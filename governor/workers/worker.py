@@ -9,7 +9,7 @@ messages are ``governor.workers.messages``)::
         control socket ──> Hello(CONTROL, slot_id, pid)
         (before both: initializer(*initargs), once; Supervisor(initializer=...))
         [per-worker setup hook]                      see serve()
-        loop: task socket ──> Assignment ──> run_step ──> kill what the step left running
+        loop: task socket ──> task id, Assignment ──> run_step ──> kill what the step left running
               ──> Outcome ──> task socket ──> put the worker's state back (hygiene)
     control socket ──> Cancel(task_id, reason, detail) ──> control thread ──> StepContext flag
                    ──> Revoke(task_id, number)         ──> control thread ──> Revoked(task_id)
@@ -60,7 +60,7 @@ from governor.workers import proctree
 from governor.workers import sandbox as _sandbox
 from governor.errors import StepCancelled
 from governor.workers.frames import Frames, send_frame
-from governor.workers.messages import (Assignment, Cancel, Channel, Dirty, Hello, Outcome, OutcomeKind, Revoke,
+from governor.workers.messages import (TASK_ID, Assignment, Cancel, Channel, Dirty, Hello, Outcome, OutcomeKind, Revoke,
                                        Revoked, outcome_to_wire)
 from governor.workers.seats import Seat
 
@@ -176,12 +176,17 @@ def serve(slot_id: int, lane: str, address: str, seats_path: str, seat_index: in
             os._exit(0)  # the supervisor retired this worker, or is gone
         if not _take_assignment():
             continue  # taken back by the supervisor: it runs elsewhere
+        # Taking it: should unpickling its arguments end this process (a __reduce__ that
+        # calls os._exit), the seat tells the supervisor, which fails the task rather than
+        # sending it to worker after worker.
+        task_id = TASK_ID.unpack_from(frame)[0]
+        seat.write(-task_id)
         try:
-            assignment = Assignment(*pickle.loads(frame))
+            assignment = Assignment(*pickle.loads(memoryview(frame)[TASK_ID.size:]))
         except Exception as exc:  # an argument this process cannot rebuild: the task's error, not
             outcome = _unreadable(exc)  # the worker's death (each replacement would die of it too)
         else:
-            seat.write(assignment.task_id)
+            seat.write(task_id)
             outcome = run_step(_steps[assignment.step], assignment.task_id, assignment.step, assignment.args,
                                assignment.kwargs, assignment.hard_cap_mb, assignment.chunk, assignment.cwd)
             if _forked_by_step:
