@@ -10,8 +10,8 @@ bench's own steps. Measured, in one run:
   own connection in its own thread, all submitting at once: saturation, where a task's
   latency is mostly its wait behind the others (and named so);
 * the daemon's own latency: one client offering no-ops at a steady rate below saturation
-  (:data:`STEADY_SHARE` of the one-client throughput just measured), open loop, each
-  latency from the task's scheduled send to its result.
+  (:data:`STEADY_SHARE` of the one-client throughput just measured), each latency from the
+  task's scheduled send to its result (see :func:`_steady`).
 """
 
 from __future__ import annotations
@@ -103,9 +103,10 @@ def _load(socket_path: Path, clients: int, tasks: int) -> Tuple[Throughput, List
 def _steady(socket_path: Path, rate: float, tasks: int) -> List[float]:
     """``tasks`` no-ops from one client at ``rate`` per second: each one's latency, in seconds.
 
-    An open loop: sends keep to their schedule whatever the replies do, and a latency runs
-    from the task's scheduled send to its result, so a daemon that falls behind shows as
-    growing latencies rather than as a slower offered load.
+    Open loop on results: a send waits only for the daemon's acknowledgement (the task
+    journaled, as ``Client.submit`` returns), never for a result. A latency runs from the
+    task's scheduled send to its result, so a daemon that falls behind, in its replies or
+    in its acknowledgements, shows as growing latencies rather than as a slower offered load.
     """
     interval, latencies = 1.0 / rate, []
     with Client(socket_path) as client:
