@@ -707,7 +707,13 @@ class LocalLanes(WorkerStarts):
             os.rename(tmpdir, removing)
         except OSError:
             removing = tmpdir  # gone already, or a stale ".removing" is in the way: remove in place
-        self._cleaner.submit(shutil.rmtree, removing, ignore_errors=True)
+        try:
+            self._cleaner.submit(shutil.rmtree, removing, ignore_errors=True)
+        except RuntimeError:
+            # The cleanup thread cannot start: the interpreter is exiting (Python 3.12.0-3.12.1
+            # refuse a new thread there, gh-113964) or its thread pools are shut. Removing it
+            # here stalls only a shutdown, and a failure here would leave the template running.
+            shutil.rmtree(removing, ignore_errors=True)
 
 
 def _made(path: str) -> str:
