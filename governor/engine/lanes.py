@@ -139,7 +139,7 @@ class LocalLanes(WorkerStarts):
         ``WorkerStartFailed``, naming a step module that would not import)."""
         self._template = self._new_template()
         self._template.start(self._config.steps, self._config.step_modules, WORKER_START_TIMEOUT_S,
-                             self._worker_address, self._sandbox, self._config.initializer)
+                             self._worker_address, self._secret, self._sandbox, self._config.initializer)
 
     def begin(self) -> None:
         self._begun = True

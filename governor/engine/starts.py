@@ -21,8 +21,10 @@ import concurrent.futures
 import logging
 import os
 import pickle
+import secrets
 import selectors
 import socket
+import struct
 from multiprocessing.connection import Connection
 from typing import Any, Dict, Optional, Sequence
 
@@ -34,7 +36,7 @@ from governor.engine.timers import Timers
 from governor.errors import WorkerStartFailed
 from governor.limits import Lane
 from governor.task import TaskState
-from governor.workers.messages import Channel, Exited, ForkFailed, Hello
+from governor.workers.messages import HELLO_MAX_BYTES, Channel, Exited, ForkFailed, hello_from_wire
 from governor.workers.proctree import TreeSampler
 from governor.workers.sandbox import SandboxPolicy
 from governor.workers.seats import Seats
@@ -76,6 +78,9 @@ class WorkerStarts:
         self._slot_ids = iter(range(1, 2 ** 62))
         self._spawner = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="governor-spawn")
         self._worker_address = os.path.join(directory, "workers")
+        # In every hello: what tells our workers from anything else that can reach the
+        # listener (with the peer's pid, checked against the kernel's, see _on_hello).
+        self._secret = secrets.token_hex(32)
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._listener.bind(self._worker_address)
         self._listener.listen(64)
@@ -147,7 +152,7 @@ class WorkerStarts:
         self._template_starting = True
         template = self._new_template()
         start = self._spawner.submit(template.start, self._config.steps, self._config.step_modules,
-                                     WORKER_START_TIMEOUT_S, self._worker_address, self._sandbox,
+                                     WORKER_START_TIMEOUT_S, self._worker_address, self._secret, self._sandbox,
                                      self._config.initializer)
         start.add_done_callback(lambda done: self._host.call_soon(self._on_template_started, template, done))
 
@@ -201,26 +206,37 @@ class WorkerStarts:
             connection, _ = self._listener.accept()
         except BlockingIOError:
             return
-        connection.setblocking(True)
+        # Who connected, as the kernel saw it at connect(): nothing the peer says can change it.
+        peer_pid, peer_uid, _ = struct.unpack("3i", connection.getsockopt(
+            socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+        connection.setblocking(False)  # a hello that does not come in one piece never holds this thread
         hello = Connection(connection.detach())
-        self._host.selector.register(hello, selectors.EVENT_READ, lambda: self._on_hello(hello))
+        self._host.selector.register(hello, selectors.EVENT_READ, lambda: self._on_hello(hello, peer_pid, peer_uid))
 
-    def _on_hello(self, connection: Connection) -> None:
+    def _on_hello(self, connection: Connection, peer_pid: int, peer_uid: int) -> None:
         self._host.selector.unregister(connection)
         try:
-            hello: Hello = pickle.loads(connection.recv_bytes())
-        except (EOFError, OSError):
-            connection.close()
-            return  # a worker that died during its own start: its pidfd or start deadline drops it
+            hello = hello_from_wire(connection.recv_bytes(HELLO_MAX_BYTES), self._secret)
+        except (EOFError, BlockingIOError):
+            connection.close()  # a worker that died during its own start (its pidfd or start
+            return              # deadline drops it), or a hello that did not come in one piece
+        except (OSError, ValueError) as exc:  # too long, malformed, or not from our worker
+            self._refuse(connection, peer_pid, f"not a worker's hello ({exc})")
+            return
         slot, pid = self._slots.get(hello.slot_id), hello.pid
         if slot is None or slot.state is not SlotState.STARTING:
             connection.close()  # a worker whose slot was given up (a start too slow, shutdown)
+            return
+        why = self._not_the_slots_worker(slot, pid, peer_pid, peer_uid)
+        if why is not None:
+            self._refuse(connection, peer_pid, why)
             return
         if hello.init_failure is not None:  # the worker exits: it takes no task unprepared
             connection.close()
             self._start_failed(slot, WorkerStartFailed(
                 f"the initializer raised in worker {pid}:\n{hello.init_failure}"))
             return
+        os.set_blocking(connection.fileno(), True)
         if hello.channel is Channel.TASK:
             slot.tasks = connection
             os.set_blocking(connection.fileno(), False)  # the manager never waits on a worker (see _send)
@@ -255,6 +271,29 @@ class WorkerStarts:
         self._host.metrics.worker_spawned(slot.lane)
         if not self._warm and all(len(lane.idle) == lane.workers + lane.spares for lane in self._lanes.values()):
             self._warm = True
+
+    def _not_the_slots_worker(self, slot: Slot, pid: int, peer_pid: int, peer_uid: int) -> Optional[str]:
+        """Why the process at the other end is not ``slot``'s worker, or ``None`` if it is:
+        the kernel's pid for it is the one it claims, of our user, and it is the worker the
+        template forked for the slot (its parent is the slot's template, and it is the same
+        process as at the slot's first hello, or no other slot's worker)."""
+        if peer_uid != os.getuid() or peer_pid != pid:
+            return f"its kernel credentials (pid {peer_pid}, uid {peer_uid}) are not what it claims (pid {pid})"
+        if slot.pid is not None:
+            return None if slot.pid == pid else f"slot {slot.id} belongs to worker {slot.pid}"
+        if pid in self._by_pid:
+            return f"pid {pid} is already worker of another slot"
+        try:
+            parent = psutil.Process(pid).ppid()
+        except psutil.Error:
+            parent = None
+        if parent != slot.template.pid:
+            return f"it is not a child of the worker template {slot.template.pid} (its parent: {parent})"
+        return None
+
+    def _refuse(self, connection: Connection, peer_pid: int, why: str) -> None:
+        log.warning("refused a connection to the worker listener from pid %s: %s", peer_pid, why)
+        connection.close()
 
     def _on_sandbox(self, slot: Slot, label: str, missing: Sequence[str], tmpdir: Optional[str]) -> None:
         """A pool worker says how it is sandboxed: note it, and tell the log once per

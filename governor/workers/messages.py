@@ -9,7 +9,7 @@ fields, and the reader tells messages apart by their type, not by a string in sl
                                    tuple) | Dirty                   could not be made clean; exits
     worker's control socket  down  Cancel | Revoke                  stop a task | give one back
                              up    Revoked                          the task given back will not run
-    a worker's first words   up    Hello (one per socket)           which slot, which socket, its pid
+    a worker's first words   up    Hello (one per socket, as JSON)  which slot, which socket, its pid
     template's socket        down  Fork                             start one worker
                              up    Ready | StartFailed              at start (once)
                                    Exited | ForkFailed              a worker's end | a fork that failed
@@ -22,6 +22,8 @@ The others are rare and travel as themselves (pickled by reference to this modul
 from __future__ import annotations
 
 import enum
+import hmac
+import json
 import struct
 from typing import Any, NamedTuple, Optional, Sequence
 
@@ -161,6 +163,52 @@ class Hello(NamedTuple):
     pid: int
     sandbox: Optional[Sequence[Any]] = None
     init_failure: Optional[str] = None
+
+
+#: The most a :class:`Hello` may take on the wire: anything longer is not a worker's.
+HELLO_MAX_BYTES = 64 * 1024
+
+#: The characters of an initializer's traceback a hello carries (its end), well within
+#: :data:`HELLO_MAX_BYTES`.
+HELLO_TEXT_KEPT = 16 * 1024
+
+
+def hello_to_wire(hello: Hello, secret: str) -> bytes:
+    """A hello as a worker sends it: JSON, with the supervisor's secret (see :func:`hello_from_wire`)."""
+    failure = hello.init_failure
+    if failure is not None and len(failure) > HELLO_TEXT_KEPT:  # its end says most
+        failure = "...\n" + failure[-HELLO_TEXT_KEPT:]
+    return json.dumps({"channel": hello.channel.value, "slot_id": hello.slot_id, "pid": hello.pid,
+                       "sandbox": hello.sandbox, "init_failure": failure, "secret": secret}).encode()
+
+
+def hello_from_wire(data: bytes, secret: str) -> Hello:
+    """The :class:`Hello` in ``data``, checked field by field.
+
+    JSON, not pickle: anything on this machine that can reach the worker listener (a step
+    running in a worker, first of all) can send it, and unpickling runs what the bytes name.
+
+    Raises:
+        ValueError: not a worker's hello (malformed, or without this supervisor's secret).
+    """
+    try:
+        raw = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"not JSON: {exc}") from None
+    if not isinstance(raw, dict) or not hmac.compare_digest(str(raw.get("secret")).encode(), secret.encode()):
+        raise ValueError("not this supervisor's secret")
+    channel, slot_id, pid, sandbox, failure = (raw.get(key) for key in
+                                               ("channel", "slot_id", "pid", "sandbox", "init_failure"))
+    if type(slot_id) is not int or type(pid) is not int:
+        raise ValueError("slot_id and pid must be integers")
+    if sandbox is not None and not (
+            isinstance(sandbox, list) and len(sandbox) == 3 and isinstance(sandbox[0], str)
+            and isinstance(sandbox[1], list) and all(isinstance(item, str) for item in sandbox[1])
+            and (sandbox[2] is None or isinstance(sandbox[2], str))):
+        raise ValueError("sandbox must be [label, [missing, ...], tmpdir]")
+    if failure is not None and not isinstance(failure, str):
+        raise ValueError("init_failure must be a string")
+    return Hello(Channel(channel), slot_id, pid, None if sandbox is None else tuple(sandbox), failure)
 
 
 class Fork(NamedTuple):

@@ -86,13 +86,13 @@ class Template:
         self.pid: Optional[int] = None
 
     def start(self, steps: Dict[str, Any], modules: Sequence[str], timeout: float, worker_address: str,
-              sandbox: Optional[SandboxPolicy] = None, initializer: Optional[tuple] = None) -> None:
+              secret: str, sandbox: Optional[SandboxPolicy] = None, initializer: Optional[tuple] = None) -> None:
         """Start the template process and wait until it is warm.
 
-        ``sandbox`` is the pool lane's policy, which each pool worker applies after its
-        fork (``None``: no sandbox); the template itself is never restricted.
-        ``initializer`` is ``(function, args)``, which each worker runs after its fork; the
-        template itself never runs it.
+        ``secret`` is the supervisor's, which each worker puts in its hellos. ``sandbox`` is
+        the pool lane's policy, which each pool worker applies after its fork (``None``: no
+        sandbox); the template itself is never restricted. ``initializer`` is ``(function,
+        args)``, which each worker runs after its fork; the template itself never runs it.
 
         Raises:
             WorkerStartFailed: it did not start, or a step module failed to import in it
@@ -111,7 +111,7 @@ class Template:
             listener.close()
             os.unlink(self._address)
         try:
-            self.connection.send_bytes(cloudpickle.dumps((steps, list(modules), sandbox, initializer)))
+            self.connection.send_bytes(cloudpickle.dumps((steps, list(modules), sandbox, initializer, secret)))
             if not self.connection.poll(timeout):
                 raise WorkerStartFailed(f"the worker template did not warm up within {timeout}s")
             reply = pickle.loads(self.connection.recv_bytes())
@@ -182,7 +182,7 @@ def main(address: str, worker_address: str) -> None:
     forward = TerminalForward.install()
     connection = Client(address, family="AF_UNIX")
     try:
-        steps, modules, sandbox, initializer = pickle.loads(connection.recv_bytes())
+        steps, modules, sandbox, initializer, secret = pickle.loads(connection.recv_bytes())
         worker.install_steps(steps)
         worker.install_sandbox(sandbox)
         worker.install_initializer(initializer)
@@ -215,12 +215,12 @@ def main(address: str, worker_address: str) -> None:
                 request: Fork = pickle.loads(connection.recv_bytes())
             except (EOFError, OSError):
                 return  # the supervisor is gone; each worker ends on its own EOF
-            pid = _fork(connection, (wake_reader, wake_writer, *forward.descriptors), worker_address, request)
+            pid = _fork(connection, (wake_reader, wake_writer, *forward.descriptors), worker_address, secret, request)
             if pid is not None:
                 workers.add(pid)
 
 
-def _fork(connection: Connection, fds: tuple, worker_address: str, request: Fork) -> Optional[int]:
+def _fork(connection: Connection, fds: tuple, worker_address: str, secret: str, request: Fork) -> Optional[int]:
     """Fork one worker; its pid (``None`` if the fork failed, which is reported)."""
     try:
         pid = os.fork()
@@ -236,7 +236,7 @@ def _fork(connection: Connection, fds: tuple, worker_address: str, request: Fork
         connection.close()
         for fd in fds:
             os.close(fd)
-        worker.serve(request.slot_id, request.lane, worker_address, request.seats_path, request.seat)
+        worker.serve(request.slot_id, request.lane, worker_address, request.seats_path, request.seat, secret)
     except BaseException:
         traceback.print_exc(file=sys.stderr)
     finally:

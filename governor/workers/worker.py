@@ -61,7 +61,7 @@ from governor.workers import sandbox as _sandbox
 from governor.errors import StepCancelled
 from governor.workers.frames import Frames, send_frame
 from governor.workers.messages import (TASK_ID, Assignment, Cancel, Channel, Dirty, Hello, Outcome, OutcomeKind, Revoke,
-                                       Revoked, outcome_to_wire)
+                                       Revoked, hello_to_wire, outcome_to_wire)
 from governor.workers.seats import Seat
 
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -140,8 +140,9 @@ def imported_since_fork() -> List[str]:
     return sorted(set(sys.modules) - _preloaded)
 
 
-def serve(slot_id: int, lane: str, address: str, seats_path: str, seat_index: int) -> None:
-    """A worker's life, in a process just forked from the template; never returns."""
+def serve(slot_id: int, lane: str, address: str, seats_path: str, seat_index: int, secret: str) -> None:
+    """A worker's life, in a process just forked from the template; never returns.
+    ``secret`` is the supervisor's, for its hellos."""
     global _statm_fd
     os.setsid()
     # A subreaper keeps what a step detaches (a double fork, a new session) below this
@@ -160,10 +161,14 @@ def serve(slot_id: int, lane: str, address: str, seats_path: str, seat_index: in
     # before the hellos, so no task reaches a worker that is not set up, and the deadline
     # the supervisor keeps for each new worker's start bounds it.
     failure = _initialize()
-    tasks = _connect(address, Channel.TASK, slot_id, sandbox, failure)
-    if failure is not None:
-        os._exit(1)  # the supervisor reads the failure from the hello just sent
-    control = _connect(address, Channel.CONTROL, slot_id, sandbox)
+    tasks = _connect(address, Channel.TASK, slot_id, sandbox, secret, failure)
+    if failure is not None:  # the supervisor reads the failure from the hello just sent,
+        try:                 # and checks who sent it: alive until it closes the socket
+            tasks.recv_bytes()
+        except (EOFError, OSError):
+            pass
+        os._exit(1)
+    control = _connect(address, Channel.CONTROL, slot_id, sandbox, secret)
     os.register_at_fork(after_in_child=lambda: _forked_by_a_step(tasks, control))
     threading.Thread(target=_control_loop, args=(control,), name="governor-control", daemon=True).start()
     _rss_figures()  # start the first task's peak from here
@@ -219,10 +224,10 @@ def _setup_sandbox(lane: str) -> Optional[tuple]:
     return _sandbox_report.label, _sandbox_report.missing, _sandbox_report.tmpdir
 
 
-def _connect(address: str, channel: Channel, slot_id: int, sandbox: Optional[tuple],
+def _connect(address: str, channel: Channel, slot_id: int, sandbox: Optional[tuple], secret: str,
              init_failure: Optional[str] = None) -> Connection:
     connection = Client(address, family="AF_UNIX")
-    connection.send_bytes(pickle.dumps(Hello(channel, slot_id, os.getpid(), sandbox, init_failure)))
+    connection.send_bytes(hello_to_wire(Hello(channel, slot_id, os.getpid(), sandbox, init_failure), secret))
     return connection
 
 
