@@ -153,6 +153,10 @@ def top(client: LazyClient, interval: float) -> None:
                    "at a time in order, different keys at once on up to this many; a step without a key alone.")
 @click.option("--journal", "journal_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="The SQLite journal [default: $XDG_STATE_HOME/governor/journal.sqlite3].")
+@click.option("--journal-sync", type=click.Choice(["normal", "full"]), default="normal", show_default=True,
+              help="How far a journal write goes before a submission is acknowledged: to the OS (normal: "
+                   "survives kill -9 of the daemon) or to the disk (full: survives a power cut too, for an "
+                   "fsync per write).")
 @click.option("--metrics-addr", default=None, metavar="[HOST:]PORT",
               help="Serve Prometheus metrics over HTTP here: PORT (on 127.0.0.1), HOST:PORT or [IPV6]:PORT. "
                    "Off by default.")
@@ -178,7 +182,8 @@ def top(client: LazyClient, interval: float) -> None:
               help="A path every pool worker may also write beneath. Repeatable.")
 @click.pass_context
 def serve(ctx: click.Context, step_modules: List[str], app_dir: Path, builtin: bool, workers: Optional[int],
-          critical_workers: int, journal_path: Optional[Path], metrics_addr: Optional[str], log_format: str, log_level: str,
+          critical_workers: int, journal_path: Optional[Path], journal_sync: str, metrics_addr: Optional[str],
+          log_format: str, log_level: str,
           drain_timeout: float, allow_root: bool, backend: str, ray_address: Optional[str], sandbox: str,
           sandbox_writes: List[str], **http_settings: Any) -> None:
     """Run the supervisor daemon in the foreground (as systemd and supervisord expect).
@@ -211,7 +216,7 @@ def serve(ctx: click.Context, step_modules: List[str], app_dir: Path, builtin: b
         raise click.BadParameter("the Ray lane runs no sandbox; use --backend loky", param_hint="--sandbox")
     settings: Dict[str, Any] = {"workers": workers, "critical_workers": critical_workers, "allow_root": allow_root,
                                 "drain_timeout_s": drain_timeout, "backend": backend, "ray_address": ray_address,
-                                "sandbox": sandbox, "sandbox_writes": sandbox_writes}
+                                "sandbox": sandbox, "sandbox_writes": sandbox_writes, "journal_sync": journal_sync}
     socket_path = ctx.ensure_object(LazyClient).resolved_socket()
     if socket_path is not None:
         settings["socket_path"] = socket_path

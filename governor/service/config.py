@@ -17,6 +17,7 @@ import attrs
 
 from governor.errors import DaemonError, MetricsAddressInvalid
 from governor.paths import default_journal_path, default_socket_path
+from governor.service.journal import JournalSync
 from governor.service.live import HttpConfig
 
 #: The entry-point group through which installed packages ship steps to the daemon. Each
@@ -159,6 +160,7 @@ class DaemonConfig:
 
     socket_path: Path = attrs.field(factory=default_socket_path, converter=Path)
     journal_path: Path = attrs.field(factory=default_journal_path, converter=Path)
+    journal_sync: JournalSync = attrs.field(default=JournalSync.NORMAL, converter=JournalSync)
     workers: Optional[int] = None
     critical_workers: int = 1  # Supervisor(critical_workers=): keyed critical steps of different keys at once
     allow_root: bool = False

@@ -288,7 +288,7 @@ class Daemon:
         check_socket_directory(config.socket_path)
         check_socket_free(config.socket_path)
         self._lock = JournalLock(config.journal_path)
-        self._journal = Journal(config.journal_path, retention_s=config.retention_s)
+        self._journal = Journal(config.journal_path, retention_s=config.retention_s, sync=config.journal_sync)
         self._supervisor = Supervisor(self._registry, config.workers, critical_workers=config.critical_workers,
                                       on_dispatch=self._record_start,
                                       backend=config.backend, ray_address=config.ray_address,

@@ -16,10 +16,13 @@ Data flow::
 Ordering: ids come from ``AUTOINCREMENT``, so they follow submission order and are never
 reused, even after the newest rows are pruned (a client may still hold an old id).
 
-Durability: every method is one transaction, committed before it returns. With
-write-ahead logging and ``synchronous=NORMAL`` a commit survives the process dying at any
-moment (``kill -9``, a crash), which is what the daemon needs; only a power loss or an OS
-crash may lose the last commits. That is what makes :meth:`Journal.mark_started` a guard:
+Durability: every method is one transaction, committed before it returns. How far a
+commit goes is the journal's :class:`JournalSync` (``governor serve --journal-sync``):
+``normal`` (SQLite's ``synchronous=NORMAL`` in WAL mode) hands each commit to the OS, so it
+survives the process dying at any moment (``kill -9``, a crash), while a power loss or an OS
+crash may lose the last commits; ``full`` also fsyncs the WAL at each commit, so a commit
+survives a power cut too, for one fsync per commit. That is what makes
+:meth:`Journal.mark_started` a guard:
 a critical step is handed to a worker only once its "running" row is committed, so after a
 crash a "running" row means "may have run" and is never run again.
 
@@ -36,6 +39,7 @@ guarantees are not needed and its values would be meaningless after a reboot.
 from __future__ import annotations
 
 import contextlib
+import enum
 import json
 import math
 import os
@@ -84,6 +88,15 @@ KINDS = ("step", "workflow")
 _PAYLOAD_KEY = {"step": "params", "workflow": "calls"}
 
 _QUEUED, _RUNNING = TaskState.QUEUED.value, TaskState.RUNNING.value
+
+
+class JournalSync(str, enum.Enum):
+    """How far a journal's commit has gone when the write returns."""
+
+    #: In the OS's hands: survives the daemon dying (``kill -9``), not a power cut.
+    NORMAL = "normal"
+    #: On the disk (the WAL fsynced at each commit): survives a power cut too.
+    FULL = "full"
 
 
 class JournalError(GovernorError, RuntimeError):
@@ -304,18 +317,21 @@ class Journal:
     Args:
         path: the database file. Its directory is created (mode 0700) if missing.
         retention_s: how long :meth:`prune` keeps finished rows, in seconds.
+        sync: how far each commit goes before it returns (see :class:`JournalSync`).
 
     Raises:
         JournalError: the file cannot be opened or created, is not a Governor journal, or
             was written by a newer Governor.
     """
 
-    def __init__(self, path: Union[str, "os.PathLike[str]"], retention_s: float = DEFAULT_RETENTION_S):
+    def __init__(self, path: Union[str, "os.PathLike[str]"], retention_s: float = DEFAULT_RETENTION_S,
+                 sync: Union[str, JournalSync] = JournalSync.NORMAL):
         if isinstance(retention_s, bool) or not isinstance(retention_s, (int, float)) \
                 or math.isnan(retention_s) or retention_s <= 0:
             raise ValueError(f"retention_s must be a number of seconds > 0, got {retention_s!r}")
         self.path = os.fspath(path)
         self.retention_s = retention_s
+        self.sync = JournalSync(sync)
         self._lock = threading.Lock()
         self._connection: Optional[sqlite3.Connection] = self._open()
 
@@ -343,9 +359,9 @@ class Journal:
                                f"stays {mode!r}); is it on a network filesystem?")
         # NORMAL: a commit is in the WAL file (the OS has it) when it returns, so it
         # survives the process dying (kill -9), the case the journal exists for; only a
-        # power loss may lose the last commits. FULL would fsync every commit, costing
-        # milliseconds on each submit, start and finish.
-        connection.execute("PRAGMA synchronous = NORMAL")
+        # power loss may lose the last commits. FULL fsyncs the WAL at every commit: a
+        # power cut loses nothing acknowledged, for an fsync per commit.
+        connection.execute(f"PRAGMA synchronous = {self.sync.name}")
         self._migrate(connection)
 
     def _migrate(self, connection: sqlite3.Connection) -> None:
