@@ -415,82 +415,30 @@ class Journal:
             rows = self._live().execute(sql, parameters).fetchall()
         return [TaskRecord.from_row(row) for row in rows]
 
-    def submit(self, entries: Iterable[NewTask], at: Optional[float] = None) -> List[int]:
-        """Journal new tasks, all in one transaction, as ``"queued"``.
-
-        Args:
-            entries: the tasks, in submission order.
-            at: their submission time (default: now).
-
-        Returns:
-            Their ids, in the order of ``entries``.
-
-        Raises:
-            TypeError, ValueError: an entry is not a ``NewTask``, or holds values that are
-                not JSON; nothing is journaled.
-        """
-        at = time.time() if at is None else at
-        rows = []
-        for entry in entries:
-            if not isinstance(entry, NewTask):
-                raise TypeError(f"Journal.submit takes NewTask values, not {type(entry).__name__}")
-            rows.append((entry.kind, entry.step, _dumps(entry.params), entry.lane.value, entry.key,
-                         None if entry.limits is None else _dumps(_limits_dict(entry.limits)), _QUEUED, at,
-                         entry.cwd))
+    @contextlib.contextmanager
+    def group(self) -> Iterator["JournalGroup"]:
+        """Many writes in one transaction (the daemon's group commit): the writes made on the
+        :class:`JournalGroup` this yields are committed together when the block ends, with
+        one sync, or none is (the block raised)."""
         with self._transaction() as connection:
-            return [connection.execute(
-                "INSERT INTO tasks (kind, step, params, lane, key, limits, state, submitted_at, cwd) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", row).lastrowid for row in rows]
+            yield JournalGroup(connection)
+
+    def submit(self, entries: Iterable[NewTask], at: Optional[float] = None) -> List[int]:
+        """Journal new tasks, all in one transaction (see :meth:`JournalGroup.submit`)."""
+        with self.group() as group:
+            return group.submit(entries, at)
 
     def mark_started(self, task_id: int, at: Optional[float] = None) -> None:
-        """Record that a queued task is being handed to a worker: ``"running"``, one more attempt.
-
-        Call it before the hand-over: once it returns, a crash leaves the row "running",
-        which :meth:`recover` reads as "may have run".
-
-        Raises:
-            InvalidTransition: the task does not exist or is not queued.
-        """
-        with self._transaction() as connection:
-            changed = connection.execute(
-                "UPDATE tasks SET state = ?, started_at = ?, attempts = attempts + 1 WHERE id = ? AND state = ?",
-                (_RUNNING, time.time() if at is None else at, task_id, _QUEUED)).rowcount
-            if not changed:
-                raise self._refused(connection, task_id, _RUNNING)
+        """Record, in a transaction of its own, that a task is being handed to a worker (see
+        :meth:`JournalGroup.mark_started`)."""
+        with self.group() as group:
+            group.mark_started(task_id, at)
 
     def mark_finished(self, task_id: int, state: Union[str, TaskState], at: Optional[float] = None,
                       result: Any = None, error: Optional[Mapping[str, Any]] = None) -> None:
-        """Record a task's end.
-
-        Args:
-            task_id: the task, queued or running.
-            state: a terminal state (see :data:`TERMINAL_STATES`).
-            at: when it ended (default: now).
-            result: its result; must be JSON (check it with ``protocol.to_json_value``).
-            error: its error as ``protocol.error_to_wire`` gives it.
-
-        Raises:
-            ValueError: ``state`` is not terminal.
-            TypeError, ValueError: ``result`` or ``error`` is not JSON; nothing is recorded.
-            InvalidTransition: the task does not exist or has already ended.
-        """
-        state = _state_name(state)
-        if state not in TERMINAL_STATES:
-            raise ValueError(f"{state!r} is not a final state; expected one of {', '.join(sorted(TERMINAL_STATES))}")
-        values = (state, time.time() if at is None else at, None if result is None else _dumps(result),
-                  None if error is None else _dumps(error))
-        with self._transaction() as connection:
-            changed = connection.execute(
-                "UPDATE tasks SET state = ?, ended_at = ?, result = ?, error = ? WHERE id = ? AND state IN (?, ?)",
-                values + (task_id, _QUEUED, _RUNNING)).rowcount
-            if not changed:
-                raise self._refused(connection, task_id, state)
-
-    @staticmethod
-    def _refused(connection: sqlite3.Connection, task_id: int, state: str) -> InvalidTransition:
-        row = connection.execute("SELECT state FROM tasks WHERE id = ?", (task_id,)).fetchone()
-        now = "no such task" if row is None else row["state"]
-        return InvalidTransition(f"journal task {task_id}: {now} -> {state}")
+        """Record a task's end in a transaction of its own (see :meth:`JournalGroup.mark_finished`)."""
+        with self.group() as group:
+            group.mark_finished(task_id, state, at, result, error)
 
     def get(self, task_id: int) -> Optional[TaskRecord]:
         """The task's record, or ``None`` if there is no such task (or it was pruned)."""
@@ -564,3 +512,88 @@ class Journal:
 
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
+
+
+class JournalGroup:
+    """The writes of one :meth:`Journal.group` transaction. A write that raises changes
+    nothing, and the group's other writes still commit.
+
+    Args:
+        connection: the journal's connection, inside the group's transaction.
+    """
+
+    def __init__(self, connection: sqlite3.Connection):
+        self._connection = connection
+
+    def submit(self, entries: Iterable[NewTask], at: Optional[float] = None) -> List[int]:
+        """Journal new tasks as ``"queued"``.
+
+        Args:
+            entries: the tasks, in submission order.
+            at: their submission time (default: now).
+
+        Returns:
+            Their ids, in the order of ``entries``.
+
+        Raises:
+            TypeError, ValueError: an entry is not a ``NewTask``, or holds values that are
+                not JSON; nothing is journaled.
+        """
+        at = time.time() if at is None else at
+        rows = []
+        for entry in entries:
+            if not isinstance(entry, NewTask):
+                raise TypeError(f"Journal.submit takes NewTask values, not {type(entry).__name__}")
+            rows.append((entry.kind, entry.step, _dumps(entry.params), entry.lane.value, entry.key,
+                         None if entry.limits is None else _dumps(_limits_dict(entry.limits)), _QUEUED, at,
+                         entry.cwd))
+        return [self._connection.execute(
+            "INSERT INTO tasks (kind, step, params, lane, key, limits, state, submitted_at, cwd) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", row).lastrowid for row in rows]
+
+    def mark_started(self, task_id: int, at: Optional[float] = None) -> None:
+        """Record that a queued task is being handed to a worker: ``"running"``, one more attempt.
+
+        For a critical task, commit it before the hand-over: once committed, a crash leaves
+        the row "running", which :meth:`Journal.recover` reads as "may have run".
+
+        Raises:
+            InvalidTransition: the task does not exist or is not queued.
+        """
+        changed = self._connection.execute(
+            "UPDATE tasks SET state = ?, started_at = ?, attempts = attempts + 1 WHERE id = ? AND state = ?",
+            (_RUNNING, time.time() if at is None else at, task_id, _QUEUED)).rowcount
+        if not changed:
+            raise self._refused(task_id, _RUNNING)
+
+    def mark_finished(self, task_id: int, state: Union[str, TaskState], at: Optional[float] = None,
+                      result: Any = None, error: Optional[Mapping[str, Any]] = None) -> None:
+        """Record a task's end.
+
+        Args:
+            task_id: the task, queued or running.
+            state: a terminal state (see :data:`TERMINAL_STATES`).
+            at: when it ended (default: now).
+            result: its result; must be JSON (check it with ``protocol.to_json_value``).
+            error: its error as ``protocol.error_to_wire`` gives it.
+
+        Raises:
+            ValueError: ``state`` is not terminal.
+            TypeError, ValueError: ``result`` or ``error`` is not JSON; nothing is recorded.
+            InvalidTransition: the task does not exist or has already ended.
+        """
+        state = _state_name(state)
+        if state not in TERMINAL_STATES:
+            raise ValueError(f"{state!r} is not a final state; expected one of {', '.join(sorted(TERMINAL_STATES))}")
+        values = (state, time.time() if at is None else at, None if result is None else _dumps(result),
+                  None if error is None else _dumps(error))
+        changed = self._connection.execute(
+            "UPDATE tasks SET state = ?, ended_at = ?, result = ?, error = ? WHERE id = ? AND state IN (?, ?)",
+            values + (task_id, _QUEUED, _RUNNING)).rowcount
+        if not changed:
+            raise self._refused(task_id, state)
+
+    def _refused(self, task_id: int, state: str) -> InvalidTransition:
+        row = self._connection.execute("SELECT state FROM tasks WHERE id = ?", (task_id,)).fetchone()
+        now = "no such task" if row is None else row["state"]
+        return InvalidTransition(f"journal task {task_id}: {now} -> {state}")
