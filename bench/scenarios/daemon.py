@@ -175,5 +175,6 @@ def daemon(ctx: ScenarioContext) -> ScenarioResult:
     result.put("roundtrip.ratio_p50", ratio(socket_summary.p50, local_summary.p50), "socket / in-process, p50", "x")
     result.distribution("Latency through the daemon", "round trip, 1 client", to_ms(through_socket))
     result.note("Each submission is journaled (SQLite WAL, synchronous=NORMAL) before its ack, marked "
-                "running before it reaches a worker and marked finished at its end: three commits a task.")
+                "running (a critical step before it reaches a worker) and marked finished at its end; the "
+                "daemon commits what one turn of its loop brought in one transaction.")
     return result

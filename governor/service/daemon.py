@@ -3,17 +3,23 @@
 Data flow::
 
     client ──frame──> asyncio loop (main thread): read_message -> parse_request -> handler
-                         submit: check the call -> journal.submit (durable) -> supervisor
+                         submit: check the call -> group commit (durable) -> supervisor
                                  -> ack {"task_id"} (and, with wait, a final reply later)
-    manager thread ──on_dispatch(task)──> journal.mark_started (durable, before the worker)
-    task future done ──call_soon_threadsafe──> loop: journal.mark_finished -> waiters' replies
+    manager thread ──on_dispatch(task)──> critical: journal.mark_started (durable, before the worker)
+                                      └─> pool: call_soon_threadsafe -> group commit
+    task future done ──call_soon_threadsafe──> loop: group commit of the end -> waiters' replies
+
+The group commit (``governor.service.group_commit``) writes what one turn of the loop
+brought (submissions, pool starts, ends) in one transaction, and only then acknowledges the
+submissions and answers the waiters.
 
 Only the loop thread touches connections and waiters, and only it adds to or removes from
-the in-flight table. The manager thread's one call into the daemon is the dispatch hook: it
-journals the start (under the journal's lock), may journal the end of the critical task
-before it (under ``_ends_lock``, which makes each end written once), reads that task's
-in-flight entry, and alone keeps ``_last_critical``; ``_started_records`` is added to there
-and discarded from on the loop (single set operations, atomic under the GIL).
+the in-flight table. The manager thread's one call into the daemon is the dispatch hook: for
+a critical step it commits the start (under the journal's lock) and maybe the end of the
+critical task before it (see ``Daemon._journal_end_now`` for how the two threads write an
+end once), reading that task's in-flight entry, and alone keeps ``_last_critical``;
+``_started_records`` is added to there and discarded from on the loop (single set
+operations, atomic under the GIL).
 
 Start-up checks everything it can before any worker starts (:meth:`Daemon.start`, or
 :func:`preflight` alone): the socket's directory, a live or stale socket, the journal's
@@ -47,7 +53,8 @@ Safety:
       run (its step gone, its parameters or limits now invalid) fails with
       ``TaskNotResumable`` at the next start instead of stopping it.
 
-Durability: every submission is in the journal before it is acknowledged. After a crash
+Durability: every submission is in the journal before it is acknowledged (as durable as
+``--journal-sync`` says: ``governor.service.journal.JournalSync``). After a crash
 (kill -9) and a restart, queued tasks resume in their original order, running read-only
 tasks are re-run, and running critical tasks are reported ``interrupted``, never re-run.
 On SIGTERM/SIGINT the daemon stops accepting, lets running steps finish for up to
@@ -63,20 +70,21 @@ import logging
 import os
 import signal
 import socket
-import sqlite3
 import struct
-import threading
+import time
 from typing import Any, Awaitable, Callable, Dict, List, Optional, Sequence, Tuple
 
 import attrs
 
 from governor import protocol
 from governor.engine.supervisor import Supervisor
-from governor.errors import (DaemonAlreadyRunning, DaemonError, GovernorError, MetricsAddressUnavailable, PeerRefused,
-                             StepCancelled, TaskNotResumable, TooManyClients, UnknownTask)
+from governor.errors import (DaemonAlreadyRunning, DaemonError, GovernorError, InvalidTransition,
+                             MetricsAddressUnavailable, PeerRefused, StepCancelled, TaskNotResumable, TooManyClients,
+                             UnknownTask)
 from governor.limits import Lane
 from governor.service.config import DaemonConfig, show_addr
-from governor.service.journal import Journal, NewTask, TaskRecord
+from governor.service.group_commit import GroupCommit
+from governor.service.journal import Journal, JournalGroup, NewTask, TaskRecord
 from governor.service.live import LiveModel
 from governor.service.preflight import (JournalLock, bind_metrics_socket, check_socket_directory, check_socket_free,
                                         ensure_private_directory)
@@ -92,11 +100,6 @@ MAX_CLIENT_BACKLOG_BYTES = 8 << 20
 #: How often finished journal rows older than the retention are pruned.
 PRUNE_INTERVAL_S = 600.0
 
-#: How soon a task's end that could not be journaled is written again (see
-#: ``Daemon._task_done``): often enough that its waiters hear soon after the journal is
-#: free, rarely enough that a journal locked for minutes costs a write a second.
-JOURNAL_RETRY_S = 1.0
-
 _PEER_CREDENTIALS = struct.Struct("3i")  # pid, uid, gid
 
 
@@ -108,11 +111,14 @@ class DaemonStatistics:
         connections: client connections open now.
         waiters: registrations of clients waiting for running tasks to end.
         live_tasks: journaled tasks the supervisor has not finished.
+        journal_commits: transactions the loop's group commit has committed (each holds
+            every submission, pool start and end of one turn of the loop).
     """
 
     connections: int
     waiters: int
     live_tasks: int
+    journal_commits: int
 
 
 @attrs.define(eq=False)
@@ -122,7 +128,7 @@ class _InFlight:
     record_id: int
     future: concurrent.futures.Future
     waiters: List["_Waiter"] = attrs.field(factory=list)
-    end_journaled: bool = False  # claimed under Daemon._ends_lock: the end is written once
+    end_journaled: bool = False  # set once the end is committed (by the manager or the loop's group commit)
 
 
 class _Connection:
@@ -232,11 +238,11 @@ class Daemon:
         self._registry = registry
         self.config = config
         self._journal: Optional[Journal] = None
+        self._commits: Optional[GroupCommit] = None  # the loop's writes to the journal, a transaction a turn
         self._supervisor: Optional[Supervisor] = None
         self._in_flight: Dict[int, _InFlight] = {}
         self._started_records: set = set()
         self._last_critical: Optional[int] = None  # the record of the critical step last started
-        self._ends_lock = threading.Lock()  # _journal_end runs on the manager and the loop thread
         self._connections: set = set()
         self._server: Optional[asyncio.AbstractServer] = None
         self._metrics_server: Any = None
@@ -289,6 +295,7 @@ class Daemon:
         check_socket_free(config.socket_path)
         self._lock = JournalLock(config.journal_path)
         self._journal = Journal(config.journal_path, retention_s=config.retention_s, sync=config.journal_sync)
+        self._commits = GroupCommit(self._journal, self._loop)
         self._supervisor = Supervisor(self._registry, config.workers, critical_workers=config.critical_workers,
                                       on_dispatch=self._record_start,
                                       backend=config.backend, ray_address=config.ray_address,
@@ -407,7 +414,8 @@ class Daemon:
         """The daemon's own figures, now (loop thread)."""
         return DaemonStatistics(connections=len(self._connections),
                                 waiters=sum(len(entry.waiters) for entry in self._in_flight.values()),
-                                live_tasks=len(self._in_flight))
+                                live_tasks=len(self._in_flight),
+                                journal_commits=0 if self._commits is None else self._commits.commits)
 
     # ----------------------------------------------------------------- connections
 
@@ -472,8 +480,8 @@ class Daemon:
     async def _op_submit(self, connection: _Connection, request: protocol.Submit) -> None:
         self._refuse_while_draining()
         call, lane = self._checked(request.step, request.params, request.cwd, request.limits)
-        [record_id] = self._journal.submit([NewTask.step_call(call.step, call.kwargs, lane,
-                                                              request.key, request.limits, call.cwd)])
+        [record_id] = await self._commits.write(lambda group: group.submit(
+            [NewTask.step_call(call.step, call.kwargs, lane, request.key, request.limits, call.cwd)]))
         self._launch(record_id, self._target(request.key), lambda target: target.submit_call(
             attrs.evolve(call, ref=record_id)))
         self._acknowledge(connection, request, [record_id])
@@ -482,8 +490,9 @@ class Daemon:
         self._refuse_while_draining()
         checked = [self._checked(c.step, c.params, request.cwd, c.limits)
                    for c in request.calls]  # all, before any is kept
-        record_ids = self._journal.submit([NewTask.step_call(call.step, call.kwargs, lane, request.key, call.limits,
-                                                             call.cwd) for call, lane in checked])
+        record_ids = await self._commits.write(lambda group: group.submit(
+            [NewTask.step_call(call.step, call.kwargs, lane, request.key, call.limits, call.cwd)
+             for call, lane in checked]))
         target = self._target(request.key)  # one scope for the batch: it supersedes as one view
         for record_id, (call, _) in zip(record_ids, checked):
             self._launch(record_id, target, lambda target, call=call, rid=record_id:
@@ -493,8 +502,8 @@ class Daemon:
     async def _op_workflow(self, connection: _Connection, request: protocol.WorkflowRequest) -> None:
         self._refuse_while_draining()
         calls = [self._checked(c.step, c.params, request.cwd, c.limits)[0] for c in request.calls]
-        [record_id] = self._journal.submit([NewTask.workflow([{"step": c.step, "params": c.kwargs} for c in calls],
-                                                             cwd=request.cwd)])
+        [record_id] = await self._commits.write(lambda group: group.submit(
+            [NewTask.workflow([{"step": c.step, "params": c.kwargs} for c in calls], cwd=request.cwd)]))
         self._launch(record_id, self._supervisor, lambda target: target.workflow(
             [attrs.evolve(call, ref=record_id) for call in calls]))
         self._acknowledge(connection, request, [record_id])
@@ -634,58 +643,76 @@ class Daemon:
         return call
 
     def _record_start(self, task: Task) -> None:
-        """on_dispatch hook (manager thread): journal "running" before the step reaches a worker.
+        """on_dispatch hook (manager thread): journal "running" as the step goes to a worker.
 
-        A critical step's start first journals the end of the critical record before it
-        (the manager has resolved its future by now), so the journal never holds two
-        critical rows "running": after a crash, only the step that was really running
-        reads as interrupted.
+        A critical step's start is committed here, before the hand-over (at most once:
+        after a crash its row reads "may have run"), and first the end of the critical
+        record before it (the manager has resolved its future by now), so the journal
+        never holds two critical rows "running": after a crash, only the step that was
+        really running reads as interrupted. A pool step's start goes to the loop's next
+        group commit instead: a pool step is re-run after a crash whether its row reads
+        queued or running, so its start need not be durable first, and the manager
+        thread makes no SQLite write for it.
         """
         if task.ref is None or task.ref in self._started_records:
             return  # a workflow's later steps: its row is running already
-        if task.lane is Lane.CRITICAL:
-            previous, self._last_critical = self._last_critical, task.ref
-            entry = self._in_flight.get(previous) if previous is not None else None
-            if entry is not None and entry.future.done():
-                self._journal_end(entry)
         self._started_records.add(task.ref)
+        if task.lane is not Lane.CRITICAL:
+            self._loop.call_soon_threadsafe(self._journal_pool_start, task.ref, time.time())
+            return
+        previous, self._last_critical = self._last_critical, task.ref
+        entry = self._in_flight.get(previous) if previous is not None else None
+        if entry is not None and entry.future.done():
+            self._journal_end_now(entry)
         self._journal.mark_started(task.ref)
 
-    def _journal_end(self, entry: _InFlight) -> None:
-        """Journal a finished record's end, once (the manager or the loop thread, whichever is first)."""
-        # The write happens under the lock: the loop thread answers the record's waiters
-        # from the journal right after this returns, so it must not pass a write in flight.
-        with self._ends_lock:
-            if entry.end_journaled:
-                return
-            if self._draining and _cancelled_by_shutdown(entry.future):
-                return  # left queued or running in the journal: the next start takes it up
-            state, result, error = _ending(entry.future)
-            self._journal.mark_finished(entry.record_id, state, result=result,
-                                        error=None if error is None else protocol.with_task_id(error, entry.record_id))
-            entry.end_journaled = True  # only once written: a failed write is made again
+    def _journal_pool_start(self, record_id: int, at: float) -> None:
+        """Loop thread: a pool step's start, in the next group commit."""
+        self._commits.write(lambda group: group.mark_started(record_id, at)).add_done_callback(_log_failed_write)
+
+    # A critical task's end may be written by both threads: the manager's commit before the
+    # next critical start, and the loop's group commit. No lock orders them (the group holds
+    # the journal's lock while it writes, so a lock taken inside it and before it elsewhere
+    # would deadlock): each skips an end already marked written, and takes the other's
+    # having written it between the check and its own write (InvalidTransition: the row has
+    # ended) as done.
+
+    def _journal_end_now(self, entry: _InFlight) -> None:
+        """Manager thread: commit the end of the critical record before the next critical start."""
+        if entry.end_journaled or (self._draining and _cancelled_by_shutdown(entry.future)):
+            return
+        try:
+            self._journal.mark_finished(entry.record_id, *_ending(entry.future, entry.record_id))
+        except InvalidTransition:
+            pass  # the loop's group commit wrote it first
+        entry.end_journaled = True
+
+    def _write_end(self, group: JournalGroup, entry: _InFlight) -> None:
+        """In a group commit (loop thread): a finished record's end, unless already written."""
+        if entry.end_journaled or (self._draining and _cancelled_by_shutdown(entry.future)):
+            return  # written by the manager; or left queued or running for the next start
+        try:
+            group.mark_finished(entry.record_id, *_ending(entry.future, entry.record_id))
+        except InvalidTransition:
+            pass  # the manager wrote it first
 
     def _task_done(self, record_id: int) -> None:
-        """Loop thread: journal a task's end, then answer who waits for it.
+        """Loop thread: journal a task's end in the next group commit, then answer who waits.
 
-        A write that fails (another process holds the journal's lock past its busy
-        timeout, the disk is full) is made again every :data:`JOURNAL_RETRY_S`, the task
-        staying in flight meanwhile: its waiters are answered once its end is durable,
-        never forgotten.
+        A commit that fails is made again (``group_commit``), the task staying in flight
+        meanwhile: its waiters are answered once its end is durable, never forgotten.
         """
-        if self._journal is None:
-            return  # stopped: the row stays as it was for the next start
         entry = self._in_flight[record_id]
-        try:
-            self._journal_end(entry)
-        except sqlite3.OperationalError as error:
-            log.warning("could not journal the end of task %s (%s); trying again in %ss",
-                        record_id, error, JOURNAL_RETRY_S, extra={"task_id": record_id})
-            self._loop.call_later(JOURNAL_RETRY_S, self._task_done, record_id)
-            return
-        del self._in_flight[record_id]
-        self._started_records.discard(record_id)
-        self._live_model.task_ended(record_id, entry.future)
+        self._commits.write(lambda group: self._write_end(group, entry)).add_done_callback(
+            lambda written: self._task_journaled(entry, written))
+
+    def _task_journaled(self, entry: _InFlight, written: asyncio.Future) -> None:
+        """Loop thread: the end is durable (or will never be): answer the task's waiters."""
+        _log_failed_write(written)
+        entry.end_journaled = True
+        del self._in_flight[entry.record_id]
+        self._started_records.discard(entry.record_id)
+        self._live_model.task_ended(entry.record_id, entry.future)
         if self._draining and _cancelled_by_shutdown(entry.future):
             return  # nobody is answered: the task is the next start's
         for waiter in list(entry.waiters):
@@ -723,16 +750,25 @@ def _cancelled_by_shutdown(future: concurrent.futures.Future) -> bool:
     return False
 
 
-def _ending(future: concurrent.futures.Future) -> Tuple[str, Any, Optional[Dict[str, Any]]]:
-    """(journal state, JSON result, wire error) of a finished task or workflow future."""
+def _ending(future: concurrent.futures.Future, record_id: int) -> Tuple[str, float, Any, Optional[Dict[str, Any]]]:
+    """(journal state, time, JSON result, wire error naming ``record_id``) of a finished task
+    or workflow future: the arguments of ``mark_finished`` after the id."""
     try:
         value = future.result()
     except BaseException as error:  # every way a task can end is recorded, none raised here
         state = getattr(getattr(future, "task", None), "state", None)
         if isinstance(future, WorkflowFuture):
             state = TaskState.CANCELLED if future.cancelled() else TaskState.FAILED
-        return (state or TaskState.FAILED).value, None, protocol.error_to_wire(error)
+        return ((state or TaskState.FAILED).value, time.time(), None,
+                protocol.with_task_id(protocol.error_to_wire(error), record_id))
     try:
-        return TaskState.DONE.value, protocol.to_json_value(value), None
+        return TaskState.DONE.value, time.time(), protocol.to_json_value(value), None
     except protocol.ResultNotSerialisable as unsendable:
-        return TaskState.FAILED.value, None, protocol.error_to_wire(unsendable)
+        return TaskState.FAILED.value, time.time(), None, protocol.with_task_id(protocol.error_to_wire(unsendable),
+                                                                               record_id)
+
+
+def _log_failed_write(written: asyncio.Future) -> None:
+    """A done-callback for a group-commit write nobody awaits: log what it raised."""
+    if not written.cancelled() and written.exception() is not None:
+        log.error("a journal write failed: %s", written.exception(), exc_info=written.exception())

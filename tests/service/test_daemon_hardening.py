@@ -12,6 +12,7 @@ import sqlite3
 import struct
 import subprocess
 import sys
+import threading
 import urllib.request
 from pathlib import Path
 
@@ -232,6 +233,33 @@ def test_an_end_the_journal_cannot_take_yet_is_written_later_and_then_answered(t
             other.close()
         assert future.result(timeout=30) == int(marker.read_text())
         assert client.status(future.task_id)["state"] == "done"
+
+
+def test_the_submissions_of_one_turn_of_the_loop_share_one_commit(tmp_path):
+    go = tmp_path / "go"
+    with InProcessDaemon(tmp_path) as running:
+        sockets = [socket.socket(socket.AF_UNIX) for _ in range(30)]
+        try:
+            for sock in sockets:
+                sock.connect(str(running.socket))
+            before = running.statistics().journal_commits
+            # Hold the daemon's loop while every connection sends its submission, so that
+            # all of them are there to be read in the loop's next turn.
+            paused, resume = threading.Event(), threading.Event()
+            running.loop.call_soon_threadsafe(lambda: (paused.set(), resume.wait(30)))
+            assert paused.wait(30)
+            for n, sock in enumerate(sockets):
+                sock.sendall(frame({"v": 1, "id": n, "op": "submit", "step": "hold_until",
+                                    "params": {"marker": str(tmp_path / f"started-{n}"), "go": str(go)}}))
+            resume.set()
+            replies = [read_frame(sock) for sock in sockets]
+            assert all(reply["ok"] for reply in replies), replies
+            # The 30 submissions, and the starts of the two that reached the two workers.
+            assert running.statistics().journal_commits - before <= 4
+        finally:
+            go.touch()
+            for sock in sockets:
+                sock.close()
 
 
 # --------------------------------------------------------------------------- the daemon dies
