@@ -6,7 +6,7 @@ Data flow::
                          submit: check the call -> group commit (durable) -> supervisor
                                  -> ack {"task_id"} (and, with wait, a final reply later)
     manager thread ──on_dispatch(task)──> critical: journal.mark_started (durable, before the worker)
-                                      └─> pool: call_soon_threadsafe -> group commit
+                                      └─> pool: write_later -> the loop's next group commit
     task future done ──call_soon_threadsafe──> loop: group commit of the end -> waiters' replies
 
 The group commit (``governor.service.group_commit``) writes what one turn of the loop
@@ -66,6 +66,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -522,6 +523,7 @@ class Daemon:
         return outcome
 
     async def _op_status(self, connection: _Connection, request: protocol.Status) -> Dict[str, Any]:
+        await self._commits.settle()
         if request.task_id is None:
             return {"tasks": [record.to_wire(summary=True) for record in
                               self._journal.recent(request.limit, request.states or (), request.step)]}
@@ -559,6 +561,7 @@ class Daemon:
 
     async def live_snapshot(self) -> Dict[str, Any]:
         """The live picture (``governor.service.live``), for ``governor top`` and the status page."""
+        await self._commits.settle()
         return await self._live_model.snapshot(self._supervisor, self._journal)
 
     async def prometheus_text(self) -> str:
@@ -658,17 +661,13 @@ class Daemon:
             return  # a workflow's later steps: its row is running already
         self._started_records.add(task.ref)
         if task.lane is not Lane.CRITICAL:
-            self._loop.call_soon_threadsafe(self._journal_pool_start, task.ref, time.time())
+            self._commits.write_later(functools.partial(_write_pool_start, task.ref, time.time()))
             return
         previous, self._last_critical = self._last_critical, task.ref
         entry = self._in_flight.get(previous) if previous is not None else None
         if entry is not None and entry.future.done():
             self._journal_end_now(entry)
         self._journal.mark_started(task.ref)
-
-    def _journal_pool_start(self, record_id: int, at: float) -> None:
-        """Loop thread: a pool step's start, in the next group commit."""
-        self._commits.write(lambda group: group.mark_started(record_id, at)).add_done_callback(_log_failed_write)
 
     # A critical task's end may be written by both threads: the manager's commit before the
     # next critical start, and the loop's group commit. No lock orders them (the group holds
@@ -766,6 +765,14 @@ def _ending(future: concurrent.futures.Future, record_id: int) -> Tuple[str, flo
     except protocol.ResultNotSerialisable as unsendable:
         return TaskState.FAILED.value, time.time(), None, protocol.with_task_id(protocol.error_to_wire(unsendable),
                                                                                record_id)
+
+
+def _write_pool_start(record_id: int, at: float, group: JournalGroup) -> None:
+    """A pool step's start, in a group commit; a failure is logged (nobody waits for it)."""
+    try:
+        group.mark_started(record_id, at)
+    except InvalidTransition as error:
+        log.error("could not journal the start of task %s: %s", record_id, error, extra={"task_id": record_id})
 
 
 def _log_failed_write(written: asyncio.Future) -> None:

@@ -3,11 +3,12 @@
 Data flow::
 
     request handlers (loop) ── write(fn) ──┐
-    _task_done (loop) ──────── write(fn) ──┤  pending: (fn, future), in arrival order
-    manager thread ── call_soon_threadsafe ┘  (a pool step's start)
+    _task_done (loop) ──────── write(fn) ──┴─ pending: (fn, future), in arrival order
+    manager thread ── write_later(fn) ─────── later: a deque, waking nothing (a pool step's start)
                     the first write of a group schedules flush() with call_soon, so it runs
                     once the loop has run what is ready now: every request and end of the turn
-    flush() ── Journal.group(): fn(group) for each write, one transaction, one sync
+    flush() ── Journal.group(): the later writes, then fn(group) for each write; one
+               transaction, one sync
             ── each write's future gets what its fn returned (or raised), after the commit
 
 A submission is acknowledged once its future resolves, so never before it is durable (as
@@ -20,15 +21,16 @@ journal's lock past its busy timeout, the disk is full) is tried again, with eve
 held, every :data:`RETRY_S`; nothing waiting on it is answered meanwhile, and nothing is
 lost. A single write that raises (an invalid transition) fails only its own future.
 
-Loop thread only.
+Loop thread only, but for :meth:`GroupCommit.write_later`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import sqlite3
-from typing import Any, Callable, List, Tuple
+from typing import Any, Callable, Deque, List, Optional, Tuple
 
 from governor.service.journal import Journal, JournalError, JournalGroup
 
@@ -53,7 +55,8 @@ class GroupCommit:
     def __init__(self, journal: Journal, loop: asyncio.AbstractEventLoop):
         self._journal = journal
         self._loop = loop
-        self._pending: List[Tuple[Write, asyncio.Future]] = []
+        self._pending: List[Tuple[Write, Optional[asyncio.Future]]] = []
+        self._later: Deque[Write] = collections.deque()
         self._flush_scheduled = False
         self.commits = 0  # groups committed, for the daemon's statistics
 
@@ -67,9 +70,25 @@ class GroupCommit:
             self._loop.call_soon(self._flush)
         return future
 
+    def write_later(self, fn: Write) -> None:
+        """Run ``fn(group)`` in the next group the loop commits, whenever that is (any thread).
+
+        For a write nobody waits for and that need not be durable soon: it wakes nothing
+        (on a loaded machine a wake of the loop's thread costs a client milliseconds), and
+        rides with the loop's next writes. ``fn`` reports its own failures.
+        """
+        self._later.append(fn)  # deque.append is atomic: no lock with the loop's popleft
+
+    async def settle(self) -> None:
+        """Return once every write made so far, :meth:`write_later` ones included, is committed
+        (for a reader of the journal, such as ``status``: a running pool step reads running)."""
+        if self._later or self._pending:
+            await self.write(lambda group: None)
+
     def _flush(self) -> None:
         self._flush_scheduled = False
-        writes, self._pending = self._pending, []
+        later = [(self._later.popleft(), None) for _ in range(len(self._later))]  # before this turn's
+        writes, self._pending = later + self._pending, []
         outcomes: List[Tuple[bool, Any]] = []
         try:
             with self._journal.group() as group:
@@ -82,7 +101,7 @@ class GroupCommit:
                         outcomes.append((False, error))
         except JournalError as closed:  # the daemon stopped: these writes are the next start's to redo
             for _, future in writes:
-                if not future.done():
+                if future is not None and not future.done():
                     future.set_exception(closed)
             return
         except sqlite3.OperationalError as error:
@@ -94,7 +113,7 @@ class GroupCommit:
             return
         self.commits += 1
         for (_, future), (ok, value) in zip(writes, outcomes):
-            if future.cancelled():
+            if future is None or future.cancelled():
                 continue
             if ok:
                 future.set_result(value)
