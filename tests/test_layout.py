@@ -36,8 +36,13 @@ def modules() -> Dict[str, Path]:
     return found
 
 
-def imported_names(path: Path, name: str) -> Iterator[str]:
-    """The dotted names a module imports anywhere in its body (relative imports resolved)."""
+def imported_modules(path: Path, name: str, known: Set[str]) -> Iterator[str]:
+    """The modules a module imports anywhere in its body (relative imports resolved).
+
+    ``from package import name`` runs the package's face for a name it exports, and names
+    the submodule when ``name`` is one; the faces of the packages above a module are not
+    counted, since every import of a submodule runs them.
+    """
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     tree = ast.parse(path.read_text(), str(path))
     for node in ast.walk(tree):
@@ -45,14 +50,18 @@ def imported_names(path: Path, name: str) -> Iterator[str]:
             node.body = []  # read by no one at run time (module docstring)
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            yield from (alias.name for alias in node.names)
+            yield from (alias.name for alias in node.names if alias.name in known)
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
                 anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join([*anchor, base] if base else anchor)
-            yield base
-            yield from (f"{base}.{alias.name}" for alias in node.names)
+            for alias in node.names:
+                submodule = f"{base}.{alias.name}"
+                if submodule in known:
+                    yield submodule
+                elif base in known:
+                    yield base
 
 
 def _is_type_checking(test: ast.expr) -> bool:
@@ -62,19 +71,7 @@ def _is_type_checking(test: ast.expr) -> bool:
 
 def import_graph() -> Dict[str, Set[str]]:
     known = modules()
-    graph: Dict[str, Set[str]] = {}
-    for name, path in known.items():
-        targets = set()
-        for imported in imported_names(path, name):
-            if imported in known and imported != name:
-                targets.add(imported)
-        graph[name] = targets
-    # ``from governor.engine import supervisor`` names the module, not the package's face:
-    # keep the edge to the package only where no submodule edge explains it.
-    for name, targets in graph.items():
-        graph[name] = {target for target in targets
-                       if not any(other.startswith(target + ".") for other in targets)}
-    return graph
+    return {name: set(imported_modules(path, name, set(known))) - {name} for name, path in known.items()}
 
 
 def cycles(graph: Dict[str, Set[str]]) -> List[List[str]]:

@@ -42,41 +42,23 @@ store read-only. Errors a step raises on purpose are in
 
 from __future__ import annotations
 
-from governor.steps.builtin import chat, git, sequence
+from governor.steps.builtin import chat, git, leaves, sequence
 from governor.steps.builtin.errors import (BuiltinStepError, ChatNotFound, ChatStoreError, GitCommandError, GitTimeout,
                                   GitUnavailable, NotAGitRepository, StepInputError, StepInputTypeError,
                                   SubStepFailed)
+from governor.steps.builtin.leaves import READ_ONLY, leaf_registry
 from governor.steps.builtin.sequence import WORKFLOWS, Param, Result, Workflow, WorkflowStep
 from governor.steps.registry import StepRegistry
 
 #: The tag of the steps that only read, which the default classifier puts in the pool lane.
-READ_ONLY = ("read-only",)
-
-
 def default_registry() -> StepRegistry:
     """A new :class:`~steps.registry.StepRegistry` holding every built-in step.
 
     A new one on every call, so callers (and tests) may add their own steps or classifier
     rules without affecting anyone else.
     """
-    registry = StepRegistry()
-    repo, store = ("repo",), ("store",)
-    # Read-only: parallel in the pool lane.
-    registry.register(git.status, name="git.status", critical=False, category="git", tags=READ_ONLY,
-                      limits=git.STEP_LIMITS, paths=repo)
-    registry.register(git.current_branch, name="git.current_branch", critical=False, category="git",
-                      tags=READ_ONLY, limits=git.STEP_LIMITS, paths=repo)
-    registry.register(git.log, name="git.log", critical=False, category="git", tags=READ_ONLY,
-                      limits=git.STEP_LIMITS, paths=repo)
-    registry.register(chat.history, name="chat.history", critical=False, category="chat", tags=READ_ONLY,
-                      limits=chat.STEP_LIMITS, paths=store)
-    # State-changing: one at a time, in submission order, in the critical lane.
-    registry.register(git.refresh_index, name="git.refresh_index", critical=True, category="git",
-                      tags=("write",), limits=git.STEP_LIMITS, paths=repo)
-    registry.register(chat.create, name="chat.create", critical=True, category="chat", tags=("write",),
-                      limits=chat.STEP_LIMITS, paths=store)
-    registry.register(chat.send_message, name="chat.send_message", critical=True, category="chat",
-                      tags=("write",), limits=chat.STEP_LIMITS, paths=store)
+    registry = leaf_registry()
+    repo, store = leaves.PATH_PARAMETERS
     registry.register(sequence.execute_task, name="task.execute", critical=True, tags=("task",),
                       limits=sequence.STEP_LIMITS, paths=[f"steps.*.params.{name}" for name in repo + store])
     registry.register(sequence.execute_workflow, name="workflow.execute", critical=True, tags=("workflow",),

@@ -40,6 +40,7 @@ from governor.context import current_context
 from governor.errors import StepCancelled, UnknownStep
 from governor.limits import Limits
 from governor.steps.builtin.errors import StepInputError, StepInputTypeError, SubStepFailed
+from governor.steps.builtin.leaves import leaf_registry
 from governor.steps.registry import StepRegistry
 from governor.steps.spec import StepSpec
 
@@ -288,9 +289,8 @@ def _checked_step(where: str, name: Any, param_names: list) -> StepSpec:
 
 @functools.cache
 def _builtin_registry() -> StepRegistry:
-    """The built-in steps, built once per process (the registry is only read here)."""
-    from governor.steps.builtin import default_registry  # the package imports this module: import late
-    return default_registry()
+    """The steps a task or workflow may run, built once per process (only read here)."""
+    return leaf_registry()
 
 
 def _run_in_order(plan: list[tuple[StepSpec, Callable[[list], dict]]]) -> list:
