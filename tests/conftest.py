@@ -89,6 +89,19 @@ def live_children():
             if alive(child.pid) and not is_interpreter_helper(child) and not is_ray_process(child)]
 
 
+def processes_marked(marker: str, variable: str = "GOVERNOR_TEST_MARK"):
+    """Live processes whose environment has ``variable=marker``: every process started after
+    the test set it, wherever it was reparented (the leak check sees only descendants)."""
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if process.environ().get(variable) == marker and process.status() != psutil.STATUS_ZOMBIE:
+                found.append(process)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
 def governor_threads():
     return [thread for thread in threading.enumerate() if thread.name.startswith("governor-")]
 

@@ -91,7 +91,7 @@ class LocalConfig:
     max_tasks_per_worker: Optional[int]
     recycle_rss_mb: Optional[float]
     sandbox: Optional[SandboxPolicy] = None  # the pool lane's; None: no sandbox
-    initializer: Optional[tuple] = None  # (function, args) each worker runs before its first task
+    initializer: Optional[tuple] = None  # (function, args, timeout_s) each worker runs before its first task
     start_timeout_s: float = WORKER_START_TIMEOUT_S  # a new worker's, its initializer included
 
 

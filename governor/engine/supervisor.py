@@ -202,7 +202,7 @@ class Supervisor(concurrent.futures.Executor):
                 steps=specs, step_modules=sorted({spec.fn.__module__ for spec in specs.values()} - {"__main__"}),
                 workers=local_workers, spares=spares, max_tasks_per_worker=max_tasks_per_worker,
                 recycle_rss_mb=recycle_rss_mb, sandbox=None if sandbox == "off" else self.sandbox_policy,
-                initializer=None if initializer is None else (initializer, tuple(initargs)),
+                initializer=None if initializer is None else (initializer, tuple(initargs), initializer_timeout_s),
                 start_timeout_s=WORKER_START_TIMEOUT_S if initializer is None else initializer_timeout_s),
             pool_workers=workers, queue_size=queue_size, on_dispatch=on_dispatch, ray=ray_config,
             wrap_step_errors=wrap_step_errors)

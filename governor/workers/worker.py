@@ -92,8 +92,9 @@ _sandbox_policy: Optional[_sandbox.SandboxPolicy] = None
 _sandbox_report: _sandbox.SandboxReport = _sandbox.SandboxReport(0)
 # /proc/self/clear_refs, opened before the sandbox (which refuses opening it for writing).
 _clear_refs_fd: Optional[int] = None
-# Supervisor(initializer=, initargs=): (function, args) every worker runs once before its first task.
-_initializer: Optional[Tuple[Callable[..., Any], tuple]] = None
+# Supervisor(initializer=, initargs=, initializer_timeout_s=): (function, args, timeout_s) every
+# worker runs once before its first task.
+_initializer: Optional[Tuple[Callable[..., Any], tuple, float]] = None
 
 
 def install_steps(steps: Dict[str, Any]) -> None:
@@ -109,8 +110,9 @@ def install_sandbox(policy: Optional[_sandbox.SandboxPolicy]) -> None:
         _sandbox.prepare(policy)
 
 
-def install_initializer(initializer: Optional[Tuple[Callable[..., Any], tuple]]) -> None:
-    """Give this process the ``(initializer, initargs)`` each worker runs (the template; ``None``: none)."""
+def install_initializer(initializer: Optional[Tuple[Callable[..., Any], tuple, float]]) -> None:
+    """Give this process the ``(initializer, initargs, timeout_s)`` each worker runs (the
+    template; ``None``: none)."""
     global _initializer
     _initializer = initializer
 
@@ -120,11 +122,18 @@ def _initialize() -> Optional[str]:
     so in its hello and exits, rather than take tasks it was not set up for)."""
     if _initializer is None:
         return None
-    function, args = _initializer
+    function, args, timeout_s = _initializer
+    # The kernel ends a worker whose initializer overruns (SIGALRM's default action), even
+    # one stuck in C code: before it connects, the supervisor knows no pid of it to kill,
+    # and a worker it gave up on would otherwise sleep on, an orphan of the template.
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    signal.setitimer(signal.ITIMER_REAL, timeout_s)
     try:
         function(*args)
     except BaseException:  # SystemExit too: the worker reports it rather than vanish
         return traceback.format_exc()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
     return None
 
 

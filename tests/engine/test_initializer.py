@@ -6,9 +6,11 @@ reads from the outside which worker ran it and how often; the tasks say what the
 
 import collections
 import os
+import uuid
 
 import pytest
 
+from conftest import processes_marked, wait_until
 from governor import Supervisor, WorkerStartFailed
 from step_library import fail_to_initialize_once, record_initialized, registry, sleep_initializing
 
@@ -50,11 +52,16 @@ def test_a_replacement_worker_whose_initializer_fails_fails_the_queued_tasks(tmp
 
 
 @pytest.mark.slow
-def test_an_initializer_that_does_not_end_in_time_fails_start(tmp_path):
+def test_an_initializer_that_does_not_end_in_time_fails_start_and_its_workers_end(monkeypatch):
+    marker = uuid.uuid4().hex
+    monkeypatch.setenv("GOVERNOR_TEST_MARK", marker)  # inherited by the template and its workers
     sup = Supervisor(registry, workers=1, spares=0, initializer=sleep_initializing, initargs=(600,),
                      initializer_timeout_s=1)
     with pytest.raises(WorkerStartFailed, match="ran its initializer and connected within 1s"):
         sup.start()
+    # Workers still in their initializer had not connected, so the supervisor knew no pid
+    # of theirs: each ends itself at the deadline, not 600 s later as an orphan.
+    assert wait_until(lambda: not processes_marked(marker), timeout=30), processes_marked(marker)
 
 
 def test_initializer_arguments_are_checked_at_construction():

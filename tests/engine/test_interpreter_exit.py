@@ -18,7 +18,7 @@ import uuid
 import psutil
 import pytest
 
-from conftest import wait_until
+from conftest import processes_marked, wait_until
 
 #: Generous: the standard library's executor exits in about a second here.
 EXIT_WITHIN_S = 20.0
@@ -78,14 +78,7 @@ if __name__ == "__main__":
 
 def marked_processes(marker: str):
     """Live processes whose environment carries ``marker`` (every one the program started)."""
-    found = []
-    for process in psutil.process_iter():
-        try:
-            if process.environ().get("GOVERNOR_EXIT_TEST") == marker and process.status() != psutil.STATUS_ZOMBIE:
-                found.append(process)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-    return found
+    return processes_marked(marker, "GOVERNOR_EXIT_TEST")
 
 
 @pytest.fixture
