@@ -301,8 +301,10 @@ class Manager(threading.Thread):
                 if finished:
                     break
         except BaseException as exc:  # a bug here must not leave workers or futures behind
-            log.critical("governor manager thread failed; the supervisor is broken", exc_info=True)
+            # Broken first, then the log: a submit that checks ``broken`` meanwhile must be
+            # refused, not slip into an inbox no one reads again.
             self.broken = exc
+            log.critical("governor manager thread failed; the supervisor is broken", exc_info=True)
             self.start_error = self.start_error or exc
             self._fail_everything(exc)
         finally:
@@ -594,13 +596,27 @@ class Manager(threading.Thread):
         # The running first: a workflow's steps end in their order (its running step, then
         # its queued ones, which it skips).
         tasks = [task for backend in self._all for task in backend.running_tasks()]
-        tasks += self._queued_tasks()
+        tasks += self._queued_tasks() + self._submitted_unread()
         for task in tasks:
             try:
                 self.conclude(task, TaskState.FAILED, broken, by_kill=True)
             except Exception:
                 log.exception("could not fail task %s", task.id)
         self._resolve_ended()
+
+    def _submitted_unread(self) -> List[Task]:
+        """The tasks of submissions still in the inbox, taken out of it (the loop that
+        would have queued them has failed): they end like every other task held."""
+        tasks: List[Task] = []
+        kept: List[tuple] = []
+        while self._inbox:
+            fn, args = self._inbox.popleft()
+            if fn == self._on_submit:
+                tasks.extend(args[0])
+            else:
+                kept.append((fn, args))
+        self._inbox.extend(kept)
+        return tasks
 
     def _close(self) -> None:
         for backend in self._all:

@@ -373,7 +373,7 @@ def test_a_task_imports_nothing_its_template_had_not(make_supervisor):
     sup.submit_call(Call("echo", (2,), limits=Limits(max_memory_mb=500, memory_hard_cap=True))).result(timeout=30)
     assert sup.submit("imported_since_fork").result(timeout=30) == [], "a result, an error, a hard cap"
     sup.submit("import_lazily").result(timeout=30)
-    assert "xml.dom.minidom" in sup.submit("imported_since_fork").result(timeout=30), "the check can see one"
+    assert "colorsys" in sup.submit("imported_since_fork").result(timeout=30), "the check can see one"
 
 
 def test_a_step_module_that_will_not_import_fails_the_start(tmp_path, monkeypatch, caplog):
