@@ -55,7 +55,7 @@ from governor.limits import Lane, Limits
 from governor.task import TaskState
 
 #: The schema this module reads and writes, kept in ``PRAGMA user_version``.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 #: How long finished rows are kept by default: a week answers "what happened to my task
 #: on Friday" after a weekend, while the file stays small (a row is a few hundred bytes
@@ -108,8 +108,9 @@ def _sql_list(values: Iterable[str]) -> str:
     return "(" + ", ".join(f"'{value}'" for value in sorted(values)) + ")"
 
 
-_SCHEMA = (
-    f"""CREATE TABLE tasks (
+def _create_table(name: str) -> str:
+    """The ``CREATE TABLE`` statement of the tasks table, under ``name``."""
+    return f"""CREATE TABLE {name} (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
         kind TEXT NOT NULL CHECK (kind IN {_sql_list(KINDS)}),
         step TEXT NOT NULL,
@@ -126,16 +127,37 @@ _SCHEMA = (
         attempts INTEGER NOT NULL DEFAULT 0,
         interrupted INTEGER NOT NULL DEFAULT 0 CHECK (interrupted IN (0, 1)),
         cwd TEXT
-    )""",
-    "CREATE INDEX tasks_state ON tasks (state)",
-)
+    )"""
 
-#: What brings a journal of an older schema version to the next one, by the version it
-#: starts from. Version 2 keeps the directory a task was submitted from (a task journaled
-#: before has none: it resumes in the daemon's own directory, as it would have run).
-_MIGRATIONS = {
-    1: ("ALTER TABLE tasks ADD COLUMN cwd TEXT",),
-}
+
+_SCHEMA = (_create_table("tasks"), "CREATE INDEX tasks_state ON tasks (state)")
+
+
+def _rebuild(connection: sqlite3.Connection) -> None:
+    """Bring a journal of an older schema to this one: a new table, the rows copied over.
+
+    SQLite cannot alter a column's CHECK, and the list of states grows with Governor
+    (version 1 and 2 lacked ``exhausted``, so writing that state into such a journal
+    failed), so the table is built anew, as SQLite's documentation says to change a
+    table's definition: create, copy, drop, rename, inside the caller's transaction. A
+    column an older schema lacked is left at its default (an old task's ``cwd`` is unknown:
+    it resumes in the daemon's own directory, as it would have run). The ``AUTOINCREMENT``
+    counter is carried over, so that no id is ever given twice.
+    """
+    sequence = connection.execute("SELECT seq FROM sqlite_sequence WHERE name = 'tasks'").fetchone()
+    connection.execute(_create_table("tasks_rebuilt"))
+    old_columns = {row["name"] for row in connection.execute("PRAGMA table_info(tasks)")}
+    columns = ", ".join(row["name"] for row in connection.execute("PRAGMA table_info(tasks_rebuilt)")
+                        if row["name"] in old_columns)
+    connection.execute(f"INSERT INTO tasks_rebuilt ({columns}) SELECT {columns} FROM tasks")
+    connection.execute("DROP TABLE tasks")
+    connection.execute("ALTER TABLE tasks_rebuilt RENAME TO tasks")
+    for statement in _SCHEMA[1:]:
+        connection.execute(statement)
+    if sequence is not None:
+        connection.execute("UPDATE sqlite_sequence SET seq = max(seq, ?) WHERE name = 'tasks'", (sequence[0],))
+        connection.execute("INSERT INTO sqlite_sequence (name, seq) SELECT 'tasks', ? WHERE NOT EXISTS "
+                           "(SELECT 1 FROM sqlite_sequence WHERE name = 'tasks')", (sequence[0],))
 
 
 def _dumps(value: Any) -> str:
@@ -374,10 +396,8 @@ class Journal:
             if version > SCHEMA_VERSION:
                 raise JournalError(f"the journal {self.path!r} has schema version {version}, written by a newer "
                                    f"Governor; this one reads version {SCHEMA_VERSION}")
-            if version in _MIGRATIONS:
-                for older in range(version, SCHEMA_VERSION):
-                    for statement in _MIGRATIONS[older]:
-                        connection.execute(statement)
+            if version >= 1:
+                _rebuild(connection)
             elif connection.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
                 raise JournalError(f"{self.path!r} is an SQLite database but not a Governor journal")
             else:

@@ -108,19 +108,61 @@ def test_a_task_keeps_the_directory_it_was_submitted_from(journal):
     assert [record.cwd for record in journal.recover().resume] == ["/home/me/project", "/srv/other", None]
 
 
-def test_a_journal_of_the_first_schema_is_brought_up_to_date(path):
-    with Journal(path) as journal:
-        [old_id] = journal.submit([NewTask.step_call("save", {}, Lane.CRITICAL)])
-    with sqlite3.connect(path) as connection:  # what version 1 wrote: no cwd column
-        connection.execute("ALTER TABLE tasks DROP COLUMN cwd")
-        connection.execute("PRAGMA user_version = 1")
+#: The tasks table as schema versions 1 and 2 wrote it, word for word: the states listed in
+#: its CHECK lack "exhausted"; version 2 added the cwd column.
+_OLD_STATES = "('cancelled', 'crashed', 'done', 'failed', 'interrupted', 'over_memory', 'queued', 'running', " \
+    "'skipped', 'timed_out')"
+_OLD_TABLE = f"""CREATE TABLE tasks (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL CHECK (kind IN ('step', 'workflow')),
+    step TEXT NOT NULL,
+    params TEXT NOT NULL,
+    lane TEXT NOT NULL CHECK (lane IN ('critical', 'pool')),
+    key TEXT,
+    limits TEXT,
+    state TEXT NOT NULL CHECK (state IN {_OLD_STATES}),
+    submitted_at REAL NOT NULL,
+    started_at REAL,
+    ended_at REAL,
+    result TEXT,
+    error TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    interrupted INTEGER NOT NULL DEFAULT 0 CHECK (interrupted IN (0, 1)){{cwd}}
+)"""
+
+
+def _old_journal(path, version):
+    """A journal file as Governor's schema ``version`` (1 or 2) left it: three tasks, the
+    newest pruned (so the id counter is ahead of the rows), one pool task running."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    connection = sqlite3.connect(path)
+    connection.execute("PRAGMA journal_mode = WAL")
+    connection.execute(_OLD_TABLE.format(cwd=",\n    cwd TEXT" if version == 2 else ""))
+    connection.execute("CREATE INDEX tasks_state ON tasks (state)")
+    for step_name, lane, state in [("save", "critical", "done"), ("echo", "pool", "running"), ("gone", "pool", "done")]:
+        connection.execute("INSERT INTO tasks (kind, step, params, lane, state, submitted_at, attempts) "
+                           "VALUES ('step', ?, '{\"params\":{}}', ?, ?, 1.0, 1)", (step_name, lane, state))
+    connection.execute("DELETE FROM tasks WHERE step = 'gone'")
+    connection.execute(f"PRAGMA user_version = {version}")
+    connection.commit()
     connection.close()
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_journal_of_an_older_schema_is_rebuilt_and_takes_every_state(path, version):
+    _old_journal(path, version)
     with Journal(path) as journal:
-        assert journal.get(old_id).cwd is None and journal.get(old_id).state == "queued"
+        saved, running = journal.get(1), journal.get(2)
+        assert (saved.step, saved.state, saved.cwd, running.state) == ("save", "done", None, "running")
+        journal.mark_finished(2, TaskState.EXHAUSTED)  # refused by the old CHECK
+        assert journal.get(2).state == "exhausted"
         [new_id] = journal.submit([NewTask.step_call("save", {}, Lane.CRITICAL, cwd="/tmp")])
+        assert new_id == 4, "an id was given twice: the pruned task 3 had it"
         assert journal.get(new_id).cwd == "/tmp"
     with sqlite3.connect(path) as connection:
         assert connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert {row[0] for row in connection.execute("SELECT name FROM sqlite_master")} >= {"tasks", "tasks_state"}
+        assert "tasks_rebuilt" not in {row[0] for row in connection.execute("SELECT name FROM sqlite_master")}
     connection.close()
 
 
