@@ -51,7 +51,7 @@ from typing import Any, Awaitable, Callable, Iterable, List, MutableMapping, Opt
 from governor import aio
 from governor.client.async_client import AsyncClient
 from governor.errors import RequestSuperseded, StepCancelled
-from governor.task import Call
+from governor.task import Call, CancelRequest
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -114,7 +114,7 @@ class RequestGovernor:
         else:
             futures = [self._scope.submit_call(call) for call in calls]
             self.futures.extend(futures)
-            outcomes = await asyncio.gather(*(aio.result(future) for future in futures), return_exceptions=True)
+            outcomes = await self._outcomes_until_superseded(futures)
         superseded = next((outcome for outcome in outcomes
                            if isinstance(outcome, StepCancelled) and outcome.reason == "superseded"), None)
         if superseded is not None:
@@ -124,6 +124,31 @@ class RequestGovernor:
                 if isinstance(outcome, BaseException):
                     raise outcome
         return outcomes
+
+    async def _outcomes_until_superseded(self, futures: List[Any]) -> List[Any]:
+        """The futures' outcomes, or at once when a newer request supersedes this one.
+
+        A superseded request's answer (409) is owed now: its running steps may take their
+        cancel grace to stop, and nobody waits for them. They go on stopping on their own.
+        """
+        loop = asyncio.get_running_loop()
+        superseded: asyncio.Future = loop.create_future()
+
+        def on_cancel(request: CancelRequest) -> None:  # on the cancelling thread
+            if request.reason == "superseded":
+                loop.call_soon_threadsafe(_settle, superseded, request.detail)
+
+        self._scope.on_cancel(on_cancel)
+        gathering = asyncio.ensure_future(asyncio.gather(*map(aio.result, futures), return_exceptions=True))
+        try:
+            done, _ = await asyncio.wait((gathering, superseded), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not gathering.done():
+                gathering.cancel()
+        if gathering not in done:
+            raise RequestSuperseded(self.key, superseded.result())
+        superseded.cancel()
+        return gathering.result()
 
     def cancel(self, detail: str) -> None:
         """Stop every step of the request (in process; through a daemon, cancelling the
@@ -252,6 +277,11 @@ class _ResponseWatch:
         elif message["type"] == "http.response.body" and not message.get("more_body", False):
             self.complete = True
         await self._send(message)
+
+
+def _settle(future: asyncio.Future, value: Any) -> None:
+    if not future.done():
+        future.set_result(value)
 
 
 async def _until_disconnect(receive: Receive, inbox: asyncio.Queue) -> None:

@@ -7,13 +7,15 @@ never by sleeps; the bench (``view-load``) measures how fast.
 """
 
 import asyncio
+import os
+import signal
 import sys
 
 import pytest
 
 from conftest import wait_until
 from governor import TaskState
-from web_harness import open_view, served, served_by_daemon  # noqa: F401
+from web_harness import ServerThread, open_view, served, served_by_daemon  # noqa: F401
 
 import httpx  # noqa: E402  (after web_harness: it skips the module without the web extra)
 
@@ -86,6 +88,45 @@ def test_a_superseded_request_whose_client_is_gone_gets_no_answer_and_the_next_o
     first, second = served.views.recent
     ended_cancelled_or_never_started(first.futures, superseded_at=second.futures[0].task.submitted_at)
     assert all(future.task.state is TaskState.DONE for future in second.futures)
+
+
+def test_a_superseded_request_is_answered_while_its_running_step_is_still_stopping(tmp_path):
+    """The 409 does not wait for the superseded request's steps to end: here one runs on in
+    C code that never sees the cooperative cancel, for its 60 s grace, and the answer comes
+    while it still runs."""
+    from starlette.applications import Starlette
+    from starlette.middleware import Middleware
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from governor import Call, Limits, Supervisor
+    from governor.asgi import GovernorMiddleware, request_governor
+    from step_library import registry
+
+    stubborn = Call("regex_holding_the_gil", limits=Limits(cancel_grace_s=60.0))
+
+    async def run(request):
+        calls = [stubborn] if request.path_params["what"] == "stubborn" else [Call("noop")]
+        return JSONResponse({"results": await request_governor(request.scope).run_batch(calls)})
+
+    supervisor = Supervisor(registry, workers=2)
+    app = Starlette(routes=[Route("/run/{what}", run)],
+                    middleware=[Middleware(GovernorMiddleware, governor=supervisor,
+                                           supersede=by_query("session", prefix="/run/"))])
+    with ServerThread(app=app) as server, httpx.Client(base_url=server.url, timeout=120) as client:
+        older = open_view(server.port, "/run/stubborn?session=eve")
+        assert wait_until(lambda: supervisor.describe_workers() and any(
+            worker["step"] == "regex_holding_the_gil" for worker in supervisor.describe_workers()), timeout=60)
+        assert client.get("/run/noop", params={"session": "eve"}).status_code == 200
+        answer = older.makefile("rb").readline()  # the 409's status line
+        still_running = [worker for worker in supervisor.describe_workers()
+                         if worker["step"] == "regex_holding_the_gil"]
+        older.close()
+        for worker in still_running:  # spare the shutdown the step's 60 s grace
+            os.kill(worker["pid"], signal.SIGKILL)
+
+    assert answer.split()[1] == str(SUPERSEDED_STATUS).encode(), answer
+    assert still_running, "the 409 came only after the superseded step had stopped"
 
 
 def test_by_query_keys_requests_by_path_prefix_and_parameter():

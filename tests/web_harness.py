@@ -6,6 +6,7 @@ supervisor and the requests' futures) while it talks to the server over real soc
 
 import socket
 import threading
+from typing import Optional
 
 import pytest
 
@@ -18,12 +19,13 @@ from governor.bench.backend import GovernedViews, Views, create_app  # noqa: E40
 
 
 class ServerThread:
-    """uvicorn serving ``create_app(views)`` on a free port; the lifespan starts and stops the engine."""
+    """uvicorn serving ``create_app(views)`` (or another ASGI ``app``) on a free port; the
+    lifespan starts and stops the engine."""
 
-    def __init__(self, views: Views):
+    def __init__(self, views: Optional[Views] = None, app=None):
         self.views = views
-        self.server = uvicorn.Server(uvicorn.Config(create_app(views), host="127.0.0.1", port=0,
-                                                    log_level="warning", lifespan="on"))
+        self.server = uvicorn.Server(uvicorn.Config(app if app is not None else create_app(views), host="127.0.0.1",
+                                                    port=0, log_level="warning", lifespan="on"))
         self.thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
 
     def __enter__(self) -> "ServerThread":

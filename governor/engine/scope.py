@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import threading
-from typing import TYPE_CHECKING, Any, Iterable, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, List, Optional, Sequence
 
 from governor.task import CancelRequest, Call, TaskFuture, WorkflowFuture
 
@@ -32,6 +32,7 @@ class Scope:
         self._futures: List[concurrent.futures.Future] = []
         self._prune_at = SCOPE_PRUNE_MIN
         self._cancel_request: Optional[CancelRequest] = None
+        self._on_cancel: List[Callable[[CancelRequest], None]] = []
 
     @property
     def cancelled(self) -> bool:
@@ -76,7 +77,24 @@ class Scope:
             if self._cancel_request is None:
                 self._cancel_request = request
             futures, self._futures = self._futures, []
-        return sum(self._stop(future) for future in futures)
+            callbacks, self._on_cancel = self._on_cancel, []
+        stopped = sum(self._stop(future) for future in futures)
+        for callback in callbacks:
+            callback(self._cancel_request)
+        return stopped
+
+    def on_cancel(self, callback: Callable[[CancelRequest], None]) -> None:
+        """Call ``callback(request)`` once, when the scope is cancelled (at once if it is already).
+
+        It runs on the cancelling thread, right after the scope's steps were asked to stop
+        and before they have stopped: what waits for the steps' ends can answer its caller
+        now (a superseded web request's 409) instead of after a running step's grace.
+        """
+        with self._lock:
+            if self._cancel_request is None:
+                self._on_cancel.append(callback)
+                return
+        callback(self._cancel_request)
 
     def _stop(self, future: concurrent.futures.Future) -> bool:
         steps = future.steps if isinstance(future, WorkflowFuture) else [future]

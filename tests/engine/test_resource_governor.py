@@ -335,6 +335,24 @@ def test_a_keyed_scope_supersedes_the_previous_one(supervisor, tmp_path):
     assert other.submit("echo", 1).result(timeout=30) == 1 and not second.cancelled
 
 
+def test_a_scope_tells_its_cancel_once_before_its_running_steps_have_stopped(supervisor, tmp_path):
+    scope = supervisor.scope(key="view:told")
+    # A step deaf to the cooperative cancel, with a long grace: it cannot have ended when told.
+    running = scope.submit_call(Call("regex_holding_the_gil", (str(tmp_path / "running"),),
+                                     limits=Limits(cancel_grace_s=60.0)))
+    pid = read_pid(tmp_path / "running")
+    told = []
+    scope.on_cancel(lambda request: told.append((request.reason, running.done())))
+    supervisor.scope(key="view:told")  # supersedes it
+    scope.cancel("again")
+    scope.on_cancel(lambda request: told.append((request.reason, "late")))
+
+    assert told == [("superseded", False), ("superseded", "late")]
+    os.kill(pid, signal.SIGKILL)  # spare the test the grace
+    with pytest.raises(StepCancelled):
+        running.result(timeout=30)
+
+
 def test_workers_view_names_the_running_step(supervisor, backend, tmp_path):
     future = supervisor.submit("hold_until", str(tmp_path / "started"), str(tmp_path / "go"))
     wait_for_path(str(tmp_path / "started"))
