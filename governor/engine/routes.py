@@ -3,7 +3,7 @@ supervisor is built, and used on every submit."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
 from governor.errors import InvalidParameters
 from governor.limits import Lane, Limits
@@ -63,3 +63,10 @@ class Route:
         except Exception as exc:
             raise InvalidParameters(f"step {self.spec.name!r}: no lane key from its parameters: {exc!r}") from exc
         return key
+
+
+def workflow_key(step_keys: Iterable[Any]) -> Any:
+    """A workflow's lane key when none is given: the one key its steps declare, or ``None``
+    (it runs alone, like any keyless critical step) when they declare none or several."""
+    keys = {key for key in step_keys if key is not None}
+    return keys.pop() if len(keys) == 1 else None

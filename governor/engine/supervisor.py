@@ -30,7 +30,7 @@ from governor.engine.mapping import MapRun, Progress
 from governor.engine.scope import Scope, gather
 from governor.engine.manager import Manager, ManagerConfig
 from governor.engine.metrics import MetricsRecorder, prometheus_registry, prometheus_text
-from governor.engine.routes import Route
+from governor.engine.routes import Route, workflow_key
 from governor.steps.registry import REGISTRY, StepLookup
 from governor.task import (CancelRequest, Call, Task, TaskFuture, WorkflowFuture, WorkflowRun, check_step_designator,
                            in_done_callback)
@@ -442,8 +442,7 @@ class Supervisor(concurrent.futures.Executor):
         future = WorkflowFuture([task.future for task in tasks], self._callbacks)
         flow = WorkflowRun(tasks, future)
         if key is None:
-            keys = {task.key for task in tasks if task.key is not None}
-            key = keys.pop() if len(keys) == 1 else None
+            key = workflow_key(task.key for task in tasks)
         for task in tasks:
             task.workflow, task.key = flow, key
         self._enqueue(tasks)

@@ -14,12 +14,10 @@ brought (submissions, pool starts, ends) in one transaction, and only then ackno
 submissions and answers the waiters.
 
 Only the loop thread touches connections and waiters, and only it adds to or removes from
-the in-flight table. The manager thread's one call into the daemon is the dispatch hook: for
-a critical step it commits the start (under the journal's lock) and maybe the end of the
-critical task before it (see ``Daemon._journal_end_now`` for how the two threads write an
-end once), reading that task's in-flight entry, and alone keeps ``_last_critical``;
-``_started_records`` is added to there and discarded from on the loop (single set
-operations, atomic under the GIL).
+the in-flight table. The manager thread's one call into the daemon is the dispatch hook,
+``governor.service.starts.StartJournal``: for a critical step it commits the start (under
+the journal's lock) and first the ends of the critical tasks of its key before it, reading
+their in-flight entries (that module says how the two threads write an end once).
 
 Start-up checks everything it can before any worker starts (:meth:`Daemon.start`, or
 :func:`preflight` alone): the socket's directory, a live or stale socket, the journal's
@@ -56,7 +54,9 @@ Safety:
 Durability: every submission is in the journal before it is acknowledged (as durable as
 ``--journal-sync`` says: ``governor.service.journal.JournalSync``). After a crash
 (kill -9) and a restart, queued tasks resume in their original order, running read-only
-tasks are re-run, and running critical tasks are reported ``interrupted``, never re-run.
+tasks are re-run, running critical tasks whose steps are all declared idempotent are run
+again (a workflow from the step that was running), and other running critical tasks are
+reported ``interrupted``, never re-run.
 On SIGTERM/SIGINT the daemon stops accepting, lets running steps finish for up to
 ``drain_timeout_s``, leaves queued ones in the journal for the next start, and exits 0.
 """
@@ -66,30 +66,28 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import functools
 import logging
 import os
 import signal
 import socket
 import struct
-import time
 from typing import Any, Awaitable, Callable, Dict, List, Optional, Sequence, Tuple
 
 import attrs
 
 from governor import protocol
+from governor.engine.routes import workflow_key
 from governor.engine.supervisor import Supervisor
-from governor.errors import (DaemonAlreadyRunning, DaemonError, GovernorError, InvalidTransition,
-                             MetricsAddressUnavailable, PeerRefused, StepCancelled, TaskNotResumable, TooManyClients,
-                             UnknownTask)
-from governor.limits import Lane
+from governor.errors import (DaemonAlreadyRunning, DaemonError, GovernorError, MetricsAddressUnavailable,
+                             PeerRefused, TaskNotResumable, TooManyClients, UnknownTask)
 from governor.service.config import DaemonConfig, show_addr
 from governor.service.group_commit import GroupCommit
-from governor.service.journal import Journal, JournalGroup, NewTask, TaskRecord
+from governor.service.journal import Journal, NewTask, TaskRecord
 from governor.service.live import LiveModel
+from governor.service.starts import StartJournal, cancelled_by_shutdown
 from governor.service.preflight import (JournalLock, bind_metrics_socket, check_socket_directory, check_socket_free,
                                         ensure_private_directory)
-from governor.task import Call, Task, TaskState, WorkflowFuture
+from governor.task import Call, TaskState
 
 log = logging.getLogger("governor.service.daemon")
 
@@ -242,8 +240,7 @@ class Daemon:
         self._commits: Optional[GroupCommit] = None  # the loop's writes to the journal, a transaction a turn
         self._supervisor: Optional[Supervisor] = None
         self._in_flight: Dict[int, _InFlight] = {}
-        self._started_records: set = set()
-        self._last_critical: Optional[int] = None  # the record of the critical step last started
+        self._starts: Optional[StartJournal] = None  # the on_dispatch hook: what a start journals
         self._connections: set = set()
         self._server: Optional[asyncio.AbstractServer] = None
         self._metrics_server: Any = None
@@ -297,8 +294,10 @@ class Daemon:
         self._lock = JournalLock(config.journal_path)
         self._journal = Journal(config.journal_path, retention_s=config.retention_s, sync=config.journal_sync)
         self._commits = GroupCommit(self._journal, self._loop)
+        self._starts = StartJournal(self._journal, self._commits, self._in_flight.get, lambda: self._draining,
+                                    keyed=config.critical_workers > 1)
         self._supervisor = Supervisor(self._registry, config.workers, critical_workers=config.critical_workers,
-                                      on_dispatch=self._record_start,
+                                      on_dispatch=self._starts.record,
                                       backend=config.backend, ray_address=config.ray_address,
                                       sandbox=config.sandbox, sandbox_writes=config.sandbox_writes,
                                       wrap_step_errors=True)  # the wire rebuilds StepFailed, not any type
@@ -310,11 +309,15 @@ class Daemon:
         except BaseException:
             listener.close()
             raise
-        recovery = self._journal.recover()
+        recovery = self._journal.recover(rerun=self._idempotent)
         for record in recovery.interrupted:
             log.warning("task %s (%s) was running when the daemon stopped; critical, so not run again",
                         record.id, record.step, extra={"task_id": record.id, "step": record.step,
                                                         "lane": record.lane.value, "reason": "interrupted"})
+        for record in recovery.rerun:
+            log.warning("task %s (%s) was running when the daemon stopped; idempotent, so run again",
+                        record.id, record.step, extra={"task_id": record.id, "step": record.step,
+                                                        "lane": record.lane.value, "reason": "rerun"})
         for record in recovery.resume:
             self._resume(record)
         if recovery.resume:
@@ -480,9 +483,9 @@ class Daemon:
 
     async def _op_submit(self, connection: _Connection, request: protocol.Submit) -> None:
         self._refuse_while_draining()
-        call, lane = self._checked(request.step, request.params, request.cwd, request.limits)
+        call, lane, lane_key = self._checked(request.step, request.params, request.cwd, request.limits)
         [record_id] = await self._commits.write(lambda group: group.submit(
-            [NewTask.step_call(call.step, call.kwargs, lane, request.key, request.limits, call.cwd)]))
+            [NewTask.step_call(call.step, call.kwargs, lane, request.key, request.limits, call.cwd, lane_key)]))
         self._launch(record_id, self._target(request.key), lambda target: target.submit_call(
             attrs.evolve(call, ref=record_id)))
         self._acknowledge(connection, request, [record_id])
@@ -492,19 +495,21 @@ class Daemon:
         checked = [self._checked(c.step, c.params, request.cwd, c.limits)
                    for c in request.calls]  # all, before any is kept
         record_ids = await self._commits.write(lambda group: group.submit(
-            [NewTask.step_call(call.step, call.kwargs, lane, request.key, call.limits, call.cwd)
-             for call, lane in checked]))
+            [NewTask.step_call(call.step, call.kwargs, lane, request.key, call.limits, call.cwd, lane_key)
+             for call, lane, lane_key in checked]))
         target = self._target(request.key)  # one scope for the batch: it supersedes as one view
-        for record_id, (call, _) in zip(record_ids, checked):
+        for record_id, (call, _, _) in zip(record_ids, checked):
             self._launch(record_id, target, lambda target, call=call, rid=record_id:
                          target.submit_call(attrs.evolve(call, ref=rid)))
         self._acknowledge(connection, request, record_ids)
 
     async def _op_workflow(self, connection: _Connection, request: protocol.WorkflowRequest) -> None:
         self._refuse_while_draining()
-        calls = [self._checked(c.step, c.params, request.cwd, c.limits)[0] for c in request.calls]
+        checked = [self._checked(c.step, c.params, request.cwd, c.limits) for c in request.calls]
+        calls = [call for call, _, _ in checked]
         [record_id] = await self._commits.write(lambda group: group.submit(
-            [NewTask.workflow([{"step": c.step, "params": c.kwargs} for c in calls], cwd=request.cwd)]))
+            [NewTask.workflow([{"step": c.step, "params": c.kwargs} for c in calls], cwd=request.cwd,
+                              lane_key=workflow_key(key for _, _, key in checked))]))
         self._launch(record_id, self._supervisor, lambda target: target.workflow(
             [attrs.evolve(call, ref=record_id) for call in calls]))
         self._acknowledge(connection, request, [record_id])
@@ -579,9 +584,9 @@ class Daemon:
             raise DaemonError("the daemon is shutting down and takes no new work")
 
     def _checked(self, step: str, params: Dict[str, Any], cwd: Optional[str],
-                 limits: Optional[Any] = None) -> Tuple[Call, Any]:
-        """``(call, lane)`` for a step call, its relative paths made absolute against ``cwd``,
-        to run in ``cwd`` (the client's directory: a relative path the step opens means it).
+                 limits: Optional[Any] = None) -> Tuple[Call, Any, Any]:
+        """``(call, lane, lane key)`` for a step call, its relative paths made absolute against
+        ``cwd``, to run in ``cwd`` (the client's directory: a relative path the step opens means it).
 
         Raises:
             UnknownStep, InvalidParameters: as the supervisor would at submit, and also a
@@ -591,7 +596,8 @@ class Daemon:
         call = Call(step, kwargs=params, limits=limits)
         route = self._supervisor.check_call(call)
         route.parameters.check_values(call.kwargs)
-        return attrs.evolve(call, kwargs=route.spec.resolve_paths(call.kwargs, cwd), cwd=cwd), route.lane
+        call = attrs.evolve(call, kwargs=route.spec.resolve_paths(call.kwargs, cwd), cwd=cwd)
+        return call, route.lane, route.key_of(call.args, call.kwargs)
 
     def _record(self, record_id: int) -> TaskRecord:
         record = self._journal.get(record_id)
@@ -626,8 +632,11 @@ class Daemon:
         """Run a journaled task again, or fail it with ``TaskNotResumable`` when it can no longer run."""
         try:
             if record.kind == "workflow":
+                done = record.progress or []  # a resumed workflow runs only its unfinished steps
                 calls = [self._resumable(Call(call["step"], kwargs=call["params"], ref=record.id, cwd=record.cwd))
-                         for call in record.params["calls"]]
+                         for call in record.params["calls"][len(done):]]
+                if done:
+                    self._starts.resuming(record.id, done)
                 self._launch(record.id, self._supervisor, lambda target: target.workflow(calls))
             else:
                 call = self._resumable(Call(record.step, kwargs=record.params["params"],
@@ -645,55 +654,16 @@ class Daemon:
         self._supervisor.check_call(call)
         return call
 
-    def _record_start(self, task: Task) -> None:
-        """on_dispatch hook (manager thread): journal "running" as the step goes to a worker.
-
-        A critical step's start is committed here, before the hand-over (at most once:
-        after a crash its row reads "may have run"), and first the end of the critical
-        record before it (the manager has resolved its future by now), so the journal
-        never holds two critical rows "running": after a crash, only the step that was
-        really running reads as interrupted. A pool step's start goes to the loop's next
-        group commit instead: a pool step is re-run after a crash whether its row reads
-        queued or running, so its start need not be durable first, and the manager
-        thread makes no SQLite write for it.
-        """
-        if task.ref is None or task.ref in self._started_records:
-            return  # a workflow's later steps: its row is running already
-        self._started_records.add(task.ref)
-        if task.lane is not Lane.CRITICAL:
-            self._commits.write_later(functools.partial(_write_pool_start, task.ref, time.time()))
-            return
-        previous, self._last_critical = self._last_critical, task.ref
-        entry = self._in_flight.get(previous) if previous is not None else None
-        if entry is not None and entry.future.done():
-            self._journal_end_now(entry)
-        self._journal.mark_started(task.ref)
-
-    # A critical task's end may be written by both threads: the manager's commit before the
-    # next critical start, and the loop's group commit. No lock orders them (the group holds
-    # the journal's lock while it writes, so a lock taken inside it and before it elsewhere
-    # would deadlock): each skips an end already marked written, and takes the other's
-    # having written it between the check and its own write (InvalidTransition: the row has
-    # ended) as done.
-
-    def _journal_end_now(self, entry: _InFlight) -> None:
-        """Manager thread: commit the end of the critical record before the next critical start."""
-        if entry.end_journaled or (self._draining and _cancelled_by_shutdown(entry.future)):
-            return
+    def _idempotent(self, record: TaskRecord) -> bool:
+        """Whether every step of a journaled task is declared idempotent (``StepSpec.idempotent``):
+        if it was running when a daemon died, it runs again."""
+        calls = record.params["calls"] if record.kind == "workflow" else [
+            {"step": record.step, "params": record.params["params"]}]
         try:
-            self._journal.mark_finished(entry.record_id, *_ending(entry.future, entry.record_id))
-        except InvalidTransition:
-            pass  # the loop's group commit wrote it first
-        entry.end_journaled = True
-
-    def _write_end(self, group: JournalGroup, entry: _InFlight) -> None:
-        """In a group commit (loop thread): a finished record's end, unless already written."""
-        if entry.end_journaled or (self._draining and _cancelled_by_shutdown(entry.future)):
-            return  # written by the manager; or left queued or running for the next start
-        try:
-            group.mark_finished(entry.record_id, *_ending(entry.future, entry.record_id))
-        except InvalidTransition:
-            pass  # the manager wrote it first
+            return all(self._supervisor.check_call(Call(call["step"], kwargs=call["params"])).spec.idempotent
+                       for call in calls)
+        except (GovernorError, ValueError, TypeError):
+            return False  # it cannot run any more: it is interrupted, and fails no resume
 
     def _task_done(self, record_id: int) -> None:
         """Loop thread: journal a task's end in the next group commit, then answer who waits.
@@ -702,7 +672,7 @@ class Daemon:
         meanwhile: its waiters are answered once its end is durable, never forgotten.
         """
         entry = self._in_flight[record_id]
-        self._commits.write(lambda group: self._write_end(group, entry)).add_done_callback(
+        self._commits.write(lambda group: self._starts.write_end(group, entry)).add_done_callback(
             lambda written: self._task_journaled(entry, written))
 
     def _task_journaled(self, entry: _InFlight, written: asyncio.Future) -> None:
@@ -710,9 +680,9 @@ class Daemon:
         _log_failed_write(written)
         entry.end_journaled = True
         del self._in_flight[entry.record_id]
-        self._started_records.discard(entry.record_id)
+        self._starts.forget(entry.record_id)
         self._live_model.task_ended(entry.record_id, entry.future)
-        if self._draining and _cancelled_by_shutdown(entry.future):
+        if self._draining and cancelled_by_shutdown(entry.future):
             return  # nobody is answered: the task is the next start's
         for waiter in list(entry.waiters):
             waiter.one_done(self, entry)
@@ -737,42 +707,6 @@ _HANDLERS: Dict[type, Callable[[Daemon, Optional[_Connection], Any], Awaitable[O
 _UNHANDLED = set(protocol.REQUEST_TYPES.values()) - set(_HANDLERS)
 if _UNHANDLED:
     raise ImportError(f"the daemon has no handler for {sorted(cls.__name__ for cls in _UNHANDLED)}")
-
-
-def _cancelled_by_shutdown(future: concurrent.futures.Future) -> bool:
-    if not future.cancelled():
-        return False
-    try:
-        future.result()
-    except StepCancelled as cancelled:
-        return cancelled.reason == "shutdown"
-    return False
-
-
-def _ending(future: concurrent.futures.Future, record_id: int) -> Tuple[str, float, Any, Optional[Dict[str, Any]]]:
-    """(journal state, time, JSON result, wire error naming ``record_id``) of a finished task
-    or workflow future: the arguments of ``mark_finished`` after the id."""
-    try:
-        value = future.result()
-    except BaseException as error:  # every way a task can end is recorded, none raised here
-        state = getattr(getattr(future, "task", None), "state", None)
-        if isinstance(future, WorkflowFuture):
-            state = TaskState.CANCELLED if future.cancelled() else TaskState.FAILED
-        return ((state or TaskState.FAILED).value, time.time(), None,
-                protocol.with_task_id(protocol.error_to_wire(error), record_id))
-    try:
-        return TaskState.DONE.value, time.time(), protocol.to_json_value(value), None
-    except protocol.ResultNotSerialisable as unsendable:
-        return TaskState.FAILED.value, time.time(), None, protocol.with_task_id(protocol.error_to_wire(unsendable),
-                                                                               record_id)
-
-
-def _write_pool_start(record_id: int, at: float, group: JournalGroup) -> None:
-    """A pool step's start, in a group commit; a failure is logged (nobody waits for it)."""
-    try:
-        group.mark_started(record_id, at)
-    except InvalidTransition as error:
-        log.error("could not journal the start of task %s: %s", record_id, error, extra={"task_id": record_id})
 
 
 def _log_failed_write(written: asyncio.Future) -> None:

@@ -9,7 +9,8 @@ Data flow::
     status / wait ─> get(), recent(), by_state() ─> TaskRecord.to_wire()
 
     daemon start ─ recover():  "running" pool rows     -> "queued" again (re-run: at least once)
-                               "running" critical rows -> "interrupted" (never re-run: at most once)
+                               "running" critical rows -> "interrupted" (never re-run: at most once),
+                                 or "queued" again if its steps are idempotent (``rerun``)
                  ─> Recovery.resume (every queued row, in id order): the daemon resubmits them
     now and then ─ prune(): finished rows older than ``retention_s`` are deleted
 
@@ -24,7 +25,12 @@ crash may lose the last commits; ``full`` also fsyncs the WAL at each commit, so
 survives a power cut too, for one fsync per commit. That is what makes
 :meth:`Journal.mark_started` a guard:
 a critical step is handed to a worker only once its "running" row is committed, so after a
-crash a "running" row means "may have run" and is never run again.
+crash a "running" row means "may have run" and is never run again, unless running it again
+is safe (idempotent). The daemon commits a critical task's end before the next start of its
+lane key, so each key has at most one "running" row, the one that may really have been
+running (:meth:`Journal.recover` also settles journals where that does not hold). A
+workflow's ``progress`` (its finished steps' results) is committed as each later step
+starts, so a workflow of idempotent steps resumes at the step that was running.
 
 Concurrency: one connection, shared by the daemon's event-loop thread and the supervisor's
 manager thread, serialised by a lock. Other processes may read the file, but two daemons
@@ -46,7 +52,7 @@ import os
 import sqlite3
 import threading
 import time
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Union
 
 import attrs
 
@@ -55,7 +61,7 @@ from governor.limits import Lane, Limits
 from governor.task import TaskState
 
 #: The schema this module reads and writes, kept in ``PRAGMA user_version``.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 #: How long finished rows are kept by default: a week answers "what happened to my task
 #: on Friday" after a weekend, while the file stays small (a row is a few hundred bytes
@@ -126,7 +132,9 @@ def _create_table(name: str) -> str:
         error TEXT,
         attempts INTEGER NOT NULL DEFAULT 0,
         interrupted INTEGER NOT NULL DEFAULT 0 CHECK (interrupted IN (0, 1)),
-        cwd TEXT
+        cwd TEXT,
+        lane_key TEXT,
+        progress TEXT
     )"""
 
 
@@ -138,7 +146,7 @@ def _rebuild(connection: sqlite3.Connection) -> None:
 
     SQLite cannot alter a column's CHECK, and the list of states grows with Governor
     (version 1 and 2 lacked ``exhausted``, so writing that state into such a journal
-    failed), so the table is built anew, as SQLite's documentation says to change a
+    failed; version 4 adds the lane key and a workflow's progress), so the table is built anew, as SQLite's documentation says to change a
     table's definition: create, copy, drop, rename, inside the caller's transaction. A
     column an older schema lacked is left at its default (an old task's ``cwd`` is unknown:
     it resumes in the daemon's own directory, as it would have run). The ``AUTOINCREMENT``
@@ -180,6 +188,17 @@ def _state_name(state: Union[str, TaskState]) -> str:
     return name
 
 
+def lane_key_text(key: Any) -> str:
+    """A lane key as the journal keeps and shows it: a string as it is, anything else as JSON
+    (or, not JSON, its ``repr``)."""
+    if isinstance(key, str):
+        return key
+    try:
+        return _dumps(key)
+    except (TypeError, ValueError):
+        return repr(key)
+
+
 def _non_empty(instance: Any, attribute: attrs.Attribute, value: str) -> None:
     if not value:
         raise ValueError(f"{type(instance).__name__}.{attribute.name} must not be empty")
@@ -197,6 +216,7 @@ class NewTask:
         key: the submission's supersede key, if any.
         limits: the submission's own limits, if any.
         cwd: the absolute directory it was submitted from, where its steps run, if known.
+        lane_key: its critical lane key (``StepSpec.key``) as text, if any.
     """
 
     kind: str = attrs.field(validator=attrs.validators.in_(KINDS))
@@ -209,6 +229,7 @@ class NewTask:
         default=None, validator=attrs.validators.optional(attrs.validators.instance_of(Limits)))
     cwd: Optional[str] = attrs.field(
         default=None, validator=attrs.validators.optional(attrs.validators.instance_of(str)))
+    lane_key: Optional[str] = attrs.field(default=None, converter=attrs.converters.optional(lane_key_text))
 
     def __attrs_post_init__(self) -> None:
         if list(self.params) != [_PAYLOAD_KEY[self.kind]]:
@@ -217,19 +238,21 @@ class NewTask:
 
     @classmethod
     def step_call(cls, step: str, params: Mapping[str, Any], lane: Union[Lane, str], key: Optional[str] = None,
-                  limits: Optional[Limits] = None, cwd: Optional[str] = None) -> "NewTask":
+                  limits: Optional[Limits] = None, cwd: Optional[str] = None, lane_key: Any = None) -> "NewTask":
         """One step with its keyword arguments, in the lane its registration declares."""
-        return cls("step", step, {"params": dict(params)}, lane, key, limits, cwd)
+        return cls("step", step, {"params": dict(params)}, lane, key, limits, cwd, lane_key)
 
     @classmethod
     def workflow(cls, calls: Sequence[Mapping[str, Any]], label: str = "workflow",
-                 cwd: Optional[str] = None) -> "NewTask":
+                 cwd: Optional[str] = None, lane_key: Any = None) -> "NewTask":
         """A workflow: ``calls`` are ``{"step": name, "params": {...}}`` objects, run in order.
 
         It is journaled in the critical lane, where its steps run: after a crash mid-way it
-        is interrupted, never re-run from the start.
+        is interrupted, never re-run from the start (unless its steps are all idempotent:
+        then it resumes at the step that was running).
         """
-        return cls("workflow", label, {"calls": [dict(call) for call in calls]}, Lane.CRITICAL, cwd=cwd)
+        return cls("workflow", label, {"calls": [dict(call) for call in calls]}, Lane.CRITICAL, cwd=cwd,
+                   lane_key=lane_key)
 
 
 @attrs.frozen
@@ -254,6 +277,9 @@ class TaskRecord:
         attempts: how many times it was handed to a worker.
         interrupted: whether it was running when a daemon died.
         cwd: the directory it was submitted from, where its steps run (``None``: unknown).
+        lane_key: its critical lane key as text (``None``: none, or a pool step).
+        progress: a workflow's results of the steps finished before the one that started
+            last (``None``: a step, or a workflow whose first step has not started).
     """
 
     id: int
@@ -272,6 +298,8 @@ class TaskRecord:
     attempts: int
     interrupted: bool = attrs.field(converter=bool)
     cwd: Optional[str] = None
+    lane_key: Optional[str] = None
+    progress: Optional[List[Any]] = None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> "TaskRecord":
@@ -280,7 +308,8 @@ class TaskRecord:
                    lane=row["lane"], key=row["key"], limits=_loads(row["limits"]),
                    state=row["state"], submitted_at=row["submitted_at"], started_at=row["started_at"],
                    ended_at=row["ended_at"], result=_loads(row["result"]), error=_loads(row["error"]),
-                   attempts=row["attempts"], interrupted=row["interrupted"], cwd=row["cwd"])
+                   attempts=row["attempts"], interrupted=row["interrupted"], cwd=row["cwd"],
+                   lane_key=row["lane_key"], progress=_loads(row["progress"]))
 
     def own_limits(self) -> Optional[Limits]:
         """The task's own limits as a ``Limits``, or ``None`` when it has none.
@@ -309,7 +338,8 @@ class TaskRecord:
                 "key": self.key, "limits": self.limits,
                 "state": self.state, "submitted_at": self.submitted_at, "started_at": self.started_at,
                 "ended_at": self.ended_at, "error": self.error, "attempts": self.attempts,
-                "interrupted": self.interrupted}
+                "interrupted": self.interrupted, "lane_key": self.lane_key,
+                "steps_done": None if self.progress is None else len(self.progress)}
         if not summary:
             wire.update(self.params, result=self.result)
         return wire
@@ -321,13 +351,17 @@ class Recovery:
 
     Attributes:
         resume: every queued row in id order (submission order), including the pool rows
-            that were running and were re-queued: the daemon resubmits them all.
+            that were running and the critical ones in ``rerun``, re-queued: the daemon
+            resubmits them all.
         interrupted: the critical rows that were running, now ``"interrupted"``: report
             them, never run them.
+        rerun: the critical rows that were running and run again (idempotent), as they
+            were found (a workflow's ``progress`` says where it resumes).
     """
 
     resume: List[TaskRecord]
     interrupted: List[TaskRecord]
+    rerun: List[TaskRecord] = attrs.field(factory=list)
 
 
 class Journal:
@@ -454,6 +488,18 @@ class Journal:
         with self.group() as group:
             group.mark_started(task_id, at)
 
+    def mark_attempt(self, task_id: int, at: Optional[float] = None) -> None:
+        """Record another attempt of a running task, in a transaction of its own (see
+        :meth:`JournalGroup.mark_attempt`)."""
+        with self.group() as group:
+            group.mark_attempt(task_id, at)
+
+    def mark_progress(self, task_id: int, results: Sequence[Any]) -> None:
+        """Record a running workflow's progress, in a transaction of its own (see
+        :meth:`JournalGroup.mark_progress`)."""
+        with self.group() as group:
+            group.mark_progress(task_id, results)
+
     def mark_finished(self, task_id: int, state: Union[str, TaskState], at: Optional[float] = None,
                       result: Any = None, error: Optional[Mapping[str, Any]] = None) -> None:
         """Record a task's end in a transaction of its own (see :meth:`JournalGroup.mark_finished`)."""
@@ -485,29 +531,43 @@ class Journal:
         return self._select(f"SELECT * FROM tasks WHERE state IN ({', '.join('?' * len(names))}) ORDER BY id",
                             names) if names else []
 
-    def recover(self, now: Optional[float] = None) -> Recovery:
+    def recover(self, now: Optional[float] = None,
+                rerun: Callable[[TaskRecord], bool] = lambda record: False) -> Recovery:
         """Settle the rows a dead daemon left running, and list the work to resume.
 
         Call it once, at start-up, before submitting anything. Running pool rows go back
-        to ``"queued"`` (pool steps are read-only: re-running one is safe); running
-        critical rows become ``"interrupted"``, ended ``now``, and are never re-run. Both
-        are flagged ``interrupted``.
+        to ``"queued"`` (pool steps are read-only: re-running one is safe). A running
+        critical row that may really have been running goes back to ``"queued"`` if
+        ``rerun`` says running it again is safe, and becomes ``"interrupted"``, ended
+        ``now`` and never re-run, otherwise. All are flagged ``interrupted``.
+
+        Which critical rows may have been running, per lane key: steps of one key run one
+        at a time in id order, and a step without a key runs alone, so a running row
+        followed by a later running row of its key (or either without a key) had ended
+        before that one started, its end lost: it ran, and is interrupted, never re-run.
 
         Args:
             now: the time to end interrupted rows at (default: now).
+            rerun: whether a critical row found running may run again (its steps are all
+                idempotent); called inside the transaction, so it must not use the journal.
         """
         now = time.time() if now is None else now
         with self._transaction() as connection:
-            critical = [TaskRecord.from_row(row) for row in connection.execute(
+            running = [TaskRecord.from_row(row) for row in connection.execute(
                 "SELECT * FROM tasks WHERE state = ? AND lane = ? ORDER BY id", (_RUNNING, Lane.CRITICAL.value))]
-            connection.execute("UPDATE tasks SET state = ?, interrupted = 1, ended_at = ? WHERE state = ? AND lane = ?",
-                               (INTERRUPTED, now, _RUNNING, Lane.CRITICAL.value))
+            again = [record for index, record in enumerate(running)
+                     if not any(_ordered_after(later, record) for later in running[index + 1:]) and rerun(record)]
+            interrupted = [record for record in running if record not in again]
+            connection.executemany("UPDATE tasks SET state = ?, interrupted = 1, ended_at = ? WHERE id = ?",
+                                   [(INTERRUPTED, now, record.id) for record in interrupted])
+            connection.executemany("UPDATE tasks SET state = ?, interrupted = 1 WHERE id = ?",
+                                   [(_QUEUED, record.id) for record in again])
             connection.execute("UPDATE tasks SET state = ?, interrupted = 1 WHERE state = ? AND lane = ?",
                                (_QUEUED, _RUNNING, Lane.POOL.value))
             resume = [TaskRecord.from_row(row) for row in connection.execute(
                 "SELECT * FROM tasks WHERE state = ? ORDER BY id", (_QUEUED,))]
-        interrupted = [attrs.evolve(record, state=INTERRUPTED, interrupted=True, ended_at=now) for record in critical]
-        return Recovery(resume=resume, interrupted=interrupted)
+        return Recovery(resume=resume, rerun=again, interrupted=[
+            attrs.evolve(record, state=INTERRUPTED, interrupted=True, ended_at=now) for record in interrupted])
 
     def prune(self, now: Optional[float] = None) -> int:
         """Delete the finished rows that ended more than ``retention_s`` before ``now``.
@@ -532,6 +592,12 @@ class Journal:
 
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
+
+
+def _ordered_after(later: TaskRecord, earlier: TaskRecord) -> bool:
+    """Whether the critical ``later`` could start only once ``earlier`` had ended: same lane
+    key, or either has none (it runs alone)."""
+    return later.lane_key == earlier.lane_key or later.lane_key is None or earlier.lane_key is None
 
 
 class JournalGroup:
@@ -566,10 +632,10 @@ class JournalGroup:
                 raise TypeError(f"Journal.submit takes NewTask values, not {type(entry).__name__}")
             rows.append((entry.kind, entry.step, _dumps(entry.params), entry.lane.value, entry.key,
                          None if entry.limits is None else _dumps(_limits_dict(entry.limits)), _QUEUED, at,
-                         entry.cwd))
+                         entry.cwd, entry.lane_key))
         return [self._connection.execute(
-            "INSERT INTO tasks (kind, step, params, lane, key, limits, state, submitted_at, cwd) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", row).lastrowid for row in rows]
+            "INSERT INTO tasks (kind, step, params, lane, key, limits, state, submitted_at, cwd, lane_key) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row).lastrowid for row in rows]
 
     def mark_started(self, task_id: int, at: Optional[float] = None) -> None:
         """Record that a queued task is being handed to a worker: ``"running"``, one more attempt.
@@ -583,6 +649,32 @@ class JournalGroup:
         changed = self._connection.execute(
             "UPDATE tasks SET state = ?, started_at = ?, attempts = attempts + 1 WHERE id = ? AND state = ?",
             (_RUNNING, time.time() if at is None else at, task_id, _QUEUED)).rowcount
+        if not changed:
+            raise self._refused(task_id, _RUNNING)
+
+    def mark_attempt(self, task_id: int, at: Optional[float] = None) -> None:
+        """Record that a running task's step is handed to a worker again (a retry after a
+        failed attempt, ``StepSpec.retries``): one more attempt, started ``at``.
+
+        Raises:
+            InvalidTransition: the task does not exist or is not running.
+        """
+        changed = self._connection.execute(
+            "UPDATE tasks SET started_at = ?, attempts = attempts + 1 WHERE id = ? AND state = ?",
+            (time.time() if at is None else at, task_id, _RUNNING)).rowcount
+        if not changed:
+            raise self._refused(task_id, _RUNNING)
+
+    def mark_progress(self, task_id: int, results: Sequence[Any]) -> None:
+        """Record a running workflow's progress as its next step starts: the results of
+        the steps before it (JSON). A crash then resumes an idempotent workflow there.
+
+        Raises:
+            InvalidTransition: the task does not exist or is not running.
+            TypeError, ValueError: a result is not JSON; nothing is recorded.
+        """
+        changed = self._connection.execute("UPDATE tasks SET progress = ? WHERE id = ? AND state = ?",
+                                           (_dumps(list(results)), task_id, _RUNNING)).rowcount
         if not changed:
             raise self._refused(task_id, _RUNNING)
 

@@ -304,7 +304,7 @@ def test_to_wire(journal):
     assert journal.get(step_id).to_wire() == {
         "task_id": step_id, "kind": "step", "step": "a", "lane": "pool", "key": None, "limits": {"timeout_s": 2},
         "state": "done", "submitted_at": 5.0, "started_at": 6.0, "ended_at": 7.0, "error": None, "attempts": 1,
-        "interrupted": False, "params": {"x": 1}, "result": [1]}
+        "interrupted": False, "lane_key": None, "steps_done": None, "params": {"x": 1}, "result": [1]}
     flow = journal.get(flow_id).to_wire()
     assert flow["calls"] == [{"step": "b", "params": {}}] and "params" not in flow
     summary = journal.get(step_id).to_wire(summary=True)
@@ -334,6 +334,58 @@ def test_recover_requeues_pool_and_interrupts_critical(journal):
     again = journal.recover()  # a second crash while it re-ran: queued again
     assert again == Recovery(resume=[journal.get(pool_running), journal.get(queued)], interrupted=[])
     assert again.resume[0].attempts == 2
+
+
+def test_recover_keeps_at_most_one_running_row_per_key_and_reruns_only_that_one(journal):
+    """Per lane key, a running row followed by a later running row of its key (or a keyless
+    one) had ended before that one started: it ran, its end lost. Only the last of each
+    key may have been running; only that one may run again."""
+    def critical(name, key):
+        return NewTask.step_call(name, {}, Lane.CRITICAL, lane_key=key)
+    a1, b1, a2, b2, a3 = journal.submit([critical("a1", "a"), critical("b1", "b"), critical("a2", "a"),
+                                         critical("b2", "b"), critical("a3", "a")])
+    for task_id in (a1, b1, a2):
+        journal.mark_started(task_id, at=10.0)
+    recovery = journal.recover(now=20.0, rerun=lambda record: True)
+    assert [record.id for record in recovery.rerun] == [b1, a2]
+    assert [record.id for record in recovery.interrupted] == [a1]
+    assert [record.id for record in recovery.resume] == [b1, a2, b2, a3]
+    assert [journal.get(task_id).state for task_id in (a1, b1, a2)] == ["interrupted", "queued", "queued"]
+    assert journal.get(b1).interrupted and journal.get(a2).interrupted
+
+
+def test_a_keyless_critical_row_orders_against_every_key(journal):
+    barrier, keyed = journal.submit([NewTask.step_call("all", {}, Lane.CRITICAL),
+                                     NewTask.step_call("one", {}, Lane.CRITICAL, lane_key=7)])
+    for task_id in (barrier, keyed):
+        journal.mark_started(task_id)
+    recovery = journal.recover(rerun=lambda record: True)
+    assert [record.id for record in recovery.interrupted] == [barrier]
+    assert [(record.id, record.lane_key) for record in recovery.rerun] == [(keyed, "7")]
+
+
+def test_recover_interrupts_what_rerun_refuses(journal):
+    [task_id] = journal.submit([NewTask.step_call("save", {}, Lane.CRITICAL, lane_key="a")])
+    journal.mark_started(task_id)
+    recovery = journal.recover(rerun=lambda record: record.step != "save")
+    assert [record.id for record in recovery.interrupted] == [task_id] and recovery.rerun == []
+
+
+def test_attempts_and_a_workflows_progress_are_journaled(journal):
+    step_id, flow_id = journal.submit([NewTask.step_call("flaky", {}, Lane.POOL),
+                                       NewTask.workflow([{"step": "s", "params": {}}] * 3, lane_key="k")])
+    with pytest.raises(InvalidTransition):
+        journal.mark_attempt(step_id)  # not running
+    journal.mark_started(step_id, at=1.0)
+    journal.mark_attempt(step_id, at=2.0)
+    assert (journal.get(step_id).attempts, journal.get(step_id).started_at) == (2, 2.0)
+    journal.mark_started(flow_id)
+    journal.mark_progress(flow_id, [{"n": 1}, None])
+    record = journal.get(flow_id)
+    assert record.progress == [{"n": 1}, None] and record.to_wire()["steps_done"] == 2
+    assert record.lane_key == "k"
+    with pytest.raises(ValueError):
+        journal.mark_progress(flow_id, [float("nan")])
 
 
 def test_a_killed_process_leaves_a_journal_that_recovers(path):
