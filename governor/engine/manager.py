@@ -71,7 +71,7 @@ _RETRIED = frozenset({TaskState.FAILED, TaskState.CRASHED})
 
 def _retried_on(error: Optional[BaseException], kinds: tuple) -> bool:
     """Whether ``error`` (or, for a wrapped ``StepFailed``, the step's own exception) is one of ``kinds``."""
-    return isinstance(error, kinds) or isinstance(getattr(error, "exception", None), kinds)
+    return isinstance(error, kinds) or isinstance(getattr(error, "original", None), kinds)
 
 #: The longest the manager sleeps in one ``select``: a deadline further away (a 25-day
 #: timeout) is waited for in slices, since epoll takes at most 2**31 ms. One extra
