@@ -444,6 +444,7 @@ def status(client: LazyClient, task_id: Optional[int], states: Tuple[str, ...], 
       governor status                        the 50 most recent tasks, newest first
       governor status 42                     task 42 in full
       governor status --state failed --state timed_out -n 10
+      governor status --state exhausted      tasks whose every attempt failed
       governor status --step git.status --json
     """
     if task_id is not None:
@@ -456,8 +457,9 @@ def status(client: LazyClient, task_id: Optional[int], states: Tuple[str, ...], 
     if as_json:
         echo_json([record_json(record) for record in found])
         return
-    table(["id", "step", "lane", "state", "submitted", "ran_s", "attempts", "error"],
-          [[t["task_id"], t["step"], t["lane"], t["state"] + (" (interrupted)" if t["interrupted"] else ""),
+    table(["id", "step", "lane", "key", "state", "submitted", "ran_s", "attempts", "error"],
+          [[t["task_id"], t["step"], t["lane"], t.get("lane_key") or "",
+            t["state"] + (" (interrupted)" if t["interrupted"] else ""),
             local_time(t["submitted_at"], "seconds"),
             "" if t["started_at"] is None or t["ended_at"] is None else f"{t['ended_at'] - t['started_at']:.3f}",
             t["attempts"], error_headline(t)] for t in found])

@@ -80,8 +80,12 @@ def format_record(record: Dict[str, Any]) -> str:
     if record.get("started_at") is not None and record.get("ended_at") is not None:
         rows.append(("ran", f"{max(0.0, record['ended_at'] - record['started_at']):.3f} s"))
     rows.append(("attempts", str(record.get("attempts", 0))))
+    if record.get("lane_key") is not None:
+        rows.append(("lane key", record["lane_key"]))
     if record.get("key") is not None:
-        rows.append(("key", record["key"]))
+        rows.append(("supersede", record["key"]))
+    if record.get("steps_done") is not None:
+        rows.append(("steps done", f"{record['steps_done']} of {len(record.get('calls', ())) or '?'}"))
     if record.get("limits"):
         rows.append(("limits", ", ".join(f"{k}={v}" for k, v in record["limits"].items() if v is not None)))
     for field in ("params", "calls"):

@@ -95,7 +95,7 @@ def test_records_are_text_by_default_json_on_request_with_local_iso_times(daemon
     assert {worker["lane"] for worker in json.loads(governor("--socket", sock, "workers", "--json").stdout)} \
         == {"pool", "critical"}
     listing = governor("--socket", sock, "status").stdout.splitlines()
-    assert listing[0].split() == ["id", "step", "lane", "state", "submitted", "ran_s", "attempts", "error"]
+    assert listing[0].split() == ["id", "step", "lane", "key", "state", "submitted", "ran_s", "attempts", "error"]
     assert listing[1].split()[:4] == [str(task_id), "boom", "pool", "failed"] and "ValueError: kaput" in listing[1]
 
 
