@@ -212,6 +212,13 @@ def regex_holding_the_gil(marker: str = ""):
     re.match(r"(a+)+$", "a" * 64 + "b")
 
 
+@registry.step(critical=False, writes=MARKERS, limits=Limits(cancel_grace_s=60.0))
+def deaf_to_cancel(marker: str = ""):
+    """:func:`regex_holding_the_gil` with a minute's cancel grace: cancelled, it runs on for
+    60 s before its worker is killed (a test that cancels it kills it itself)."""
+    regex_holding_the_gil(marker)
+
+
 @registry.step(critical=False, writes=MARKERS)
 def child_sleeper(marker: str):
     """Start ``sleep 1000`` as a child, publish its pid in ``marker``, and wait on it."""

@@ -99,14 +99,12 @@ def test_a_superseded_request_is_answered_while_its_running_step_is_still_stoppi
     from starlette.responses import JSONResponse
     from starlette.routing import Route
 
-    from governor import Call, Limits, Supervisor
+    from governor import Call, Supervisor
     from governor.asgi import GovernorMiddleware, request_governor
     from step_library import registry
 
-    stubborn = Call("regex_holding_the_gil", limits=Limits(cancel_grace_s=60.0))
-
     async def run(request):
-        calls = [stubborn] if request.path_params["what"] == "stubborn" else [Call("noop")]
+        calls = [Call(request.path_params["what"])]
         return JSONResponse({"results": await request_governor(request.scope).run_batch(calls)})
 
     supervisor = Supervisor(registry, workers=2)
@@ -114,13 +112,13 @@ def test_a_superseded_request_is_answered_while_its_running_step_is_still_stoppi
                     middleware=[Middleware(GovernorMiddleware, governor=supervisor,
                                            supersede=by_query("session", prefix="/run/"))])
     with ServerThread(app=app) as server, httpx.Client(base_url=server.url, timeout=120) as client:
-        older = open_view(server.port, "/run/stubborn?session=eve")
+        older = open_view(server.port, "/run/deaf_to_cancel?session=eve")
         assert wait_until(lambda: supervisor.describe_workers() and any(
-            worker["step"] == "regex_holding_the_gil" for worker in supervisor.describe_workers()), timeout=60)
+            worker["step"] == "deaf_to_cancel" for worker in supervisor.describe_workers()), timeout=60)
         assert client.get("/run/noop", params={"session": "eve"}).status_code == 200
         answer = older.makefile("rb").readline()  # the 409's status line
         still_running = [worker for worker in supervisor.describe_workers()
-                         if worker["step"] == "regex_holding_the_gil"]
+                         if worker["step"] == "deaf_to_cancel"]
         older.close()
         for worker in still_running:  # spare the shutdown the step's 60 s grace
             os.kill(worker["pid"], signal.SIGKILL)

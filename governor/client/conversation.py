@@ -21,8 +21,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Union
 import attrs
 
 from governor import protocol
-from governor.errors import GovernorError
-from governor.task import Call
+from governor.errors import GovernorError, StepCancelled
+from governor.task import Call, TaskState
 
 
 class DaemonUnavailable(GovernorError, ConnectionError):
@@ -121,12 +121,12 @@ class Requests:
 
     def submit(self, call: Call, key: Optional[str]) -> Exchange:
         return Exchange(protocol.Submit(self._id(), call.step, _keywords(call), True, key, call.limits, _cwd()),
-                         lambda reply: _value_of(reply["task"]))
+                         lambda reply: _value_of(_unless_superseded(reply, reply["task"])))
 
     def batch(self, calls: Iterable[Any], key: Optional[str]) -> Exchange:
         step_calls = tuple(protocol.StepCall(call.step, _keywords(call), call.limits) for call in map(Call.of, calls))
         return Exchange(protocol.Batch(self._id(), step_calls, True, key, _cwd()),
-                         lambda reply: [_outcome_of(record) for record in reply["tasks"]])
+                         lambda reply: [_outcome_of(_unless_superseded(reply, record)) for record in reply["tasks"]])
 
     def workflow(self, calls: Iterable[Any]) -> Exchange:
         step_calls = tuple(protocol.StepCall(call.step, _keywords(call), call.limits) for call in map(Call.of, calls))
@@ -179,6 +179,17 @@ def _cwd() -> Optional[str]:
         return os.getcwd()
     except OSError:
         return None
+
+
+def _unless_superseded(reply: Dict[str, Any], record: Dict[str, Any]) -> Dict[str, Any]:
+    """``record``, or, when the daemon answered early because a newer submission took the
+    request's supersede key (``reply["superseded"]``) and the task is still stopping, the
+    record as it will end: cancelled, superseded."""
+    detail = reply.get("superseded")
+    if detail is None or TaskState(record["state"]).terminal:
+        return record
+    cancelled = StepCancelled(record.get("step"), record.get("id"), "superseded", detail)
+    return {**record, "error": protocol.error_to_wire(cancelled)}
 
 
 def _outcome_of(record: Dict[str, Any]) -> Any:

@@ -189,8 +189,11 @@ class _Waiter:
         single: the reply carries ``task`` (one record), else ``tasks``.
     """
 
-    def __init__(self, connection: _Connection, request_id: Any, record_ids: List[int], single: bool):
+    def __init__(self, connection: _Connection, request_id: Any, record_ids: List[int], single: bool,
+                 key: Optional[str] = None):
         self.connection, self.request_id, self.record_ids, self.single = connection, request_id, record_ids, single
+        self.key = key  # the submission's supersede key: while waiting, it holds the key
+        self._holders: Dict[str, "_Waiter"] = {}
         self._in_flight: List[_InFlight] = []
         self._timer: Optional[asyncio.TimerHandle] = None
 
@@ -204,6 +207,9 @@ class _Waiter:
             entry.waiters.append(self)
         self.connection.waiters.add(self)
         self.connection.busy()
+        if self.key is not None:
+            self._holders = daemon.key_holders
+            self._holders[self.key] = self
         if timeout is not None:
             self._timer = asyncio.get_running_loop().call_later(timeout, self.reply, daemon, False)
 
@@ -212,11 +218,11 @@ class _Waiter:
         if not self._in_flight:
             self.reply(daemon, final=True)
 
-    def reply(self, daemon: "Daemon", final: bool) -> None:
+    def reply(self, daemon: "Daemon", final: bool, **extra: Any) -> None:
         self.detach()
         records = [daemon._record(record_id).to_wire() for record_id in self.record_ids]
         fields = {"task": records[0]} if self.single else {"tasks": records}
-        self.connection.send(protocol.ok_reply(self.request_id, final=final, **fields))
+        self.connection.send(protocol.ok_reply(self.request_id, final=final, **fields, **extra))
 
     def detach(self) -> None:
         """Stop waiting (answered, timed out, or the connection closed)."""
@@ -228,6 +234,8 @@ class _Waiter:
             self._timer = None
         self.connection.waiters.discard(self)
         self.connection.settle()
+        if self.key is not None and self._holders.get(self.key) is self:
+            del self._holders[self.key]
 
 
 class Daemon:
@@ -241,6 +249,7 @@ class Daemon:
         self._supervisor: Optional[Supervisor] = None
         self._in_flight: Dict[int, _InFlight] = {}
         self._starts: Optional[StartJournal] = None  # the on_dispatch hook: what a start journals
+        self.key_holders: Dict[str, _Waiter] = {}  # supersede key -> the submission waiting under it
         self._connections: set = set()
         self._server: Optional[asyncio.AbstractServer] = None
         self._metrics_server: Any = None
@@ -612,11 +621,21 @@ class Daemon:
         connection.send(protocol.ok_reply(request.id, final=not request.wait, **ids))
         if request.wait:
             in_flight = [self._in_flight[record_id] for record_id in record_ids if record_id in self._in_flight]
-            _Waiter(connection, request.id, record_ids, single=single).attach(self, in_flight)
+            _Waiter(connection, request.id, record_ids, single, getattr(request, "key", None)).attach(self, in_flight)
 
     def _target(self, key: Optional[str]) -> Any:
-        """Where a request's tasks go: a scope superseding the last one with ``key``, or the supervisor."""
-        return self._supervisor.scope(key=key) if key is not None else self._supervisor
+        """Where a request's tasks go: a scope superseding the last one with ``key``, or the supervisor.
+
+        The superseded submission's waiting client is answered now (``superseded`` in its
+        final reply), not once its running steps have stopped: nobody waits for them.
+        """
+        if key is None:
+            return self._supervisor
+        scope = self._supervisor.scope(key=key)
+        holder = self.key_holders.get(key)
+        if holder is not None:
+            holder.reply(self, final=True, superseded=f"a newer submission with key {key!r}")
+        return scope
 
     def _launch(self, record_id: int, target: Any, submit: Callable[[Any], concurrent.futures.Future]) -> None:
         """Hand a journaled task to ``target``; if that refuses it, journal the failure."""

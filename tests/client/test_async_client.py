@@ -7,7 +7,7 @@ import psutil
 import pytest
 
 from daemon_harness import daemon, kill_all  # noqa: F401 (a fixture)
-from governor import AsyncClient, Call, Limits, StepFailed, StepTimeout, UnknownStep
+from governor import AsyncClient, Call, Limits, StepCancelled, StepFailed, StepTimeout, UnknownStep
 from governor.client import DaemonUnavailable
 
 
@@ -74,3 +74,26 @@ def test_daemon_loss_is_daemon_unavailable(daemon):
         await client.close()
         return children
     kill_all(asyncio.run(scenario()))
+
+
+def test_a_superseded_batch_is_answered_while_its_running_step_is_still_stopping(daemon, tmp_path):
+    """The daemon answers the superseded batch when the newer one arrives, not after its steps
+    stop: here one runs on in C code deaf to the cooperative cancel, for its 60 s grace."""
+    marker = tmp_path / "running"
+    stubborn = Call("deaf_to_cancel", kwargs={"marker": str(marker)})
+
+    async def scenario():
+        async with AsyncClient(daemon.socket) as client, AsyncClient(daemon.socket) as newer:
+            older = asyncio.create_task(client.run_batch([stubborn, ("echo", {"value": 1})], key="view:ann",
+                                                         return_exceptions=True))
+            while not marker.exists():  # the step writes its pid once it runs
+                await asyncio.sleep(0.02)
+            assert await newer.run_batch([("echo", {"value": 2})], key="view:ann") == [2]
+            outcomes = await older
+            [record] = [t for t in await client.status() if t["step"] == "deaf_to_cancel"]
+            return outcomes, record
+
+    outcomes, record = asyncio.run(scenario())
+    psutil.Process(int(marker.read_text())).kill()  # spare the daemon's shutdown the 60 s grace
+    assert isinstance(outcomes[0], StepCancelled) and outcomes[0].reason == "superseded", outcomes
+    assert record["state"] == "running", "the answer came only after the superseded step had stopped"

@@ -337,9 +337,7 @@ def test_a_keyed_scope_supersedes_the_previous_one(supervisor, tmp_path):
 
 def test_a_scope_tells_its_cancel_once_before_its_running_steps_have_stopped(supervisor, tmp_path):
     scope = supervisor.scope(key="view:told")
-    # A step deaf to the cooperative cancel, with a long grace: it cannot have ended when told.
-    running = scope.submit_call(Call("regex_holding_the_gil", (str(tmp_path / "running"),),
-                                     limits=Limits(cancel_grace_s=60.0)))
+    running = scope.submit("deaf_to_cancel", str(tmp_path / "running"))  # it cannot have ended when told
     pid = read_pid(tmp_path / "running")
     told = []
     scope.on_cancel(lambda request: told.append((request.reason, running.done())))
