@@ -492,3 +492,7 @@ class MetricsAddressInvalid(DaemonError, ValueError):
 
 class MetricsAddressUnavailable(DaemonError):
     """The metrics address cannot be served: in use, not ours, or an unknown host."""
+
+
+class InitializerInvalid(DaemonError, ValueError):
+    """``--initializer`` is not ``MODULE:FUNCTION``, or names nothing callable."""

@@ -134,6 +134,19 @@ def top(client: LazyClient, interval: float) -> None:
     run_top(client.resolved_socket(), interval)
 
 
+def _json_array(ctx: click.Context, param: click.Parameter, text: Optional[str]) -> Optional[list]:
+    """An option's JSON array, as a list (``None`` when the option is not given)."""
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError as error:
+        raise click.BadParameter(f"not JSON: {error}") from None
+    if not isinstance(value, list):
+        raise click.BadParameter(f"a JSON array, such as '[\"db.sqlite3\", 5]', not {text!r}")
+    return value
+
+
 @main.command()
 @socket_option
 @click.option("--steps", "step_modules", multiple=True, metavar="MODULE[:ATTR]",
@@ -180,12 +193,21 @@ def top(client: LazyClient, interval: float) -> None:
                    "start without it (require). Not applied on --backend ray.")
 @click.option("--sandbox-write", "sandbox_writes", multiple=True, type=click.Path(path_type=str), metavar="PATH",
               help="A path every pool worker may also write beneath. Repeatable.")
+@click.option("--initializer", default=None, metavar="MODULE:FUNCTION",
+              help="Call FUNCTION in every worker before its first task (a connection, a model), as "
+                   "Supervisor(initializer=...). MODULE is looked for as --steps modules are. Not with --backend ray.")
+@click.option("--initargs", default=None, metavar="JSON", callback=_json_array,
+              help="The initializer's arguments, as a JSON array.")
+@click.option("--initializer-timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+              metavar="SECONDS", help="How long a worker's initializer may take before its start fails "
+                                      "[default: 60].")
 @click.pass_context
 def serve(ctx: click.Context, step_modules: List[str], app_dir: Path, builtin: bool, workers: Optional[int],
           critical_workers: int, journal_path: Optional[Path], journal_sync: str, metrics_addr: Optional[str],
           log_format: str, log_level: str,
           drain_timeout: float, allow_root: bool, backend: str, ray_address: Optional[str], sandbox: str,
-          sandbox_writes: List[str], **http_settings: Any) -> None:
+          sandbox_writes: List[str], initializer: Optional[str], initargs: Optional[list],
+          initializer_timeout: Optional[float], **http_settings: Any) -> None:
     """Run the supervisor daemon in the foreground (as systemd and supervisord expect).
 
     \b
@@ -214,9 +236,16 @@ def serve(ctx: click.Context, step_modules: List[str], app_dir: Path, builtin: b
         raise click.BadParameter("needs --backend ray", param_hint="--ray-address")
     if sandbox == "require" and backend == "ray":
         raise click.BadParameter("the Ray lane runs no sandbox; use --backend loky", param_hint="--sandbox")
+    if initializer is not None and backend == "ray":
+        raise click.BadParameter("Ray reuses its workers for other work; use --backend loky",
+                                 param_hint="--initializer")
+    if initializer is None and (initargs is not None or initializer_timeout is not None):
+        raise click.BadParameter("needs --initializer", param_hint="--initargs/--initializer-timeout")
     settings: Dict[str, Any] = {"workers": workers, "critical_workers": critical_workers, "allow_root": allow_root,
                                 "drain_timeout_s": drain_timeout, "backend": backend, "ray_address": ray_address,
-                                "sandbox": sandbox, "sandbox_writes": sandbox_writes, "journal_sync": journal_sync}
+                                "sandbox": sandbox, "sandbox_writes": sandbox_writes, "journal_sync": journal_sync,
+                                "initializer": initializer, "initargs": initargs or (),
+                                "initializer_timeout_s": initializer_timeout}
     socket_path = ctx.ensure_object(LazyClient).resolved_socket()
     if socket_path is not None:
         settings["socket_path"] = socket_path
@@ -231,13 +260,13 @@ def serve(ctx: click.Context, step_modules: List[str], app_dir: Path, builtin: b
     try:
         config = DaemonConfig(**settings)
         preflight(config)
-        _import_step_modules(step_modules, app_dir)
+        _import_step_modules([*step_modules, *([initializer] if initializer else [])], app_dir)
         registry = load_registry(step_modules, builtin=builtin)
         Daemon(registry, config).serve()
     except (errors.DaemonAlreadyRunning, errors.JournalLocked) as error:
         raise GovernorClickError(str(error), "already_running") from None
     except (errors.DaemonError, errors.RegistrationError, errors.BackendUnavailable,
-            errors.SandboxUnavailable) as error:
+            errors.SandboxUnavailable, errors.WorkerStartFailed) as error:
         raise GovernorClickError(str(error), "cannot_start") from None
 
 

@@ -11,11 +11,11 @@ import importlib
 import ipaddress
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import attrs
 
-from governor.errors import DaemonError, MetricsAddressInvalid
+from governor.errors import DaemonError, InitializerInvalid, MetricsAddressInvalid
 from governor.paths import default_journal_path, default_socket_path
 from governor.service.journal import JournalSync
 from governor.service.live import HttpConfig
@@ -146,6 +146,23 @@ def _load_attribute(name: str) -> Any:
     return decorated
 
 
+def load_initializer(name: str) -> Callable[..., Any]:
+    """The function ``MODULE:FUNCTION`` names: each worker calls it before its first task
+    (``Supervisor(initializer=...)``).
+
+    Raises:
+        InitializerInvalid: ``name`` is not ``MODULE:FUNCTION``, or the module has no such
+            callable. (An import failure raises as the module's own error.)
+    """
+    module_name, _, attribute = name.partition(":")
+    if not module_name or not attribute:
+        raise InitializerInvalid(f"the initializer {name!r} is not MODULE:FUNCTION")
+    function = getattr(importlib.import_module(module_name), attribute, None)
+    if not callable(function):
+        raise InitializerInvalid(f"module {module_name!r} has no function {attribute!r} to use as the initializer")
+    return function
+
+
 def _defined_in(fn: Any, module_name: str) -> bool:
     owner = getattr(fn, "__module__", None) or ""
     return owner == module_name or owner.startswith(module_name + ".")
@@ -174,4 +191,24 @@ class DaemonConfig:
     http: Optional[HttpConfig] = None  # the live status page (issue 15); off when None
     sandbox: str = "auto"
     sandbox_writes: Tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    # Supervisor(initializer=, initargs=, initializer_timeout_s=): "MODULE:FUNCTION" (see
+    # load_initializer) that every local worker runs before its first task (None: none),
+    # its arguments, and how long it may take (None: the Supervisor's default).
+    initializer: Optional[str] = None
+    initargs: Tuple[Any, ...] = attrs.field(default=(), converter=tuple)
+    initializer_timeout_s: Optional[float] = None
+
+    def initializer_options(self) -> Dict[str, Any]:
+        """The ``Supervisor`` keywords for :attr:`initializer`: none without one; else its
+        function, imported now (:func:`load_initializer`), its arguments and its timeout.
+
+        Raises:
+            InitializerInvalid: the initializer names no function.
+        """
+        if self.initializer is None:
+            return {}
+        options = {"initializer": load_initializer(self.initializer), "initargs": self.initargs}
+        if self.initializer_timeout_s is not None:
+            options["initializer_timeout_s"] = self.initializer_timeout_s
+        return options
 

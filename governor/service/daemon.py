@@ -309,7 +309,8 @@ class Daemon:
                                       on_dispatch=self._starts.record,
                                       backend=config.backend, ray_address=config.ray_address,
                                       sandbox=config.sandbox, sandbox_writes=config.sandbox_writes,
-                                      wrap_step_errors=True)  # the wire rebuilds StepFailed, not any type
+                                      wrap_step_errors=True,  # the wire rebuilds StepFailed, not any type
+                                      **config.initializer_options())
         if config.metrics_addr is not None:
             self._start_metrics_endpoint()
         listener = self._listen()  # the last check: bound before any worker starts
