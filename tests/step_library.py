@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from governor import Limits
+from governor.bench import ledger_steps
 from governor.steps import StepRegistry, current_context
 
 registry = StepRegistry()
@@ -509,47 +510,4 @@ def leave_a_thread():
     return os.getpid()
 
 
-def _ledger(path: str, name: str, event: str) -> None:
-    """Append ``(name, event)`` to the SQLite ledger at ``path``: what ran, so that a test
-    counts runs (a step run twice has two "start" rows) instead of assuming them."""
-    db = sqlite3.connect(path, timeout=60)
-    try:
-        with db:
-            db.execute("CREATE TABLE IF NOT EXISTS runs (name TEXT, event TEXT, pid INTEGER, at REAL)")
-            db.execute("INSERT INTO runs VALUES (?, ?, ?, ?)", (name, event, os.getpid(), time.monotonic()))
-    finally:
-        db.close()
-
-
-def ledger_runs(path: str, event: str = "start") -> list:
-    """The names the ledger at ``path`` holds for ``event``, in the order they were written."""
-    if not os.path.exists(path):
-        return []
-    db = sqlite3.connect(path, timeout=60)
-    try:
-        return [name for (name,) in db.execute("SELECT name FROM runs WHERE event = ? ORDER BY rowid", (event,))]
-    except sqlite3.OperationalError:  # no table yet
-        return []
-    finally:
-        db.close()
-
-
-def _ledger_step(ledger: str, name: str, gate: str) -> str:
-    _ledger(ledger, name, "start")
-    while gate and not os.path.exists(gate):  # the step's own work, held until the test opens the gate
-        time.sleep(0.01)
-    _ledger(ledger, name, "end")
-    return name
-
-
-@registry.step(critical=True, key="key", idempotent=True)
-def ledger_again(ledger: str, key: str, name: str, gate: str = ""):
-    """An idempotent state-changing step of ``key``: logs its start and end in ``ledger``,
-    waiting between them until the file ``gate`` exists (when given); returns ``name``."""
-    return _ledger_step(ledger, name, gate)
-
-
-@registry.step(critical=True, key="key")
-def ledger_once(ledger: str, key: str, name: str, gate: str = ""):
-    """:func:`ledger_again`, not idempotent: never run again after a crash."""
-    return _ledger_step(ledger, name, gate)
+registry.include(ledger_steps.registry)  # ledger_again, ledger_once: critical steps that log their runs

@@ -46,15 +46,15 @@ STEADY_SECONDS = 5.0
 START_TIMEOUT_S = 60.0
 
 
-def _start_daemon(directory: Path, workers: int,
-                  steps: str = "governor.bench.bench_steps") -> Tuple[subprocess.Popen, Path]:
+def _start_daemon(directory: Path, workers: int, steps: str = "governor.bench.bench_steps",
+                  extra_args: Tuple[str, ...] = ()) -> Tuple[subprocess.Popen, Path]:
     socket_path = directory / "run" / "governor.sock"
     root = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     process = subprocess.Popen(
         [sys.executable, "-m", "governor", "serve", "--socket", str(socket_path),
          "--journal", str(directory / "journal.sqlite3"), "--steps", steps, "--no-builtin",
-         "--workers", str(workers), "--log-level", "warning"],
+         "--workers", str(workers), "--log-level", "warning", *extra_args],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:

@@ -2,7 +2,7 @@
 critical steps and workflows run again after a kill -9, the others interrupted.
 
 What each step did is counted from a SQLite ledger the steps append to
-(``step_library._ledger``), not assumed from the journal.
+(``governor.bench.ledger_steps``), not assumed from the journal.
 """
 
 import signal
@@ -14,7 +14,7 @@ import psutil
 from conftest import alive, wait_until
 from daemon_harness import DaemonProcess, InProcessDaemon
 from governor.client import Client
-from step_library import ledger_runs
+from governor.bench.ledger_steps import runs as ledger_runs
 
 
 def _state(journal_path, task_id):
