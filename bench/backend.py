@@ -101,7 +101,7 @@ class GovernedViews(Views):
 
             self.governor = Supervisor(registry, workers=workers)
         self.middleware = [Middleware(GovernorMiddleware, governor=self.governor,
-                                      supersede=by_query("session", prefix="/view/"))]
+                                      supersede=by_query("session", prefix="/view/", order="seq"))]
         #: The latest requests' governors, newest last (tests read how their steps ended).
         self.recent: Deque[RequestGovernor] = collections.deque(maxlen=RECENT_REQUESTS)
 
@@ -278,13 +278,14 @@ const session = params.get("session") || crypto.randomUUID();
 const profile = params.get("profile") || "seed";
 const view = document.getElementById("view");
 window.clicks = []; window.painted = null; window.aborted = 0;
-let inFlight = null;
+let inFlight = null, seq = 0;
 async function show(chat) {
   window.clicks.push({chat, at: performance.now()});
+  seq++;  // orders the clicks for the server, whichever of its processes each reaches first
   if (inFlight) { inFlight.abort(); window.aborted++; }
   const controller = inFlight = new AbortController();
   try {
-    const response = await fetch(`/view/${chat}?session=${session}&profile=${profile}`, {signal: controller.signal});
+    const response = await fetch(`/view/${chat}?session=${session}&profile=${profile}&seq=${seq}`, {signal: controller.signal});
     if (response.status === 409) return;          // a newer click superseded it
     const body = await response.json();
     view.dataset.chat = String(chat);

@@ -30,7 +30,11 @@ The data flow of one request::
 * With a supersede key (``supersede(scope)`` returns one, e.g. ``"view:<session>"``), a
   newer request with the same key cancels the older request's unfinished steps; the older
   request's :meth:`RequestGovernor.run_batch` raises :class:`RequestSuperseded`, which the
-  middleware answers with HTTP 409 and a JSON reason.
+  middleware answers with HTTP 409 and a JSON reason at once (its running steps go on
+  stopping). Which request is newer is their arrival order, unless ``supersede`` returns
+  ``(key, order)``: behind several server processes two clicks may reach the governor out
+  of order, and the one with the lower order (e.g. the page's click counter, see
+  :func:`by_query`) is then the one superseded, even if it came last.
 * ``governor`` is an in-process :class:`~governor.Supervisor` (the middleware starts it in
   the app's lifespan, off the event loop, and shuts it down at the end) or an
   :class:`~governor.AsyncClient` of a daemon (closed at the end), which lets several
@@ -46,11 +50,12 @@ from __future__ import annotations
 import asyncio
 import json
 import urllib.parse
-from typing import Any, Awaitable, Callable, Iterable, List, MutableMapping, Optional
+from typing import Any, Awaitable, Callable, Iterable, List, MutableMapping, Optional, Tuple, Union
 
 from governor import aio
 from governor.client.async_client import AsyncClient
 from governor.errors import RequestSuperseded, StepCancelled
+from governor.protocol.decoders import MAX_ORDER
 from governor.task import Call, CancelRequest
 
 Scope = MutableMapping[str, Any]
@@ -75,17 +80,19 @@ class RequestGovernor:
 
     Attributes:
         key: the request's supersede key, if any.
+        order: where it stands among the key's requests (None: by arrival).
         futures: in process, the ``TaskFuture`` of every step submitted so far (their
             ``task`` says how each ended and whether it ever started); through a daemon,
             empty (its journal holds the tasks).
     """
 
-    def __init__(self, governor: Any, key: Optional[str]):
+    def __init__(self, governor: Any, key: Optional[str], order: Optional[int] = None):
         self.key = key
+        self.order = order
         self._client = governor if isinstance(governor, AsyncClient) else None
         # In process, the scope is taken now, at the request's start: taking a key cancels
         # the previous holder's steps at once, before this request submits any.
-        self._scope = None if self._client is not None else governor.scope(key=key)
+        self._scope = None if self._client is not None else governor.scope(key=key, order=order)
         self._cancel_detail: Optional[str] = None
         self.futures: List[Any] = []
 
@@ -110,7 +117,7 @@ class RequestGovernor:
         """
         calls = [Call.of(item) for item in calls]
         if self._client is not None:
-            outcomes = await self._client.run_batch(calls, return_exceptions=True, key=self.key)
+            outcomes = await self._client.run_batch(calls, return_exceptions=True, key=self.key, order=self.order)
         else:
             futures = [self._scope.submit_call(call) for call in calls]
             self.futures.extend(futures)
@@ -170,18 +177,29 @@ def request_governor(scope: Scope) -> RequestGovernor:
         raise LookupError("no Governor in this request: wrap the app in governor.asgi.GovernorMiddleware") from None
 
 
-def by_query(parameter: str, *, prefix: str = "/") -> Callable[[Scope], Optional[str]]:
+SupersedeRule = Callable[[Scope], Union[None, str, Tuple[str, Optional[int]]]]
+
+
+def by_query(parameter: str, *, prefix: str = "/", order: Optional[str] = None) -> SupersedeRule:
     """A supersede rule: requests under ``prefix`` with the same ``parameter`` supersede each other.
 
     ``by_query("session", prefix="/view/")`` keys ``GET /view/7?session=ann`` as
-    ``"/view/ ann"``; a request without the parameter has no key.
+    ``"/view/ ann"``; a request without the parameter has no key. With ``order="seq"``,
+    ``GET /view/7?session=ann&seq=12`` is also ordered 12 among Ann's views (a whole number
+    from 0 to 2**53, e.g. a click counter or ``Date.now()``; anything else orders by arrival).
     """
 
-    def key(scope: Scope) -> Optional[str]:
+    def key(scope: Scope) -> Union[None, str, Tuple[str, Optional[int]]]:
         if not scope["path"].startswith(prefix):
             return None
-        values = urllib.parse.parse_qs(scope.get("query_string", b"").decode("latin-1")).get(parameter)
-        return f"{prefix} {values[-1]}" if values else None
+        query = urllib.parse.parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        values = query.get(parameter)
+        if not values:
+            return None
+        if order is None:
+            return f"{prefix} {values[-1]}"
+        number = query.get(order, [""])[-1]
+        return f"{prefix} {values[-1]}", int(number) if number.isdigit() and int(number) <= MAX_ORDER else None
 
     return key
 
@@ -193,12 +211,12 @@ class GovernorMiddleware:
         app: the ASGI application.
         governor: a :class:`~governor.Supervisor` (started and shut down in the lifespan)
             or an :class:`~governor.AsyncClient` (closed in the lifespan).
-        supersede: ``scope -> key or None``; requests with the same key supersede each
-            other (see :func:`by_query`).
+        supersede: ``scope -> key``, ``(key, order)`` or ``None``; requests with the same
+            key supersede each other, the lower order or else the earlier arrival giving
+            way (see :func:`by_query`).
     """
 
-    def __init__(self, app: Callable, *, governor: Any,
-                 supersede: Optional[Callable[[Scope], Optional[str]]] = None):
+    def __init__(self, app: Callable, *, governor: Any, supersede: Optional[SupersedeRule] = None):
         self.app = app
         self.governor = governor
         self.supersede = supersede
@@ -235,7 +253,9 @@ class GovernorMiddleware:
     # ----------------------------------------------------------------- a request
 
     async def _request(self, scope: Scope, receive: Receive, send: Send) -> None:
-        request = RequestGovernor(self.governor, self.supersede(scope) if self.supersede else None)
+        rule = self.supersede(scope) if self.supersede else None
+        key, order = rule if isinstance(rule, tuple) else (rule, None)
+        request = RequestGovernor(self.governor, key, order)
         scope[SCOPE_KEY] = request
         response = _ResponseWatch(send)
         inbox: asyncio.Queue = asyncio.Queue()

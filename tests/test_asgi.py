@@ -127,11 +127,36 @@ def test_a_superseded_request_is_answered_while_its_running_step_is_still_stoppi
     assert still_running, "the 409 came only after the superseded step had stopped"
 
 
+async def two_clicks_out_of_order(url: str):
+    """Ann's second click (seq 2) reaches the server before her first (seq 1)."""
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        second = asyncio.create_task(client.get("/view/2", params={"session": "ann", "profile": "seed", "seq": 2}))
+        await asyncio.sleep(0.05)  # the pace of the scenario, not an ordering: either way seq decides
+        first = await client.get("/view/1", params={"session": "ann", "profile": "seed", "seq": 1})
+        return first, await second
+
+
+def test_a_click_that_arrives_after_a_newer_one_is_the_one_superseded(served):
+    first, second = asyncio.run(two_clicks_out_of_order(served.url))
+    assert (first.status_code, second.status_code) == (SUPERSEDED_STATUS, 200)
+    assert second.json()["chat_id"] == 2
+
+
+def test_through_a_daemon_a_click_that_arrives_after_a_newer_one_is_the_one_superseded(served_by_daemon):
+    first, second = asyncio.run(two_clicks_out_of_order(served_by_daemon.url))
+    assert (first.status_code, second.status_code) == (SUPERSEDED_STATUS, 200)
+    assert second.json()["chat_id"] == 2
+
+
 def test_by_query_keys_requests_by_path_prefix_and_parameter():
     key = by_query("session", prefix="/view/")
     assert key({"path": "/view/7", "query_string": b"session=ann&profile=seed"}) == "/view/ ann"
     assert key({"path": "/view/7", "query_string": b"profile=seed"}) is None
     assert key({"path": "/chats/7/messages", "query_string": b"session=ann"}) is None
+    ordered = by_query("session", prefix="/view/", order="seq")
+    assert ordered({"path": "/view/7", "query_string": b"session=ann&seq=12"}) == ("/view/ ann", 12)
+    for seq in (b"", b"&seq=x", b"&seq=-1", b"&seq=" + str(2 ** 53 + 1).encode()):  # by arrival
+        assert ordered({"path": "/view/7", "query_string": b"session=ann" + seq}) == ("/view/ ann", None)
 
 
 def test_importing_governor_asgi_loads_no_engine_module():

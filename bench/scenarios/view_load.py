@@ -228,6 +228,7 @@ async def _user(client, profile: str, session: str, deadline: float, rng: random
     import httpx
 
     loop = asyncio.get_running_loop()
+    switches = 0
     while True:
         await asyncio.sleep(rng.expovariate(1 / THINK_MEAN_S))
         if loop.time() >= deadline:
@@ -237,7 +238,8 @@ async def _user(client, profile: str, session: str, deadline: float, rng: random
         for click in range(clicks):
             if request is not None:
                 _collect(request, load)
-            params = {"session": session, "profile": profile}
+            switches += 1  # orders the user's clicks, as the reference page does
+            params = {"session": session, "profile": profile, "seq": switches}
             sent = time.perf_counter()
             request = asyncio.create_task(client.get(f"/view/{rng.randint(1, CHATS)}", params=params))
             if click < clicks - 1:
@@ -316,7 +318,8 @@ async def _five_requests(url: str) -> Tuple[float, Optional[float], List[int]]:
         async def click(number: int) -> Tuple[float, float, int]:
             await asyncio.sleep(number * FIVE_GAP_S)  # the pace of the clicks
             sent = time.perf_counter()
-            response = await client.get(f"/view/{number}", params={"session": "five", "profile": "seed"})
+            response = await client.get(f"/view/{number}", params={"session": "five", "profile": "seed",
+                                                                                "seq": number})
             return sent, time.perf_counter(), response.status_code
 
         clicks = await asyncio.gather(*(click(number) for number in range(5)))

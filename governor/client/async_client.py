@@ -62,17 +62,19 @@ class AsyncClient:
         """
         return await self.submit_call(Call(step, kwargs=params))
 
-    async def submit_call(self, call: Call, key: Optional[str] = None) -> Any:
-        """Like :meth:`submit` for a ``Call`` (its limits travel), with an optional supersede ``key``."""
-        return await self._run(self._requests.submit(call, key))
+    async def submit_call(self, call: Call, key: Optional[str] = None, order: Optional[int] = None) -> Any:
+        """Like :meth:`submit` for a ``Call`` (its limits travel), with an optional supersede
+        ``key`` and ``order`` (as ``Client.submit_call``)."""
+        return await self._run(self._requests.submit(call, key, order))
 
     async def run_batch(self, calls: Iterable[Any], *, return_exceptions: bool = False,
-                        key: Optional[str] = None) -> List[Any]:
-        """Run many steps at once and return their results in order; as ``Client.run_batch``.
+                        key: Optional[str] = None, order: Optional[int] = None) -> List[Any]:
+        """Run many steps at once and return their results in order; as ``Client.run_batch``,
+        with an optional supersede ``key`` and ``order`` (as ``Client.submit_call``).
 
         Cancelling the awaiting task cancels every unfinished step of the batch.
         """
-        outcomes = await self._run(self._requests.batch(calls, key))
+        outcomes = await self._run(self._requests.batch(calls, key, order))
         error = None if return_exceptions else first_error(outcomes)
         if error is not None:
             raise error

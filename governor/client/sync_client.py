@@ -116,23 +116,29 @@ class Client:
         """
         return self.submit_call(Call(step, kwargs=params))
 
-    def submit_call(self, call: Call, key: Optional[str] = None) -> RemoteFuture:
+    def submit_call(self, call: Call, key: Optional[str] = None, order: Optional[int] = None) -> RemoteFuture:
         """Like :meth:`submit` for a ``Call`` (its limits travel; positional args do not).
 
         Args:
             key: a supersede key: the daemon cancels the unfinished steps of the previous
                 submission with the same key.
+            order: which of two submissions with the key is the newer, when they may
+                reach the daemon out of order (several server processes): one whose
+                order is below the key's latest is cancelled at once. Without it,
+                arrival order decides.
         """
-        return self._run(self._requests.submit(call, key))
+        return self._run(self._requests.submit(call, key, order))
 
-    def submit_batch(self, calls: Iterable[Any], key: Optional[str] = None) -> RemoteFuture:
+    def submit_batch(self, calls: Iterable[Any], key: Optional[str] = None,
+                     order: Optional[int] = None) -> RemoteFuture:
         """Submit many steps at once without waiting; the future resolves to their outcomes.
 
         Each outcome is a step's result, or its error (not raised), in the order of
         ``calls``. ``key`` supersedes the previous submission with the same key as a
-        whole: a view switch that cancels what is left of the last view.
+        whole: a view switch that cancels what is left of the last view (``order`` as
+        for :meth:`submit_call`).
         """
-        return self._run(self._requests.batch(calls, key))
+        return self._run(self._requests.batch(calls, key, order))
 
     def run_batch(self, calls: Iterable[Any], *, return_exceptions: bool = False,
                   timeout: Optional[float] = None) -> List[Any]:

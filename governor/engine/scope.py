@@ -33,6 +33,8 @@ class Scope:
         self._prune_at = SCOPE_PRUNE_MIN
         self._cancel_request: Optional[CancelRequest] = None
         self._on_cancel: List[Callable[[CancelRequest], None]] = []
+        #: Where the scope stands among those of its supersede key (``Supervisor.scope``'s ``order``).
+        self.order: Optional[int] = None
 
     @property
     def cancelled(self) -> bool:

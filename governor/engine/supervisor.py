@@ -448,7 +448,7 @@ class Supervisor(concurrent.futures.Executor):
         self._enqueue(tasks)
         return future
 
-    def scope(self, key: Optional[str] = None) -> "Scope":
+    def scope(self, key: Optional[str] = None, order: Optional[int] = None) -> "Scope":
         """A cancellation group: ``scope.cancel()`` stops every step submitted through it.
 
         Args:
@@ -456,16 +456,26 @@ class Supervisor(concurrent.futures.Executor):
                 of an earlier one cancels that one's unfinished steps (reason
                 ``"superseded"``). The pattern of a view switch: ``sup.scope(key="view")``
                 per switch, and the last view's steps are the only ones left running.
+            order: which of two submissions with the same key is the newer, when they may
+                arrive out of order (a browser's clicks through several server processes):
+                a scope whose ``order`` is below that of the key's current scope comes
+                late, and is itself superseded at once. Without it, arrival order decides.
         """
         scope = Scope(self)
         if key is None:
             return scope
+        scope.order = order
         with self._lock:
-            previous = self._keyed_scopes.pop(key, None)
-            if len(self._keyed_scopes) >= MAX_KEYED_SCOPES:  # forget keys whose work is over
-                self._keyed_scopes = {k: kept for k, kept in self._keyed_scopes.items() if not kept.finished}
-            self._keyed_scopes[key] = scope
-        if previous is not None:
+            previous = self._keyed_scopes.get(key)
+            late = order is not None and previous is not None and previous.order is not None and order < previous.order
+            if not late:
+                self._keyed_scopes.pop(key, None)
+                if len(self._keyed_scopes) >= MAX_KEYED_SCOPES:  # forget keys whose work is over
+                    self._keyed_scopes = {k: kept for k, kept in self._keyed_scopes.items() if not kept.finished}
+                self._keyed_scopes[key] = scope
+        if late:
+            scope.cancel_for(CancelRequest("superseded", f"a newer submission with key {key!r} came first"))
+        elif previous is not None:
             previous.cancel_for(CancelRequest("superseded", f"a newer submission with key {key!r}"))
         return scope
 

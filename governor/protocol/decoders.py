@@ -31,6 +31,9 @@ _REQUEST_ID_BOUND = 2 ** 63
 #: A caller's working directory: Linux's PATH_MAX.
 MAX_PATH_CHARS = 4096
 
+#: Supersede orders: what a browser's ``Date.now()`` or a counter gives, exact in JavaScript.
+MAX_ORDER = 2 ** 53
+
 #: Task ids are SQLite row ids: positive, signed 64-bit.
 MAX_TASK_ID = 2 ** 63 - 1
 
@@ -126,6 +129,13 @@ def count(maximum: int) -> Decoder:
             raise expected(f"an integer from 1 to {maximum}", value)
         return value
     return decode
+
+
+def order(value: Any) -> int:
+    """A supersede order: an integer a JavaScript number holds exactly (0 to 2**53)."""
+    if not is_integer(value) or not 0 <= value <= MAX_ORDER:
+        raise expected(f"an integer from 0 to {MAX_ORDER}", value)
+    return value
 
 
 def params(value: Any) -> Dict[str, Any]:

@@ -16,14 +16,17 @@ Requests
     ``ping``     none
     ``submit``   ``step``: string, 1-200 chars; ``params``: object [``{}``];
                  ``wait``: bool [false]; ``key``: string of at most 200 chars or null
-                 [null], a supersede key; ``limits``: null [null] or an object with
+                 [null], a supersede key; ``order``: an integer from 0 to 2**53 or null
+                 [null], which of two submissions with one key is the newer (one below
+                 the key's latest comes late: it is cancelled at once, reason
+                 ``superseded``); ``limits``: null [null] or an object with
                  ``timeout_s`` and/or ``max_memory_mb``, each a finite number > 0 or null,
                  within what ``Limits`` accepts; ``cwd``: the caller's working
                  directory, an absolute path of at most 4,096 characters, or null [null]
     ``batch``    ``calls``: 1-10,000 objects ``{"step": string, "params": object,
                  "limits": as for submit}`` (``params`` defaults to ``{}``, ``limits`` to
-                 null: the step's own); ``wait``: bool [false]; ``key``: as for
-                 ``submit``, for the whole batch (a view switch supersedes the last view);
+                 null: the step's own); ``wait``: bool [false]; ``key``, ``order``: as
+                 for ``submit``, for the whole batch (a view switch supersedes the last view);
                  ``cwd``: as for ``submit``
     ``workflow`` ``calls``: as for ``batch``, 1-1,000 of them; ``wait``: bool [false];
                  ``cwd``: as for ``submit``
@@ -164,6 +167,7 @@ class Submit(Request):
     params: Dict[str, Any] = attrs.field(factory=dict, converter=decode.params)
     wait: bool = attrs.field(default=False, converter=decode.boolean)
     key: Optional[str] = attrs.field(default=None, converter=decode.optional(decode.text(MAX_KEY_CHARS)))
+    order: Optional[int] = attrs.field(default=None, converter=decode.optional(decode.order))
     limits: Optional[Limits] = attrs.field(default=None, converter=decode.limits)
     cwd: Optional[str] = attrs.field(default=None, converter=decode.optional(decode.directory))
 
@@ -176,6 +180,7 @@ class Batch(Request):
     calls: Tuple[StepCall, ...] = attrs.field(converter=decode.tuple_of(_step_call, MAX_BATCH_CALLS, "calls"))
     wait: bool = attrs.field(default=False, converter=decode.boolean)
     key: Optional[str] = attrs.field(default=None, converter=decode.optional(decode.text(MAX_KEY_CHARS)))
+    order: Optional[int] = attrs.field(default=None, converter=decode.optional(decode.order))
     cwd: Optional[str] = attrs.field(default=None, converter=decode.optional(decode.directory))
 
 

@@ -182,6 +182,12 @@ class _Connection:
         self.writer.close()
 
 
+def _held_key(key: Optional[str], target: Any) -> Optional[str]:
+    """The supersede key a submission to ``target`` holds while it waits: none if it has no
+    key, or came late and was superseded on arrival."""
+    return key if key is not None and not target.cancelled else None
+
+
 class _Waiter:
     """A reply owed on one connection once tasks end: a ``wait``, or a waiting submit, batch or workflow.
 
@@ -496,9 +502,9 @@ class Daemon:
         call, lane, lane_key = self._checked(request.step, request.params, request.cwd, request.limits)
         [record_id] = await self._commits.write(lambda group: group.submit(
             [NewTask.step_call(call.step, call.kwargs, lane, request.key, request.limits, call.cwd, lane_key)]))
-        self._launch(record_id, self._target(request.key), lambda target: target.submit_call(
-            attrs.evolve(call, ref=record_id)))
-        self._acknowledge(connection, request, [record_id])
+        target = self._target(request.key, request.order)
+        self._launch(record_id, target, lambda target: target.submit_call(attrs.evolve(call, ref=record_id)))
+        self._acknowledge(connection, request, [record_id], _held_key(request.key, target))
 
     async def _op_batch(self, connection: _Connection, request: protocol.Batch) -> None:
         self._refuse_while_draining()
@@ -507,11 +513,11 @@ class Daemon:
         record_ids = await self._commits.write(lambda group: group.submit(
             [NewTask.step_call(call.step, call.kwargs, lane, request.key, call.limits, call.cwd, lane_key)
              for call, lane, lane_key in checked]))
-        target = self._target(request.key)  # one scope for the batch: it supersedes as one view
+        target = self._target(request.key, request.order)  # one scope for the batch: it supersedes as one view
         for record_id, (call, _, _) in zip(record_ids, checked):
             self._launch(record_id, target, lambda target, call=call, rid=record_id:
                          target.submit_call(attrs.evolve(call, ref=rid)))
-        self._acknowledge(connection, request, record_ids)
+        self._acknowledge(connection, request, record_ids, _held_key(request.key, target))
 
     async def _op_workflow(self, connection: _Connection, request: protocol.WorkflowRequest) -> None:
         self._refuse_while_draining()
@@ -615,26 +621,29 @@ class Daemon:
             raise UnknownTask(record_id)
         return record
 
-    def _acknowledge(self, connection: _Connection, request: Any, record_ids: List[int]) -> None:
-        """Send a submission's ids; with ``wait``, owe the final reply once its tasks end."""
+    def _acknowledge(self, connection: _Connection, request: Any, record_ids: List[int],
+                     key: Optional[str] = None) -> None:
+        """Send a submission's ids; with ``wait``, owe the final reply once its tasks end
+        (meanwhile holding ``key``: a newer submission with it is answered at once)."""
         single = not isinstance(request, protocol.Batch)
         ids = {"task_id": record_ids[0]} if single else {"task_ids": record_ids}
         connection.send(protocol.ok_reply(request.id, final=not request.wait, **ids))
         if request.wait:
             in_flight = [self._in_flight[record_id] for record_id in record_ids if record_id in self._in_flight]
-            _Waiter(connection, request.id, record_ids, single, getattr(request, "key", None)).attach(self, in_flight)
+            _Waiter(connection, request.id, record_ids, single, key).attach(self, in_flight)
 
-    def _target(self, key: Optional[str]) -> Any:
+    def _target(self, key: Optional[str], order: Optional[int]) -> Any:
         """Where a request's tasks go: a scope superseding the last one with ``key``, or the supervisor.
 
         The superseded submission's waiting client is answered now (``superseded`` in its
-        final reply), not once its running steps have stopped: nobody waits for them.
+        final reply), not once its running steps have stopped: nobody waits for them. A
+        submission that comes late (``order``) is the superseded one: its scope is cancelled.
         """
         if key is None:
             return self._supervisor
-        scope = self._supervisor.scope(key=key)
+        scope = self._supervisor.scope(key=key, order=order)
         holder = self.key_holders.get(key)
-        if holder is not None:
+        if holder is not None and not scope.cancelled:
             holder.reply(self, final=True, superseded=f"a newer submission with key {key!r}")
         return scope
 

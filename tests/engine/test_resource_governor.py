@@ -335,6 +335,17 @@ def test_a_keyed_scope_supersedes_the_previous_one(supervisor, tmp_path):
     assert other.submit("echo", 1).result(timeout=30) == 1 and not second.cancelled
 
 
+def test_a_keyed_scope_that_comes_late_by_its_order_is_the_one_superseded(supervisor):
+    newer = supervisor.scope(key="view:ordered", order=2)
+    late = supervisor.scope(key="view:ordered", order=1)
+    with pytest.raises(StepCancelled) as cancelled:
+        late.submit("echo", "stale").result(timeout=30)
+    assert cancelled.value.reason == "superseded" and "came first" in cancelled.value.detail
+    assert not newer.cancelled and newer.submit("echo", "fresh").result(timeout=30) == "fresh"
+    unordered = supervisor.scope(key="view:ordered")  # without an order, arrival decides
+    assert newer.cancelled and not unordered.cancelled
+
+
 def test_a_scope_tells_its_cancel_once_before_its_running_steps_have_stopped(supervisor, tmp_path):
     scope = supervisor.scope(key="view:told")
     running = scope.submit("deaf_to_cancel", str(tmp_path / "running"))  # it cannot have ended when told
