@@ -2,7 +2,8 @@
 
 Data flow::
 
-    client ──frame──> asyncio loop (main thread): read_message -> parse_request -> handler
+    client ──frames──> asyncio loop (main thread): every whole frame read -> a handler task
+                       (``governor.service.connections``: pipelined, bounded per connection)
                          submit: check the call -> group commit (durable) -> supervisor
                                  -> ack {"task_id"} (and, with wait, a final reply later)
     manager thread ──on_dispatch(task)──> critical: journal.mark_started (durable, before the worker)
@@ -66,6 +67,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -81,6 +83,7 @@ from governor.engine.supervisor import Supervisor
 from governor.errors import (DaemonAlreadyRunning, DaemonError, GovernorError, MetricsAddressUnavailable,
                              PeerRefused, TaskNotResumable, TooManyClients, UnknownTask)
 from governor.service.config import DaemonConfig, show_addr
+from governor.service.connections import READ_CHUNK_BYTES, Connection, InFlight, Waiter
 from governor.service.group_commit import GroupCommit
 from governor.service.journal import Journal, NewTask, TaskRecord
 from governor.service.live import LiveModel
@@ -91,10 +94,6 @@ from governor.task import Call, TaskState
 
 log = logging.getLogger("governor.service.daemon")
 
-
-#: How much a connection may have waiting to be sent before the daemon gives up on it: a
-#: client that stops reading must not make the daemon buffer without bound.
-MAX_CLIENT_BACKLOG_BYTES = 8 << 20
 
 #: How often finished journal rows older than the retention are pruned.
 PRUNE_INTERVAL_S = 600.0
@@ -108,6 +107,8 @@ class DaemonStatistics:
 
     Attributes:
         connections: client connections open now.
+        requests_in_flight: requests read and being handled now, over every connection
+            (each connection has at most ``connections.MAX_REQUESTS_IN_FLIGHT``).
         waiters: registrations of clients waiting for running tasks to end.
         live_tasks: journaled tasks the supervisor has not finished.
         journal_commits: transactions the loop's group commit has committed (each holds
@@ -115,133 +116,16 @@ class DaemonStatistics:
     """
 
     connections: int
+    requests_in_flight: int
     waiters: int
     live_tasks: int
     journal_commits: int
-
-
-@attrs.define(eq=False)
-class _InFlight:
-    """A journaled task the supervisor has not finished (queued or running), and who waits for its end."""
-
-    record_id: int
-    future: concurrent.futures.Future
-    waiters: List["_Waiter"] = attrs.field(factory=list)
-    end_journaled: bool = False  # set once the end is committed (by the manager or the loop's group commit)
-
-
-class _Connection:
-    """One client connection: its replies, what it waits for, and its idle timer (loop thread only)."""
-
-    def __init__(self, writer: asyncio.StreamWriter, uid: Optional[int], idle_timeout_s: float):
-        self.writer = writer
-        self.uid = uid
-        self.closed = False
-        self.waiters: set = set()
-        self._idle_timeout_s = idle_timeout_s
-        self._idle_timer: Optional[asyncio.TimerHandle] = None
-
-    def send(self, message: Dict[str, Any]) -> None:
-        if self.closed:
-            return
-        try:
-            frame = protocol.encode(message)
-        except protocol.ProtocolError as too_big:
-            frame = protocol.encode(protocol.error_reply(message.get("id"), too_big))
-        if self.writer.transport.get_write_buffer_size() + len(frame) > MAX_CLIENT_BACKLOG_BYTES:
-            log.warning("closing a client that stopped reading its replies")
-            self.close()
-            return
-        self.writer.write(frame)
-
-    def busy(self) -> None:
-        """A request arrived: the connection is not idle."""
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
-
-    def settle(self) -> None:
-        """Start the idle clock if nothing is in flight any more."""
-        if self.closed or self.waiters:
-            return
-        self.busy()
-        self._idle_timer = asyncio.get_running_loop().call_later(self._idle_timeout_s, self._idle)
-
-    def _idle(self) -> None:
-        log.debug("closing a client connection idle for %ss", self._idle_timeout_s)
-        self.close()
-
-    def close(self) -> None:
-        """Close, and forget every wait made on this connection."""
-        if self.closed:
-            return
-        self.closed = True
-        self.busy()
-        for waiter in list(self.waiters):
-            waiter.detach()
-        self.writer.close()
 
 
 def _held_key(key: Optional[str], target: Any) -> Optional[str]:
     """The supersede key a submission to ``target`` holds while it waits: none if it has no
     key, or came late and was superseded on arrival."""
     return key if key is not None and not target.cancelled else None
-
-
-class _Waiter:
-    """A reply owed on one connection once tasks end: a ``wait``, or a waiting submit, batch or workflow.
-
-    Args:
-        single: the reply carries ``task`` (one record), else ``tasks``.
-    """
-
-    def __init__(self, connection: _Connection, request_id: Any, record_ids: List[int], single: bool,
-                 key: Optional[str] = None):
-        self.connection, self.request_id, self.record_ids, self.single = connection, request_id, record_ids, single
-        self.key = key  # the submission's supersede key: while waiting, it holds the key
-        self._holders: Dict[str, "_Waiter"] = {}
-        self._in_flight: List[_InFlight] = []
-        self._timer: Optional[asyncio.TimerHandle] = None
-
-    def attach(self, daemon: "Daemon", in_flight: List[_InFlight], timeout: Optional[float] = None) -> None:
-        """Wait for ``in_flight`` (reply at once when there are none), for at most ``timeout`` seconds."""
-        if not in_flight:
-            self.reply(daemon, final=True)
-            return
-        self._in_flight = list(in_flight)
-        for entry in in_flight:
-            entry.waiters.append(self)
-        self.connection.waiters.add(self)
-        self.connection.busy()
-        if self.key is not None:
-            self._holders = daemon.key_holders
-            self._holders[self.key] = self
-        if timeout is not None:
-            self._timer = asyncio.get_running_loop().call_later(timeout, self.reply, daemon, False)
-
-    def one_done(self, daemon: "Daemon", entry: _InFlight) -> None:
-        self._in_flight.remove(entry)
-        if not self._in_flight:
-            self.reply(daemon, final=True)
-
-    def reply(self, daemon: "Daemon", final: bool, **extra: Any) -> None:
-        self.detach()
-        records = [daemon._record(record_id).to_wire() for record_id in self.record_ids]
-        fields = {"task": records[0]} if self.single else {"tasks": records}
-        self.connection.send(protocol.ok_reply(self.request_id, final=final, **fields, **extra))
-
-    def detach(self) -> None:
-        """Stop waiting (answered, timed out, or the connection closed)."""
-        for entry in self._in_flight:
-            entry.waiters.remove(self)
-        self._in_flight = []
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self.connection.waiters.discard(self)
-        self.connection.settle()
-        if self.key is not None and self._holders.get(self.key) is self:
-            del self._holders[self.key]
 
 
 class Daemon:
@@ -253,9 +137,9 @@ class Daemon:
         self._journal: Optional[Journal] = None
         self._commits: Optional[GroupCommit] = None  # the loop's writes to the journal, a transaction a turn
         self._supervisor: Optional[Supervisor] = None
-        self._in_flight: Dict[int, _InFlight] = {}
+        self._in_flight: Dict[int, InFlight] = {}
         self._starts: Optional[StartJournal] = None  # the on_dispatch hook: what a start journals
-        self.key_holders: Dict[str, _Waiter] = {}  # supersede key -> the submission waiting under it
+        self.key_holders: Dict[str, Waiter] = {}  # supersede key -> the submission waiting under it
         self._connections: set = set()
         self._server: Optional[asyncio.AbstractServer] = None
         self._metrics_server: Any = None
@@ -433,6 +317,7 @@ class Daemon:
     def statistics(self) -> DaemonStatistics:
         """The daemon's own figures, now (loop thread)."""
         return DaemonStatistics(connections=len(self._connections),
+                                requests_in_flight=sum(each.requests_in_flight for each in self._connections),
                                 waiters=sum(len(entry.waiters) for entry in self._in_flight.values()),
                                 live_tasks=len(self._in_flight),
                                 journal_commits=0 if self._commits is None else self._commits.commits)
@@ -441,27 +326,33 @@ class Daemon:
 
     async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         uid, refusal = self._admit(writer.get_extra_info("socket"))
-        connection = _Connection(writer, uid, self.config.idle_timeout_s)
+        connection = Connection(writer, uid, self.config.idle_timeout_s)
         if refusal is not None:
             connection.send(protocol.error_reply(None, refusal))
             connection.close()
             return
         self._connections.add(connection)
         connection.settle()
+        handle = functools.partial(self._handle, connection)
         try:
             while not connection.closed:
                 try:
-                    message = await protocol.read_message(reader)
-                except (EOFError, ConnectionError):
+                    data = await reader.read(READ_CHUNK_BYTES)
+                    if not data:
+                        connection.decoder.eof()
+                        return
+                except ConnectionError:
                     return
-                except protocol.ProtocolError as broken:
-                    connection.send(protocol.error_reply(None, broken))
-                    if broken.code is not protocol.ErrorCode.BAD_JSON:
-                        return  # the stream cannot be resynchronised
-                    continue
-                connection.busy()
-                await self._handle(connection, message)
-                connection.settle()
+                except protocol.ProtocolError as cut:  # closed mid-frame
+                    connection.send(protocol.error_reply(None, cut))
+                    return
+                for message in connection.decoder.feed(data):  # every whole frame the read brought
+                    if isinstance(message, protocol.ProtocolError):
+                        connection.send(protocol.error_reply(None, message))
+                        if message.code is not protocol.ErrorCode.BAD_JSON:
+                            return  # the stream cannot be resynchronised
+                        continue
+                    await connection.handle(handle, message)
         finally:
             self._connections.discard(connection)
             connection.close()
@@ -479,7 +370,7 @@ class Daemon:
             return uid, TooManyClients(limit)
         return uid, None
 
-    async def _handle(self, connection: _Connection, message: Dict[str, Any]) -> None:
+    async def _handle(self, connection: Connection, message: Dict[str, Any]) -> None:
         request_id = protocol.request_id_of(message)
         try:
             request = protocol.parse_request(message)
@@ -494,10 +385,10 @@ class Daemon:
 
     # ----------------------------------------------------------------- operations
 
-    async def _op_ping(self, connection: _Connection, request: protocol.Ping) -> Dict[str, Any]:
+    async def _op_ping(self, connection: Connection, request: protocol.Ping) -> Dict[str, Any]:
         return {"pid": os.getpid(), "version": protocol.PROTOCOL_VERSION}
 
-    async def _op_submit(self, connection: _Connection, request: protocol.Submit) -> None:
+    async def _op_submit(self, connection: Connection, request: protocol.Submit) -> None:
         self._refuse_while_draining()
         call, lane, lane_key = self._checked(request.step, request.params, request.cwd, request.limits)
         [record_id] = await self._commits.write(lambda group: group.submit(
@@ -506,7 +397,7 @@ class Daemon:
         self._launch(record_id, target, lambda target: target.submit_call(attrs.evolve(call, ref=record_id)))
         self._acknowledge(connection, request, [record_id], _held_key(request.key, target))
 
-    async def _op_batch(self, connection: _Connection, request: protocol.Batch) -> None:
+    async def _op_batch(self, connection: Connection, request: protocol.Batch) -> None:
         self._refuse_while_draining()
         checked = [self._checked(c.step, c.params, request.cwd, c.limits)
                    for c in request.calls]  # all, before any is kept
@@ -519,7 +410,7 @@ class Daemon:
                          target.submit_call(attrs.evolve(call, ref=rid)))
         self._acknowledge(connection, request, record_ids, _held_key(request.key, target))
 
-    async def _op_workflow(self, connection: _Connection, request: protocol.WorkflowRequest) -> None:
+    async def _op_workflow(self, connection: Connection, request: protocol.WorkflowRequest) -> None:
         self._refuse_while_draining()
         checked = [self._checked(c.step, c.params, request.cwd, c.limits) for c in request.calls]
         calls = [call for call, _, _ in checked]
@@ -530,7 +421,7 @@ class Daemon:
             [attrs.evolve(call, ref=record_id) for call in calls]))
         self._acknowledge(connection, request, [record_id])
 
-    async def _op_cancel(self, connection: _Connection, request: protocol.Cancel) -> Dict[str, Any]:
+    async def _op_cancel(self, connection: Connection, request: protocol.Cancel) -> Dict[str, Any]:
         outcome: Dict[str, List[int]] = {"cancelled": [], "finished": [], "unknown": []}
         for record_id in request.task_ids:
             entry = self._in_flight.get(record_id)
@@ -543,32 +434,32 @@ class Daemon:
                 outcome["unknown"].append(record_id)
         return outcome
 
-    async def _op_status(self, connection: _Connection, request: protocol.Status) -> Dict[str, Any]:
+    async def _op_status(self, connection: Connection, request: protocol.Status) -> Dict[str, Any]:
         await self._commits.settle()
         if request.task_id is None:
             return {"tasks": [record.to_wire(summary=True) for record in
                               self._journal.recent(request.limit, request.states or (), request.step)]}
         return {"task": self._record(request.task_id).to_wire()}
 
-    async def _op_wait(self, connection: _Connection, request: protocol.Wait) -> None:
+    async def _op_wait(self, connection: Connection, request: protocol.Wait) -> None:
         record = self._record(request.task_id)
         entry = self._in_flight.get(record.id)
-        _Waiter(connection, request.id, [record.id], single=True).attach(
-            self, [entry] if entry is not None else [], request.timeout)
+        Waiter(connection, request.id, [record.id], True, self._record_wire).attach(
+            [entry] if entry is not None else [], request.timeout)
 
-    async def _op_steps(self, connection: _Connection, request: protocol.Steps) -> Dict[str, Any]:
+    async def _op_steps(self, connection: Connection, request: protocol.Steps) -> Dict[str, Any]:
         return {"steps": self._supervisor.describe_steps()}
 
-    async def _op_workers(self, connection: _Connection, request: protocol.Workers) -> Dict[str, Any]:
+    async def _op_workers(self, connection: Connection, request: protocol.Workers) -> Dict[str, Any]:
         return {"workers": await self._loop.run_in_executor(None, self._supervisor.describe_workers)}
 
-    async def _op_metrics(self, connection: _Connection, request: protocol.Metrics) -> Dict[str, Any]:
+    async def _op_metrics(self, connection: Connection, request: protocol.Metrics) -> Dict[str, Any]:
         if request.format == "prometheus":
             return {"text": await self._loop.run_in_executor(None, self._supervisor.prometheus_text)}
         metrics = await self._loop.run_in_executor(None, self._supervisor.metrics)
         return {"metrics": {**metrics, "daemon": attrs.asdict(self.statistics())}}
 
-    async def _op_page(self, connection: _Connection, request: protocol.Page) -> Dict[str, Any]:
+    async def _op_page(self, connection: Connection, request: protocol.Page) -> Dict[str, Any]:
         # The token opens the page to whoever holds it: mint one only for the daemon's own
         # user (root, admitted with --allow-root, must read the daemon's log instead).
         if connection.uid != os.getuid():
@@ -577,7 +468,7 @@ class Daemon:
             raise DaemonError("this daemon serves no status page: start it with --http-addr [HOST:]PORT")
         return {"url": self.status_page.mint_url()}
 
-    async def _op_live(self, connection: Optional[_Connection], request: protocol.Live) -> Dict[str, Any]:
+    async def _op_live(self, connection: Optional[Connection], request: protocol.Live) -> Dict[str, Any]:
         return {"live": await self.live_snapshot()}
 
     async def live_snapshot(self) -> Dict[str, Any]:
@@ -621,7 +512,10 @@ class Daemon:
             raise UnknownTask(record_id)
         return record
 
-    def _acknowledge(self, connection: _Connection, request: Any, record_ids: List[int],
+    def _record_wire(self, record_id: int) -> Dict[str, Any]:
+        return self._record(record_id).to_wire()
+
+    def _acknowledge(self, connection: Connection, request: Any, record_ids: List[int],
                      key: Optional[str] = None) -> None:
         """Send a submission's ids; with ``wait``, owe the final reply once its tasks end
         (meanwhile holding ``key``: a newer submission with it is answered at once)."""
@@ -630,7 +524,8 @@ class Daemon:
         connection.send(protocol.ok_reply(request.id, final=not request.wait, **ids))
         if request.wait:
             in_flight = [self._in_flight[record_id] for record_id in record_ids if record_id in self._in_flight]
-            _Waiter(connection, request.id, record_ids, single, key).attach(self, in_flight)
+            Waiter(connection, request.id, record_ids, single, self._record_wire, key, self.key_holders).attach(
+                in_flight)
 
     def _target(self, key: Optional[str], order: Optional[int]) -> Any:
         """Where a request's tasks go: a scope superseding the last one with ``key``, or the supervisor.
@@ -644,7 +539,7 @@ class Daemon:
         scope = self._supervisor.scope(key=key, order=order)
         holder = self.key_holders.get(key)
         if holder is not None and not scope.cancelled:
-            holder.reply(self, final=True, superseded=f"a newer submission with key {key!r}")
+            holder.reply(final=True, superseded=f"a newer submission with key {key!r}")
         return scope
 
     def _launch(self, record_id: int, target: Any, submit: Callable[[Any], concurrent.futures.Future]) -> None:
@@ -654,7 +549,7 @@ class Daemon:
         except GovernorError as refused:  # QueueFull, SupervisorClosed: the row must not stay queued
             self._journal.mark_finished(record_id, TaskState.FAILED.value, error=protocol.error_to_wire(refused))
             raise
-        self._in_flight[record_id] = _InFlight(record_id, future)
+        self._in_flight[record_id] = InFlight(record_id, future)
         future.add_done_callback(lambda done: self._loop.call_soon_threadsafe(self._task_done, record_id))
 
     def _resume(self, record: TaskRecord) -> None:
@@ -704,9 +599,11 @@ class Daemon:
         self._commits.write(lambda group: self._starts.write_end(group, entry)).add_done_callback(
             lambda written: self._task_journaled(entry, written))
 
-    def _task_journaled(self, entry: _InFlight, written: asyncio.Future) -> None:
+    def _task_journaled(self, entry: InFlight, written: asyncio.Future) -> None:
         """Loop thread: the end is durable (or will never be): answer the task's waiters."""
         _log_failed_write(written)
+        if not written.cancelled() and written.exception() is None:
+            entry.record = written.result()
         entry.end_journaled = True
         del self._in_flight[entry.record_id]
         self._starts.forget(entry.record_id)
@@ -714,12 +611,12 @@ class Daemon:
         if self._draining and cancelled_by_shutdown(entry.future):
             return  # nobody is answered: the task is the next start's
         for waiter in list(entry.waiters):
-            waiter.one_done(self, entry)
+            waiter.one_done(entry)
 
 
 #: The handler of each request type. Built at import, so a request type the protocol
 #: defines and the daemon does not handle stops the import rather than a client's request.
-_HANDLERS: Dict[type, Callable[[Daemon, Optional[_Connection], Any], Awaitable[Optional[Dict[str, Any]]]]] = {
+_HANDLERS: Dict[type, Callable[[Daemon, Optional[Connection], Any], Awaitable[Optional[Dict[str, Any]]]]] = {
     protocol.Ping: Daemon._op_ping,
     protocol.Submit: Daemon._op_submit,
     protocol.Batch: Daemon._op_batch,

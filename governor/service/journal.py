@@ -501,10 +501,10 @@ class Journal:
             group.mark_progress(task_id, results)
 
     def mark_finished(self, task_id: int, state: Union[str, TaskState], at: Optional[float] = None,
-                      result: Any = None, error: Optional[Mapping[str, Any]] = None) -> None:
+                      result: Any = None, error: Optional[Mapping[str, Any]] = None) -> "TaskRecord":
         """Record a task's end in a transaction of its own (see :meth:`JournalGroup.mark_finished`)."""
         with self.group() as group:
-            group.mark_finished(task_id, state, at, result, error)
+            return group.mark_finished(task_id, state, at, result, error)
 
     def get(self, task_id: int) -> Optional[TaskRecord]:
         """The task's record, or ``None`` if there is no such task (or it was pruned)."""
@@ -679,8 +679,9 @@ class JournalGroup:
             raise self._refused(task_id, _RUNNING)
 
     def mark_finished(self, task_id: int, state: Union[str, TaskState], at: Optional[float] = None,
-                      result: Any = None, error: Optional[Mapping[str, Any]] = None) -> None:
-        """Record a task's end.
+                      result: Any = None, error: Optional[Mapping[str, Any]] = None) -> TaskRecord:
+        """Record a task's end, and return its record as it now reads (the daemon answers
+        with it without reading the row again).
 
         Args:
             task_id: the task, queued or running.
@@ -699,11 +700,12 @@ class JournalGroup:
             raise ValueError(f"{state!r} is not a final state; expected one of {', '.join(sorted(TERMINAL_STATES))}")
         values = (state, time.time() if at is None else at, None if result is None else _dumps(result),
                   None if error is None else _dumps(error))
-        changed = self._connection.execute(
-            "UPDATE tasks SET state = ?, ended_at = ?, result = ?, error = ? WHERE id = ? AND state IN (?, ?)",
-            values + (task_id, _QUEUED, _RUNNING)).rowcount
-        if not changed:
+        rows = self._connection.execute(
+            "UPDATE tasks SET state = ?, ended_at = ?, result = ?, error = ? WHERE id = ? AND state IN (?, ?) "
+            "RETURNING *", values + (task_id, _QUEUED, _RUNNING)).fetchall()
+        if not rows:
             raise self._refused(task_id, state)
+        return TaskRecord.from_row(rows[0])
 
     def _refused(self, task_id: int, state: str) -> InvalidTransition:
         row = self._connection.execute("SELECT state FROM tasks WHERE id = ?", (task_id,)).fetchone()

@@ -33,7 +33,7 @@ from governor import protocol
 from governor.errors import InvalidTransition, StepCancelled
 from governor.limits import Lane
 from governor.service.group_commit import GroupCommit
-from governor.service.journal import Journal, JournalGroup
+from governor.service.journal import Journal, JournalGroup, TaskRecord
 from governor.task import Task, TaskState, WorkflowFuture
 
 log = logging.getLogger("governor.service.daemon")
@@ -136,15 +136,16 @@ class StartJournal:
             pass  # the loop's group commit wrote it first
         entry.end_journaled = True
 
-    def write_end(self, group: JournalGroup, entry: Any) -> None:
-        """In a group commit (loop thread): a finished record's end, unless already written."""
+    def write_end(self, group: JournalGroup, entry: Any) -> Optional[TaskRecord]:
+        """In a group commit (loop thread): a finished record's end, unless already written;
+        the record as it now reads, or ``None`` when this wrote nothing."""
         if entry.end_journaled or (self._draining() and cancelled_by_shutdown(entry.future)):
-            return  # written by the manager; or left queued or running for the next start
+            return None  # written by the manager; or left queued or running for the next start
         try:
-            group.mark_finished(entry.record_id, *ending(entry.future, entry.record_id,
-                                                         self.progress_before(entry.record_id)))
+            return group.mark_finished(entry.record_id, *ending(entry.future, entry.record_id,
+                                                                self.progress_before(entry.record_id)))
         except InvalidTransition:
-            pass  # the manager wrote it first
+            return None  # the manager wrote it first
 
 
 def cancelled_by_shutdown(future: concurrent.futures.Future) -> bool:

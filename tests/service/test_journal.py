@@ -502,3 +502,11 @@ def test_another_process_can_read_while_the_journal_is_open(journal, path):
     """)], capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)
     assert reader.stdout.strip() == "queued", reader.stderr
     journal.mark_started(task_id)
+
+
+def test_mark_finished_returns_the_record_as_it_now_reads(tmp_path):
+    with Journal(tmp_path / "journal.sqlite3") as journal:
+        [task_id] = journal.submit([NewTask.step_call("echo", {"value": 1}, Lane.POOL)])
+        record = journal.mark_finished(task_id, TaskState.DONE, at=3.0, result={"rows": [1]})
+        assert record == journal.get(task_id)
+        assert (record.state, record.ended_at, record.result) == ("done", 3.0, {"rows": [1]})
