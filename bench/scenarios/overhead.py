@@ -32,6 +32,10 @@ ROUNDTRIP_WARMUP_PER_UNIT = 25
 #: with ``map(chunksize=MAP_CHUNKSIZE)``.
 RATIO_TARGET = 1.0
 
+#: The bars against ``multiprocessing.Pool``, the fastest peer here: a no-op's round trip p50
+#: at most 1.25x its own, and its throughput at most 1.25x ours (ours at least 0.8x its).
+MP_POOL_RATIO_TARGET = 1.25
+
 #: Calls per task in the ``map`` throughput run.
 MAP_CHUNKSIZE = 100
 
@@ -187,6 +191,11 @@ def overhead(ctx: ScenarioContext) -> ScenarioResult:
     result.target(f"round-trip p50, ours / pebble's <= {RATIO_TARGET:g}x", pebble_ratio, RATIO_TARGET, "x")
     result.target(f"throughput of {size.throughput_tasks} no-ops, pebble's / ours <= {RATIO_TARGET:g}x",
                   _peer_over_ours(result, "pebble", "throughput"), RATIO_TARGET, "x")
+    mp_pool_ratio = result.figures.get("ratios", {}).get("mp-pool", {}).get("roundtrip_p50")
+    result.target(f"round-trip p50, ours / mp.Pool's <= {MP_POOL_RATIO_TARGET:g}x", mp_pool_ratio,
+                  MP_POOL_RATIO_TARGET, "x")
+    result.target(f"throughput of {size.throughput_tasks} no-ops, mp.Pool's / ours <= {MP_POOL_RATIO_TARGET:g}x",
+                  _peer_over_ours(result, "mp-pool", "throughput"), MP_POOL_RATIO_TARGET, "x")
     map_ratio = (None if OURS not in mapped or "mp-pool" not in result.figures.get("peers", {})
                  else result.figures["peers"]["mp-pool"]["throughput"]["per_s"] / mapped[OURS].per_s)
     result.target(f"mp.Pool's throughput / our map(chunksize={MAP_CHUNKSIZE}) <= {RATIO_TARGET:g}x", map_ratio,

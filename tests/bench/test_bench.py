@@ -91,6 +91,14 @@ def test_every_scenario_runs_and_the_json_has_the_documented_schema(tiny_run):
     assert bench_run.ok
 
 
+def test_overhead_judges_ours_against_mp_pool_the_fastest_peer(tiny_run):
+    _, paths = tiny_run
+    targets = json.loads(paths["json_path"].read_text())["scenarios"]["overhead"]["targets"]
+    names = {target["name"] for target in targets}
+    assert "round-trip p50, ours / mp.Pool's <= 1.25x" in names
+    assert "throughput of 20 no-ops, mp.Pool's / ours <= 1.25x" in names
+
+
 def assert_scenarios_have_the_schema(document, names):
     assert set(document["scenarios"]) == set(names)
     for name, entry in document["scenarios"].items():
