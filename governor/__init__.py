@@ -21,8 +21,8 @@ import logging
 __version__ = "0.1.0"
 
 from governor.context import StepContext, current_context
-from governor.errors import (BackendUnavailable, GovernorError, InvalidParameters, MemoryLimitExceeded, PoisonedTask,
-                             QueueFull, StepCancelled,
+from governor.errors import (BackendUnavailable, GovernorError, InvalidParameters, MalformedOutcome, MemoryLimitExceeded,
+                             PoisonedTask, QueueFull, StepCancelled,
                              ReadOnlyViolation, RequestSuperseded, SandboxUnavailable, StepFailed, StepSkipped, StepTimeout,
                              SupervisorBroken, SupervisorClosed, SupervisorForked, UnknownStep,
                              WorkerCrashed, WorkerStartFailed, WorkflowFailed)
@@ -49,7 +49,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "AsyncClient", "BackendUnavailable", "Call", "Client", "DaemonUnavailable", "GovernorError", "InvalidParameters", "Lane", "Limits", "MemoryLimitExceeded", "PoisonedTask", "QueueFull",
+    "AsyncClient", "BackendUnavailable", "Call", "Client", "DaemonUnavailable", "GovernorError", "InvalidParameters", "Lane", "Limits", "MalformedOutcome", "MemoryLimitExceeded", "PoisonedTask", "QueueFull",
     "ReadOnlyViolation", "RequestSuperseded", "SandboxUnavailable", "Scope", "StepCancelled", "StepContext", "StepFailed", "StepRegistry", "StepSkipped", "StepTimeout", "Supervisor",
     "SupervisorBroken", "SupervisorClosed", "SupervisorForked", "TaskFuture", "TaskState", "UnknownStep", "WorkerCrashed", "WorkerStartFailed",
     "WorkflowFailed", "WorkflowFuture", "current_context", "step",

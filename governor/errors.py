@@ -365,6 +365,22 @@ class WorkerCrashed(StepError):
                 f"({describe_exit(self.exitcode, self.signal)})")
 
 
+class MalformedOutcome(StepError, ValueError):
+    """The worker running the step sent back something no worker sends (a frame over the
+    size cap, or not an outcome), so the worker was killed and the step's result is lost.
+
+    Most likely the step wrote to its worker's own sockets (file descriptors it inherited);
+    the supervisor reads what comes from them as data, never as code, and believes none of it.
+
+    Attributes:
+        pid: the killed worker's pid.
+        problem: what was wrong with what it sent.
+    """
+
+    fields = StepError.fields + ("pid", "problem")
+    template = "worker {pid} running step {step!r} sent what no worker sends ({problem}); it was killed"
+
+
 class PoisonedTask(WorkerCrashed):
     """Workers died taking the task, before its step could start, so it was not sent again.
 

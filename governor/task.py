@@ -28,13 +28,15 @@ from __future__ import annotations
 import concurrent.futures
 import enum
 import os
+import pickle
 import threading
+import traceback
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import attrs
 
 from governor.callbacks import CallbackFuture, CallbackRunner
-from governor.errors import InvalidTransition, StepCancelled, StepSkipped, WorkflowFailed
+from governor.errors import InvalidTransition, StepCancelled, StepFailed, StepSkipped, WorkflowFailed
 from governor.limits import Lane, Limits
 
 
@@ -311,6 +313,55 @@ def in_done_callback() -> bool:
     return getattr(_resolving, "depth", 0) > 0
 
 
+class Pickled:
+    """A step's return value as its worker pickled it, unpickled by the first caller that
+    asks for it (``TaskFuture.result``), never by the manager thread.
+
+    A step can write anything down its worker's sockets, and unpickling runs what the bytes
+    name: so the supervisor's manager thread reads only the outcome's envelope, and the
+    value is rebuilt by the caller that submitted the step and asked for what it returned.
+    Every caller gets the same object (or the same error).
+    """
+
+    __slots__ = ("data", "_loaded")
+
+    def __init__(self, data: bytes):
+        self.data = data
+        self._loaded: Optional[Tuple[Any, Optional[BaseException]]] = None
+
+    def load(self, task: "Task") -> Any:
+        """The value; ``task`` names the step in the error.
+
+        Raises:
+            StepFailed: the value could not be unpickled here.
+        """
+        loaded = self._loaded
+        if loaded is None:
+            with _LOADING:  # one lock for all: two callers of one value at once are rare
+                loaded = self._loaded
+                if loaded is None:
+                    try:
+                        loaded = pickle.loads(self.data), None
+                    except Exception as exc:  # e.g. a class this process cannot import
+                        loaded = None, StepFailed(
+                            task.step, task.id, type(exc).__qualname__,
+                            f"its result could not be read back from the worker: {exc}",
+                            "".join(traceback.format_exception(exc)))
+                    self._loaded, self.data = loaded, b""
+        value, error = loaded
+        if error is not None:
+            raise error
+        return value
+
+
+_LOADING = threading.Lock()
+
+
+def loaded(value: Any, task: "Task") -> Any:
+    """``value``, unpickled first if it is :class:`Pickled`."""
+    return value.load(task) if type(value) is Pickled else value
+
+
 class ExplainedCancelFuture(concurrent.futures.Future):
     """A future whose ``result()``/``exception()`` raise ``StepCancelled`` (saying why)
     instead of a bare ``CancelledError``."""
@@ -381,6 +432,9 @@ class TaskFuture(ExplainedCancelFuture, CallbackFuture):
         """
         return self._canceller(self.task, CancelRequest("explicit", detail))
 
+    def result(self, timeout: Optional[float] = None) -> Any:
+        return loaded(super().result(timeout), self.task)
+
     def running(self) -> bool:
         return self.task.state is TaskState.RUNNING
 
@@ -438,6 +492,26 @@ class WorkflowFuture(ExplainedCancelFuture, CallbackFuture):
     def __init__(self, steps: Sequence[TaskFuture], runner: CallbackRunner):
         super().__init__(runner)
         self.steps = list(steps)
+
+    def result(self, timeout: Optional[float] = None) -> Any:
+        try:
+            values = super().result(timeout)
+        except WorkflowFailed as failed:
+            self._load_results(failed)
+            raise
+        return [loaded(value, step.task) for value, step in zip(values, self.steps)]
+
+    def exception(self, timeout: Optional[float] = None) -> Optional[BaseException]:
+        error = super().exception(timeout)
+        if isinstance(error, WorkflowFailed):
+            self._load_results(error)
+        return error
+
+    def _load_results(self, failed: WorkflowFailed) -> None:
+        """Unpickle the values of the steps that ended before the failure (see :class:`Pickled`)."""
+        results = [loaded(value, step.task) for value, step in zip(failed.results, self.steps)]
+        failed.results = results
+        failed.args = (*failed.args[:2], results, *failed.args[3:])
 
     def cancel(self, detail: Optional[str] = None) -> bool:
         accepted = [step.cancel(detail) for step in self.steps if not step.done()]

@@ -32,13 +32,12 @@ import collections
 import concurrent.futures
 import logging
 import os
-import pickle
 import select
 import selectors
 import shutil
 import tempfile
 import traceback
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import attrs
 
@@ -47,12 +46,12 @@ from governor.engine.queues import RankedQueue
 from governor.engine.slots import LaneState, Run, SendAhead, Slot, SlotState, dump_assignment
 from governor.engine.starts import WORKER_START_TIMEOUT_S, WorkerStarts
 from governor.engine.timers import Timers
-from governor.errors import (InvalidTransition, MemoryLimitExceeded, PoisonedTask, StepFailed, StepTimeout,
-                             WorkerCrashed)
+from governor.errors import (InvalidTransition, MalformedOutcome, MemoryLimitExceeded, PoisonedTask, StepFailed,
+                             StepTimeout, WorkerCrashed)
 from governor.limits import Lane
 from governor.logs import log_death
 from governor.task import KillOrder, Task, TaskState
-from governor.workers.messages import Cancel, Dirty, Revoked, outcome_from_wire
+from governor.workers.messages import Cancel, Dirty, Outcome, revoked_from_wire, up_from_wire
 from governor.workers.proctree import MEMORY_SAMPLE_INTERVAL_S, kill_tree, mib
 from governor.workers.sandbox import SandboxPolicy
 
@@ -373,14 +372,26 @@ class LocalLanes(WorkerStarts):
         slot.send(payload)
 
     def _on_control(self, slot: Slot) -> None:
-        """The control socket is readable: a worker gave back a task sent ahead (or it ended)."""
+        """The control socket is readable: a worker gave back a task sent ahead (or it ended).
+
+        One ``read``, which cannot block (the socket is readable), and frames decoded by
+        hand: the step running in that worker can write to this socket too.
+        """
+        if slot.control is None:
+            return  # closed by an earlier event of the same select
         try:
-            message = pickle.loads(slot.control.recv_bytes())
-        except (EOFError, OSError):
-            slot.unwatch_control()  # dying: its pidfd says when it is dead
+            alive = slot.control_frames.feed(slot.control.fileno())
+            frame = slot.control_frames.pop()
+            while frame is not None:
+                self._taken_back(slot, revoked_from_wire(frame).task_id)
+                frame = slot.control_frames.pop()
+        except OSError:
+            alive = False
+        except ValueError as exc:
+            self._misbehaving(slot, f"its control socket carried {exc}")
             return
-        if type(message) is Revoked:
-            self._taken_back(slot, message.task_id)
+        if not alive:
+            slot.unwatch_control()  # dying: its pidfd says when it is dead
 
     def _taken_back(self, slot: Slot, task_id: int) -> None:
         """The worker will not run task ``task_id``: it goes to the front of its lane's queue."""
@@ -459,18 +470,17 @@ class LocalLanes(WorkerStarts):
         self._take_frames(slot)
 
     def _take_frames(self, slot: Slot) -> None:
-        frame = slot.frames.pop()
-        while frame is not None:
-            self._take_frame(slot, frame)
-            frame = slot.frames.pop()
-
-    def _take_frame(self, slot: Slot, data: bytes) -> None:
         try:
-            raw, error = pickle.loads(data), None
-        except Exception as exc:  # e.g. an exception class this process cannot import
-            raw, error = None, exc
-        if type(raw) is Dirty:
-            self._on_dirty(slot, raw.problem)
+            frame = slot.frames.pop()
+            while frame is not None:
+                self._take_frame(slot, up_from_wire(frame))
+                frame = slot.frames.pop()
+        except ValueError as exc:  # over the cap, or not an outcome
+            self._misbehaving(slot, f"its task socket carried {exc}")
+
+    def _take_frame(self, slot: Slot, message: Union[Outcome, Dirty]) -> None:
+        if type(message) is Dirty:
+            self._on_dirty(slot, message.problem)
             return
         run = slot.run
         if run is None or slot.state is SlotState.KILLING:
@@ -479,17 +489,26 @@ class LocalLanes(WorkerStarts):
         slot.run = None
         slot.tasks_run += 1
         self._let_go(task)
-        if error is not None:
-            self._after_task(slot, None)
-            self._host.conclude(task, TaskState.FAILED, StepFailed(
-                task.step, task.id, type(error).__qualname__, f"its result could not be read back from the worker: "
-                f"{error}", "".join(traceback.format_exception(error))))
-            return
-        outcome = outcome_from_wire(raw)
-        took = outcome.ended_at - outcome.started_at
+        took = message.ended_at - message.started_at
         self._send_ahead.observe(task.step, took)
-        self._after_task(slot, outcome.rss_bytes)
-        self._host.conclude_outcome(task, outcome)
+        self._after_task(slot, message.rss_bytes)
+        self._host.conclude_outcome(task, message)
+
+    def _misbehaving(self, slot: Slot, problem: str) -> None:
+        """``slot``'s worker sent what no worker of ours sends (its step wrote to the
+        worker's sockets, most likely): it is killed, and the task it ran fails with
+        :class:`MalformedOutcome` once it is dead. Nothing more is read from it."""
+        log.warning("worker %s sent what no worker sends: %s; killing it", slot.pid, problem)
+        slot.close_tasks()
+        slot.unwatch_control()
+        run = slot.run
+        if run is not None and run.kill is None:
+            task = run.task
+            self._kill(run, "malformed", TaskState.FAILED, MalformedOutcome(task.step, task.id, slot.pid, problem),
+                       None, None)
+        elif slot.state not in (SlotState.KILLING, SlotState.DEAD):
+            self._retire(slot)
+            kill_tree(slot.pid, slot.sampler)
 
     def _on_dirty(self, slot: Slot, problem: str) -> None:
         """The worker could not be made clean after its last step and is exiting: a task

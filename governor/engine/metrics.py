@@ -219,7 +219,8 @@ class MetricsRecorder:
             self._spawns[lane.value] += 1
 
     def worker_killed(self, lane: Lane, reason: str) -> None:
-        """Count a worker that died: ``reason`` is timeout, memory, cancel or crash."""
+        """Count a worker that died: ``reason`` is timeout, memory, cancel, crash or
+        malformed (it sent what no worker sends)."""
         with self._lock:
             self._kills[(lane.value, reason)] += 1
 

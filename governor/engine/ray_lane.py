@@ -451,10 +451,13 @@ class RayLane:
             alive = link.frames.feed(link.connection.fileno())
         except OSError:
             alive = False
-        frame = link.frames.pop()
-        while frame is not None and not link.connection.closed:
-            self._on_message(link, frame)
+        try:
             frame = link.frames.pop()
+            while frame is not None and not link.connection.closed:
+                self._on_message(link, frame)
+                frame = link.frames.pop()
+        except ValueError:  # a frame over the cap: not our worker's, the link cannot be trusted
+            alive = False
         if not alive and not link.connection.closed:
             self._link_lost(link)
 

@@ -30,8 +30,8 @@ from governor.engine.backend import ReadSelector
 from governor.engine.timers import Timers
 from governor.limits import Lane
 from governor.task import KillOrder, Task
-from governor.workers.frames import Frames, header as frame_header
-from governor.workers.messages import TASK_ID, Revoke
+from governor.workers.frames import MAX_FRAME_BYTES, Frames, header as frame_header
+from governor.workers.messages import REVOKED_BYTES, TASK_ID, Revoke
 from governor.workers.proctree import TreeSampler, kill_tree
 from governor.workers.template import Template
 
@@ -86,6 +86,7 @@ class Slot:
     pidfd: Optional[int] = None
     watched: bool = False  # its task socket is in the selector
     frames: Frames = attrs.field(factory=lambda: Frames())
+    control_frames: Frames = attrs.field(factory=lambda: Frames(REVOKED_BYTES))  # what comes up its control socket
     unsent: Deque[memoryview] = attrs.field(factory=collections.deque)  # frames' bytes its socket had no room for
     room_watched: bool = False  # the selector tells when its task socket has room (``unsent`` waits)
     run: Optional["Run"] = None
@@ -375,6 +376,9 @@ def dump_assignment(task_id: int, step: str, args: tuple, kwargs: dict, hard_cap
     by reference, and a worker's ``__main__`` is not that program: cloudpickle carries such
     a class by value. A payload that names ``__main__`` anywhere (at worst a string among
     the arguments) goes through cloudpickle.
+
+    Raises:
+        ValueError: the frame would be over the cap its worker reads (``MAX_FRAME_BYTES``).
     """
     fields = (task_id, step, args, kwargs, hard_cap_mb, chunk, cwd)
     try:
@@ -384,4 +388,7 @@ def dump_assignment(task_id: int, step: str, args: tuple, kwargs: dict, hard_cap
     else:
         if b"__main__" in payload:
             payload = cloudpickle.dumps(fields, pickle.HIGHEST_PROTOCOL)
+    if TASK_ID.size + len(payload) > MAX_FRAME_BYTES:
+        raise ValueError(f"{TASK_ID.size + len(payload)} bytes, over the cap of {MAX_FRAME_BYTES} per task; "
+                         "pass a large input as a file the step reads")
     return TASK_ID.pack(task_id) + payload

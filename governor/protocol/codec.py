@@ -21,8 +21,8 @@ from typing import Any, Callable, Dict, List, Mapping, Tuple
 
 import attrs
 
-from governor.errors import (GovernorError, InvalidParameters, MemoryLimitExceeded, QueueFull, RegistrationError,
-                             StepCancelled, StepFailed, StepSkipped, StepTimeout, SupervisorClosed, TaskNotResumable,
+from governor.errors import (GovernorError, InvalidParameters, MalformedOutcome, MemoryLimitExceeded, QueueFull,
+                             RegistrationError, StepCancelled, StepFailed, StepSkipped, StepTimeout, SupervisorClosed, TaskNotResumable,
                              TooManyClients, UnknownStep, UnknownTask, WorkerCrashed, WorkerStartFailed,
                              WorkflowFailed)
 from governor.protocol.errors import ErrorCode, ProtocolError, RemoteError, ResultNotSerialisable
@@ -147,6 +147,7 @@ _CODECS: Dict[type, _ErrorCodec] = {codec.cls: codec for codec in (
     _ErrorCodec(MemoryLimitExceeded, _STEP + ("limit_mb", "peak_mb", "pid", "killed")),
     _ErrorCodec(StepCancelled, _STEP + ("reason", "detail", "killed")),
     _ErrorCodec(WorkerCrashed, _STEP + ("pid", "exitcode", "signal")),
+    _ErrorCodec(MalformedOutcome, _STEP + ("pid", "problem")),
     _ErrorCodec(StepSkipped, _STEP + ("failed_step",)),
     _ErrorCodec(WorkflowFailed, ("index", "error", "results", "skipped"),
                 {"error": (error_to_wire, error_from_wire),

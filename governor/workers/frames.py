@@ -6,6 +6,10 @@ ends of a worker's task socket read with :class:`Frames` and write with :func:`s
 ``Connection.recv_bytes`` takes two reads per message, and each syscall lets go of the GIL
 (and, on a VM, costs a few microseconds of its own); ``send_bytes`` is a dozen Python
 calls around its one write.
+
+Every frame has a size cap (:data:`MAX_FRAME_BYTES` unless told): a header that announces
+more is refused as soon as it is read, before any of its bytes are kept, so a process that
+writes a 2**40-byte header and streams junk after it grows its reader by one read.
 """
 
 from __future__ import annotations
@@ -14,16 +18,22 @@ import os
 import struct
 from typing import Optional
 
+#: The largest frame a task socket carries either way (a task's arguments, a step's
+#: result): 1 GiB. Larger values belong in a file the step reads or writes; and a
+#: supervisor holds a whole frame in memory before it can tell what it is.
+MAX_FRAME_BYTES = 1 << 30
+
 
 class Frames:
-    """A socket's bytes read so far, cut into whole frames."""
+    """A socket's bytes read so far, cut into whole frames of at most ``max_bytes`` each."""
 
     #: Bytes asked of one read: a task or an outcome of a few hundred bytes comes whole; a
     #: larger one takes several reads.
     READ_SIZE = 65536
 
-    def __init__(self) -> None:
+    def __init__(self, max_bytes: int = MAX_FRAME_BYTES) -> None:
         self._buffer = bytearray()
+        self.max_bytes = max_bytes
 
     def feed(self, fd: int) -> bool:
         """Read what the socket has (blocking, if the socket does); ``False`` at its end."""
@@ -32,7 +42,12 @@ class Frames:
         return bool(data)
 
     def pop(self) -> Optional[bytes]:
-        """The next whole frame's payload, or ``None`` if none is whole yet."""
+        """The next whole frame's payload, or ``None`` if none is whole yet.
+
+        Raises:
+            ValueError: the next frame is larger than ``max_bytes`` (or its size is
+                negative): what follows cannot be read as frames.
+        """
         buffer = self._buffer
         if len(buffer) < 4:
             return None
@@ -43,6 +58,9 @@ class Frames:
                 return None
             (size,) = struct.unpack_from("!Q", buffer, 4)
             start = 12
+        if not 0 <= size <= self.max_bytes:
+            del buffer[:]  # kept no longer: the stream is not frames from here on
+            raise ValueError(f"a frame of {size} bytes, over the cap of {self.max_bytes}")
         end = start + size
         if len(buffer) < end:
             return None
@@ -55,6 +73,7 @@ class Frames:
 
         Raises:
             EOFError: the socket ended before a whole frame came.
+            ValueError: the frame is over the cap (see :meth:`pop`).
         """
         while True:
             frame = self.pop()

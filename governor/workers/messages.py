@@ -5,27 +5,40 @@ workers' ``worker`` and ``template``), so a message has one definition, a name a
 fields, and the reader tells messages apart by their type, not by a string in slot 0::
 
     worker's task socket     down  task id, Assignment              one task
-                             up    Outcome (as outcome_to_wire's    how it ended
-                                   tuple) | Dirty                   could not be made clean; exits
+                             up    Outcome | Dirty (up_to_wire)     how it ended | could not be made clean
     worker's control socket  down  Cancel | Revoke                  stop a task | give one back
-                             up    Revoked                          the task given back will not run
+                             up    Revoked (revoked_to_wire)        the task given back will not run
     a worker's first words   up    Hello (one per socket, as JSON)  which slot, which socket, its pid
     template's socket        down  Fork                             start one worker
                              up    Ready | StartFailed              at start (once)
                                    Exited | ForkFailed              a worker's end | a fork that failed
 
-:class:`Assignment` and :class:`Outcome` cross a socket for every task, as the plain tuple
-of their fields: a plain tuple pickles and unpickles in a fifth of a named tuple's time.
-The others are rare and travel as themselves (pickled by reference to this module).
+:class:`Assignment` crosses a socket for every task as the plain tuple of its fields
+pickled: a plain tuple pickles and unpickles in a fifth of a named tuple's time. The others
+going down are rare and travel as themselves (pickled by reference to this module).
+
+What comes *up* is never unpickled by the supervisor's manager thread: a step holds its
+worker's sockets (its own process's fds) and can write anything there. An :class:`Outcome`
+travels as fixed fields (``struct``) and length-prefixed text, its value as the pickle the
+worker made of it, which only the caller who asks for the result unpickles
+(``governor.task.Pickled``); the step's exception is rebuilt by :func:`load_exception`, which
+makes nothing but exception classes already imported. :class:`Dirty` and :class:`Revoked`
+are a tag and a text or a number. A frame that is none of these, or of the wrong shape, is a
+:class:`ValueError` from :func:`up_from_wire` (the lanes kill the worker and fail its task).
 """
 
 from __future__ import annotations
 
 import enum
 import hmac
+import io
 import json
+import pickle
 import struct
-from typing import Any, NamedTuple, Optional, Sequence
+import sys
+from typing import Any, NamedTuple, Optional, Sequence, Union
+
+from governor.task import Pickled
 
 
 class OutcomeKind(enum.Enum):
@@ -35,9 +48,6 @@ class OutcomeKind(enum.Enum):
     ERROR = "error"  # the step raised
     CANCELLED = "cancelled"  # the step stopped on its context's cancel
     OVER_MEMORY = "over_memory"  # the hard cap refused an allocation
-
-
-_KINDS = {kind.value: kind for kind in OutcomeKind}
 
 
 class Assignment(NamedTuple):
@@ -72,9 +82,11 @@ class Outcome(NamedTuple):
 
     Attributes:
         kind: how the step ended.
-        value: the step's return value for ``OK``.
+        value: the step's return value for ``OK`` (in the supervisor, read from a local
+            worker: a :class:`~governor.task.Pickled` of it).
         exc_type, exc_message, traceback_text: the step's exception otherwise.
-        exception: the exception itself when it pickles, else ``None``.
+        exception: the exception itself when it pickles (and, in the supervisor, when
+            :func:`load_exception` rebuilds it), else ``None``.
         started_at, ended_at: ``time.monotonic()`` in the worker around the step.
         pid: the worker's pid.
         peak_rss_bytes: the worker's peak RSS during the step (``None`` if unknown).
@@ -97,23 +109,127 @@ class Outcome(NamedTuple):
     denied_path: Optional[str] = None
 
 
-def outcome_to_wire(outcome: Outcome) -> tuple:
-    """The plain tuple an outcome travels as: its fields, the kind as its value."""
-    return (outcome.kind.value, *outcome[1:])
-
-
-def outcome_from_wire(raw: tuple) -> Outcome:
-    """The :class:`Outcome` of :func:`outcome_to_wire`'s tuple (built as a tuple: the named
-    tuple's own constructor is a Python call that checks its twelve arguments)."""
-    return tuple.__new__(Outcome, (_KINDS[raw[0]], *raw[1:]))
-
-
 class Dirty(NamedTuple):
     """Up the task socket after an outcome: the worker could not be made clean after that
     step (``problem`` says why) and exits without taking another task; the supervisor
     counts ``worker_recycles{reason="dirty"}``."""
 
     problem: str
+
+
+#: An outcome's frame: its tag, its fixed fields, then the byte lengths of its six variable
+#: fields (:data:`_TEXTS` and the two pickles), each :data:`_ABSENT` for ``None``.
+_OUTCOME = struct.Struct("!cBddiqq6I")
+_OUTCOME_TAG, _DIRTY_TAG = b"O", b"D"
+_ABSENT = 0xFFFFFFFF
+_NO_FIGURE = -1  # peak_rss_bytes, rss_bytes: None
+_TEXTS = ("exc_type", "exc_message", "traceback_text", "denied_path")
+_NO_TEXTS = (_ABSENT,) * 5  # the lengths of an OK outcome's texts and exception
+_NO_TEXT_BYTES = struct.pack("!5I", *_NO_TEXTS)
+_TEXTS_AT = _OUTCOME.size - 6 * 4  # where the lengths start
+_OK = OutcomeKind.OK
+_KIND_CODES = {kind: code for code, kind in enumerate(OutcomeKind)}
+_KINDS_BY_CODE = tuple(OutcomeKind)
+
+
+def outcome_to_wire(outcome: Outcome) -> bytes:
+    """An outcome's frame, as its worker sends it; its ``value`` and ``exception`` are
+    pickled here (an exception that does not pickle travels as its texts alone).
+
+    Raises:
+        Exception: whatever pickling the step's value raised (it does not pickle).
+    """
+    kind, started_at, ended_at, pid, value, _, _, _, _, peak, rss, _ = outcome
+    figures = (_NO_FIGURE if peak is None else peak, _NO_FIGURE if rss is None else rss)
+    if kind is _OK:  # the hot path: a value, no texts
+        value = pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
+        return _OUTCOME.pack(_OUTCOME_TAG, 0, started_at, ended_at, pid, *figures, *_NO_TEXTS, len(value)) + value
+    exception = None
+    if outcome.exception is not None:
+        try:
+            exception = pickle.dumps(outcome.exception, pickle.HIGHEST_PROTOCOL)
+        except Exception:
+            pass  # the caller gets StepFailed with the exception's type, message and traceback
+    fields = [None if text is None else text.encode("utf-8", "surrogateescape")
+              for text in (outcome.exc_type, outcome.exc_message, outcome.traceback_text, outcome.denied_path)]
+    fields += (exception, None)
+    head = _OUTCOME.pack(_OUTCOME_TAG, _KIND_CODES[kind], started_at, ended_at, pid,
+                         *figures, *(_ABSENT if field is None else len(field) for field in fields))
+    return b"".join((head, *(field for field in fields if field)))
+
+
+def dirty_to_wire(dirty: Dirty) -> bytes:
+    """A :class:`Dirty` notice's frame."""
+    return _DIRTY_TAG + dirty.problem.encode("utf-8", "surrogateescape")
+
+
+def up_from_wire(data: bytes) -> Union[Outcome, Dirty]:
+    """The :class:`Outcome` or :class:`Dirty` in a frame from a worker's task socket, read
+    without unpickling anything but an exception (:func:`load_exception`).
+
+    The outcome's ``value`` is a :class:`~governor.task.Pickled` of what the step returned,
+    and its ``exception`` the step's exception rebuilt, or ``None`` if it cannot be.
+
+    Raises:
+        ValueError: the frame is not one a worker sends (malformed, or the wrong shape).
+    """
+    tag = data[:1]
+    if tag != _OUTCOME_TAG:
+        if tag == _DIRTY_TAG:
+            return Dirty(data[1:].decode("utf-8", "replace"))
+        raise ValueError(f"a frame of unknown kind {tag!r}")
+    try:
+        head = _OUTCOME.unpack_from(data)
+    except struct.error as exc:
+        raise ValueError(f"not an outcome: {exc}") from None
+    _, code, started_at, ended_at, pid, peak, rss, *lengths = head
+    peak = None if peak == _NO_FIGURE else peak
+    rss = None if rss == _NO_FIGURE else rss
+    if code == 0 and data[_TEXTS_AT:_OUTCOME.size - 4] == _NO_TEXT_BYTES and lengths[5] == len(data) - _OUTCOME.size:
+        # The hot path (a value, no texts), built as a tuple.
+        return tuple.__new__(Outcome, (_OK, started_at, ended_at, pid, Pickled(data[_OUTCOME.size:]),
+                                       None, None, None, None, peak, rss, None))
+    if code >= len(_KINDS_BY_CODE):
+        raise ValueError(f"an outcome of unknown kind {code}")
+    kind = _KINDS_BY_CODE[code]
+    fields, at = [], _OUTCOME.size
+    for length in lengths:
+        if length == _ABSENT:
+            fields.append(None)
+            continue
+        fields.append(data[at:at + length])
+        at += length
+    if at != len(data):
+        raise ValueError(f"an outcome of {len(data)} bytes whose fields add up to {at}")
+    texts = [None if field is None else field.decode("utf-8", "replace") for field in fields[:4]]
+    exception, value = fields[4:]
+    if (kind is OutcomeKind.OK) != (value is not None):
+        raise ValueError(f"a {kind.value} outcome {'without' if value is None else 'with'} a value")
+    return Outcome(kind, started_at, ended_at, pid, None if value is None else Pickled(value), *texts[:3],
+                   None if exception is None else load_exception(exception), peak, rss, texts[3])
+
+
+class _ExceptionUnpickler(pickle.Unpickler):
+    """Makes exception classes of modules already imported, and nothing else: no import,
+    no function call (``find_class`` is where every pickled class or callable comes from)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        found: Any = sys.modules.get(module)
+        for part in name.split(".") if found is not None else ():
+            found = getattr(found, part, None)
+        if isinstance(found, type) and issubclass(found, BaseException):
+            return found
+        raise pickle.UnpicklingError(f"{module}.{name} is not an exception class this process has imported")
+
+
+def load_exception(data: bytes) -> Optional[BaseException]:
+    """The exception pickled in ``data``, or ``None`` if it cannot be rebuilt safely (its
+    pickle names anything but exception classes already imported, or is not one)."""
+    try:
+        exception = _ExceptionUnpickler(io.BytesIO(data)).load()
+    except Exception:
+        return None
+    return exception if isinstance(exception, BaseException) else None
 
 
 class Cancel(NamedTuple):
@@ -137,6 +253,28 @@ class Revoked(NamedTuple):
     """Up the control socket: the worker will not run task ``task_id`` (see :class:`Revoke`)."""
 
     task_id: int
+
+
+_REVOKED = struct.Struct("!q")
+
+#: The size of every frame up a worker's control socket.
+REVOKED_BYTES = _REVOKED.size
+
+
+def revoked_to_wire(revoked: Revoked) -> bytes:
+    """A :class:`Revoked`'s frame: the task's id, nothing else."""
+    return _REVOKED.pack(revoked.task_id)
+
+
+def revoked_from_wire(data: bytes) -> Revoked:
+    """The :class:`Revoked` in a frame from a control socket.
+
+    Raises:
+        ValueError: it is not :data:`REVOKED_BYTES` long.
+    """
+    if len(data) != REVOKED_BYTES:
+        raise ValueError(f"a control frame of {len(data)} bytes")
+    return Revoked(*_REVOKED.unpack(data))
 
 
 class Channel(enum.Enum):

@@ -16,8 +16,8 @@ messages are ``governor.workers.messages``)::
 
 The *task socket* carries one task down and its outcome up, one task at a time; the
 supervisor's manager thread reads it with its selector, so no thread of ours stands
-between a task and its worker. Both are plain tuples on the wire (see
-``messages.outcome_to_wire``). The worker puts its process state back *after* it sent the
+between a task and its worker. A task comes as a plain tuple pickled, its outcome goes
+as fields the supervisor reads without unpickling (see ``messages.outcome_to_wire``). The worker puts its process state back *after* it sent the
 outcome, while the caller already has its result: a worker that cannot be made clean
 sends ``Dirty(problem)`` instead of taking another task, and exits; a task sent to it
 meanwhile was never taken, so the supervisor hands it to another worker.
@@ -61,7 +61,7 @@ from governor.workers import sandbox as _sandbox
 from governor.errors import StepCancelled
 from governor.workers.frames import Frames, send_frame
 from governor.workers.messages import (TASK_ID, Assignment, Cancel, Channel, Dirty, Hello, Outcome, OutcomeKind, Revoke,
-                                       Revoked, hello_to_wire, outcome_to_wire)
+                                       Revoked, dirty_to_wire, hello_to_wire, outcome_to_wire, revoked_to_wire)
 from governor.workers.seats import Seat
 
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -186,7 +186,7 @@ def serve(slot_id: int, lane: str, address: str, seats_path: str, seat_index: in
     while True:
         try:
             frame = frames.next(fd)
-        except (EOFError, OSError):
+        except (EOFError, OSError, ValueError):  # ValueError: over the cap, which the supervisor keeps
             os._exit(0)  # the supervisor retired this worker, or is gone
         if not _take_assignment():
             continue  # taken back by the supervisor: it runs elsewhere
@@ -211,7 +211,7 @@ def serve(slot_id: int, lane: str, address: str, seats_path: str, seat_index: in
         send_frame(fd, _dump_outcome(outcome))
         problem = hygiene.restore(baseline)
         if problem is not None:
-            send_frame(fd, pickle.dumps(Dirty(problem)))
+            send_frame(fd, dirty_to_wire(Dirty(problem)))
             os._exit(0)
 
 
@@ -259,12 +259,12 @@ def _forked_by_a_step(*connections: Connection) -> None:
 
 def _dump_outcome(outcome: Outcome) -> bytes:
     try:
-        return pickle.dumps(outcome_to_wire(outcome), pickle.HIGHEST_PROTOCOL)
-    except Exception as exc:  # the step's value (or its exception) does not pickle
-        return pickle.dumps(outcome_to_wire(outcome._replace(
+        return outcome_to_wire(outcome)
+    except Exception as exc:  # the step's value does not pickle
+        return outcome_to_wire(outcome._replace(
             kind=OutcomeKind.ERROR, value=None, exception=None, exc_type=_qualified_name(type(exc)),
             exc_message=f"its result could not be sent back from the worker: {exc}",
-            traceback_text="".join(traceback.format_exception(exc)))), pickle.HIGHEST_PROTOCOL)
+            traceback_text="".join(traceback.format_exception(exc))))
 
 
 def _control_loop(connection: Connection) -> None:
@@ -279,7 +279,7 @@ def _control_loop(connection: Connection) -> None:
             case Cancel(task_id, reason, detail):
                 deliver_cancel(task_id, reason, detail)
             case Revoke(task_id, number) if _revoke(number):
-                connection.send_bytes(pickle.dumps(Revoked(task_id)))
+                connection.send_bytes(revoked_to_wire(Revoked(task_id)))
 
 
 def _take_assignment() -> bool:
@@ -362,19 +362,11 @@ def run_step(spec: Any, task_id: int, step: str, args: tuple, kwargs: dict,
     return Outcome(kind, started, ended, os.getpid(),
                    exc_type=_qualified_name(type(error)), exc_message=str(error),
                    traceback_text="".join(traceback.format_exception(error)),
-                   exception=_picklable_or_none(error), peak_rss_bytes=peak, rss_bytes=rss, denied_path=denied)
+                   exception=error.with_traceback(None), peak_rss_bytes=peak, rss_bytes=rss, denied_path=denied)
 
 
 def _qualified_name(cls: type) -> str:
     return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
-
-
-def _picklable_or_none(error: BaseException) -> Optional[BaseException]:
-    try:
-        pickle.loads(pickle.dumps(error))
-    except Exception:
-        return None
-    return error.with_traceback(None)
 
 
 def _rss_figures() -> tuple:
