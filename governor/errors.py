@@ -502,6 +502,16 @@ class JournalLocked(DaemonError):
     """Another daemon holds the journal's lock."""
 
 
+class JournalUnavailable(DaemonError):
+    """The journal file cannot be used: it cannot be opened for reading and writing (an
+    immutable or unreadable file, a directory we cannot enter) or is not an SQLite database."""
+
+
+class JournalLost(DaemonError):
+    """The daemon's journal file was deleted or replaced while it ran: it takes no new
+    work, since nothing it acknowledged would survive a restart. Restart it."""
+
+
 class MetricsAddressInvalid(DaemonError, ValueError):
     """``--metrics-addr`` is not ``PORT``, ``HOST:PORT`` or ``[IPV6]:PORT``."""
 

@@ -221,7 +221,8 @@ def serve(ctx: click.Context, step_modules: List[str], app_dir: Path, builtin: b
 
     Before any worker starts it checks the socket's directory, that no daemon has the
     socket or the journal, the metrics address, and that the --steps modules import; a
-    failure is one line and exit status 14 (15: a daemon is already running there).
+    failure is one line and exit status 14 (15: a daemon is already running there; 16: the
+    journal cannot be opened or is not SQLite).
 
     Stop it with SIGTERM or Ctrl-C: it stops accepting, lets running steps finish (up to
     --drain-timeout), keeps queued ones in the journal for the next start, and exits 0.
@@ -265,6 +266,8 @@ def serve(ctx: click.Context, step_modules: List[str], app_dir: Path, builtin: b
         Daemon(registry, config).serve()
     except (errors.DaemonAlreadyRunning, errors.JournalLocked) as error:
         raise GovernorClickError(str(error), "already_running") from None
+    except errors.JournalUnavailable as error:
+        raise GovernorClickError(str(error), "journal_unusable") from None
     except (errors.DaemonError, errors.RegistrationError, errors.BackendUnavailable,
             errors.SandboxUnavailable, errors.WorkerStartFailed) as error:
         raise GovernorClickError(str(error), "cannot_start") from None

@@ -1,7 +1,7 @@
 """How every ``governor`` command ends: one table of exit statuses, and Governor's errors mapped onto it.
 
 A script tells outcomes apart by the exit status alone: a task's end (done 0, failed 1,
-timed out 4, ...), the daemon's refusal (8, 9, 13), or a start-up failure (14, 15). An error
+timed out 4, ...), the daemon's refusal (8, 9, 13), or a start-up failure (14, 15, 16). An error
 from the client becomes a :class:`GovernorClickError`, which click prints as ``Error: ...``
 and exits with its row's code.
 """
@@ -49,6 +49,7 @@ EXIT_STATUSES = (
     ExitStatus("unknown_task", 13, "no such task (status, cancel, wait)"),
     ExitStatus("cannot_start", 14, "serve: it cannot start (socket directory, metrics address, steps)"),
     ExitStatus("already_running", 15, "serve: a daemon already has that socket or journal"),
+    ExitStatus("journal_unusable", 16, "serve: the journal cannot be opened read-write, or is not SQLite"),
     ExitStatus("aborted", 130, "Ctrl-C while waiting; the tasks go on unless --cancel-on-interrupt"),
 )
 

@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, List, Mapping, Tuple
 
 import attrs
 
-from governor.errors import (GovernorError, InvalidParameters, MalformedOutcome, MemoryLimitExceeded, QueueFull,
+from governor.errors import (GovernorError, InvalidParameters, JournalLost, MalformedOutcome, MemoryLimitExceeded, QueueFull,
                              RegistrationError, StepCancelled, StepFailed, StepSkipped, StepTimeout, SupervisorClosed, TaskNotResumable,
                              TooManyClients, UnknownStep, UnknownTask, WorkerCrashed, WorkerStartFailed,
                              WorkflowFailed)
@@ -161,6 +161,7 @@ _CODECS: Dict[type, _ErrorCodec] = {codec.cls: codec for codec in (
     _ErrorCodec(RemoteError, ("type_name", "message")),
     _ErrorCodec(InvalidParameters),
     _ErrorCodec(SupervisorClosed),
+    _ErrorCodec(JournalLost),
     _ErrorCodec(WorkerStartFailed),
     _ErrorCodec(RegistrationError),
     _ErrorCodec(ResultNotSerialisable),

@@ -80,7 +80,7 @@ import attrs
 from governor import protocol
 from governor.engine.routes import workflow_key
 from governor.engine.supervisor import Supervisor
-from governor.errors import (DaemonAlreadyRunning, DaemonError, GovernorError, MetricsAddressUnavailable,
+from governor.errors import (DaemonAlreadyRunning, DaemonError, GovernorError, JournalLost, MetricsAddressUnavailable,
                              PeerRefused, TaskNotResumable, TooManyClients, UnknownTask)
 from governor.service.config import DaemonConfig, show_addr
 from governor.service.connections import READ_CHUNK_BYTES, Connection, InFlight, Waiter
@@ -147,6 +147,7 @@ class Daemon:
         self._stopping: Optional[asyncio.Event] = None
         self._draining = False
         self._lock: Optional[JournalLock] = None
+        self._journal_lost = False  # said so in the log once
         self._listening = False  # the socket file is ours to remove
         self._live_model = LiveModel()  # issue 15: what `governor top` and the status page show
         self.status_page = None  # a governor.service.web.StatusPage while --http-addr serves one
@@ -389,7 +390,7 @@ class Daemon:
         return {"pid": os.getpid(), "version": protocol.PROTOCOL_VERSION}
 
     async def _op_submit(self, connection: Connection, request: protocol.Submit) -> None:
-        self._refuse_while_draining()
+        self._refuse_new_work()
         call, lane, lane_key = self._checked(request.step, request.params, request.cwd, request.limits)
         [record_id] = await self._commits.write(lambda group: group.submit(
             [NewTask.step_call(call.step, call.kwargs, lane, request.key, request.limits, call.cwd, lane_key)]))
@@ -398,7 +399,7 @@ class Daemon:
         self._acknowledge(connection, request, [record_id], _held_key(request.key, target))
 
     async def _op_batch(self, connection: Connection, request: protocol.Batch) -> None:
-        self._refuse_while_draining()
+        self._refuse_new_work()
         checked = [self._checked(c.step, c.params, request.cwd, c.limits)
                    for c in request.calls]  # all, before any is kept
         record_ids = await self._commits.write(lambda group: group.submit(
@@ -411,7 +412,7 @@ class Daemon:
         self._acknowledge(connection, request, record_ids, _held_key(request.key, target))
 
     async def _op_workflow(self, connection: Connection, request: protocol.WorkflowRequest) -> None:
-        self._refuse_while_draining()
+        self._refuse_new_work()
         checked = [self._checked(c.step, c.params, request.cwd, c.limits) for c in request.calls]
         calls = [call for call, _, _ in checked]
         [record_id] = await self._commits.write(lambda group: group.submit(
@@ -486,9 +487,17 @@ class Daemon:
 
     # ----------------------------------------------------------------- tasks
 
-    def _refuse_while_draining(self) -> None:
+    def _refuse_new_work(self) -> None:
+        """Refuse a submission while draining, or once the journal's file is no longer the
+        one this daemon writes (what it acknowledged would be lost at the next start)."""
         if self._draining:
             raise DaemonError("the daemon is shutting down and takes no new work")
+        lost = self._lock.lost()
+        if lost is not None:
+            if not self._journal_lost:
+                log.error("%s: taking no new work; restart the daemon", lost)
+                self._journal_lost = True
+            raise JournalLost(f"{lost}; this daemon takes no new work: restart it")
 
     def _checked(self, step: str, params: Dict[str, Any], cwd: Optional[str],
                  limits: Optional[Any] = None) -> Tuple[Call, Any, Any]:

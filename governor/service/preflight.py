@@ -3,7 +3,8 @@
 :func:`preflight` makes them all without starting anything, in the order
 :meth:`Daemon.start <governor.service.daemon.Daemon.start>` makes them again while it takes
 what they checked: the socket's directory (ours, private), the socket (no live daemon on
-it), the journal's lock (no other daemon on it), the metrics address (parsed and bound).
+it), the journal (openable, SQLite, and no other daemon on it), the metrics address
+(parsed and bound).
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ import os
 import socket
 import stat
 from pathlib import Path
-from typing import Tuple
+from typing import Optional, Tuple
 
-from governor.errors import DaemonAlreadyRunning, JournalLocked, MetricsAddressUnavailable, SocketDirectoryUnsafe
+from governor.errors import (DaemonAlreadyRunning, JournalLocked, JournalUnavailable, MetricsAddressUnavailable,
+                             SocketDirectoryUnsafe)
 from governor.service.config import DaemonConfig, show_addr
 
 
@@ -75,28 +77,67 @@ def check_socket_free(socket_path: Path) -> bool:
     raise DaemonAlreadyRunning(f"a governor daemon is already listening on {path}")
 
 
+#: The first bytes of an SQLite database file; an empty file is a journal not yet written.
+_SQLITE_HEADER = b"SQLite format 3\x00"
+
+
 class JournalLock:
-    """The flock on ``journal + ".lock"`` that makes a daemon the journal's only user."""
+    """The journal file, held open and ``flock``-ed: this daemon is its only user.
+
+    The lock is on the file itself (its inode), not on its name: a second daemon given the
+    same journal through a symlink, a hard link or another spelling of the path opens the
+    same inode and is refused. (SQLite's own locks are POSIX record locks, which ``flock``
+    neither takes nor disturbs.) :meth:`lost` tells, cheaply, whether the file this
+    daemon writes is still the one at the journal's path.
+
+    Raises:
+        JournalUnavailable: the journal cannot be opened for reading and writing (an
+            immutable or unreadable file, a directory we cannot enter), or is not SQLite.
+        JournalLocked: another daemon holds it.
+    """
 
     def __init__(self, journal_path: Path):
-        path = Path(journal_path)
+        path = self.path = Path(journal_path)
         try:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            # Create the journal 0600 before SQLite does: it holds every task's parameters
-            # and results, and SQLite gives its -wal and -shm files the database file's mode.
-            os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
-            self._file = open(f"{path}.lock", "a")
+            # Created 0600 before SQLite does: it holds every task's parameters and
+            # results, and SQLite gives its -wal and -shm files the database file's mode.
+            self._fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
         except OSError as error:
-            raise JournalLocked(f"cannot open the journal {path}: {error.strerror or error}") from None
+            raise JournalUnavailable(f"cannot open the journal {path} for reading and writing: "
+                                     f"{error.strerror or error}") from None
         try:
-            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            self._file.close()
-            raise JournalLocked(f"another governor daemon is using the journal {path}") from None
+            os.close(self._fd)
+            raise JournalLocked(f"another governor daemon is using the journal {path} "
+                                "(the same file, whatever its name)") from None
+        header = os.pread(self._fd, len(_SQLITE_HEADER), 0)
+        if header and header != _SQLITE_HEADER:
+            os.close(self._fd)
+            raise JournalUnavailable(f"the journal {path} is not an SQLite database")
+        info = os.fstat(self._fd)
+        self._identity = (info.st_dev, info.st_ino)
+
+    def lost(self) -> Optional[str]:
+        """Why the file this daemon holds is no longer its journal, or ``None`` if it is.
+
+        One ``stat`` of the path (a few microseconds): cheap enough to ask before every
+        write that acknowledges work.
+        """
+        try:
+            info = os.stat(self.path)
+        except FileNotFoundError:
+            return f"the journal {self.path} was deleted while the daemon used it"
+        except OSError as error:
+            return f"the journal {self.path} can no longer be reached ({error.strerror or error})"
+        if (info.st_dev, info.st_ino) != self._identity:
+            return f"the journal {self.path} was replaced by another file while the daemon used it"
+        return None
 
     def release(self) -> None:
         """Release the lock (closing the file releases the flock)."""
-        self._file.close()
+        os.close(self._fd)
 
 
 def check_metrics_addr(addr: Tuple[str, int]) -> None:
@@ -133,10 +174,10 @@ def preflight(config: DaemonConfig) -> None:
 
     For a command that wants to fail fast; :meth:`Daemon.start` makes the same checks
     again (holding what it checked), so calling this is optional. Leaves nothing behind
-    but the journal's directory, lock file and empty database.
+    but the journal's directory and an empty journal file.
 
     Raises:
-        SocketDirectoryUnsafe, DaemonAlreadyRunning, JournalLocked,
+        SocketDirectoryUnsafe, DaemonAlreadyRunning, JournalUnavailable, JournalLocked,
         MetricsAddressUnavailable: the first check that fails.
     """
     check_socket_directory(config.socket_path)

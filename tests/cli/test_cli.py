@@ -477,6 +477,10 @@ def test_serve_start_up_failures_are_one_line_a_distinct_status_and_leave_no_soc
     assert f"cannot serve metrics on 127.0.0.1:{port}" in busy.stderr and not (tmp_path / "m" / "g.sock").exists()
     nonsense = serve(tmp_path / "m" / "g.sock", tmp_path / "b.sqlite3", "--metrics-addr", "localhost")
     assert nonsense.returncode == EXIT_CODES["usage"] and "--metrics-addr" in nonsense.stderr
+    (tmp_path / "note.txt").write_text("a note, not a journal\n")
+    unusable = serve(tmp_path / "u" / "g.sock", tmp_path / "note.txt")
+    assert unusable.returncode == EXIT_CODES["journal_unusable"] and _one_line(unusable.stderr), unusable.stderr
+    assert "not an SQLite database" in unusable.stderr and not (tmp_path / "u" / "g.sock").exists()
 
     stale_socket = tmp_path / "run" / "governor.sock"  # where DaemonProcess listens
     stale_socket.parent.mkdir(mode=0o700)

@@ -21,10 +21,10 @@ import pytest
 
 from conftest import wait_until
 from daemon_harness import DaemonProcess, InProcessDaemon, kill_all
-from governor import protocol
+from governor import Call, protocol
 from governor.client import Client, DaemonUnavailable
-from governor.errors import (DaemonAlreadyRunning, JournalLocked, MetricsAddressInvalid, MetricsAddressUnavailable,
-                             SocketDirectoryUnsafe, StepFailed, StepTimeout, TaskNotResumable, TooManyClients)
+from governor.errors import (DaemonAlreadyRunning, JournalLocked, JournalLost, JournalUnavailable, MetricsAddressInvalid,
+                             MetricsAddressUnavailable, SocketDirectoryUnsafe, StepFailed, StepTimeout, TaskNotResumable, TooManyClients)
 from governor.service.config import DaemonConfig, load_registry, parse_metrics_addr
 from governor.service.daemon import Daemon
 from governor.service.journal import Journal, NewTask
@@ -163,6 +163,48 @@ def test_a_live_socket_and_a_locked_journal_are_refused(tmp_path):
         error, _ = _start(tmp_path / "other", journal_path=running.journal)
         assert isinstance(error, JournalLocked)
     assert not running.socket.exists()
+
+
+@pytest.mark.parametrize("link", ["symlink", "hard link"])
+def test_a_second_daemon_on_the_same_journal_under_another_name_is_refused(tmp_path, link):
+    with InProcessDaemon(tmp_path) as running:
+        other_name = tmp_path / "elsewhere" / "alias.sqlite3"
+        other_name.parent.mkdir()
+        (os.symlink if link == "symlink" else os.link)(running.journal, other_name)
+        error, _ = _start(tmp_path / "other", journal_path=other_name)
+        assert isinstance(error, JournalLocked) and "the same file" in str(error)
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_a_daemon_whose_journal_goes_takes_no_new_work_and_says_why(tmp_path, how, caplog):
+    with InProcessDaemon(tmp_path) as running, Client(running.socket) as client:
+        assert client.submit("echo", value=1).result(timeout=60) is not None
+        if how == "deleted":
+            running.journal.unlink()
+        else:
+            stranger = running.journal.with_name("stranger.sqlite3")
+            sqlite3.connect(stranger).close()
+            os.replace(stranger, running.journal)
+        with pytest.raises(JournalLost, match=how):
+            client.submit("echo", value=2).result(timeout=60)
+        with pytest.raises(JournalLost):
+            client.submit_batch([Call("echo", kwargs={"value": 3})]).result(timeout=60)
+    assert sum(how in record.getMessage() for record in caplog.records if record.levelname == "ERROR") == 1
+
+
+@pytest.mark.parametrize("journal", ["a directory", "not SQLite", "in a file's place"])
+def test_a_journal_that_cannot_be_used_is_its_own_error_before_any_worker(tmp_path, journal):
+    path = tmp_path / "state" / "j.sqlite3"
+    path.parent.mkdir()
+    if journal == "a directory":
+        path.mkdir()
+    elif journal == "not SQLite":
+        path.write_text("a note, not a journal\n")
+    else:
+        path.parent.rmdir()
+        path.parent.write_text("")  # the journal's directory is a file
+    error, _ = _start(tmp_path, journal_path=path)
+    assert isinstance(error, JournalUnavailable) and str(path) in str(error)
 
 
 def test_metrics_are_served_on_ipv6(tmp_path):
