@@ -82,6 +82,7 @@ class Peer:
 
     def __init__(self, workers: int):
         self.workers = workers
+        self._warm_pids: set = set()
 
     @classmethod
     def unavailable(cls) -> Optional[str]:
@@ -104,9 +105,13 @@ class Peer:
         """The peer's configuration, for the JSON."""
         return {"workers": self.workers}
 
+    def worker_pids(self) -> List[int]:
+        """The pool's worker processes, as :meth:`warm` saw them (run a step)."""
+        return sorted(self._warm_pids)
+
     def warm(self) -> int:
-        """Run warm-up waves until every worker has run a step; return the pids seen."""
-        seen = set()
+        """Run warm-up waves until every worker has run a step; return how many pids were seen."""
+        seen = self._warm_pids
         for _ in range(WARMUP_MAX_WAVES):
             wave = [self.submit("sleep_ms", WARMUP_SLEEP_MS)
                     for _ in range(WARMUP_TASKS_PER_WORKER * self.workers)]
@@ -151,6 +156,11 @@ class GovernorPeer(Peer):
     def shutdown(self) -> None:
         if self.supervisor is not None:
             self.supervisor.shutdown(wait=True)
+
+    def worker_pids(self) -> List[int]:
+        """Every pool-lane worker, its idle spare included (any of them may take the next task)."""
+        return sorted(worker["pid"] for worker in self.supervisor.describe_workers()
+                      if worker["lane"] == "pool" and worker["pid"] is not None)
 
     def describe(self) -> Dict[str, Any]:
         return {**super().describe(), "backend": self.backend}

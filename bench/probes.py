@@ -1,6 +1,6 @@
 """Instruments the scenarios measure with: when a future resolved, when a process died,
 when a file appeared, which processes are Governor's workers, when a lane is full again,
-how deep a lane's queue is.
+how deep a lane's queue is, what CPU workers used.
 
 Clocks: latencies measured only in this process use ``time.perf_counter``. Wherever a
 figure is compared with a timestamp the governor or a worker took (``Task.dispatched_at``,
@@ -16,7 +16,7 @@ import select
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Iterable, List, Optional
+from typing import Callable, Iterable, List, Optional, Tuple
 
 import psutil
 from governor import Supervisor
@@ -117,6 +117,26 @@ class DeathWatch:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def main_thread_usage(pids: Iterable[int]) -> Tuple[float, int]:
+    """CPU seconds used and times they went to sleep (voluntary context switches) so far,
+    summed over the main threads of ``pids`` (gone ones count nothing).
+
+    The main thread's own figures (``/proc/PID/schedstat``, in ns, and ``/proc/PID/status``),
+    not psutil's ``cpu_times`` (whole process, in 10 ms ticks): a worker runs its tasks on its
+    main thread, and a no-op costs microseconds.
+    """
+    seconds, sleeps = 0.0, 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/schedstat") as schedstat:
+                seconds += int(schedstat.read().split()[0]) / 1e9
+            with open(f"/proc/{pid}/status") as status:
+                sleeps += next(int(line.split()[1]) for line in status if line.startswith("voluntary_ctxt_switches"))
+        except (OSError, StopIteration):
+            pass  # gone meanwhile
+    return seconds, sleeps
 
 
 def wait_for(predicate: Callable[[], bool], what: str, timeout: float = PATIENCE_S) -> None:

@@ -4,7 +4,11 @@ Two measurements of the no-op step, on every peer of :mod:`bench.peers` in the s
 
 * round trip: submit one no-op, wait for its result, repeat (a closed loop of one), timed
   with ``perf_counter`` around each ``submit(...).result()``;
-* throughput: submit ``throughput_tasks`` no-ops at once, wait for all, tasks / wall time.
+* throughput: submit ``throughput_tasks`` no-ops at once, wait for all, tasks / wall time;
+  and what each no-op cost in CPU during those runs: in this process (the pool's own
+  threads and the submitting one) and in the workers' main threads, and how often a
+  worker went to sleep per task (each time, something had to wake it). Where the time of
+  a pool goes, next to its peers.
 
 Every peer is started and warmed (each worker ran a step) before anything is measured,
 and all of them stay up for the whole scenario; the measurements are taken in rounds that
@@ -17,10 +21,13 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import time
-from typing import Any, Dict, List, Optional, Sequence, Type
+from typing import Any, Callable, Dict, List, Optional, Sequence, Type
+
+import attrs
 
 from governor.bench.core import ScenarioContext, ScenarioResult, scenario
 from governor.bench.peers import PEERS, Peer
+from governor.bench.probes import main_thread_usage
 from governor.bench.stats import Summary, Throughput, ratio, to_ms
 
 #: Unmeasured round trips per peer and per ``Size.warmup`` before the first round: enough
@@ -57,15 +64,32 @@ def _roundtrips(peer: Peer, count: int) -> List[float]:
     return samples
 
 
-def _throughput(peer: Peer, tasks: int) -> Throughput:
+@attrs.frozen
+class NoopRun:
+    """One throughput run: its throughput, and per task the microseconds of CPU used in this
+    process and in the workers' main threads, and the workers' sleeps."""
+
+    throughput: Throughput
+    process_us: float
+    workers_us: float
+    worker_sleeps: float
+
+
+def _throughput(peer: Peer, tasks: int) -> NoopRun:
+    pids = peer.worker_pids()
+    workers_before, sleeps_before = main_thread_usage(pids)
+    cpu_before = time.process_time()
     start = time.perf_counter()
     futures = [peer.submit("noop") for _ in range(tasks)]
     done, _ = concurrent.futures.wait(futures)
     seconds = time.perf_counter() - start
+    process_s = time.process_time() - cpu_before
+    workers_s, sleeps = main_thread_usage(pids)
     failed = sum(1 for future in done if future.exception() is not None)
     if failed:
         raise RuntimeError(f"{failed} of {tasks} no-ops failed on {peer.name}")
-    return Throughput(tasks, seconds)
+    return NoopRun(Throughput(tasks, seconds), process_s / tasks * 1e6, (workers_s - workers_before) / tasks * 1e6,
+                   (sleeps - sleeps_before) / tasks)
 
 
 def start_peers(stack: contextlib.ExitStack, peer_classes: Sequence[Type[Peer]], workers: int,
@@ -99,9 +123,11 @@ def start_peers(stack: contextlib.ExitStack, peer_classes: Sequence[Type[Peer]],
 def measure_noops(peers: List[Peer], ours: str, panel: str, ctx: ScenarioContext, result: ScenarioResult) -> None:
     """Measure no-op round trips and throughput of ``peers`` in rotating rounds; store them.
 
-    Stores ``peers.<name>.{config, roundtrip, throughput, throughput_runs_per_s}`` and, for
-    every peer but ``ours``, ``ratios.<name>.{roundtrip_p50, roundtrip_p95, throughput}``
-    (``ours`` / that peer's), and draws the round trips in the distribution panel ``panel``.
+    Stores ``peers.<name>.{config, roundtrip, throughput, throughput_runs_per_s,
+    cpu_per_task_us, worker_sleeps_per_task}`` (``cpu_per_task_us``: ``process`` and
+    ``workers``, medians over the throughput runs) and, for every peer but ``ours``,
+    ``ratios.<name>.{roundtrip_p50, roundtrip_p95, throughput}`` (``ours`` / that peer's),
+    and draws the round trips in the distribution panel ``panel``.
     """
     size = ctx.size
     per_round = max(1, size.roundtrips // size.roundtrip_rounds)
@@ -111,20 +137,27 @@ def measure_noops(peers: List[Peer], ours: str, panel: str, ctx: ScenarioContext
         for peer in rotated(peers, round_number):
             roundtrips[peer.name].extend(_roundtrips(peer, per_round))
 
-    runs: Dict[str, List[Throughput]] = {peer.name: [] for peer in peers}
+    runs: Dict[str, List[NoopRun]] = {peer.name: [] for peer in peers}
     ctx.progress(f"throughput: {size.throughput_tasks} no-ops x {size.throughput_repeats} per peer")
     for repeat in range(size.throughput_repeats):
         for peer in rotated(peers, repeat):
             runs[peer.name].append(_throughput(peer, size.throughput_tasks))
 
     summaries = {name: Summary.of_seconds(samples) for name, samples in roundtrips.items()}
-    throughputs = {name: sorted(found, key=lambda run: run.per_s)[len(found) // 2] for name, found in runs.items()}
+    throughputs = {name: _median([run.throughput for run in found], lambda run: run.per_s)
+                   for name, found in runs.items()}
     for peer in peers:
-        name = peer.name
+        name, found = peer.name, runs[peer.name]
+        process_us, workers_us, sleeps = (_median([getattr(run, field) for run in found])
+                                          for field in ("process_us", "workers_us", "worker_sleeps"))
         result.put(f"peers.{name}.config", peer.describe())
         result.put(f"peers.{name}.roundtrip", summaries[name], f"{name}: no-op round trip")
         result.put(f"peers.{name}.throughput", throughputs[name], f"{name}: throughput (median run)")
-        result.put(f"peers.{name}.throughput_runs_per_s", [round(run.per_s, 1) for run in runs[name]])
+        result.put(f"peers.{name}.throughput_runs_per_s", [round(run.throughput.per_s, 1) for run in found])
+        result.put(f"peers.{name}.cpu_per_task_us", {"process": round(process_us, 1), "workers": round(workers_us, 1)})
+        result.put(f"peers.{name}.worker_sleeps_per_task", round(sleeps, 2))
+        result.row(f"{name}: CPU per no-op, this process / workers",
+                   f"{process_us:.1f} / {workers_us:.1f} us; workers slept {sleeps:.2f} times per task")
         result.distribution(panel, name, to_ms(roundtrips[name]))
     if ours not in summaries:
         return
@@ -134,6 +167,11 @@ def measure_noops(peers: List[Peer], ours: str, panel: str, ctx: ScenarioContext
         put_ratios(result, "roundtrip", summaries, ours, name)
         result.put(f"ratios.{name}.throughput", ratio(throughputs[ours].per_s, throughputs[name].per_s),
                    f"throughput, {ours} / {name}", "x")
+
+
+def _median(values: List[Any], key: Callable[[Any], float] = float) -> Any:
+    """The middle of ``values`` by ``key`` (the upper one of an even count)."""
+    return sorted(values, key=key)[len(values) // 2]
 
 
 def put_ratios(result: ScenarioResult, figure: str, summaries: Dict[str, Summary], ours: str, theirs: str) -> None:
@@ -165,7 +203,7 @@ def measure_map(peers: List[Peer], ctx: ScenarioContext, result: ScenarioResult)
     for repeat in range(ctx.size.throughput_repeats):
         for peer in rotated(mappers, repeat):
             runs[peer.name].append(_map_throughput(peer, ctx.size.throughput_tasks))
-    medians = {name: sorted(found, key=lambda run: run.per_s)[len(found) // 2] for name, found in runs.items()}
+    medians = {name: _median(found, lambda run: run.per_s) for name, found in runs.items()}
     for name, median in medians.items():
         result.put(f"peers.{name}.map_throughput", median, f"{name}: map(chunksize={MAP_CHUNKSIZE}) throughput")
     return medians

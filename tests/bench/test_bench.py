@@ -99,6 +99,16 @@ def test_overhead_judges_ours_against_mp_pool_the_fastest_peer(tiny_run):
     assert "throughput of 20 no-ops, mp.Pool's / ours <= 1.25x" in names
 
 
+def test_overhead_says_what_a_no_op_costs_in_cpu_on_each_side(tiny_run):
+    _, paths = tiny_run
+    peers = json.loads(paths["json_path"].read_text())["scenarios"]["overhead"]["figures"]["peers"]
+    for name, figures in peers.items():
+        cpu = figures["cpu_per_task_us"]
+        assert set(cpu) == {"process", "workers"} and cpu["process"] > 0, name
+        assert cpu["workers"] > 0, f"{name}: its workers' CPU was not seen"
+        assert figures["worker_sleeps_per_task"] >= 0, name
+
+
 def assert_scenarios_have_the_schema(document, names):
     assert set(document["scenarios"]) == set(names)
     for name, entry in document["scenarios"].items():
