@@ -10,6 +10,10 @@ Run it with ``uvicorn governor.bench.backend:app`` or ``python -m governor.bench
   ``seed-753`` (twelve parts, 753 ms one after another) and ``real`` (``git status``,
   ``git branch`` on ``GOVERNOR_DEMO_REPO`` and the history of a chat store the app fills
   with 10,000 messages on first use).
+* ``GET /chats/{chat_id}/digest?profile=P`` runs the same reads as a background job would
+  (a digest, an index): at :data:`BACKGROUND_PRIORITY`, below the views'
+  :data:`VIEW_PRIORITY`, so that a view's reads queued behind them start first; never
+  superseded.
 * ``POST /chats/{chat_id}/messages?profile=P`` with ``{"text": ...}`` saves a message in
   the critical lane.
 * ``GET /`` a page that switches views like a front end: every click aborts the last fetch
@@ -47,6 +51,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse
 from starlette.routing import Route
 
+from governor import Call
 from governor.asgi import GovernorMiddleware, RequestGovernor, by_query, request_governor
 from governor.bench import view_steps
 from governor.steps.builtin import chat
@@ -67,6 +72,11 @@ RECENT_REQUESTS = 64
 #: Messages of one chat the ``real`` view shows.
 HISTORY_LIMIT = 50
 
+#: The pool-lane priorities (``Call.priority``) of a view's reads, which a person waits for,
+#: and of background reads, which nobody watches: a view's reads start before background
+#: reads queued up to ten seconds before them (a second of waiting counts as one step).
+VIEW_PRIORITY, BACKGROUND_PRIORITY = 10, 0
+
 
 class Views:
     """What the routes need from an engine: run a view's calls, save a message, count busy time."""
@@ -79,8 +89,9 @@ class Views:
     async def stop(self) -> None:
         """Stop it."""
 
-    async def run(self, request: Request, calls: List[Tuple[str, dict]]) -> List[Any]:
-        """Run the calls at once and return their results in order."""
+    async def run(self, request: Request, calls: List[Tuple[str, dict]], priority: int = 0) -> List[Any]:
+        """Run the calls at once and return their results in order; ``priority`` ranks the
+        pool-lane ones in the queue (engines without priorities ignore it)."""
         raise NotImplementedError
 
     async def worker_seconds(self) -> float:
@@ -105,10 +116,10 @@ class GovernedViews(Views):
         #: The latest requests' governors, newest last (tests read how their steps ended).
         self.recent: Deque[RequestGovernor] = collections.deque(maxlen=RECENT_REQUESTS)
 
-    async def run(self, request: Request, calls: List[Tuple[str, dict]]) -> List[Any]:
+    async def run(self, request: Request, calls: List[Tuple[str, dict]], priority: int = 0) -> List[Any]:
         governed = request_governor(request.scope)
         self.recent.append(governed)
-        return await governed.run_batch(calls)
+        return await governed.run_batch([Call(name, kwargs=kwargs, priority=priority) for name, kwargs in calls])
 
     async def worker_seconds(self) -> float:
         if hasattr(self.governor, "scope"):
@@ -133,7 +144,7 @@ class PoolViews(Views):
     async def stop(self) -> None:
         await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
 
-    async def run(self, request: Request, calls: List[Tuple[str, dict]]) -> List[Any]:
+    async def run(self, request: Request, calls: List[Tuple[str, dict]], priority: int = 0) -> List[Any]:
         futures = [self._executor.submit(view_steps.run_step, name, kwargs) for name, kwargs in calls]
         for future in futures:
             future.add_done_callback(self._count)
@@ -229,7 +240,8 @@ def create_app(views: Optional[Views] = None) -> Starlette:
         if profile == "real":
             await asyncio.to_thread(real.chat_ids)  # fills the store on first use
         calls = view_calls(profile, chat_id, real)
-        parts = await views.run(request, calls)
+        parts = await views.run(request, calls, VIEW_PRIORITY if request.url.path.startswith("/view/")
+                                else BACKGROUND_PRIORITY)
         return JSONResponse({"chat_id": chat_id, "session": request.query_params.get("session"), "profile": profile,
                              "parts": parts, "took_ms": (time.monotonic() - started) * 1000})
 
@@ -259,6 +271,7 @@ def create_app(views: Optional[Views] = None) -> Starlette:
             await views.stop()
 
     return Starlette(routes=[Route("/", page), Route("/view/{chat_id:int}", view),
+                             Route("/chats/{chat_id:int}/digest", view),
                              Route("/chats/{chat_id:int}/messages", post_message, methods=["POST"]),
                              Route("/stats", stats)],
                      middleware=views.middleware, lifespan=lifespan)

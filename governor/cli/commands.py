@@ -37,7 +37,7 @@ from governor.cli.output import (echo_json, echo_record, echo_tables, error_head
                                  id_ranges, local_time, record_json, table)
 from governor.service.journal import STATES
 from governor.service.live import http_config_from_options, http_options
-from governor.protocol import DEFAULT_STATUS_LIMIT, MAX_STATUS_LIMIT
+from governor.protocol import DEFAULT_STATUS_LIMIT, MAX_PRIORITY, MAX_STATUS_LIMIT
 
 
 @contextlib.contextmanager
@@ -334,6 +334,8 @@ def _module_error(module_name: str, error: BaseException) -> str:
 @limit_options
 @click.option("--key", default=None, help="Supersede key: cancels the unfinished steps of the previous "
                                           "submission with the same key.")
+@click.option("--priority", type=click.IntRange(-MAX_PRIORITY, MAX_PRIORITY), default=0, show_default=True,
+              help="Rank in the pool lane's queue: higher starts first; a second of waiting counts as one.")
 @click.option("--batch", "batch_file", type=click.File("r"), default=None,
               help="Submit every line of a JSONL file ({\"step\": ..., \"params\": {...}, \"limits\": {...}}) as "
                    "one batch, all or nothing, and wait with a progress bar. Every line is checked first.")
@@ -343,7 +345,7 @@ def _module_error(module_name: str, error: BaseException) -> str:
 @pass_client
 def submit(client: LazyClient, step: Optional[str], params: List[str], params_json: Optional[str], wait: bool,
            wait_timeout: Optional[float], timeout_s: Optional[float], max_memory_mb: Optional[float],
-           old_limit_timeout: Optional[float], key: Optional[str], batch_file: Optional[TextIO],
+           old_limit_timeout: Optional[float], key: Optional[str], priority: int, batch_file: Optional[TextIO],
            cancel_on_interrupt: bool, as_json: bool) -> None:
     """Submit a step (or a batch of steps) to the daemon.
 
@@ -353,6 +355,7 @@ def submit(client: LazyClient, step: Optional[str], params: List[str], params_js
       governor submit chat.send_message -p chat_id=1 -p text=hello --wait
       governor submit git.log --params '{"repo": "/src/app", "limit": 5}' --wait --wait-timeout 10
       governor submit mysteps.crunch -p n=9 --timeout 30 --max-memory 500 --wait
+      governor submit git.status -p repo=. --priority 10
       governor submit --batch calls.jsonl
 
     --timeout and --max-memory are the task's own limits: past them it is killed.
@@ -362,8 +365,9 @@ def submit(client: LazyClient, step: Optional[str], params: List[str], params_js
     """
     limits = limits_from_options(timeout_s, max_memory_mb, old_limit_timeout)
     if batch_file is not None:
-        if step is not None or params or params_json is not None or limits is not None:
-            raise click.UsageError("--batch takes its steps, parameters and limits from the file only")
+        if step is not None or params or params_json is not None or limits is not None or priority:
+            raise click.UsageError("--batch takes its steps, parameters and limits from the file only, "
+                                   "and no --priority")
         _submit_batch(client, batch_file, key, cancel_on_interrupt, as_json)
         return
     if step is None:
@@ -378,7 +382,8 @@ def submit(client: LazyClient, step: Optional[str], params: List[str], params_js
     from governor.task import Call
 
     # submit_call returns once the daemon journaled the task: the id is known.
-    task_id = client.ask(lambda c: c.submit_call(Call(step, kwargs=call_params, limits=limits), key=key).task_id)
+    task_id = client.ask(lambda c: c.submit_call(Call(step, kwargs=call_params, limits=limits, priority=priority),
+                                                       key=key).task_id)
     if not wait:
         click.echo(task_id)
         return

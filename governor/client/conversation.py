@@ -120,11 +120,13 @@ class Requests:
         return Exchange(protocol.Ping(self._id()), _whole)
 
     def submit(self, call: Call, key: Optional[str], order: Optional[int] = None) -> Exchange:
-        return Exchange(protocol.Submit(self._id(), call.step, _keywords(call), True, key, order, call.limits, _cwd()),
-                         lambda reply: _value_of(_unless_superseded(reply, reply["task"])))
+        return Exchange(protocol.Submit(self._id(), call.step, _keywords(call), True, key, order, call.limits, _cwd(),
+                                        call.priority),
+                        lambda reply: _value_of(_unless_superseded(reply, reply["task"])))
 
     def batch(self, calls: Iterable[Any], key: Optional[str], order: Optional[int] = None) -> Exchange:
-        step_calls = tuple(protocol.StepCall(call.step, _keywords(call), call.limits) for call in map(Call.of, calls))
+        step_calls = tuple(protocol.StepCall(call.step, _keywords(call), call.limits, call.priority)
+                           for call in map(Call.of, calls))
         return Exchange(protocol.Batch(self._id(), step_calls, True, key, order, _cwd()),
                          lambda reply: [_outcome_of(_unless_superseded(reply, record)) for record in reply["tasks"]])
 

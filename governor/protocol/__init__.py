@@ -22,7 +22,8 @@ from governor.protocol.decoders import (MAX_PARAMS_DEPTH, MAX_PATH_CHARS, MAX_RE
 from governor.protocol.errors import ErrorCode, ProtocolError, RemoteError, ResultNotSerialisable
 from governor.protocol.framing import FrameDecoder, encode, read_message, recv_message, send_message, write_message
 from governor.protocol.messages import (DEFAULT_STATUS_LIMIT, MAX_BATCH_CALLS, MAX_CANCEL_IDS, MAX_KEY_CHARS,
-                                        MAX_STATE_CHARS, MAX_STATUS_LIMIT, MAX_STEP_NAME_CHARS, MAX_WORKFLOW_CALLS,
+                                        MAX_PRIORITY, MAX_STATE_CHARS, MAX_STATUS_LIMIT, MAX_STEP_NAME_CHARS,
+                                        MAX_WORKFLOW_CALLS,
                                         PROTOCOL_VERSION, REQUEST_TYPES, Batch, Cancel, Live, Metrics, Page, Ping,
                                         Request, Status, StepCall, Steps, Submit, Wait, Workers, WorkflowRequest,
                                         error_reply,
@@ -32,7 +33,8 @@ from governor.protocol.values import MAX_MESSAGE_BYTES, MAX_RESULT_DEPTH, to_jso
 __all__ = [
     "Batch", "Cancel", "DEFAULT_STATUS_LIMIT", "ErrorCode", "FrameDecoder", "Live", "MAX_BATCH_CALLS",
     "MAX_CANCEL_IDS", "MAX_KEY_CHARS", "MAX_MESSAGE_BYTES", "MAX_PARAMS_DEPTH", "MAX_PATH_CHARS",
-    "MAX_REQUEST_ID_CHARS", "MAX_RESULT_DEPTH", "MAX_STATE_CHARS", "MAX_STATUS_LIMIT", "MAX_STEP_NAME_CHARS",
+    "MAX_REQUEST_ID_CHARS", "MAX_RESULT_DEPTH", "MAX_PRIORITY", "MAX_STATE_CHARS", "MAX_STATUS_LIMIT",
+    "MAX_STEP_NAME_CHARS",
     "MAX_TASK_ID", "MAX_WORKFLOW_CALLS", "Metrics", "PROTOCOL_VERSION", "Page", "Ping", "ProtocolError", "REQUEST_TYPES",
     "RemoteError", "Request", "RequestId", "ResultNotSerialisable", "Status", "StepCall", "Steps", "Submit",
     "WIRE_LIMITS", "Wait", "Workers", "WorkflowRequest", "encode", "error_from_wire", "error_reply",

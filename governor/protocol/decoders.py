@@ -122,6 +122,15 @@ def task_id(value: Any) -> int:
     return value
 
 
+def integer(minimum: int, maximum: int) -> Decoder:
+    """A decoder of integers from ``minimum`` to ``maximum``."""
+    def decode(value: Any) -> int:
+        if not is_integer(value) or not minimum <= value <= maximum:
+            raise expected(f"an integer from {minimum} to {maximum}", value)
+        return value
+    return decode
+
+
 def count(maximum: int) -> Decoder:
     """A decoder of integers from 1 to ``maximum``."""
     def decode(value: Any) -> int:

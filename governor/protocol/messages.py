@@ -22,11 +22,14 @@ Requests
                  ``superseded``); ``limits``: null [null] or an object with
                  ``timeout_s`` and/or ``max_memory_mb``, each a finite number > 0 or null,
                  within what ``Limits`` accepts; ``cwd``: the caller's working
-                 directory, an absolute path of at most 4,096 characters, or null [null]
+                 directory, an absolute path of at most 4,096 characters, or null [null];
+                 ``priority``: an integer from -1,000 to 1,000 [0], its rank in the pool
+                 lane's queue (``Call.priority``; a critical step ignores it)
     ``batch``    ``calls``: 1-10,000 objects ``{"step": string, "params": object,
-                 "limits": as for submit}`` (``params`` defaults to ``{}``, ``limits`` to
-                 null: the step's own); ``wait``: bool [false]; ``key``, ``order``: as
-                 for ``submit``, for the whole batch (a view switch supersedes the last view);
+                 "limits": as for submit, "priority": as for submit}`` (``params``
+                 defaults to ``{}``, ``limits`` to null: the step's own, ``priority`` to
+                 0); ``wait``: bool [false]; ``key``, ``order``: as for ``submit``, for
+                 the whole batch (a view switch supersedes the last view);
                  ``cwd``: as for ``submit``
     ``workflow`` ``calls``: as for ``batch``, 1-1,000 of them; ``wait``: bool [false];
                  ``cwd``: as for ``submit``
@@ -107,17 +110,24 @@ MAX_BATCH_CALLS = 10_000
 #: would hold that lane for too long; split it instead.
 MAX_WORKFLOW_CALLS = 1_000
 
+#: A task's priority in the pool lane's queue, either way: waiting a second counts as one
+#: step of priority (``governor.engine.queues``), so 1,000 is a jump of about 17 minutes,
+#: more than any interactive request needs.
+MAX_PRIORITY = 1_000
+
 #: Task ids in one cancel: as many as one batch submits.
 MAX_CANCEL_IDS = 10_000
 
 
 @wire_type
 class StepCall:
-    """One call in a ``batch`` or ``workflow``: a step's name, its keyword arguments and its own limits."""
+    """One call in a ``batch`` or ``workflow``: a step's name, its keyword arguments, its own
+    limits and its priority."""
 
     step: str = attrs.field(converter=decode.text(MAX_STEP_NAME_CHARS, min_chars=1))
     params: Dict[str, Any] = attrs.field(factory=dict, converter=decode.params)
     limits: Optional[Limits] = attrs.field(default=None, converter=decode.limits)
+    priority: int = attrs.field(default=0, converter=decode.integer(-MAX_PRIORITY, MAX_PRIORITY))
 
 
 def _step_call(value: Any) -> StepCall:
@@ -128,9 +138,10 @@ def _wire_value(value: Any) -> Any:
     """A request field's value as JSON: the inverse of its decoder."""
     if isinstance(value, Limits):
         return {name: getattr(value, name) for name in WIRE_LIMITS}
-    if isinstance(value, StepCall):  # limits only when set: what a daemon without them accepts
+    if isinstance(value, StepCall):  # limits and priority only when set: what a daemon without them accepts
         return {"step": value.step, "params": value.params,
-                **({} if value.limits is None else {"limits": _wire_value(value.limits)})}
+                **({} if value.limits is None else {"limits": _wire_value(value.limits)}),
+                **({"priority": value.priority} if value.priority else {})}
     if isinstance(value, tuple):
         return [_wire_value(item) for item in value]
     return value
@@ -170,6 +181,7 @@ class Submit(Request):
     order: Optional[int] = attrs.field(default=None, converter=decode.optional(decode.order))
     limits: Optional[Limits] = attrs.field(default=None, converter=decode.limits)
     cwd: Optional[str] = attrs.field(default=None, converter=decode.optional(decode.directory))
+    priority: int = attrs.field(default=0, converter=decode.integer(-MAX_PRIORITY, MAX_PRIORITY))
 
 
 @wire_type

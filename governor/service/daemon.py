@@ -391,7 +391,8 @@ class Daemon:
 
     async def _op_submit(self, connection: Connection, request: protocol.Submit) -> None:
         self._refuse_new_work()
-        call, lane, lane_key = self._checked(request.step, request.params, request.cwd, request.limits)
+        call, lane, lane_key = self._checked(request.step, request.params, request.cwd, request.limits,
+                                             request.priority)
         [record_id] = await self._commits.write(lambda group: group.submit(
             [NewTask.step_call(call.step, call.kwargs, lane, request.key, request.limits, call.cwd, lane_key)]))
         target = self._target(request.key, request.order)
@@ -400,7 +401,7 @@ class Daemon:
 
     async def _op_batch(self, connection: Connection, request: protocol.Batch) -> None:
         self._refuse_new_work()
-        checked = [self._checked(c.step, c.params, request.cwd, c.limits)
+        checked = [self._checked(c.step, c.params, request.cwd, c.limits, c.priority)
                    for c in request.calls]  # all, before any is kept
         record_ids = await self._commits.write(lambda group: group.submit(
             [NewTask.step_call(call.step, call.kwargs, lane, request.key, call.limits, call.cwd, lane_key)
@@ -500,7 +501,7 @@ class Daemon:
             raise JournalLost(f"{lost}; this daemon takes no new work: restart it")
 
     def _checked(self, step: str, params: Dict[str, Any], cwd: Optional[str],
-                 limits: Optional[Any] = None) -> Tuple[Call, Any, Any]:
+                 limits: Optional[Any] = None, priority: int = 0) -> Tuple[Call, Any, Any]:
         """``(call, lane, lane key)`` for a step call, its relative paths made absolute against
         ``cwd``, to run in ``cwd`` (the client's directory: a relative path the step opens means it).
 
@@ -509,7 +510,7 @@ class Daemon:
                 value its parameter's annotation does not take (JSON from a client, checked
                 here rather than failing in the worker) or a relative path with no ``cwd``.
         """
-        call = Call(step, kwargs=params, limits=limits)
+        call = Call(step, kwargs=params, limits=limits, priority=priority)
         route = self._supervisor.check_call(call)
         route.parameters.check_values(call.kwargs)
         call = attrs.evolve(call, kwargs=route.spec.resolve_paths(call.kwargs, cwd), cwd=cwd)
