@@ -57,9 +57,15 @@ def worker_row(worker: Dict[str, Any], state: Optional[str] = None) -> List[str]
     """
     rss = None if worker.get("rss_bytes") is None else worker["rss_bytes"] / (1 << 20)
     return [str(worker.get("pid") or "-"), worker["lane"], state or worker["state"], worker.get("step") or "-",
+            "-" if worker.get("key") is None else str(worker["key"]),
             str(worker["task_id"]) if worker.get("task_id") is not None else "-",
             _against(seconds_text(worker.get("running_s")), seconds_text(worker.get("timeout_s"))),
             _against(_mib(rss), _mib(worker.get("max_memory_mb")))]
+
+
+def critical_keys_text(keys: List[Dict[str, Any]]) -> str:
+    """The critical lane keys with the most tasks queued, for the status line ("" when none)."""
+    return ("  critical queue by key: " + ", ".join(f"{key['key']} {key['queued']}" for key in keys)) if keys else ""
 
 
 def worker_states(workers: List[Dict[str, Any]], lanes: List[Dict[str, Any]]) -> List[str]:
@@ -160,7 +166,7 @@ class TopApp(App):
 
     def on_mount(self) -> None:
         self._columns("lanes", "lane", "queued", "in flight", "warm spares", "busy", "idle", "starting")
-        self._columns("workers", "pid", "lane", "state", "step", "task", "running / timeout", "RSS / limit")
+        self._columns("workers", "pid", "lane", "state", "step", "key", "task", "running / timeout", "RSS / limit")
         self._columns("kills", "when", "task", "step", "lane", "reason", "limit", "observed", "pid")
         self._columns("steps", "step", "lane", "ended", "per s", "queue wait p50 / p95", "run time p50 / p95")
         self.query_one("#workers", DataTable).focus()
@@ -201,7 +207,8 @@ class TopApp(App):
         self.query_one("#status", Static).update(
             f"live  daemon pid {snapshot['daemon_pid']}  {time.strftime('%H:%M:%S', time.localtime(snapshot['at']))}"
             f"  workers RSS {_mib(memory.get('workers_rss_bytes', 0) / (1 << 20))}"
-            f"  kills {sum(sum(reasons.values()) for reasons in snapshot['worker_kills'].values())}")
+            f"  kills {sum(sum(reasons.values()) for reasons in snapshot['worker_kills'].values())}"
+            + critical_keys_text(snapshot.get("critical_keys", [])))
         self._fill("lanes", [[lane["lane"], str(lane["queue_depth"]), str(lane["in_flight"]),
                               str(lane["warm_spares"]), *(str(lane["workers"].get(key, 0))
                                                           for key in ("busy", "idle", "starting"))]

@@ -120,7 +120,8 @@ class Manager(threading.Thread):
         # its queue (dispatched or ended): exact at any moment, unlike the deques, which
         # lag one inbox drain behind and keep cancelled tasks until dispatch skips them.
         self._queued = {lane: 0 for lane in Lane}
-        self._queued_changed = threading.Condition(threading.Lock())  # guards _queued
+        self._queued_by_key: collections.Counter = collections.Counter()  # critical lane key -> queued
+        self._queued_changed = threading.Condition(threading.Lock())  # guards _queued, _queued_by_key
         self._room_waiters = 0  # threads in wait_for_room
         self._cancel_task = cancel_task  # the Supervisor's: the one place a cancel is made
         self.clock = clock
@@ -160,6 +161,12 @@ class Manager(threading.Thread):
         """Lane name -> tasks waiting in its queue (any thread)."""
         with self._queued_changed:
             return {lane.value: count for lane, count in self._queued.items()}
+
+    def key_depths(self, top: int) -> Dict[str, int]:
+        """The ``top`` critical lane keys with the most tasks queued, and how many (any
+        thread): a key's text (``str``) -> tasks queued, most first."""
+        with self._queued_changed:
+            return {str(key): count for key, count in self._queued_by_key.most_common(top)}
 
     def queue_room(self, lane: Lane) -> int:
         """How many more tasks ``lane``'s queue takes now (any thread)."""
@@ -213,6 +220,7 @@ class Manager(threading.Thread):
         wanted: Dict[Lane, int] = {}
         for task in tasks:
             wanted[task.lane] = wanted.get(task.lane, 0) + 1
+        keys = [task.key for task in tasks if task.key is not None]
         bound = self._config.queue_size
         with self._queued_changed:
             for lane, count in wanted.items():
@@ -220,10 +228,15 @@ class Manager(threading.Thread):
                     raise QueueFull(lane.value, bound)
             for lane, count in wanted.items():
                 self._queued[lane] += count
+            self._queued_by_key.update(keys)
 
     def _left_queue(self, task: Task) -> None:
         with self._queued_changed:
             self._queued[task.lane] -= 1
+            if task.key is not None:
+                self._queued_by_key[task.key] -= 1
+                if not self._queued_by_key[task.key]:
+                    del self._queued_by_key[task.key]  # a key with nothing queued is forgotten
             if self._room_waiters:
                 self._queued_changed.notify_all()
 
@@ -518,6 +531,8 @@ class Manager(threading.Thread):
                  extra={"task_id": task.public_id, "step": task.step, "lane": task.lane.value, "reason": "retry"})
         with self._queued_changed:
             self._queued[task.lane] += 1  # queued again (past the bound: it was admitted once)
+            if task.key is not None:
+                self._queued_by_key[task.key] += 1
         self._backing_off[task.id] = task
         self._retries.after(delay, self._requeue, task)
         return True

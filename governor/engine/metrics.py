@@ -60,6 +60,10 @@ OUTCOMES = {
     TaskState.SKIPPED: "skipped", TaskState.EXHAUSTED: "exhausted",
 }
 
+#: How many critical lane keys the queue depth per key shows, those with the most tasks
+#: waiting: a bound on the labels a scrape carries however many chats a daemon serves.
+TOP_KEYS = 10
+
 #: The histograms recorded per (lane, step): name -> (bucket bounds, help text).
 HISTOGRAMS = {
     "queue_wait_seconds": (SECONDS_BUCKETS, "Time a task waited in its lane's queue before a worker took it."),
@@ -258,12 +262,14 @@ class MetricsRecorder:
             return {(lane, step): (histogram.cumulative(), histogram.sum)
                     for (kind, lane, step), histogram in self._histograms.items() if kind == name}
 
-    def snapshot(self, queue_depth: Dict[str, int]) -> Dict[str, Any]:
+    def snapshot(self, queue_depth: Dict[str, int], key_depth: Optional[Dict[str, int]] = None) -> Dict[str, Any]:
         """Every figure as a JSON-serialisable dict.
 
         Args:
             queue_depth: tasks waiting per lane, as counted at submit (exact, unlike the
                 manager's view, which lags by one inbox drain).
+            key_depth: tasks waiting in the critical lane per lane key, for the
+                :data:`TOP_KEYS` keys with the most (``StepSpec.key``).
         """
         with self._lock:
             self._fold()
@@ -283,6 +289,7 @@ class MetricsRecorder:
             "tasks": tasks,
             "timings": timings,
             "queue_depth": dict(queue_depth),
+            "critical_queue_by_key": dict(key_depth or {}),
             "in_flight": {lane: state["busy"] for lane, state in lanes.items()},
             "workers": {lane: {key: state[key] for key in ("busy", "idle", "starting")}
                         for lane, state in lanes.items()},
@@ -320,12 +327,14 @@ class PrometheusCollector:
     """Builds Prometheus families from a snapshot at scrape time (prometheus_client's custom
     collector protocol), so recording never touches prometheus_client."""
 
-    def __init__(self, recorder: MetricsRecorder, queue_depth: Callable[[], Dict[str, int]]) -> None:
+    def __init__(self, recorder: MetricsRecorder, queue_depth: Callable[[], Dict[str, int]],
+                 key_depth: Callable[[], Dict[str, int]]) -> None:
         self._recorder = recorder
         self._queue_depth = queue_depth
+        self._key_depth = key_depth
 
     def collect(self):
-        snapshot = self._recorder.snapshot(self._queue_depth())
+        snapshot = self._recorder.snapshot(self._queue_depth(), self._key_depth())
         yield _family(CounterMetricFamily, "governor_tasks", "Tasks that ended, by lane, step and outcome.",
                       ("lane", "step", "outcome"), snapshot["tasks"])
         for name, (_, help_text) in HISTOGRAMS.items():
@@ -336,6 +345,9 @@ class PrometheusCollector:
         for kind, name, help_text, labels, values in (
                 (GaugeMetricFamily, "governor_queue_depth", "Tasks waiting in the lane's queue.",
                  ("lane",), snapshot["queue_depth"]),
+                (GaugeMetricFamily, "governor_critical_queue_depth_by_key",
+                 f"Tasks waiting in the critical lane, for the {TOP_KEYS} lane keys with the most.",
+                 ("key",), snapshot["critical_queue_by_key"]),
                 (GaugeMetricFamily, "governor_tasks_in_flight", "Tasks running in the lane's workers.",
                  ("lane",), snapshot["in_flight"]),
                 (GaugeMetricFamily, "governor_warm_spares", "Idle warm workers ready to replace a lost one.",
@@ -380,10 +392,11 @@ def _leaves(nested: Dict[str, Any], depth: int, prefix: Tuple[str, ...] = ()):
             yield from _leaves(value, depth - 1, (*prefix, key))
 
 
-def prometheus_registry(recorder: MetricsRecorder, queue_depth: Callable[[], Dict[str, int]]) -> CollectorRegistry:
+def prometheus_registry(recorder: MetricsRecorder, queue_depth: Callable[[], Dict[str, int]],
+                        key_depth: Callable[[], Dict[str, int]]) -> CollectorRegistry:
     """A registry of one supervisor's metrics (never the global default registry)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(PrometheusCollector(recorder, queue_depth))
+    registry.register(PrometheusCollector(recorder, queue_depth, key_depth))
     return registry
 
 

@@ -29,7 +29,7 @@ from governor.engine.starts import WORKER_START_TIMEOUT_S
 from governor.engine.mapping import MapRun, Progress
 from governor.engine.scope import Scope, gather
 from governor.engine.manager import Manager, ManagerConfig
-from governor.engine.metrics import MetricsRecorder, prometheus_registry, prometheus_text
+from governor.engine.metrics import TOP_KEYS, MetricsRecorder, prometheus_registry, prometheus_text
 from governor.engine.routes import Route, workflow_key
 from governor.steps.registry import REGISTRY, StepLookup
 from governor.task import (CancelRequest, Call, Task, TaskFuture, WorkflowFuture, WorkflowRun, check_step_designator,
@@ -207,7 +207,7 @@ class Supervisor(concurrent.futures.Executor):
             pool_workers=workers, queue_size=queue_size, on_dispatch=on_dispatch, ray=ray_config,
             wrap_step_errors=wrap_step_errors)
         self._metrics = MetricsRecorder(self._lane_gauges)
-        self._prometheus = prometheus_registry(self._metrics, self._queue_depth)
+        self._prometheus = prometheus_registry(self._metrics, self._queue_depth, self._key_depth)
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._manager: Optional[Manager] = None
@@ -506,9 +506,10 @@ class Supervisor(concurrent.futures.Executor):
         sum, p50, p95, p99), ``queue_depth``, ``in_flight``, ``workers`` (busy / idle /
         starting), ``warm_spares`` (per lane), ``memory`` (supervisor_rss_bytes,
         workers_rss_bytes), ``worker_spawns``, ``worker_kills`` (lane -> reason),
-        ``worker_recycles`` (lane -> reason), ``retries`` (lane -> step -> attempts run again).
+        ``worker_recycles`` (lane -> reason), ``retries`` (lane -> step -> attempts run again),
+        ``critical_queue_by_key`` (lane key -> tasks queued, for the ``TOP_KEYS`` keys with the most).
         """
-        return self._metrics.snapshot(self._queue_depth())
+        return self._metrics.snapshot(self._queue_depth(), self._key_depth())
 
     def prometheus_text(self) -> str:
         """The same figures in the Prometheus text format, from this supervisor's own registry."""
@@ -517,6 +518,10 @@ class Supervisor(concurrent.futures.Executor):
     def _queue_depth(self) -> Dict[str, int]:
         manager = self._manager
         return manager.queue_depth() if manager is not None else {lane.value: 0 for lane in Lane}
+
+    def _key_depth(self) -> Dict[str, int]:
+        manager = self._manager
+        return manager.key_depths(TOP_KEYS) if manager is not None else {}
 
     def _lane_gauges(self) -> Dict[str, Dict[str, Any]]:
         manager = self._manager

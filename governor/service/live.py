@@ -220,6 +220,8 @@ class LiveModel:
         return {"version": SNAPSHOT_VERSION, "at": self._wall_clock(), "daemon_pid": os.getpid(),
                 "lanes": _lanes(metrics), "workers": [_worker(worker) for worker in workers],
                 "tasks": recent, "memory": metrics["memory"], "worker_kills": metrics["worker_kills"],
+                "critical_keys": [{"key": key, "queued": queued}
+                                  for key, queued in metrics["critical_queue_by_key"].items()],
                 **self.figures()}
 
 

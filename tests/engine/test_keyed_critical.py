@@ -60,3 +60,21 @@ def test_a_key_must_name_a_parameter_of_a_critical_step():
     spec = local.register(lambda chat_id, text="": chat_id, name="post", critical=True, key="chat_id")
     assert spec.key == "chat_id"
 
+
+
+def test_metrics_show_the_critical_queue_per_key_for_the_keys_with_the_most(make_supervisor, tmp_path):
+    from governor.engine.metrics import TOP_KEYS
+
+    sup = make_supervisor(workers=1, critical_workers=1)
+    ledger, gate = str(tmp_path / "ledger.db"), tmp_path / "gate"
+    held = sup.submit("ledger_once", ledger=ledger, key="held", name="held", gate=str(gate))
+    assert wait_until(lambda: any(worker["key"] == "held" for worker in sup.describe_workers()), timeout=60)
+    queued = [sup.submit("ledger_once", ledger=ledger, key=key, name=f"{key}{n}")
+              for key, times in [("a", 3), ("b", 2)] + [(f"k{n}", 1) for n in range(TOP_KEYS)]
+              for n in range(times)]
+    by_key = sup.metrics()["critical_queue_by_key"]
+    assert len(by_key) == TOP_KEYS and list(by_key.items())[:2] == [("a", 3), ("b", 2)]
+    assert 'governor_critical_queue_depth_by_key{key="a"} 3.0' in sup.prometheus_text()
+    gate.touch()
+    assert [future.result(timeout=120) for future in [held] + queued][0] == "held"
+    assert sup.metrics()["critical_queue_by_key"] == {}

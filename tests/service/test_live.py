@@ -210,3 +210,17 @@ def test_governor_page_of_a_daemon_without_the_page_says_how_to_serve_it(tmp_pat
     finally:
         assert plain.stop() == 0
     assert shown.returncode == EXIT_CODES["failed"] and "--http-addr" in shown.stderr
+
+
+def test_the_live_picture_shows_each_critical_key_and_what_is_queued_per_key(daemon, tmp_path):
+    ledger, gate = str(tmp_path / "ledger.db"), tmp_path / "gate"
+    with Client(daemon.socket) as client:
+        held = client.submit("ledger_once", ledger=ledger, key="held", name="held", gate=str(gate))
+        queued = [client.submit("ledger_once", ledger=ledger, key="a", name=f"a{n}") for n in range(2)]
+        snapshot = daemon.wait_live(lambda snap: snap["critical_keys"] == [{"key": "a", "queued": 2}]
+                                    and [worker["key"] for worker in snap["workers"] if worker["step"]] == ["held"])
+        assert {task["task_id"]: task["lane_key"] for task in snapshot["tasks"]
+                if task["step"] == "ledger_once"} == {held.task_id: "held", **{f.task_id: "a" for f in queued}}
+        gate.touch()
+        assert [future.result(60) for future in [held] + queued] == ["held", "a0", "a1"]
+    assert daemon.live()["critical_keys"] == []

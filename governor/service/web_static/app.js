@@ -129,14 +129,16 @@ function draw(snap) {
     n + Object.values(byReason).reduce((a, b) => a + b, 0), 0);
   document.getElementById("summary").textContent =
     `daemon pid ${snap.daemon_pid} · ${clock(snap.at)} · workers RSS ${mib(snap.memory.workers_rss_bytes / 1048576)}` +
-    ` · workers killed ${kills}` + (canCancel ? "" : " · read-only");
+    ` · workers killed ${kills}` + (canCancel ? "" : " · read-only") +
+    (snap.critical_keys.length ? " · critical queue by key: " +
+      snap.critical_keys.map((k) => `${k.key} ${k.queued}`).join(", ") : "");
   fill("lanes", snap.lanes, (row, l) => {
     [l.lane, l.queue_depth, l.in_flight, l.warm_spares, l.workers.busy, l.workers.idle, l.workers.starting]
       .forEach((v) => cell(row, v));
   });
   fill("workers", snap.workers, (row, w) => {
     cell(row, w.pid); cell(row, w.lane); cell(row, w.state, `state-${w.state}`);
-    cell(row, w.step); cell(row, w.task_id);
+    cell(row, w.step); cell(row, w.key === null ? "" : w.key); cell(row, w.task_id);
     against(row, w.running_s, w.timeout_s, seconds(w.running_s), seconds(w.timeout_s));
     const rss = w.rss_bytes === null ? null : w.rss_bytes / 1048576;
     against(row, rss, w.max_memory_mb, mib(rss), mib(w.max_memory_mb));
@@ -154,7 +156,8 @@ function draw(snap) {
     cell(row, pair(s.queue_p50_s, s.queue_p95_s)); cell(row, pair(s.run_p50_s, s.run_p95_s));
   });
   fill("tasks", snap.tasks, (row, t) => {
-    cell(row, t.task_id); cell(row, t.step || t.kind); cell(row, t.lane); cell(row, t.state, `state-${t.state}`);
+    cell(row, t.task_id); cell(row, t.step || t.kind); cell(row, t.lane); cell(row, t.lane_key || "");
+    cell(row, t.state, `state-${t.state}`);
     cell(row, clock(t.submitted_at));
     cell(row, t.ended_at && t.started_at ? seconds(t.ended_at - t.started_at) : "-");
     cell(row, t.error ? t.error.message : "", "message");
