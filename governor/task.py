@@ -198,6 +198,9 @@ class Task:
     key: Any = None  # the critical lane's key (StepSpec.key): same key, one at a time; None: alone
     priority: int = 0  # Call.priority: rank in the pool lane's queue (governor.engine.queues)
     attempt: int = 1  # which run of the step this is (StepSpec.retries)
+    # A critical task waiting out a retry's backoff at the head of its lane's queue: it holds
+    # its key's place (its lane's, without a key) until the backoff is over.
+    backing_off: bool = False
     _lock: threading.Lock = attrs.field(factory=threading.Lock, repr=False)
 
     @property

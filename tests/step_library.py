@@ -511,3 +511,14 @@ def leave_a_thread():
 
 
 registry.include(ledger_steps.registry)  # ledger_again, ledger_once: critical steps that log their runs
+
+
+@registry.step(critical=True, key="key", idempotent=True, retries=2, retry_on=(OSError,), retry_backoff=(0.5, 0.5))
+def ledger_flaky(ledger: str, key: str, name: str, failures: int):
+    """Log a start in ``ledger``; raise ``OSError`` on the first ``failures`` attempts (as
+    the ledger counts them), else log the end; returns ``name``. Retried after 0.5 s."""
+    ledger_steps.record(ledger, name, "start")
+    if ledger_steps.runs(ledger).count(name) <= failures:
+        raise OSError(f"{name}: not yet")
+    ledger_steps.record(ledger, name, "end")
+    return name

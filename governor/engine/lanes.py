@@ -186,6 +186,9 @@ class LocalLanes(WorkerStarts):
                 # Cancelled since its worker was sent it, and never started: it ends here.
                 self._host.conclude(task, TaskState.CANCELLED, task.cancelled_error())
                 continue
+            head = lane.queue[0] if lane.lane is Lane.CRITICAL else None
+            if head is not None and head.backing_off and head.state is TaskState.QUEUED:
+                return None  # a retry waits out its backoff first in line (Manager._retry_later)
             task = lane.queue.popleft()
             if self._dispatched(task):
                 return task
@@ -233,6 +236,11 @@ class LocalLanes(WorkerStarts):
             if task.state is not TaskState.QUEUED:
                 continue
             key = task.key
+            if task.backing_off:  # a retry waiting out its backoff holds its place (Manager._retry_later)
+                if key is None:
+                    return None
+                waiting.add(key)
+                continue
             if key is None:
                 return None if running or waiting else task
             if key in running or key in waiting:

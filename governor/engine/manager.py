@@ -142,7 +142,7 @@ class Manager(threading.Thread):
         self._woken = False
         self._due_at: Optional[float] = None  # the backends' earliest deadline, as of the last turn
         self._retries = Timers(clock)  # tasks waiting out a retry's backoff (see _retry_later)
-        self._backing_off: Dict[int, Task] = {}  # those tasks, by id (QUEUED, in no lane's queue yet)
+        self._backing_off: Dict[int, Task] = {}  # pool tasks among them, by id (QUEUED, in no queue yet)
         self._random = random.Random()
 
         local = LocalLanes(self, config.local)
@@ -533,9 +533,22 @@ class Manager(threading.Thread):
             self._queued[task.lane] += 1  # queued again (past the bound: it was admitted once)
             if task.key is not None:
                 self._queued_by_key[task.key] += 1
+        if task.lane is Lane.CRITICAL:
+            # In order: the next attempt waits at the head of the queue, where it was, so
+            # nothing ordered after it (its key's later steps; every later step, for a
+            # keyless one or a one-worker lane) starts during the backoff.
+            task.backing_off = True
+            self._backends[task.lane].queue(task.lane).appendleft(task)
+            self._retries.after(delay, self._backoff_over, task)
+            return True
         self._backing_off[task.id] = task
         self._retries.after(delay, self._requeue, task)
         return True
+
+    @staticmethod
+    def _backoff_over(task: Task) -> None:
+        """A critical retry's backoff is over: it may start (this turn's dispatch follows)."""
+        task.backing_off = False
 
     def _requeue(self, task: Task) -> None:
         """A retry's backoff is over: the task joins its lane's queue, unless cancelled meanwhile."""

@@ -40,3 +40,18 @@ def test_a_critical_step_retries_only_if_idempotent():
         local.register(lambda: None, name="send", critical=True, retries=2, retry_on=(OSError,))
     assert local.register(lambda: None, name="save", critical=True, retries=2, retry_on=(OSError,),
                           idempotent=True).retries == 2
+
+
+@pytest.mark.parametrize("critical_workers", [1, 2])
+def test_a_critical_retry_keeps_its_place_in_its_keys_order(make_supervisor, tmp_path, critical_workers):
+    """The next step of the key, queued behind a step that fails once, starts only after its
+    retry ran: the retry waits out its backoff at the head of the queue (one critical worker:
+    the lane's one order; two: the key's)."""
+    from governor.bench.ledger_steps import runs
+
+    sup = make_supervisor(workers=1, critical_workers=critical_workers)
+    ledger = str(tmp_path / "ledger.db")
+    first = sup.submit("ledger_flaky", ledger=ledger, key="a", name="a1", failures=1)
+    second = sup.submit("ledger_once", ledger=ledger, key="a", name="a2")
+    assert [first.result(timeout=60), second.result(timeout=60)] == ["a1", "a2"]
+    assert runs(ledger) == ["a1", "a1", "a2"]
