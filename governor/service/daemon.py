@@ -80,13 +80,13 @@ import attrs
 from governor import protocol
 from governor.engine.routes import workflow_key
 from governor.engine.supervisor import Supervisor
-from governor.errors import (DaemonAlreadyRunning, DaemonError, GovernorError, JournalLost, MetricsAddressUnavailable,
-                             PeerRefused, TaskNotResumable, TooManyClients, UnknownTask)
+from governor.errors import (DaemonAlreadyRunning, DaemonError, GovernorError, JournalLost, PeerRefused, TaskNotResumable, TooManyClients, UnknownTask)
 from governor.service.config import DaemonConfig, show_addr
 from governor.service.connections import READ_CHUNK_BYTES, Connection, InFlight, Waiter
 from governor.service.group_commit import GroupCommit
 from governor.service.journal import Journal, NewTask, TaskRecord
 from governor.service.live import LiveModel
+from governor.service.metrics_http import MetricsEndpoint
 from governor.service.starts import StartJournal, cancelled_by_shutdown
 from governor.service.preflight import (JournalLock, bind_metrics_socket, check_socket_directory, check_socket_free,
                                         ensure_private_directory)
@@ -142,7 +142,7 @@ class Daemon:
         self.key_holders: Dict[str, Waiter] = {}  # supersede key -> the submission waiting under it
         self._connections: set = set()
         self._server: Optional[asyncio.AbstractServer] = None
-        self._metrics_server: Any = None
+        self._metrics_server: Optional[MetricsEndpoint] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._stopping: Optional[asyncio.Event] = None
         self._draining = False
@@ -203,7 +203,7 @@ class Daemon:
                                       wrap_step_errors=True,  # the wire rebuilds StepFailed, not any type
                                       **config.initializer_options())
         if config.metrics_addr is not None:
-            self._start_metrics_endpoint()
+            await self._start_metrics_endpoint()
         listener = self._listen()  # the last check: bound before any worker starts
         try:
             await self._loop.run_in_executor(None, self._supervisor.start)
@@ -260,8 +260,7 @@ class Daemon:
         if supervisor is not None:
             await self._loop.run_in_executor(None, lambda: supervisor.shutdown(wait=True, cancel_running=True))
         if self._metrics_server is not None:
-            self._metrics_server.shutdown()
-            self._metrics_server.server_close()
+            await self._metrics_server.stop()
             self._metrics_server = None
         if self._listening:
             with contextlib.suppress(FileNotFoundError):
@@ -295,17 +294,9 @@ class Daemon:
         listener.setblocking(False)
         return listener
 
-    def _start_metrics_endpoint(self) -> None:
-        from prometheus_client import start_http_server
-
+    async def _start_metrics_endpoint(self) -> None:
         addr = self.config.metrics_addr
-        bind_metrics_socket(addr).close()  # a typed, one-line error for what the server would raise
-        try:
-            self._metrics_server, _ = start_http_server(addr[1], addr=addr[0],
-                                                        registry=self._supervisor.prometheus_registry)
-        except OSError as error:  # lost a race for the port since the check
-            raise MetricsAddressUnavailable(f"cannot serve metrics on {show_addr(addr)}: "
-                                            f"{error.strerror or error}") from None
+        self._metrics_server = await MetricsEndpoint.start(bind_metrics_socket(addr), self.prometheus_text)
         log.info("metrics on http://%s/metrics", show_addr(addr))
 
     def _prune(self) -> None:

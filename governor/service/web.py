@@ -15,13 +15,19 @@ tasks, the live model's ring) and wakes every event stream with the same JSON, s
 pages cost the daemon what one does.
 
 Security: a loopback port has no peer-credential check and the page shows what steps run,
-so every request must carry the per-daemon token: ``?token=`` (the URL printed at start, or
-one with a fresh token from ``governor page``, for the daemon's own user; the page then
-trades it for a cookie and a redirect that drops it from the address bar), the
-cookie, or ``Authorization: Bearer``. Anything else is 403. The page is read-only unless
-the daemon was started with ``--http-allow-cancel``; a cancel must be a same-origin JSON
-POST (the cookie is SameSite=Strict as well). Errors are 4xx, or a plain 500 that names no
-internals; a traceback goes to the daemon's log only.
+so every request for data must carry the per-daemon token: ``?token=`` or ``Authorization:
+Bearer``. Anything else is 403. The page itself and its assets hold no data and are served
+to anyone; its script takes the token from the address it was opened with (the URL printed
+at start, or one with a fresh token from ``governor page``, for the daemon's own user),
+keeps it in the tab's ``sessionStorage`` and drops it from the address bar. Never a cookie:
+cookies ignore ports, so the browser would send it to every other server on the host. The
+page is read-only unless the daemon was started with ``--http-allow-cancel``; a cancel must
+be a same-origin JSON POST with the token in its header. Errors are 4xx, or a plain 500
+that names no internals; a traceback goes to the daemon's log only.
+
+Limits: each connection must send a request's head within ``HEADER_TIMEOUT_S`` (and its
+body, a cancel's, in as long again), and the port holds at most ``MAX_HTTP_CONNECTIONS``
+(``governor.service.metrics_http``); past that a connection is closed as it opens.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from governor.errors import DaemonError, GovernorError
 from governor.service.live import HttpConfig
+from governor.service.metrics_http import HEADER_TIMEOUT_S, MAX_HTTP_CONNECTIONS
 
 log = logging.getLogger("governor.service.web")
 
@@ -96,7 +103,6 @@ class StatusPage:
         self._base = ""  # http://host:port
         self._runner: Optional[web.AppRunner] = None
         self.url = ""  # the address actually bound, with the token: what to open
-        self._cookie = ""
         self._latest: Optional[str] = None
         self._tick = asyncio.Event()
         self._listeners = 0
@@ -115,7 +121,9 @@ class StatusPage:
         app.router.add_get("/metrics", page._metrics)
         app.router.add_post("/api/cancel", page._cancel)
         logging.getLogger("aiohttp.server").addFilter(_ONE_LINE)
-        page._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        # keepalive_timeout also closes a connection that has not sent a request's head in
+        # that time (aiohttp arms it as the connection opens, and again after each request).
+        page._runner = _CappedRunner(app, access_log=None, handle_signals=False, keepalive_timeout=HEADER_TIMEOUT_S)
         await page._runner.setup()
         site = web.TCPSite(page._runner, config.host, config.port)
         try:
@@ -126,7 +134,6 @@ class StatusPage:
                               f"{error.strerror or error}") from None
         host, port = page._runner.addresses[0][:2]
         shown = f"[{host}]" if ":" in host else host
-        page._cookie = f"governor_token_{port}"  # cookies ignore ports: one per daemon
         page._base = f"http://{shown}:{port}"
         page.url = f"{page._base}/?token={page.token}"
         log.info("status page on %s%s", page.url, "" if config.allow_cancel else " (read-only)")
@@ -148,15 +155,15 @@ class StatusPage:
 
     @web.middleware
     async def _guard(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        offered = request.query.get("token")
-        if offered is not None:
-            authorised = self._is_token(offered)
-        else:
-            bearer = request.headers.get("Authorization", "")
-            authorised = self._is_token(request.cookies.get(self._cookie, "")) or (
-                bearer.startswith("Bearer ") and self._is_token(bearer[len("Bearer "):]))
-        if not authorised:
-            return _refusal(403, "this page needs the token printed when the daemon started (?token=...)")
+        # The page and its assets hold no data (they are this package's files): they are
+        # served to anyone, and the page's script carries the token from there.
+        if not (request.path == "/" or request.path.startswith("/static/")):
+            offered = request.query.get("token")
+            if offered is None:
+                bearer = request.headers.get("Authorization", "")
+                offered = bearer[len("Bearer "):] if bearer.startswith("Bearer ") else ""
+            if not self._is_token(offered):
+                return _refusal(403, "this page needs the token printed when the daemon started (?token=...)")
         try:
             response = await handler(request)
         except web.HTTPException as http_error:  # 404, 405, 413 ...: aiohttp's own 4xx
@@ -164,10 +171,6 @@ class StatusPage:
         except Exception:  # a fault of ours: logged in full here, a bare 500 out there
             log.exception("status page request %s %s failed", request.method, request.path)
             response = _refusal(500, "internal error (see the daemon's log)")
-        if offered is not None and request.path == "/":
-            # Trade the URL token for a cookie and drop it from the address bar and history.
-            response = web.Response(status=303, headers={"Location": "/"})
-            response.set_cookie(self._cookie, self.token, httponly=True, samesite="Strict", path="/")
         if not response.prepared:
             response.headers.update(SECURITY_HEADERS)
         return response
@@ -243,11 +246,37 @@ class StatusPage:
         if request.content_type != "application/json":
             return _refusal(415, "send JSON: {\"task_ids\": [1, 2]}")
         try:
-            body = await request.json()
+            body = await asyncio.wait_for(request.json(), HEADER_TIMEOUT_S)
             task_ids = body["task_ids"]
             return web.json_response(await self._daemon.cancel_tasks(task_ids))
         except (ValueError, TypeError, KeyError, GovernorError) as bad:  # bad JSON or ids: ProtocolError
             return _refusal(400, f"expected {{\"task_ids\": [1, 2]}}: {bad}")
+        except asyncio.TimeoutError:
+            return _refusal(408, "the request's body did not come in time")
+
+
+class _CappedRunner(web.AppRunner):
+    """An ``AppRunner`` whose server holds at most :data:`MAX_HTTP_CONNECTIONS` connections:
+    the next one is closed as it opens, before aiohttp reads a byte of it."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.__class__ = _CappedServer  # the application's own server, with the cap (no state added)
+        return server
+
+
+class _CappedServer(web.Server):
+    """aiohttp's ``web.Server``, refusing connections past the cap.
+
+    Decided as each connection is made, not as its protocol is built: asyncio builds the
+    protocols of a whole batch of accepted connections before it makes any of them.
+    """
+
+    def connection_made(self, handler: Any, transport: asyncio.Transport) -> None:
+        if len(self._connections) >= MAX_HTTP_CONNECTIONS:
+            transport.abort()  # the handler hears connection_lost, and was never counted
+            return
+        super().connection_made(handler, transport)
 
 
 def _event(data: Optional[str]) -> bytes:

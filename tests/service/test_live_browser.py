@@ -33,8 +33,9 @@ def test_the_page_shows_a_running_step_live_then_its_kill(daemon, chromium, tmp_
         async with aiohttp.ClientSession() as session:
             page = await chromium.page(session)
             await page.wait_for_text("#connection", "live")
-            # Trading the URL token for a cookie took it out of the address bar.
+            # The page's script took the token out of the address bar, and into no cookie.
             assert await page.evaluate("location.href") == daemon.base + "/"
+            assert json.loads(await page.evaluate("JSON.stringify(document.cookie)")) == ""
             with Client(daemon.socket) as client:
                 held = client.submit_call(Call("timed_sleep", kwargs={"ms": 60_000},
                                                limits=Limits(timeout_s=120, max_memory_mb=800)))
@@ -75,7 +76,7 @@ def test_the_page_without_the_token_is_refused(daemon, chromium):
             assert "Workers" not in body
             status = await page.evaluate("fetch('/api/live').then(r => r.status)")
             assert status == 403
-            # A wrong token in the URL gets no cookie either.
+            # A wrong token in the URL opens nothing either.
             await page.call("Page.navigate", url=daemon.base + "/?token=wrong")
             await page.wait_for_text("body", "needs the token")
             assert json.loads(await page.evaluate("JSON.stringify(document.cookie)")) == ""

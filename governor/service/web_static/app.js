@@ -5,6 +5,26 @@
 const SVG = "http://www.w3.org/2000/svg";
 let canCancel = false;
 
+// The token comes once in the address (?token=, the URL the daemon printed) and is kept in
+// this tab's sessionStorage, which only this origin (scheme, host *and port*) can read: not
+// a cookie, which the browser would send to every other server on this host. Each request
+// carries it: a Bearer header, or ?token= where a header cannot be set (EventSource).
+const TOKEN_KEY = "governor_token";
+function takeToken() {
+  const given = new URLSearchParams(location.search).get("token");
+  if (given) {
+    sessionStorage.setItem(TOKEN_KEY, given);
+    history.replaceState(null, "", "/");  // out of the address bar and the history
+  }
+  return sessionStorage.getItem(TOKEN_KEY);
+}
+const token = takeToken();
+function withToken(path) { return `${path}?token=${encodeURIComponent(token)}`; }
+function refused() {
+  sessionStorage.removeItem(TOKEN_KEY);
+  document.body.textContent = "this page needs the token printed when the daemon started (?token=...)";
+}
+
 function seconds(value) {
   if (value === null || value === undefined) return "-";
   return value < 1 ? `${(value * 1000).toFixed(0)} ms` : `${value.toFixed(1)} s`;
@@ -42,8 +62,8 @@ function cancelButton(row, taskId) {
   button.textContent = "cancel";
   button.addEventListener("click", () => {
     if (!confirm(`Cancel task ${taskId}?`)) return;
-    fetch("/api/cancel", {method: "POST", headers: {"Content-Type": "application/json"},
-                          body: JSON.stringify({task_ids: [taskId]})});
+    fetch("/api/cancel", {method: "POST", body: JSON.stringify({task_ids: [taskId]}),
+                          headers: {"Content-Type": "application/json", "Authorization": `Bearer ${token}`}});
   });
   td.appendChild(button);
 }
@@ -172,14 +192,21 @@ function draw(snap) {
 }
 
 function connect() {
+  if (!token) { refused(); return; }
+  for (const link of document.querySelectorAll("a[data-api]")) link.href = withToken(link.dataset.api);
   const status = document.getElementById("connection");
-  const events = new EventSource("/api/events");
+  const events = new EventSource(withToken("/api/events"));
   events.onmessage = (message) => {
     status.textContent = "live"; status.className = "live";
     draw(JSON.parse(message.data));
   };
-  // EventSource retries by itself while the daemon restarts; say so meanwhile.
-  events.onerror = () => { status.textContent = "reconnecting..."; status.className = "reconnecting"; };
+  // EventSource retries by itself while the daemon restarts; say so meanwhile, unless the
+  // token is what it refused.
+  events.onerror = () => {
+    status.textContent = "reconnecting..."; status.className = "reconnecting";
+    fetch("/api/live", {headers: {"Authorization": `Bearer ${token}`}})
+      .then((reply) => { if (reply.status === 403) { events.close(); refused(); } }, () => {});
+  };
 }
 
 document.addEventListener("DOMContentLoaded", connect);
