@@ -50,7 +50,7 @@ import os
 import platform
 import tempfile
 from collections.abc import Iterable
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 import attrs
 
@@ -232,7 +232,7 @@ class SandboxPolicy:
         writable: paths the worker may write beneath (``~`` expanded, made absolute). A
             directory that does not exist is created before the rules apply (a step that
             declares ``~/.cache/app`` must be able to fill it on its first run).
-        network: allow TCP bind and connect (a pool step declared ``network=True``).
+        network: allow TCP bind and connect, and UDP (a pool step declared ``network=True``).
         scope_signals: deny signals to, and abstract Unix socket connections with,
             processes outside the worker's own tree (ABI >= 6).
         tmp_root: where the private per-worker temp directory is made (default: the
@@ -299,14 +299,14 @@ class SandboxReport:
         return f"sandbox {self.label}{missing}"
 
 
-_seccomp_filter: Optional[seccomp.Filter] = None
+#: The seccomp program by the policy's ``network`` (UDP allowed or not), built once per process.
+_seccomp_filters: Dict[bool, Optional[seccomp.Filter]] = {}
 
 
-def _filter() -> Optional[seccomp.Filter]:
-    global _seccomp_filter
-    if _seccomp_filter is None:
-        _seccomp_filter = seccomp.Filter.build()
-    return _seccomp_filter
+def _filter(network: bool) -> Optional[seccomp.Filter]:
+    if network not in _seccomp_filters:
+        _seccomp_filters[network] = seccomp.Filter.build(datagrams=network)
+    return _seccomp_filters[network]
 
 
 def prepare(policy: SandboxPolicy) -> None:
@@ -320,7 +320,7 @@ def prepare(policy: SandboxPolicy) -> None:
     if policy.tmp_root is None:
         tempfile.gettempdir()
     platform.machine()
-    _filter()
+    _filter(policy.network)
 
 
 def apply(policy: SandboxPolicy) -> SandboxReport:
@@ -348,14 +348,14 @@ def apply(policy: SandboxPolicy) -> SandboxReport:
     else:
         granted = ()
         missing.append(f"landlock (the kernel offers none: {platform.release()})")
-    held = _hold_to_seccomp(missing)
+    held = _hold_to_seccomp(policy.network, missing)
     threads = len(os.listdir("/proc/self/task")) - 1
     return SandboxReport(abi, tmpdir, granted, tuple(missing), threads, held)
 
 
-def _hold_to_seccomp(missing: list) -> bool:
+def _hold_to_seccomp(network: bool, missing: list) -> bool:
     """Load the seccomp filter; whether it holds (else why not is added to ``missing``)."""
-    program = _filter()
+    program = _filter(network)
     if program is None:
         missing.append(f"seccomp (no system call table for {platform.machine()})")
         return False

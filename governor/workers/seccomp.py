@@ -21,8 +21,10 @@ registers, never the memory a pointer names, so no path can be checked):
   ``shmdt``), ``sethostname``, ``setdomainname``, and the administrator's calls (mount, reboot, modules, clocks, ...);
 - by argument: ``fcntl(F_SETLEASE)`` (a read lease on a read-only descriptor holds every
   writer of the file off for 45 s); ``ioctl`` ``TIOCSTI`` and ``TIOCLINUX``;
-  ``socket`` but AF_UNIX, AF_NETLINK route, and AF_INET/AF_INET6 stream or datagram with
-  protocol 0, TCP or UDP; ``socketpair`` but AF_UNIX; ``prlimit64``,
+  ``socket`` but AF_UNIX, AF_NETLINK route, and AF_INET/AF_INET6 stream with protocol 0
+  or TCP (datagram with 0 or UDP too, for a step that declared ``network=True``: without
+  it, Landlock refuses TCP, and UDP, which Landlock cannot see before ABI 10, is refused
+  here); ``socketpair`` but AF_UNIX; ``prlimit64``,
   ``sched_setaffinity``, ``sched_setscheduler``, ``sched_setparam``, ``sched_setattr``,
   ``setpriority`` and ``ioprio_set`` on any process but the caller (pid 0 or its own);
 - not refused: ``fcntl`` record locks. Their write lock needs a descriptor open for
@@ -233,8 +235,12 @@ class Filter:
                            ctypes.c_uint(SECCOMP_FILTER_FLAG_TSYNC), ctypes.byref(self._fprog))
 
     @classmethod
-    def build(cls, machine: Optional[str] = None) -> Optional["Filter"]:
-        """The filter for ``machine`` (default: this one), or ``None`` where it has no table."""
+    def build(cls, machine: Optional[str] = None, datagrams: bool = True) -> Optional["Filter"]:
+        """The filter for ``machine`` (default: this one), or ``None`` where it has no table.
+
+        Args:
+            datagrams: allow UDP sockets (AF_INET/AF_INET6 datagram; the policy's ``network``).
+        """
         arch = ARCHES.get(machine or platform.machine())
         if arch is None:
             return None
@@ -283,8 +289,11 @@ class Filter:
         asm.label("inet")  # the type carries SOCK_CLOEXEC / SOCK_NONBLOCK above its low bits
         asm.load(_arg(1))
         asm.mask(SOCK_TYPE_MASK)
-        asm.jump(SOCK_STREAM, "inet_protocol")
-        asm.jump(SOCK_DGRAM, None, _DENY)
+        if datagrams:
+            asm.jump(SOCK_STREAM, "inet_protocol")
+            asm.jump(SOCK_DGRAM, None, _DENY)
+        else:
+            asm.jump(SOCK_STREAM, None, _DENY)
         asm.label("inet_protocol")
         asm.load(_arg(2))
         asm.jump(0, _ALLOW)

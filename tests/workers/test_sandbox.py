@@ -106,7 +106,7 @@ def test_require_fails_start_where_the_kernel_cannot_hold_workers_to_seccomp(mon
 def test_auto_without_seccomp_keeps_landlock_and_says_what_is_missing(tmp_path, monkeypatch):
     def no_table():
         monkeypatch.setattr(seccomp, "ARCHES", {})
-        monkeypatch.setattr(sandbox, "_seccomp_filter", None)
+        monkeypatch.setattr(sandbox, "_seccomp_filters", {})
 
     outcome = run_sandboxed(lambda report: None, SandboxPolicy(tmp_root=tmp_path), before=no_table)
     assert not outcome.report.seccomp and "seccomp" not in outcome.report.label

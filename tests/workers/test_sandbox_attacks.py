@@ -13,10 +13,12 @@ import errno
 import fcntl
 import os
 import resource
+import shutil
 import socket
 import sqlite3
 import struct
 import subprocess
+import tarfile
 import termios
 
 import pytest
@@ -162,7 +164,7 @@ def test_what_a_read_only_step_needs_still_works(tmp_path):
         os.setpriority(os.PRIO_PROCESS, 0, os.getpriority(os.PRIO_PROCESS, 0))
         os.sched_setaffinity(0, os.sched_getaffinity(0))
         os.sched_setaffinity(os.getpid(), os.sched_getaffinity(0))
-        for family, kind in ((socket.AF_INET, socket.SOCK_STREAM), (socket.AF_INET6, socket.SOCK_DGRAM),
+        for family, kind in ((socket.AF_INET, socket.SOCK_STREAM), (socket.AF_UNIX, socket.SOCK_DGRAM),
                              (socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)):
             socket.socket(family, kind).close()
         socket.socketpair()[0].close()
@@ -179,6 +181,44 @@ def test_what_a_read_only_step_needs_still_works(tmp_path):
 
     outcome = run_sandboxed(ordinary, SandboxPolicy(tmp_root=tmp_path))
     assert outcome.unwrap() == ([(42,)], 0)
+
+
+def test_copying_a_file_in_a_pool_step_works_the_documented_way(tmp_path):
+    """The filter refuses chmod and utime even in a step's own temp dir (seccomp sees no
+    paths), so copy2 and a plain extraction fail there; the README's ways round it work."""
+    source = tmp_path / "source.txt"
+    source.write_text("data")
+    with tarfile.open(tmp_path / "archive.tar", "w") as archive:
+        archive.add(source, arcname="inside.txt")
+
+    def copy(report):
+        target = os.path.join(report.tmpdir, "copy.txt")
+        with pytest.raises(PermissionError):
+            shutil.copy2(source, target)
+        shutil.copyfile(source, target)
+        with tarfile.open(tmp_path / "archive.tar") as archive:
+            archive.extractall(report.tmpdir, filter=lambda member, path: member.replace(mode=None, mtime=None))
+        with open(target) as copied, open(os.path.join(report.tmpdir, "inside.txt")) as extracted:
+            return copied.read(), extracted.read()
+
+    assert run_sandboxed(copy, SandboxPolicy(tmp_root=tmp_path)).unwrap() == ("data", "data")
+
+
+def _udp_send(port: int) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        return sock.sendto(b"x", ("127.0.0.1", port))
+
+
+def test_udp_is_refused_unless_the_step_declared_network(tmp_path):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as server:
+        server.bind(("127.0.0.1", 0))
+        port = server.getsockname()[1]
+        refused = run_sandboxed(lambda report: _udp_send(port), SandboxPolicy(tmp_root=tmp_path))
+        assert isinstance(refused.error, PermissionError) and refused.error.errno == errno.EPERM
+        allowed = run_sandboxed(lambda report: _udp_send(port), SandboxPolicy(tmp_root=tmp_path, network=True))
+        assert allowed.unwrap() == 1
+        server.settimeout(30)
+        assert server.recv(1) == b"x"  # from the step that declared the network
 
 
 def test_the_filter_holds_threads_started_before_it(tmp_path):
