@@ -94,12 +94,10 @@ def echo(value):
 @pytest.fixture
 def registry():
     registry = StepRegistry()
-    registry.register(forge, name="pool.forge", critical=False)
-    registry.register(huge_header, name="pool.huge", critical=False)
-    registry.register(wrong_shape, name="pool.wrong", critical=False)
-    registry.register(sleeper, name="pool.sleep", critical=False)
-    registry.register(echo, name="pool.echo", critical=False)
-    registry.register(echo, name="critical.echo", critical=True)
+    steps = {"pool.forge": forge, "pool.huge": huge_header, "pool.wrong": wrong_shape, "pool.sleep": sleeper,
+             "pool.echo": echo, "critical.echo": echo}
+    for name, fn in steps.items():
+        registry.register(fn, name=name, critical=name.startswith("critical."))
     return registry
 
 
