@@ -11,8 +11,10 @@ test_governor.py). ``"ray"`` starts one local Ray node for the whole session, bo
 the ``ray`` extra is not installed.
 """
 
+import contextlib
 import faulthandler
 import os
+import signal
 import sys
 import threading
 import time
@@ -87,6 +89,22 @@ def live_children():
     """Every live descendant of the test process except the interpreter helpers and Ray's own."""
     return [child for child in psutil.Process().children(recursive=True)
             if alive(child.pid) and not is_interpreter_helper(child) and not is_ray_process(child)]
+
+
+@contextlib.contextmanager
+def ctrl_c_not_ignored():
+    """Start a child here as a terminal would: with Ctrl-C's default disposition.
+
+    An ignored SIGINT survives exec, and Python then leaves Ctrl-C ignored (as it must:
+    that is how ``nohup`` and ``cmd &`` protect a command). A test run started that way (in
+    the background of a non-interactive shell) would otherwise give its clients an ignored
+    Ctrl-C. A Python handler, unlike SIG_IGN, is reset to the default in the child by exec.
+    """
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def processes_marked(marker: str, variable: str = "GOVERNOR_TEST_MARK"):

@@ -16,7 +16,7 @@ from typing import List, Tuple
 
 import pytest
 
-from conftest import wait_until
+from conftest import ctrl_c_not_ignored, wait_until
 from daemon_harness import DaemonProcess, daemon  # noqa: F401 (daemon: a fixture)
 from governor.cli import EXIT_CODES
 
@@ -262,28 +262,12 @@ def _read_all(fd: int, into: bytearray) -> None:
         into += chunk
 
 
-@contextlib.contextmanager
-def _ctrl_c_not_ignored():
-    """Start a child here as a terminal would: with Ctrl-C's default disposition.
-
-    An ignored SIGINT survives exec, and Python then leaves Ctrl-C ignored (as it must:
-    that is how ``nohup`` and ``cmd &`` protect a command). A test run started that way (in
-    the background of a non-interactive shell) would otherwise give its clients an ignored
-    Ctrl-C. A Python handler, unlike SIG_IGN, is reset to the default in the child by exec.
-    """
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
 def _interrupted(daemon, tmp_path, name: str, *command: str) -> Tuple[subprocess.CompletedProcess, List[int]]:
     """Run a waiting COMMAND whose tasks hold until released, press Ctrl-C once they all run;
     return what it printed and the ids it named."""
     # PYTHONFAULTHANDLER: if the client ever ignores the Ctrl-C, a SIGABRT makes it print
     # every thread's stack for the failure report.
-    with _ctrl_c_not_ignored():
+    with ctrl_c_not_ignored():
         process = subprocess.Popen([sys.executable, "-m", "governor", "--socket", str(daemon.socket), *command],
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                    env={**os.environ, "PYTHONFAULTHANDLER": "1"})

@@ -18,7 +18,7 @@ import uuid
 import psutil
 import pytest
 
-from conftest import processes_marked, wait_until
+from conftest import ctrl_c_not_ignored, processes_marked, wait_until
 
 #: Generous: the standard library's executor exits in about a second here.
 EXIT_WITHIN_S = 20.0
@@ -90,8 +90,9 @@ def program(tmp_path):
 
     def start(mode: str) -> subprocess.Popen:
         env = {**os.environ, "GOVERNOR_EXIT_TEST": marker}
-        process = subprocess.Popen([sys.executable, str(path), mode], cwd=tmp_path, env=env, text=True,
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        with ctrl_c_not_ignored():  # as a terminal starts it, however pytest was started
+            process = subprocess.Popen([sys.executable, str(path), mode], cwd=tmp_path, env=env, text=True,
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
         started.append(process)
         return process
 
