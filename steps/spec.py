@@ -333,6 +333,8 @@ class StepSpec:
             InvalidParameters: a relative path with no ``cwd`` to resolve it against.
         """
         resolved = dict(kwargs)
+        if not self.paths:
+            return resolved  # the common case, without reading the signature on every call
         defaults = _string_defaults(self.fn)
         for path in sorted(self.paths):
             if len(path) == 1 and path[0] not in resolved and path[0] in defaults:
