@@ -1,5 +1,7 @@
-"""Critical steps that write down what they did in a SQLite ledger, in a registry of their own:
-for the ``crash-keys`` scenario (``scenarios/crash_keys.py``) and the tests of crash recovery.
+"""Steps that write down what they did, in a registry of their own: critical steps in a SQLite
+ledger, for the ``crash-keys`` and ``crash-load`` scenarios (``scenarios/crash_keys.py``,
+``scenarios/crash_load.py``) and the tests of crash recovery; a pool step in a text file
+(``ledger_mark``: pool workers may write only beneath the bench's scratch root).
 
 A step appends a "start" row as it begins and an "end" row as it returns, so "run twice"
 is counted (two "start" rows of one name), not assumed. The ledger is a file of its own,
@@ -13,6 +15,7 @@ import sqlite3
 import time
 from typing import List
 
+from governor.bench.core import SCRATCH_ROOT
 from governor.steps import StepRegistry
 
 registry = StepRegistry()
@@ -65,3 +68,20 @@ def ledger_again(ledger: str, key: str, name: str, ms: float = 0.0, gate: str = 
 def ledger_once(ledger: str, key: str, name: str, ms: float = 0.0, gate: str = "") -> str:
     """:func:`ledger_again`, not idempotent: never run again after a crash."""
     return _run(ledger, name, ms, gate)
+
+
+@registry.step(critical=False, writes=[SCRATCH_ROOT])
+def ledger_mark(path: str, name: str) -> str:
+    """A read-only (pool) step that leaves a trace of every run: appends ``name`` as a line
+    to the text file ``path`` (one ``O_APPEND`` write: lines of concurrent runs never mix)."""
+    with open(path, "a") as marks:
+        marks.write(name + "\n")
+    return name
+
+
+def marks(path: str) -> List[str]:
+    """The names :func:`ledger_mark` wrote to ``path``, one per run."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as lines:
+        return lines.read().split()

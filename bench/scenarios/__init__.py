@@ -22,6 +22,7 @@ from governor.bench.scenarios import daemon  # noqa: F401
 from governor.bench.scenarios import sandbox  # noqa: F401
 from governor.bench.scenarios import chaos  # noqa: F401
 from governor.bench.scenarios import crash_keys  # noqa: F401
+from governor.bench.scenarios import crash_load  # noqa: F401
 from governor.bench.scenarios import ray_lane  # noqa: F401
 # isort: on
 

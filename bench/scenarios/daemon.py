@@ -1,17 +1,23 @@
 """Scenario ``daemon``: the same no-op round trip and throughput, through the Unix socket.
 
 A real ``governor serve`` runs in a subprocess on a private socket and journal, serving the
-bench's own steps. Measured, in one run:
+bench's own steps, once per ``--journal-sync`` mode. Measured, in one run:
 
 * round trip, one client: ``client.submit("noop").result()``, one at a time (journal
   insert, dispatch record, end record and two socket hops included), next to the same
   round trip through an in-process Supervisor;
-* throughput and per-task latency with 1 and with ``DAEMON_CLIENTS`` clients, each on its
-  own connection in its own thread, all submitting at once: saturation, where a task's
-  latency is mostly its wait behind the others (and named so);
+* throughput of :data:`DAEMON_TASKS` no-ops from 1, 10 and 50 clients (:data:`CLIENTS`),
+  each on its own connection in its own thread, all submitting at once, in both sync
+  modes, next to as many threads submitting to an in-process Supervisor: one ``submit``
+  per task, and one ``run_batch`` per client (a batch travels as one frame);
 * the daemon's own latency: one client offering no-ops at a steady rate below saturation
   (:data:`STEADY_SHARE` of the one-client throughput just measured), each latency from the
   task's scheduled send to its result (see :func:`_steady`).
+
+The targets are the daemon issue's bars, judged against the in-process figures of the
+same run: round trip p50 within :data:`ROUNDTRIP_MARGIN_MS` of in-process; from 50
+clients, at least :data:`NORMAL_PER_S` and half the in-process throughput, and
+:data:`FULL_PER_S` with ``--journal-sync full``.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import List, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 from governor.bench.bench_steps import registry
 from governor.bench.core import ScenarioContext, ScenarioResult, scenario
@@ -31,8 +37,21 @@ from governor.bench.stats import Summary, Throughput, ratio, to_ms
 from governor import Supervisor
 from governor.client import Client, DaemonUnavailable
 
-#: Concurrent clients in the many-clients run (the daemon issue's load test uses 50).
-DAEMON_CLIENTS = 50
+#: Concurrent clients in the throughput runs (the daemon issue's load test uses 50).
+CLIENTS = (1, 10, 50)
+
+#: No-ops per throughput run, by run size (the daemon issue's load test sends 10,000).
+DAEMON_TASKS = {"full": 10_000, "quick": 2_000, "tiny": 20}
+
+#: The issue's bars: round trip p50 within this of in-process; from 50 clients, these rates
+#: (``--journal-sync normal`` and ``full``) and this share of the in-process throughput.
+ROUNDTRIP_MARGIN_MS = 0.3
+NORMAL_PER_S = 5_000
+FULL_PER_S = 2_000
+IN_PROCESS_SHARE = 0.5
+
+#: How long one client waits for the results of its share of a throughput run.
+RESULT_TIMEOUT_S = 300
 
 #: The steady load's rate, as a share of the throughput one client reached at saturation:
 #: low enough that tasks do not queue behind each other, so what is left is the daemon's
@@ -80,18 +99,35 @@ def _roundtrips(submit, count: int) -> List[float]:
     return samples
 
 
-def _load(socket_path: Path, clients: int, tasks: int) -> Tuple[Throughput, List[float]]:
-    """``tasks`` no-ops split over ``clients`` connections at once: throughput and latencies."""
+def _one_client_submits(client: Any, count: int) -> List[float]:
+    """``count`` no-ops, each submitted alone, then every result: each one's latency."""
+    sent = [(time.perf_counter(), client.submit("noop")) for _ in range(count)]
+    latencies = []
+    for started, future in sent:
+        future.result(timeout=RESULT_TIMEOUT_S)
+        latencies.append(time.perf_counter() - started)
+    return latencies
+
+
+def _one_client_batch(client: Any, count: int) -> List[float]:
+    """``count`` no-ops as one batch: its latency, for each task."""
+    started = time.perf_counter()
+    client.run_batch([("noop", {})] * count, timeout=RESULT_TIMEOUT_S)
+    return [time.perf_counter() - started] * count
+
+
+def _load(connect: Callable[[], Any], run: Callable[[Any, int], List[float]], clients: int,
+          tasks: int) -> Tuple[Throughput, List[float]]:
+    """``tasks`` no-ops split over ``clients`` threads at once, each with the client
+    ``connect()`` gives it (a connection of its own, or the shared Supervisor), running
+    its share with ``run``: throughput and latencies."""
     def one_client(count: int) -> List[float]:
-        with Client(socket_path) as client:
-            sent = []
-            for _ in range(count):
-                sent.append((time.perf_counter(), client.submit("noop")))
-            latencies = []
-            for started, future in sent:
-                future.result(timeout=300)
-                latencies.append(time.perf_counter() - started)
-            return latencies
+        client = connect()
+        try:
+            return run(client, count)
+        finally:
+            if isinstance(client, Client):
+                client.close()
 
     shares = [tasks // clients + (1 if n < tasks % clients else 0) for n in range(clients)]
     start = time.perf_counter()
@@ -123,58 +159,97 @@ def _steady(socket_path: Path, rate: float, tasks: int) -> List[float]:
     return latencies
 
 
+def _stop(process: subprocess.Popen) -> None:
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+#: The ways a client sends its share of a throughput run: (key, label, run).
+_FORMS = (("submit", "one submit per task", _one_client_submits),
+          ("batch", "one batch per client", _one_client_batch))
+
+
+def _throughputs(result: ScenarioResult, ctx: ScenarioContext, where: str, connect: Callable[[], Any],
+                 tasks: int) -> Dict[Tuple[str, int], Throughput]:
+    """Every client count and form of :data:`CLIENTS` and :data:`_FORMS` against one target."""
+    figures = {}
+    for form, form_label, run in _FORMS:
+        for clients in CLIENTS:
+            clients = min(clients, tasks)
+            ctx.progress(f"throughput, {where}, {clients} clients, {form_label}: {tasks} no-ops")
+            throughput, latencies = _load(connect, run, clients, tasks)
+            figures[(form, clients)] = throughput
+            label = f"{where}, {clients} client{'s' if clients > 1 else ''}, {form_label}"
+            result.put(f"throughput.{where.replace(' ', '_')}.{form}.clients_{clients}", throughput,
+                       f"throughput, {label}")
+            if form == "submit":
+                result.distribution("Latency at saturation (mostly queueing)", label, to_ms(latencies))
+    return figures
+
+
 @scenario("daemon")
 def daemon(ctx: ScenarioContext) -> ScenarioResult:
-    """No-op round trip, throughput at saturation and latency at a steady rate, through the daemon's socket."""
+    """No-op round trip and throughput from 1, 10 and 50 clients in both sync modes, through the daemon's socket."""
     size, result = ctx.size, ScenarioResult()
-    workers = size.peer_workers
+    workers, tasks = size.peer_workers, DAEMON_TASKS[ctx.size_name]
     count = max(10, size.roundtrips // 2)
-    ctx.progress(f"starting governor serve ({workers} workers)")
-    process, socket_path = _start_daemon(ctx.scratch, workers)
-    try:
-        with Client(socket_path) as client:
-            _roundtrips(client.submit, 20 * size.warmup)
-            ctx.progress(f"round trips through the socket: {count}")
-            through_socket = _roundtrips(client.submit, count)
-        clients = min(DAEMON_CLIENTS, size.throughput_tasks)
-        saturated = {}
-        for label, connections in (("1 client", 1), (f"{clients} clients", clients)):
-            ctx.progress(f"throughput, {label}: {size.throughput_tasks} no-ops")
-            throughput, latencies = _load(socket_path, connections, size.throughput_tasks)
-            saturated[connections] = throughput
-            key = "one_client" if connections == 1 else "many_clients"
-            at_once = f"{label}, all {size.throughput_tasks:,} submitted at once"
-            result.put(f"{key}.clients", connections)
-            result.put(f"{key}.throughput", throughput, f"throughput, {at_once}")
-            result.put(f"{key}.latency", Summary.of_seconds(latencies),
-                       f"latency per task at saturation (mostly queueing), {at_once}")
-            result.distribution("Latency through the daemon", f"saturated, {label}", to_ms(latencies))
-        rate = STEADY_SHARE * saturated[1].per_s
-        tasks = max(20, min(size.throughput_tasks, round(rate * STEADY_SECONDS)))
-        ctx.progress(f"steady load: {tasks} no-ops at {rate:,.0f}/s from 1 client")
-        steady = _steady(socket_path, rate, tasks)
-        result.put("steady.rate_per_s", round(rate, 1))
-        result.put("steady.tasks", tasks)
-        result.put("steady.latency", Summary.of_seconds(steady),
-                   f"latency per task at a steady {rate:,.0f}/s ({STEADY_SHARE:.0%} of saturation), 1 client")
-        result.distribution("Latency through the daemon", f"steady {rate:,.0f}/s, 1 client", to_ms(steady))
-    finally:
-        process.send_signal(signal.SIGTERM)
+    through = {}
+    for sync in ("normal", "full"):
+        ctx.progress(f"starting governor serve ({workers} workers, --journal-sync {sync})")
+        directory = ctx.scratch / sync
+        directory.mkdir()
+        process, socket_path = _start_daemon(directory, workers, extra_args=("--journal-sync", sync))
         try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    ctx.progress("the same round trip in process, for comparison")
+            if sync == "normal":
+                with Client(socket_path) as client:
+                    _roundtrips(client.submit, 20 * size.warmup)
+                    ctx.progress(f"round trips through the socket: {count}")
+                    through_socket = _roundtrips(client.submit, count)
+            through[sync] = _throughputs(result, ctx, f"daemon {sync}", lambda: Client(socket_path), tasks)
+            if sync == "normal":
+                rate = STEADY_SHARE * through[sync][("submit", 1)].per_s
+                steady_tasks = max(20, min(tasks, round(rate * STEADY_SECONDS)))
+                ctx.progress(f"steady load: {steady_tasks} no-ops at {rate:,.0f}/s from 1 client")
+                steady = _steady(socket_path, rate, steady_tasks)
+                result.put("steady.rate_per_s", round(rate, 1))
+                result.put("steady.tasks", steady_tasks)
+                result.put("steady.latency", Summary.of_seconds(steady),
+                           f"latency per task at a steady {rate:,.0f}/s ({STEADY_SHARE:.0%} of saturation), 1 client")
+                result.distribution("Latency through the daemon", f"steady {rate:,.0f}/s, 1 client", to_ms(steady))
+        finally:
+            _stop(process)
+    ctx.progress("the same round trip and throughput in process, for comparison")
     with Supervisor(registry, workers) as supervisor:
         _roundtrips(supervisor.submit, 20 * size.warmup)
         in_process = _roundtrips(supervisor.submit, count)
+        local = _throughputs(result, ctx, "in process", lambda: supervisor, tasks)
     socket_summary, local_summary = Summary.of_seconds(through_socket), Summary.of_seconds(in_process)
     result.put("roundtrip.socket", socket_summary, "no-op round trip through the socket")
     result.put("roundtrip.in_process", local_summary, "no-op round trip, in-process Supervisor")
     result.put("roundtrip.ratio_p50", ratio(socket_summary.p50, local_summary.p50), "socket / in-process, p50", "x")
     result.distribution("Latency through the daemon", "round trip, 1 client", to_ms(through_socket))
-    result.note("Each submission is journaled (SQLite WAL, synchronous=NORMAL) before its ack, marked "
-                "running (a critical step before it reaches a worker) and marked finished at its end; the "
-                "daemon commits what one turn of its loop brought in one transaction.")
+    _targets(result, socket_summary, local_summary, through, local, min(max(CLIENTS), tasks))
+    result.note("Each submission is journaled (SQLite WAL) before its ack, marked running (a critical step "
+                "before it reaches a worker) and marked finished at its end; the daemon commits what one turn "
+                "of its loop brought in one transaction, synced as --journal-sync says (full: an fsync per "
+                "commit).")
     return result
+
+
+def _targets(result: ScenarioResult, socket_summary: Summary, local_summary: Summary,
+             through: Dict[str, Dict[Tuple[str, int], Throughput]], local: Dict[Tuple[str, int], Throughput],
+             clients: int) -> None:
+    """The issue's bars, each against this run's in-process figure where it has one."""
+    result.target(f"round trip p50, through the socket - in process <= {ROUNDTRIP_MARGIN_MS:g} ms",
+                  socket_summary.p50 - local_summary.p50, ROUNDTRIP_MARGIN_MS, "ms")
+    for form, form_label, _ in _FORMS:
+        normal, full = through["normal"][(form, clients)].per_s, through["full"][(form, clients)].per_s
+        where = f"{clients} clients, {form_label}"
+        result.target(f"{where}, normal: {NORMAL_PER_S:,}/s / ours <= 1x", ratio(NORMAL_PER_S, normal), 1.0, "x")
+        result.target(f"{where}, normal: in process / ours <= {1 / IN_PROCESS_SHARE:g}x",
+                      ratio(local[(form, clients)].per_s, normal), 1 / IN_PROCESS_SHARE, "x")
+        result.target(f"{where}, full: {FULL_PER_S:,}/s / ours <= 1x", ratio(FULL_PER_S, full), 1.0, "x")
