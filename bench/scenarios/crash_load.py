@@ -54,6 +54,9 @@ WORKERS = 4
 #: How long a task may take to end after the restart: a deadlock detector.
 WAIT_S = 120.0
 
+#: Lost tasks described per trial (in the figures), at most.
+LOST_EXAMPLES = 10
+
 #: The plan's seed: the same kill points every run.
 SEED = 25
 
@@ -84,8 +87,8 @@ def _client(socket_path: Path, ledger: str, marks: str, number: int, tasks: int)
     return accepted
 
 
-def trial(directory: Path, clients: int, tasks: int, kill_after: int) -> Dict[str, int]:
-    """One trial (module docstring); its counts."""
+def trial(directory: Path, clients: int, tasks: int, kill_after: int) -> Tuple[Dict[str, int], List[str]]:
+    """One trial (module docstring): its counts, and what each lost task looked like."""
     ledger, marks = str(directory / "ledger.db"), str(directory / "marks.txt")
     process, socket_path = _start_daemon(directory, WORKERS, steps="governor.bench.ledger_steps")
     try:
@@ -112,16 +115,20 @@ def trial(directory: Path, clients: int, tasks: int, kill_after: int) -> Dict[st
 
 
 def _count(accepted: List[Accepted], states: Dict[str, str], done_at_kill: set, ledger: str,
-           marks: str) -> Dict[str, int]:
+           marks: str) -> Tuple[Dict[str, int], List[str]]:
     starts, ends = ledger_steps.runs(ledger), set(ledger_steps.runs(ledger, "end"))
     pool_runs = ledger_steps.marks(marks)
     counts = {"accepted": len(accepted), "lost": 0, "run_twice": 0, "out_of_order": 0, "interrupted": 0,
               "pool_rerun": 0}
+    lost = []
     for task in accepted:
         state = states[task.name]
         runs = starts.count(task.name) if task.critical else pool_runs.count(task.name)
         ran = task.name in ends if task.critical else runs > 0
-        counts["lost"] += not (state == "done" and ran or state == "interrupted" and task.critical)
+        if not (state == "done" and ran or state == "interrupted" and task.critical):
+            counts["lost"] += 1
+            lost.append(f"task {task.task_id} ({'critical' if task.critical else 'pool'}): {state}, {runs} runs, "
+                        f"{'done' if task.task_id in done_at_kill else 'not done'} in the journal at the kill")
         counts["interrupted"] += state == "interrupted"
         if task.critical:
             counts["run_twice"] += runs > 1
@@ -131,7 +138,7 @@ def _count(accepted: List[Accepted], states: Dict[str, str], done_at_kill: set, 
     critical_ids = {task.name: task.task_id for task in accepted if task.critical}
     first_starts = [name for name in dict.fromkeys(starts) if name in critical_ids]
     counts["out_of_order"] = int(first_starts != sorted(first_starts, key=critical_ids.get))
-    return counts
+    return counts, lost
 
 
 @scenario("crash-load", named_only=True)
@@ -146,9 +153,12 @@ def crash_load(ctx: ScenarioContext) -> ScenarioResult:
         ctx.progress(f"trial {number + 1} of {trials}: {clients} clients, kill -9 after {kill_after} critical starts")
         directory = ctx.scratch / f"trial-{number}"
         directory.mkdir()
-        counts = trial(directory, clients, tasks, kill_after)
+        counts, lost = trial(directory, clients, tasks, kill_after)
         result.row(f"trial {number + 1}, killed after {kill_after} critical starts",
                    ", ".join(f"{name} {value}" for name, value in counts.items()))
+        if lost:  # what the lost tasks looked like, so that a failure explains itself
+            result.put(f"lost_examples.trial_{number + 1}", lost[:LOST_EXAMPLES])
+            result.row(f"trial {number + 1}, lost, e.g.", "; ".join(lost[:3]))
         for name, value in counts.items():
             totals[name] = totals.get(name, 0) + value
     for name, value in totals.items():
