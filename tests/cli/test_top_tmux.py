@@ -101,7 +101,7 @@ def test_top_in_a_terminal_shows_steps_kills_cancels_and_survives_a_restart(daem
         held_id = held.wait_for_id(30)
         screen = tmux.wait_for("timed_sleep", "/ 900.0 s")
         [row] = [line for line in workers_rows(screen) if "timed_sleep" in line]
-        assert row.split()[1:5] == ["pool", "busy", "timed_sleep", str(held_id)]  # the daemon's id
+        assert row.split()[1:6] == ["pool", "busy", "timed_sleep", "-", str(held_id)]  # no lane key; the daemon's id
 
         killed = client.submit_call(Call("busy_loop", limits=Limits(timeout_s=1)))
         with pytest.raises(StepTimeout) as timeout:
