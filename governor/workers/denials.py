@@ -43,6 +43,15 @@ NAMED_PATHS_KEPT = 16
 #: The audit events whose path a refusal does not carry, and that path's index in the event.
 _AUDITED = {"socket.bind": 1, "sqlite3.connect": 0}
 
+#: The metadata calls the seccomp filter refuses wherever they aim (their audit events).
+_METADATA_EVENTS = frozenset({"os.chmod", "os.chown", "os.utime", "os.setxattr", "os.removexattr"})
+
+#: What a refused metadata call's error gets as a note: why, and what to do instead.
+METADATA_NOTE = ("the pool lane's sandbox refuses chmod, chown, utime and xattr calls on every path, its own "
+                 "temp dir included: copy with shutil.copyfile (copytree(..., copy_function=shutil.copyfile)), "
+                 "extract a tar with filter=lambda m, p: m.replace(mode=None, mtime=None), or run the step in "
+                 "the critical lane")
+
 #: What a program prints next to a path it was refused (git, sqlite3, coreutils).
 _REFUSAL_TEXT = re.compile(r"permission denied|read-only file system|operation not permitted|"
                            r"invalid cross-device link|readonly database", re.IGNORECASE)
@@ -52,6 +61,7 @@ _PATH_IN_TEXT = re.compile(r"""'(/[^']+)'|"(/[^"]+)"|(?<![\w.])(/[^\s'":]+)""")
 _RAISE = dis.opmap["RAISE_VARARGS"]
 
 _named_paths: collections.deque = collections.deque(maxlen=NAMED_PATHS_KEPT)
+_last_metadata_call: list = [None]  # the path of the step's last metadata call
 
 
 def watch() -> None:
@@ -65,12 +75,25 @@ def watch() -> None:
 def forget() -> None:
     """Forget the paths seen so far (a task starts)."""
     _named_paths.clear()
+    _last_metadata_call[0] = None
 
 
 def _witness(event: str, args: tuple) -> None:
     index = _AUDITED.get(event)
     if index is not None and isinstance(args[index], (str, bytes, os.PathLike)):
         _named_paths.appendleft(args[index])
+    elif event in _METADATA_EVENTS:
+        _last_metadata_call[0] = args[0]
+
+
+def note_metadata_refusal(error: BaseException) -> None:
+    """Add :data:`METADATA_NOTE` to ``error`` if it is the seccomp filter's refusal of the
+    step's last metadata call: ``EPERM`` naming that call's path, or no path (``os.utime``
+    with ``ns=`` names none)."""
+    last = _last_metadata_call[0]
+    if (last is not None and isinstance(error, PermissionError) and error.errno == errno.EPERM
+            and error.filename in (None, last) and METADATA_NOTE not in getattr(error, "__notes__", ())):
+        error.add_note(METADATA_NOTE)
 
 
 def _naming_its_path(call):

@@ -438,8 +438,12 @@ def _allow(ruleset: int, path: str, rights: int) -> None:
 def denied_write(error: BaseException, report: SandboxReport) -> Optional[str]:
     """The path the sandbox refused a step, if that is why ``error`` happened
     (``governor.workers.denials``); ``None`` for the step's own error or where nothing
-    holds the process.
+    holds the process. A metadata call the seccomp filter refused (in a writable path,
+    so no denied write) gets a note on ``error`` saying why and what to do instead.
     """
     if not (report.applied or report.seccomp):
         return None
-    return denials.denied_write(error, report.writable)
+    denied = denials.denied_write(error, report.writable)
+    if denied is None and report.seccomp:
+        denials.note_metadata_refusal(error)
+    return denied

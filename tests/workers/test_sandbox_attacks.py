@@ -25,7 +25,7 @@ import pytest
 
 from governor import ReadOnlyViolation, Supervisor
 from governor.steps import StepRegistry
-from governor.workers import libc, seccomp
+from governor.workers import denials, libc, sandbox, seccomp
 from governor.workers.sandbox import SandboxPolicy
 from sandboxed import run_sandboxed
 
@@ -193,8 +193,10 @@ def test_copying_a_file_in_a_pool_step_works_the_documented_way(tmp_path):
 
     def copy(report):
         target = os.path.join(report.tmpdir, "copy.txt")
-        with pytest.raises(PermissionError):
+        with pytest.raises(PermissionError) as refused:
             shutil.copy2(source, target)
+        sandbox.denied_write(refused.value, report)
+        assert refused.value.__notes__ == [denials.METADATA_NOTE]  # says why, and what works instead
         shutil.copyfile(source, target)
         with tarfile.open(tmp_path / "archive.tar") as archive:
             archive.extractall(report.tmpdir, filter=lambda member, path: member.replace(mode=None, mtime=None))
