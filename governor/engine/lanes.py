@@ -51,7 +51,7 @@ from governor.errors import (InvalidTransition, MalformedOutcome, MemoryLimitExc
 from governor.limits import Lane
 from governor.logs import log_death
 from governor.task import KillOrder, Task, TaskState
-from governor.workers.messages import Cancel, Dirty, Outcome, revoked_from_wire, up_from_wire
+from governor.workers.messages import Cancel, Dirty, Outcome, Skipped, revoked_from_wire, up_from_wire
 from governor.workers.proctree import MEMORY_SAMPLE_INTERVAL_S, kill_tree, mib
 from governor.workers.sandbox import SandboxPolicy
 
@@ -402,9 +402,13 @@ class LocalLanes(WorkerStarts):
             slot.unwatch_control()  # dying: its pidfd says when it is dead
 
     def _taken_back(self, slot: Slot, task_id: int) -> None:
-        """The worker will not run task ``task_id``: it goes to the front of its lane's queue."""
+        """The worker will not run task ``task_id``: it goes to the front of its lane's queue.
+
+        The worker says so twice, once on each socket (``Revoked``, ``Skipped``): the
+        second finds the task gone, or sent again, as a new run that was not asked back.
+        """
         run = self._running.get(task_id)
-        if run is None or run.slot is not slot:
+        if run is None or run.slot is not slot or not run.taking_back:
             return
         if run in slot.aheads:
             self._send_ahead.drop(run)
@@ -486,9 +490,12 @@ class LocalLanes(WorkerStarts):
         except ValueError as exc:  # over the cap, or not an outcome
             self._misbehaving(slot, f"its task socket carried {exc}")
 
-    def _take_frame(self, slot: Slot, message: Union[Outcome, Dirty]) -> None:
+    def _take_frame(self, slot: Slot, message: Union[Outcome, Dirty, Skipped]) -> None:
         if type(message) is Dirty:
             self._on_dirty(slot, message.problem)
+            return
+        if type(message) is Skipped:  # its outcome is not the next one: what comes next is the next task's
+            self._taken_back(slot, message.task_id)
             return
         run = slot.run
         if run is None or slot.state is SlotState.KILLING:

@@ -117,10 +117,23 @@ class Dirty(NamedTuple):
     problem: str
 
 
+class Skipped(NamedTuple):
+    """Up the task socket, where an outcome would be: the worker skipped task ``task_id``,
+    which the supervisor took back (:class:`Revoke`) before the worker reached it.
+
+    The control socket's :class:`Revoked` says so at once, but from another thread and
+    on another socket: this one keeps the task socket's own order (outcome, skipped task,
+    next outcome), so the supervisor never takes the next task's outcome for the skipped
+    task's.
+    """
+
+    task_id: int
+
+
 #: An outcome's frame: its tag, its fixed fields, then the byte lengths of its six variable
 #: fields (:data:`_TEXTS` and the two pickles), each :data:`_ABSENT` for ``None``.
 _OUTCOME = struct.Struct("!cBddiqq6I")
-_OUTCOME_TAG, _DIRTY_TAG = b"O", b"D"
+_OUTCOME_TAG, _DIRTY_TAG, _SKIPPED_TAG = b"O", b"D", b"S"
 _ABSENT = 0xFFFFFFFF
 _NO_FIGURE = -1  # peak_rss_bytes, rss_bytes: None
 _TEXTS = ("exc_type", "exc_message", "traceback_text", "denied_path")
@@ -163,8 +176,13 @@ def dirty_to_wire(dirty: Dirty) -> bytes:
     return _DIRTY_TAG + dirty.problem.encode("utf-8", "surrogateescape")
 
 
-def up_from_wire(data: bytes) -> Union[Outcome, Dirty]:
-    """The :class:`Outcome` or :class:`Dirty` in a frame from a worker's task socket, read
+def skipped_to_wire(skipped: Skipped) -> bytes:
+    """A :class:`Skipped` notice's frame."""
+    return _SKIPPED_TAG + _REVOKED.pack(skipped.task_id)
+
+
+def up_from_wire(data: bytes) -> Union[Outcome, Dirty, Skipped]:
+    """The :class:`Outcome`, :class:`Dirty` or :class:`Skipped` in a frame from a worker's task socket, read
     without unpickling anything but an exception (:func:`load_exception`).
 
     The outcome's ``value`` is a :class:`~governor.task.Pickled` of what the step returned,
@@ -177,6 +195,8 @@ def up_from_wire(data: bytes) -> Union[Outcome, Dirty]:
     if tag != _OUTCOME_TAG:
         if tag == _DIRTY_TAG:
             return Dirty(data[1:].decode("utf-8", "replace"))
+        if tag == _SKIPPED_TAG and len(data) == 1 + _REVOKED.size:
+            return Skipped(*_REVOKED.unpack_from(data, 1))
         raise ValueError(f"a frame of unknown kind {tag!r}")
     try:
         head = _OUTCOME.unpack_from(data)

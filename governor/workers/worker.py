@@ -61,7 +61,8 @@ from governor.workers import sandbox as _sandbox
 from governor.errors import StepCancelled
 from governor.workers.frames import Frames, send_frame
 from governor.workers.messages import (TASK_ID, Assignment, Cancel, Channel, Dirty, Hello, Outcome, OutcomeKind, Revoke,
-                                       Revoked, dirty_to_wire, hello_to_wire, outcome_to_wire, revoked_to_wire)
+                                       Revoked, Skipped, dirty_to_wire, hello_to_wire, outcome_to_wire, revoked_to_wire,
+                                       skipped_to_wire)
 from governor.workers.seats import Seat
 
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -188,8 +189,9 @@ def serve(slot_id: int, lane: str, address: str, seats_path: str, seat_index: in
             frame = frames.next(fd)
         except (EOFError, OSError, ValueError):  # ValueError: over the cap, which the supervisor keeps
             os._exit(0)  # the supervisor retired this worker, or is gone
-        if not _take_assignment():
-            continue  # taken back by the supervisor: it runs elsewhere
+        if not _take_assignment():  # taken back by the supervisor: it runs elsewhere
+            send_frame(fd, skipped_to_wire(Skipped(TASK_ID.unpack_from(frame)[0])))
+            continue
         # Taking it: should unpickling its arguments end this process (a __reduce__ that
         # calls os._exit), the seat tells the supervisor, which fails the task rather than
         # sending it to worker after worker.
