@@ -152,6 +152,8 @@ class RequestGovernor:
         finally:
             if not gathering.done():
                 gathering.cancel()
+                # Nobody reads its end; unread, asyncio logs it when it is collected.
+                gathering.add_done_callback(_consume)
         if gathering not in done:
             raise RequestSuperseded(self.key, superseded.result())
         superseded.cancel()
@@ -297,6 +299,11 @@ class _ResponseWatch:
         elif message["type"] == "http.response.body" and not message.get("more_body", False):
             self.complete = True
         await self._send(message)
+
+
+def _consume(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _settle(future: asyncio.Future, value: Any) -> None:
