@@ -34,8 +34,8 @@ starts, so a workflow of idempotent steps resumes at the step that was running.
 
 Concurrency: one connection, shared by the daemon's event-loop thread and the supervisor's
 manager thread, serialised by a lock. Other processes may read the file, but two daemons
-must never serve one journal (both would recover and resume the same rows): the daemon has
-to make sure of that itself, e.g. with a lock file next to its socket.
+must never serve one journal (both would recover and resume the same rows): the daemon
+makes sure of that itself, with an flock on the journal file (``preflight.JournalLock``).
 
 Times are wall-clock ``time.time()`` values: they outlive the process and the machine's
 uptime, and people read them. Nothing here is a deadline, so the monotonic clock's
