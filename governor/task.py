@@ -185,7 +185,7 @@ class Task:
     state: TaskState = TaskState.QUEUED
     dispatched_at: Optional[float] = None
     first_dispatched_at: Optional[float] = None  # its timeout runs from here, however often it is sent
-    workers_lost: int = 0  # workers that died taking it, before its step started
+    workers_lost: int = 0  # worker deaths it may have caused before its step started (LocalLanes._sent_again)
     started_at: Optional[float] = None
     ended_at: Optional[float] = None
     pid: Optional[int] = None

@@ -649,7 +649,9 @@ class LocalLanes(WorkerStarts):
         self._send_ahead.drop(run)
         self._running.pop(task.id, None)
         if taken != task.id:
-            if not self._sent_again(slot, task):
+            # Behind the task the worker ran, this one is to blame only if the worker died
+            # reading its arguments: a death for the task before it costs it nothing.
+            if not self._sent_again(slot, task, to_blame=taken == -task.id):
                 self._conclude_crash(slot, task, PoisonedTask(task.step, task.id, slot.pid, None, None,
                                                               taken == -task.id, task.workers_lost))
             return
@@ -659,13 +661,14 @@ class LocalLanes(WorkerStarts):
         log_death(f"{crash} (killed for the task before it)", task, slot.lane, slot.pid, "crash", None, None)
         self._host.conclude(task, TaskState.CRASHED, crash)
 
-    def _sent_again(self, slot: Slot, task: Task) -> bool:
+    def _sent_again(self, slot: Slot, task: Task, to_blame: bool = True) -> bool:
         """``slot``'s worker died taking ``task``, before its step started (before it read
         the task, or while it unpickled the arguments: a kill from outside may land there
         too): the task goes to the next free worker of its lane, ahead of the queue, unless
-        it has cost :data:`MAX_WORKERS_LOST` workers already. Whether it was sent again
-        (if not, it fails as :class:`PoisonedTask` and the lane goes on)."""
-        task.workers_lost += 1
+        it has cost :data:`MAX_WORKERS_LOST` workers already (counting the deaths it may be
+        ``to_blame`` for). Whether it was sent again (if not, it fails as
+        :class:`PoisonedTask` and the lane goes on)."""
+        task.workers_lost += to_blame
         if task.workers_lost > MAX_WORKERS_LOST:
             return False
         self._host.metrics.task_redispatched(slot.lane)

@@ -107,6 +107,9 @@ def test_a_task_sent_ahead_goes_to_another_worker_when_its_worker_dies(make_supe
             first.result(timeout=60)
     assert behind.result(timeout=60) not in (worker, None)
     assert sup.metrics()["redispatched"]["pool"] == 1
+    # Its worker died for the task before it: a death it is not to blame for, which
+    # brings it no nearer to failing as a poisoned task (it had not read its arguments).
+    assert behind.task.workers_lost == 0
 
 
 def test_a_task_waiting_behind_a_step_that_turned_out_long_goes_to_a_free_worker(make_supervisor, tmp_path):
