@@ -147,7 +147,7 @@ class AsyncClient:
     async def _read_replies(self, reader: asyncio.StreamReader, conversation: Conversation) -> None:
         try:
             while True:
-                conversation.dispatch(await protocol.read_message(reader))
+                conversation.dispatch(await protocol.read_message(reader, protocol.MAX_REPLY_BYTES))
         except (EOFError, OSError, protocol.ProtocolError) as lost:
             conversation.lose(str(lost))
 

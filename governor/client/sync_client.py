@@ -308,7 +308,7 @@ class Client:
     def _read_replies(sock: socket.socket, conversation: Conversation) -> None:
         try:
             while True:
-                conversation.dispatch(protocol.recv_message(sock))
+                conversation.dispatch(protocol.recv_message(sock, protocol.MAX_REPLY_BYTES))
         except (EOFError, OSError, protocol.ProtocolError) as lost:
             conversation.lose(str(lost))
 

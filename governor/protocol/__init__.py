@@ -28,11 +28,11 @@ from governor.protocol.messages import (DEFAULT_STATUS_LIMIT, MAX_BATCH_CALLS, M
                                         Request, Status, StepCall, Steps, Submit, Wait, Workers, WorkflowRequest,
                                         error_reply,
                                         ok_reply, parse_request, request_id_of, unwrap_reply)
-from governor.protocol.values import MAX_MESSAGE_BYTES, MAX_RESULT_DEPTH, to_json_value
+from governor.protocol.values import MAX_MESSAGE_BYTES, MAX_REPLY_BYTES, MAX_RESULT_DEPTH, to_json_value
 
 __all__ = [
     "Batch", "Cancel", "DEFAULT_STATUS_LIMIT", "ErrorCode", "FrameDecoder", "Live", "MAX_BATCH_CALLS",
-    "MAX_CANCEL_IDS", "MAX_KEY_CHARS", "MAX_MESSAGE_BYTES", "MAX_PARAMS_DEPTH", "MAX_PATH_CHARS",
+    "MAX_CANCEL_IDS", "MAX_KEY_CHARS", "MAX_MESSAGE_BYTES", "MAX_REPLY_BYTES", "MAX_PARAMS_DEPTH", "MAX_PATH_CHARS",
     "MAX_REQUEST_ID_CHARS", "MAX_RESULT_DEPTH", "MAX_PRIORITY", "MAX_STATE_CHARS", "MAX_STATUS_LIMIT",
     "MAX_STEP_NAME_CHARS",
     "MAX_TASK_ID", "MAX_WORKFLOW_CALLS", "Metrics", "PROTOCOL_VERSION", "Page", "Ping", "ProtocolError", "REQUEST_TYPES",

@@ -1,8 +1,9 @@
 """Framing: one message per frame, in both directions, over a stream socket.
 
 Every message is one frame: a 4-byte unsigned big-endian length N, then N bytes of UTF-8
-JSON holding exactly one JSON object. N is at most 1 MiB (``MAX_MESSAGE_BYTES``) unless
-both sides agree on another cap. The JSON is strict: ``NaN`` and ``Infinity`` are refused
+JSON holding exactly one JSON object. N is at most 1 MiB (``MAX_MESSAGE_BYTES``) for a
+request, and 64 MiB (``MAX_REPLY_BYTES``) for a reply (a batch's final reply carries a
+record per task), unless both sides agree on other caps. The JSON is strict: ``NaN`` and ``Infinity`` are refused
 both ways. Nothing is ever pickled.
 
 A reader that meets a frame it cannot use says why with a protocol error code:

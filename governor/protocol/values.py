@@ -19,6 +19,11 @@ from governor.protocol.errors import ResultNotSerialisable
 #: connection before it can refuse the message.
 MAX_MESSAGE_BYTES = 1 << 20
 
+#: The largest reply the daemon sends and its clients accept: a batch's final reply carries
+#: a record per task (10,000 no-ops make about 3 MiB). Replies come from the daemon to a
+#: client of its own user, so the request cap's guard against hostile peers is not needed.
+MAX_REPLY_BYTES = 64 << 20
+
 #: The largest ``max_bytes`` any side may configure: a frame's 4-byte length prefix
 #: (``framing``) can say no more.
 LARGEST_MESSAGE_BYTES = 2 ** 32 - 1

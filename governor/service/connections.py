@@ -88,7 +88,7 @@ class Connection:
         if self.closed:
             return
         try:
-            frame = protocol.encode(message)
+            frame = protocol.encode(message, protocol.MAX_REPLY_BYTES)
         except protocol.ProtocolError as too_big:
             frame = protocol.encode(protocol.error_reply(message.get("id"), too_big))
         if self.writer.transport.get_write_buffer_size() + len(frame) > MAX_CLIENT_BACKLOG_BYTES:

@@ -97,3 +97,18 @@ def test_a_superseded_batch_is_answered_while_its_running_step_is_still_stopping
     psutil.Process(int(marker.read_text())).kill()  # spare the daemon's shutdown the 60 s grace
     assert isinstance(outcomes[0], StepCancelled) and outcomes[0].reason == "superseded", outcomes
     assert record["state"] == "running", "the answer came only after the superseded step had stopped"
+
+
+def test_a_batch_of_the_most_calls_a_request_may_hold_comes_back_whole(daemon):
+    """Its final reply, a record per task, is several MiB: over the request cap, under the reply cap."""
+    from governor import Client
+    from governor.protocol import MAX_BATCH_CALLS
+
+    calls = [("echo", {"value": n}) for n in range(MAX_BATCH_CALLS)]
+    with Client(daemon.socket) as client:
+        assert client.run_batch(calls, timeout=300) == list(range(MAX_BATCH_CALLS))
+
+    async def scenario():
+        async with AsyncClient(daemon.socket) as client:
+            return await client.run_batch(calls)
+    assert asyncio.run(scenario()) == list(range(MAX_BATCH_CALLS))
