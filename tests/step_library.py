@@ -60,6 +60,12 @@ def echo(value):
 
 
 @registry.step(critical=False, writes=MARKERS)
+def text_of(size: int) -> str:
+    """A result of ``size`` characters from an argument of a few bytes."""
+    return "x" * size
+
+
+@registry.step(critical=False, writes=MARKERS)
 def timed_sleep(ms: float, tag: str = "", meeting: str = "", expected: int = 0):
     """Sleep ``ms`` milliseconds; return (tag, start, end, pid, task_id).
 

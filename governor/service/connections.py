@@ -91,7 +91,9 @@ class Connection:
             frame = protocol.encode(message, protocol.MAX_REPLY_BYTES)
         except protocol.ProtocolError as too_big:
             frame = protocol.encode(protocol.error_reply(message.get("id"), too_big))
-        if self.writer.transport.get_write_buffer_size() + len(frame) > MAX_CLIENT_BACKLOG_BYTES:
+        # What the client has not read yet decides, not this frame's size: one reply (a
+        # large batch's) may be bigger than the backlog a reading client is allowed.
+        if self.writer.transport.get_write_buffer_size() > MAX_CLIENT_BACKLOG_BYTES:
             log.warning("closing a client that stopped reading its replies")
             self.close()
             return

@@ -100,15 +100,16 @@ def test_a_superseded_batch_is_answered_while_its_running_step_is_still_stopping
 
 
 def test_a_batch_of_the_most_calls_a_request_may_hold_comes_back_whole(daemon):
-    """Its final reply, a record per task, is several MiB: over the request cap, under the reply cap."""
+    """Its final reply, a record per task, is over the request cap (1 MiB) and over the
+    backlog a client that reads may have waiting (8 MiB), under the reply cap (64 MiB)."""
     from governor import Client
     from governor.protocol import MAX_BATCH_CALLS
 
-    calls = [("echo", {"value": n}) for n in range(MAX_BATCH_CALLS)]
+    calls = [("text_of", {"size": 1000})] * MAX_BATCH_CALLS
     with Client(daemon.socket) as client:
-        assert client.run_batch(calls, timeout=300) == list(range(MAX_BATCH_CALLS))
+        assert client.run_batch(calls, timeout=300) == ["x" * 1000] * MAX_BATCH_CALLS
 
     async def scenario():
         async with AsyncClient(daemon.socket) as client:
             return await client.run_batch(calls)
-    assert asyncio.run(scenario()) == list(range(MAX_BATCH_CALLS))
+    assert asyncio.run(scenario()) == ["x" * 1000] * MAX_BATCH_CALLS
