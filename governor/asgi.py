@@ -48,6 +48,7 @@ imports no engine module: the Supervisor is the caller's.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import urllib.parse
 from typing import Any, Awaitable, Callable, Iterable, List, MutableMapping, Optional, Tuple, Union
@@ -141,9 +142,10 @@ class RequestGovernor:
         loop = asyncio.get_running_loop()
         superseded: asyncio.Future = loop.create_future()
 
-        def on_cancel(request: CancelRequest) -> None:  # on the cancelling thread
+        def on_cancel(request: CancelRequest) -> None:  # on the cancelling thread: a newer request's
             if request.reason == "superseded":
-                loop.call_soon_threadsafe(_settle, superseded, request.detail)
+                with contextlib.suppress(RuntimeError):  # this request's loop is closed: nobody waits
+                    loop.call_soon_threadsafe(_settle, superseded, request.detail)
 
         self._scope.on_cancel(on_cancel)
         gathering = asyncio.ensure_future(asyncio.gather(*map(aio.result, futures), return_exceptions=True))
@@ -181,6 +183,18 @@ def request_governor(scope: Scope) -> RequestGovernor:
 
 SupersedeRule = Callable[[Scope], Union[None, str, Tuple[str, Optional[int]]]]
 
+#: The digits of the largest order (2**53): a longer query value is no order, and is never
+#: handed to ``int()`` (whose work grows with the digits).
+_ORDER_DIGITS = len(str(MAX_ORDER))
+
+
+def _order_of(text: str) -> Optional[int]:
+    """``text`` as an order (ASCII digits, 0 to 2**53), else ``None``: arrival order."""
+    if not (0 < len(text) <= _ORDER_DIGITS and text.isascii() and text.isdigit()):
+        return None
+    number = int(text)
+    return number if number <= MAX_ORDER else None
+
 
 def by_query(parameter: str, *, prefix: str = "/", order: Optional[str] = None) -> SupersedeRule:
     """A supersede rule: requests under ``prefix`` with the same ``parameter`` supersede each other.
@@ -200,8 +214,7 @@ def by_query(parameter: str, *, prefix: str = "/", order: Optional[str] = None) 
             return None
         if order is None:
             return f"{prefix} {values[-1]}"
-        number = query.get(order, [""])[-1]
-        return f"{prefix} {values[-1]}", int(number) if number.isdigit() and int(number) <= MAX_ORDER else None
+        return f"{prefix} {values[-1]}", _order_of(query.get(order, [""])[-1])
 
     return key
 

@@ -155,7 +155,8 @@ def test_by_query_keys_requests_by_path_prefix_and_parameter():
     assert key({"path": "/chats/7/messages", "query_string": b"session=ann"}) is None
     ordered = by_query("session", prefix="/view/", order="seq")
     assert ordered({"path": "/view/7", "query_string": b"session=ann&seq=12"}) == ("/view/ ann", 12)
-    for seq in (b"", b"&seq=x", b"&seq=-1", b"&seq=" + str(2 ** 53 + 1).encode()):  # by arrival
+    for seq in (b"", b"&seq=x", b"&seq=-1", b"&seq=" + str(2 ** 53 + 1).encode(), b"&seq=" + b"9" * 5000,
+                b"&seq=%C2%B2", b"&seq=%D9%A3", b"&seq=1.5", b"&seq="):  # by arrival
         assert ordered({"path": "/view/7", "query_string": b"session=ann" + seq}) == ("/view/ ann", None)
 
 
@@ -187,3 +188,16 @@ def test_through_a_daemon_a_newer_request_supersedes_and_a_disconnect_leaves_no_
         assert responses[4].json()["chat_id"] == 4
         # The 409s came at once; the superseded steps stop on their own, soon after.
         assert wait_until(lambda: not client.status(states=["running", "queued"]), timeout=60)
+
+
+def test_a_request_whose_event_loop_is_gone_does_not_break_the_request_that_supersedes_it():
+    from governor import Supervisor
+    from governor.asgi import RequestGovernor
+    from step_library import registry
+
+    with Supervisor(registry, workers=1) as supervisor:
+        async def first_request():
+            return await RequestGovernor(supervisor, "view:gone").run_batch([("echo", {"value": 1})])
+        assert asyncio.run(first_request()) == [1]  # its loop is closed now
+        newer = supervisor.scope(key="view:gone")  # tells the first request, whose loop is gone
+        assert newer.submit("echo", 2).result(timeout=60) == 2
