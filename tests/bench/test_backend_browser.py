@@ -20,6 +20,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from conftest import wait_until
@@ -85,8 +86,15 @@ def test_five_rapid_clicks_in_firefox_show_the_last_view_and_cancel_the_other_fo
         try:
             out, err = driver.communicate(timeout=120)
         finally:
+            # puppeteer starts Firefox in a session of its own: kill node's whole tree by
+            # parentage, then its group, so nothing outlives a node that hung.
+            with contextlib.suppress(psutil.NoSuchProcess):
+                for process in psutil.Process(driver.pid).children(recursive=True):
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        process.kill()
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait()
         assert driver.returncode == 0, err
         seen = json.loads(out.strip().splitlines()[-1])
         record_property("browser", seen["version"])
