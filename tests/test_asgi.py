@@ -103,9 +103,11 @@ def test_a_superseded_request_is_answered_while_its_running_step_is_still_stoppi
     from governor.asgi import GovernorMiddleware, request_governor
     from step_library import registry
 
+    governors = []
+
     async def run(request):
-        calls = [Call(request.path_params["what"])]
-        return JSONResponse({"results": await request_governor(request.scope).run_batch(calls)})
+        governors.append(request_governor(request.scope))
+        return JSONResponse({"results": await governors[-1].run_batch([Call(request.path_params["what"])])})
 
     supervisor = Supervisor(registry, workers=2)
     app = Starlette(routes=[Route("/run/{what}", run)],
@@ -117,11 +119,11 @@ def test_a_superseded_request_is_answered_while_its_running_step_is_still_stoppi
             worker["step"] == "deaf_to_cancel" for worker in supervisor.describe_workers()), timeout=60)
         assert client.get("/run/noop", params={"session": "eve"}).status_code == 200
         answer = older.makefile("rb").readline()  # the 409's status line
-        still_running = [worker for worker in supervisor.describe_workers()
-                         if worker["step"] == "deaf_to_cancel"]
+        [deaf] = governors[0].futures
+        still_running = not deaf.done()  # read from the task itself, not from a worker listing
         older.close()
-        for worker in still_running:  # spare the shutdown the step's 60 s grace
-            os.kill(worker["pid"], signal.SIGKILL)
+        if still_running:  # spare the shutdown the step's 60 s grace
+            os.kill(deaf.task.pid, signal.SIGKILL)
 
     assert answer.split()[1] == str(SUPERSEDED_STATUS).encode(), answer
     assert still_running, "the 409 came only after the superseded step had stopped"
