@@ -3,10 +3,11 @@ restart on the same journal; :data:`TRIALS` times.
 
 Each trial starts ``governor serve`` and :data:`CLIENTS` clients, each on its own connection,
 submitting one task at a time: a critical step (``ledger_once``, every :data:`CRITICAL_EVERY`
-th task) or a pool step (``ledger_mark``). Once a random number of critical steps has
-started (a fixed seed), the daemon and its workers are killed; a new daemon then finishes
-the work. A task counts as accepted once its submission was acknowledged (``submit``
-returned its id). Every run of a step leaves a trace (``bench/ledger_steps.py``): critical
+th task) or a pool step (``ledger_mark``). Each critical step waits at a gate of its own
+until the trial opens it; once a random number of critical steps has started (a fixed
+seed), the last of them is left at its closed gate and the daemon and its workers are
+killed, so every kill cuts a critical step short; a new daemon then finishes the work. A
+task counts as accepted once its submission was acknowledged (``submit`` returned its id). Every run of a step leaves a trace (``bench/ledger_steps.py``): critical
 steps a start and an end row in a SQLite ledger, pool steps a line in a text file, so what
 ran is counted, not assumed. What must stay at zero, summed over the trials:
 
@@ -27,15 +28,16 @@ from __future__ import annotations
 import concurrent.futures
 import random
 import signal
-import threading
+import time
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, Iterable, List, Tuple
 
 import attrs
+import psutil
 
 from governor.bench import ledger_steps
 from governor.bench.core import ScenarioContext, ScenarioResult, scenario
-from governor.bench.scenarios.crash_keys import _journaled_done, _kill
+from governor.bench.scenarios.crash_keys import _journaled_done
 from governor.bench.scenarios.daemon import _start_daemon
 from governor.client import Client, DaemonUnavailable
 
@@ -70,7 +72,7 @@ class Accepted:
     critical: bool
 
 
-def _client(socket_path: Path, ledger: str, marks: str, number: int, tasks: int) -> List[Accepted]:
+def _client(socket_path: Path, ledger: str, marks: str, gates: Path, number: int, tasks: int) -> List[Accepted]:
     """One client's submissions, one at a time, until done or the daemon dies."""
     accepted = []
     try:
@@ -78,7 +80,8 @@ def _client(socket_path: Path, ledger: str, marks: str, number: int, tasks: int)
             for n in range(tasks):
                 name = f"c{number}t{n}"
                 if n % CRITICAL_EVERY == 0:
-                    future = client.submit("ledger_once", ledger=ledger, key="all", name=name)
+                    future = client.submit("ledger_once", ledger=ledger, key="all", name=name,
+                                           gate=str(gates / name))
                 else:
                     future = client.submit("ledger_mark", path=marks, name=name)
                 accepted.append(Accepted(name, future.task_id, n % CRITICAL_EVERY == 0))
@@ -87,19 +90,44 @@ def _client(socket_path: Path, ledger: str, marks: str, number: int, tasks: int)
     return accepted
 
 
+def _kill_while_running(process, kill_after: int, ledger: str, gates: Path) -> None:
+    """Open the gate of each critical step that starts, up to the ``kill_after``th: leave
+    that one at its closed gate and kill the daemon and its workers. Polling the ledger
+    rather than timing the kill makes sure a critical step is running when it lands (after
+    :data:`WAIT_S` without enough starts it kills anyway, and the counts show it)."""
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        started = ledger_steps.runs(ledger)
+        _open(gates, started[:kill_after - 1])
+        if len(started) >= kill_after:
+            break
+        time.sleep(0.005)
+    workers = psutil.Process(process.pid).children(recursive=True)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    psutil.wait_procs(workers, timeout=30)
+
+
+def _open(gates: Path, names: Iterable[str]) -> None:
+    for name in names:
+        (gates / name).touch()
+
+
 def trial(directory: Path, clients: int, tasks: int, kill_after: int) -> Tuple[Dict[str, int], List[str]]:
     """One trial (module docstring): its counts, and what each lost task looked like."""
-    ledger, marks = str(directory / "ledger.db"), str(directory / "marks.txt")
+    ledger, marks, gates = str(directory / "ledger.db"), str(directory / "marks.txt"), directory / "gates"
+    gates.mkdir()
     process, socket_path = _start_daemon(directory, WORKERS, steps="governor.bench.ledger_steps")
     try:
-        with concurrent.futures.ThreadPoolExecutor(clients) as pool:
-            submitted = [pool.submit(_client, socket_path, ledger, marks, number, tasks) for number in range(clients)]
-            killed = threading.Thread(target=lambda: kill.append(_kill(process, kill_after, ledger)))
-            kill: List[Tuple[set, set, int]] = []
-            killed.start()
+        with concurrent.futures.ThreadPoolExecutor(clients + 1) as pool:
+            killed = pool.submit(_kill_while_running, process, kill_after, ledger, gates)
+            submitted = [pool.submit(_client, socket_path, ledger, marks, gates, number, tasks)
+                         for number in range(clients)]
             accepted = [task for each in submitted for task in each.result()]
-            killed.join()
+            killed.result()
         done_at_kill = _journaled_done(directory / "journal.sqlite3")
+        # after the kill every gate opens: the new daemon runs the rest of the critical steps freely
+        _open(gates, (f"c{number}t{n}" for number in range(clients) for n in range(0, tasks, CRITICAL_EVERY)))
     finally:
         if process.poll() is None:
             process.kill()

@@ -49,14 +49,17 @@ def test_a_running_step_shows_with_its_daemon_id_and_limits_then_its_kill(daemon
         client.workflow([("echo", {"value": 1}), ("echo", {"value": 2})]).result(60)
         held = client.submit_call(Call("busy_loop", limits=Limits(timeout_s=120, max_memory_mb=900)))
         task_id = held.wait_for_id(30)
-        # metrics and workers are two reads: wait for one snapshot that has the step in both
-        snapshot = daemon.wait_live(lambda snap: running("busy_loop")(snap) and pool_lane(snap)["in_flight"] == 1)
+        # metrics, workers and the journal's rows are three reads, and a pool step's start record
+        # is journaled in the next group commit, after its worker took it: wait for one snapshot
+        # that has the step in all three.
+        snapshot = daemon.wait_live(lambda snap: running("busy_loop")(snap) and pool_lane(snap)["in_flight"] == 1
+                                    and any(task["task_id"] == task_id and task["state"] == "running"
+                                            for task in snap["tasks"]))
         [worker] = running("busy_loop")(snapshot)
         # One id per task everywhere: the journal's, not the supervisor's internal number.
         assert worker["task_id"] == task_id and worker["lane"] == "pool" and worker["state"] == "busy"
         assert worker["timeout_s"] == 120 and worker["max_memory_mb"] == 900
         assert worker["running_s"] >= 0 and worker["rss_bytes"] > 0
-        assert any(task["task_id"] == task_id and task["state"] == "running" for task in snapshot["tasks"])
         assert pool_lane(snapshot)["queue_depth"] == 0
 
         timed = client.submit_call(Call("busy_loop", limits=Limits(timeout_s=0.5)))
