@@ -47,6 +47,7 @@ from multiprocessing.connection import Connection, wait as wait_for_connections
 from typing import Any, Dict, List, Mapping, Optional
 
 import attrs
+import psutil
 
 from governor.workers import ray_worker
 from governor.engine.queues import RankedQueue
@@ -620,6 +621,7 @@ class RayLane:
         elif kind is RayTimer.FORCE:
             log.warning("Ray worker %s did not end task %s itself; ray.cancel(force=True)", task.pid, task.id)
             self._ray.cancel(run.ref, force=True)
+            self._kill_local_worker(run)
         elif kind is RayTimer.UNSTARTED and run.link is None:
             self._ray.cancel(run.ref, force=True)  # still in Ray's queue: Ray drops it
         elif run.kill is not None:
@@ -650,6 +652,19 @@ class RayLane:
             self._send(run.link, ["kill", task.id])
         self._release_standby()  # now, so its worker is idle in Ray by the time this one is dead
         self._timers.after(FORCE_CANCEL_AFTER_S, RayTimer.FORCE, task)
+
+    @staticmethod
+    def _kill_local_worker(run: RayRun) -> None:
+        """SIGKILL a worker on this host that did not end its task itself (a step holding
+        the GIL): Ray's forced cancel goes through its raylet, which a loaded host slowed
+        past :data:`KILL_CONFIRM_S`, and the task would then end with its worker alive."""
+        link = run.link
+        if link is None or link.connection.closed or link.node != socket.gethostname():
+            return
+        try:
+            psutil.Process(link.pid).kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass  # already gone
 
     def _send(self, link: RayLink, message: list) -> None:
         try:
