@@ -145,6 +145,16 @@ class UnpicklableError(Exception):
         self.lock = threading.Lock()
 
 
+@registry.step(critical=False, writes=MARKERS, idempotent=True)
+def noted_boom(message: str = "boom", notes: tuple = ()):
+    """:func:`boom` with ``add_note`` notes, and safe to run twice: a workflow that ends
+    with it resumes after a crash."""
+    error = ValueError(message)
+    for note in notes:
+        error.add_note(note)
+    raise error
+
+
 @registry.step(critical=False, writes=MARKERS)
 def raise_unpicklable(message: str):
     raise UnpicklableError(message)

@@ -30,7 +30,7 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from governor import protocol
-from governor.errors import InvalidTransition, StepCancelled
+from governor.errors import InvalidTransition, StepCancelled, WorkflowFailed
 from governor.limits import Lane
 from governor.service.group_commit import GroupCommit
 from governor.service.journal import Journal, JournalGroup, TaskRecord
@@ -163,13 +163,17 @@ def ending(future: concurrent.futures.Future, record_id: int,
            progress_before: List[Any]) -> Tuple[str, float, Any, Optional[Dict[str, Any]]]:
     """(journal state, time, JSON result, wire error naming ``record_id``) of a finished task
     or workflow future: the arguments of ``mark_finished`` after the id. A resumed
-    workflow's result is ``progress_before`` followed by what its resumed run returned."""
+    workflow's result is ``progress_before`` followed by what its resumed run returned, and
+    its failure names the step's index in the whole workflow, with every result before it."""
     try:
         value = future.result()
     except BaseException as error:  # every way a task can end is recorded, none raised here
         state = getattr(getattr(future, "task", None), "state", None)
         if isinstance(future, WorkflowFuture):
             state = TaskState.CANCELLED if future.cancelled() else TaskState.FAILED
+        if progress_before and type(error) is WorkflowFailed:  # the resumed run counted from its first step
+            error = WorkflowFailed(len(progress_before) + error.index, error.error,
+                                   progress_before + error.results, error.skipped)
         return ((state or TaskState.FAILED).value, time.time(), None,
                 protocol.with_task_id(protocol.error_to_wire(error), record_id))
     if progress_before:

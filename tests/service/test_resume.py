@@ -86,3 +86,32 @@ def test_after_a_kill_idempotent_steps_run_again_and_others_stay_interrupted(tmp
     assert sorted(starts) == ["a1", "a2", "a2", "b1", "b2", "c1", "c2", "c2", "c3"], \
         "a step ran twice that should not have, or one did not run"
     assert starts.index("b2") > starts.index("b1") and starts.index("c3") > starts.index("c2")
+
+
+def test_a_resumed_workflow_that_fails_names_its_step_in_the_whole_workflow(tmp_path):
+    """Killed while its second step runs, the workflow resumes at that step and fails at its
+    third: the error says step 2 with both earlier results, not step 1 of the resumed tail."""
+    ledger, gate = str(tmp_path / "ledger.db"), str(tmp_path / "gate")
+    calls = [("ledger_again", {"ledger": ledger, "key": "c", "name": "c1"}),
+             ("ledger_again", {"ledger": ledger, "key": "c", "name": "c2", "gate": gate}),
+             ("noted_boom", {"message": "late"})]
+    first = DaemonProcess(tmp_path, workers=1).start()
+    with Client(first.socket) as client:
+        flow = client.workflow(calls).wait_for_id(60)
+        assert wait_until(lambda: ledger_runs(ledger) == ["c1", "c2"], timeout=60)
+    workers = psutil.Process(first.process.pid).children(recursive=True)
+    first.stop(signal.SIGKILL)
+    assert wait_until(lambda: not any(alive(worker.pid) for worker in workers), timeout=30)
+    open(gate, "w").close()
+
+    second = DaemonProcess(tmp_path, workers=1).start()
+    try:
+        with Client(second.socket) as client:
+            record = client.wait(flow, timeout=120)
+    finally:
+        assert second.stop() == 0
+    assert ledger_runs(ledger) == ["c1", "c2", "c2"]  # resumed at c2, not from the start
+    assert record["state"] == "failed"
+    error = record["error"]
+    assert error["type"] == "WorkflowFailed" and error["message"].startswith("workflow failed at step 2:")
+    assert (error["fields"]["index"], error["fields"]["results"], error["fields"]["skipped"]) == (2, ["c1", "c2"], [])
