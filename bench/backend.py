@@ -19,6 +19,9 @@ Run it with ``uvicorn governor.bench.backend:app`` or ``python -m governor.bench
 * ``GET /`` a page that switches views like a front end: every click aborts the last fetch
   (``AbortController``) and shows the view it got.
 * ``GET /stats`` the worker-seconds the steps have taken so far (the bench reads it).
+* ``GET /views`` when each view request of a session arrived and when each of its parts
+  was queued, started and ended (:class:`ViewLog`; the bench reads it; empty through a
+  daemon, whose journal holds the same).
 
 The environment chooses the engine behind it:
 
@@ -43,7 +46,7 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Any, Deque, Dict, List, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -51,7 +54,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse
 from starlette.routing import Route
 
-from governor import Call
+from governor import AsyncClient, Call
 from governor.asgi import GovernorMiddleware, RequestGovernor, by_query, request_governor
 from governor.bench import view_steps
 from governor.steps.builtin import chat
@@ -69,6 +72,9 @@ REAL_MESSAGES, REAL_CHATS = 10_000, 10
 #: Requests :attr:`GovernedViews.recent` keeps.
 RECENT_REQUESTS = 64
 
+#: View requests :class:`ViewLog` keeps: a bench run of 10 users for 15 s makes about 250.
+VIEW_LOG_SIZE = 4096
+
 #: Messages of one chat the ``real`` view shows.
 HISTORY_LIMIT = 50
 
@@ -78,10 +84,40 @@ HISTORY_LIMIT = 50
 VIEW_PRIORITY, BACKGROUND_PRIORITY = 10, 0
 
 
+#: One part's ``(queued, started, ended)`` on ``time.monotonic()``; ``None``: it never started, or runs on.
+PartTimes = Tuple[float, Optional[float], Optional[float]]
+
+
+class ViewLog:
+    """The view requests of sessions a server took: when each arrived and when its parts ran.
+
+    The bench reads it (``GET /views``) to tell where a slow view lost its time and how much
+    work ran on a view after the session's next request had superseded it. Times are
+    ``time.monotonic()`` values, one clock for every process of the machine on Linux.
+    """
+
+    def __init__(self) -> None:
+        self._views: Deque[Tuple[str, float, Callable[[], List[PartTimes]]]] = collections.deque(maxlen=VIEW_LOG_SIZE)
+
+    def add(self, request: Request, arrived: float, parts: Callable[[], List[PartTimes]]) -> None:
+        """Log a view request (if it has a session) whose parts' times ``parts()`` reads when asked."""
+        session = request.query_params.get("session")
+        if session is not None and request.url.path.startswith("/view/"):
+            self._views.append((session, arrived, parts))
+
+    def records(self) -> List[Dict[str, Any]]:
+        """``[{"session", "arrived", "parts": [[queued, started, ended], ...]}, ...]`` by arrival."""
+        return [{"session": session, "arrived": arrived, "parts": [list(times) for times in parts()]}
+                for session, arrived, parts in list(self._views)]
+
+
 class Views:
     """What the routes need from an engine: run a view's calls, save a message, count busy time."""
 
     middleware: List[Middleware] = []
+
+    def __init__(self) -> None:
+        self.log = ViewLog()
 
     async def start(self) -> None:
         """Start the engine (in the app's lifespan)."""
@@ -103,9 +139,8 @@ class GovernedViews(Views):
     """Governor: each request's steps in a scope; a newer view of the session supersedes it."""
 
     def __init__(self, socket: Optional[str], workers: int):
+        super().__init__()
         if socket:
-            from governor import AsyncClient
-
             self.governor: Any = AsyncClient(socket)
         else:
             from governor import Supervisor
@@ -119,6 +154,9 @@ class GovernedViews(Views):
     async def run(self, request: Request, calls: List[Tuple[str, dict]], priority: int = 0) -> List[Any]:
         governed = request_governor(request.scope)
         self.recent.append(governed)
+        if not isinstance(self.governor, AsyncClient):  # through a daemon, its journal has the times
+            self.log.add(request, time.monotonic(), lambda: [
+                (future.task.submitted_at, future.task.started_at, future.task.ended_at) for future in governed.futures])
         return await governed.run_batch([Call(name, kwargs=kwargs, priority=priority) for name, kwargs in calls])
 
     async def worker_seconds(self) -> float:
@@ -133,6 +171,7 @@ class PoolViews(Views):
     """An executor the routes submit every step to, one by one: the naive pool, or the seed's one lane."""
 
     def __init__(self, make_executor):
+        super().__init__()
         self._make_executor = make_executor
         self._executor: Optional[concurrent.futures.Executor] = None
         self._lock = threading.Lock()
@@ -145,9 +184,13 @@ class PoolViews(Views):
         await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
 
     async def run(self, request: Request, calls: List[Tuple[str, dict]], priority: int = 0) -> List[Any]:
+        queued = time.monotonic()
         futures = [self._executor.submit(view_steps.run_step, name, kwargs) for name, kwargs in calls]
+        parts: List[PartTimes] = []  # appended by the executor's threads, read once the parts ended
+        self.log.add(request, queued, lambda: list(parts))
         for future in futures:
             future.add_done_callback(self._count)
+            future.add_done_callback(lambda done: parts.append(_part_times(queued, done)))
         return await asyncio.gather(*map(asyncio.wrap_future, futures))
 
     def _count(self, future: concurrent.futures.Future) -> None:
@@ -158,6 +201,14 @@ class PoolViews(Views):
     async def worker_seconds(self) -> float:
         with self._lock:
             return self._busy_s
+
+
+def _part_times(queued: float, future: concurrent.futures.Future) -> PartTimes:
+    """A pool part's times: it ended now, after running the ``ms`` its result reports."""
+    ended = time.monotonic()
+    if future.cancelled() or future.exception() is not None:
+        return queued, None, None
+    return queued, ended - future.result().get("ms", 0.0) / 1000, ended
 
 
 def _duration_sum(metrics: Dict[str, Any]) -> float:
@@ -259,6 +310,9 @@ def create_app(views: Optional[Views] = None) -> Starlette:
     async def stats(request: Request) -> JSONResponse:
         return JSONResponse({"worker_seconds": await views.worker_seconds(), "pid": os.getpid()})
 
+    async def view_log(request: Request) -> JSONResponse:
+        return JSONResponse({"views": views.log.records()})
+
     async def page(request: Request) -> HTMLResponse:
         return HTMLResponse(PAGE)
 
@@ -273,7 +327,7 @@ def create_app(views: Optional[Views] = None) -> Starlette:
     return Starlette(routes=[Route("/", page), Route("/view/{chat_id:int}", view),
                              Route("/chats/{chat_id:int}/digest", view),
                              Route("/chats/{chat_id:int}/messages", post_message, methods=["POST"]),
-                             Route("/stats", stats)],
+                             Route("/stats", stats), Route("/views", view_log)],
                      middleware=views.middleware, lifespan=lifespan)
 
 

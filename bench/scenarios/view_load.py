@@ -42,6 +42,7 @@ import psutil
 from governor.bench.core import ScenarioContext, ScenarioResult, scenario
 from governor.bench.scenarios.daemon import _start_daemon
 from governor.bench.stats import Summary, ratio, to_ms
+from governor.bench.view_times import Breakdown, ViewTimes, breakdown, journal_views, work_after_supersede_s
 
 #: A user's mean think time between two view switches (exponential), and the share of
 #: switches that are a burst of rapid clicks, their count and gap.
@@ -99,6 +100,8 @@ class RunFigures:
     latencies_s: Tuple[float, ...]
     views_per_s: float
     wasted_worker_s: float
+    after_supersede_worker_s: float
+    slowest: Optional[Breakdown]
     cpu_s: float
     uss_mib: float
     aborted: int
@@ -273,8 +276,10 @@ def _account(response, load: Load) -> None:
         load.errors += 1
 
 
-async def _offer_load(url: str, profile: str, users: int, seconds: float, seed: int) -> Tuple[Load, float, float]:
-    """Run ``users`` users for ``seconds``; return what they saw, the elapsed time and the wasted worker-seconds."""
+async def _offer_load(url: str, profile: str, users: int, seconds: float,
+                      seed: int) -> Tuple[Load, float, float, List[ViewTimes]]:
+    """Run ``users`` users for ``seconds``; return what they saw, the elapsed time, the wasted
+    worker-seconds and the views as the server logged them (none through a daemon)."""
     import httpx
 
     load = Load()
@@ -290,18 +295,21 @@ async def _offer_load(url: str, profile: str, users: int, seconds: float, seed: 
                                      random.Random(seed * 1000 + number), load) for number in range(users)))
         elapsed = time.perf_counter() - started
         busy = await _settled_worker_seconds(client, url) - busy_before
-    return load, elapsed, max(0.0, busy - load.delivered_busy_s)
+        views = [ViewTimes.from_record(record) for record in (await client.get(f"{url}/views")).json()["views"]]
+    return load, elapsed, max(0.0, busy - load.delivered_busy_s), views
 
 
 def _run(server: Server, profile: str, users: int, seconds: float, seed: int) -> RunFigures:
     processes = server.processes()
     cpu_before = _cpu_s(processes)
-    load, elapsed, wasted = asyncio.run(_offer_load(server.url, profile, users, seconds, seed))
+    load, elapsed, wasted, views = asyncio.run(_offer_load(server.url, profile, users, seconds, seed))
     processes = server.processes()
     cpu_after = _cpu_s(processes)
     cpu = sum(after - cpu_before.get(pid, 0.0) for pid, after in cpu_after.items())
-    return RunFigures(tuple(load.latencies_s), len(load.latencies_s) / elapsed, wasted, cpu, _uss_mib(processes),
-                      load.aborted, load.gave_up, load.errors)
+    if server.engine.daemon:
+        views = journal_views(server.dir / "journal.sqlite3")
+    return RunFigures(tuple(load.latencies_s), len(load.latencies_s) / elapsed, wasted, work_after_supersede_s(views),
+                      breakdown(views), cpu, _uss_mib(processes), load.aborted, load.gave_up, load.errors)
 
 
 async def _five_requests(url: str) -> Tuple[float, Optional[float], List[int]]:
@@ -334,6 +342,14 @@ def _figures(result: ScenarioResult, key: str, label: str, figures: RunFigures) 
     result.put(f"{key}.views_per_s", round(figures.views_per_s, 2), f"{label}: views per second", "/s")
     result.put(f"{key}.wasted_worker_s", round(figures.wasted_worker_s, 3),
                f"{label}: worker-seconds on views nobody received", "s")
+    result.put(f"{key}.after_supersede_worker_s", round(figures.after_supersede_worker_s, 3),
+               f"{label}: of which after the view was superseded (what cancelling controls)", "s")
+    if figures.slowest is not None:
+        slowest = figures.slowest
+        result.put(f"{key}.slowest_views", attrs.asdict(slowest),
+                   f"{label}: slowest 5 % of {slowest.views} views (server side, medians): {slowest.server_ms:.0f} ms, "
+                   f"last part started after {slowest.last_start_ms:.0f} ms, longest queue wait "
+                   f"{slowest.longest_wait_ms:.0f} ms, longest part {slowest.unqueued_ms:.0f} ms")
     result.put(f"{key}.cpu_s", round(figures.cpu_s, 2), f"{label}: server CPU time", "s")
     result.put(f"{key}.uss_mib", round(figures.uss_mib, 1), f"{label}: server private memory (USS)", "MiB")
     result.put(f"{key}.aborted", figures.aborted)
@@ -349,6 +365,7 @@ def view_load(ctx: ScenarioContext) -> ScenarioResult:
     runs = [("seed-753", bar_users), *(("seed", users) for users in size.view_load_users)]
     p95: Dict[Tuple[str, str, int], Optional[float]] = {}
     wasted: Dict[str, float] = {}
+    after_supersede: Dict[str, float] = {}
     curve = result.curve("View load: p95 of the views users waited for (seed profile)", "users", "p95 (ms)")
     for engine in ENGINES:
         key = engine.name.replace(" ", "_")
@@ -378,6 +395,7 @@ def view_load(ctx: ScenarioContext) -> ScenarioResult:
             p95[engine.name, profile, users] = figures.latency.p95 if figures.latency else None
             if profile == "seed-753":
                 wasted[engine.name] = figures.wasted_worker_s
+                after_supersede[engine.name] = figures.after_supersede_worker_s
                 result.distribution(f"View load: seed-753, {users} users", engine.name, to_ms(figures.latencies_s))
             elif figures.latency is not None:
                 curve.series.setdefault(engine.name, []).append([users, round(figures.latency.p95, 2)])
@@ -391,6 +409,9 @@ def view_load(ctx: ScenarioContext) -> ScenarioResult:
                       ratio(ours, naive_p95) if ours is not None and naive_p95 else None, P95_RATIO_BAR, "x")
         result.target(f"seed-753, {bar_users} users: {name} worker-seconds on superseded views / the naive pool's "
                       f"<= {WASTE_RATIO_BAR:g}x", ratio(wasted[name], wasted["naive pool"]), WASTE_RATIO_BAR, "x")
+        result.put(f"{name.replace(' ', '_')}.after_supersede_ratio",
+                   ratio(after_supersede[name], after_supersede["naive pool"]),
+                   f"seed-753, {bar_users} users: {name} worker-seconds after the supersede / the naive pool's", "x")
         if size.view_load_users:
             most = max(size.view_load_users)
             result.target(f"seed, {most} users: {name} p95 < {P95_BAR_MS:g} ms", p95[name, "seed", most],
@@ -408,5 +429,10 @@ def view_load(ctx: ScenarioContext) -> ScenarioResult:
                 f"{size.view_load_workers} workers. A user gives up after {PATIENCE_S:g} s (counted at that latency). Wasted worker-seconds: "
                 "the server's busy time (Governor's metrics; the pools' step times) minus the parts of the views "
                 "users received. CPU and memory: the server's processes (and the daemon's), not the load "
-                "generator, which shares the machine.")
+                "generator, which shares the machine. Of the wasted worker-seconds, those after the supersede: "
+                "what a view's parts ran after the session's next view reached the server (the server's own "
+                "log of each part's start and end; through the daemon, its journal); what they ran before "
+                "that, any engine that starts a view's parts at once spends. Slowest views: the top 5 % of "
+                "the views that ended before the session's next one came, by the server's time from their "
+                "arrival to their last part's end.")
     return result

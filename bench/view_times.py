@@ -1,0 +1,123 @@
+"""Where the views of a ``view-load`` run spent their time, as the server saw them.
+
+A view is one request of a session: when it reached the engine, and when each of its
+parts was queued, started and ended. The reference backend logs these (``GET /views``,
+``governor.bench.backend.ViewLog``, on ``time.monotonic()``); through a daemon its journal
+holds the same (wall-clock times, one clock within the journal). From them:
+
+* :func:`work_after_supersede_s`: the worker-seconds spent on views after they were
+  superseded, i.e. after the session's next view reached the server. This is the part of
+  the wasted work that cancelling controls: whatever a view's parts ran before the next
+  click arrived was spent by any engine that starts them at once.
+* :func:`breakdown`: for the slowest views, how long they waited for their last part to
+  start (queueing behind other views' parts) and how long that part then ran.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import sqlite3
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import attrs
+
+from governor.bench.stats import median, percentile
+
+#: One part's ``(queued, started, ended)``; ``started``/``ended`` ``None``: it never started, or runs on.
+PartTimes = Tuple[float, Optional[float], Optional[float]]
+
+#: The step of the wait profiles' parts (``governor.bench.view_steps.wait``).
+WAIT_STEP = "view.wait"
+
+
+@attrs.frozen
+class ViewTimes:
+    """One view request: its session, when it reached the engine, its parts' times."""
+
+    session: str
+    arrived: float
+    parts: Tuple[PartTimes, ...]
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> "ViewTimes":
+        """From one entry of the backend's ``GET /views``."""
+        return cls(record["session"], record["arrived"], tuple(tuple(part) for part in record["parts"]))
+
+    @property
+    def ended(self) -> Optional[float]:
+        """When its last part ended (``None``: one never started, or runs on)."""
+        ends = [ended for _, _, ended in self.parts]
+        return None if not ends or None in ends else max(ends)
+
+
+def journal_views(path: Path) -> List[ViewTimes]:
+    """The views a daemon ran, from its journal: a batch of :data:`WAIT_STEP` tasks of one
+    supersede key (``"/view/ <session>"``), submitted together, is one view."""
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as connection:
+        rows = connection.execute("SELECT key, submitted_at, started_at, ended_at FROM tasks "
+                                  "WHERE step = ? AND key IS NOT NULL ORDER BY id", (WAIT_STEP,)).fetchall()
+    batches: Dict[Tuple[str, float], List[PartTimes]] = collections.defaultdict(list)
+    for key, submitted, started, ended in rows:
+        batches[key, submitted].append((submitted, started, ended))
+    return [ViewTimes(key.split(" ", 1)[-1], submitted, tuple(parts)) for (key, submitted), parts in batches.items()]
+
+
+def _by_session(views: Iterable[ViewTimes]) -> List[List[ViewTimes]]:
+    sessions: Dict[str, List[ViewTimes]] = collections.defaultdict(list)
+    for view in views:
+        sessions[view.session].append(view)
+    return [sorted(own, key=lambda view: view.arrived) for own in sessions.values()]
+
+
+def work_after_supersede_s(views: Iterable[ViewTimes]) -> float:
+    """The worker-seconds the views' parts ran after the session's next view arrived."""
+    total = 0.0
+    for own in _by_session(views):
+        for view, newer in zip(own, own[1:]):
+            total += sum(max(0.0, ended - max(started, newer.arrived))
+                         for _, started, ended in view.parts if started is not None and ended is not None)
+    return total
+
+
+@attrs.frozen
+class Breakdown:
+    """Where the slowest views (the top 5 % by server time) lost their time, medians in ms.
+
+    Attributes:
+        views: how many views were complete (every part ended before the next view came).
+        slow: how many were among the slowest 5 %.
+        server_ms: their time from arrival to the last part's end.
+        last_start_ms: their time from arrival to the last part's start (queueing, dispatch).
+        longest_wait_ms: the longest queue wait of one of their parts.
+        unqueued_ms: the server time of a view of the same parts started at once (its longest part's run).
+    """
+
+    views: int
+    slow: int
+    server_ms: float
+    last_start_ms: float
+    longest_wait_ms: float
+    unqueued_ms: float
+
+
+def breakdown(views: Sequence[ViewTimes]) -> Optional[Breakdown]:
+    """How the slowest complete views (not superseded before they ended) spent their time."""
+    complete = []
+    for own in _by_session(views):
+        for view, newer in zip(own, [*own[1:], None]):
+            ended = view.ended
+            if ended is not None and (newer is None or ended <= newer.arrived):
+                complete.append(view)
+    if not complete:
+        return None
+    threshold = percentile([view.ended - view.arrived for view in complete], 95)
+    slow = [view for view in complete if view.ended - view.arrived >= threshold]
+    return Breakdown(
+        len(complete), len(slow),
+        server_ms=median((view.ended - view.arrived) * 1000 for view in slow),
+        last_start_ms=median((max(started for _, started, _ in view.parts) - view.arrived) * 1000 for view in slow),
+        longest_wait_ms=median(max(started - queued for queued, started, _ in view.parts) * 1000 for view in slow),
+        unqueued_ms=median(max(ended - started for _, started, ended in view.parts) * 1000 for view in slow))
+

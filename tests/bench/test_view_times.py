@@ -1,0 +1,51 @@
+"""Where a view-load run's views spent their time: the work after a supersede, the slowest views."""
+
+import sqlite3
+
+import pytest
+
+from governor.bench.view_times import ViewTimes, breakdown, journal_views, work_after_supersede_s
+
+
+def test_work_after_the_supersede_counts_only_what_ran_after_the_sessions_next_view_arrived():
+    views = [
+        # Ann's first view: one part ran 0-1 (before her next view came at 2), one 1-5, one never started.
+        ViewTimes("ann", 0.0, ((0.0, 0.0, 1.0), (0.0, 1.0, 5.0), (0.0, None, None))),
+        ViewTimes("ann", 2.0, ((2.0, 2.5, 3.0), (2.0, 3.0, 9.0))),  # superseded at 4: 5 s after
+        ViewTimes("ann", 4.0, ((4.0, 4.0, 8.0),)),                    # her last: not superseded
+        ViewTimes("bob", 3.0, ((3.0, 3.0, 7.0),)),                    # another session's view: never
+    ]
+    assert work_after_supersede_s(views) == pytest.approx(3.0 + 5.0)
+    assert work_after_supersede_s(reversed(views)) == pytest.approx(8.0)  # by arrival, not by listing
+
+
+def test_the_slowest_views_are_those_that_ended_before_the_next_came_and_took_longest():
+    # Ann's views took 20 to 38 ms, each part starting 10 ms after the view came.
+    views = [ViewTimes("ann", float(n), ((float(n), n + 0.01, n + 0.015), (float(n), n + 0.01, n + 0.02 + n / 1000)))
+             for n in range(19)]
+    # Bob's one slow view: its second part waited 300 ms to start, then ran 100 ms.
+    views.append(ViewTimes("bob", 0.0, ((0.0, 0.0, 0.1), (0.0, 0.3, 0.4))))
+    # A view superseded before it ended is no view anyone waited for.
+    views.append(ViewTimes("cat", 0.0, ((0.0, 0.0, 9.0),)))
+    views.append(ViewTimes("cat", 1.0, ((1.0, 1.0, 1.01),)))
+    slowest = breakdown(views)
+    assert (slowest.views, slowest.slow) == (21, 2)
+    assert slowest.server_ms == pytest.approx((400 + 38) / 2)  # Bob's and Ann's slowest
+    assert slowest.last_start_ms == pytest.approx((300 + 10) / 2)
+    assert slowest.longest_wait_ms == pytest.approx((300 + 10) / 2)
+    assert slowest.unqueued_ms == pytest.approx((100 + 28) / 2)
+    assert breakdown([ViewTimes("ann", 0.0, ((0.0, None, None),))]) is None
+
+
+def test_a_daemons_journal_gives_one_view_per_batch_of_a_key(tmp_path):
+    path = tmp_path / "journal.sqlite3"
+    with sqlite3.connect(path) as connection:
+        connection.execute("CREATE TABLE tasks (id INTEGER PRIMARY KEY, step TEXT, key TEXT, submitted_at REAL, "
+                           "started_at REAL, ended_at REAL)")
+        connection.executemany("INSERT INTO tasks (step, key, submitted_at, started_at, ended_at) VALUES (?, ?, ?, ?, ?)", [
+            ("view.wait", "/view/ ann", 10.0, 10.1, 10.2), ("view.wait", "/view/ ann", 10.0, None, None),
+            ("view.wait", "/view/ ann", 11.0, 11.0, 11.5), ("view.post", None, 10.5, 10.5, 10.6)])
+    views = journal_views(path)
+    assert views == [ViewTimes("ann", 10.0, ((10.0, 10.1, 10.2), (10.0, None, None))),
+                     ViewTimes("ann", 11.0, ((11.0, 11.0, 11.5),))]
+    assert work_after_supersede_s(views) == 0.0
