@@ -10,13 +10,16 @@ holds the same (wall-clock times, one clock within the journal). From them:
   the wasted work that cancelling controls: whatever a view's parts ran before the next
   click arrived was spent by any engine that starts them at once.
 * :func:`breakdown`: for the slowest views, how long they waited for their last part to
-  start (queueing behind other views' parts) and how long that part then ran.
+  start and how long that part then ran; and for how much of their parts' queue waits a
+  worker was free (parts running < workers): time lost to dispatch, not to a full pool.
 """
 
 from __future__ import annotations
 
+import bisect
 import collections
 import contextlib
+import itertools
 import sqlite3
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
@@ -92,6 +95,9 @@ class Breakdown:
         last_start_ms: their time from arrival to the last part's start (queueing, dispatch).
         longest_wait_ms: the longest queue wait of one of their parts.
         unqueued_ms: the server time of a view of the same parts started at once (its longest part's run).
+        free_worker_share: of their parts' queue waits (summed), the share during which
+            fewer parts than workers ran: waiting for the engine to hand a free worker a
+            part, not for a worker to come free.
     """
 
     views: int
@@ -100,10 +106,32 @@ class Breakdown:
     last_start_ms: float
     longest_wait_ms: float
     unqueued_ms: float
+    free_worker_share: float
 
 
-def breakdown(views: Sequence[ViewTimes]) -> Optional[Breakdown]:
-    """How the slowest complete views (not superseded before they ended) spent their time."""
+class _Running:
+    """How many parts ran at each moment (every view's parts that started and ended)."""
+
+    def __init__(self, views: Iterable[ViewTimes]):
+        changes = sorted((moment, step) for view in views for _, started, ended in view.parts
+                         if started is not None and ended is not None for moment, step in ((started, 1), (ended, -1)))
+        self._moments = [moment for moment, _ in changes]
+        self._counts = list(itertools.accumulate(step for _, step in changes))
+
+    def seconds_below(self, start: float, end: float, workers: int) -> float:
+        """The time between ``start`` and ``end`` when fewer than ``workers`` parts ran."""
+        index = bisect.bisect_right(self._moments, start)
+        running = self._counts[index - 1] if index else 0
+        below, moment = 0.0, start
+        for index in range(index, bisect.bisect_left(self._moments, end)):
+            below += (self._moments[index] - moment) if running < workers else 0.0
+            moment, running = self._moments[index], self._counts[index]
+        return below + ((end - moment) if running < workers else 0.0)
+
+
+def breakdown(views: Sequence[ViewTimes], workers: int) -> Optional[Breakdown]:
+    """How the slowest complete views (not superseded before they ended) spent their time,
+    on an engine of ``workers`` workers."""
     complete = []
     for own in _by_session(views):
         for view, newer in zip(own, [*own[1:], None]):
@@ -119,5 +147,12 @@ def breakdown(views: Sequence[ViewTimes]) -> Optional[Breakdown]:
         server_ms=median((view.ended - view.arrived) * 1000 for view in slow),
         last_start_ms=median((max(started for _, started, _ in view.parts) - view.arrived) * 1000 for view in slow),
         longest_wait_ms=median(max(started - queued for queued, started, _ in view.parts) * 1000 for view in slow),
-        unqueued_ms=median(max(ended - started for _, started, ended in view.parts) * 1000 for view in slow))
+        unqueued_ms=median(max(ended - started for _, started, ended in view.parts) * 1000 for view in slow),
+        free_worker_share=_free_worker_share(slow, _Running(views), workers))
+
+
+def _free_worker_share(views: Sequence[ViewTimes], running: _Running, workers: int) -> float:
+    waits = [(queued, started) for view in views for queued, started, _ in view.parts if started > queued]
+    waited = sum(started - queued for queued, started in waits)
+    return sum(running.seconds_below(queued, started, workers) for queued, started in waits) / waited if waited else 0.0
 

@@ -309,7 +309,7 @@ def _run(server: Server, profile: str, users: int, seconds: float, seed: int) ->
     if server.engine.daemon:
         views = journal_views(server.dir / "journal.sqlite3")
     return RunFigures(tuple(load.latencies_s), len(load.latencies_s) / elapsed, wasted, work_after_supersede_s(views),
-                      breakdown(views), cpu, _uss_mib(processes), load.aborted, load.gave_up, load.errors)
+                      breakdown(views, server.workers), cpu, _uss_mib(processes), load.aborted, load.gave_up, load.errors)
 
 
 async def _five_requests(url: str) -> Tuple[float, Optional[float], List[int]]:
@@ -349,7 +349,8 @@ def _figures(result: ScenarioResult, key: str, label: str, figures: RunFigures) 
         result.put(f"{key}.slowest_views", attrs.asdict(slowest),
                    f"{label}: slowest 5 % of {slowest.views} views (server side, medians): {slowest.server_ms:.0f} ms, "
                    f"last part started after {slowest.last_start_ms:.0f} ms, longest queue wait "
-                   f"{slowest.longest_wait_ms:.0f} ms, longest part {slowest.unqueued_ms:.0f} ms")
+                   f"{slowest.longest_wait_ms:.0f} ms, longest part {slowest.unqueued_ms:.0f} ms; a worker was free "
+                   f"{slowest.free_worker_share:.0%} of their parts' queue waits")
     result.put(f"{key}.cpu_s", round(figures.cpu_s, 2), f"{label}: server CPU time", "s")
     result.put(f"{key}.uss_mib", round(figures.uss_mib, 1), f"{label}: server private memory (USS)", "MiB")
     result.put(f"{key}.aborted", figures.aborted)
@@ -434,5 +435,9 @@ def view_load(ctx: ScenarioContext) -> ScenarioResult:
                 "log of each part's start and end; through the daemon, its journal); what they ran before "
                 "that, any engine that starts a view's parts at once spends. Slowest views: the top 5 % of "
                 "the views that ended before the session's next one came, by the server's time from their "
-                "arrival to their last part's end.")
+                "arrival to their last part's end; a worker was free: the share of their parts' queue waits "
+                "during which fewer parts than workers ran (time lost handing out work, not to a full pool). "
+                "Part times: Governor in process, the workers' own; through the daemon, its journal's; the "
+                "pools', the server's sight of the result less the part's own time (so they include the "
+                "result's way back).")
     return result

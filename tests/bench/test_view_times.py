@@ -28,13 +28,13 @@ def test_the_slowest_views_are_those_that_ended_before_the_next_came_and_took_lo
     # A view superseded before it ended is no view anyone waited for.
     views.append(ViewTimes("cat", 0.0, ((0.0, 0.0, 9.0),)))
     views.append(ViewTimes("cat", 1.0, ((1.0, 1.0, 1.01),)))
-    slowest = breakdown(views)
+    slowest = breakdown(views, workers=1)
     assert (slowest.views, slowest.slow) == (21, 2)
     assert slowest.server_ms == pytest.approx((400 + 38) / 2)  # Bob's and Ann's slowest
     assert slowest.last_start_ms == pytest.approx((300 + 10) / 2)
     assert slowest.longest_wait_ms == pytest.approx((300 + 10) / 2)
     assert slowest.unqueued_ms == pytest.approx((100 + 28) / 2)
-    assert breakdown([ViewTimes("ann", 0.0, ((0.0, None, None),))]) is None
+    assert breakdown([ViewTimes("ann", 0.0, ((0.0, None, None),))], workers=1) is None
 
 
 def test_a_daemons_journal_gives_one_view_per_batch_of_a_key(tmp_path):
@@ -49,3 +49,13 @@ def test_a_daemons_journal_gives_one_view_per_batch_of_a_key(tmp_path):
     assert views == [ViewTimes("ann", 10.0, ((10.0, 10.1, 10.2), (10.0, None, None))),
                      ViewTimes("ann", 11.0, ((11.0, 11.0, 11.5),))]
     assert work_after_supersede_s(views) == 0.0
+
+
+def test_the_free_worker_share_is_the_part_of_the_queue_waits_when_fewer_parts_than_workers_ran():
+    # Two workers. Ann's view waits 0-4 for its part; Bob's parts run 0-1 and 0-3 (two
+    # busy, then one, then none): a worker was free from 1 to 4, 3 of the 4 s Ann waited.
+    views = [ViewTimes("bob", 0.0, ((0.0, 0.0, 1.0), (0.0, 0.0, 3.0))),
+             ViewTimes("ann", 0.0, ((0.0, 4.0, 10.0),))]
+    slowest = breakdown(views, workers=2)
+    assert slowest.slow == 1 and slowest.free_worker_share == pytest.approx(0.75)
+    assert breakdown(views, workers=1).free_worker_share == pytest.approx(1 / 4)  # free only from 3 to 4
