@@ -1,7 +1,11 @@
 """The error codec: a Governor error as the JSON object a failure reply carries, and back.
 
 A failure reply's ``error`` is ``{"type": T, "message": M, "fields": {...}}``, where ``T``
-names the error's class, ``M`` is its message and ``fields`` holds its attributes.
+names the error's class, ``M`` is its message and ``fields`` holds its attributes. An error
+with ``add_note`` notes also carries ``"notes": [text, ...]`` (for ``StepFailed``, the step's
+own exception's notes, then the supervisor's, such as how many attempts ran); the client
+adds them to the error it rebuilds, of whatever type. A reader that does not know the key
+ignores it.
 
 These error types are rebuilt on the client with the same attributes and message:
 ``StepFailed`` (without the original exception object), ``StepTimeout``,
@@ -81,7 +85,8 @@ def error_to_wire(error: BaseException) -> Dict[str, Any]:
     Returns:
         ``{"type": class name, "message": str(error), "fields": {...}}``. ``fields`` holds
         the attributes of a type :func:`error_from_wire` rebuilds and is empty for any
-        other type (or when those attributes are not JSON values).
+        other type (or when those attributes are not JSON values). ``"notes"``, only when
+        there are any: the error's ``add_note`` texts (see the module docstring).
     """
     codec = _CODECS.get(type(error))
     fields: Dict[str, Any] = {}
@@ -90,7 +95,19 @@ def error_to_wire(error: BaseException) -> Dict[str, Any]:
             fields = to_json_value(codec.fields(error))
         except (AttributeError, ResultNotSerialisable):
             pass  # sent without fields: the client gets a RemoteError with the same message
-    return {"type": type(error).__name__, "message": str(error), "fields": fields}
+    wire = {"type": type(error).__name__, "message": str(error), "fields": fields}
+    notes = _notes_of(error)
+    if isinstance(error, StepFailed):  # the step's exception's notes, then the wrapper's
+        notes = _notes_of(error.original) + notes
+    if notes:
+        wire["notes"] = notes
+    return wire
+
+
+def _notes_of(error: Any) -> List[str]:
+    """``error``'s ``add_note`` notes that are text (anything may sit in ``__notes__``)."""
+    notes = getattr(error, "__notes__", None)
+    return [note for note in notes if isinstance(note, str)] if isinstance(notes, list) else []
 
 
 def error_from_wire(wire: Any) -> BaseException:
@@ -100,17 +117,28 @@ def error_from_wire(wire: Any) -> BaseException:
 
     Returns:
         The error, of its original type when the table has it and its fields fit; else a
-        :class:`RemoteError` with the type's name and the message; a ``ProtocolError``
-        (``bad_reply``) when ``wire`` is not an error object at all.
+        :class:`RemoteError` with the type's name and the message; either with the
+        wire's ``notes`` added (``add_note``). A ``ProtocolError`` (``bad_reply``) when
+        ``wire`` is not an error object at all.
     """
     if not (isinstance(wire, dict) and isinstance(wire.get("type"), str) and isinstance(wire.get("message"), str)
             and isinstance(wire.get("fields", {}), dict)):
         return ProtocolError(ErrorCode.BAD_REPLY, f"not an error object: {reprlib.repr(wire)}")
     type_name, message = wire["type"], wire["message"]
+    error = _rebuilt(type_name, message, wire.get("fields", {}))
+    notes = wire.get("notes")
+    for note in notes if isinstance(notes, list) else ():
+        if isinstance(note, str):
+            error.add_note(note)
+    return error
+
+
+def _rebuilt(type_name: str, message: str, fields: Any) -> BaseException:
+    """The error of type ``type_name`` from its message and fields, or a :class:`RemoteError`."""
     codec = _CODECS_BY_NAME.get(type_name)
     if codec is not None:
         try:
-            error = codec.build(message, wire.get("fields", {}))
+            error = codec.build(message, fields)
             str(error)  # its message must be buildable from the fields it got
             return error
         except Exception:  # the wire is untrusted: any misfit falls back to the generic error

@@ -68,7 +68,8 @@ Replies
     Success: ``{"v": 1, "id": ID, "ok": true, ...op-specific fields}``.
     Failure: ``{"v": 1, "id": ID, "ok": false, "error": {"type": T, "message": M,
     "fields": {...}}}``, where ``T`` names the error's class, ``M`` is its message and
-    ``fields`` holds its attributes. ``ID`` is null when the request was too broken to
+    ``fields`` holds its attributes; ``"notes": [text, ...]`` is added when the error has
+    ``add_note`` notes (old clients ignore it). ``ID`` is null when the request was too broken to
     have a usable id (a ``bad_json`` frame, say).
 
     The error object is :func:`~governor.protocol.codec.error_to_wire`'s; that module says

@@ -520,6 +520,29 @@ def test_workflow_results_that_cannot_be_sent_become_null():
     assert through_the_wire(error).results == [None]
 
 
+def test_notes_cross_the_wire_the_steps_first_and_only_when_there_are_any():
+    original = ValueError("bad row")
+    original.add_note("row 7 of orders.csv")
+    wrapped = StepFailed("load", 3, "ValueError", "bad row", "tb", original)
+    wrapped.add_note("step 'load': all 2 attempts failed")
+    wire = protocol.error_to_wire(wrapped)
+    assert wire["notes"] == ["row 7 of orders.csv", "step 'load': all 2 attempts failed"]
+    assert through_the_wire(wrapped).__notes__ == wire["notes"]
+    nested = through_the_wire(WorkflowFailed(1, wrapped, ["a"], []))
+    assert nested.error.__notes__ == wire["notes"] and not hasattr(nested, "__notes__")
+    plain = ValueError("x")
+    plain.add_note("why")
+    plain.__notes__.append(42)  # not text: not sent
+    assert through_the_wire(plain).__notes__ == ["why"]
+    assert "notes" not in protocol.error_to_wire(QueueFull("pool", 1))  # what older daemons sent, unchanged
+
+
+@pytest.mark.parametrize("notes", ["one", [1, None], {"a": 1}])
+def test_notes_that_are_not_a_list_of_text_are_dropped(notes):
+    wire = {**protocol.error_to_wire(QueueFull("pool", 1)), "notes": notes}
+    assert getattr(protocol.error_from_wire(wire), "__notes__", []) == []
+
+
 def test_other_errors_arrive_as_remote_errors():
     rebuilt = through_the_wire(ValueError("no such chat"))
     assert type(rebuilt) is protocol.RemoteError

@@ -16,6 +16,7 @@ def test_each_attempt_is_journaled_and_exhausted_tasks_are_listed(tmp_path):
             ended = client.wait(gives_up.wait_for_id(60), timeout=120)
             assert client.status(recovers.task_id)["attempts"] == 3
         assert (ended["state"], ended["attempts"]) == ("exhausted", 4)
+        assert ended["error"]["notes"] == ["step 'flaky': all 4 attempts failed"]
         listed = daemon.cli("status", "--state", "exhausted", "--json")
         assert listed.returncode == 0, listed.stderr
         assert [task["task_id"] for task in json.loads(listed.stdout)] == [gives_up.task_id]

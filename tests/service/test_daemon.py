@@ -216,6 +216,15 @@ def error_type(reply: bytes) -> str:
     return json.loads(reply)["error"]["type"] if reply else ""
 
 
+def test_a_steps_notes_reach_the_client_and_the_journal(daemon, client):
+    with pytest.raises(StepFailed) as raised:
+        client.submit("noted_boom", message="bad row", notes=["row 7", "of orders.csv"]).result(timeout=60)
+    assert raised.value.__notes__ == ["row 7", "of orders.csv"]
+    assert "row 7" in raised.value.remote_traceback
+    record = client.wait(raised.value.task_id, timeout=60)  # read back from the journal
+    assert record["error"]["notes"] == ["row 7", "of orders.csv"]
+
+
 def test_bad_input_gets_error_replies_and_the_daemon_serves_on(daemon, client):
     frame = lambda body: struct.pack(">I", len(body)) + body  # noqa: E731
     assert error_type(raw_exchange(daemon.socket, frame(b"{not json"))) == "ProtocolError"
