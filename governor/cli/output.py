@@ -82,6 +82,8 @@ def format_record(record: Dict[str, Any]) -> str:
     rows.append(("attempts", str(record.get("attempts", 0))))
     if record.get("lane_key") is not None:
         rows.append(("lane key", record["lane_key"]))
+    if record.get("priority"):
+        rows.append(("priority", str(record["priority"])))
     if record.get("key") is not None:
         rows.append(("supersede", record["key"]))
     if record.get("steps_done") is not None:

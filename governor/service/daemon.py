@@ -385,7 +385,8 @@ class Daemon:
         call, lane, lane_key = self._checked(request.step, request.params, request.cwd, request.limits,
                                              request.priority)
         [record_id] = await self._commits.write(lambda group: group.submit(
-            [NewTask.step_call(call.step, call.kwargs, lane, request.key, request.limits, call.cwd, lane_key)]))
+            [NewTask.step_call(call.step, call.kwargs, lane, request.key, request.limits, call.cwd, lane_key,
+                               call.priority)]))
         target = self._target(request.key, request.order)
         self._launch(record_id, target, lambda target: target.submit_call(attrs.evolve(call, ref=record_id)))
         self._acknowledge(connection, request, [record_id], _held_key(request.key, target))
@@ -395,8 +396,8 @@ class Daemon:
         checked = [self._checked(c.step, c.params, request.cwd, c.limits, c.priority)
                    for c in request.calls]  # all, before any is kept
         record_ids = await self._commits.write(lambda group: group.submit(
-            [NewTask.step_call(call.step, call.kwargs, lane, request.key, call.limits, call.cwd, lane_key)
-             for call, lane, lane_key in checked]))
+            [NewTask.step_call(call.step, call.kwargs, lane, request.key, call.limits, call.cwd, lane_key,
+                               call.priority) for call, lane, lane_key in checked]))
         target = self._target(request.key, request.order)  # one scope for the batch: it supersedes as one view
         for record_id, (call, _, _) in zip(record_ids, checked):
             self._launch(record_id, target, lambda target, call=call, rid=record_id:
@@ -564,8 +565,8 @@ class Daemon:
                     self._starts.resuming(record.id, done)
                 self._launch(record.id, self._supervisor, lambda target: target.workflow(calls))
             else:
-                call = self._resumable(Call(record.step, kwargs=record.params["params"],
-                                            limits=record.own_limits(), ref=record.id, cwd=record.cwd))
+                call = self._resumable(Call(record.step, kwargs=record.params["params"], limits=record.own_limits(),
+                                            priority=record.priority, ref=record.id, cwd=record.cwd))
                 self._launch(record.id, self._supervisor, lambda target: target.submit_call(call))
         except (GovernorError, ValueError, TypeError) as cause:
             if self._journal.get(record.id).terminal:

@@ -61,7 +61,7 @@ from governor.limits import Lane, Limits
 from governor.task import TaskState
 
 #: The schema this module reads and writes, kept in ``PRAGMA user_version``.
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 #: How long finished rows are kept by default: a week answers "what happened to my task
 #: on Friday" after a weekend, while the file stays small (a row is a few hundred bytes
@@ -134,7 +134,8 @@ def _create_table(name: str) -> str:
         interrupted INTEGER NOT NULL DEFAULT 0 CHECK (interrupted IN (0, 1)),
         cwd TEXT,
         lane_key TEXT,
-        progress TEXT
+        progress TEXT,
+        priority INTEGER NOT NULL DEFAULT 0
     )"""
 
 
@@ -146,11 +147,11 @@ def _rebuild(connection: sqlite3.Connection) -> None:
 
     SQLite cannot alter a column's CHECK, and the list of states grows with Governor
     (version 1 and 2 lacked ``exhausted``, so writing that state into such a journal
-    failed; version 4 adds the lane key and a workflow's progress), so the table is built
+    failed; version 4 adds the lane key and a workflow's progress, version 5 the priority), so the table is built
     anew, as SQLite's documentation says to change a table's definition: create, copy,
     drop, rename, inside the caller's transaction. A
     column an older schema lacked is left at its default (an old task's ``cwd`` is unknown:
-    it resumes in the daemon's own directory, as it would have run). The ``AUTOINCREMENT``
+    it resumes in the daemon's own directory, as it would have run; its priority is 0). The ``AUTOINCREMENT``
     counter is carried over, so that no id is ever given twice.
     """
     sequence = connection.execute("SELECT seq FROM sqlite_sequence WHERE name = 'tasks'").fetchone()
@@ -218,6 +219,8 @@ class NewTask:
         limits: the submission's own limits, if any.
         cwd: the absolute directory it was submitted from, where its steps run, if known.
         lane_key: its critical lane key (``StepSpec.key``) as text, if any.
+        priority: its rank in the pool lane's queue (``Call.priority``), kept so that it
+            resumes at it after a restart.
     """
 
     kind: str = attrs.field(validator=attrs.validators.in_(KINDS))
@@ -231,6 +234,7 @@ class NewTask:
     cwd: Optional[str] = attrs.field(
         default=None, validator=attrs.validators.optional(attrs.validators.instance_of(str)))
     lane_key: Optional[str] = attrs.field(default=None, converter=attrs.converters.optional(lane_key_text))
+    priority: int = attrs.field(default=0, validator=attrs.validators.instance_of(int))
 
     def __attrs_post_init__(self) -> None:
         if list(self.params) != [_PAYLOAD_KEY[self.kind]]:
@@ -239,9 +243,10 @@ class NewTask:
 
     @classmethod
     def step_call(cls, step: str, params: Mapping[str, Any], lane: Union[Lane, str], key: Optional[str] = None,
-                  limits: Optional[Limits] = None, cwd: Optional[str] = None, lane_key: Any = None) -> "NewTask":
+                  limits: Optional[Limits] = None, cwd: Optional[str] = None, lane_key: Any = None,
+                  priority: int = 0) -> "NewTask":
         """One step with its keyword arguments, in the lane its registration declares."""
-        return cls("step", step, {"params": dict(params)}, lane, key, limits, cwd, lane_key)
+        return cls("step", step, {"params": dict(params)}, lane, key, limits, cwd, lane_key, priority)
 
     @classmethod
     def workflow(cls, calls: Sequence[Mapping[str, Any]], label: str = "workflow",
@@ -281,6 +286,7 @@ class TaskRecord:
         lane_key: its critical lane key as text (``None``: none, or a pool step).
         progress: a workflow's results of the steps finished before the one that started
             last (``None``: a step, or a workflow whose first step has not started).
+        priority: its rank in the pool lane's queue (``Call.priority``; 0 for a workflow).
     """
 
     id: int
@@ -301,6 +307,7 @@ class TaskRecord:
     cwd: Optional[str] = None
     lane_key: Optional[str] = None
     progress: Optional[List[Any]] = None
+    priority: int = 0
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> "TaskRecord":
@@ -310,7 +317,7 @@ class TaskRecord:
                    state=row["state"], submitted_at=row["submitted_at"], started_at=row["started_at"],
                    ended_at=row["ended_at"], result=_loads(row["result"]), error=_loads(row["error"]),
                    attempts=row["attempts"], interrupted=row["interrupted"], cwd=row["cwd"],
-                   lane_key=row["lane_key"], progress=_loads(row["progress"]))
+                   lane_key=row["lane_key"], progress=_loads(row["progress"]), priority=row["priority"])
 
     def own_limits(self) -> Optional[Limits]:
         """The task's own limits as a ``Limits``, or ``None`` when it has none.
@@ -339,7 +346,7 @@ class TaskRecord:
                 "key": self.key, "limits": self.limits,
                 "state": self.state, "submitted_at": self.submitted_at, "started_at": self.started_at,
                 "ended_at": self.ended_at, "error": self.error, "attempts": self.attempts,
-                "interrupted": self.interrupted, "lane_key": self.lane_key,
+                "interrupted": self.interrupted, "lane_key": self.lane_key, "priority": self.priority,
                 "steps_done": None if self.progress is None else len(self.progress)}
         if not summary:
             wire.update(self.params, result=self.result)
@@ -633,10 +640,10 @@ class JournalGroup:
                 raise TypeError(f"Journal.submit takes NewTask values, not {type(entry).__name__}")
             rows.append((entry.kind, entry.step, _dumps(entry.params), entry.lane.value, entry.key,
                          None if entry.limits is None else _dumps(_limits_dict(entry.limits)), _QUEUED, at,
-                         entry.cwd, entry.lane_key))
+                         entry.cwd, entry.lane_key, entry.priority))
         return [self._connection.execute(
-            "INSERT INTO tasks (kind, step, params, lane, key, limits, state, submitted_at, cwd, lane_key) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row).lastrowid for row in rows]
+            "INSERT INTO tasks (kind, step, params, lane, key, limits, state, submitted_at, cwd, lane_key, priority) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row).lastrowid for row in rows]
 
     def mark_started(self, task_id: int, at: Optional[float] = None) -> None:
         """Record that a queued task is being handed to a worker: ``"running"``, one more attempt.

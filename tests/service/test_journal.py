@@ -108,10 +108,13 @@ def test_a_task_keeps_the_directory_it_was_submitted_from(journal):
     assert [record.cwd for record in journal.recover().resume] == ["/home/me/project", "/srv/other", None]
 
 
-#: The tasks table as schema versions 1 and 2 wrote it, word for word: the states listed in
-#: its CHECK lack "exhausted"; version 2 added the cwd column.
+#: The tasks table as schema versions 1, 2 and 4 wrote it, word for word: the states listed in
+#: its CHECK lack "exhausted" before version 3; version 2 added the cwd column, version 4 the
+#: lane key and a workflow's progress.
 _OLD_STATES = "('cancelled', 'crashed', 'done', 'failed', 'interrupted', 'over_memory', 'queued', 'running', " \
     "'skipped', 'timed_out')"
+_V4_STATES = _OLD_STATES.replace("'done', ", "'done', 'exhausted', ")
+_OLD_COLUMNS = {1: "", 2: ",\n    cwd TEXT", 4: ",\n    cwd TEXT,\n    lane_key TEXT,\n    progress TEXT"}
 _OLD_TABLE = f"""CREATE TABLE tasks (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     kind TEXT NOT NULL CHECK (kind IN ('step', 'workflow')),
@@ -120,24 +123,25 @@ _OLD_TABLE = f"""CREATE TABLE tasks (
     lane TEXT NOT NULL CHECK (lane IN ('critical', 'pool')),
     key TEXT,
     limits TEXT,
-    state TEXT NOT NULL CHECK (state IN {_OLD_STATES}),
+    state TEXT NOT NULL CHECK (state IN {{states}}),
     submitted_at REAL NOT NULL,
     started_at REAL,
     ended_at REAL,
     result TEXT,
     error TEXT,
     attempts INTEGER NOT NULL DEFAULT 0,
-    interrupted INTEGER NOT NULL DEFAULT 0 CHECK (interrupted IN (0, 1)){{cwd}}
+    interrupted INTEGER NOT NULL DEFAULT 0 CHECK (interrupted IN (0, 1)){{columns}}
 )"""
 
 
 def _old_journal(path, version):
-    """A journal file as Governor's schema ``version`` (1 or 2) left it: three tasks, the
+    """A journal file as Governor's schema ``version`` (1, 2 or 4) left it: three tasks, the
     newest pruned (so the id counter is ahead of the rows), one pool task running."""
     path.parent.mkdir(parents=True, exist_ok=True)
     connection = sqlite3.connect(path)
     connection.execute("PRAGMA journal_mode = WAL")
-    connection.execute(_OLD_TABLE.format(cwd=",\n    cwd TEXT" if version == 2 else ""))
+    connection.execute(_OLD_TABLE.format(states=_V4_STATES if version == 4 else _OLD_STATES,
+                                         columns=_OLD_COLUMNS[version]))
     connection.execute("CREATE INDEX tasks_state ON tasks (state)")
     for step_name, lane, state in [("save", "critical", "done"), ("echo", "pool", "running"), ("gone", "pool", "done")]:
         connection.execute("INSERT INTO tasks (kind, step, params, lane, state, submitted_at, attempts) "
@@ -164,6 +168,16 @@ def test_a_journal_of_an_older_schema_is_rebuilt_and_takes_every_state(path, ver
         assert {row[0] for row in connection.execute("SELECT name FROM sqlite_master")} >= {"tasks", "tasks_state"}
         assert "tasks_rebuilt" not in {row[0] for row in connection.execute("SELECT name FROM sqlite_master")}
     connection.close()
+
+
+def test_a_journal_of_schema_4_opens_its_tasks_at_priority_0_and_keeps_new_ones(path):
+    _old_journal(path, 4)
+    with Journal(path) as journal:
+        assert (journal.get(2).state, journal.get(2).priority) == ("running", 0)
+        [new_id] = journal.submit([NewTask.step_call("echo", {}, Lane.POOL, priority=-7)])
+        assert new_id == 4 and journal.get(new_id).priority == -7
+        assert journal.get(new_id).to_wire()["priority"] == -7
+        assert [(record.id, record.priority) for record in journal.recover().resume] == [(2, 0), (4, -7)]
 
 
 @pytest.mark.parametrize("retention_s", [0, -1, float("nan"), "1d", True])
@@ -304,7 +318,7 @@ def test_to_wire(journal):
     assert journal.get(step_id).to_wire() == {
         "task_id": step_id, "kind": "step", "step": "a", "lane": "pool", "key": None, "limits": {"timeout_s": 2},
         "state": "done", "submitted_at": 5.0, "started_at": 6.0, "ended_at": 7.0, "error": None, "attempts": 1,
-        "interrupted": False, "lane_key": None, "steps_done": None, "params": {"x": 1}, "result": [1]}
+        "interrupted": False, "lane_key": None, "priority": 0, "steps_done": None, "params": {"x": 1}, "result": [1]}
     flow = journal.get(flow_id).to_wire()
     assert flow["calls"] == [{"step": "b", "params": {}}] and "params" not in flow
     summary = journal.get(step_id).to_wire(summary=True)

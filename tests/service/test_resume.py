@@ -5,6 +5,7 @@ What each step did is counted from a SQLite ledger the steps append to
 (``governor.bench.ledger_steps``), not assumed from the journal.
 """
 
+import json
 import signal
 import sqlite3
 import threading
@@ -13,6 +14,7 @@ import psutil
 
 from conftest import alive, wait_until
 from daemon_harness import DaemonProcess, InProcessDaemon
+from governor import Call
 from governor.client import Client
 from governor.bench.ledger_steps import runs as ledger_runs
 
@@ -115,3 +117,32 @@ def test_a_resumed_workflow_that_fails_names_its_step_in_the_whole_workflow(tmp_
     error = record["error"]
     assert error["type"] == "WorkflowFailed" and error["message"].startswith("workflow failed at step 2:")
     assert (error["fields"]["index"], error["fields"]["results"], error["fields"]["skipped"]) == (2, ["c1", "c2"], [])
+
+
+def test_a_task_resumed_after_a_kill_keeps_its_priority(tmp_path):
+    """Four tasks queued behind a held pool worker, the last at priority 100; after kill -9
+    and a restart they run again from the journal, and the last still starts first."""
+    started, go = str(tmp_path / "started"), str(tmp_path / "go")
+    first = DaemonProcess(tmp_path, workers=1).start()
+    with Client(first.socket) as client:
+        client.submit("hold_until", marker=started, go=go).wait_for_id(60)
+        assert wait_until(lambda: (tmp_path / "started").exists(), timeout=60)
+        queued = [client.submit_call(Call("timed_sleep", kwargs={"ms": 0, "tag": tag}, priority=priority)).wait_for_id(60)
+                  for tag, priority in (("a", 0), ("b", 0), ("c", 0), ("urgent", 100))]
+    workers = psutil.Process(first.process.pid).children(recursive=True)
+    first.stop(signal.SIGKILL)
+    assert wait_until(lambda: not any(alive(worker.pid) for worker in workers), timeout=30)
+
+    second = DaemonProcess(tmp_path, workers=1).start()  # the held step resumes first, and holds the worker
+    try:
+        shown = second.cli("status", str(queued[-1]))
+        assert shown.returncode == 0 and "priority" in shown.stdout and "100" in shown.stdout, shown.stdout
+        assert json.loads(second.cli("status", str(queued[-1]), "--json").stdout)["priority"] == 100
+        open(go, "w").close()
+        with Client(second.socket) as client:
+            records = [client.wait(task_id, timeout=120) for task_id in queued]
+    finally:
+        assert second.stop() == 0
+    assert [record["state"] for record in records] == ["done"] * 4
+    starts = {record["result"][0]: record["result"][1] for record in records}
+    assert min(starts, key=starts.get) == "urgent", starts
