@@ -75,6 +75,17 @@ PEAK_RESET_SLACK_BYTES = 1 << 20
 #: Cancels kept for tasks not started here yet: more than a worker is ever sent ahead.
 EARLY_CANCELS_KEPT = 8
 
+#: Tests only: a directory (``GOVERNOR_TEST_HOLD_REVOKED``, read once as the template
+#: imports this module) where the control thread, having taken a task back, announces it
+#: (file ``revoked``) and then waits for the file ``answer`` before it sends ``Revoked``. A
+#: test so orders that answer after the worker's next outcome, the race that ``Skipped``
+#: on the task socket settles. Unset, it costs one comparison per task taken back.
+HOLD_REVOKED_DIR = os.environ.get("GOVERNOR_TEST_HOLD_REVOKED")
+
+#: How long a held answer waits for the test before it goes anyway (a failed test's
+#: worker must not hang its shutdown).
+HOLD_REVOKED_PATIENCE_S = 60.0
+
 _steps: Dict[str, Any] = {}
 _statm_fd: Optional[int] = None
 _lock = threading.Lock()
@@ -281,7 +292,19 @@ def _control_loop(connection: Connection) -> None:
             case Cancel(task_id, reason, detail):
                 deliver_cancel(task_id, reason, detail)
             case Revoke(task_id, number) if _revoke(number):
+                if HOLD_REVOKED_DIR is not None:
+                    _hold_revoked(HOLD_REVOKED_DIR)
                 connection.send_bytes(revoked_to_wire(Revoked(task_id)))
+
+
+def _hold_revoked(directory: str) -> None:
+    """Tests only (:data:`HOLD_REVOKED_DIR`): say a task was taken back, then wait for the
+    test's ``answer`` file, or :data:`HOLD_REVOKED_PATIENCE_S`."""
+    with open(os.path.join(directory, "revoked"), "w"):
+        pass
+    deadline = time.monotonic() + HOLD_REVOKED_PATIENCE_S
+    while not os.path.exists(os.path.join(directory, "answer")) and time.monotonic() < deadline:
+        time.sleep(0.002)
 
 
 def _take_assignment() -> bool:

@@ -11,6 +11,7 @@ ahead that waits behind a step that turned out long is taken back once another w
 free.
 """
 
+import concurrent.futures
 import os
 import signal
 
@@ -128,3 +129,41 @@ def test_a_task_waiting_behind_a_step_that_turned_out_long_goes_to_a_free_worker
     assert sup.metrics()["redispatched"]["pool"] == 1
     go.touch()
     assert still.result(timeout=60) == stuck
+
+
+def test_the_outcome_after_a_task_taken_back_is_never_taken_for_it(make_supervisor, tmp_path, monkeypatch):
+    """The race the task socket's ``Skipped`` settles, made to happen: the worker's control
+    thread takes ``behind`` back while its held step runs, and its answer (``Revoked``) is
+    held (the worker's test hook) until the outcome of the next task sent to that worker has
+    come. That outcome must not be taken for ``behind``'s: ``behind`` runs again and returns
+    its own value, and the next task returns its own."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    monkeypatch.setenv("GOVERNOR_TEST_HOLD_REVOKED", str(hook))
+    sup = make_supervisor(workers=2)
+    known_short(sup, tmp_path)
+    assert [sup.submit("echo", n).result(timeout=60) for n in range(5)] == list(range(5))  # echo is short too
+    holds = {pid: (future, go) for future, go, pid in (held(sup, tmp_path, name=name) for name in "ab")}
+    behind = sup.submit("echo", "behind")
+    assert sent_ahead(behind)
+    stuck = behind.task.pid
+    (first, stuck_go), = [hold for pid, hold in holds.items() if pid == stuck]
+    (other, other_go), = [hold for pid, hold in holds.items() if pid != stuck]
+    other_go.touch()  # a worker is free: behind is asked back from the stuck one
+    other.result(timeout=60)
+    wait_for_path(str(hook / "revoked"))  # taken back in the worker; Revoked not sent
+    stuck_go.touch()
+    assert first.result(timeout=60) == stuck  # the outcome before behind's place
+    # The free worker held by a step not known to be short: the next task is sent ahead
+    # to the stuck worker (where behind looked started, had its Skipped been missed).
+    meeting, meeting_go = tmp_path / "meeting", tmp_path / "meeting-go"
+    meeting.mkdir()
+    holder = sup.submit("meet", str(meeting), "holder", 2, str(meeting_go))
+    wait_for_path(str(meeting / "holder"))
+    after = sup.submit("echo", "after")
+    concurrent.futures.wait([behind, after], timeout=60, return_when=concurrent.futures.FIRST_COMPLETED)
+    (hook / "answer").touch()  # Revoked now comes after that outcome
+    assert behind.result(timeout=60) == "behind"
+    assert after.result(timeout=60) == "after"
+    meeting_go.touch()
+    assert holder.result(timeout=60) == "holder"
