@@ -127,8 +127,8 @@ def test_a_task_resumed_after_a_kill_keeps_its_priority(tmp_path):
     with Client(first.socket) as client:
         client.submit("hold_until", marker=started, go=go).wait_for_id(60)
         assert wait_until(lambda: (tmp_path / "started").exists(), timeout=60)
-        queued = [client.submit_call(Call("timed_sleep", kwargs={"ms": 0, "tag": tag}, priority=priority)).wait_for_id(60)
-                  for tag, priority in (("a", 0), ("b", 0), ("c", 0), ("urgent", 100))]
+        queued = [client.submit_call(Call("timed_sleep", kwargs={"ms": 0, "tag": tag}, priority=priority))
+                  .wait_for_id(60) for tag, priority in (("a", 0), ("b", 0), ("c", 0), ("urgent", 100))]
     workers = psutil.Process(first.process.pid).children(recursive=True)
     first.stop(signal.SIGKILL)
     assert wait_until(lambda: not any(alive(worker.pid) for worker in workers), timeout=30)
