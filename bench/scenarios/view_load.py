@@ -437,7 +437,9 @@ def view_load(ctx: ScenarioContext) -> ScenarioResult:
                 "the views that ended before the session's next one came, by the server's time from their "
                 "arrival to their last part's end; a worker was free: the share of their parts' queue waits "
                 "during which fewer parts than workers ran (time lost handing out work, not to a full pool). "
-                "Part times: Governor in process, the workers' own; through the daemon, its journal's; the "
+                "Part times: Governor in process, the workers' own; through the daemon, its journal's (a "
+                "part's end as the daemon committed it, later than the part's own end under load: there, "
+                "the work after the supersede is an upper bound); the "
                 "pools', the server's sight of the result less the part's own time (so they include the "
                 "result's way back).")
     return result
