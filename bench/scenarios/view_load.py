@@ -347,7 +347,8 @@ def _figures(result: ScenarioResult, key: str, label: str, figures: RunFigures) 
     if figures.slowest is not None:
         slowest = figures.slowest
         result.put(f"{key}.slowest_views", attrs.asdict(slowest),
-                   f"{label}: slowest 5 % of {slowest.views} views (server side, medians): {slowest.server_ms:.0f} ms, "
+                   f"{label}: server-side p95 of {slowest.views} views {slowest.server_p95_ms:.0f} ms; the slowest "
+                   f"5 % (medians): {slowest.server_ms:.0f} ms, "
                    f"last part started after {slowest.last_start_ms:.0f} ms, longest queue wait "
                    f"{slowest.longest_wait_ms:.0f} ms, longest part {slowest.unqueued_ms:.0f} ms; a worker was free "
                    f"{slowest.free_worker_share:.0%} of their parts' queue waits")

@@ -30,6 +30,7 @@ def test_the_slowest_views_are_those_that_ended_before_the_next_came_and_took_lo
     views.append(ViewTimes("cat", 1.0, ((1.0, 1.0, 1.01),)))
     slowest = breakdown(views, workers=1)
     assert (slowest.views, slowest.slow) == (21, 2)
+    assert slowest.server_p95_ms == pytest.approx(38)  # 20 views: the 20th, Ann's slowest
     assert slowest.server_ms == pytest.approx((400 + 38) / 2)  # Bob's and Ann's slowest
     assert slowest.last_start_ms == pytest.approx((300 + 10) / 2)
     assert slowest.longest_wait_ms == pytest.approx((300 + 10) / 2)
