@@ -264,6 +264,8 @@ def serve(ctx: click.Context, step_modules: List[str], app_dir: Path, builtin: b
         _import_step_modules([*step_modules, *([initializer] if initializer else [])], app_dir)
         registry = load_registry(step_modules, builtin=builtin)
         Daemon(registry, config).serve()
+        if backend == "ray":
+            _exit_past_ray()
     except (errors.DaemonAlreadyRunning, errors.JournalLocked) as error:
         raise GovernorClickError(str(error), "already_running") from None
     except errors.JournalUnavailable as error:
@@ -271,6 +273,22 @@ def serve(ctx: click.Context, step_modules: List[str], app_dir: Path, builtin: b
     except (errors.DaemonError, errors.RegistrationError, errors.BackendUnavailable,
             errors.SandboxUnavailable, errors.WorkerStartFailed) as error:
         raise GovernorClickError(str(error), "cannot_start") from None
+
+
+def _exit_past_ray() -> None:
+    """Exit 0 now that the daemon stopped cleanly with the Ray backend, skipping the
+    interpreter's teardown of Ray's C++ core, which aborts the process (SIGABRT) after a
+    SIGTERM on a loaded host (ray-project/ray#37288): ``atexit`` handlers and logging run
+    first, as a normal exit would run them."""
+    import atexit
+    import os
+    import sys
+
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _import_step_modules(step_modules: Sequence[str], app_dir: Path) -> None:
