@@ -90,10 +90,12 @@ def test_declared_step_timeout_applies(supervisor):
 
 def test_queue_wait_does_not_count_against_the_timeout(make_supervisor, tmp_path):
     sup = make_supervisor(workers=1)
-    first = sup.submit("timed_sleep", 600)
-    second = sup.submit_call(Call("timed_sleep", (100,), limits=Limits(timeout_s=0.4)))
+    # Margins for a loaded machine: it waits 2 s in the queue, past its 1.5 s limit, and its
+    # 100 ms run has 1.4 s to spare (a Ray worker at load 25 took 0.4 s for it).
+    first = sup.submit("timed_sleep", 2000)
+    second = sup.submit_call(Call("timed_sleep", (100,), limits=Limits(timeout_s=1.5)))
     assert first.result(timeout=30)
-    assert second.result(timeout=30), "waited 600 ms in the queue, ran 100 ms: no timeout"
+    assert second.result(timeout=30), "waited 2 s in the queue, ran 100 ms: no timeout"
 
 
 def test_memory_limit_kills_a_growing_step(supervisor):
