@@ -19,7 +19,9 @@ Data flow::
     any other thread: future.set_result() -> ... -> runner.run(fn, future) -> fn(future) at once
 
 Callbacks resolved on other threads run there at once, as ``concurrent.futures`` does, so
-no hop is paid where none is needed. One thread runs every deferred callback in the order
+no hop is paid where none is needed. Governor's own bridges whose callback only hands the
+future on (a deque append and at most one wake-up) wrap it in :class:`NonBlocking`: it runs
+at once on any thread, sparing each task a hop through the callback thread. One thread runs every deferred callback in the order
 they were due: a callback that blocks delays the callbacks behind it, never a lane. The
 thread starts on the first deferred callback, so a supervisor whose futures have none
 costs nothing. ``concurrent.futures.wait`` and ``as_completed`` do not use callbacks and
@@ -38,6 +40,23 @@ from typing import Any, Callable, FrozenSet, Optional
 _futures_log = logging.getLogger("concurrent.futures")
 
 Callback = Callable[[concurrent.futures.Future], Any]
+
+
+class NonBlocking:
+    """A done-callback that may run on a protected thread: it never blocks, never takes a
+    lock another thread holds for long, and never raises (the daemon's end inbox).
+
+    Args:
+        fn: the callback.
+    """
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callback):
+        self.fn = fn
+
+    def __call__(self, future: concurrent.futures.Future) -> Any:
+        return self.fn(future)
 
 
 class CallbackRunner:
@@ -72,7 +91,7 @@ class CallbackRunner:
         Called by :class:`CallbackFuture` in place of each callback. Run now, an exception
         propagates to ``Future``, which logs it; deferred, it is logged the same way.
         """
-        if threading.get_ident() not in self._protected:
+        if isinstance(fn, NonBlocking) or threading.get_ident() not in self._protected:
             fn(future)
             return
         with self._lock:

@@ -11,7 +11,7 @@ import threading
 import pytest
 
 from governor import Call
-from governor.callbacks import CallbackFuture, CallbackRunner
+from governor.callbacks import CallbackFuture, CallbackRunner, NonBlocking
 from step_library import wait_for_path
 
 #: A deadlock detector for waits on events, not a timing.
@@ -60,6 +60,15 @@ def test_callbacks_due_on_any_other_thread_run_there_at_once(runner):
     future.add_done_callback(lambda done: ran_on.append(threading.get_ident()))
     future.set_result(1)
     assert ran_on == [threading.get_ident()]
+
+
+def test_a_non_blocking_callback_runs_on_the_protected_thread_itself(runner):
+    # The daemon's end inbox: a hop through the callback thread per task is what it saves.
+    ran_on = []
+    future = CallbackFuture(runner)
+    future.add_done_callback(NonBlocking(lambda done: ran_on.append(threading.get_ident())))
+    manager = on_manager(runner, lambda: future.set_result(None))
+    assert ran_on == [manager]
 
 
 def test_a_blocking_callback_does_not_stall_the_manager(runner):

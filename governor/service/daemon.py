@@ -8,7 +8,8 @@ Data flow::
                                  -> ack {"task_id"} (and, with wait, a final reply later)
     manager thread ──on_dispatch(task)──> critical: journal.mark_started (durable, before the worker)
                                       └─> pool: write_later -> the loop's next group commit
-    task future done ──call_soon_threadsafe──> loop: group commit of the end -> waiters' replies
+    task future done ──EndInbox (one loop wake-up for every end since the last turn)──>
+                       loop: group commit of the ends -> waiters' replies
 
 The group commit (``governor.service.group_commit``) writes what one turn of the loop
 brought (submissions, pool starts, ends) in one transaction, and only then acknowledges the
@@ -83,6 +84,7 @@ from governor.engine.supervisor import Supervisor
 from governor.errors import (DaemonAlreadyRunning, DaemonError, GovernorError, JournalLost, PeerRefused, TaskNotResumable, TooManyClients, UnknownTask)
 from governor.service.config import DaemonConfig, show_addr
 from governor.service.connections import READ_CHUNK_BYTES, Connection, InFlight, Waiter
+from governor.service.ends import EndInbox
 from governor.service.group_commit import GroupCommit
 from governor.service.journal import Journal, NewTask, TaskRecord
 from governor.service.live import LiveModel
@@ -136,6 +138,7 @@ class Daemon:
         self.config = config
         self._journal: Optional[Journal] = None
         self._commits: Optional[GroupCommit] = None  # the loop's writes to the journal, a transaction a turn
+        self._ends: Optional[EndInbox] = None  # task ends, from the manager thread to the loop in bulk
         self._supervisor: Optional[Supervisor] = None
         self._in_flight: Dict[int, InFlight] = {}
         self._starts: Optional[StartJournal] = None  # the on_dispatch hook: what a start journals
@@ -194,6 +197,7 @@ class Daemon:
         self._lock = JournalLock(config.journal_path)
         self._journal = Journal(config.journal_path, retention_s=config.retention_s, sync=config.journal_sync)
         self._commits = GroupCommit(self._journal, self._loop)
+        self._ends = EndInbox(self._loop, self._task_done)
         self._starts = StartJournal(self._journal, self._commits, self._in_flight.get, lambda: self._draining,
                                     keyed=config.critical_workers > 1)
         self._supervisor = Supervisor(self._registry, config.workers, critical_workers=config.critical_workers,
@@ -552,7 +556,7 @@ class Daemon:
             self._journal.mark_finished(record_id, TaskState.FAILED.value, error=protocol.error_to_wire(refused))
             raise
         self._in_flight[record_id] = InFlight(record_id, future)
-        future.add_done_callback(lambda done: self._loop.call_soon_threadsafe(self._task_done, record_id))
+        self._ends.watch(record_id, future)
 
     def _resume(self, record: TaskRecord) -> None:
         """Run a journaled task again, or fail it with ``TaskNotResumable`` when it can no longer run."""

@@ -1,0 +1,45 @@
+"""The daemon's per-task overheads kept in bulk: a waiting submit answered by one reply, the
+ends of many tasks delivered to the loop by one wake-up, the replies of one turn of the loop
+written to a connection at once."""
+
+import asyncio
+import concurrent.futures
+import threading
+
+from governor.service.ends import EndInbox
+
+#: A deadlock detector for waits on events, not a timing.
+PATIENCE_S = 60.0
+
+
+def test_ends_that_come_while_the_loop_is_busy_reach_it_in_one_drain():
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="test-loop")
+    thread.start()
+    try:
+        delivered, drains, all_in = [], [], threading.Event()
+
+        def on_end(record_id):
+            delivered.append(record_id)
+            if len(delivered) == 100:
+                all_in.set()
+
+        inbox = EndInbox(loop, on_end)
+        drain = inbox._drain
+        inbox._drain = lambda: (drains.append(1), drain())  # counts the loop's wake-ups for ends
+        paused, resume = threading.Event(), threading.Event()
+        loop.call_soon_threadsafe(lambda: (paused.set(), resume.wait(PATIENCE_S)))
+        assert paused.wait(PATIENCE_S)
+        futures = [concurrent.futures.Future() for _ in range(100)]
+        for record_id, future in enumerate(futures):
+            inbox.watch(record_id, future)
+        for future in futures:  # resolved on this thread, as the manager resolves them on its own
+            future.set_result(None)
+        resume.set()
+        assert all_in.wait(PATIENCE_S)
+        assert delivered == list(range(100))
+        assert len(drains) == 1  # one call_soon_threadsafe per end would be 100
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(PATIENCE_S)
+        loop.close()
