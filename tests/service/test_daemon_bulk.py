@@ -4,9 +4,16 @@ written to a connection at once."""
 
 import asyncio
 import concurrent.futures
+import socket
 import threading
+import types
 
+from daemon_harness import InProcessDaemon
+from governor.client import Client
+from governor.service import connections
 from governor.service.ends import EndInbox
+
+from test_daemon_hardening import frame, read_frame
 
 #: A deadlock detector for waits on events, not a timing.
 PATIENCE_S = 60.0
@@ -43,3 +50,26 @@ def test_ends_that_come_while_the_loop_is_busy_reach_it_in_one_drain():
         loop.call_soon_threadsafe(loop.stop)
         thread.join(PATIENCE_S)
         loop.close()
+
+
+def test_the_replies_of_one_turn_of_the_loop_go_out_in_one_write(tmp_path, monkeypatch):
+    writes, real_write_now = [], connections.gilio.write_now
+
+    def write_now(fd, data):
+        writes.append(len(data))
+        return real_write_now(fd, data)
+
+    with InProcessDaemon(tmp_path) as running, socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(PATIENCE_S)
+        sock.connect(str(running.socket))
+        with Client(running.socket) as client:
+            assert client.ping()  # the daemon is serving
+        monkeypatch.setattr(connections, "gilio", types.SimpleNamespace(write_now=write_now))
+        paused, resume = threading.Event(), threading.Event()
+        running.loop.call_soon_threadsafe(lambda: (paused.set(), resume.wait(PATIENCE_S)))
+        assert paused.wait(PATIENCE_S)
+        sock.sendall(b"".join(frame({"v": 1, "id": n, "op": "ping"}) for n in range(20)))
+        resume.set()
+        replies = [read_frame(sock) for _ in range(20)]
+        assert sorted(reply["id"] for reply in replies) == list(range(20))
+        assert len(writes) == 1, writes  # one per reply before
