@@ -3,9 +3,10 @@
 A real ``governor serve`` runs in a subprocess on a private socket and journal, serving the
 bench's own steps, once per ``--journal-sync`` mode. Measured, in one run:
 
-* round trip, one client: ``client.submit("noop").result()``, one at a time (journal
-  insert, dispatch record, end record and two socket hops included), next to the same
-  round trip through an in-process Supervisor;
+* round trip, one client: ``client.run("noop")``, one at a time (journal insert,
+  dispatch record, end record, one request and one reply included), next to
+  ``supervisor.submit("noop").result()`` in process; and ``client.submit("noop").result()``,
+  which also waits for the acknowledgement;
 * throughput of :data:`DAEMON_TASKS` no-ops from 1, 10 and 50 clients (:data:`CLIENTS`),
   each on its own connection in its own thread, all submitting at once, in both sync
   modes, next to as many threads submitting to an in-process Supervisor: one ``submit``
@@ -95,6 +96,15 @@ def _roundtrips(submit, count: int) -> List[float]:
     for _ in range(count):
         start = time.perf_counter()
         submit("noop").result()
+        samples.append(time.perf_counter() - start)
+    return samples
+
+
+def _runs(run, count: int) -> List[float]:
+    samples = []
+    for _ in range(count):
+        start = time.perf_counter()
+        run("noop")
         samples.append(time.perf_counter() - start)
     return samples
 
@@ -206,9 +216,10 @@ def daemon(ctx: ScenarioContext) -> ScenarioResult:
         try:
             if sync == "normal":
                 with Client(socket_path) as client:
-                    _roundtrips(client.submit, 20 * size.warmup)
-                    ctx.progress(f"round trips through the socket: {count}")
-                    through_socket = _roundtrips(client.submit, count)
+                    _runs(client.run, 20 * size.warmup)
+                    ctx.progress(f"round trips through the socket: {count} of run, {count} of submit")
+                    through_socket = _runs(client.run, count)
+                    acknowledged = _roundtrips(client.submit, count)
             through[sync] = _throughputs(result, ctx, f"daemon {sync}", lambda: Client(socket_path), tasks)
             if sync == "normal":
                 rate = STEADY_SHARE * through[sync][("submit", 1)].per_s
@@ -228,7 +239,9 @@ def daemon(ctx: ScenarioContext) -> ScenarioResult:
         in_process = _roundtrips(supervisor.submit, count)
         local = _throughputs(result, ctx, "in process", lambda: supervisor, tasks)
     socket_summary, local_summary = Summary.of_seconds(through_socket), Summary.of_seconds(in_process)
-    result.put("roundtrip.socket", socket_summary, "no-op round trip through the socket")
+    result.put("roundtrip.socket", socket_summary, "no-op round trip through the socket (Client.run)")
+    result.put("roundtrip.socket_acknowledged", Summary.of_seconds(acknowledged),
+               "no-op round trip through the socket, submit().result() (an ack, then the result)")
     result.put("roundtrip.in_process", local_summary, "no-op round trip, in-process Supervisor")
     result.put("roundtrip.ratio_p50", ratio(socket_summary.p50, local_summary.p50), "socket / in-process, p50", "x")
     result.distribution("Latency through the daemon", "round trip, 1 client", to_ms(through_socket))

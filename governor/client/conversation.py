@@ -119,9 +119,10 @@ class Requests:
     def ping(self) -> Exchange:
         return Exchange(protocol.Ping(self._id()), _whole)
 
-    def submit(self, call: Call, key: Optional[str], order: Optional[int] = None) -> Exchange:
+    def submit(self, call: Call, key: Optional[str], order: Optional[int] = None, ack: bool = True) -> Exchange:
+        """A waiting submit; ``ack=False``: its one reply is the final one (protocol: Acknowledgements)."""
         return Exchange(protocol.Submit(self._id(), call.step, _keywords(call), True, key, order, call.limits, _cwd(),
-                                        call.priority),
+                                        call.priority, ack),
                         lambda reply: _value_of(_unless_superseded(reply, reply["task"])))
 
     def batch(self, calls: Iterable[Any], key: Optional[str], order: Optional[int] = None) -> Exchange:

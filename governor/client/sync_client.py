@@ -116,6 +116,17 @@ class Client:
         """
         return self.submit_call(Call(step, kwargs=params))
 
+    def run(self, step: str, /, **params: Any) -> Any:
+        """Run ``step(**params)`` in the daemon and return its result (or raise its error).
+
+        One request and one reply: unlike ``submit(...).result()`` there is no separate
+        acknowledgement, so the task's id is never known here and the call cannot be
+        cancelled while it waits; if the connection is lost meanwhile, the task may have
+        been journaled, and then runs anyway. Raises what the daemon refused, as
+        :meth:`submit` does.
+        """
+        return self._ask_future(self._requests.submit(Call(step, kwargs=params), None, ack=False)).result()
+
     def submit_call(self, call: Call, key: Optional[str] = None, order: Optional[int] = None) -> RemoteFuture:
         """Like :meth:`submit` for a ``Call`` (its limits travel; positional args do not).
 

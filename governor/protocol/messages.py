@@ -24,7 +24,9 @@ Requests
                  within what ``Limits`` accepts; ``cwd``: the caller's working
                  directory, an absolute path of at most 4,096 characters, or null [null];
                  ``priority``: an integer from -1,000 to 1,000 [0], its rank in the pool
-                 lane's queue (``Call.priority``; a critical step ignores it)
+                 lane's queue (``Call.priority``; a critical step ignores it);
+                 ``ack``: bool [true]: with ``wait``, false asks for no acknowledgement
+                 (see Acknowledgements)
     ``batch``    ``calls``: 1-10,000 objects ``{"step": string, "params": object,
                  "limits": as for submit, "priority": as for submit}`` (``params``
                  defaults to ``{}``, ``limits`` to null: the step's own, ``priority`` to
@@ -63,6 +65,20 @@ Requests
     against the parameter's annotation (``delay: float`` refuses ``"abc"``), refusing the
     whole request with ``InvalidParameters`` (``governor.steps.parameters`` says which
     annotations are checked). The ``steps`` reply describes each step's parameters.
+
+Acknowledgements
+    ``submit``, ``batch`` and ``workflow`` are acknowledged once their tasks are journaled
+    (as durable as the daemon's ``--journal-sync`` makes them) and handed to the
+    supervisor: the reply carries ``task_id`` (``task_ids`` for a batch) and ``final``.
+    Without ``wait`` that reply is the only one (``final: true``). With ``wait`` it is
+    ``final: false``, and a second reply, ``final: true``, carries the task record(s)
+    once every task has ended and its end is journaled (or early: ``superseded``). A
+    waiting ``submit`` with ``ack: false`` gets that final reply only: one request frame,
+    one reply frame (its record carries the ``task_id``). The client then cannot learn
+    the id, nor cancel the task, before it ends, and if the connection is lost meanwhile it
+    cannot tell whether the task was journaled (it was if the daemon had read the request
+    and found it valid: the task then runs, or resumes after a restart). A refusal is an
+    error reply in either case, sent before anything is journaled.
 
 Replies
     Success: ``{"v": 1, "id": ID, "ok": true, ...op-specific fields}``.
@@ -172,7 +188,8 @@ class Ping(Request):
 
 @wire_type
 class Submit(Request):
-    """``submit``: run one step; with ``wait``, reply when it ends, else at once with its id."""
+    """``submit``: run one step; with ``wait``, reply when it ends, else at once with its id
+    (``ack``: see the module docstring's Acknowledgements)."""
 
     OP = "submit"
     step: str = attrs.field(converter=decode.text(MAX_STEP_NAME_CHARS, min_chars=1))
@@ -183,6 +200,13 @@ class Submit(Request):
     limits: Optional[Limits] = attrs.field(default=None, converter=decode.limits)
     cwd: Optional[str] = attrs.field(default=None, converter=decode.optional(decode.directory))
     priority: int = attrs.field(default=0, converter=decode.integer(-MAX_PRIORITY, MAX_PRIORITY))
+    ack: bool = attrs.field(default=True, converter=decode.boolean)
+
+    def to_wire(self) -> Dict[str, Any]:
+        wire = super().to_wire()
+        if self.ack:
+            del wire["ack"]  # the default: what a daemon that predates the field accepts
+        return wire
 
 
 @wire_type

@@ -5,7 +5,8 @@ Data flow::
     client ──frames──> asyncio loop (main thread): every whole frame read -> a handler task
                        (``governor.service.connections``: pipelined, bounded per connection)
                          submit: check the call -> group commit (durable) -> supervisor
-                                 -> ack {"task_id"} (and, with wait, a final reply later)
+                                 -> ack {"task_id"} (and, with wait, a final reply later;
+                                    a waiting submit with ack: false gets the final reply only)
     manager thread ──on_dispatch(task)──> critical: journal.mark_started (durable, before the worker)
                                       └─> pool: write_later -> the loop's next group commit
     task future done ──EndInbox (one loop wake-up for every end since the last turn)──>
@@ -393,7 +394,7 @@ class Daemon:
                                call.priority)]))
         target = self._target(request.key, request.order)
         self._launch(record_id, target, lambda target: target.submit_call(attrs.evolve(call, ref=record_id)))
-        self._acknowledge(connection, request, [record_id], _held_key(request.key, target))
+        self._acknowledge(connection, request, [record_id], _held_key(request.key, target), request.ack)
 
     async def _op_batch(self, connection: Connection, request: protocol.Batch) -> None:
         self._refuse_new_work()
@@ -522,12 +523,14 @@ class Daemon:
         return self._record(record_id).to_wire()
 
     def _acknowledge(self, connection: Connection, request: Any, record_ids: List[int],
-                     key: Optional[str] = None) -> None:
-        """Send a submission's ids; with ``wait``, owe the final reply once its tasks end
-        (meanwhile holding ``key``: a newer submission with it is answered at once)."""
+                     key: Optional[str] = None, ack: bool = True) -> None:
+        """Send a submission's ids (unless a waiting submit asked for none: ``ack``); with
+        ``wait``, owe the final reply once its tasks end (meanwhile holding ``key``: a newer
+        submission with it is answered at once)."""
         single = not isinstance(request, protocol.Batch)
-        ids = {"task_id": record_ids[0]} if single else {"task_ids": record_ids}
-        connection.send(protocol.ok_reply(request.id, final=not request.wait, **ids))
+        if ack or not request.wait:
+            ids = {"task_id": record_ids[0]} if single else {"task_ids": record_ids}
+            connection.send(protocol.ok_reply(request.id, final=not request.wait, **ids))
         if request.wait:
             in_flight = [self._in_flight[record_id] for record_id in record_ids if record_id in self._in_flight]
             Waiter(connection, request.id, record_ids, single, self._record_wire, key, self.key_holders).attach(

@@ -8,8 +8,11 @@ import socket
 import threading
 import types
 
+import pytest
+
 from daemon_harness import InProcessDaemon
 from governor.client import Client
+from governor.errors import StepFailed, UnknownStep
 from governor.service import connections
 from governor.service.ends import EndInbox
 
@@ -17,6 +20,33 @@ from test_daemon_hardening import frame, read_frame
 
 #: A deadlock detector for waits on events, not a timing.
 PATIENCE_S = 60.0
+
+
+def test_a_waiting_submit_without_ack_gets_one_reply_the_final_one(tmp_path):
+    with InProcessDaemon(tmp_path) as running, socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(PATIENCE_S)
+        sock.connect(str(running.socket))
+        sock.sendall(frame({"v": 1, "id": 1, "op": "submit", "step": "echo", "params": {"value": 7},
+                            "wait": True, "ack": False}))
+        sock.sendall(frame({"v": 1, "id": 2, "op": "ping"}))
+        replies = [read_frame(sock) for _ in range(2)]
+        answer = next(reply for reply in replies if reply["id"] == 1)
+        assert answer["ok"] and answer["final"], replies  # no acknowledgement came first
+        assert answer["task"]["state"] == "done" and answer["task"]["result"] == 7
+        assert [reply["id"] for reply in replies].count(1) == 1
+        with Client(running.socket) as client:  # durable: the journal has it
+            assert client.status(answer["task"]["task_id"])["state"] == "done"
+            assert client.run("echo", value=3) == 3
+            with pytest.raises(UnknownStep):
+                client.run("no.such.step")
+            with pytest.raises(StepFailed):
+                client.run("boom")
+
+
+def test_a_submit_sent_without_ack_field_is_acknowledged_first():
+    from governor import protocol
+    assert "ack" not in protocol.Submit(1, "noop", wait=True).to_wire()  # what an older daemon accepts
+    assert protocol.Submit(1, "noop", wait=True, ack=False).to_wire()["ack"] is False
 
 
 def test_ends_that_come_while_the_loop_is_busy_reach_it_in_one_drain():
