@@ -191,7 +191,7 @@ def _unless_superseded(reply: Dict[str, Any], record: Dict[str, Any]) -> Dict[st
     detail = reply.get("superseded")
     if detail is None or TaskState(record["state"]).terminal:
         return record
-    cancelled = StepCancelled(record.get("step"), record.get("id"), "superseded", detail)
+    cancelled = StepCancelled(record.get("step"), record.get("task_id"), "superseded", detail)
     return {**record, "error": protocol.error_to_wire(cancelled)}
 
 

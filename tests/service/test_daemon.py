@@ -113,6 +113,7 @@ def test_a_keyed_batch_supersedes_the_previous_view(client, tmp_path):
     assert new_view.result(timeout=60) == ["fresh"]
     outcomes = old_view.result(timeout=60)
     assert all(isinstance(outcome, StepCancelled) and outcome.reason == "superseded" for outcome in outcomes)
+    assert [outcome.task_id for outcome in outcomes] == old_view.task_ids  # answered early: the ids still said
     assert all(client.status(task_id)["result"] is None for task_id in old_view.task_ids)
 
 
