@@ -134,6 +134,40 @@ def test_a_lowered_file_limit_does_not_reach_the_next_task(tmp_path):
     assert (problem, opened) == (None, 50)
 
 
+def _limits_file_fd():
+    """The fd at which this process holds /proc/PID/limits open (its baseline's)."""
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}").endswith("/limits"):
+                return int(name)
+        except OSError:
+            pass  # the listing's own fd, gone already
+    raise AssertionError("the baseline keeps no /proc/self/limits open")
+
+
+@pytest.mark.parametrize("done_to_the_file", ["closed", "replaced by another file"])
+def test_a_lowered_limit_is_restored_whatever_the_step_did_to_the_file_limits_are_read_from(tmp_path,
+                                                                                          done_to_the_file):
+    # restore() reads every limit at once from /proc/self/limits, kept open since capture():
+    # a step that closes that fd, or opens another file at its number, must not hide a change.
+    (tmp_path / "other").write_text("not the limits")
+
+    def spoil():
+        fd = _limits_file_fd()
+        if done_to_the_file == "closed":
+            os.close(fd)
+        else:
+            other = os.open(tmp_path / "other", os.O_RDONLY)
+            os.dup2(other, fd)
+            os.close(other)
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        resource.setrlimit(resource.RLIMIT_NOFILE, (10, hard))
+
+    before = run_forked(lambda: resource.getrlimit(resource.RLIMIT_NOFILE))
+    problem, after = in_worker(spoil, lambda: resource.getrlimit(resource.RLIMIT_NOFILE))
+    assert (problem, after) == (None, before)
+
+
 def test_every_resource_limit_is_restored():
     before = run_forked(lambda: {name: resource.getrlimit(number) for name, number in hygiene.RLIMITS})
 
