@@ -14,6 +14,7 @@ import sys
 import pytest
 
 from conftest import wait_until
+from step_library import wait_for_path
 from governor import TaskState
 from web_harness import ServerThread, open_view, served, served_by_daemon  # noqa: F401
 
@@ -107,16 +108,19 @@ def test_a_superseded_request_is_answered_while_its_running_step_is_still_stoppi
 
     async def run(request):
         governors.append(request_governor(request.scope))
-        return JSONResponse({"results": await governors[-1].run_batch([Call(request.path_params["what"])])})
+        call = Call(request.path_params["what"], kwargs=dict(request.query_params.items() - {("session", "eve")}))
+        return JSONResponse({"results": await governors[-1].run_batch([call])})
 
     supervisor = Supervisor(registry, workers=2)
     app = Starlette(routes=[Route("/run/{what}", run)],
                     middleware=[Middleware(GovernorMiddleware, governor=supervisor,
                                            supersede=by_query("session", prefix="/run/"))])
     with ServerThread(app=app) as server, httpx.Client(base_url=server.url, timeout=120) as client:
-        older = open_view(server.port, "/run/deaf_to_cancel?session=eve")
-        assert wait_until(lambda: supervisor.describe_workers() and any(
-            worker["step"] == "deaf_to_cancel" for worker in supervisor.describe_workers()), timeout=60)
+        # Running, not just sent to a worker: a cancel that reached the worker first would have
+        # kept the step from starting, and the future would be done at once.
+        marker = tmp_path / "running"
+        older = open_view(server.port, f"/run/deaf_to_cancel?session=eve&marker={marker}")
+        wait_for_path(str(marker))
         assert client.get("/run/noop", params={"session": "eve"}).status_code == 200
         answer = older.makefile("rb").readline()  # the 409's status line
         [deaf] = governors[0].futures
