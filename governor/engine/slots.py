@@ -44,12 +44,10 @@ SEND_AHEAD_BELOW_S = 0.005
 #: Weight of the newest run in a step's typical duration (an exponential moving average).
 TYPICAL_WEIGHT = 0.2
 
-#: The most tasks a pool worker may hold sent ahead, beyond the one it runs. How many it
-#: may hold is what :data:`SEND_AHEAD_BELOW_S` of its step's typical runs covers, up to
-#: this: a task sent ahead then waits behind a few milliseconds of work at most. With two,
-#: a worker running no-ops still slept before one task in two or three on a loaded
-#: machine (its manager thread, waiting for a core, fell behind); with 8 it rarely does.
-MAX_AHEAD = 8
+#: Tasks a pool worker may hold sent ahead, beyond the one it runs: with one, the worker
+#: still often waited for its next task (the manager sends it as it reads the outcome
+#: before); with two, it rarely does.
+AHEAD_DEPTH = 2
 
 #: A task sent ahead that has not started this long after it was sent waits behind a step
 #: that turned out long: it is taken back as soon as its lane has a free worker.
@@ -93,7 +91,6 @@ class Slot:
     room_watched: bool = False  # the selector tells when its task socket has room (``unsent`` waits)
     run: Optional["Run"] = None
     aheads: Deque["Run"] = attrs.field(factory=collections.deque)  # sent while ``run`` runs, in order
-    ahead_s: float = 0.0  # what the runs in ``aheads`` are expected to take (SendAhead.allows)
     sent: int = 0  # assignments sent to the worker (a task taken back is named by its number)
     control_watched: bool = False  # its control socket is in the selector
     recycle_after: Optional[str] = None  # recycle once the tasks sent ahead are done (the reason)
@@ -105,22 +102,22 @@ class Slot:
     tmpdir: Optional[str] = None  # its private temp dir (sandboxed workers), removed when it is gone
 
     def send(self, payload: bytes) -> None:
-        """Queue one frame for the task socket; :meth:`flush` writes it.
+        """Send one frame down the task socket without ever making the manager wait.
 
-        The manager never waits on a worker's socket: what the socket has no room for
-        waits in ``unsent`` and goes when the selector says there is room. A worker that
-        stops reading (stopped, stuck in the kernel) with a large argument on its way then
-        holds up no other task of either lane, and its own task's timeout and cancel still
-        work: they kill it.
+        What the socket has no room for waits in ``unsent`` and goes when the selector
+        says there is room. A worker that stops reading (stopped, stuck in the kernel)
+        with a large argument on its way then holds up no other task of either lane, and
+        its own task's timeout and cancel still work: they kill it.
         """
         self.unsent.append(memoryview(frame_header(len(payload))))
         self.unsent.append(memoryview(payload))
+        if len(self.unsent) == 2:  # nothing was waiting for room: it goes now
+            self.flush()
 
     def flush(self) -> None:
-        """Write what ``unsent`` holds, as far as the task socket has room (one ``writev``);
-        nothing if the selector is to say when there is room."""
-        if self.tasks is None or not self.unsent:
-            return  # closed by an earlier event of the same select, or written already
+        """Write what ``unsent`` holds, as far as the task socket has room."""
+        if self.tasks is None:
+            return  # closed by an earlier event of the same select
         unsent = self.unsent
         try:
             written = os.writev(self.tasks.fileno(), unsent)
@@ -193,7 +190,6 @@ class Run:
     number: int = 0  # among the assignments sent to the slot's worker
     kill: Optional[KillOrder] = None
     sent_at: float = 0.0  # when it was sent ahead (see SendAhead.take_back_stuck)
-    expected_s: float = 0.0  # how long it was expected to take when it was sent ahead (SendAhead.allows)
     taking_back: bool = False  # sent ahead, and asked back
     taken_at_death: Optional[int] = None  # what its dead worker's seat said (governor.workers.seats)
 
@@ -304,31 +300,21 @@ class SendAhead:
         """Whether a busy worker may get its next task now, to start it the moment it
         sends its outcome: no sleep and no wake-up between two short tasks.
 
-        Only behind steps known to be short: as many tasks as :data:`SEND_AHEAD_BELOW_S`
-        of typical runs covers (a step never seen yet counts as that long), at most
-        :data:`MAX_AHEAD`; behind tasks the supervisor will not kill on a limit (no
+        Only behind a step known to be short (:data:`SEND_AHEAD_BELOW_S`; a step never
+        seen yet is not); behind a task the supervisor will not kill on a limit (no
         timeout, no memory limit), so a kill for a limit never finds the next task started
-        in its worker; and never beyond a recycle, so a task sent ahead is not lost with
+        in its worker; and never beyond a recycle, so the task sent ahead is not lost with
         its worker. A cancel's kill checks first that the outcome it would race is not on
         its way.
         """
         run = slot.run
-        if (slot.state is not SlotState.BUSY or len(slot.aheads) >= MAX_AHEAD or slot.tasks is None or run is None
-                or run.kill is not None or slot.room_watched):
+        if (slot.state is not SlotState.BUSY or len(slot.aheads) >= AHEAD_DEPTH or slot.tasks is None or run is None
+                or run.kill is not None or slot.unsent):
             return False
-        quota = self._quota
-        if slot.recycle_after is not None or (quota is not None and slot.tasks_run + len(slot.aheads) + 2 > quota):
-            return False
-        # The next task would wait behind the one running and those sent ahead.
-        return self._expected_s(run.task) + slot.ahead_s < SEND_AHEAD_BELOW_S
-
-    def _expected_s(self, task: Task) -> float:
-        """How long a next task should expect to wait behind ``task``: its step's typical
-        run, or all the send-ahead allows for a task the supervisor may kill for a limit."""
-        limits = task.limits
-        if limits.effective_timeout_s is not None or limits.effective_memory_mb is not None:
-            return SEND_AHEAD_BELOW_S
-        return self._typical_s.get(task.step, SEND_AHEAD_BELOW_S)
+        limits, quota = run.task.limits, self._quota
+        return (self._typical_s.get(run.task.step, SEND_AHEAD_BELOW_S) < SEND_AHEAD_BELOW_S
+                and limits.effective_timeout_s is None and limits.effective_memory_mb is None
+                and slot.recycle_after is None and (quota is None or slot.tasks_run + len(slot.aheads) + 2 <= quota))
 
     def observe(self, step: str, took: float) -> None:
         """A run of ``step`` took ``took`` seconds in its worker."""
@@ -337,30 +323,21 @@ class SendAhead:
 
     def sent(self, run: Run) -> None:
         """``run`` was sent to its busy slot's worker, to start after what it runs."""
-        slot = run.slot
-        slot.aheads.append(run)
-        run.expected_s = self._expected_s(run.task)
-        slot.ahead_s += run.expected_s
+        run.slot.aheads.append(run)
         self.pending[run.task.id] = run
         run.sent_at = self._clock()
 
     def started(self, slot: Slot) -> Run:
         """The worker of ``slot`` took its first task sent ahead (as it sent the outcome before)."""
         run = slot.aheads.popleft()
-        self._left(slot, run)
+        del self.pending[run.task.id]
         return run
 
     def drop(self, run: Run) -> None:
         """``run`` leaves its worker unstarted (taken back, or its worker is dead)."""
-        slot = run.slot
-        if run in slot.aheads:
-            slot.aheads.remove(run)
-        self._left(slot, run)
-
-    def _left(self, slot: Slot, run: Run) -> None:
+        if run in run.slot.aheads:
+            run.slot.aheads.remove(run)
         del self.pending[run.task.id]
-        # Back to exactly 0 when none is left, so rounding never piles up over a long life.
-        slot.ahead_s = slot.ahead_s - run.expected_s if slot.aheads else 0.0
 
     def take_back_stuck(self, lane: Lane) -> None:
         """Ask back the tasks sent ahead that have waited :data:`AHEAD_PATIENCE_S` behind a
