@@ -86,7 +86,9 @@ def note_start_and_sleep(arg, marker_dir):
 
 
 def test_a_task_sent_again_keeps_the_timeout_of_its_first_dispatch(tmp_path):
-    limit = 2.0
+    # The limit leaves the second worker 4.5 s to start and begin the step: under coverage at
+    # load 25, 0.5 s was not enough, and the task timed out before its step started.
+    limit = 6.0
     registry = StepRegistry()
     registry.register(note_start_and_sleep, name="sleeps", critical=True, limits=Limits(timeout_s=limit))
     with Supervisor(registry, workers=1) as sup:
