@@ -88,7 +88,7 @@ def test_rapid_view_switching(workspace):
                     assert record["state"] in ("cancelled", "done"), record
                     assert record["state"] == "done" or record["result"] is None, "cancelled work reported"
                 else:
-                    assert record["state"] == "done"
+                    assert record["state"] == "done", (outcome, record)  # a failure says which and why
 
         assert [m.result(timeout=60) for m in messages] == sorted(m.result(timeout=60) for m in messages)
         texts = [message["text"] for message in client.submit("chat.history", chat_id=chats[0]).result(timeout=60)]
