@@ -346,12 +346,12 @@ def _figures(result: ScenarioResult, key: str, label: str, figures: RunFigures) 
                f"{label}: of which after the view was superseded (what cancelling controls)", "s")
     if figures.slowest is not None:
         slowest = figures.slowest
-        result.put(f"{key}.slowest_views", attrs.asdict(slowest),
-                   f"{label}: server-side p95 of {slowest.views} views {slowest.server_p95_ms:.0f} ms; the slowest "
-                   f"5 % (medians): {slowest.server_ms:.0f} ms, "
-                   f"last part started after {slowest.last_start_ms:.0f} ms, longest queue wait "
-                   f"{slowest.longest_wait_ms:.0f} ms, longest part {slowest.unqueued_ms:.0f} ms; a worker was free "
-                   f"{slowest.free_worker_share:.0%} of their parts' queue waits")
+        result.put(f"{key}.slowest_views", attrs.asdict(slowest))  # the figures, for the JSON
+        result.row(f"{label}: server-side p95 of {slowest.views} views; the slowest 5 % (medians)",
+                   f"p95 {slowest.server_p95_ms:.0f} ms; slowest {slowest.server_ms:.0f} ms, last part started after "
+                   f"{slowest.last_start_ms:.0f} ms, longest queue wait {slowest.longest_wait_ms:.0f} ms, longest "
+                   f"part {slowest.unqueued_ms:.0f} ms; a worker was free {slowest.free_worker_share:.0%} of their "
+                   "parts' queue waits")
     result.put(f"{key}.cpu_s", round(figures.cpu_s, 2), f"{label}: server CPU time", "s")
     result.put(f"{key}.uss_mib", round(figures.uss_mib, 1), f"{label}: server private memory (USS)", "MiB")
     result.put(f"{key}.aborted", figures.aborted)

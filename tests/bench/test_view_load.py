@@ -27,6 +27,8 @@ def test_view_load_runs_only_when_named_and_reports_every_engine():
         assert run["errors"] == 0 and run["uss_mib"] > 0 and run["after_supersede_worker_s"] >= 0
         # Every engine's server logged its views (through the daemon, its journal did).
         assert run["slowest_views"]["views"] > 0
+    # Every row of the report reads as text: no figure shown as a raw dict.
+    assert not [row for row in bench_run.results["view-load"].rows if row.text.startswith("{")]
     names = [target["name"] for target in scenario["targets"]]
     assert sum("five answers" in name for name in names) == 2
     assert sum("p95 < 200 ms" in name for name in names) == 2
