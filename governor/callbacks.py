@@ -21,10 +21,10 @@ Data flow::
 Callbacks resolved on other threads run there at once, as ``concurrent.futures`` does, so
 no hop is paid where none is needed. Governor's own bridges whose callback only hands the
 future on (a deque append and at most one wake-up) wrap it in :class:`NonBlocking`: it runs
-at once on any thread, sparing each task a hop through the callback thread. One thread runs every deferred callback in the order
-they were due: a callback that blocks delays the callbacks behind it, never a lane. The
-thread starts on the first deferred callback, so a supervisor whose futures have none
-costs nothing. ``concurrent.futures.wait`` and ``as_completed`` do not use callbacks and
+at once on any thread, sparing each task a hop through the callback thread. One thread
+runs every deferred callback in the order they were due: a callback that blocks delays
+the callbacks behind it, never a lane. The thread starts on the first deferred callback,
+so a supervisor whose futures have none costs nothing. ``concurrent.futures.wait`` and ``as_completed`` do not use callbacks and
 are not deferred.
 """
 

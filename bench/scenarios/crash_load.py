@@ -7,9 +7,10 @@ th task) or a pool step (``ledger_mark``). Each critical step waits at a gate of
 until the trial opens it; once a random number of critical steps has started (a fixed
 seed), the last of them is left at its closed gate and the daemon and its workers are
 killed, so every kill cuts a critical step short; a new daemon then finishes the work. A
-task counts as accepted once its submission was acknowledged (``submit`` returned its id). Every run of a step leaves a trace (``bench/ledger_steps.py``): critical
-steps a start and an end row in a SQLite ledger, pool steps a line in a text file, so what
-ran is counted, not assumed. What must stay at zero, summed over the trials:
+task counts as accepted once its submission was acknowledged (``submit`` returned its id).
+Every run of a step leaves a trace (``bench/ledger_steps.py``): critical steps a start and
+an end row in a SQLite ledger, pool steps a line in a text file, so what ran is counted,
+not assumed. What must stay at zero, summed over the trials:
 
 * lost: an accepted task that did not end ``done`` after the restart (or ``interrupted``,
   for the critical step running at the kill), or ended ``done`` without a trace of its run;

@@ -147,12 +147,12 @@ def _rebuild(connection: sqlite3.Connection) -> None:
 
     SQLite cannot alter a column's CHECK, and the list of states grows with Governor
     (version 1 and 2 lacked ``exhausted``, so writing that state into such a journal
-    failed; version 4 adds the lane key and a workflow's progress, version 5 the priority), so the table is built
-    anew, as SQLite's documentation says to change a table's definition: create, copy,
-    drop, rename, inside the caller's transaction. A
-    column an older schema lacked is left at its default (an old task's ``cwd`` is unknown:
-    it resumes in the daemon's own directory, as it would have run; its priority is 0). The ``AUTOINCREMENT``
-    counter is carried over, so that no id is ever given twice.
+    failed; version 4 adds the lane key and a workflow's progress, version 5 the priority),
+    so the table is built anew, as SQLite's documentation says to change a table's
+    definition: create, copy, drop, rename, inside the caller's transaction. A column an
+    older schema lacked is left at its default (an old task's ``cwd`` is unknown: it
+    resumes in the daemon's own directory, as it would have run; its priority is 0). The
+    ``AUTOINCREMENT`` counter is carried over, so that no id is ever given twice.
     """
     sequence = connection.execute("SELECT seq FROM sqlite_sequence WHERE name = 'tasks'").fetchone()
     connection.execute(_create_table("tasks_rebuilt"))
