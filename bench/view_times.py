@@ -59,10 +59,8 @@ def journal_views(path: Path) -> List[ViewTimes]:
     """The views a daemon ran, from its journal: a batch of :data:`WAIT_STEP` tasks of one
     supersede key (``"/view/ <session>"``), submitted together, is one view.
 
-    The journal's times are its own: a pool part's start is when it was handed to a worker,
-    its end when the daemon's next group commit wrote it, which under load came a median
-    16 ms and a p95 of 220 ms after the part's own end (load 20). Work after a supersede
-    measured on them is an upper bound.
+    The journal's times are wall-clock: a pool part's start is when it was handed to a
+    worker, its end the part's own (the worker's, or the kill's), as in process.
     """
     with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as connection:
         rows = connection.execute("SELECT key, submitted_at, started_at, ended_at FROM tasks "

@@ -439,8 +439,7 @@ def view_load(ctx: ScenarioContext) -> ScenarioResult:
                 "arrival to their last part's end; a worker was free: the share of their parts' queue waits "
                 "during which fewer parts than workers ran (time lost handing out work, not to a full pool). "
                 "Part times: Governor in process, the workers' own; through the daemon, its journal's (a "
-                "part's end as the daemon committed it, later than the part's own end under load: there, "
-                "the work after the supersede is an upper bound); the "
+                "part's start as it was handed to a worker, its end the worker's own); the "
                 "pools', the server's sight of the result less the part's own time (so they include the "
                 "result's way back).")
     return result
