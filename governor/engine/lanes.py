@@ -501,6 +501,11 @@ class LocalLanes(WorkerStarts):
         if run is None or slot.state is SlotState.KILLING:
             return  # claimed for a kill before its outcome came: the kill decides
         task = run.task
+        if message.task_id != task.id:
+            # Never one task's result in another's future: whatever mixed them up (a step
+            # writing to its worker's socket, or a bug in the send-ahead bookkeeping).
+            self._misbehaving(slot, f"an outcome for task {message.task_id} where task {task.id}'s was next")
+            return
         slot.run = None
         slot.tasks_run += 1
         self._let_go(task)

@@ -89,6 +89,10 @@ class Outcome(NamedTuple):
             :func:`load_exception` rebuilds it), else ``None``.
         started_at, ended_at: ``time.monotonic()`` in the worker around the step.
         pid: the worker's pid.
+        task_id: the task's id, as its assignment gave it: the supervisor checks that an
+            outcome is for the task it expects next from that worker, so a mix-up of
+            outcomes and tasks is a loud :class:`~governor.errors.MalformedOutcome`, never
+            one task's result in another's future.
         peak_rss_bytes: the worker's peak RSS during the step (``None`` if unknown).
         rss_bytes: the worker's RSS after the step, for leak recycling.
         denied_path: for ``ERROR``, the path the sandbox refused the step writing, when
@@ -99,6 +103,7 @@ class Outcome(NamedTuple):
     started_at: float
     ended_at: float
     pid: int
+    task_id: int
     value: Any = None
     exc_type: Optional[str] = None
     exc_message: Optional[str] = None
@@ -132,7 +137,7 @@ class Skipped(NamedTuple):
 
 #: An outcome's frame: its tag, its fixed fields, then the byte lengths of its six variable
 #: fields (:data:`_TEXTS` and the two pickles), each :data:`_ABSENT` for ``None``.
-_OUTCOME = struct.Struct("!cBddiqq6I")
+_OUTCOME = struct.Struct("!cBddiqqq6I")
 _OUTCOME_TAG, _DIRTY_TAG, _SKIPPED_TAG = b"O", b"D", b"S"
 _ABSENT = 0xFFFFFFFF
 _NO_FIGURE = -1  # peak_rss_bytes, rss_bytes: None
@@ -152,11 +157,11 @@ def outcome_to_wire(outcome: Outcome) -> bytes:
     Raises:
         Exception: whatever pickling the step's value raised (it does not pickle).
     """
-    kind, started_at, ended_at, pid, value, _, _, _, _, peak, rss, _ = outcome
+    kind, started_at, ended_at, pid, task_id, value, _, _, _, _, peak, rss, _ = outcome
     figures = (_NO_FIGURE if peak is None else peak, _NO_FIGURE if rss is None else rss)
     if kind is _OK:  # the hot path: a value, no texts
         value = pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
-        return _OUTCOME.pack(_OUTCOME_TAG, 0, started_at, ended_at, pid, *figures, *_NO_TEXTS, len(value)) + value
+        return _OUTCOME.pack(_OUTCOME_TAG, 0, started_at, ended_at, pid, task_id, *figures, *_NO_TEXTS, len(value)) + value
     exception = None
     if outcome.exception is not None:
         try:
@@ -166,7 +171,7 @@ def outcome_to_wire(outcome: Outcome) -> bytes:
     fields = [None if text is None else text.encode("utf-8", "surrogateescape")
               for text in (outcome.exc_type, outcome.exc_message, outcome.traceback_text, outcome.denied_path)]
     fields += (exception, None)
-    head = _OUTCOME.pack(_OUTCOME_TAG, _KIND_CODES[kind], started_at, ended_at, pid,
+    head = _OUTCOME.pack(_OUTCOME_TAG, _KIND_CODES[kind], started_at, ended_at, pid, task_id,
                          *figures, *(_ABSENT if field is None else len(field) for field in fields))
     return b"".join((head, *(field for field in fields if field)))
 
@@ -202,12 +207,12 @@ def up_from_wire(data: bytes) -> Union[Outcome, Dirty, Skipped]:
         head = _OUTCOME.unpack_from(data)
     except struct.error as exc:
         raise ValueError(f"not an outcome: {exc}") from None
-    _, code, started_at, ended_at, pid, peak, rss, *lengths = head
+    _, code, started_at, ended_at, pid, task_id, peak, rss, *lengths = head
     peak = None if peak == _NO_FIGURE else peak
     rss = None if rss == _NO_FIGURE else rss
     if code == 0 and data[_TEXTS_AT:_OUTCOME.size - 4] == _NO_TEXT_BYTES and lengths[5] == len(data) - _OUTCOME.size:
         # The hot path (a value, no texts), built as a tuple.
-        return tuple.__new__(Outcome, (_OK, started_at, ended_at, pid, Pickled(data[_OUTCOME.size:]),
+        return tuple.__new__(Outcome, (_OK, started_at, ended_at, pid, task_id, Pickled(data[_OUTCOME.size:]),
                                        None, None, None, None, peak, rss, None))
     if code >= len(_KINDS_BY_CODE):
         raise ValueError(f"an outcome of unknown kind {code}")
@@ -225,7 +230,7 @@ def up_from_wire(data: bytes) -> Union[Outcome, Dirty, Skipped]:
     exception, value = fields[4:]
     if (kind is OutcomeKind.OK) != (value is not None):
         raise ValueError(f"a {kind.value} outcome {'without' if value is None else 'with'} a value")
-    return Outcome(kind, started_at, ended_at, pid, None if value is None else Pickled(value), *texts[:3],
+    return Outcome(kind, started_at, ended_at, pid, task_id, None if value is None else Pickled(value), *texts[:3],
                    None if exception is None else load_exception(exception), peak, rss, texts[3])
 
 

@@ -211,7 +211,7 @@ def serve(slot_id: int, lane: str, address: str, seats_path: str, seat_index: in
         try:
             assignment = Assignment(*pickle.loads(memoryview(frame)[TASK_ID.size:]))
         except Exception as exc:  # an argument this process cannot rebuild: the task's error, not
-            outcome = _unreadable(exc)  # the worker's death (each replacement would die of it too)
+            outcome = _unreadable(task_id, exc)  # the worker's death (each replacement would die of it too)
         else:
             seat.write(task_id)
             outcome = run_step(_steps[assignment.step], assignment.task_id, assignment.step, assignment.args,
@@ -253,10 +253,10 @@ def _connect(address: str, channel: Channel, slot_id: int, sandbox: Optional[tup
     return connection
 
 
-def _unreadable(error: Exception) -> Outcome:
+def _unreadable(task_id: int, error: Exception) -> Outcome:
     """The outcome of an assignment this worker could not unpickle (its step never ran)."""
     now = time.monotonic()
-    return Outcome(OutcomeKind.ERROR, now, now, os.getpid(), exc_type=_qualified_name(type(error)),
+    return Outcome(OutcomeKind.ERROR, now, now, os.getpid(), task_id, exc_type=_qualified_name(type(error)),
                    exc_message=f"its arguments could not be rebuilt in the worker: {error}",
                    traceback_text="".join(traceback.format_exception(error)))
 
@@ -357,7 +357,7 @@ def run_step(spec: Any, task_id: int, step: str, args: tuple, kwargs: dict,
             _context._set_current(ctx)
     if early is not None:  # cancelled before it started (a task sent ahead): it does not start
         now = time.monotonic()
-        return Outcome(OutcomeKind.CANCELLED, now, now, os.getpid())
+        return Outcome(OutcomeKind.CANCELLED, now, now, os.getpid(), task_id)
     restore_cap = _apply_hard_cap(hard_cap_mb) if hard_cap_mb else None
     denials.forget()  # a refusal of this task is never blamed on an earlier task's path
     started = time.monotonic()
@@ -382,9 +382,9 @@ def run_step(spec: Any, task_id: int, step: str, args: tuple, kwargs: dict,
         _context._set_current(None)
     peak, rss = _rss_figures()
     if error is None:
-        return Outcome(kind, started, ended, os.getpid(), value=value, peak_rss_bytes=peak, rss_bytes=rss)
+        return Outcome(kind, started, ended, os.getpid(), task_id, value=value, peak_rss_bytes=peak, rss_bytes=rss)
     denied = _sandbox.denied_write(error, _sandbox_report) if kind is OutcomeKind.ERROR else None
-    return Outcome(kind, started, ended, os.getpid(),
+    return Outcome(kind, started, ended, os.getpid(), task_id,
                    exc_type=_qualified_name(type(error)), exc_message=str(error),
                    traceback_text="".join(traceback.format_exception(error)),
                    exception=error.with_traceback(None), peak_rss_bytes=peak, rss_bytes=rss, denied_path=denied)

@@ -74,6 +74,15 @@ def huge_header() -> None:
     time.sleep(120)
 
 
+def someone_elses() -> None:
+    """Send a well-formed outcome that names another task, then wait as a step that has
+    not ended: what a mix-up of outcomes and tasks would look like."""
+    task = worker_sockets()[0]
+    payload = outcome_to_wire(Outcome(OutcomeKind.OK, 0.0, 0.0, os.getpid(), 2 ** 40, value="not yours"))
+    os.write(task, struct.pack("!i", len(payload)) + payload)
+    time.sleep(120)
+
+
 def wrong_shape() -> None:
     """Send an outcome of the wrong shape (a one-field tuple, pickled), then wait."""
     task = worker_sockets()[0]
@@ -94,7 +103,7 @@ def echo(value):
 @pytest.fixture
 def registry():
     registry = StepRegistry()
-    steps = {"pool.forge": forge, "pool.huge": huge_header, "pool.wrong": wrong_shape, "pool.sleep": sleeper,
+    steps = {"pool.forge": forge, "pool.huge": huge_header, "pool.wrong": wrong_shape, "pool.other": someone_elses, "pool.sleep": sleeper,
              "pool.echo": echo, "critical.echo": echo}
     for name, fn in steps.items():
         registry.register(fn, name=name, critical=name.startswith("critical."))
@@ -126,6 +135,14 @@ def test_a_huge_frame_header_fails_its_task_without_growing_the_supervisor(regis
         assert sup.submit("pool.echo", "still served").result(timeout=60) == "still served"
 
 
+def test_an_outcome_for_another_task_fails_the_running_one_instead_of_resolving_it(registry):
+    with Supervisor(registry, workers=1) as sup:
+        with pytest.raises(MalformedOutcome) as refused:
+            sup.submit("pool.other").result(timeout=60)
+        assert f"an outcome for task {2 ** 40} where task" in str(refused.value)
+        assert sup.submit("pool.echo", "still served").result(timeout=60) == "still served"
+
+
 def test_a_wrong_shaped_outcome_fails_its_task_and_shutdown_does_not_hang(registry):
     sup = Supervisor(registry, workers=2).start()
     try:
@@ -147,11 +164,11 @@ def _task() -> Task:
 
 
 def test_an_outcome_crosses_the_wire_with_its_value_still_pickled():
-    sent = Outcome(OutcomeKind.OK, 1.5, 2.5, 42, value={"a": [1, 2]}, peak_rss_bytes=7, rss_bytes=None)
+    sent = Outcome(OutcomeKind.OK, 1.5, 2.5, 42, 7, value={"a": [1, 2]}, peak_rss_bytes=7, rss_bytes=None)
     got = up_from_wire(outcome_to_wire(sent))
     assert type(got.value) is Pickled and got.value.load(_task()) == {"a": [1, 2]}
     assert got._replace(value=None) == sent._replace(value=None)
-    error = Outcome(OutcomeKind.ERROR, 1.0, 2.0, 42, exc_type="ValueError", exc_message="bad \udcff",
+    error = Outcome(OutcomeKind.ERROR, 1.0, 2.0, 42, 8, exc_type="ValueError", exc_message="bad \udcff",
                     traceback_text="tb", exception=ValueError("bad"), denied_path="/etc/x")
     got = up_from_wire(outcome_to_wire(error))
     assert (got.exc_type, got.traceback_text, got.denied_path) == ("ValueError", "tb", "/etc/x")
@@ -160,9 +177,9 @@ def test_an_outcome_crosses_the_wire_with_its_value_still_pickled():
     assert up_from_wire(skipped_to_wire(Skipped(2 ** 40))) == Skipped(2 ** 40)
 
 
-@pytest.mark.parametrize("frame", [b"", b"X", b"O", outcome_to_wire(Outcome(OutcomeKind.OK, 0, 0, 1))[:-1],
-                                   outcome_to_wire(Outcome(OutcomeKind.OK, 0, 0, 1)) + b"more",
-                                   outcome_to_wire(Outcome(OutcomeKind.CANCELLED, 0, 0, 1)).replace(b"O\x02", b"O\x09", 1),
+@pytest.mark.parametrize("frame", [b"", b"X", b"O", outcome_to_wire(Outcome(OutcomeKind.OK, 0, 0, 1, 1))[:-1],
+                                   outcome_to_wire(Outcome(OutcomeKind.OK, 0, 0, 1, 1)) + b"more",
+                                   outcome_to_wire(Outcome(OutcomeKind.CANCELLED, 0, 0, 1, 1)).replace(b"O\x02", b"O\x09", 1),
                                    pickle.dumps(("ok", 0.0, 0.0, 1)), skipped_to_wire(Skipped(1))[:-2]],
                          ids=["empty", "unknown-tag", "tag-only", "cut", "trailing", "bad-kind", "old-pickle",
                               "cut-skipped"])
