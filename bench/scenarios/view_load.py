@@ -14,9 +14,11 @@ subprocess) and the same load, behind four engines, in one run:
 
 For each: p50/p95/p99 of the views users waited for (the last click of a burst, never a
 superseded one), views per second, the worker-seconds spent on views nobody received, the
-server's CPU time and private memory. The ``seed`` profile runs at every user count of the
-size (the curve of p95 against users); ``seed-753`` at the bar's 10 users. On the Governor
-engines, five requests of one session 30 ms apart measure the supersede itself.
+server's CPU time and private memory. Each server is warmed up before its users come (views
+until every pool worker has run a part), and those views are left out of every figure. The
+``seed`` profile runs at every user count of the size (the curve of p95 against users);
+``seed-753`` at the bar's 10 users. On the Governor engines, five requests of one session 30
+ms apart measure the supersede itself.
 
 It runs only when named (``python -m governor.bench --scenario view-load``): it needs the
 ``web`` extra, and takes about ten minutes at the full size (a fresh server per run).
@@ -42,6 +44,7 @@ import psutil
 from governor.bench.core import ScenarioContext, ScenarioResult, scenario
 from governor.bench.scenarios.daemon import _start_daemon
 from governor.bench.stats import Summary, ratio, to_ms
+from governor.bench.view_steps import WAIT_PROFILES
 from governor.bench.view_times import Breakdown, ViewTimes, breakdown, journal_views, work_after_supersede_s
 
 #: A user's mean think time between two view switches (exponential), and the share of
@@ -67,6 +70,10 @@ START_TIMEOUT_S, SETTLE_TIMEOUT_S = 90.0, 10.0
 
 #: How long a stopping server may finish the requests it holds.
 GRACEFUL_SHUTDOWN_S = 5
+
+#: The sessions of the views that warm a server up before its users come (left out of its
+#: figures), and how many rounds of them it gets at most to run a part on every worker.
+WARM_UP_SESSION, WARM_UP_ROUNDS = "warm-up", 10
 
 
 @attrs.frozen
@@ -102,6 +109,7 @@ class RunFigures:
     wasted_worker_s: float
     after_supersede_worker_s: float
     slowest: Optional[Breakdown]
+    warmed_workers: int
     cpu_s: float
     uss_mib: float
     aborted: int
@@ -276,6 +284,38 @@ def _account(response, load: Load) -> None:
         load.errors += 1
 
 
+async def _warm_up(url: str, profile: str, workers: int) -> int:
+    """Run views at once, round after round, until every worker of the server's pool has run
+    a part (or a round finds none new, or :data:`WARM_UP_ROUNDS`); the workers that did.
+
+    What a pool costs on first use a long-running server pays once: the naive pool forks
+    its workers on its first submission, stalling the server's loop (views of the first
+    half second took 550-850 ms on a quiet machine), and a worker's first step imports its
+    module. In a 15 s run those views were the slowest 5 %: the p95 measured the start.
+    """
+    import httpx
+
+    at_once = -(-workers // len(WAIT_PROFILES[profile])) + 1  # more parts than workers
+    seen: set = set()
+    async with httpx.AsyncClient(base_url=url, timeout=START_TIMEOUT_S) as client:
+        for round_number in range(WARM_UP_ROUNDS):
+            responses = await asyncio.gather(*(
+                client.get(f"/view/{number + 1}", params={"session": f"{WARM_UP_SESSION}-{round_number}-{number}",
+                                                          "profile": profile}) for number in range(at_once)))
+            before = len(seen)
+            for response in responses:
+                response.raise_for_status()
+                seen.update(part["pid"] for part in response.json()["parts"])
+            if len(seen) >= workers or len(seen) == before:
+                break
+    return len(seen)
+
+
+def _users_views(views: List[ViewTimes]) -> List[ViewTimes]:
+    """The views of the users, not of the warm-up."""
+    return [view for view in views if not view.session.startswith(WARM_UP_SESSION)]
+
+
 async def _offer_load(url: str, profile: str, users: int, seconds: float,
                       seed: int) -> Tuple[Load, float, float, List[ViewTimes]]:
     """Run ``users`` users for ``seconds``; return what they saw, the elapsed time, the wasted
@@ -300,7 +340,8 @@ async def _offer_load(url: str, profile: str, users: int, seconds: float,
 
 
 def _run(server: Server, profile: str, users: int, seconds: float, seed: int) -> RunFigures:
-    processes = server.processes()
+    warmed = asyncio.run(_warm_up(server.url, profile, server.workers))
+    processes = server.processes()  # after the warm-up: the naive pool's workers exist only from then
     cpu_before = _cpu_s(processes)
     load, elapsed, wasted, views = asyncio.run(_offer_load(server.url, profile, users, seconds, seed))
     processes = server.processes()
@@ -308,8 +349,10 @@ def _run(server: Server, profile: str, users: int, seconds: float, seed: int) ->
     cpu = sum(after - cpu_before.get(pid, 0.0) for pid, after in cpu_after.items())
     if server.engine.daemon:
         views = journal_views(server.dir / "journal.sqlite3")
+    views = _users_views(views)
     return RunFigures(tuple(load.latencies_s), len(load.latencies_s) / elapsed, wasted, work_after_supersede_s(views),
-                      breakdown(views, server.workers), cpu, _uss_mib(processes), load.aborted, load.gave_up, load.errors)
+                      breakdown(views, server.workers), warmed, cpu, _uss_mib(processes), load.aborted, load.gave_up,
+                      load.errors)
 
 
 async def _five_requests(url: str) -> Tuple[float, Optional[float], List[int]]:
@@ -352,6 +395,7 @@ def _figures(result: ScenarioResult, key: str, label: str, figures: RunFigures) 
                    f"{slowest.last_start_ms:.0f} ms, longest queue wait {slowest.longest_wait_ms:.0f} ms, longest "
                    f"part {slowest.unqueued_ms:.0f} ms; a worker was free {slowest.free_worker_share:.0%} of their "
                    "parts' queue waits")
+    result.put(f"{key}.warmed_workers", figures.warmed_workers, f"{label}: workers that ran a part before the users came")
     result.put(f"{key}.cpu_s", round(figures.cpu_s, 2), f"{label}: server CPU time", "s")
     result.put(f"{key}.uss_mib", round(figures.uss_mib, 1), f"{label}: server private memory (USS)", "MiB")
     result.put(f"{key}.aborted", figures.aborted)
@@ -427,7 +471,8 @@ def view_load(ctx: ScenarioContext) -> ScenarioResult:
     result.note(f"Users think {THINK_MEAN_S:g} s on average (exponential); one switch in "
                 f"{round(1 / BURST_SHARE)} is {BURST_CLICKS} clicks {BURST_GAP_S * 1000:g} ms apart, each aborting "
                 f"the last. Each run lasts {seconds:g} s on a fresh server (uvicorn in a subprocess; the daemon "
-                f"engine: {DAEMON_FRONT_WORKERS} uvicorn workers and one governor serve); every engine has "
+                f"engine: {DAEMON_FRONT_WORKERS} uvicorn workers and one governor serve), warmed up first (views "
+                "until every worker has run a part, left out of every figure); every engine has "
                 f"{size.view_load_workers} workers. A user gives up after {PATIENCE_S:g} s (counted at that latency). Wasted worker-seconds: "
                 "the server's busy time (Governor's metrics; the pools' step times) minus the parts of the views "
                 "users received. CPU and memory: the server's processes (and the daemon's), not the load "

@@ -25,6 +25,8 @@ def test_view_load_runs_only_when_named_and_reports_every_engine():
         assert {"views_per_s", "wasted_worker_s", "after_supersede_worker_s", "cpu_s", "uss_mib", "aborted",
                 "gave_up", "errors"} <= set(run)
         assert run["errors"] == 0 and run["uss_mib"] > 0 and run["after_supersede_worker_s"] >= 0
+        # Every worker ran a part before the users came (the seed's registry has one lane).
+        assert run["warmed_workers"] == (1 if engine.name == "before" else 2), engine
         # Every engine's server logged its views (through the daemon, its journal did).
         assert run["slowest_views"]["views"] > 0
     # Every row of the report reads as text: no figure shown as a raw dict.
