@@ -158,23 +158,44 @@ class LocalLanes(WorkerStarts):
             for lane in self._lanes.values())
 
     def dispatch(self) -> None:
+        """Hand queued tasks to idle workers, then send tasks ahead to busy ones.
+
+        The frames of one pass go down each worker's socket together, after the pass (one
+        ``writev`` per worker instead of one per task: each syscall lets go of the GIL).
+        """
+        sent_to: List[Slot] = []
         for lane in self._lanes.values():
             next_task = self._next_by_key if lane.keyed else self._next_task
             while lane.idle and lane.counts[SlotState.BUSY] < lane.workers and (lane.retry or lane.queue):
                 task = next_task(lane)
                 if task is None:
                     break
-                self._start_task(lane.idle[-1], task, ahead=False)
+                slot = lane.idle[-1]
+                self._start_task(slot, task, ahead=False)
+                sent_to.append(slot)
             if not lane.sends_ahead:
                 continue
             if lane.retry or lane.queue:
-                for slot in [slot for slot in lane.slots.values() if self._send_ahead.allows(slot)]:
-                    task = self._next_task(lane)
-                    if task is None:
-                        break
-                    self._start_task(slot, task, ahead=True)
+                self._send_ahead_to(lane, sent_to)
             elif self._send_ahead.pending and lane.idle and lane.counts[SlotState.BUSY] < lane.workers:
                 self._send_ahead.take_back_stuck(lane.lane)
+        for slot in sent_to:
+            if not slot.room_watched:  # else the selector says when the socket has room
+                slot.flush()
+
+    def _send_ahead_to(self, lane: LaneState, sent_to: List[Slot]) -> None:
+        """Send queued tasks ahead to ``lane``'s busy workers, one per worker in turn (so
+        they share the queue evenly), each up to the depth its step allows
+        (:meth:`SendAhead.allows`); the slots sent to are added to ``sent_to``."""
+        slots = [slot for slot in lane.slots.values() if self._send_ahead.allows(slot)]
+        while slots:
+            for slot in slots:
+                task = self._next_task(lane)
+                if task is None:
+                    return
+                self._start_task(slot, task, ahead=True)
+                sent_to.append(slot)
+            slots = [slot for slot in slots if self._send_ahead.allows(slot)]
 
     def _next_task(self, lane: LaneState) -> Optional[Task]:
         """The lane's next task to hand to a worker, its dispatch recorded; ``None`` if none is left."""
@@ -377,7 +398,7 @@ class LocalLanes(WorkerStarts):
         else:
             self._lanes[slot.lane].move(slot, SlotState.BUSY)
             self._begin(run)
-        slot.send(payload)
+        slot.send(payload)  # written by dispatch, once its pass is over
 
     def _on_control(self, slot: Slot) -> None:
         """The control socket is readable: a worker gave back a task sent ahead (or it ended).

@@ -44,10 +44,12 @@ SEND_AHEAD_BELOW_S = 0.005
 #: Weight of the newest run in a step's typical duration (an exponential moving average).
 TYPICAL_WEIGHT = 0.2
 
-#: Tasks a pool worker may hold sent ahead, beyond the one it runs: with one, the worker
-#: still often waited for its next task (the manager sends it as it reads the outcome
-#: before); with two, it rarely does.
-AHEAD_DEPTH = 2
+#: The most tasks a pool worker may hold sent ahead, beyond the one it runs. How many it
+#: may hold is what :data:`SEND_AHEAD_BELOW_S` of its step's typical runs covers, up to
+#: this: a task sent ahead then waits behind a few milliseconds of work at most. With two,
+#: a worker running no-ops still slept before one task in two or three on a loaded
+#: machine (its manager thread, waiting for a core, fell behind); with 8 it rarely does.
+MAX_AHEAD = 8
 
 #: A task sent ahead that has not started this long after it was sent waits behind a step
 #: that turned out long: it is taken back as soon as its lane has a free worker.
@@ -102,22 +104,22 @@ class Slot:
     tmpdir: Optional[str] = None  # its private temp dir (sandboxed workers), removed when it is gone
 
     def send(self, payload: bytes) -> None:
-        """Send one frame down the task socket without ever making the manager wait.
+        """Queue one frame for the task socket; :meth:`flush` writes it.
 
-        What the socket has no room for waits in ``unsent`` and goes when the selector
-        says there is room. A worker that stops reading (stopped, stuck in the kernel)
-        with a large argument on its way then holds up no other task of either lane, and
-        its own task's timeout and cancel still work: they kill it.
+        The manager never waits on a worker's socket: what the socket has no room for
+        waits in ``unsent`` and goes when the selector says there is room. A worker that
+        stops reading (stopped, stuck in the kernel) with a large argument on its way then
+        holds up no other task of either lane, and its own task's timeout and cancel still
+        work: they kill it.
         """
         self.unsent.append(memoryview(frame_header(len(payload))))
         self.unsent.append(memoryview(payload))
-        if len(self.unsent) == 2:  # nothing was waiting for room: it goes now
-            self.flush()
 
     def flush(self) -> None:
-        """Write what ``unsent`` holds, as far as the task socket has room."""
-        if self.tasks is None:
-            return  # closed by an earlier event of the same select
+        """Write what ``unsent`` holds, as far as the task socket has room (one ``writev``);
+        nothing if the selector is to say when there is room."""
+        if self.tasks is None or not self.unsent:
+            return  # closed by an earlier event of the same select, or written already
         unsent = self.unsent
         try:
             written = os.writev(self.tasks.fileno(), unsent)
@@ -300,21 +302,30 @@ class SendAhead:
         """Whether a busy worker may get its next task now, to start it the moment it
         sends its outcome: no sleep and no wake-up between two short tasks.
 
-        Only behind a step known to be short (:data:`SEND_AHEAD_BELOW_S`; a step never
-        seen yet is not); behind a task the supervisor will not kill on a limit (no
+        Only behind steps known to be short: as many tasks as :data:`SEND_AHEAD_BELOW_S`
+        of typical runs covers (a step never seen yet counts as that long), at most
+        :data:`MAX_AHEAD`; behind tasks the supervisor will not kill on a limit (no
         timeout, no memory limit), so a kill for a limit never finds the next task started
-        in its worker; and never beyond a recycle, so the task sent ahead is not lost with
+        in its worker; and never beyond a recycle, so a task sent ahead is not lost with
         its worker. A cancel's kill checks first that the outcome it would race is not on
         its way.
         """
         run = slot.run
-        if (slot.state is not SlotState.BUSY or len(slot.aheads) >= AHEAD_DEPTH or slot.tasks is None or run is None
-                or run.kill is not None or slot.unsent):
+        if (slot.state is not SlotState.BUSY or len(slot.aheads) >= MAX_AHEAD or slot.tasks is None or run is None
+                or run.kill is not None or slot.room_watched):
             return False
-        limits, quota = run.task.limits, self._quota
-        return (self._typical_s.get(run.task.step, SEND_AHEAD_BELOW_S) < SEND_AHEAD_BELOW_S
-                and limits.effective_timeout_s is None and limits.effective_memory_mb is None
-                and slot.recycle_after is None and (quota is None or slot.tasks_run + len(slot.aheads) + 2 <= quota))
+        quota, typical = self._quota, self._typical_s
+        if slot.recycle_after is not None or (quota is not None and slot.tasks_run + len(slot.aheads) + 2 > quota):
+            return False
+        # The next task would wait behind the one running and those sent ahead: each
+        # typical for its step, and none the supervisor may kill for a limit.
+        wait = 0.0
+        for task in (run.task, *(ahead.task for ahead in slot.aheads)):
+            limits = task.limits
+            if limits.effective_timeout_s is not None or limits.effective_memory_mb is not None:
+                return False
+            wait += typical.get(task.step, SEND_AHEAD_BELOW_S)
+        return wait < SEND_AHEAD_BELOW_S
 
     def observe(self, step: str, took: float) -> None:
         """A run of ``step`` took ``took`` seconds in its worker."""

@@ -72,8 +72,9 @@ _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 #: task that does not allocate pays ~2 us for its memory figures instead of ~25 us.
 PEAK_RESET_SLACK_BYTES = 1 << 20
 
-#: Cancels kept for tasks not started here yet: more than a worker is ever sent ahead.
-EARLY_CANCELS_KEPT = 8
+#: Cancels kept for tasks not started here yet: more than a worker is ever sent ahead
+#: (``governor.engine.slots.MAX_AHEAD``).
+EARLY_CANCELS_KEPT = 16
 
 #: Tests only: a directory (``GOVERNOR_TEST_HOLD_REVOKED``, read once as the template
 #: imports this module) where the control thread, having taken a task back, announces it

@@ -19,6 +19,7 @@ import pytest
 
 from conftest import wait_until
 from governor import Call, Limits
+from governor.engine import slots
 from governor.errors import StepCancelled, WorkerCrashed
 from step_library import wait_for_path
 
@@ -174,3 +175,51 @@ def test_the_outcome_after_a_task_taken_back_is_never_taken_for_it(make_supervis
     assert after.result(timeout=60) == "after"
     meeting_go.touch()
     assert holder.result(timeout=60) == "holder"
+
+
+def known_short_pid(sup, monkeypatch):
+    """``pid`` known as short too; and every step that ran counts as short, however slowly
+    the loaded machine ran it: how deep a worker's send-ahead goes is the typical times'
+    business (``SEND_AHEAD_BELOW_S``), and these tests are about what a deep one does."""
+    monkeypatch.setattr(slots, "SEND_AHEAD_BELOW_S", 60.0)
+    for _ in range(5):
+        sup.submit("pid").result(timeout=60)
+
+
+def test_a_busy_worker_gets_several_short_tasks_sent_ahead_and_runs_them_in_order(make_supervisor, tmp_path,
+                                                                                  monkeypatch):
+    sup = make_supervisor(workers=1)
+    known_short(sup, tmp_path)
+    known_short_pid(sup, monkeypatch)
+    first, go, worker = held(sup, tmp_path)
+    behind = [sup.submit("pid") for _ in range(4)]
+    assert all(sent_ahead(future) for future in behind)  # more than one deep
+    assert not any(future.done() for future in behind)
+    go.touch()
+    assert first.result(timeout=60) == worker
+    assert [future.result(timeout=60) for future in behind] == [worker] * 4
+    starts = [future.task.started_at for future in behind]
+    assert starts == sorted(starts)  # in the order they were submitted
+
+
+@pytest.mark.parametrize("death", ["outside kill", "cancel without grace"])
+def test_a_death_costs_only_the_task_that_ran_however_many_were_sent_ahead(make_supervisor, tmp_path, death,
+                                                                          monkeypatch):
+    sup = make_supervisor(workers=1)
+    known_short(sup, tmp_path)
+    known_short_pid(sup, monkeypatch)
+    first, _, worker = held(sup, tmp_path, limits=Limits(cancel_grace_s=0))
+    behind = [sup.submit("pid") for _ in range(4)]
+    assert all(sent_ahead(future) for future in behind)
+    if death == "outside kill":
+        os.kill(worker, signal.SIGKILL)
+        with pytest.raises(WorkerCrashed):
+            first.result(timeout=60)
+    else:
+        first.cancel()
+        with pytest.raises(StepCancelled):
+            first.result(timeout=60)
+    pids = [future.result(timeout=60) for future in behind]
+    assert worker not in pids and None not in pids
+    assert sup.metrics()["redispatched"]["pool"] == 4
+    assert [future.task.workers_lost for future in behind] == [0] * 4  # none blamed for the death
