@@ -93,6 +93,7 @@ class Slot:
     room_watched: bool = False  # the selector tells when its task socket has room (``unsent`` waits)
     run: Optional["Run"] = None
     aheads: Deque["Run"] = attrs.field(factory=collections.deque)  # sent while ``run`` runs, in order
+    ahead_s: float = 0.0  # what the runs in ``aheads`` are expected to take (SendAhead.allows)
     sent: int = 0  # assignments sent to the worker (a task taken back is named by its number)
     control_watched: bool = False  # its control socket is in the selector
     recycle_after: Optional[str] = None  # recycle once the tasks sent ahead are done (the reason)
@@ -192,6 +193,7 @@ class Run:
     number: int = 0  # among the assignments sent to the slot's worker
     kill: Optional[KillOrder] = None
     sent_at: float = 0.0  # when it was sent ahead (see SendAhead.take_back_stuck)
+    expected_s: float = 0.0  # how long it was expected to take when it was sent ahead (SendAhead.allows)
     taking_back: bool = False  # sent ahead, and asked back
     taken_at_death: Optional[int] = None  # what its dead worker's seat said (governor.workers.seats)
 
@@ -314,18 +316,19 @@ class SendAhead:
         if (slot.state is not SlotState.BUSY or len(slot.aheads) >= MAX_AHEAD or slot.tasks is None or run is None
                 or run.kill is not None or slot.room_watched):
             return False
-        quota, typical = self._quota, self._typical_s
+        quota = self._quota
         if slot.recycle_after is not None or (quota is not None and slot.tasks_run + len(slot.aheads) + 2 > quota):
             return False
-        # The next task would wait behind the one running and those sent ahead: each
-        # typical for its step, and none the supervisor may kill for a limit.
-        wait = 0.0
-        for task in (run.task, *(ahead.task for ahead in slot.aheads)):
-            limits = task.limits
-            if limits.effective_timeout_s is not None or limits.effective_memory_mb is not None:
-                return False
-            wait += typical.get(task.step, SEND_AHEAD_BELOW_S)
-        return wait < SEND_AHEAD_BELOW_S
+        # The next task would wait behind the one running and those sent ahead.
+        return self._expected_s(run.task) + slot.ahead_s < SEND_AHEAD_BELOW_S
+
+    def _expected_s(self, task: Task) -> float:
+        """How long a next task should expect to wait behind ``task``: its step's typical
+        run, or all the send-ahead allows for a task the supervisor may kill for a limit."""
+        limits = task.limits
+        if limits.effective_timeout_s is not None or limits.effective_memory_mb is not None:
+            return SEND_AHEAD_BELOW_S
+        return self._typical_s.get(task.step, SEND_AHEAD_BELOW_S)
 
     def observe(self, step: str, took: float) -> None:
         """A run of ``step`` took ``took`` seconds in its worker."""
@@ -334,21 +337,30 @@ class SendAhead:
 
     def sent(self, run: Run) -> None:
         """``run`` was sent to its busy slot's worker, to start after what it runs."""
-        run.slot.aheads.append(run)
+        slot = run.slot
+        slot.aheads.append(run)
+        run.expected_s = self._expected_s(run.task)
+        slot.ahead_s += run.expected_s
         self.pending[run.task.id] = run
         run.sent_at = self._clock()
 
     def started(self, slot: Slot) -> Run:
         """The worker of ``slot`` took its first task sent ahead (as it sent the outcome before)."""
         run = slot.aheads.popleft()
-        del self.pending[run.task.id]
+        self._left(slot, run)
         return run
 
     def drop(self, run: Run) -> None:
         """``run`` leaves its worker unstarted (taken back, or its worker is dead)."""
-        if run in run.slot.aheads:
-            run.slot.aheads.remove(run)
+        slot = run.slot
+        if run in slot.aheads:
+            slot.aheads.remove(run)
+        self._left(slot, run)
+
+    def _left(self, slot: Slot, run: Run) -> None:
         del self.pending[run.task.id]
+        # Back to exactly 0 when none is left, so rounding never piles up over a long life.
+        slot.ahead_s = slot.ahead_s - run.expected_s if slot.aheads else 0.0
 
     def take_back_stuck(self, lane: Lane) -> None:
         """Ask back the tasks sent ahead that have waited :data:`AHEAD_PATIENCE_S` behind a
