@@ -164,24 +164,29 @@ class LocalLanes(WorkerStarts):
         ``writev`` per worker instead of one per task: each syscall lets go of the GIL).
         """
         sent_to: List[Slot] = []
-        for lane in self._lanes.values():
-            next_task = self._next_by_key if lane.keyed else self._next_task
-            while lane.idle and lane.counts[SlotState.BUSY] < lane.workers and (lane.retry or lane.queue):
-                task = next_task(lane)
-                if task is None:
-                    break
-                slot = lane.idle[-1]
-                self._start_task(slot, task, ahead=False)
-                sent_to.append(slot)
-            if not lane.sends_ahead:
-                continue
-            if lane.retry or lane.queue:
-                self._send_ahead_to(lane, sent_to)
-            elif self._send_ahead.pending and lane.idle and lane.counts[SlotState.BUSY] < lane.workers:
-                self._send_ahead.take_back_stuck(lane.lane)
-        for slot in sent_to:
-            if not slot.room_watched:  # else the selector says when the socket has room
-                slot.flush()
+        try:
+            for lane in self._lanes.values():
+                self._dispatch_lane(lane, sent_to)
+        finally:  # a pass cut short by an error still sends what it handed out
+            for slot in sent_to:
+                if not slot.room_watched:  # else the selector says when the socket has room
+                    slot.flush()
+
+    def _dispatch_lane(self, lane: LaneState, sent_to: List[Slot]) -> None:
+        next_task = self._next_by_key if lane.keyed else self._next_task
+        while lane.idle and lane.counts[SlotState.BUSY] < lane.workers and (lane.retry or lane.queue):
+            task = next_task(lane)
+            if task is None:
+                break
+            slot = lane.idle[-1]
+            self._start_task(slot, task, ahead=False)
+            sent_to.append(slot)
+        if not lane.sends_ahead:
+            return
+        if lane.retry or lane.queue:
+            self._send_ahead_to(lane, sent_to)
+        elif self._send_ahead.pending and lane.idle and lane.counts[SlotState.BUSY] < lane.workers:
+            self._send_ahead.take_back_stuck(lane.lane)
 
     def _send_ahead_to(self, lane: LaneState, sent_to: List[Slot]) -> None:
         """Send queued tasks ahead to ``lane``'s busy workers, one per worker in turn (so
