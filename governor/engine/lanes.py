@@ -417,7 +417,7 @@ class LocalLanes(WorkerStarts):
             alive = slot.control_frames.feed(slot.control.fileno())
             frame = slot.control_frames.pop()
             while frame is not None:
-                self._taken_back(slot, revoked_from_wire(frame).task_id)
+                self._taken_back(slot, *revoked_from_wire(frame))
                 frame = slot.control_frames.pop()
         except OSError:
             alive = False
@@ -427,14 +427,17 @@ class LocalLanes(WorkerStarts):
         if not alive:
             slot.unwatch_control()  # dying: its pidfd says when it is dead
 
-    def _taken_back(self, slot: Slot, task_id: int) -> None:
-        """The worker will not run task ``task_id``: it goes to the front of its lane's queue.
+    def _taken_back(self, slot: Slot, task_id: int, number: int) -> None:
+        """The worker will not run task ``task_id``, its ``number``-th assignment: the task
+        goes to the front of its lane's queue.
 
         The worker says so twice, once on each socket (``Revoked``, ``Skipped``): the
-        second finds the task gone, or sent again, as a new run that was not asked back.
+        second finds the task gone, or sent again as a new run. The new run may be to the
+        same worker and asked back too: only the number tells the two apart, and a late
+        answer about the first must not take back the second, which the worker may run.
         """
         run = self._running.get(task_id)
-        if run is None or run.slot is not slot or not run.taking_back:
+        if run is None or run.slot is not slot or run.number != number or not run.taking_back:
             return
         if run in slot.aheads:
             self._send_ahead.drop(run)
@@ -521,7 +524,7 @@ class LocalLanes(WorkerStarts):
             self._on_dirty(slot, message.problem)
             return
         if type(message) is Skipped:  # its outcome is not the next one: what comes next is the next task's
-            self._taken_back(slot, message.task_id)
+            self._taken_back(slot, message.task_id, message.number)
             return
         run = slot.run
         if run is None or slot.state is SlotState.KILLING:

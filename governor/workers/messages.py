@@ -124,7 +124,8 @@ class Dirty(NamedTuple):
 
 class Skipped(NamedTuple):
     """Up the task socket, where an outcome would be: the worker skipped task ``task_id``,
-    which the supervisor took back (:class:`Revoke`) before the worker reached it.
+    its ``number``-th assignment, which the supervisor took back (:class:`Revoke`) before
+    the worker reached it.
 
     The control socket's :class:`Revoked` says so at once, but from another thread and
     on another socket: this one keeps the task socket's own order (outcome, skipped task,
@@ -133,6 +134,7 @@ class Skipped(NamedTuple):
     """
 
     task_id: int
+    number: int
 
 
 #: An outcome's frame: its tag, its fixed fields, then the byte lengths of its six variable
@@ -183,7 +185,7 @@ def dirty_to_wire(dirty: Dirty) -> bytes:
 
 def skipped_to_wire(skipped: Skipped) -> bytes:
     """A :class:`Skipped` notice's frame."""
-    return _SKIPPED_TAG + _REVOKED.pack(skipped.task_id)
+    return _SKIPPED_TAG + _REVOKED.pack(skipped.task_id, skipped.number)
 
 
 def up_from_wire(data: bytes) -> Union[Outcome, Dirty, Skipped]:
@@ -275,20 +277,22 @@ class Revoke(NamedTuple):
 
 
 class Revoked(NamedTuple):
-    """Up the control socket: the worker will not run task ``task_id`` (see :class:`Revoke`)."""
+    """Up the control socket: the worker will not run task ``task_id``, its ``number``-th
+    assignment (see :class:`Revoke`)."""
 
     task_id: int
+    number: int
 
 
-_REVOKED = struct.Struct("!q")
+_REVOKED = struct.Struct("!qq")
 
 #: The size of every frame up a worker's control socket.
 REVOKED_BYTES = _REVOKED.size
 
 
 def revoked_to_wire(revoked: Revoked) -> bytes:
-    """A :class:`Revoked`'s frame: the task's id, nothing else."""
-    return _REVOKED.pack(revoked.task_id)
+    """A :class:`Revoked`'s frame: the task's id and its assignment's number, nothing else."""
+    return _REVOKED.pack(revoked.task_id, revoked.number)
 
 
 def revoked_from_wire(data: bytes) -> Revoked:

@@ -12,7 +12,7 @@ messages are ``governor.workers.messages``)::
         loop: task socket ──> task id, Assignment ──> run_step ──> kill what the step left running
               ──> Outcome ──> task socket ──> put the worker's state back (hygiene)
     control socket ──> Cancel(task_id, reason, detail) ──> control thread ──> StepContext flag
-                   ──> Revoke(task_id, number)         ──> control thread ──> Revoked(task_id)
+                   ──> Revoke(task_id, number)         ──> control thread ──> Revoked(task_id, number)
 
 The *task socket* carries one task down and its outcome up, one task at a time; the
 supervisor's manager thread reads it with its selector, so no thread of ours stands
@@ -26,9 +26,12 @@ A pool worker may be sent its next task while it runs one (see
 ``governor.engine.slots.SendAhead``). The supervisor can take such a task back (it waits
 behind a step that turned out long, and another worker is free): it names the task by
 its number among the assignments sent to this worker, and the control thread either
-marks that assignment to be skipped and answers ``Revoked(task_id)``, or, if the main
-thread already took it, says nothing and the task runs here. The two threads decide
-under one lock, so a task is never both revoked and run. The *control socket* is read by
+marks that assignment to be skipped and answers ``Revoked(task_id, number)``, or, if the
+main thread already took it, says nothing and the task runs here. The two threads decide
+under one lock, so a task is never both revoked and run. Both answers (``Revoked`` on the
+control socket, ``Skipped`` on the task socket) carry the assignment's number: a task
+taken back can be sent to the same worker again, and an answer about its first sending
+must never settle its second. The *control socket* is read by
 a thread of the worker while a step runs: it carries cooperative cancels, and it is the
 worker's lifeline: on its EOF (the supervisor is gone, or retired this worker) the worker
 kills its own process group, so no step outlives the supervisor.
@@ -201,8 +204,9 @@ def serve(slot_id: int, lane: str, address: str, seats_path: str, seat_index: in
             frame = frames.next(fd)
         except (EOFError, OSError, ValueError):  # ValueError: over the cap, which the supervisor keeps
             os._exit(0)  # the supervisor retired this worker, or is gone
-        if not _take_assignment():  # taken back by the supervisor: it runs elsewhere
-            send_frame(fd, skipped_to_wire(Skipped(TASK_ID.unpack_from(frame)[0])))
+        number, taken = _take_assignment()
+        if not taken:  # taken back by the supervisor: it runs elsewhere
+            send_frame(fd, skipped_to_wire(Skipped(TASK_ID.unpack_from(frame)[0], number)))
             continue
         # Taking it: should unpickling its arguments end this process (a __reduce__ that
         # calls os._exit), the seat tells the supervisor, which fails the task rather than
@@ -295,7 +299,7 @@ def _control_loop(connection: Connection) -> None:
             case Revoke(task_id, number) if _revoke(number):
                 if HOLD_REVOKED_DIR is not None:
                     _hold_revoked(HOLD_REVOKED_DIR)
-                connection.send_bytes(revoked_to_wire(Revoked(task_id)))
+                connection.send_bytes(revoked_to_wire(Revoked(task_id, number)))
 
 
 def _hold_revoked(directory: str) -> None:
@@ -308,15 +312,16 @@ def _hold_revoked(directory: str) -> None:
         time.sleep(0.002)
 
 
-def _take_assignment() -> bool:
-    """Count the assignment just read; ``False`` if the supervisor took it back first."""
+def _take_assignment() -> Tuple[int, bool]:
+    """Count the assignment just read: its number, and ``False`` if the supervisor took it
+    back first."""
     global _assignments_taken
     with _lock:
         _assignments_taken += 1
         if _assignments_taken in _revoked:
             _revoked.discard(_assignments_taken)
-            return False
-        return True
+            return _assignments_taken, False
+        return _assignments_taken, True
 
 
 def _revoke(number: int) -> bool:

@@ -19,6 +19,7 @@ import pytest
 
 from conftest import wait_until
 from governor import Call, Limits
+from governor.limits import Lane
 from governor.engine import slots
 from governor.errors import StepCancelled, WorkerCrashed
 from step_library import wait_for_path
@@ -175,6 +176,57 @@ def test_the_outcome_after_a_task_taken_back_is_never_taken_for_it(make_supervis
     assert after.result(timeout=60) == "after"
     meeting_go.touch()
     assert holder.result(timeout=60) == "holder"
+
+
+def test_a_late_answer_about_a_task_taken_back_never_takes_back_its_next_sending(make_supervisor, tmp_path,
+                                                                                monkeypatch):
+    """A task taken back may be sent ahead to the same worker again, and asked back again
+    once the worker has taken it. The worker's answer about the first sending (its
+    ``Revoked``, held here by the worker's test hook) then arrives while the second runs:
+    it must not take the second back, or the task runs twice and the worker's next outcome
+    is taken for another task's. Answers name the assignment's number, not only the task."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    monkeypatch.setenv("GOVERNOR_TEST_HOLD_REVOKED", str(hook))
+    sup = make_supervisor(workers=2)
+    known_short(sup, tmp_path)
+    monkeypatch.setattr(slots, "SEND_AHEAD_BELOW_S", 60.0)  # hold_until, however slow it ran, is short
+    lanes = sup._manager._backends[Lane.POOL]  # private, read only: what the supervisor believes of a run
+    first, first_go, stuck = held(sup, tmp_path, name="first")
+    # The other worker runs steps never seen before: nothing is sent ahead to it.
+    other, other_go = tmp_path / "other", tmp_path / "other-go"
+    other.mkdir()
+    sup.submit("meet", str(other), "other", 2, str(other_go))
+    wait_for_path(str(other / "other"))
+    behind_marker, behind_go = tmp_path / "behind", tmp_path / "behind-go"
+    behind = sup.submit("hold_until", str(behind_marker), str(behind_go))
+    second_marker, second_go = tmp_path / "second", tmp_path / "second-go"
+    second = sup.submit("hold_until", str(second_marker), str(second_go))
+    assert sent_ahead(behind) and sent_ahead(second)
+    assert behind.task.pid == second.task.pid == stuck
+    other_go.touch()  # a worker is free: both are asked back; the worker's answer about behind is held
+    wait_for_path(str(hook / "revoked"))
+    again_marker, again_go = tmp_path / "again", tmp_path / "again-go"
+    sup.submit("hold_until_cancel_arrives", str(again_marker), str(again_go), str(tmp_path / "unused"))
+    wait_for_path(str(again_marker))  # the free worker is busy again, with a step never seen
+    first_go.touch()  # the stuck worker skips behind, and takes second (its control thread is held)
+    assert first.result(timeout=60) == stuck
+    wait_for_path(str(second_marker))
+
+    def behind_sent_ahead_again():
+        run = lanes._running.get(behind.task.id)
+        return run is not None and run.slot.pid == stuck and run in run.slot.aheads
+    assert wait_until(behind_sent_ahead_again, timeout=30)  # behind's Skipped came; behind went back
+    again_go.touch()  # a worker is free again: behind's second sending is asked back too
+    assert wait_until(lambda: lanes._running[behind.task.id].taking_back, timeout=30)
+    second_go.touch()  # ... but the worker takes it as second ends (its control thread is still held)
+    assert second.result(timeout=60) == stuck
+    wait_for_path(str(behind_marker))
+    (hook / "answer").touch()  # the late Revoked about behind's first sending comes now
+    assert not wait_until(lambda: sup.metrics()["redispatched"]["pool"] > 1, timeout=3), (
+        "a late answer about behind's first sending took back its second, which the worker runs")
+    behind_go.touch()
+    assert behind.result(timeout=60) == stuck
 
 
 def known_short_pid(sup, monkeypatch):

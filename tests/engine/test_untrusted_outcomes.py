@@ -174,13 +174,13 @@ def test_an_outcome_crosses_the_wire_with_its_value_still_pickled():
     assert (got.exc_type, got.traceback_text, got.denied_path) == ("ValueError", "tb", "/etc/x")
     assert type(got.exception) is ValueError and got.exception.args == ("bad",)
     assert up_from_wire(dirty_to_wire(Dirty("fds left open"))) == Dirty("fds left open")
-    assert up_from_wire(skipped_to_wire(Skipped(2 ** 40))) == Skipped(2 ** 40)
+    assert up_from_wire(skipped_to_wire(Skipped(2 ** 40, 3))) == Skipped(2 ** 40, 3)
 
 
 @pytest.mark.parametrize("frame", [b"", b"X", b"O", outcome_to_wire(Outcome(OutcomeKind.OK, 0, 0, 1, 1))[:-1],
                                    outcome_to_wire(Outcome(OutcomeKind.OK, 0, 0, 1, 1)) + b"more",
                                    outcome_to_wire(Outcome(OutcomeKind.CANCELLED, 0, 0, 1, 1)).replace(b"O\x02", b"O\x09", 1),
-                                   pickle.dumps(("ok", 0.0, 0.0, 1)), skipped_to_wire(Skipped(1))[:-2]],
+                                   pickle.dumps(("ok", 0.0, 0.0, 1)), skipped_to_wire(Skipped(1, 1))[:-2]],
                          ids=["empty", "unknown-tag", "tag-only", "cut", "trailing", "bad-kind", "old-pickle",
                               "cut-skipped"])
 def test_a_malformed_frame_is_a_value_error(frame):
