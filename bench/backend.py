@@ -19,9 +19,9 @@ Run it with ``uvicorn governor.bench.backend:app`` or ``python -m governor.bench
 * ``GET /`` a page that switches views like a front end: every click aborts the last fetch
   (``AbortController``) and shows the view it got.
 * ``GET /stats`` the worker-seconds the steps have taken so far (the bench reads it).
-* ``GET /views`` when each view request of a session arrived and when each of its parts
-  was queued, started and ended (:class:`ViewLog`; the bench reads it; empty through a
-  daemon, whose journal holds the same).
+* ``GET /views`` when each view request of a session arrived, when each of its parts was
+  queued, started and ended, and when the engine answered (:class:`ViewLog`; the bench
+  reads it; empty through a daemon, whose journal holds the parts' times).
 
 The environment chooses the engine behind it:
 
@@ -48,6 +48,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
+import attrs
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -88,8 +89,25 @@ VIEW_PRIORITY, BACKGROUND_PRIORITY = 10, 0
 PartTimes = Tuple[float, Optional[float], Optional[float]]
 
 
+@attrs.define
+class LoggedView:
+    """One view request in a :class:`ViewLog`; ``answered`` is set once the engine handed
+    the handler its results (never, for a request superseded or left)."""
+
+    session: Optional[str]
+    seq: Optional[str]  # the user's click counter, which the load generator matches it by
+    arrived: float
+    parts: Callable[[], List[PartTimes]]
+    answered: Optional[float] = None
+
+    def record(self) -> Dict[str, Any]:
+        return {"session": self.session, "seq": self.seq, "arrived": self.arrived, "answered": self.answered,
+                "parts": [list(times) for times in self.parts()]}
+
+
 class ViewLog:
-    """The view requests of sessions a server took: when each arrived and when its parts ran.
+    """The view requests of sessions a server took: when each arrived, when its parts ran and
+    when the engine answered.
 
     The bench reads it (``GET /views``) to tell where a slow view lost its time and how much
     work ran on a view after the session's next request had superseded it. Times are
@@ -97,18 +115,18 @@ class ViewLog:
     """
 
     def __init__(self) -> None:
-        self._views: Deque[Tuple[str, float, Callable[[], List[PartTimes]]]] = collections.deque(maxlen=VIEW_LOG_SIZE)
+        self._views: Deque[LoggedView] = collections.deque(maxlen=VIEW_LOG_SIZE)
 
-    def add(self, request: Request, arrived: float, parts: Callable[[], List[PartTimes]]) -> None:
+    def add(self, request: Request, arrived: float, parts: Callable[[], List[PartTimes]]) -> LoggedView:
         """Log a view request (if it has a session) whose parts' times ``parts()`` reads when asked."""
-        session = request.query_params.get("session")
-        if session is not None and request.url.path.startswith("/view/"):
-            self._views.append((session, arrived, parts))
+        view = LoggedView(request.query_params.get("session"), request.query_params.get("seq"), arrived, parts)
+        if view.session is not None and request.url.path.startswith("/view/"):
+            self._views.append(view)
+        return view
 
     def records(self) -> List[Dict[str, Any]]:
-        """``[{"session", "arrived", "parts": [[queued, started, ended], ...]}, ...]`` by arrival."""
-        return [{"session": session, "arrived": arrived, "parts": [list(times) for times in parts()]}
-                for session, arrived, parts in list(self._views)]
+        """``[{"session", "seq", "arrived", "answered", "parts": [[queued, started, ended], ...]}, ...]`` by arrival."""
+        return [view.record() for view in list(self._views)]
 
 
 class Views:
@@ -154,10 +172,14 @@ class GovernedViews(Views):
     async def run(self, request: Request, calls: List[Tuple[str, dict]], priority: int = 0) -> List[Any]:
         governed = request_governor(request.scope)
         self.recent.append(governed)
-        if not isinstance(self.governor, AsyncClient):  # through a daemon, its journal has the times
-            self.log.add(request, time.monotonic(), lambda: [
-                (future.task.submitted_at, future.task.started_at, future.task.ended_at) for future in governed.futures])
-        return await governed.run_batch([Call(name, kwargs=kwargs, priority=priority) for name, kwargs in calls])
+        calls = [Call(name, kwargs=kwargs, priority=priority) for name, kwargs in calls]
+        if isinstance(self.governor, AsyncClient):  # through a daemon, its journal has the times
+            return await governed.run_batch(calls)
+        logged = self.log.add(request, time.monotonic(), lambda: [
+            (future.task.submitted_at, future.task.started_at, future.task.ended_at) for future in governed.futures])
+        results = await governed.run_batch(calls)
+        logged.answered = time.monotonic()
+        return results
 
     async def worker_seconds(self) -> float:
         if hasattr(self.governor, "scope"):
@@ -187,11 +209,13 @@ class PoolViews(Views):
         queued = time.monotonic()
         futures = [self._executor.submit(view_steps.run_step, name, kwargs) for name, kwargs in calls]
         parts: List[PartTimes] = []  # appended by the executor's threads, read once the parts ended
-        self.log.add(request, queued, lambda: list(parts))
+        logged = self.log.add(request, queued, lambda: list(parts))
         for future in futures:
             future.add_done_callback(self._count)
             future.add_done_callback(lambda done: parts.append(_part_times(queued, done)))
-        return await asyncio.gather(*map(asyncio.wrap_future, futures))
+        results = await asyncio.gather(*map(asyncio.wrap_future, futures))
+        logged.answered = time.monotonic()
+        return results
 
     def _count(self, future: concurrent.futures.Future) -> None:
         if not future.cancelled() and future.exception() is None:

@@ -12,6 +12,8 @@ holds the same (wall-clock times, one clock within the journal). From them:
 * :func:`breakdown`: for the slowest views, how long they waited for their last part to
   start and how long that part then ran; and for how much of their parts' queue waits a
   worker was free (parts running < workers): time lost to dispatch, not to a full pool.
+* :func:`latency_split`: for the slowest views as the users saw them, what the HTTP path,
+  the engine and the hand-back of its results to the handler each took.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import contextlib
 import itertools
 import sqlite3
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import attrs
 
@@ -37,16 +39,21 @@ WAIT_STEP = "view.wait"
 
 @attrs.frozen
 class ViewTimes:
-    """One view request: its session, when it reached the engine, its parts' times."""
+    """One view request: its session, when it reached the engine, its parts' times; in
+    process also its ``seq`` (the user's click counter) and when the engine handed the
+    handler its results (``answered``; ``None`` until then, or when it was superseded)."""
 
     session: str
     arrived: float
     parts: Tuple[PartTimes, ...]
+    seq: Optional[str] = None
+    answered: Optional[float] = None
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> "ViewTimes":
         """From one entry of the backend's ``GET /views``."""
-        return cls(record["session"], record["arrived"], tuple(tuple(part) for part in record["parts"]))
+        return cls(record["session"], record["arrived"], tuple(tuple(part) for part in record["parts"]),
+                   record.get("seq"), record.get("answered"))
 
     @property
     def ended(self) -> Optional[float]:
@@ -163,3 +170,52 @@ def _free_worker_share(views: Sequence[ViewTimes], running: _Running, workers: i
     waited = sum(started - queued for queued, started in waits)
     return sum(running.seconds_below(queued, started, workers) for queued, started in waits) / waited if waited else 0.0
 
+
+
+#: A view a user waited for, as the load generator saw it: ``(session, seq, sent, received)``,
+#: the times on ``time.monotonic()``.
+Waited = Tuple[str, str, float, float]
+
+
+@attrs.frozen
+class LatencySplit:
+    """Where the slowest 5 % of the views users waited for spent their time, medians in ms.
+
+    Attributes:
+        views: the views users waited for that the server logged (in process only).
+        user_ms: from the click to the view at the user.
+        http_in_ms: from the click to the view reaching the engine: the load generator,
+            the connection, uvicorn, the middleware, the handler.
+        server_ms: from there to its last part's end (queueing and running).
+        answer_ms: from there to the handler holding the results: the futures' way back
+            to the event loop.
+        http_out_ms: from there to the user: the JSON, the response, the load generator.
+    """
+
+    views: int
+    user_ms: float
+    http_in_ms: float
+    server_ms: float
+    answer_ms: float
+    http_out_ms: float
+
+
+def latency_split(views: Iterable[ViewTimes], waited: Iterable[Waited]) -> Optional[LatencySplit]:
+    """Split the users' slowest 5 % of ``waited`` along the server's log of the same views
+    (matched by session and ``seq``); ``None`` if the log has none of them (a daemon's journal)."""
+    logged = {(view.session, view.seq): view for view in views if view.seq is not None and view.answered is not None}
+    matched = [(sent, received, logged[session, seq]) for session, seq, sent, received in waited
+               if (session, seq) in logged and logged[session, seq].ended is not None]
+    if not matched:
+        return None
+    threshold = percentile([received - sent for sent, received, _ in matched], 95)
+    slow = [(sent, received, view) for sent, received, view in matched if received - sent >= threshold]
+
+    def ms(span: Callable[[float, float, ViewTimes], float]) -> float:
+        return median(span(*entry) * 1000 for entry in slow)
+
+    return LatencySplit(len(matched), ms(lambda sent, received, view: received - sent),
+                        ms(lambda sent, received, view: view.arrived - sent),
+                        ms(lambda sent, received, view: view.ended - view.arrived),
+                        ms(lambda sent, received, view: view.answered - view.ended),
+                        ms(lambda sent, received, view: received - view.answered))

@@ -45,7 +45,8 @@ from governor.bench.core import ScenarioContext, ScenarioResult, scenario
 from governor.bench.scenarios.daemon import _start_daemon
 from governor.bench.stats import Summary, ratio, to_ms
 from governor.bench.view_steps import WAIT_PROFILES
-from governor.bench.view_times import Breakdown, ViewTimes, breakdown, journal_views, work_after_supersede_s
+from governor.bench.view_times import (Breakdown, LatencySplit, ViewTimes, Waited, breakdown, journal_views,
+                                       latency_split, work_after_supersede_s)
 
 #: A user's mean think time between two view switches (exponential), and the share of
 #: switches that are a burst of rapid clicks, their count and gap.
@@ -94,6 +95,7 @@ class Load:
     """What the users of one run saw."""
 
     latencies_s: List[float] = attrs.field(factory=list)
+    waited: List[Waited] = attrs.field(factory=list)  # the views answered 200, for the server's log
     delivered_busy_s: float = 0.0
     aborted: int = 0
     gave_up: int = 0
@@ -109,6 +111,7 @@ class RunFigures:
     wasted_worker_s: float
     after_supersede_worker_s: float
     slowest: Optional[Breakdown]
+    split: Optional[LatencySplit]
     warmed_workers: int
     cpu_s: float
     uss_mib: float
@@ -251,7 +254,7 @@ async def _user(client, profile: str, session: str, deadline: float, rng: random
                 _collect(request, load)
             switches += 1  # orders the user's clicks, as the reference page does
             params = {"session": session, "profile": profile, "seq": switches}
-            sent = time.perf_counter()
+            sent = time.monotonic()  # the server's clock too (its log of the views)
             request = asyncio.create_task(client.get(f"/view/{rng.randint(1, CHATS)}", params=params))
             if click < clicks - 1:
                 await asyncio.sleep(BURST_GAP_S)
@@ -264,7 +267,10 @@ async def _user(client, profile: str, session: str, deadline: float, rng: random
         except httpx.HTTPError:
             load.errors += 1
             continue
-        load.latencies_s.append(time.perf_counter() - sent)
+        received = time.monotonic()
+        load.latencies_s.append(received - sent)
+        if response.status_code == 200:
+            load.waited.append((session, str(switches), sent, received))
         _account(response, load)
 
 
@@ -351,8 +357,8 @@ def _run(server: Server, profile: str, users: int, seconds: float, seed: int) ->
         views = journal_views(server.dir / "journal.sqlite3")
     views = _users_views(views)
     return RunFigures(tuple(load.latencies_s), len(load.latencies_s) / elapsed, wasted, work_after_supersede_s(views),
-                      breakdown(views, server.workers), warmed, cpu, _uss_mib(processes), load.aborted, load.gave_up,
-                      load.errors)
+                      breakdown(views, server.workers), latency_split(views, load.waited), warmed, cpu,
+                      _uss_mib(processes), load.aborted, load.gave_up, load.errors)
 
 
 async def _five_requests(url: str) -> Tuple[float, Optional[float], List[int]]:
@@ -395,6 +401,12 @@ def _figures(result: ScenarioResult, key: str, label: str, figures: RunFigures) 
                    f"{slowest.last_start_ms:.0f} ms, longest queue wait {slowest.longest_wait_ms:.0f} ms, longest "
                    f"part {slowest.unqueued_ms:.0f} ms; a worker was free {slowest.free_worker_share:.0%} of their "
                    "parts' queue waits")
+    if figures.split is not None:
+        split = figures.split
+        result.put(f"{key}.latency_split", attrs.asdict(split))
+        result.row(f"{label}: the slowest 5 % of the views users waited for (medians)",
+                   f"{split.user_ms:.0f} ms: HTTP in {split.http_in_ms:.1f} ms, engine {split.server_ms:.0f} ms, "
+                   f"results to the handler {split.answer_ms:.1f} ms, HTTP out {split.http_out_ms:.1f} ms")
     result.put(f"{key}.warmed_workers", figures.warmed_workers, f"{label}: workers that ran a part before the users came")
     result.put(f"{key}.cpu_s", round(figures.cpu_s, 2), f"{label}: server CPU time", "s")
     result.put(f"{key}.uss_mib", round(figures.uss_mib, 1), f"{label}: server private memory (USS)", "MiB")

@@ -25,6 +25,10 @@ def test_view_load_runs_only_when_named_and_reports_every_engine():
         assert {"views_per_s", "wasted_worker_s", "after_supersede_worker_s", "cpu_s", "uss_mib", "aborted",
                 "gave_up", "errors"} <= set(run)
         assert run["errors"] == 0 and run["uss_mib"] > 0 and run["after_supersede_worker_s"] >= 0
+        # The users' slowest views split along the server's log (a daemon's journal has no answers).
+        assert ("latency_split" in run) is not engine.daemon, engine
+        if not engine.daemon:
+            assert run["latency_split"]["views"] > 0 and run["latency_split"]["answer_ms"] >= 0
         # Every worker ran a part before the users came (the seed's registry has one lane).
         assert run["warmed_workers"] == (1 if engine.name == "before" else 2), engine
         # Every engine's server logged its views (through the daemon, its journal did).

@@ -4,7 +4,7 @@ import sqlite3
 
 import pytest
 
-from governor.bench.view_times import ViewTimes, breakdown, journal_views, work_after_supersede_s
+from governor.bench.view_times import ViewTimes, breakdown, journal_views, latency_split, work_after_supersede_s
 
 
 def test_work_after_the_supersede_counts_only_what_ran_after_the_sessions_next_view_arrived():
@@ -60,3 +60,27 @@ def test_the_free_worker_share_is_the_part_of_the_queue_waits_when_fewer_parts_t
     slowest = breakdown(views, workers=2)
     assert slowest.slow == 1 and slowest.free_worker_share == pytest.approx(0.75)
     assert breakdown(views, workers=1).free_worker_share == pytest.approx(1 / 4)  # free only from 3 to 4
+
+
+def test_the_users_slowest_views_are_split_along_the_servers_log_of_them():
+    # Twenty of Ann's views, clicked at n s: 2 ms to the engine, parts ending 100 ms after
+    # that, the results with the handler 1 ms later, at Ann 3 ms after that; her 20th view's
+    # last part ended 300 ms after it came (the slowest 5 %).
+    views, waited = [], []
+    for n in range(20):
+        arrived = n + 0.002
+        ended = arrived + (0.3 if n == 19 else 0.1)
+        views.append(ViewTimes("ann", arrived, ((arrived, arrived, ended),), str(n), ended + 0.001))
+        waited.append(("ann", str(n), float(n), ended + 0.004))
+    # Not in the split: a view the server logged without its answer (superseded), a view the
+    # user waited for that the server never logged, and a view whose log has no seq.
+    views.append(ViewTimes("ann", 30.0, ((30.0, 30.0, 31.0),), "30"))
+    waited += [("ann", "30", 30.0, 40.0), ("bob", "1", 0.0, 50.0)]
+    views.append(ViewTimes("cat", 0.0, ((0.0, 0.0, 60.0),), None, 60.0))
+    waited.append(("cat", "1", 0.0, 60.0))
+    split = latency_split(views, waited)
+    assert split.views == 20
+    assert (split.user_ms, split.http_in_ms, split.server_ms, split.answer_ms, split.http_out_ms) == pytest.approx(
+        (306, 2, 300, 1, 3))
+    # A daemon's journal has neither seq nor answer: no split.
+    assert latency_split([ViewTimes("ann", 0.0, ((0.0, 0.0, 1.0),))], [("ann", "1", 0.0, 1.0)]) is None
