@@ -221,7 +221,8 @@ class StepFailed(StepError):
         exc_type: the qualified name of the original exception type, e.g. ``"ValueError"``.
         exc_message: ``str()`` of the original exception.
         remote_traceback: the traceback text from the worker.
-        original: the original exception when it could be pickled, else ``None``.
+        original: the original exception when it could be pickled, else ``None``; its
+            notes (``add_note``) are this error's first notes.
     """
 
     fields = StepError.fields + ("exc_type", "exc_message", "remote_traceback", "original")
@@ -231,6 +232,12 @@ class StepFailed(StepError):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.__cause__ = RemoteTraceback(self.remote_traceback)
+        # The step's own notes (``add_note``) stay on what the caller catches, as they do
+        # when the step's exception reaches it as itself.
+        notes = getattr(self.original, "__notes__", None)
+        for note in notes if isinstance(notes, list) else ():
+            if isinstance(note, str):
+                self.add_note(note)
 
 
 class ReadOnlyViolation(StepFailed, PermissionError):

@@ -96,9 +96,7 @@ def error_to_wire(error: BaseException) -> Dict[str, Any]:
         except (AttributeError, ResultNotSerialisable):
             pass  # sent without fields: the client gets a RemoteError with the same message
     wire = {"type": type(error).__name__, "message": str(error), "fields": fields}
-    notes = _notes_of(error)
-    if isinstance(error, StepFailed):  # the step's exception's notes, then the wrapper's
-        notes = _notes_of(error.original) + notes
+    notes = _notes_of(error)  # a StepFailed's begin with its step's exception's own
     if notes:
         wire["notes"] = notes
     return wire

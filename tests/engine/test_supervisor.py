@@ -121,6 +121,9 @@ def test_wrap_step_errors_keeps_every_step_error_a_step_failed(make_supervisor):
     assert (error.exc_type, error.exc_message) == ("ValueError", "it broke")
     assert isinstance(error.original, ValueError)
     assert "in boom" in error.remote_traceback and "in boom" in str(error.__cause__)
+    with pytest.raises(StepFailed) as noted:
+        sup.submit("noted_boom", "bad row", ("row 7", "of orders.csv")).result(timeout=30)
+    assert noted.value.__notes__ == ["row 7", "of orders.csv"]  # the step's own, as unwrapped
 
 
 def test_unpicklable_result_is_a_clear_step_failure(supervisor):
