@@ -80,10 +80,14 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not allowed in strict JSON")
 
 
+#: One decoder for every frame: ``json.loads`` with any option builds a new one per call.
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
 def _decode_body(body: bytes) -> Dict[str, Any]:
     """The message in one frame's body; ``ProtocolError(bad_json)`` if it holds none."""
     try:
-        message = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
+        message = _DECODER.decode(body.decode("utf-8"))
     except UnicodeDecodeError as error:  # before ValueError: it is one
         raise ProtocolError(ErrorCode.BAD_JSON, f"the message is not valid UTF-8: {error}") from None
     except (ValueError, RecursionError) as error:  # JSONDecodeError is a ValueError

@@ -40,10 +40,14 @@ def checked_max_bytes(max_bytes: int) -> int:
     return max_bytes
 
 
+#: One encoder for every message: ``json.dumps`` with any option builds a new one per call.
+_ENCODER = json.JSONEncoder(allow_nan=False, separators=(",", ":"))
+
+
 def dumps(value: Any) -> str:
     """Strict, compact JSON. ``ensure_ascii`` (the default) keeps any Python string
     sendable, lone surrogates included, at 6 bytes per non-ASCII UTF-16 code unit."""
-    return json.dumps(value, allow_nan=False, separators=(",", ":"))
+    return _ENCODER.encode(value)
 
 
 def json_type(value: Any) -> str:
