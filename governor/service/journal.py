@@ -52,12 +52,13 @@ import os
 import sqlite3
 import threading
 import time
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import attrs
 
 from governor.errors import GovernorError, InvalidTransition
 from governor.limits import Lane, Limits
+from governor.protocol.values import dumps
 from governor.task import TaskState
 
 #: The schema this module reads and writes, kept in ``PRAGMA user_version``.
@@ -170,10 +171,6 @@ def _rebuild(connection: sqlite3.Connection) -> None:
                            "(SELECT 1 FROM sqlite_sequence WHERE name = 'tasks')", (sequence[0],))
 
 
-def _dumps(value: Any) -> str:
-    return json.dumps(value, allow_nan=False, separators=(",", ":"))
-
-
 def _loads(text: Optional[str]) -> Any:
     return None if text is None else json.loads(text)
 
@@ -196,7 +193,7 @@ def lane_key_text(key: Any) -> str:
     if isinstance(key, str):
         return key
     try:
-        return _dumps(key)
+        return dumps(key)
     except (TypeError, ValueError):
         return repr(key)
 
@@ -638,8 +635,8 @@ class JournalGroup:
         for entry in entries:
             if not isinstance(entry, NewTask):
                 raise TypeError(f"Journal.submit takes NewTask values, not {type(entry).__name__}")
-            rows.append((entry.kind, entry.step, _dumps(entry.params), entry.lane.value, entry.key,
-                         None if entry.limits is None else _dumps(_limits_dict(entry.limits)), _QUEUED, at,
+            rows.append((entry.kind, entry.step, dumps(entry.params), entry.lane.value, entry.key,
+                         None if entry.limits is None else dumps(_limits_dict(entry.limits)), _QUEUED, at,
                          entry.cwd, entry.lane_key, entry.priority))
         return [self._connection.execute(
             "INSERT INTO tasks (kind, step, params, lane, key, limits, state, submitted_at, cwd, lane_key, priority) "
@@ -659,6 +656,22 @@ class JournalGroup:
             (_RUNNING, time.time() if at is None else at, task_id, _QUEUED)).rowcount
         if not changed:
             raise self._refused(task_id, _RUNNING)
+
+    def mark_started_many(self, starts: Sequence[Tuple[int, float]]) -> Dict[int, str]:
+        """:meth:`mark_started` for many tasks in one statement: ``starts`` holds
+        ``(task id, time)`` pairs.
+
+        Returns:
+            The tasks that were not queued, each with its state then (``"no such task"``
+            when there is none); the others are running.
+        """
+        changed = self._connection.executemany(
+            "UPDATE tasks SET state = ?, started_at = ?, attempts = attempts + 1 WHERE id = ? AND state = ?",
+            [(_RUNNING, at, task_id, _QUEUED) for task_id, at in starts]).rowcount
+        if changed == len(starts):
+            return {}
+        states = {task_id: self._state_of(task_id) for task_id, _ in starts}  # rare: one by one is fine
+        return {task_id: state for task_id, state in states.items() if state != _RUNNING}
 
     def mark_attempt(self, task_id: int, at: Optional[float] = None) -> None:
         """Record that a running task's step is handed to a worker again (a retry after a
@@ -682,7 +695,7 @@ class JournalGroup:
             TypeError, ValueError: a result is not JSON; nothing is recorded.
         """
         changed = self._connection.execute("UPDATE tasks SET progress = ? WHERE id = ? AND state = ?",
-                                           (_dumps(list(results)), task_id, _RUNNING)).rowcount
+                                           (dumps(list(results)), task_id, _RUNNING)).rowcount
         if not changed:
             raise self._refused(task_id, _RUNNING)
 
@@ -706,8 +719,8 @@ class JournalGroup:
         state = _state_name(state)
         if state not in TERMINAL_STATES:
             raise ValueError(f"{state!r} is not a final state; expected one of {', '.join(sorted(TERMINAL_STATES))}")
-        values = (state, time.time() if at is None else at, None if result is None else _dumps(result),
-                  None if error is None else _dumps(error))
+        values = (state, time.time() if at is None else at, None if result is None else dumps(result),
+                  None if error is None else dumps(error))
         rows = self._connection.execute(
             "UPDATE tasks SET state = ?, ended_at = ?, result = ?, error = ? WHERE id = ? AND state IN (?, ?) "
             "RETURNING *", values + (task_id, _QUEUED, _RUNNING)).fetchall()
@@ -715,7 +728,9 @@ class JournalGroup:
             raise self._refused(task_id, state)
         return TaskRecord.from_row(rows[0])
 
-    def _refused(self, task_id: int, state: str) -> InvalidTransition:
+    def _state_of(self, task_id: int) -> str:
         row = self._connection.execute("SELECT state FROM tasks WHERE id = ?", (task_id,)).fetchone()
-        now = "no such task" if row is None else row["state"]
-        return InvalidTransition(f"journal task {task_id}: {now} -> {state}")
+        return "no such task" if row is None else row["state"]
+
+    def _refused(self, task_id: int, state: str) -> InvalidTransition:
+        return InvalidTransition(f"journal task {task_id}: {self._state_of(task_id)} -> {state}")

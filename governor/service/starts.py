@@ -2,7 +2,8 @@
 
 Data flow (manager thread: :meth:`StartJournal.record`)::
 
-    a record's first start   pool:     write_later(mark_started) -> the loop's next group commit
+    a record's first start   pool:     queued for the loop's next group commit, which writes
+                                       every pool start queued since the last in one statement
                              critical: commit the ends of the critical records it was ordered
                                        after (its key's last start, and the last keyless one;
                                        for a keyless step, every key's), then mark_started:
@@ -18,16 +19,23 @@ one "running" row, the step that was really running (``Journal.recover``).
 Threads: the manager thread alone reads and writes ``_last_critical``; ``_started`` is added
 to there and discarded from on the loop (:meth:`forget`), single set operations, atomic under
 the GIL; ``_progress_before`` is filled on the loop before the workflow it belongs to is
-submitted, so before the manager can read it.
+submitted, so before the manager can read it. ``_pool_starts`` is appended to by the manager
+and emptied by the loop's group commit, with the flag ``_pool_starts_due`` as
+``governor.service.ends`` has it: the manager appends *before* it reads the flag, the loop
+clears the flag *before* it pops, so a start is either popped by a write already due or
+makes a new one due. A pool start is queued before its step reaches a worker, so before its
+end can be: the group commit that writes an end has written the start first (its later
+writes go before the turn's).
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import functools
 import logging
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 from governor import protocol
 from governor.errors import InvalidTransition, StepCancelled, WorkflowFailed
@@ -65,6 +73,8 @@ class StartJournal:
         self._started: set = set()
         self._last_critical: Dict[Any, int] = {}  # lane key (None: keyless) -> the record last started
         self._progress_before: Dict[int, List[Any]] = {}  # a resumed workflow's results from before
+        self._pool_starts: Deque[Tuple[int, float]] = collections.deque()  # (record id, time): not yet written
+        self._pool_starts_due = False  # a write of _pool_starts is in the group commit's later writes
 
     def resuming(self, record_id: int, progress: List[Any]) -> None:
         """Loop thread, before a resumed workflow is submitted: the results of its steps that
@@ -87,7 +97,10 @@ class StartJournal:
         if task.ref not in self._started:
             self._started.add(task.ref)
             if task.lane is not Lane.CRITICAL:
-                self._commits.write_later(functools.partial(_write_pool_start, task.ref, time.time()))
+                self._pool_starts.append((task.ref, time.time()))
+                if not self._pool_starts_due:
+                    self._pool_starts_due = True
+                    self._commits.write_later(self._write_pool_starts)
                 return
             self._end_ordered_before(task.key if self._keyed else None, task.ref)
             self._journal.mark_started(task.ref)
@@ -100,6 +113,17 @@ class StartJournal:
             done = task.workflow.tasks[:task.workflow.tasks.index(task)]
             self._journal.mark_progress(task.ref, self.progress_before(task.ref) + [
                 _json_or_none(earlier.future.result()) for earlier in done])
+
+    def _write_pool_starts(self, group: JournalGroup) -> None:
+        """In a group commit (loop thread): every pool start queued so far, in one statement;
+        a failure is logged (nobody waits for it)."""
+        self._pool_starts_due = False
+        starts = [self._pool_starts.popleft() for _ in range(len(self._pool_starts))]
+        if not starts:
+            return  # popped by the write before this one
+        for record_id, state in group.mark_started_many(starts).items():
+            log.error("could not journal the start of task %s: it was %s, not queued", record_id, state,
+                      extra={"task_id": record_id})
 
     def _end_ordered_before(self, key: Any, record_id: int) -> None:
         """Commit the ends of the critical records a step of ``key`` starts after, and
@@ -210,14 +234,6 @@ def _json_or_none(value: Any) -> Any:
         return protocol.to_json_value(value)
     except protocol.ResultNotSerialisable:
         return None
-
-
-def _write_pool_start(record_id: int, at: float, group: JournalGroup) -> None:
-    """A pool step's start, in a group commit; a failure is logged (nobody waits for it)."""
-    try:
-        group.mark_started(record_id, at)
-    except InvalidTransition as error:
-        log.error("could not journal the start of task %s: %s", record_id, error, extra={"task_id": record_id})
 
 
 def _write_attempt(record_id: int, at: float, group: JournalGroup) -> None:

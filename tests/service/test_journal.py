@@ -287,6 +287,21 @@ def test_transitions_the_journal_refuses(journal):
     assert journal.get(task_id).result == 1
 
 
+def test_many_starts_in_one_group_say_which_tasks_were_not_queued(journal):
+    queued = journal.submit([step(str(n)) for n in range(3)], at=1.0)
+    (ended,) = journal.submit([step("ended")])
+    journal.mark_finished(ended, "cancelled")
+    with journal.group() as group:
+        refused = group.mark_started_many([(queued[0], 2.0), (ended, 2.5), (queued[2], 3.0), (ended + 99, 4.0)])
+    assert refused == {ended: "cancelled", ended + 99: "no such task"}
+    assert [(record.state, record.started_at, record.attempts) for record in map(journal.get, queued)] == [
+        ("running", 2.0, 1), ("queued", None, 0), ("running", 3.0, 1)]
+    assert journal.get(ended).state == "cancelled"
+    with journal.group() as group:
+        assert group.mark_started_many([(queued[1], 5.0)]) == {}
+    assert journal.get(queued[1]).state == "running"
+
+
 def test_a_result_that_is_not_json_changes_nothing(journal):
     (task_id,) = journal.submit([step()])
     journal.mark_started(task_id)
