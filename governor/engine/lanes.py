@@ -51,7 +51,8 @@ from governor.errors import (InvalidTransition, MalformedOutcome, MemoryLimitExc
 from governor.limits import Lane
 from governor.logs import log_death
 from governor.task import KillOrder, Task, TaskState
-from governor.workers.messages import Cancel, Dirty, Outcome, Skipped, revoked_from_wire, up_from_wire
+from governor.workers.messages import (Cancel, Dirty, Outcome, OutcomeKind, Skipped, revoked_from_wire,
+                                       up_from_wire)
 from governor.workers.proctree import MEMORY_SAMPLE_INTERVAL_S, kill_tree, mib
 from governor.workers.sandbox import SandboxPolicy
 
@@ -538,8 +539,8 @@ class LocalLanes(WorkerStarts):
         slot.run = None
         slot.tasks_run += 1
         self._let_go(task)
-        took = message.ended_at - message.started_at
-        self._send_ahead.observe(task.step, took)
+        if message.kind is not OutcomeKind.CANCELLED:  # a run cut short says nothing of how long the step takes
+            self._send_ahead.observe(task.step, message.ended_at - message.started_at)
         self._after_task(slot, message.rss_bytes)
         self._host.conclude_outcome(task, message)
 

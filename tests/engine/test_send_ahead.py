@@ -229,6 +229,28 @@ def test_a_late_answer_about_a_task_taken_back_never_takes_back_its_next_sending
     assert behind.result(timeout=60) == stuck
 
 
+def test_runs_cut_short_by_a_cancel_never_make_a_long_step_look_short(make_supervisor, tmp_path, monkeypatch):
+    """A cancelled run's time is how soon the cancel came, not how long the step takes:
+    counted, a step that only ever ends by cancel would look short, and tasks would be
+    sent ahead to wait behind it."""
+    monkeypatch.setattr(slots, "SEND_AHEAD_BELOW_S", 60.0)  # any run that ended counts as short
+    sup = make_supervisor(workers=1)
+    for number in range(3):
+        marker = tmp_path / f"cut-{number}"
+        cut = sup.submit("cooperative", str(marker))
+        wait_for_path(str(marker))
+        cut.cancel()
+        with pytest.raises(StepCancelled):
+            cut.result(timeout=60)
+    marker = tmp_path / "running"
+    running = sup.submit("cooperative", str(marker))
+    wait_for_path(str(marker))
+    behind = sup.submit("pid")
+    assert not wait_until(behind.running, timeout=2), "sent ahead behind a step never seen to end"
+    running.cancel()
+    assert behind.result(timeout=60) > 0
+
+
 def known_short_pid(sup, monkeypatch):
     """``pid`` known as short too; and every step that ran counts as short, however slowly
     the loaded machine ran it: how deep a worker's send-ahead goes is the typical times'
