@@ -99,13 +99,9 @@ def test_a_task_cancelled_while_sent_ahead_never_starts(make_supervisor, tmp_pat
     assert sup.submit("pid").result(timeout=60) == worker  # and its worker was not killed for it
 
 
-@pytest.mark.parametrize("death", ["outside kill", "cancel without grace"])
-def test_a_task_sent_ahead_goes_to_another_worker_when_its_worker_dies(make_supervisor, tmp_path, death):
-    sup = make_supervisor(workers=1)
-    known_short(sup, tmp_path)
-    first, _, worker = held(sup, tmp_path, limits=Limits(cancel_grace_s=0))
-    behind = sup.submit("pid")
-    assert sent_ahead(behind)
+def end_by(death, first, worker):
+    """End the held task ``first`` (in ``worker``) by ``death``: its worker killed from
+    outside (a crash), or a cancel without grace (a kill of ours)."""
     if death == "outside kill":
         os.kill(worker, signal.SIGKILL)
         with pytest.raises(WorkerCrashed):
@@ -114,6 +110,16 @@ def test_a_task_sent_ahead_goes_to_another_worker_when_its_worker_dies(make_supe
         first.cancel()
         with pytest.raises(StepCancelled):
             first.result(timeout=60)
+
+
+@pytest.mark.parametrize("death", ["outside kill", "cancel without grace"])
+def test_a_task_sent_ahead_goes_to_another_worker_when_its_worker_dies(make_supervisor, tmp_path, death):
+    sup = make_supervisor(workers=1)
+    known_short(sup, tmp_path)
+    first, _, worker = held(sup, tmp_path, limits=Limits(cancel_grace_s=0))
+    behind = sup.submit("pid")
+    assert sent_ahead(behind)
+    end_by(death, first, worker)
     assert behind.result(timeout=60) not in (worker, None)
     assert sup.metrics()["redispatched"]["pool"] == 1
     # Its worker died for the task before it: a death it is not to blame for, which
@@ -285,14 +291,7 @@ def test_a_death_costs_only_the_task_that_ran_however_many_were_sent_ahead(make_
     first, _, worker = held(sup, tmp_path, limits=Limits(cancel_grace_s=0))
     behind = [sup.submit("pid") for _ in range(4)]
     assert all(sent_ahead(future) for future in behind)
-    if death == "outside kill":
-        os.kill(worker, signal.SIGKILL)
-        with pytest.raises(WorkerCrashed):
-            first.result(timeout=60)
-    else:
-        first.cancel()
-        with pytest.raises(StepCancelled):
-            first.result(timeout=60)
+    end_by(death, first, worker)
     pids = [future.result(timeout=60) for future in behind]
     assert worker not in pids and None not in pids
     assert sup.metrics()["redispatched"]["pool"] == 4
