@@ -12,7 +12,7 @@ Modules:
 * :mod:`bench.scenarios`: one module per scenario (view-switch, view-real, overhead,
   governor, memory, scaling, daemon; ray with ``backend="ray"``);
 * :mod:`bench.bench_steps`: the steps, in their own ``StepRegistry``;
-* :mod:`bench.peers`: Governor (on loky or on Ray) and its peers (loky, stdlib, pebble)
+* :mod:`bench.peers`: Governor (on loky or on Ray) and its peers (loky, stdlib, pebble, mpire, mp.Pool)
   behind one adapter;
 * :mod:`bench.probes`: resolution stamps, death watches, worker discovery;
 * :mod:`bench.stats`: percentiles and summaries;

@@ -13,15 +13,17 @@ every peer with one loop and never has per-peer code.
   shutting it down cannot disturb anything else).
 * ``stdlib``: ``concurrent.futures.ProcessPoolExecutor``.
 * ``pebble``: ``pebble.ProcessPool``; optional (the ``bench`` extra), skipped when missing.
+* ``mpire``: ``mpire.WorkerPool``; optional (the ``bench`` extra), skipped when missing.
 * ``mp.Pool``: ``multiprocessing.Pool``.
 
-The last three fork their workers from a forkserver (:func:`worker_context`), never from
+The last four fork their workers from a forkserver (:func:`worker_context`), never from
 this process, which runs threads.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import importlib.util
 import multiprocessing
 import os
@@ -42,7 +44,7 @@ WARMUP_MAX_WAVES = 10
 
 
 def worker_context() -> multiprocessing.context.BaseContext:
-    """How the peers built on multiprocessing (stdlib, pebble, mp.Pool) start their workers.
+    """How the peers built on multiprocessing (stdlib, pebble, mpire, mp.Pool) start their workers.
 
     Not by forking this process: it runs threads (the other pools', the probes'), and a
     child forked from it may inherit a lock one of them held (Python 3.12+ warns that it
@@ -262,6 +264,49 @@ class PebblePeer(_FunctionPeer):
             self._pool.join()
 
 
+class MpirePeer(_FunctionPeer):
+    """mpire's ``WorkerPool`` (``apply_async``, its result passed to a ``Future`` by its
+    callback), its workers started from the forkserver of :func:`worker_context`; optional
+    (the ``bench`` extra), skipped when missing."""
+
+    name = "mpire"
+
+    def __init__(self, workers: int):
+        super().__init__(workers)
+        self._pool = None
+        self._worker_init: Optional[Callable[[], None]] = None
+
+    @classmethod
+    def unavailable(cls) -> Optional[str]:
+        if importlib.util.find_spec("mpire") is None:
+            return "mpire is not installed (pip install '.[bench]')"
+        return None
+
+    def start(self) -> "MpirePeer":
+        import mpire  # optional: imported only when available (see unavailable())
+
+        worker_context()  # its forkserver, with the bench's steps preloaded, is mpire's too
+        options = pool_options()
+        # mpire has no pool-wide initializer: apply_async takes one, run as each worker starts.
+        self._worker_init = functools.partial(options["initializer"], *options["initargs"])
+        self._pool = mpire.WorkerPool(n_jobs=self.workers, start_method=worker_context().get_start_method(),
+                                      keep_alive=True)
+        return self
+
+    def _submit(self, fn: Callable[..., Any], args: tuple) -> concurrent.futures.Future:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._pool.apply_async(fn, args, callback=future.set_result, error_callback=future.set_exception,
+                               worker_init=self._worker_init)
+        return future
+
+    def shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.stop_and_join()
+
+    def describe(self) -> Dict[str, Any]:
+        return {**super().describe(), "start_method": worker_context().get_start_method()}
+
+
 class MpPoolPeer(_FunctionPeer):
     """The standard library's ``multiprocessing.Pool`` (``apply_async``, its result passed
     to a ``Future`` by the pool's result thread), its workers started by :func:`worker_context`.
@@ -295,4 +340,4 @@ class MpPoolPeer(_FunctionPeer):
 
 
 #: Every peer, in the order they are started.
-PEERS: List[Type[Peer]] = [MpPoolPeer, StdlibPeer, PebblePeer, LokyPeer, GovernorPeer]
+PEERS: List[Type[Peer]] = [MpPoolPeer, StdlibPeer, PebblePeer, MpirePeer, LokyPeer, GovernorPeer]

@@ -218,7 +218,7 @@ def _peer_over_ours(result: ScenarioResult, name: str, figure: str) -> Optional[
 
 @scenario("overhead")
 def overhead(ctx: ScenarioContext) -> ScenarioResult:
-    """No-op round trip and throughput: Supervisor vs mp.Pool, stdlib, pebble and raw loky."""
+    """No-op round trip and throughput: Supervisor vs mp.Pool, stdlib, pebble, mpire and raw loky."""
     size, result = ctx.size, ScenarioResult()
     with contextlib.ExitStack() as stack:
         peers = start_peers(stack, PEERS, size.peer_workers, ctx, result)

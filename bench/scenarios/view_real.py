@@ -14,7 +14,7 @@ Measured, in rounds so a noisy spell on the machine hits every variant alike:
 * each step alone through the supervisor (``run_batch`` of one), whose slowest p50 is the
   floor a parallel view cannot beat: the ratio "parallel p50 / slowest single p50" is
   reported against :data:`RATIO_TARGET`;
-* every peer of the ``overhead`` scenario (mp.Pool, stdlib, pebble, loky) running the same
+* every peer of the ``overhead`` scenario (mp.Pool, stdlib, pebble, mpire, loky) running the same
   three step functions at once, with as many workers, in the same rotating rounds: whether
   any pool gets nearer the sequential figure on this machine;
 * rapid switching: a new view every :data:`SWITCH_INTERVAL_S`, open loop (submissions on

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import governor.bench as bench  # noqa: E402
 from governor.bench import plot, report  # noqa: E402
 from governor.bench.__main__ import main  # noqa: E402
-from governor.bench.peers import MpPoolPeer, PebblePeer, StdlibPeer  # noqa: E402
+from governor.bench.peers import MpirePeer, MpPoolPeer, PebblePeer, StdlibPeer  # noqa: E402
 from governor.bench.scenarios import sandbox as sandbox_scenario  # noqa: E402
 from governor.bench.scenarios import scenario_names  # noqa: E402
 from governor.bench.stats import Summary, percentile  # noqa: E402
@@ -152,7 +152,7 @@ def test_without_matplotlib_the_picture_is_skipped_with_a_reason(tiny_run, tmp_p
     assert not (tmp_path / "none.png").exists()
 
 
-@pytest.mark.parametrize("peer_class", [StdlibPeer, PebblePeer, MpPoolPeer], ids=lambda peer: peer.name)
+@pytest.mark.parametrize("peer_class", [StdlibPeer, PebblePeer, MpirePeer, MpPoolPeer], ids=lambda peer: peer.name)
 def test_the_peers_start_their_workers_without_forking_this_threaded_process(peer_class, monkeypatch):
     # A child forked from a process with threads may inherit a lock one of them held (Python
     # 3.12+ warns of it); this test process has threads, as the bench's has.
