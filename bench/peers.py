@@ -82,13 +82,18 @@ class Peer:
     #: The peer's name in the figures.
     name: str = ""
 
+    #: The optional package it needs (the ``bench`` extra's), imported only in :meth:`start`.
+    package: Optional[str] = None
+
     def __init__(self, workers: int):
         self.workers = workers
         self._warm_pids: set = set()
 
     @classmethod
     def unavailable(cls) -> Optional[str]:
-        """Why this peer cannot run here (a missing package), or ``None`` if it can."""
+        """Why this peer cannot run here (its optional package is missing), or ``None`` if it can."""
+        if cls.package is not None and importlib.util.find_spec(cls.package) is None:
+            return f"{cls.package} is not installed (pip install '.[bench]')"
         return None
 
     def start(self) -> "Peer":
@@ -238,16 +243,11 @@ class PebblePeer(_FunctionPeer):
     """pebble's ``ProcessPool`` (futures from ``schedule``)."""
 
     name = "pebble"
+    package = "pebble"
 
     def __init__(self, workers: int):
         super().__init__(workers)
         self._pool = None
-
-    @classmethod
-    def unavailable(cls) -> Optional[str]:
-        if importlib.util.find_spec("pebble") is None:
-            return "pebble is not installed (pip install '.[bench]')"
-        return None
 
     def start(self) -> "PebblePeer":
         import pebble  # optional: imported only when available (see unavailable())
@@ -270,17 +270,12 @@ class MpirePeer(_FunctionPeer):
     (the ``bench`` extra), skipped when missing."""
 
     name = "mpire"
+    package = "mpire"
 
     def __init__(self, workers: int):
         super().__init__(workers)
         self._pool = None
         self._worker_init: Optional[Callable[[], None]] = None
-
-    @classmethod
-    def unavailable(cls) -> Optional[str]:
-        if importlib.util.find_spec("mpire") is None:
-            return "mpire is not installed (pip install '.[bench]')"
-        return None
 
     def start(self) -> "MpirePeer":
         import mpire  # optional: imported only when available (see unavailable())
