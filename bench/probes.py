@@ -16,7 +16,7 @@ import select
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import psutil
 from governor import Supervisor
@@ -129,14 +129,37 @@ def main_thread_usage(pids: Iterable[int]) -> Tuple[float, int]:
     """
     seconds, sleeps = 0.0, 0
     for pid in pids:
-        try:
-            with open(f"/proc/{pid}/schedstat") as schedstat:
-                seconds += int(schedstat.read().split()[0]) / 1e9
-            with open(f"/proc/{pid}/status") as status:
-                sleeps += next(int(line.split()[1]) for line in status if line.startswith("voluntary_ctxt_switches"))
-        except (OSError, StopIteration):
-            pass  # gone meanwhile
+        used, slept = _thread_usage(f"/proc/{pid}")
+        seconds, sleeps = seconds + used, sleeps + slept
     return seconds, sleeps
+
+
+def threads_usage(pid: int) -> Dict[str, Tuple[float, int]]:
+    """CPU seconds used and times they went to sleep so far, by the main thread of ``pid``
+    (``"main"``) and by its other threads together (``"others"``), as
+    :func:`main_thread_usage` reads them: the daemon's event loop runs on its main thread,
+    its supervisor's manager on another."""
+    usage = {"main": _thread_usage(f"/proc/{pid}"), "others": (0.0, 0)}
+    try:
+        tids = [int(tid) for tid in os.listdir(f"/proc/{pid}/task") if int(tid) != pid]
+    except OSError:
+        return usage  # gone
+    for tid in tids:
+        used, slept = _thread_usage(f"/proc/{pid}/task/{tid}")
+        usage["others"] = (usage["others"][0] + used, usage["others"][1] + slept)
+    return usage
+
+
+def _thread_usage(proc: str) -> Tuple[float, int]:
+    """(CPU seconds, voluntary context switches) of the thread at ``proc`` (``/proc/PID`` is
+    a process's main thread); nothing for one gone meanwhile."""
+    try:
+        with open(f"{proc}/schedstat") as schedstat:
+            seconds = int(schedstat.read().split()[0]) / 1e9
+        with open(f"{proc}/status") as status:
+            return seconds, next(int(line.split()[1]) for line in status if line.startswith("voluntary_ctxt_switches"))
+    except (OSError, StopIteration):
+        return 0.0, 0
 
 
 def wait_for(predicate: Callable[[], bool], what: str, timeout: float = PATIENCE_S) -> None:

@@ -13,7 +13,10 @@ bench's own steps, once per ``--journal-sync`` mode. Measured, in one run:
   per task, and one ``run_batch`` per client (a batch travels as one frame);
 * the daemon's own latency: one client offering no-ops at a steady rate below saturation
   (:data:`STEADY_SHARE` of the one-client throughput just measured), each latency from the
-  task's scheduled send to its result (see :func:`_steady`).
+  task's scheduled send to its result (see :func:`_steady`);
+* the daemon's CPU per task during the round trips and each throughput run: its event
+  loop's thread (the process's main thread) apart from its other threads (the supervisor's
+  manager, mostly), and how often they went to sleep (see :func:`_daemon_cpu`).
 
 The targets are the daemon issue's bars, judged against the in-process figures of the
 same run: round trip p50 within :data:`ROUNDTRIP_MARGIN_MS` of in-process; from 50
@@ -24,16 +27,18 @@ clients, at least :data:`NORMAL_PER_S` and half the in-process throughput, and
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from governor.bench.bench_steps import registry
 from governor.bench.core import ScenarioContext, ScenarioResult, scenario
+from governor.bench.probes import threads_usage
 from governor.bench.stats import Summary, Throughput, ratio, to_ms
 from governor import Supervisor
 from governor.client import Client, DaemonUnavailable
@@ -169,6 +174,24 @@ def _steady(socket_path: Path, rate: float, tasks: int) -> List[float]:
     return latencies
 
 
+def _daemon_cpu(pid: int, run: Callable[[], Any], tasks: int) -> Tuple[Any, Dict[str, float]]:
+    """``run()``'s value, and what the daemon ``pid`` spent per task meanwhile: microseconds
+    of CPU on its event loop's thread (``loop_us``) and on its other threads
+    (``other_threads_us``), and how many times its threads went to sleep (``sleeps``)."""
+    before = threads_usage(pid)
+    value = run()
+    after = threads_usage(pid)
+    spent = {part: (after[part][0] - before[part][0], after[part][1] - before[part][1]) for part in after}
+    return value, {"loop_us": round(spent["main"][0] / tasks * 1e6, 1),
+                   "other_threads_us": round(spent["others"][0] / tasks * 1e6, 1),
+                   "sleeps": round((spent["main"][1] + spent["others"][1]) / tasks, 2)}
+
+
+def _cpu_text(cpu: Dict[str, float]) -> str:
+    return (f"loop {cpu['loop_us']:.0f} us, other threads {cpu['other_threads_us']:.0f} us, "
+            f"{cpu['sleeps']:.1f} sleeps")
+
+
 def _stop(process: subprocess.Popen) -> None:
     process.send_signal(signal.SIGTERM)
     try:
@@ -184,18 +207,26 @@ _FORMS = (("submit", "one submit per task", _one_client_submits),
 
 
 def _throughputs(result: ScenarioResult, ctx: ScenarioContext, where: str, connect: Callable[[], Any],
-                 tasks: int) -> Dict[Tuple[str, int], Throughput]:
-    """Every client count and form of :data:`CLIENTS` and :data:`_FORMS` against one target."""
+                 tasks: int, daemon_pid: Optional[int] = None) -> Dict[Tuple[str, int], Throughput]:
+    """Every client count and form of :data:`CLIENTS` and :data:`_FORMS` against one target
+    (with ``daemon_pid``, a daemon: its CPU per task in each run too)."""
     figures = {}
     for form, form_label, run in _FORMS:
         for clients in CLIENTS:
             clients = min(clients, tasks)
             ctx.progress(f"throughput, {where}, {clients} clients, {form_label}: {tasks} no-ops")
-            throughput, latencies = _load(connect, run, clients, tasks)
-            figures[(form, clients)] = throughput
+            load = functools.partial(_load, connect, run, clients, tasks)
+            key = f"{where.replace(' ', '_')}.{form}.clients_{clients}"
             label = f"{where}, {clients} client{'s' if clients > 1 else ''}, {form_label}"
-            result.put(f"throughput.{where.replace(' ', '_')}.{form}.clients_{clients}", throughput,
-                       f"throughput, {label}")
+            if daemon_pid is None:
+                throughput, latencies = load()
+            else:
+                (throughput, latencies), cpu = _daemon_cpu(daemon_pid, load, tasks)
+                result.put(f"daemon_cpu_per_task.{key}", cpu)
+                if clients == max(CLIENTS):  # the report's row; every run's is in the JSON
+                    result.row(f"the daemon's CPU per task, {label}", _cpu_text(cpu))
+            figures[(form, clients)] = throughput
+            result.put(f"throughput.{key}", throughput, f"throughput, {label}")
             if form == "submit":
                 result.distribution("Latency at saturation (mostly queueing)", label, to_ms(latencies))
     return figures
@@ -218,9 +249,12 @@ def daemon(ctx: ScenarioContext) -> ScenarioResult:
                 with Client(socket_path) as client:
                     _runs(client.run, 20 * size.warmup)
                     ctx.progress(f"round trips through the socket: {count} of run, {count} of submit")
-                    through_socket = _runs(client.run, count)
+                    through_socket, cpu = _daemon_cpu(process.pid, lambda: _runs(client.run, count), count)
+                    result.put("daemon_cpu_per_task.roundtrip", cpu)
+                    result.row("the daemon's CPU per round trip (Client.run)", _cpu_text(cpu))
                     acknowledged = _roundtrips(client.submit, count)
-            through[sync] = _throughputs(result, ctx, f"daemon {sync}", lambda: Client(socket_path), tasks)
+            through[sync] = _throughputs(result, ctx, f"daemon {sync}", lambda: Client(socket_path), tasks,
+                                         process.pid)
             if sync == "normal":
                 rate = STEADY_SHARE * through[sync][("submit", 1)].per_s
                 steady_tasks = max(20, min(tasks, round(rate * STEADY_SECONDS)))

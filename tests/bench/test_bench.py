@@ -109,6 +109,16 @@ def test_overhead_says_what_a_no_op_costs_in_cpu_on_each_side(tiny_run):
         assert figures["worker_sleeps_per_task"] >= 0, name
 
 
+def test_the_daemon_scenario_says_what_a_task_costs_the_daemon_in_cpu(tiny_run):
+    _, paths = tiny_run
+    cpu = json.loads(paths["json_path"].read_text())["scenarios"]["daemon"]["figures"]["daemon_cpu_per_task"]
+    runs = [cpu["roundtrip"]] + [cpu[where][form][clients] for where in ("daemon_normal", "daemon_full")
+                                 for form in ("submit", "batch") for clients in cpu[where][form]]
+    for figures in runs:
+        assert set(figures) == {"loop_us", "other_threads_us", "sleeps"}, figures
+        assert figures["loop_us"] > 0 and figures["other_threads_us"] > 0 and figures["sleeps"] >= 0, figures
+
+
 def assert_scenarios_have_the_schema(document, names):
     assert set(document["scenarios"]) == set(names)
     for name, entry in document["scenarios"].items():
