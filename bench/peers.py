@@ -280,12 +280,11 @@ class MpirePeer(_FunctionPeer):
     def start(self) -> "MpirePeer":
         import mpire  # optional: imported only when available (see unavailable())
 
-        worker_context()  # its forkserver, with the bench's steps preloaded, is mpire's too
+        context = worker_context()  # its forkserver, with the bench's steps preloaded, is mpire's too
         options = pool_options()
         # mpire has no pool-wide initializer: apply_async takes one, run as each worker starts.
         self._worker_init = functools.partial(options["initializer"], *options["initargs"])
-        self._pool = mpire.WorkerPool(n_jobs=self.workers, start_method=worker_context().get_start_method(),
-                                      keep_alive=True)
+        self._pool = mpire.WorkerPool(n_jobs=self.workers, start_method=context.get_start_method(), keep_alive=True)
         return self
 
     def _submit(self, fn: Callable[..., Any], args: tuple) -> concurrent.futures.Future:

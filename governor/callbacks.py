@@ -24,8 +24,8 @@ future on (a deque append and at most one wake-up) wrap it in :class:`NonBlockin
 at once on any thread, sparing each task a hop through the callback thread. One thread
 runs every deferred callback in the order they were due: a callback that blocks delays
 the callbacks behind it, never a lane. The thread starts on the first deferred callback,
-so a supervisor whose futures have none costs nothing. ``concurrent.futures.wait`` and ``as_completed`` do not use callbacks and
-are not deferred.
+so a supervisor whose futures have none costs nothing. ``concurrent.futures.wait`` and
+``as_completed`` do not use callbacks and are not deferred.
 """
 
 from __future__ import annotations

@@ -163,7 +163,8 @@ def outcome_to_wire(outcome: Outcome) -> bytes:
     figures = (_NO_FIGURE if peak is None else peak, _NO_FIGURE if rss is None else rss)
     if kind is _OK:  # the hot path: a value, no texts
         value = pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
-        return _OUTCOME.pack(_OUTCOME_TAG, 0, started_at, ended_at, pid, task_id, *figures, *_NO_TEXTS, len(value)) + value
+        head = _OUTCOME.pack(_OUTCOME_TAG, 0, started_at, ended_at, pid, task_id, *figures, *_NO_TEXTS, len(value))
+        return head + value
     exception = None
     if outcome.exception is not None:
         try:

@@ -224,7 +224,7 @@ def test_a_late_answer_about_a_task_taken_back_never_takes_back_its_next_sending
         return run is not None and run.slot.pid == stuck and run in run.slot.aheads
     assert wait_until(behind_sent_ahead_again, timeout=30)  # behind's Skipped came; behind went back
     again_go.touch()  # a worker is free again: behind's second sending is asked back too
-    assert wait_until(lambda: lanes._running[behind.task.id].taking_back, timeout=30)
+    assert wait_until(lambda: getattr(lanes._running.get(behind.task.id), "taking_back", False), timeout=30)
     second_go.touch()  # ... but the worker takes it as second ends (its control thread is still held)
     assert second.result(timeout=60) == stuck
     wait_for_path(str(behind_marker))
